@@ -1,0 +1,206 @@
+//! multi_client: runs N client processes at once against one host and merges their
+//! per-request logs into one summary per concurrency level (the original's multi-client.py).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use argh::FromArgs;
+use hacserve_runtime::logging;
+use hacserve_runtime::stats::{read_csv, Report};
+
+#[derive(FromArgs)]
+/// Running Multiple Clients: N concurrent client processes, merged latency summary.
+struct Args {
+    /// host address
+    #[argh(option, default = "String::from(\"7.7.7.2\")")]
+    host: String,
+    /// host port
+    #[argh(option, short = 'p', default = "5555")]
+    port: u16,
+    /// number of clients
+    #[argh(option, short = 'c', default = "1")]
+    clients: usize,
+    /// client application: zmq_client or rdma_client (a name next to this binary, on PATH,
+    /// or a path)
+    #[argh(option, short = 'a', default = "String::from(\"zmq_client\")")]
+    application_name: String,
+    /// task (passed to each client's -t)
+    #[argh(option, short = 't')]
+    task: String,
+    /// requests per client
+    #[argh(option, short = 'r', default = "100")]
+    requests: usize,
+    /// keep each client's per-request CSV and output (always written, deleted otherwise)
+    #[argh(switch, short = 's')]
+    save_logs: bool,
+    /// results folder
+    #[argh(option, short = 'f', default = "PathBuf::from(\"results\")")]
+    folder: PathBuf,
+    /// debug mode
+    #[argh(switch, short = 'd')]
+    debug_mode: bool,
+    /// execution mode: single (N clients) or range (1, 2, 4, ... up to N)
+    #[argh(option, short = 'm', default = "String::from(\"single\")")]
+    mode: String,
+    /// model name
+    #[argh(option, default = "String::from(\"resnet50\")")]
+    model_name: String,
+    /// image each client sends (default: the client's own default)
+    #[argh(option, short = 'i')]
+    image: Option<PathBuf>,
+    /// unmeasured requests each client sends first
+    #[argh(option, default = "0")]
+    warmup: usize,
+}
+
+/// Concurrency levels for a mode: `single` -> [n]; `range` -> 1, 2, 4, ... and n itself.
+fn levels(mode: &str, n: usize) -> Result<Vec<usize>> {
+    match mode {
+        "single" => Ok(vec![n]),
+        "range" => {
+            let mut v: Vec<usize> = std::iter::successors(Some(1usize), |x| Some(x * 2))
+                .take_while(|&x| x < n)
+                .collect();
+            v.push(n);
+            Ok(v)
+        }
+        other => bail!("-m must be single or range, not {other:?}"),
+    }
+}
+
+fn resolve_application(name: &str) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        let beside = dir.join(name);
+        if beside.is_file() {
+            return beside;
+        }
+    }
+    PathBuf::from(name)
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    logging::init(args.debug_mode);
+    if args.clients == 0 {
+        bail!("-c must be at least 1");
+    }
+    let app = resolve_application(&args.application_name);
+    let mut summary = Vec::new();
+    for n in levels(&args.mode, args.clients)? {
+        let folder = args.folder.join(format!("clients_{n}"));
+        std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+        let started = Instant::now();
+        let mut children = Vec::with_capacity(n);
+        for id in 0..n {
+            let out = std::fs::File::create(folder.join(format!("client_{id}.out")))
+                .context("creating a client output file")?;
+            let mut cmd = Command::new(&app);
+            cmd.args(["--host", &args.host])
+                .args(["--port", &args.port.to_string()])
+                .args(["-t", &args.task])
+                .args(["-r", &args.requests.to_string()])
+                .args(["--client-id", &id.to_string()])
+                .args(["--warmup", &args.warmup.to_string()])
+                .args(["--model-name", &args.model_name])
+                .arg("-s")
+                .arg("-f")
+                .arg(&folder)
+                .stdout(Stdio::from(out.try_clone()?))
+                .stderr(Stdio::from(out));
+            if let Some(image) = &args.image {
+                cmd.arg("-i").arg(image);
+            }
+            if args.debug_mode {
+                cmd.arg("-d");
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting {}", app.display()))?;
+            children.push((id, child));
+        }
+        let mut failed = Vec::new();
+        for (id, mut child) in children {
+            let status = child.wait().context("waiting for a client")?;
+            if !status.success() {
+                failed.push(format!("client {id}: {status}"));
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let mut records = Vec::with_capacity(n * args.requests);
+        for id in 0..n {
+            let csv = folder.join(format!("client_{id}.csv"));
+            match read_csv(&csv) {
+                Ok(r) => records.extend(r),
+                Err(e) => failed.push(format!("client {id}: no log ({e})")),
+            }
+        }
+        // Throughput over the window in which requests were actually in flight, not process
+        // start-up: first send to last reply, across all clients.
+        let first = records.iter().map(|r| r.client_sent).min().unwrap_or(0);
+        let last = records.iter().map(|r| r.client_received).max().unwrap_or(0);
+        let window = if last > first { (last - first) as f64 / 1e9 } else { wall };
+        let report = Report::from_records(&format!("{n} clients x {} requests", args.requests), &records, window);
+        println!("{}", report.table());
+        if !failed.is_empty() {
+            println!(" FAILED clients (see {}/client_*.out): {}", folder.display(), failed.join("; "));
+        }
+        summary.push((n, report, failed.len()));
+        if !args.save_logs && failed.is_empty() {
+            let _ = std::fs::remove_dir_all(&folder);
+        }
+    }
+    println!("\n clients  requests  errors  failed      req/s    p50[ms]    p90[ms]    p99[ms]  p99.9[ms]");
+    let mut csv = String::from("clients,requests,errors,failed_clients,throughput_rps,p50_ns,p90_ns,p99_ns,p999_ns\n");
+    for (n, r, failed) in &summary {
+        let e = &r.stages[0];
+        println!(
+            " {:>7}  {:>8}  {:>6}  {:>6}  {:>9.1}  {:>9.3}  {:>9.3}  {:>9.3}  {:>9.3}",
+            n,
+            r.requests,
+            r.errors,
+            failed,
+            r.throughput(),
+            e.p50 as f64 / 1e6,
+            e.p90 as f64 / 1e6,
+            e.p99 as f64 / 1e6,
+            e.p999 as f64 / 1e6
+        );
+        csv.push_str(&format!(
+            "{n},{},{},{failed},{:.3},{},{},{},{}\n",
+            r.requests,
+            r.errors,
+            r.throughput(),
+            e.p50,
+            e.p90,
+            e.p99,
+            e.p999
+        ));
+    }
+    std::fs::create_dir_all(&args.folder)?;
+    let path = args.folder.join("multi_client_summary.csv");
+    std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+    println!(" summary: {}", path.display());
+    if summary.iter().any(|(_, _, f)| *f > 0) {
+        bail!("some clients failed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::levels;
+
+    #[test]
+    fn range_levels_double_up_to_n() {
+        assert_eq!(levels("single", 5).unwrap(), vec![5]);
+        assert_eq!(levels("range", 1).unwrap(), vec![1]);
+        assert_eq!(levels("range", 8).unwrap(), vec![1, 2, 4, 8]);
+        assert_eq!(levels("range", 6).unwrap(), vec![1, 2, 4, 6]);
+        assert!(levels("other", 2).is_err());
+    }
+}

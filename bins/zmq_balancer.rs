@@ -1,0 +1,90 @@
+//! zmq_balancer: forwards ZeroMQ requests to several zmq_server backends, least outstanding
+//! requests first.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use argh::FromArgs;
+use hacserve_runtime::balancer::{format_shares, Balancer};
+use hacserve_runtime::server::PollMode;
+use hacserve_runtime::zmq_sys_safe::Context;
+use hacserve_runtime::{logging, signal};
+
+#[derive(FromArgs)]
+/// ZMQ Balancer: forwards TCP requests to one or more zmq_server backends.
+struct Args {
+    /// target server address(es): host or host:port, comma-separated
+    #[argh(option, default = "String::from(\"7.7.7.2\")")]
+    server_address: String,
+    /// target server port (for addresses given without one)
+    #[argh(option, default = "5555")]
+    server_port: u16,
+    /// ZMQ listen port (0 = any free port, printed at start)
+    #[argh(option, default = "5555")]
+    local_port: u16,
+    /// use debug
+    #[argh(switch, short = 'd')]
+    debug: bool,
+    /// connections to each backend
+    #[argh(option, short = 'c', default = "1")]
+    connections: usize,
+    /// model name (informational)
+    #[argh(option, default = "String::from(\"resnet50\")")]
+    model_name: String,
+    /// print each backend's share every this many seconds (0 = only at exit)
+    #[argh(option, short = 'i', default = "20")]
+    monitor_interval: u64,
+    /// busy (spin), block or auto
+    #[argh(option, default = "String::from(\"auto\")")]
+    poll_mode: String,
+    /// address to bind
+    #[argh(option, default = "String::from(\"0.0.0.0\")")]
+    bind_address: String,
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    logging::init(args.debug);
+    signal::install_stop_handler();
+    let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;
+    let backends: Vec<String> = args
+        .server_address
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.contains(':') {
+                s.to_string()
+            } else {
+                format!("{s}:{}", args.server_port)
+            }
+        })
+        .collect();
+    if backends.is_empty() {
+        bail!("--server-address names no backend");
+    }
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let ctx = Context::new().context("creating the ZeroMQ context")?;
+    let local = format!(
+        "tcp://{}:{}",
+        args.bind_address,
+        if args.local_port == 0 { "*".to_string() } else { args.local_port.to_string() }
+    );
+    let mut balancer = Balancer::new(&ctx, &local, &backends, args.connections)
+        .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
+    println!(
+        "zmq_balancer listening on {} | model {} | backends {} x{} connections | poll {:?}",
+        balancer.endpoint(),
+        args.model_name,
+        backends.join(","),
+        args.connections,
+        mode
+    );
+    let shares = balancer
+        .run(mode, Duration::from_secs(args.monitor_interval))
+        .context("forwarding")?;
+    println!("zmq_balancer stopped: {}", format_shares(&shares));
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! zmq_client: sends `-r` requests of one image to a zmq_server (or a balancer/proxy in
+//! front of it) and prints the latency table.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use argh::FromArgs;
+use hacserve_runtime::client::{prepare_payload, run_closed_loop, ClientOptions};
+use hacserve_runtime::labels::Labels;
+use hacserve_runtime::protocol::{Task, DEFAULT_MAX_PAYLOAD, HEADER_LEN, RESPONSE_BODY_LEN};
+use hacserve_runtime::server::PollMode;
+use hacserve_runtime::stats::{write_csv, Report};
+use hacserve_runtime::transport::zmq::ZmqClient;
+use hacserve_runtime::zmq_sys_safe::Context;
+use hacserve_runtime::{logging, signal};
+
+#[derive(FromArgs)]
+/// ZMQ Client: closed-loop requests to a zmq_server, latency table per stage.
+struct Args {
+    /// server host
+    #[argh(option, default = "String::from(\"7.7.7.2\")")]
+    host: String,
+    /// ZMQ server port
+    #[argh(option, default = "5555")]
+    port: u16,
+    /// image (JPEG)
+    #[argh(option, short = 'i', default = "PathBuf::from(\"models/grace_hopper.jpg\")")]
+    image: PathBuf,
+    /// use debug (a line per request)
+    #[argh(switch, short = 'd')]
+    debug: bool,
+    /// total requests
+    #[argh(option, short = 'r', default = "1")]
+    requests: usize,
+    /// client ID
+    #[argh(option, default = "0")]
+    client_id: u32,
+    /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo
+    #[argh(option, short = 't', default = "Task::Infer", from_str_fn(parse_task))]
+    task: Task,
+    /// save logs (per-request CSV and JSON summary in the logs folder)
+    #[argh(switch, short = 's')]
+    save_logs: bool,
+    /// logs folder
+    #[argh(option, short = 'f', default = "PathBuf::from(\"results\")")]
+    folder: PathBuf,
+    /// model name (recorded in the summary; the server serves one model)
+    #[argh(option, default = "String::from(\"resnet50\")")]
+    model_name: String,
+    /// requests sent first and not measured
+    #[argh(option, default = "0")]
+    warmup: usize,
+    /// echo task only: send this many zero bytes instead of the image
+    #[argh(option)]
+    payload_size: Option<usize>,
+    /// ask for the high-priority lane
+    #[argh(switch)]
+    priority: bool,
+    /// how long to wait for each reply, in ms
+    #[argh(option, default = "30000")]
+    timeout_ms: u64,
+    /// busy (spin) or block while waiting for a reply
+    #[argh(option, default = "String::from(\"block\")")]
+    poll_mode: String,
+    /// classes file, to print the top-1 class name
+    #[argh(option, default = "PathBuf::from(\"models/imagenet_classes.txt\")")]
+    classes_file: PathBuf,
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    Task::parse(s)
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    logging::init(args.debug);
+    signal::install_stop_handler();
+    let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;
+    if args.payload_size.is_some() && args.task != Task::Echo {
+        bail!("--payload-size applies to the echo task (-t 3) only");
+    }
+    let image = if args.payload_size.is_some() {
+        Vec::new()
+    } else {
+        std::fs::read(&args.image).with_context(|| format!("reading image {}", args.image.display()))?
+    };
+    let payload = prepare_payload(args.task, &image, args.payload_size)
+        .with_context(|| format!("preparing the {} payload", args.task.name()))?;
+    let ctx = Context::new().context("creating the ZeroMQ context")?;
+    let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + payload.len().max(DEFAULT_MAX_PAYLOAD);
+    let mut transport = ZmqClient::connect(
+        &ctx,
+        &args.host,
+        args.port,
+        Duration::from_millis(args.timeout_ms),
+        mode,
+        max_reply,
+    )
+    .with_context(|| format!("connecting to tcp://{}:{}", args.host, args.port))?;
+    let opts = ClientOptions {
+        client_id: args.client_id,
+        task: args.task,
+        requests: args.requests,
+        priority: args.priority,
+        warmup: args.warmup,
+        max_reply,
+        debug: args.debug,
+    };
+    let run = run_closed_loop(&mut transport, &opts, &payload);
+    let label = format!(
+        "zmq_client {} -> {}:{} task {} ({} B payload) model {}",
+        args.client_id,
+        args.host,
+        args.port,
+        args.task.name(),
+        payload.len(),
+        args.model_name
+    );
+    let report = Report::from_records(&label, &run.records, run.wall.as_secs_f64());
+    println!("{}", report.table());
+    if let Some(top1) = most_common_top1(&run.records) {
+        let name = Labels::load(&args.classes_file, None)
+            .map(|l| l.name(top1 as usize).into_owned())
+            .unwrap_or_else(|_| format!("class {top1}"));
+        println!(" top-1: {top1} ({name})");
+    }
+    if args.save_logs {
+        std::fs::create_dir_all(&args.folder)
+            .with_context(|| format!("creating {}", args.folder.display()))?;
+        let csv = args.folder.join(format!("client_{}.csv", args.client_id));
+        write_csv(&csv, &run.records).with_context(|| format!("writing {}", csv.display()))?;
+        let json = args.folder.join(format!("client_{}_summary.json", args.client_id));
+        std::fs::write(&json, report.json() + "\n")
+            .with_context(|| format!("writing {}", json.display()))?;
+        println!(" logs: {} and {}", csv.display(), json.display());
+    }
+    if let Some(e) = run.failure {
+        bail!(
+            "run stopped after {} of {} requests: {e}",
+            run.records.len(),
+            args.requests
+        );
+    }
+    Ok(())
+}
+
+fn most_common_top1(records: &[hacserve_runtime::stats::RequestRecord]) -> Option<i64> {
+    let mut counts = std::collections::HashMap::new();
+    for r in records.iter().filter(|r| r.top1 >= 0) {
+        *counts.entry(r.top1).or_insert(0usize) += 1;
+    }
+    counts.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c)
+}

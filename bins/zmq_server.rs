@@ -1,0 +1,175 @@
+//! zmq_server: serves image classification over ZeroMQ/TCP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use argh::FromArgs;
+use hacserve_runtime::engine::tract_cpu::TractLoader;
+use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::labels::Labels;
+use hacserve_runtime::pipeline::Pipeline;
+use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
+use hacserve_runtime::server::{self, PollMode, ServerOptions, WorkQueue, WorkerProbe};
+use hacserve_runtime::transport::zmq::ZmqServer;
+use hacserve_runtime::zmq_sys_safe::Context;
+use hacserve_runtime::{logging, signal};
+
+#[derive(FromArgs)]
+/// ZMQ Server: answers classification requests (protocol v1) on a ROUTER socket.
+struct Args {
+    /// ZMQ listen port (0 = any free port, printed at start)
+    #[argh(option, default = "5555")]
+    port: u16,
+    /// use debug (per-request log lines)
+    #[argh(switch, short = 'd')]
+    debug: bool,
+    /// classes file (one ImageNet class name per line)
+    #[argh(option, default = "PathBuf::from(\"models/imagenet_classes.txt\")")]
+    classes_file: PathBuf,
+    /// model file (ONNX)
+    #[argh(option, default = "PathBuf::from(\"models/resnet50.onnx\")")]
+    engine_file: PathBuf,
+    /// number of CUDA streams and engine contexts (GPU backend; the CPU backend ignores it)
+    #[argh(option, default = "0")]
+    streams: u32,
+    /// number of worker threads, each with its own engine context
+    #[argh(option, default = "1")]
+    workers: usize,
+    /// logs folder
+    #[argh(option, short = 'f', default = "PathBuf::from(\"results\")")]
+    folder: PathBuf,
+    /// monitor interval in seconds (0 = off)
+    #[argh(option, short = 'i', default = "20")]
+    monitor_interval: u64,
+    /// save logs (per-request CSV in the logs folder at exit)
+    #[argh(switch, short = 's')]
+    save_logs: bool,
+    /// high priority clients: 1 = requests flagged priority jump the queue
+    #[argh(option, default = "0")]
+    priority_clients: u8,
+    /// per-request log capacity (requests recorded for -s)
+    #[argh(option, default = "1000")]
+    total_requests: usize,
+    /// address to bind (default all interfaces)
+    #[argh(option, default = "String::from(\"0.0.0.0\")")]
+    bind_address: String,
+    /// largest request payload in bytes (default 16 MiB)
+    #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
+    max_payload: usize,
+    /// requests queued per priority lane before new ones get Overloaded
+    #[argh(option, default = "1024")]
+    queue_depth: usize,
+    /// busy (spin), block (sleep) or auto (spin only with a core per thread)
+    #[argh(option, default = "String::from(\"auto\")")]
+    poll_mode: String,
+    /// inference backend: cpu (tract)
+    #[argh(option, default = "String::from(\"cpu\")")]
+    backend: String,
+    /// intra-op threads per worker for the CPU backend
+    #[argh(option, default = "1")]
+    threads: usize,
+    /// do not pin threads to cores
+    #[argh(switch)]
+    no_pin: bool,
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    logging::init(args.debug);
+    signal::install_stop_handler();
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if args.backend != "cpu" {
+        bail!(
+            "--backend {:?} is not available in this build: only \"cpu\" (tract) is",
+            args.backend
+        );
+    }
+    if args.streams > 0 {
+        log::info!("--streams {} ignored: the CPU backend has no CUDA streams", args.streams);
+    }
+    let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
+    let loader = TractLoader::load(&args.engine_file, args.threads)
+        .with_context(|| format!("loading model {}", args.engine_file.display()))?;
+    let mut pipelines = Vec::with_capacity(args.workers);
+    for _ in 0..args.workers {
+        let session = loader.session().context("creating an engine context")?;
+        pipelines.push(Pipeline::new(session, args.max_payload));
+    }
+    match Labels::load(&args.classes_file, None) {
+        Ok(labels) => log::info!("{} class names from {}", labels.len(), args.classes_file.display()),
+        Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
+    }
+
+    let ctx = Context::new().context("creating the ZeroMQ context")?;
+    let mut zmq = ZmqServer::bind(&ctx, &args.bind_address, args.port, args.max_payload)
+        .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
+    let mut workers = Vec::with_capacity(args.workers);
+    for p in pipelines {
+        workers.push((p, zmq.reply_sink().context("creating a worker reply socket")?));
+    }
+    let opts = ServerOptions {
+        workers: args.workers,
+        poll_mode: mode,
+        queue_depth: args.queue_depth,
+        priority_clients: args.priority_clients != 0,
+        monitor_interval: Duration::from_secs(args.monitor_interval),
+        log_folder: args.save_logs.then(|| args.folder.clone()),
+        log_capacity: args.total_requests,
+        pin_threads: !args.no_pin,
+        debug: args.debug,
+    };
+    let queue = Arc::new(WorkQueue::new(opts.queue_depth, mode));
+    let probes: Vec<Arc<WorkerProbe>> = (0..args.workers).map(|_| Arc::default()).collect();
+    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes.clone())
+        .context("starting worker threads")?;
+    let monitor = if args.monitor_interval > 0 {
+        Some(server::spawn_monitor(opts.monitor_interval, queue.clone(), probes)?)
+    } else {
+        None
+    };
+    if opts.pin_threads {
+        server::pin_current_thread(0, "receive loop");
+    }
+    println!(
+        "zmq_server listening on {} | model {} | backend tract-cpu x{} threads | {} workers | poll {:?} | max payload {} B",
+        zmq.endpoint(),
+        args.engine_file.display(),
+        args.threads,
+        args.workers,
+        mode,
+        args.max_payload
+    );
+    let result = zmq.run(&queue, mode, opts.priority_clients);
+    signal::request_stop();
+    let mut records = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(r) => records.extend(r),
+            Err(_) => log::error!("a worker thread panicked"),
+        }
+    }
+    if let Some(m) = monitor {
+        let _ = m.join();
+    }
+    let c = &queue.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "zmq_server stopped: received {} answered {} rejected {} overloaded {} undeliverable {}",
+        c.received.load(Relaxed),
+        c.answered.load(Relaxed),
+        c.rejected.load(Relaxed),
+        c.overloaded.load(Relaxed),
+        c.transport_errors.load(Relaxed)
+    );
+    if let Some(folder) = &opts.log_folder {
+        let path = server::write_server_log(folder, records)
+            .with_context(|| format!("writing the request log into {}", folder.display()))?;
+        println!("request log: {}", path.display());
+    }
+    result.context("serving")?;
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! The closed-loop client shared by every client role: one request in flight, each reply
+//! checked and timed, records preallocated for the whole run.
+
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::clock::realtime_ns;
+use crate::preprocess::{PreprocessError, Preprocessor, TENSOR_LEN};
+use crate::protocol::{
+    decode_error, Header, MessageKind, ProtocolError, ResponseBody, Task, FLAG_PRIORITY,
+    HEADER_LEN, RESPONSE_BODY_LEN,
+};
+use crate::stats::RequestRecord;
+use crate::transport::{ClientTransport, TransportError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("malformed reply: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("reply is for request {got}, expected {want}")]
+    Mismatch { want: u64, got: u64 },
+    #[error("reply kind {0:?} where a response was expected")]
+    UnexpectedKind(MessageKind),
+    #[error("echo reply carries {got} bytes, {want} were sent")]
+    EchoLength { want: usize, got: usize },
+    #[error("cannot preprocess the image locally: {0}")]
+    Preprocess(#[from] PreprocessError),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub client_id: u32,
+    pub task: Task,
+    pub requests: usize,
+    pub priority: bool,
+    /// Requests sent before measuring (their records are not kept).
+    pub warmup: usize,
+    pub max_reply: usize,
+    pub debug: bool,
+}
+
+/// What a run produced: one record per measured request, the wall time, and the error that
+/// ended it early, if any (records up to that point are still valid).
+pub struct ClientRun {
+    pub records: Vec<RequestRecord>,
+    pub wall: Duration,
+    pub failure: Option<ClientError>,
+}
+
+/// Builds the request payload for `task` from an image file's bytes: the JPEG itself, the
+/// locally preprocessed tensor (f32 LE, NCHW) for `InferTensor`, or `echo_size` zero bytes
+/// for an echo when a size is given.
+pub fn prepare_payload(
+    task: Task,
+    image: &[u8],
+    echo_size: Option<usize>,
+) -> Result<Vec<u8>, ClientError> {
+    Ok(match task {
+        Task::Infer | Task::Preprocess => image.to_vec(),
+        Task::Echo => match echo_size {
+            Some(n) => vec![0u8; n],
+            None => image.to_vec(),
+        },
+        Task::InferTensor => {
+            let mut pre = Preprocessor::new(crate::pipeline::MAX_IMAGE_PIXELS);
+            pre.decode(image)?;
+            let mut tensor = vec![0f32; TENSOR_LEN];
+            pre.preprocess(&mut tensor)?;
+            tensor.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+    })
+}
+
+/// Sends `opts.requests` requests one after another and records each reply.
+pub fn run_closed_loop<T: ClientTransport>(
+    transport: &mut T,
+    opts: &ClientOptions,
+    payload: &[u8],
+) -> ClientRun {
+    let mut message = vec![0u8; HEADER_LEN + payload.len()];
+    message[HEADER_LEN..].copy_from_slice(payload);
+    let mut reply = Vec::with_capacity(HEADER_LEN + RESPONSE_BODY_LEN + payload.len());
+    let mut records = Vec::with_capacity(opts.requests);
+    let mut failure = None;
+    let total = opts.warmup + opts.requests;
+    let mut start = Instant::now();
+    for i in 0..total {
+        if i == opts.warmup {
+            start = Instant::now();
+        }
+        let mut header = Header::request(opts.task, opts.client_id, i as u64, payload.len());
+        if opts.priority {
+            header.flags |= FLAG_PRIORITY;
+        }
+        let mut h = [0u8; HEADER_LEN];
+        header.encode(&mut h);
+        message[..HEADER_LEN].copy_from_slice(&h);
+        match one_request(transport, opts, &message, &mut reply, header) {
+            Ok(record) => {
+                if opts.debug {
+                    log::debug!(
+                        "request {i}: status {} e2e {:.1} us top1 {}",
+                        record.status,
+                        record.e2e_ns as f64 / 1e3,
+                        record.top1
+                    );
+                }
+                if i >= opts.warmup {
+                    records.push(record);
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    ClientRun {
+        records,
+        wall: start.elapsed(),
+        failure,
+    }
+}
+
+fn one_request<T: ClientTransport>(
+    transport: &mut T,
+    opts: &ClientOptions,
+    message: &[u8],
+    reply: &mut Vec<u8>,
+    header: Header,
+) -> Result<RequestRecord, ClientError> {
+    let client_sent = realtime_ns();
+    let t0 = Instant::now();
+    transport.send(message)?;
+    transport.recv(reply)?;
+    let e2e_ns = t0.elapsed().as_nanos() as u64;
+    let client_received = realtime_ns();
+    let (h, body) = Header::decode(reply, opts.max_reply)?;
+    if h.request_id != header.request_id {
+        return Err(ClientError::Mismatch {
+            want: header.request_id,
+            got: h.request_id,
+        });
+    }
+    let mut record = RequestRecord {
+        client_id: header.client_id,
+        request_id: header.request_id,
+        task: header.task as u8,
+        client_sent,
+        client_received,
+        e2e_ns,
+        top1: -1,
+        ..Default::default()
+    };
+    match h.kind {
+        MessageKind::Response => {
+            let r = ResponseBody::decode(body)?;
+            if header.task == Task::Echo {
+                let want = message.len() - HEADER_LEN;
+                let got = body.len() - RESPONSE_BODY_LEN;
+                if want != got {
+                    return Err(ClientError::EchoLength { want, got });
+                }
+            }
+            record.server = r.timestamps;
+            if r.top_k > 0 {
+                record.top1 = r.classes[0] as i64;
+            }
+        }
+        MessageKind::Error => {
+            let (code, text) = decode_error(body)?;
+            log::warn!("request {}: server error {code}: {text}", header.request_id);
+            record.status = code;
+        }
+        MessageKind::Request => return Err(ClientError::UnexpectedKind(h.kind)),
+    }
+    Ok(record)
+}
+
+/// Sends one raw message and returns the raw reply: for tests and tools that probe the
+/// server with malformed input.
+pub fn raw_round_trip<T: ClientTransport>(
+    transport: &mut T,
+    message: &[u8],
+) -> Result<Vec<u8>, TransportError> {
+    let mut reply = Vec::new();
+    transport.send(message)?;
+    transport.recv(&mut reply)?;
+    Ok(reply)
+}

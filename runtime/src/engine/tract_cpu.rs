@@ -1,0 +1,438 @@
+//! CPU backend on tract-onnx: the model is parsed and optimised once ([`TractLoader`]), then each
+//! worker gets a [`TractSession`] with its own execution state and its own intra-op thread pool,
+//! so workers never share a lock or a pool.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::pb::{GraphProto, ModelProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use super::{EngineError, EngineLoader, InferenceEngine};
+
+/// Used when the model does not say (rank unknown): the ImageNet layout every zoo model uses.
+const DEFAULT_CHW: [usize; 3] = [3, 224, 224];
+
+/// A parsed, batch-1, optimised model. Cheap to share: sessions hold an `Arc` of the plan.
+pub struct TractLoader {
+    plan: Arc<TypedRunnableModel>,
+    input_shape: [usize; 4],
+    num_classes: usize,
+    threads: usize,
+}
+
+/// Time spent in one kind of tract op over a profiled run, see [`TractLoader::profile_ops`].
+#[derive(Debug, Clone)]
+pub struct OpTime {
+    pub op: String,
+    pub nodes: usize,
+    pub total: Duration,
+}
+
+fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
+    EngineError::BadModel {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Collects op types tract has no builder for, in `graph` and its subgraphs, so the error names
+/// them instead of surfacing later as an opaque type-inference failure.
+fn unsupported_ops(graph: &GraphProto, known: &HashMap<String, impl Sized>) -> BTreeSet<String> {
+    let mut missing = BTreeSet::new();
+    for node in &graph.node {
+        if !known.contains_key(&node.op_type) {
+            let domain = if node.domain.is_empty() {
+                String::new()
+            } else {
+                format!("{}.", node.domain)
+            };
+            missing.insert(format!("{domain}{}", node.op_type));
+        }
+        for attr in &node.attribute {
+            for sub in attr.g.iter().chain(&attr.graphs) {
+                missing.extend(unsupported_ops(sub, known));
+            }
+        }
+    }
+    missing
+}
+
+/// Intra-op executor for one session: a private rayon pool of `threads`, or none for 1.
+fn make_executor(threads: usize) -> Result<Executor, EngineError> {
+    if threads <= 1 {
+        return Ok(Executor::SingleThread);
+    }
+    // tract panics if the OS refuses the threads; turn that into an error for the caller.
+    std::panic::catch_unwind(|| Executor::multithread_with_name(threads, "tract-intra"))
+        .map_err(|_| EngineError::Run(format!("cannot start a {threads}-thread tract pool")))
+}
+
+impl TractLoader {
+    /// Reads the ONNX model at `path`, fixes its single input to batch 1 (keeping the model's
+    /// C, H, W when they are static), optimises it, and prepares the plan. `threads` is the number
+    /// of intra-op threads each session uses (1 = single-threaded).
+    pub fn load(path: &Path, threads: usize) -> Result<Self, EngineError> {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::ModelFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let proto = ModelProto::decode(bytes.as_slice())
+            .map_err(|e| bad_model(path, format!("not an ONNX protobuf: {e}")))?;
+        drop(bytes);
+        Self::from_proto(&proto, path, threads)
+    }
+
+    /// Same as [`TractLoader::load`] for an in-memory model; `path` only names it in errors and
+    /// locates external data files.
+    pub fn from_proto(proto: &ModelProto, path: &Path, threads: usize) -> Result<Self, EngineError> {
+        let onnx = tract_onnx::onnx();
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| bad_model(path, "no graph in the model"))?;
+        let missing = unsupported_ops(graph, &onnx.op_register.0);
+        if !missing.is_empty() {
+            let ops: Vec<String> = missing.into_iter().collect();
+            return Err(bad_model(
+                path,
+                format!("unsupported ONNX operator(s) for tract: {}", ops.join(", ")),
+            ));
+        }
+
+        let dir = path.parent().and_then(|d| d.to_str());
+        let parsed = onnx
+            .parse(proto, dir)
+            .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(bad_model(
+                path,
+                format!("unresolved inputs: {:?}", parsed.unresolved_inputs),
+            ));
+        }
+        let mut model = parsed.model;
+        // Names differ between exporters ("input", "data", ...): go by position only.
+        if model.inputs.len() != 1 || model.outputs.is_empty() {
+            return Err(bad_model(
+                path,
+                format!(
+                    "want 1 input and at least 1 output, model has {} and {}",
+                    model.inputs.len(),
+                    model.outputs.len()
+                ),
+            ));
+        }
+        let input_shape = Self::batch1_shape(&model, path)?;
+        // A concrete batch before optimisation lets tract pick fixed-size kernels and fold
+        // BatchNormalization into the conv weights.
+        model
+            .set_input_fact(0, f32::fact(input_shape).into())
+            .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        if model.outputs.len() > 1 {
+            let first = model.outputs[0];
+            model
+                .select_output_outlets(&[first])
+                .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        }
+        let typed = model
+            .into_optimized()
+            .map_err(|e| bad_model(path, format!("cannot optimise: {e:#}")))?;
+        let out_fact = typed
+            .output_fact(0)
+            .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        let out_shape = out_fact
+            .shape
+            .as_concrete()
+            .ok_or_else(|| bad_model(path, format!("output shape is not static: {out_fact:?}")))?;
+        let num_classes = out_shape.iter().product::<usize>();
+        if num_classes == 0 {
+            return Err(bad_model(path, "model produces no values"));
+        }
+        let plan = typed
+            .into_runnable()
+            .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        Ok(TractLoader {
+            plan,
+            input_shape,
+            num_classes,
+            threads: threads.max(1),
+        })
+    }
+
+    /// [1, C, H, W] from the model's declared input, defaulting when the rank is unknown.
+    fn batch1_shape(model: &InferenceModel, path: &Path) -> Result<[usize; 4], EngineError> {
+        let fact = model
+            .input_fact(0)
+            .map_err(|e| bad_model(path, format!("{e:#}")))?;
+        if let Some(dt) = fact.datum_type.concretize() {
+            if dt != f32::datum_type() {
+                return Err(bad_model(path, format!("input is {dt:?}, want f32")));
+            }
+        }
+        let dims: Vec<Option<usize>> = fact
+            .shape
+            .dims()
+            .map(|d| {
+                d.concretize()
+                    .and_then(|d| d.as_i64())
+                    .and_then(|v| usize::try_from(v).ok())
+            })
+            .collect();
+        match dims.len() {
+            // Fully open shape ("any rank"): trust the ImageNet layout.
+            0 if fact.shape.is_open() => Ok([1, DEFAULT_CHW[0], DEFAULT_CHW[1], DEFAULT_CHW[2]]),
+            4 => {
+                let pick = |ix: usize| dims[ix].filter(|&v| v > 0).unwrap_or(DEFAULT_CHW[ix - 1]);
+                Ok([1, pick(1), pick(2), pick(3)])
+            }
+            n => Err(bad_model(path, format!("input has rank {n}, want 4 (NCHW)"))),
+        }
+    }
+
+    pub fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Number of nodes in the optimised plan (for logs: shows how much declutter fused).
+    pub fn plan_nodes(&self) -> usize {
+        self.plan.model().nodes().len()
+    }
+
+    /// A session of the concrete type, for callers that want [`TractSession`] methods.
+    pub fn tract_session(&self) -> Result<TractSession, EngineError> {
+        TractSession::new(self)
+    }
+
+    /// Runs `runs` inferences on `input` timing every node, and returns the time per op kind,
+    /// largest first. Diagnostic only (timing each node adds overhead).
+    pub fn profile_ops(&self, input: &[f32], runs: usize) -> Result<Vec<OpTime>, EngineError> {
+        let mut session = TractSession::new(self)?;
+        session.load_input(input)?;
+        let mut times: HashMap<String, (usize, Duration)> = HashMap::new();
+        let executor = session.executor.clone();
+        for run in 0..runs.max(1) {
+            let value = TValue::from_const(session.input.clone());
+            multithread_tract_scope(executor.clone(), || {
+                session.state.run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
+                    let start = Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                    let entry = times.entry(node.op().name().to_string()).or_default();
+                    entry.1 += start.elapsed();
+                    if run == 0 {
+                        entry.0 += 1;
+                    }
+                    out
+                })
+            })
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        }
+        let mut out: Vec<OpTime> = times
+            .into_iter()
+            .map(|(op, (nodes, total))| OpTime { op, nodes, total })
+            .collect();
+        out.sort_by(|a, b| b.total.cmp(&a.total));
+        Ok(out)
+    }
+}
+
+impl EngineLoader for TractLoader {
+    fn session(&self) -> Result<Box<dyn InferenceEngine>, EngineError> {
+        Ok(Box::new(TractSession::new(self)?))
+    }
+}
+
+/// One worker's inference context: its own tract state, intra-op pool and input buffer.
+pub struct TractSession {
+    state: TypedSimpleState,
+    executor: Executor,
+    /// Reused across calls: once a run finishes, tract drops its references and the buffer is
+    /// exclusive again, so no per-request allocation.
+    input: Arc<Tensor>,
+    input_shape: [usize; 4],
+    num_classes: usize,
+}
+
+impl TractSession {
+    fn new(loader: &TractLoader) -> Result<Self, EngineError> {
+        let state = loader
+            .plan
+            .spawn()
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        let input = Tensor::zero::<f32>(&loader.input_shape)
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        Ok(TractSession {
+            state,
+            executor: make_executor(loader.threads)?,
+            input: Arc::new(input),
+            input_shape: loader.input_shape,
+            num_classes: loader.num_classes,
+        })
+    }
+
+    fn load_input(&mut self, input: &[f32]) -> Result<(), EngineError> {
+        let want = self.input_shape.iter().product::<usize>();
+        if input.len() != want {
+            return Err(EngineError::InputSize {
+                got: input.len(),
+                want,
+            });
+        }
+        let run_err = |e: TractError| EngineError::Run(format!("{e:#}"));
+        match Arc::get_mut(&mut self.input) {
+            Some(tensor) => tensor
+                .try_as_plain_ram_mut()
+                .and_then(|mut view| {
+                    view.as_slice_mut::<f32>()?.copy_from_slice(input);
+                    Ok(())
+                })
+                .map_err(run_err)?,
+            // Still shared (an op kept a reference): fall back to a fresh buffer.
+            None => {
+                self.input = Arc::new(Tensor::from_shape(&self.input_shape, input).map_err(run_err)?)
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InferenceEngine for TractSession {
+    fn name(&self) -> &str {
+        "tract-cpu"
+    }
+
+    fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn infer(&mut self, input: &[f32], logits: &mut [f32]) -> Result<(), EngineError> {
+        if logits.len() != self.num_classes {
+            return Err(EngineError::Run(format!(
+                "logits buffer has {} slots, the model produces {}",
+                logits.len(),
+                self.num_classes
+            )));
+        }
+        self.load_input(input)?;
+        let value = TValue::from_const(self.input.clone());
+        let state = &mut self.state;
+        let outputs = multithread_tract_scope(self.executor.clone(), || state.run(tvec!(value)))
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        let out = outputs
+            .first()
+            .ok_or_else(|| EngineError::Run("model returned no output".to_string()))?;
+        let values = out
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        if values.len() != logits.len() {
+            return Err(EngineError::Run(format!(
+                "model returned {} values, expected {}",
+                values.len(),
+                logits.len()
+            )));
+        }
+        logits.copy_from_slice(values);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model_gen;
+
+    fn tiny_model_path(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hacserve-tract-{tag}-{}", std::process::id()));
+        let path = dir.join("resnet_tiny.onnx");
+        model_gen::write_model(&model_gen::tiny_resnet(50), &path).unwrap();
+        path
+    }
+
+    fn test_input(len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect()
+    }
+
+    #[test]
+    fn tiny_model_runs_and_is_deterministic() {
+        let path = tiny_model_path("run");
+        for threads in [1, 2] {
+            let loader = TractLoader::load(&path, threads).unwrap();
+            assert_eq!(loader.input_shape(), [1, 3, 224, 224]);
+            assert_eq!(loader.num_classes(), 1000);
+            let mut session = loader.session().unwrap();
+            assert_eq!(session.name(), "tract-cpu");
+            let input = test_input(3 * 224 * 224);
+            let mut a = vec![0f32; 1000];
+            let mut b = vec![0f32; 1000];
+            session.infer(&input, &mut a).unwrap();
+            session.infer(&input, &mut b).unwrap();
+            assert!(a.iter().all(|v| v.is_finite()));
+            assert_eq!(a, b);
+            // A second session of the same loader agrees bit for bit.
+            let mut c = vec![0f32; 1000];
+            loader.session().unwrap().infer(&input, &mut c).unwrap();
+            assert_eq!(a, c);
+        }
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let path = tiny_model_path("sizes");
+        let loader = TractLoader::load(&path, 1).unwrap();
+        let mut session = loader.session().unwrap();
+        let mut logits = vec![0f32; 1000];
+        assert!(matches!(
+            session.infer(&[0.0; 10], &mut logits),
+            Err(EngineError::InputSize { got: 10, .. })
+        ));
+        let input = test_input(3 * 224 * 224);
+        assert!(session.infer(&input, &mut logits[..10]).is_err());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn missing_file_and_unsupported_op_are_reported() {
+        let err = TractLoader::load(Path::new("/nonexistent/model.onnx"), 1)
+            .err()
+            .unwrap();
+        assert!(matches!(err, EngineError::ModelFile { .. }));
+
+        let mut proto = model_gen::tiny_resnet(1);
+        let graph = proto.graph.as_mut().unwrap();
+        let relu = graph.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+        relu.op_type = "FancyRelu".to_string();
+        let err = TractLoader::from_proto(&proto, Path::new("fancy.onnx"), 1)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("FancyRelu"), "{err}");
+    }
+
+    #[test]
+    fn profile_lists_conv_time() {
+        let path = tiny_model_path("profile");
+        let loader = TractLoader::load(&path, 1).unwrap();
+        let ops = loader
+            .profile_ops(&test_input(3 * 224 * 224), 1)
+            .unwrap();
+        assert!(!ops.is_empty());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

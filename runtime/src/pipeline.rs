@@ -1,0 +1,198 @@
+//! One request through the server: validate the header, run the task's stages (decode,
+//! preprocess, infer, top-5), write the reply. Owned by one worker; every buffer is allocated
+//! once in [`Pipeline::new`] and reused.
+
+use crate::clock::realtime_ns;
+use crate::engine::InferenceEngine;
+use crate::preprocess::{Preprocessor, TENSOR_LEN};
+use crate::protocol::{
+    encode_error, ErrorCode, Header, MessageKind, ProtocolError, ResponseBody, ServerTimestamps,
+    Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
+};
+
+/// What happened to a request; the reply is in the caller's buffer either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Answered { task: Task, top1: Option<u32> },
+    Rejected(ErrorCode),
+}
+
+pub struct Pipeline {
+    pre: Preprocessor,
+    engine: Box<dyn InferenceEngine>,
+    tensor: Vec<f32>,
+    logits: Vec<f32>,
+    max_payload: usize,
+    /// Log text of the last rejection (for the server's log line), reused.
+    last_error: String,
+}
+
+/// The largest image the pipeline decodes (w*h), bounding the decoder's buffers.
+pub const MAX_IMAGE_PIXELS: usize = 8192 * 8192;
+
+impl Pipeline {
+    pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
+        let classes = engine.num_classes();
+        Pipeline {
+            pre: Preprocessor::new(MAX_IMAGE_PIXELS),
+            engine,
+            tensor: vec![0.0; TENSOR_LEN],
+            logits: vec![0.0; classes],
+            max_payload,
+            last_error: String::with_capacity(256),
+        }
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Why the last request was rejected (empty after a success).
+    pub fn last_error(&self) -> &str {
+        &self.last_error
+    }
+
+    /// Handles one whole request message received at `received_ns`; the reply message
+    /// (header + body) is written into `out`.
+    pub fn handle(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
+        self.last_error.clear();
+        let started = realtime_ns();
+        let (header, payload) = match Header::decode(msg, self.max_payload) {
+            Ok(hp) => hp,
+            Err(e) => return self.reject_unparsed(msg, &e, out),
+        };
+        if header.kind != MessageKind::Request {
+            let e = ProtocolError::BadKind(header.kind as u8);
+            return self.reject(&header, e.code(), &e.to_string(), out);
+        }
+        if header.model_id != 0 {
+            let text = format!("model {} is not served here (only model 0)", header.model_id);
+            return self.reject(&header, ErrorCode::UnknownModel, &text, out);
+        }
+        let mut ts = ServerTimestamps {
+            received: received_ns,
+            started,
+            ..Default::default()
+        };
+        let mut body = ResponseBody::default();
+        match header.task {
+            Task::Echo => {
+                ts.decoded = started;
+                ts.preprocessed = started;
+                ts.inferred = started;
+            }
+            Task::Infer | Task::Preprocess => {
+                if let Err(e) = self.pre.decode(payload) {
+                    return self.reject(&header, ErrorCode::BadImage, &e.to_string(), out);
+                }
+                ts.decoded = realtime_ns();
+                if let Err(e) = self.pre.preprocess(&mut self.tensor) {
+                    return self.reject(&header, ErrorCode::BadImage, &e.to_string(), out);
+                }
+                ts.preprocessed = realtime_ns();
+                ts.inferred = ts.preprocessed;
+            }
+            Task::InferTensor => {
+                if payload.len() != TENSOR_LEN * 4 {
+                    let text = format!(
+                        "tensor payload is {} bytes, expected {} (1x3x224x224 f32 LE)",
+                        payload.len(),
+                        TENSOR_LEN * 4
+                    );
+                    return self.reject(&header, ErrorCode::BadTensor, &text, out);
+                }
+                for (dst, src) in self.tensor.iter_mut().zip(payload.chunks_exact(4)) {
+                    *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+                }
+                if let Some(i) = self.tensor.iter().position(|v| !v.is_finite()) {
+                    let text = format!("tensor value {i} is not finite");
+                    return self.reject(&header, ErrorCode::BadTensor, &text, out);
+                }
+                ts.decoded = started;
+                ts.preprocessed = realtime_ns();
+            }
+        }
+        if matches!(header.task, Task::Infer | Task::InferTensor) {
+            if let Err(e) = self.engine.infer(&self.tensor, &mut self.logits) {
+                return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
+            }
+            ts.inferred = realtime_ns();
+            top_k_softmax(&self.logits, &mut body);
+        }
+        let echo = if header.task == Task::Echo {
+            payload
+        } else {
+            &[]
+        };
+        ts.replied = realtime_ns();
+        body.timestamps = ts;
+        let reply_len = RESPONSE_BODY_LEN + echo.len();
+        out.clear();
+        out.resize(HEADER_LEN + reply_len, 0);
+        let mut h = [0u8; HEADER_LEN];
+        header.reply(MessageKind::Response, reply_len).encode(&mut h);
+        out[..HEADER_LEN].copy_from_slice(&h);
+        body.encode(&mut out[HEADER_LEN..]);
+        out[HEADER_LEN + RESPONSE_BODY_LEN..].copy_from_slice(echo);
+        Outcome::Answered {
+            task: header.task,
+            top1: (body.top_k > 0).then_some(body.classes[0]),
+        }
+    }
+
+    fn reject(&mut self, header: &Header, code: ErrorCode, text: &str, out: &mut Vec<u8>) -> Outcome {
+        self.last_error.push_str(text);
+        encode_error(out, header.client_id, header.request_id, header.task, code, text);
+        Outcome::Rejected(code)
+    }
+
+    fn reject_unparsed(&mut self, msg: &[u8], e: &ProtocolError, out: &mut Vec<u8>) -> Outcome {
+        let (client, request) = Header::salvage_ids(msg);
+        let text = e.to_string();
+        self.last_error.push_str(&text);
+        encode_error(out, client, request, Task::Echo, e.code(), &text);
+        Outcome::Rejected(e.code())
+    }
+}
+
+/// Softmax over all logits, top-5 by score, into `body` (no allocation).
+pub fn top_k_softmax(logits: &[f32], body: &mut ResponseBody) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let mut best: [(f32, u32); TOP_K] = [(f32::NEG_INFINITY, 0); TOP_K];
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best[TOP_K - 1].0 {
+            let mut j = TOP_K - 1;
+            while j > 0 && best[j - 1].0 < l {
+                best[j] = best[j - 1];
+                j -= 1;
+            }
+            best[j] = (l, i as u32);
+        }
+    }
+    let k = TOP_K.min(logits.len());
+    body.top_k = k as u32;
+    for (slot, (l, class)) in best.iter().take(k).enumerate() {
+        body.classes[slot] = *class;
+        body.scores[slot] = (l - max).exp() / sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top5_is_sorted_and_softmax_normalised() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 1000) as f32 / 100.0).collect();
+        let mut body = ResponseBody::default();
+        top_k_softmax(&logits, &mut body);
+        let mut idx: Vec<usize> = (0..1000).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let want: Vec<u32> = idx[..5].iter().map(|&i| i as u32).collect();
+        assert_eq!(body.classes.to_vec(), want);
+        assert!(body.scores.windows(2).all(|w| w[0] >= w[1]));
+        let total: f32 = logits.iter().map(|l| (l - 9.99).exp()).sum();
+        assert!((body.scores[0] - 1.0 / total).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,501 @@
+//! Wire protocol v1: a fixed 32-byte little-endian header followed by the payload.
+//! Transport-neutral: the same bytes travel as one ZeroMQ frame or in one RDMA ring slot.
+//! `docs/protocol.md` is the normative description; the constants here are its source.
+
+use thiserror::Error;
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"HACS");
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 32;
+/// Default upper bound on a request payload; servers make it configurable.
+pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
+/// Top-k carried in a response.
+pub const TOP_K: usize = 5;
+/// Fixed part of a response payload (timestamps + top-k); an echo reply appends the request's
+/// payload after it.
+pub const RESPONSE_BODY_LEN: usize = 96;
+/// Longest error text sent back (longer messages are cut at a char boundary).
+pub const MAX_ERROR_TEXT: usize = 200;
+
+/// Flag bit: the client asks for the high-priority lane (honoured when the server allows it).
+pub const FLAG_PRIORITY: u32 = 1;
+const KNOWN_FLAGS: u32 = FLAG_PRIORITY;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageKind {
+    Request = 1,
+    Response = 2,
+    Error = 3,
+}
+
+impl MessageKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Request),
+            2 => Some(Self::Response),
+            3 => Some(Self::Error),
+            _ => None,
+        }
+    }
+}
+
+/// What the server does with a request (`-t/--task`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Task {
+    /// JPEG in: decode + preprocess + infer, top-5 out.
+    Infer = 0,
+    /// Client-preprocessed tensor in (1x3x224x224 f32 LE, NCHW): infer only.
+    InferTensor = 1,
+    /// JPEG in: decode + preprocess only (no inference); timestamps out.
+    Preprocess = 2,
+    /// Transport only: the server answers at once with the payload echoed back.
+    Echo = 3,
+}
+
+impl Task {
+    pub const ALL: [Task; 4] = [Task::Infer, Task::InferTensor, Task::Preprocess, Task::Echo];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| *t as u8 == v)
+    }
+
+    /// Parses a task given as its number (as the original's `-t`) or its name.
+    pub fn parse(s: &str) -> Result<Task, String> {
+        let by_number = s.parse::<u8>().ok().and_then(Task::from_u8);
+        by_number
+            .or_else(|| Task::ALL.into_iter().find(|t| t.name() == s))
+            .ok_or_else(|| {
+                format!("unknown task {s:?}: use 0|infer, 1|infer-tensor, 2|preprocess, 3|echo")
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Infer => "infer",
+            Task::InferTensor => "infer-tensor",
+            Task::Preprocess => "preprocess",
+            Task::Echo => "echo",
+        }
+    }
+}
+
+/// Error codes carried by [`MessageKind::Error`] messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    BadMagic = 1,
+    BadVersion = 2,
+    BadKind = 3,
+    BadTask = 4,
+    Truncated = 5,
+    PayloadTooLarge = 6,
+    BadFlags = 7,
+    UnknownModel = 8,
+    BadImage = 9,
+    BadTensor = 10,
+    Overloaded = 11,
+    Internal = 12,
+}
+
+impl ErrorCode {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        use ErrorCode::*;
+        [
+            BadMagic,
+            BadVersion,
+            BadKind,
+            BadTask,
+            Truncated,
+            PayloadTooLarge,
+            BadFlags,
+            UnknownModel,
+            BadImage,
+            BadTensor,
+            Overloaded,
+            Internal,
+        ]
+        .into_iter()
+        .find(|c| *c as u32 == v)
+    }
+}
+
+/// Why a message was rejected. Each maps to one [`ErrorCode`] sent back to the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtocolError {
+    #[error("bad magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
+    BadVersion(u16),
+    #[error("unknown message kind {0}")]
+    BadKind(u8),
+    #[error("unknown task {0}")]
+    BadTask(u8),
+    #[error("message truncated: {got} bytes, {want} expected")]
+    Truncated { got: usize, want: usize },
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("unknown flag bits {0:#x}")]
+    BadFlags(u32),
+    #[error("message has {extra} bytes beyond its declared payload")]
+    TrailingBytes { extra: usize },
+    #[error("response body malformed: {0}")]
+    BadBody(&'static str),
+}
+
+impl ProtocolError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::BadMagic(_) => ErrorCode::BadMagic,
+            ProtocolError::BadVersion(_) => ErrorCode::BadVersion,
+            ProtocolError::BadKind(_) => ErrorCode::BadKind,
+            ProtocolError::BadTask(_) => ErrorCode::BadTask,
+            ProtocolError::Truncated { .. }
+            | ProtocolError::TrailingBytes { .. }
+            | ProtocolError::BadBody(_) => ErrorCode::Truncated,
+            ProtocolError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ProtocolError::BadFlags(_) => ErrorCode::BadFlags,
+        }
+    }
+}
+
+/// The fixed header. `payload_len` must equal the bytes that follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: MessageKind,
+    pub task: Task,
+    pub client_id: u32,
+    pub model_id: u32,
+    pub request_id: u64,
+    pub payload_len: u32,
+    pub flags: u32,
+}
+
+impl Header {
+    pub fn request(task: Task, client_id: u32, request_id: u64, payload_len: usize) -> Self {
+        Header {
+            kind: MessageKind::Request,
+            task,
+            client_id,
+            model_id: 0,
+            request_id,
+            payload_len: payload_len as u32,
+            flags: 0,
+        }
+    }
+
+    /// The header of the answer to `self`, same ids and task.
+    pub fn reply(&self, kind: MessageKind, payload_len: usize) -> Self {
+        Header {
+            kind,
+            payload_len: payload_len as u32,
+            flags: 0,
+            ..*self
+        }
+    }
+
+    pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6] = self.kind as u8;
+        out[7] = self.task as u8;
+        out[8..12].copy_from_slice(&self.client_id.to_le_bytes());
+        out[12..16].copy_from_slice(&self.model_id.to_le_bytes());
+        out[16..24].copy_from_slice(&self.request_id.to_le_bytes());
+        out[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[28..32].copy_from_slice(&self.flags.to_le_bytes());
+    }
+
+    /// Parses and validates a whole message (header + payload); returns the header and payload.
+    pub fn decode(msg: &[u8], max_payload: usize) -> Result<(Header, &[u8]), ProtocolError> {
+        if msg.len() < HEADER_LEN {
+            return Err(ProtocolError::Truncated {
+                got: msg.len(),
+                want: HEADER_LEN,
+            });
+        }
+        let magic = u32_at(msg, 0);
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([msg[4], msg[5]]);
+        if version != VERSION {
+            return Err(ProtocolError::BadVersion(version));
+        }
+        let kind = MessageKind::from_u8(msg[6]).ok_or(ProtocolError::BadKind(msg[6]))?;
+        let task = Task::from_u8(msg[7]).ok_or(ProtocolError::BadTask(msg[7]))?;
+        let payload_len = u32_at(msg, 24);
+        let flags = u32_at(msg, 28);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(ProtocolError::BadFlags(flags & !KNOWN_FLAGS));
+        }
+        let len = payload_len as usize;
+        if len > max_payload {
+            return Err(ProtocolError::PayloadTooLarge {
+                len,
+                max: max_payload,
+            });
+        }
+        let body = &msg[HEADER_LEN..];
+        if body.len() < len {
+            return Err(ProtocolError::Truncated {
+                got: msg.len(),
+                want: HEADER_LEN + len,
+            });
+        }
+        if body.len() > len {
+            return Err(ProtocolError::TrailingBytes {
+                extra: body.len() - len,
+            });
+        }
+        let header = Header {
+            kind,
+            task,
+            client_id: u32_at(msg, 8),
+            model_id: u32_at(msg, 12),
+            request_id: u64_at(msg, 16),
+            payload_len,
+            flags,
+        };
+        Ok((header, body))
+    }
+
+    /// Best-effort ids from a message that failed validation, so its error reply can still be
+    /// matched by the client: (client_id, request_id), zero where the bytes are missing.
+    pub fn salvage_ids(msg: &[u8]) -> (u32, u64) {
+        let client = if msg.len() >= 12 { u32_at(msg, 8) } else { 0 };
+        let request = if msg.len() >= 24 { u64_at(msg, 16) } else { 0 };
+        (client, request)
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// Server-side stage timestamps (CLOCK_REALTIME, ns), in pipeline order. Stages a task skips
+/// repeat the previous timestamp, so every stage duration is >= 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerTimestamps {
+    /// Whole message received by the server's transport.
+    pub received: u64,
+    /// A worker took it off the queue.
+    pub started: u64,
+    pub decoded: u64,
+    pub preprocessed: u64,
+    pub inferred: u64,
+    /// Reply handed to the transport.
+    pub replied: u64,
+}
+
+impl ServerTimestamps {
+    fn as_array(&self) -> [u64; 6] {
+        [
+            self.received,
+            self.started,
+            self.decoded,
+            self.preprocessed,
+            self.inferred,
+            self.replied,
+        ]
+    }
+}
+
+/// The fixed part of a successful response.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResponseBody {
+    pub timestamps: ServerTimestamps,
+    /// Number of valid entries in `classes`/`scores` (0 for tasks without inference).
+    pub top_k: u32,
+    pub classes: [u32; TOP_K],
+    /// Softmax probabilities.
+    pub scores: [f32; TOP_K],
+}
+
+impl ResponseBody {
+    pub fn encode(&self, out: &mut [u8]) {
+        let out = &mut out[..RESPONSE_BODY_LEN];
+        for (i, t) in self.timestamps.as_array().iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&t.to_le_bytes());
+        }
+        out[48..52].copy_from_slice(&self.top_k.to_le_bytes());
+        out[52..56].copy_from_slice(&0u32.to_le_bytes());
+        for i in 0..TOP_K {
+            out[56 + i * 4..60 + i * 4].copy_from_slice(&self.classes[i].to_le_bytes());
+            out[76 + i * 4..80 + i * 4].copy_from_slice(&self.scores[i].to_le_bytes());
+        }
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        if body.len() < RESPONSE_BODY_LEN {
+            return Err(ProtocolError::BadBody("shorter than the fixed response body"));
+        }
+        let t: Vec<u64> = (0..6).map(|i| u64_at(body, i * 8)).collect();
+        let top_k = u32_at(body, 48);
+        if top_k as usize > TOP_K {
+            return Err(ProtocolError::BadBody("top_k above 5"));
+        }
+        let mut r = ResponseBody {
+            timestamps: ServerTimestamps {
+                received: t[0],
+                started: t[1],
+                decoded: t[2],
+                preprocessed: t[3],
+                inferred: t[4],
+                replied: t[5],
+            },
+            top_k,
+            ..Default::default()
+        };
+        for i in 0..TOP_K {
+            r.classes[i] = u32_at(body, 56 + i * 4);
+            r.scores[i] = f32::from_bits(u32_at(body, 76 + i * 4));
+        }
+        Ok(r)
+    }
+
+    /// Where the replied timestamp sits, so a transport can stamp it just before sending.
+    pub const REPLIED_OFFSET: usize = 40;
+}
+
+/// Encodes an error message (header + code + text) into `out`; returns its length.
+pub fn encode_error(
+    out: &mut Vec<u8>,
+    client_id: u32,
+    request_id: u64,
+    task: Task,
+    code: ErrorCode,
+    text: &str,
+) {
+    let mut cut = text.len().min(MAX_ERROR_TEXT);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let text = &text.as_bytes()[..cut];
+    let mut header = Header::request(task, client_id, request_id, 4 + text.len());
+    header.kind = MessageKind::Error;
+    let mut h = [0u8; HEADER_LEN];
+    header.encode(&mut h);
+    out.clear();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&(code as u32).to_le_bytes());
+    out.extend_from_slice(text);
+}
+
+/// Parses the payload of an error message into (code, text).
+pub fn decode_error(payload: &[u8]) -> Result<(u32, String), ProtocolError> {
+    if payload.len() < 4 {
+        return Err(ProtocolError::BadBody("error payload shorter than its code"));
+    }
+    Ok((
+        u32_at(payload, 0),
+        String::from_utf8_lossy(&payload[4..]).into_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(payload: &[u8]) -> Vec<u8> {
+        let mut h = [0u8; HEADER_LEN];
+        Header::request(Task::Infer, 3, 77, payload.len()).encode(&mut h);
+        let mut v = h.to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn header_round_trip_and_layout() {
+        let msg = request(b"abc");
+        assert_eq!(&msg[0..4], b"HACS");
+        assert_eq!(&msg[4..6], &[1, 0]);
+        let (h, p) = Header::decode(&msg, 16).unwrap();
+        assert_eq!(h.kind, MessageKind::Request);
+        assert_eq!(h.task, Task::Infer);
+        assert_eq!((h.client_id, h.request_id, h.payload_len), (3, 77, 3));
+        assert_eq!(p, b"abc");
+    }
+
+    #[test]
+    fn every_field_is_validated() {
+        let good = request(b"abcd");
+        let mut m = good.clone();
+        m[0] = b'X';
+        assert!(matches!(Header::decode(&m, 99), Err(ProtocolError::BadMagic(_))));
+        let mut m = good.clone();
+        m[4] = 2;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadVersion(2)));
+        let mut m = good.clone();
+        m[6] = 9;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadKind(9)));
+        let mut m = good.clone();
+        m[7] = 4;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadTask(4)));
+        let mut m = good.clone();
+        m[28] = 0x80;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadFlags(0x80)));
+        assert_eq!(
+            Header::decode(&good[..10], 99),
+            Err(ProtocolError::Truncated { got: 10, want: 32 })
+        );
+        assert_eq!(
+            Header::decode(&good[..34], 99),
+            Err(ProtocolError::Truncated { got: 34, want: 36 })
+        );
+        let mut m = good.clone();
+        m.push(0);
+        assert_eq!(
+            Header::decode(&m, 99),
+            Err(ProtocolError::TrailingBytes { extra: 1 })
+        );
+        assert_eq!(
+            Header::decode(&good, 3),
+            Err(ProtocolError::PayloadTooLarge { len: 4, max: 3 })
+        );
+        assert_eq!(Header::salvage_ids(&good), (3, 77));
+        assert_eq!(Header::salvage_ids(&good[..5]), (0, 0));
+    }
+
+    #[test]
+    fn response_body_round_trip() {
+        let body = ResponseBody {
+            timestamps: ServerTimestamps {
+                received: 1,
+                started: 2,
+                decoded: 3,
+                preprocessed: 4,
+                inferred: 5,
+                replied: 6,
+            },
+            top_k: 5,
+            classes: [9, 8, 7, 6, 5],
+            scores: [0.5, 0.2, 0.1, 0.1, 0.05],
+        };
+        let mut buf = [0u8; RESPONSE_BODY_LEN];
+        body.encode(&mut buf);
+        assert_eq!(u64_at(&buf, ResponseBody::REPLIED_OFFSET), 6);
+        assert_eq!(ResponseBody::decode(&buf).unwrap(), body);
+        assert!(ResponseBody::decode(&buf[..95]).is_err());
+    }
+
+    #[test]
+    fn error_message_round_trip_and_text_cut() {
+        let mut out = Vec::new();
+        let long = "é".repeat(300);
+        encode_error(&mut out, 4, 5, Task::Echo, ErrorCode::BadImage, &long);
+        let (h, p) = Header::decode(&out, 1024).unwrap();
+        assert_eq!(h.kind, MessageKind::Error);
+        assert_eq!((h.client_id, h.request_id), (4, 5));
+        let (code, text) = decode_error(p).unwrap();
+        assert_eq!(ErrorCode::from_u32(code), Some(ErrorCode::BadImage));
+        assert!(text.len() <= MAX_ERROR_TEXT && text.starts_with('é'));
+    }
+}

@@ -1,0 +1,364 @@
+//! The transport-independent half of a server: the work queue between the transport's
+//! receive loop and the workers, the worker loop itself, live counters, the monitor line and
+//! the per-request log. A transport supplies a [`ServerJob`] type and a [`ReplySink`].
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use hacserve_ffi::signal;
+
+use crate::clock::realtime_ns;
+use crate::pipeline::{Outcome, Pipeline};
+use crate::protocol::{ErrorCode, HEADER_LEN, RESPONSE_BODY_LEN};
+use crate::stats::Summary;
+use crate::transport::{ReplySink, ServerJob};
+
+/// How idle threads wait for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin on the queue / socket: lowest latency, one core per thread.
+    Busy,
+    /// Sleep in poll/park: for shared machines.
+    Block,
+}
+
+impl PollMode {
+    /// Parses "busy", "block" or "auto"; auto spins only when every spinning thread gets a
+    /// core of its own (plus one left for the rest of the machine).
+    pub fn parse(s: &str, spinning_threads: usize) -> Result<PollMode, String> {
+        match s {
+            "busy" => Ok(PollMode::Busy),
+            "block" => Ok(PollMode::Block),
+            "auto" => {
+                let cores = thread::available_parallelism().map_or(1, |n| n.get());
+                Ok(if cores > spinning_threads {
+                    PollMode::Busy
+                } else {
+                    PollMode::Block
+                })
+            }
+            other => Err(format!("poll mode must be busy, block or auto, not {other:?}")),
+        }
+    }
+}
+
+/// Configuration shared by every server role.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub workers: usize,
+    pub poll_mode: PollMode,
+    /// Capacity of each of the two queues (normal and priority).
+    pub queue_depth: usize,
+    /// Whether requests flagged priority use the priority queue.
+    pub priority_clients: bool,
+    pub monitor_interval: Duration,
+    /// Per-request log: Some(folder) writes `server_requests.csv` there at exit.
+    pub log_folder: Option<PathBuf>,
+    /// Records kept for the per-request log.
+    pub log_capacity: usize,
+    /// Pin the receive loop and the workers to cores.
+    pub pin_threads: bool,
+    pub debug: bool,
+}
+
+/// Counters shared by the transport loop, workers and the monitor (relaxed atomics only).
+#[derive(Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub answered: AtomicU64,
+    pub rejected: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub transport_errors: AtomicU64,
+    pub in_queue: AtomicUsize,
+}
+
+/// Two bounded lock-free queues: priority first, then normal.
+pub struct WorkQueue<J> {
+    priority: ArrayQueue<J>,
+    normal: ArrayQueue<J>,
+    waiters: OnceLock<Vec<Thread>>,
+    mode: PollMode,
+    pub counters: Counters,
+}
+
+impl<J: ServerJob> WorkQueue<J> {
+    pub fn new(depth: usize, mode: PollMode) -> Self {
+        WorkQueue {
+            priority: ArrayQueue::new(depth.max(1)),
+            normal: ArrayQueue::new(depth.max(1)),
+            waiters: OnceLock::new(),
+            mode,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Queues a job; gives it back when the queue is full so the caller can answer
+    /// `Overloaded` instead of losing it.
+    pub fn push(&self, job: J, priority: bool) -> Result<(), J> {
+        let q = if priority { &self.priority } else { &self.normal };
+        q.push(job)?;
+        self.counters.in_queue.fetch_add(1, Ordering::Relaxed);
+        if self.mode == PollMode::Block {
+            if let Some(ws) = self.waiters.get() {
+                for w in ws {
+                    w.unpark();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pop(&self) -> Option<J> {
+        let job = self.priority.pop().or_else(|| self.normal.pop())?;
+        self.counters.in_queue.fetch_sub(1, Ordering::Relaxed);
+        Some(job)
+    }
+
+    pub fn depth(&self) -> usize {
+        self.counters.in_queue.load(Ordering::Relaxed)
+    }
+}
+
+/// One line of the server's per-request log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerRecord {
+    pub worker: u32,
+    pub client_id: u32,
+    pub request_id: u64,
+    pub task: u8,
+    pub status: u32,
+    pub received: u64,
+    pub finished: u64,
+}
+
+/// Per-worker state the monitor reads: a lock-free ring of recent latencies.
+pub struct WorkerProbe {
+    latencies: ArrayQueue<u64>,
+    pub dropped_samples: AtomicU64,
+}
+
+impl WorkerProbe {
+    pub fn new() -> Self {
+        WorkerProbe {
+            latencies: ArrayQueue::new(1 << 16),
+            dropped_samples: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for WorkerProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pins the calling thread to `core` (modulo the cores there are); logs when it cannot.
+pub fn pin_current_thread(core: usize, what: &str) {
+    match core_affinity::get_core_ids() {
+        Some(ids) if !ids.is_empty() => {
+            let id = ids[core % ids.len()];
+            if !core_affinity::set_for_current(id) {
+                log::warn!("{what}: could not pin to core {}", id.id);
+            } else {
+                log::debug!("{what}: pinned to core {}", id.id);
+            }
+        }
+        _ => log::warn!("{what}: core list unavailable, not pinned"),
+    }
+}
+
+/// Runs `workers.len()` worker threads over `queue`, each with its own pipeline and reply
+/// sink, until a stop is requested and the queue is empty. Returns their log records.
+pub fn spawn_workers<J, S>(
+    opts: &ServerOptions,
+    queue: Arc<WorkQueue<J>>,
+    workers: Vec<(Pipeline, S)>,
+    probes: Vec<Arc<WorkerProbe>>,
+) -> io::Result<Vec<thread::JoinHandle<Vec<ServerRecord>>>>
+where
+    J: ServerJob,
+    S: ReplySink<J> + Send + 'static,
+{
+    let mut handles = Vec::new();
+    for (i, ((pipeline, sink), probe)) in workers.into_iter().zip(probes).enumerate() {
+        let queue = queue.clone();
+        let opts = opts.clone();
+        let h = thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker_loop(i, &opts, &queue, pipeline, sink, &probe))?;
+        handles.push(h);
+    }
+    let threads = handles.iter().map(|h| h.thread().clone()).collect();
+    let _ = queue.waiters.set(threads);
+    Ok(handles)
+}
+
+fn worker_loop<J: ServerJob, S: ReplySink<J>>(
+    index: usize,
+    opts: &ServerOptions,
+    queue: &WorkQueue<J>,
+    mut pipeline: Pipeline,
+    mut sink: S,
+    probe: &WorkerProbe,
+) -> Vec<ServerRecord> {
+    if opts.pin_threads {
+        pin_current_thread(index + 1, &format!("worker {index}"));
+    }
+    let mut reply = Vec::with_capacity(HEADER_LEN + RESPONSE_BODY_LEN + pipeline.max_payload());
+    let mut log = Vec::with_capacity(if opts.log_folder.is_some() {
+        opts.log_capacity
+    } else {
+        0
+    });
+    let mut idle_spins = 0u32;
+    loop {
+        let Some(job) = queue.pop() else {
+            if signal::stop_requested() {
+                break;
+            }
+            match opts.poll_mode {
+                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Block => {
+                    // Spin briefly before sleeping: a request right behind this one is common.
+                    idle_spins += 1;
+                    if idle_spins > 2000 {
+                        thread::park_timeout(Duration::from_millis(50));
+                        idle_spins = 0;
+                    }
+                }
+            }
+            continue;
+        };
+        idle_spins = 0;
+        let received = job.received_ns();
+        let outcome = pipeline.handle(job.message(), received, &mut reply);
+        let (client_id, request_id, task) = crate::transport::ids_of(&reply);
+        match outcome {
+            Outcome::Answered { .. } => {
+                queue.counters.answered.fetch_add(1, Ordering::Relaxed);
+                if opts.debug {
+                    log::debug!("worker {index}: client {client_id} request {request_id} {outcome:?}");
+                }
+            }
+            Outcome::Rejected(code) => {
+                queue.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "worker {index}: rejected client {client_id} request {request_id}: {code:?}: {}",
+                    pipeline.last_error()
+                );
+            }
+        }
+        if let Err(e) = sink.reply(job, &reply) {
+            queue.counters.transport_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!("worker {index}: reply to client {client_id} request {request_id} failed: {e}");
+        }
+        let finished = realtime_ns();
+        if probe.latencies.push(finished.saturating_sub(received)).is_err() {
+            probe.dropped_samples.fetch_add(1, Ordering::Relaxed);
+        }
+        if log.len() < log.capacity() {
+            log.push(ServerRecord {
+                worker: index as u32,
+                client_id,
+                request_id,
+                task,
+                status: match outcome {
+                    Outcome::Answered { .. } => 0,
+                    Outcome::Rejected(c) => c as u32,
+                },
+                received,
+                finished,
+            });
+        }
+    }
+    log
+}
+
+/// Answers `Overloaded` for a job the queue had no room for, through the same sink type.
+pub fn overloaded_reply(msg: &[u8], out: &mut Vec<u8>) {
+    let (client, request) = crate::protocol::Header::salvage_ids(msg);
+    crate::protocol::encode_error(
+        out,
+        client,
+        request,
+        crate::protocol::Task::Echo,
+        ErrorCode::Overloaded,
+        "server queue is full, retry later",
+    );
+}
+
+/// Prints one monitor line per interval: req/s, queue depth, server-side p50/p99 (receive to
+/// reply) over the interval. Returns when a stop is requested.
+pub fn spawn_monitor<J: ServerJob>(
+    interval: Duration,
+    queue: Arc<WorkQueue<J>>,
+    probes: Vec<Arc<WorkerProbe>>,
+) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("monitor".into())
+        .spawn(move || {
+            let mut samples = Vec::with_capacity(1 << 16);
+            let mut last = Instant::now();
+            let mut last_answered = 0u64;
+            while !signal::stop_requested() {
+                thread::sleep(Duration::from_millis(50));
+                if last.elapsed() < interval {
+                    continue;
+                }
+                let secs = last.elapsed().as_secs_f64();
+                last = Instant::now();
+                samples.clear();
+                for p in &probes {
+                    while let Some(v) = p.latencies.pop() {
+                        samples.push(v);
+                    }
+                }
+                let c = &queue.counters;
+                let answered =
+                    c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
+                let s = Summary::of(&mut samples);
+                println!(
+                    "[monitor] {:>9.1} req/s  queue {:>4}  p50 {:>9.1} us  p99 {:>9.1} us  total {}  errors {}  overloaded {}",
+                    (answered - last_answered) as f64 / secs,
+                    queue.depth(),
+                    s.p50 as f64 / 1e3,
+                    s.p99 as f64 / 1e3,
+                    answered,
+                    c.rejected.load(Ordering::Relaxed),
+                    c.overloaded.load(Ordering::Relaxed),
+                );
+                let _ = io::stdout().flush();
+                last_answered = answered;
+            }
+        })
+}
+
+/// Writes the merged per-request log, sorted by receive time.
+pub fn write_server_log(folder: &Path, mut records: Vec<ServerRecord>) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(folder)?;
+    records.sort_by_key(|r| r.received);
+    let path = folder.join("server_requests.csv");
+    let mut w = io::BufWriter::new(std::fs::File::create(&path)?);
+    writeln!(w, "worker,client_id,request_id,task,status,received_ns,finished_ns,server_ns")?;
+    for r in &records {
+        writeln!(
+            w,
+            "{},{},{},{},{},{},{},{}",
+            r.worker,
+            r.client_id,
+            r.request_id,
+            r.task,
+            r.status,
+            r.received,
+            r.finished,
+            r.finished.saturating_sub(r.received)
+        )?;
+    }
+    w.flush()?;
+    Ok(path)
+}

@@ -1,0 +1,317 @@
+//! ZeroMQ transport (TCP). Server: one receive loop owns a ROUTER socket; workers send their
+//! replies over per-worker inproc PUSH sockets to a PULL socket the same loop owns, because a
+//! ZeroMQ socket must stay with one thread. Client: a DEALER socket, one request in flight.
+//!
+//! Messages are one frame each (header + payload). Everything before the last frame is the
+//! routing envelope and is echoed back unchanged, so REQ clients and brokers (zmq_balancer)
+//! in between work without the server knowing about them.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hacserve_ffi::signal;
+use hacserve_ffi::zmq::{
+    Context, Message, PollSet, PollTarget, Socket, SocketType, DONTWAIT, SNDMORE,
+};
+
+use super::{ClientTransport, ReplySink, ServerJob, TransportError};
+use crate::clock::realtime_ns;
+use crate::protocol::{FLAG_PRIORITY, HEADER_LEN};
+use crate::server::{overloaded_reply, PollMode, WorkQueue};
+
+/// Routing frames kept per request (a client identity, a REQ delimiter, a broker hop...).
+pub const MAX_ENVELOPE: usize = 6;
+const REPLY_ENDPOINT: &str = "inproc://hacserve-replies";
+/// libzmq drops a connection whose peer sends a message above this many times the payload
+/// limit; anything between the limit and this gets a typed PayloadTooLarge reply instead.
+const HARD_LIMIT_FACTOR: i64 = 4;
+
+/// A request as received: its envelope and its one message frame.
+pub struct ZmqJob {
+    envelope: [Message; MAX_ENVELOPE],
+    envelope_len: usize,
+    payload: Message,
+    received: u64,
+}
+
+impl ServerJob for ZmqJob {
+    fn message(&self) -> &[u8] {
+        self.payload.as_slice()
+    }
+    fn received_ns(&self) -> u64 {
+        self.received
+    }
+}
+
+/// A worker's way back to the receive loop.
+pub struct ZmqReplySink {
+    push: Socket,
+}
+
+impl ReplySink<ZmqJob> for ZmqReplySink {
+    fn reply(&mut self, mut job: ZmqJob, reply: &[u8]) -> Result<(), TransportError> {
+        for frame in &mut job.envelope[..job.envelope_len] {
+            self.push.send_msg(frame, SNDMORE)?;
+        }
+        self.push.send(reply, 0)?;
+        Ok(())
+    }
+}
+
+/// The server's receive loop and its sockets.
+pub struct ZmqServer {
+    ctx: Context,
+    router: Socket,
+    replies: Socket,
+    endpoint: String,
+}
+
+impl ZmqServer {
+    /// Binds `tcp://{addr}:{port}` (port 0 = any free port; see [`Self::endpoint`]).
+    pub fn bind(ctx: &Context, addr: &str, port: u16, max_payload: usize) -> Result<Self, TransportError> {
+        let router = ctx.socket(SocketType::Router)?;
+        router.set_router_mandatory(true)?;
+        router.set_hwm(100_000)?;
+        let hard = (max_payload as i64 + HEADER_LEN as i64) * HARD_LIMIT_FACTOR + (1 << 20);
+        router.set_max_msg_size(hard)?;
+        let endpoint = if port == 0 {
+            format!("tcp://{addr}:*")
+        } else {
+            format!("tcp://{addr}:{port}")
+        };
+        router.bind(&endpoint)?;
+        let endpoint = router.last_endpoint()?;
+        let replies = ctx.socket(SocketType::Pull)?;
+        replies.set_hwm(100_000)?;
+        replies.bind(REPLY_ENDPOINT)?;
+        Ok(ZmqServer {
+            ctx: ctx.clone(),
+            router,
+            replies,
+            endpoint,
+        })
+    }
+
+    /// The bound endpoint, e.g. "tcp://0.0.0.0:5555".
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A reply sink for one worker (call once per worker, before [`Self::run`]).
+    pub fn reply_sink(&self) -> Result<ZmqReplySink, TransportError> {
+        let push = self.ctx.socket(SocketType::Push)?;
+        push.set_hwm(100_000)?;
+        push.connect(REPLY_ENDPOINT)?;
+        Ok(ZmqReplySink { push })
+    }
+
+    /// Receives requests into `queue` and forwards replies until a stop is requested.
+    pub fn run(
+        &mut self,
+        queue: &WorkQueue<ZmqJob>,
+        mode: PollMode,
+        priority_clients: bool,
+    ) -> Result<(), TransportError> {
+        let mut scratch = Message::new();
+        let mut error_reply = Vec::with_capacity(HEADER_LEN + 256);
+        let mut poll = PollSet::new(&[
+            PollTarget::Socket(&self.router),
+            PollTarget::Socket(&self.replies),
+        ]);
+        while !signal::stop_requested() {
+            let (requests_ready, replies_ready) = match mode {
+                // Non-blocking receives cost no syscall in libzmq most of the time.
+                PollMode::Busy => (true, true),
+                PollMode::Block => match poll.poll(100) {
+                    Ok(_) => (poll.readable(0), poll.readable(1)),
+                    Err(e) if e.interrupted() => continue,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if replies_ready {
+                while forward_reply(&self.replies, &self.router, &mut scratch, queue)? {}
+            }
+            if requests_ready {
+                while let Some(job) = receive_request(&self.router, &mut scratch)? {
+                    queue.counters.received.fetch_add(1, Ordering::Relaxed);
+                    let msg = job.payload.as_slice();
+                    let priority = priority_clients
+                        && msg.len() >= HEADER_LEN
+                        && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0;
+                    if let Err(mut job) = queue.push(job, priority) {
+                        queue.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                        overloaded_reply(job.payload.as_slice(), &mut error_reply);
+                        log::warn!("queue full: answering Overloaded");
+                        send_with_envelope(&self.router, &mut job, &error_reply)?;
+                    }
+                }
+            }
+            if mode == PollMode::Busy {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One whole request from the ROUTER, or None if none is waiting.
+fn receive_request(router: &Socket, scratch: &mut Message) -> Result<Option<ZmqJob>, TransportError> {
+    let mut job = ZmqJob {
+        envelope: Default::default(),
+        envelope_len: 0,
+        payload: Message::new(),
+        received: 0,
+    };
+    match router.recv_msg(&mut job.payload, DONTWAIT) {
+        Ok(mut more) => {
+            while more {
+                if job.envelope_len == MAX_ENVELOPE {
+                    router.drain_more(scratch)?;
+                    log::error!("request with more than {MAX_ENVELOPE} routing frames dropped: it cannot be routed back");
+                    return Ok(None);
+                }
+                job.envelope[job.envelope_len] = job.payload.take();
+                job.envelope_len += 1;
+                more = router.recv_msg(&mut job.payload, 0)?;
+            }
+            job.received = realtime_ns();
+            Ok(Some(job))
+        }
+        Err(e) if e.would_block() || e.interrupted() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves one worker reply (envelope + message) from the PULL socket to the ROUTER.
+fn forward_reply(
+    replies: &Socket,
+    router: &Socket,
+    frame: &mut Message,
+    queue: &WorkQueue<ZmqJob>,
+) -> Result<bool, TransportError> {
+    match replies.recv_msg(frame, DONTWAIT) {
+        Ok(mut more) => {
+            let mut failed = None;
+            loop {
+                if failed.is_none() {
+                    if let Err(e) = router.send_msg(frame, if more { SNDMORE } else { 0 }) {
+                        failed = Some(e);
+                    }
+                }
+                if !more {
+                    break;
+                }
+                more = replies.recv_msg(frame, 0)?;
+            }
+            if let Some(e) = failed {
+                // The client left (EHOSTUNREACH): its reply has nowhere to go.
+                queue.counters.transport_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("reply could not be delivered: {e}");
+            }
+            Ok(true)
+        }
+        Err(e) if e.would_block() || e.interrupted() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn send_with_envelope(router: &Socket, job: &mut ZmqJob, body: &[u8]) -> Result<(), TransportError> {
+    for frame in &mut job.envelope[..job.envelope_len] {
+        router.send_msg(frame, SNDMORE)?;
+    }
+    if let Err(e) = router.send(body, 0) {
+        log::warn!("error reply could not be delivered: {e}");
+    }
+    Ok(())
+}
+
+/// Client end: a DEALER connected to the server (or a balancer/proxy in front of it).
+pub struct ZmqClient {
+    socket: Socket,
+    reply: Message,
+    timeout: Duration,
+    mode: PollMode,
+    max_reply: usize,
+}
+
+impl ZmqClient {
+    pub fn connect(
+        ctx: &Context,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        mode: PollMode,
+        max_reply: usize,
+    ) -> Result<Self, TransportError> {
+        let socket = ctx.socket(SocketType::Dealer)?;
+        socket.set_rcvtimeo(timeout.as_millis().min(i32::MAX as u128) as i32)?;
+        socket.set_sndtimeo(timeout.as_millis().min(i32::MAX as u128) as i32)?;
+        socket.connect(&format!("tcp://{host}:{port}"))?;
+        Ok(ZmqClient {
+            socket,
+            reply: Message::new(),
+            timeout,
+            mode,
+            max_reply,
+        })
+    }
+}
+
+impl ClientTransport for ZmqClient {
+    fn send(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        self.socket.send(msg, 0).map_err(|e| {
+            if e.would_block() {
+                TransportError::Timeout(self.timeout.as_millis() as u64)
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<(), TransportError> {
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let more = match self.mode {
+            PollMode::Block => self.socket.recv_msg(&mut self.reply, 0).map_err(|e| {
+                if e.would_block() {
+                    TransportError::Timeout(timeout_ms)
+                } else {
+                    e.into()
+                }
+            })?,
+            PollMode::Busy => {
+                let start = Instant::now();
+                loop {
+                    match self.socket.recv_msg(&mut self.reply, DONTWAIT) {
+                        Ok(more) => break more,
+                        Err(e) if e.would_block() => {
+                            if start.elapsed() > self.timeout {
+                                return Err(TransportError::Timeout(timeout_ms));
+                            }
+                            if signal::stop_requested() {
+                                return Err(TransportError::Stopped);
+                            }
+                            std::hint::spin_loop();
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        };
+        if more {
+            self.socket.drain_more(&mut self.reply)?;
+            return Err(TransportError::Malformed(
+                "reply has more than one frame".into(),
+            ));
+        }
+        let data = self.reply.as_slice();
+        if data.len() > self.max_reply {
+            return Err(TransportError::ReplyTooLarge {
+                got: data.len(),
+                max: self.max_reply,
+            });
+        }
+        buf.clear();
+        buf.extend_from_slice(data);
+        Ok(())
+    }
+}
