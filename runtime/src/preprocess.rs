@@ -79,11 +79,7 @@ pub fn resized_size(width: usize, height: usize, shorter: usize) -> (usize, usiz
         (height, width)
     };
     // Exact integer floor; equals Python's int() of the float quotient at image sizes.
-    let new_long = if short == 0 {
-        0
-    } else {
-        shorter.saturating_mul(long) / short
-    };
+    let new_long = shorter.saturating_mul(long).checked_div(short).unwrap_or(0);
     if width <= height {
         (shorter, new_long)
     } else {
@@ -382,6 +378,11 @@ impl Preprocessor {
             .dimensions()
             .ok_or_else(|| PreprocessError::Decode("no image dimensions".into()))?;
         let pixels = self.check_size(width, height)?;
+        if !reaches_eoi(jpeg) {
+            return Err(PreprocessError::Decode(
+                "truncated JPEG: data ends before the end-of-image marker".into(),
+            ));
+        }
         let channels = match decoder.get_output_colorspace() {
             Some(ColorSpace::RGB) => 3,
             // zune forces single-component JPEGs to Luma output; expanded below.
@@ -414,8 +415,7 @@ impl Preprocessor {
 
     /// The last successfully decoded image as (RGB8 HWC bytes, width, height).
     pub fn decoded_rgb(&self) -> Option<(&[u8], usize, usize)> {
-        self.decoded
-            .map(|(w, h)| (&self.rgb[..w * h * 3], w, h))
+        self.decoded.map(|(w, h)| (&self.rgb[..w * h * 3], w, h))
     }
 
     /// Resize/crop/normalise the last decoded image into `out` (len TENSOR_LEN, NCHW f32).
@@ -485,6 +485,60 @@ impl Preprocessor {
                 height,
                 max_pixels: self.max_pixels,
             }),
+        }
+    }
+}
+
+/// Walks the JPEG marker structure and reports whether it reaches EOI. zune-jpeg 0.4
+/// zero-fills a scan that runs out of bytes, even in strict mode, so without this a
+/// truncated upload would be classified as a grey-bottomed picture (PIL raises "image
+/// file is truncated"). Segments are skipped by their length, so an EXIF thumbnail's own
+/// EOI does not count; entropy-coded data is scanned for the next real marker.
+fn reaches_eoi(data: &[u8]) -> bool {
+    let next_ff = |from: usize| {
+        data.get(from..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+            .map(|p| from + p)
+    };
+    let mut i = 2; // after SOI (checked by the decoder)
+    loop {
+        // Next marker, skipping stray bytes and 0xFF fill bytes.
+        let Some(mut at) = next_ff(i) else {
+            return false;
+        };
+        while data.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let Some(&marker) = data.get(at) else {
+            return false;
+        };
+        i = at + 1;
+        match marker {
+            0xD9 => return true,
+            // Stand-alone markers without a length (TEM, RSTn) and stuffed zeros.
+            0x00 | 0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(len) = data.get(i..i + 2) else {
+            return false;
+        };
+        i += usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if marker == 0xDA {
+            // Entropy-coded data: 0xFF is followed by a stuffed 0x00 or an RSTn marker,
+            // anything else is the next segment.
+            loop {
+                let Some(ff) = next_ff(i) else {
+                    return false;
+                };
+                match data.get(ff + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7) => i = ff + 2,
+                    Some(_) => {
+                        i = ff;
+                        break;
+                    }
+                }
+            }
         }
     }
 }

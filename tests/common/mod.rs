@@ -1,0 +1,152 @@
+//! Shared helpers for the end-to-end tests: real binaries on 127.0.0.1, real models.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hacserve_runtime::model_gen;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn image() -> PathBuf {
+    repo().join("models/grace_hopper.jpg")
+}
+
+/// Writes a generated model once per target dir (same seed, same bytes), atomically so that
+/// tests running in parallel never see half a file.
+pub fn model(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.onnx"));
+    if !path.exists() {
+        let proto = match name {
+            "resnet50" => model_gen::resnet50(50),
+            "resnet_tiny" => model_gen::tiny_resnet(50),
+            other => panic!("no generator for {other}"),
+        };
+        let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+        model_gen::write_model(&proto, &tmp).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    path
+}
+
+/// A server-like process (zmq_server, zmq_balancer) that prints "listening on tcp://...:PORT".
+pub struct Service {
+    pub child: Child,
+    pub port: u16,
+    lines: mpsc::Receiver<String>,
+    pub output: Vec<String>,
+}
+
+impl Service {
+    pub fn start(bin: &str, args: &[&str]) -> Service {
+        let mut child = Command::new(bin)
+            .args(args)
+            .current_dir(repo())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut output = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{bin} did not start; output: {output:#?}"));
+            output.push(line.clone());
+            if let Some(at) = line.find("listening on tcp://") {
+                let rest = &line[at + "listening on tcp://".len()..];
+                let endpoint = rest.split_whitespace().next().unwrap();
+                let port = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+                return Service {
+                    child,
+                    port,
+                    lines: rx,
+                    output,
+                };
+            }
+        }
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGINT, wait, and return everything it printed.
+    pub fn stop(mut self) -> Vec<String> {
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.output.push(line);
+        }
+        assert!(status.success(), "exit {status}: {:#?}", self.output);
+        std::mem::take(&mut self.output)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn zmq_server(model: &Path, extra: &[&str]) -> Service {
+    let model = model.to_str().unwrap().to_string();
+    let mut args = vec![
+        "--port",
+        "0",
+        "--bind-address",
+        "127.0.0.1",
+        "--engine-file",
+        &model,
+        "--poll-mode",
+        "block",
+        "--no-pin",
+        "-i",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Service::start(env!("CARGO_BIN_EXE_zmq_server"), &args)
+}
+
+/// Runs a binary to completion; returns (success, stdout+stderr).
+pub fn run(bin: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,0 +1,262 @@
+//! End to end over ZeroMQ on 127.0.0.1: real server, client, balancer and multi_client
+//! processes, real generated models (ResNet-50 and the tiny ResNet).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hacserve_runtime::engine::tract_cpu::TractLoader;
+use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::pipeline::top_k_softmax;
+use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
+use hacserve_runtime::protocol::*;
+use hacserve_runtime::server::PollMode;
+use hacserve_runtime::stats::read_csv;
+use hacserve_runtime::transport::zmq::ZmqClient;
+use hacserve_runtime::transport::ClientTransport;
+use hacserve_runtime::zmq_sys_safe::Context;
+
+/// The top-5 a correct server must return for the image: computed here in-process.
+fn expected_top5(model: &std::path::Path) -> [u32; 5] {
+    let mut pre = Preprocessor::new(1 << 26);
+    pre.decode(&std::fs::read(image()).unwrap()).unwrap();
+    let mut tensor = vec![0f32; TENSOR_LEN];
+    pre.preprocess(&mut tensor).unwrap();
+    let mut session = TractLoader::load(model, 1).unwrap().session().unwrap();
+    let mut logits = vec![0f32; session.num_classes()];
+    session.infer(&tensor, &mut logits).unwrap();
+    let mut body = ResponseBody::default();
+    top_k_softmax(&logits, &mut body);
+    body.classes
+}
+
+fn client(port: u16) -> ZmqClient {
+    let ctx = Context::new().unwrap();
+    ZmqClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(60), PollMode::Block, 64 << 20).unwrap()
+}
+
+fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; HEADER_LEN];
+    Header::request(task, client_id, request_id, payload.len()).encode(&mut h);
+    let mut m = h.to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+fn round_trip(c: &mut ZmqClient, msg: &[u8]) -> (Header, Vec<u8>) {
+    c.send(msg).unwrap();
+    let mut buf = Vec::new();
+    c.recv(&mut buf).unwrap();
+    let (h, body) = Header::decode(&buf, 64 << 20).unwrap();
+    (h, body.to_vec())
+}
+
+#[test]
+fn client_and_server_with_resnet50_give_the_in_process_answer() {
+    let model = model("resnet50");
+    let server = zmq_server(&model, &[]);
+    let logs = temp_dir("direct");
+    let port = server.port.to_string();
+    let (ok, out) = run(
+        env!("CARGO_BIN_EXE_zmq_client"),
+        &["--host", "127.0.0.1", "--port", &port, "-r", "3", "-t", "0", "-s", "-f", logs.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    for stage in ["end-to-end", "client->server", "queue", "decode", "preprocess", "infer", "reply"] {
+        assert!(out.contains(stage), "table lacks {stage}: {out}");
+    }
+    let records = read_csv(&logs.join("client_0.csv")).unwrap();
+    assert_eq!(records.len(), 3);
+    let want = expected_top5(&model);
+    for r in &records {
+        assert_eq!(r.status, 0);
+        assert_eq!(r.top1, want[0] as i64, "server's top-1 differs from the in-process pipeline");
+        let s = r.server;
+        assert!(s.received <= s.started && s.started <= s.decoded && s.decoded <= s.preprocessed);
+        assert!(s.preprocessed < s.inferred && s.inferred <= s.replied, "{s:?}");
+        assert!(r.e2e_ns >= s.replied - s.received, "e2e shorter than the server's part");
+    }
+    let summary = std::fs::read_to_string(logs.join("client_0_summary.json")).unwrap();
+    assert!(summary.contains("\"requests\":3") && summary.contains("\"infer\""), "{summary}");
+    server.stop();
+}
+
+#[test]
+fn every_task_over_the_tiny_model() {
+    let model = model("resnet_tiny");
+    let server = zmq_server(&model, &[]);
+    let mut c = client(server.port);
+    let jpeg = std::fs::read(image()).unwrap();
+    let want = expected_top5(&model);
+
+    let (h, body) = round_trip(&mut c, &request(Task::Infer, 1, 10, &jpeg));
+    assert_eq!((h.kind, h.client_id, h.request_id), (MessageKind::Response, 1, 10));
+    let full = ResponseBody::decode(&body).unwrap();
+    assert_eq!((full.top_k, full.classes), (5, want));
+    let total: f32 = full.scores.iter().sum();
+    assert!(full.scores[0] > 0.0 && total <= 1.0 + 1e-5);
+
+    // The same tensor preprocessed by the client gives the same answer.
+    let tensor = hacserve_runtime::client::prepare_payload(Task::InferTensor, &jpeg, None).unwrap();
+    assert_eq!(tensor.len(), TENSOR_LEN * 4);
+    let (h, body) = round_trip(&mut c, &request(Task::InferTensor, 1, 11, &tensor));
+    assert_eq!(h.kind, MessageKind::Response);
+    let by_tensor = ResponseBody::decode(&body).unwrap();
+    assert_eq!(by_tensor.classes, full.classes);
+    assert!((by_tensor.scores[0] - full.scores[0]).abs() < 1e-5);
+
+    let (h, body) = round_trip(&mut c, &request(Task::Preprocess, 1, 12, &jpeg));
+    assert_eq!(h.kind, MessageKind::Response);
+    let pre = ResponseBody::decode(&body).unwrap();
+    assert_eq!(pre.top_k, 0);
+    assert!(pre.timestamps.preprocessed > pre.timestamps.started);
+
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+    let (h, body) = round_trip(&mut c, &request(Task::Echo, 1, 13, &payload));
+    assert_eq!((h.kind, h.task), (MessageKind::Response, Task::Echo));
+    assert_eq!(&body[RESPONSE_BODY_LEN..], &payload[..]);
+    server.stop();
+}
+
+#[test]
+fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
+    let model = model("resnet_tiny");
+    let mut server = zmq_server(&model, &["--max-payload", "100000"]);
+    let mut c = client(server.port);
+    let jpeg = std::fs::read(image()).unwrap();
+    let good = request(Task::Infer, 2, 1, &jpeg);
+
+    let expect_error = |c: &mut ZmqClient, msg: &[u8], code: ErrorCode| {
+        let (h, body) = round_trip(c, msg);
+        assert_eq!(h.kind, MessageKind::Error, "expected {code:?}");
+        let (got, text) = decode_error(&body).unwrap();
+        assert_eq!(ErrorCode::from_u32(got), Some(code), "{text}");
+        assert!(!text.is_empty());
+        h
+    };
+    let mut m = good.clone();
+    m[0..4].copy_from_slice(b"NOPE");
+    let h = expect_error(&mut c, &m, ErrorCode::BadMagic);
+    assert_eq!((h.client_id, h.request_id), (2, 1), "ids salvaged from a rejected header");
+    let mut m = good.clone();
+    m[4] = 9;
+    expect_error(&mut c, &m, ErrorCode::BadVersion);
+    let mut m = good.clone();
+    m[7] = 42;
+    expect_error(&mut c, &m, ErrorCode::BadTask);
+    expect_error(&mut c, &good[..20], ErrorCode::Truncated);
+    expect_error(&mut c, &good[..good.len() - 100], ErrorCode::Truncated);
+    expect_error(&mut c, &request(Task::Echo, 2, 5, &vec![1u8; 200_000]), ErrorCode::PayloadTooLarge);
+    expect_error(&mut c, &request(Task::Infer, 2, 6, &jpeg[..jpeg.len() / 3]), ErrorCode::BadImage);
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    expect_error(&mut c, &request(Task::Infer, 2, 7, &garbage), ErrorCode::BadImage);
+    expect_error(&mut c, &request(Task::InferTensor, 2, 8, &[0u8; 12]), ErrorCode::BadTensor);
+    let mut m = request(Task::Echo, 2, 9, b"x");
+    m[28] = 0x10;
+    expect_error(&mut c, &m, ErrorCode::BadFlags);
+    let mut m = request(Task::Echo, 2, 9, b"x");
+    m[12] = 3;
+    expect_error(&mut c, &m, ErrorCode::UnknownModel);
+
+    // Still serving, correctly.
+    let (h, body) = round_trip(&mut c, &good);
+    assert_eq!(h.kind, MessageKind::Response);
+    assert_eq!(ResponseBody::decode(&body).unwrap().top_k, 5);
+    assert!(server.alive());
+    let out = server.stop().join("\n");
+    assert!(out.contains("rejected 11"), "{out}");
+    assert!(out.contains("BadMagic") && out.contains("BadImage"), "each rejection is logged: {out}");
+}
+
+#[test]
+fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
+    let model = model("resnet_tiny");
+    let a = zmq_server(&model, &[]);
+    let b = zmq_server(&model, &[]);
+    let backends = format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port);
+    let balancer = Service::start(
+        env!("CARGO_BIN_EXE_zmq_balancer"),
+        &["--server-address", &backends, "--local-port", "0", "--bind-address", "127.0.0.1", "-c", "2", "--poll-mode", "block", "-i", "0"],
+    );
+    let port = balancer.port;
+    let threads: Vec<_> = (0..4u32)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut c = client(port);
+                let jpeg = std::fs::read(image()).unwrap();
+                for i in 0..15u64 {
+                    let task = if i % 3 == 0 { Task::Infer } else { Task::Echo };
+                    let payload = if task == Task::Echo { id.to_le_bytes().to_vec() } else { jpeg.clone() };
+                    let (h, body) = round_trip(&mut c, &request(task, id, i, &payload));
+                    assert_eq!((h.kind, h.client_id, h.request_id), (MessageKind::Response, id, i));
+                    if task == Task::Echo {
+                        assert_eq!(&body[RESPONSE_BODY_LEN..], &id.to_le_bytes());
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let out = balancer.stop().join("\n");
+    let line = out.lines().find(|l| l.contains("zmq_balancer stopped")).unwrap();
+    let forwarded: Vec<u64> = line
+        .split("zmq_balancer stopped: ")
+        .nth(1)
+        .unwrap()
+        .split("; ")
+        .map(|part| part.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(forwarded.iter().sum::<u64>(), 60, "{line}");
+    assert!(forwarded.iter().all(|&n| n > 0), "both backends used: {line}");
+    let served: u64 = [a.stop(), b.stop()]
+        .iter()
+        .map(|o| {
+            let l = o.iter().find(|l| l.contains("zmq_server stopped")).unwrap();
+            l.split("answered ").nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(served, 60);
+}
+
+#[test]
+fn multi_client_merges_concurrent_clients() {
+    let model = model("resnet_tiny");
+    let server = zmq_server(&model, &[]);
+    let folder = temp_dir("multi");
+    let port = server.port.to_string();
+    let (ok, out) = run(
+        env!("CARGO_BIN_EXE_multi_client"),
+        &["--host", "127.0.0.1", "-p", &port, "-c", "3", "-t", "3", "-r", "40", "-m", "range", "-s", "-f", folder.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    let summary = std::fs::read_to_string(folder.join("multi_client_summary.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = summary.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "2", "3"]);
+    for r in &rows {
+        let clients: usize = r[0].parse().unwrap();
+        assert_eq!(r[1].parse::<usize>().unwrap(), clients * 40, "{summary}");
+        assert_eq!((r[2], r[3]), ("0", "0"), "{summary}");
+        assert!(r[4].parse::<f64>().unwrap() > 0.0);
+    }
+    // Every client's own log is kept with -s and holds its own ids only.
+    for id in 0..3u32 {
+        let recs = read_csv(&folder.join("clients_3").join(format!("client_{id}.csv"))).unwrap();
+        assert_eq!(recs.len(), 40);
+        assert!(recs.iter().all(|r| r.client_id == id && r.status == 0));
+    }
+    server.stop();
+}
+
+#[test]
+fn binaries_reject_bad_options_with_a_message() {
+    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_client"), &["-t", "9", "--host", "127.0.0.1"]);
+    assert!(!ok && out.contains("unknown task"), "{out}");
+    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_server"), &["--engine-file", "/nonexistent.onnx", "--port", "0"]);
+    assert!(!ok && out.contains("/nonexistent.onnx"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_client"), &["-i", "/nonexistent.jpg", "--host", "127.0.0.1"]);
+    assert!(!ok && out.contains("/nonexistent.jpg") && !out.contains("panicked"), "{out}");
+}
