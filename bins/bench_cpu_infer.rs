@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use argh::FromArgs;
 use hacserve_runtime::engine::tract_cpu::TractLoader;
-use hacserve_runtime::engine::{EngineLoader, InferenceEngine};
+use hacserve_runtime::engine::EngineLoader;
 use hacserve_runtime::model_gen;
 
 /// Measure tract CPU inference latency (batch 1) against onnxruntime.
@@ -91,10 +91,14 @@ fn bench_tract(args: &Args, threads: usize, input: &[f32]) -> Result<TractRun> {
     let mut samples = Vec::with_capacity(args.iters);
     for _ in 0..args.iters {
         let t = Instant::now();
-        session.infer(input, &mut logits).context("tract inference")?;
+        session
+            .infer(input, &mut logits)
+            .context("tract inference")?;
         samples.push(t.elapsed());
     }
-    session.infer(input, &mut logits).context("tract inference")?;
+    session
+        .infer(input, &mut logits)
+        .context("tract inference")?;
     if args.profile && threads == 1 {
         print_profile(&loader, input)?;
     }
@@ -109,9 +113,7 @@ fn bench_tract(args: &Args, threads: usize, input: &[f32]) -> Result<TractRun> {
 
 fn print_profile(loader: &TractLoader, input: &[f32]) -> Result<()> {
     let runs = 5;
-    let ops = loader
-        .profile_ops(input, runs)
-        .context("profiling tract")?;
+    let ops = loader.profile_ops(input, runs).context("profiling tract")?;
     let total: Duration = ops.iter().map(|o| o.total).sum();
     println!("tract profile, 1 thread, per image ({runs} runs):");
     for op in ops.iter().take(12) {
@@ -176,7 +178,13 @@ fn run_ort(
         .arg("--reference-logits")
         .arg(logits_file)
         .output()
-        .map_err(|e| format!("cannot run {} {}: {e}", args.python, args.ort_script.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run {} {}: {e}",
+                args.python,
+                args.ort_script.display()
+            )
+        })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let Some(json) = stdout.lines().find_map(|l| l.strip_prefix("ORT_JSON ")) else {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -262,7 +270,10 @@ fn main() -> Result<()> {
             .zip(&many.logits)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        println!("  tract 1 vs {} threads: max |logit diff| {diff:.3e}", many.threads);
+        println!(
+            "  tract 1 vs {} threads: max |logit diff| {diff:.3e}",
+            many.threads
+        );
     }
     let finite = tract_runs
         .iter()
@@ -274,7 +285,10 @@ fn main() -> Result<()> {
     let input_file = tmp.join("input.f32");
     let logits_file = tmp.join("tract_logits.f32");
     write_f32(&input_file, &input)?;
-    let reference = tract_runs.last().map(|r| r.logits.as_slice()).unwrap_or(&[]);
+    let reference = tract_runs
+        .last()
+        .map(|r| r.logits.as_slice())
+        .unwrap_or(&[]);
     write_f32(&logits_file, reference)?;
 
     let mut ort_runs = Vec::new();

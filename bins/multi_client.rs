@@ -74,7 +74,10 @@ fn resolve_application(name: &str) -> PathBuf {
     if name.contains('/') {
         return PathBuf::from(name);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
         let beside = dir.join(name);
         if beside.is_file() {
             return beside;
@@ -93,7 +96,8 @@ fn main() -> Result<()> {
     let mut summary = Vec::new();
     for n in levels(&args.mode, args.clients)? {
         let folder = args.folder.join(format!("clients_{n}"));
-        std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+        std::fs::create_dir_all(&folder)
+            .with_context(|| format!("creating {}", folder.display()))?;
         let started = Instant::now();
         let mut children = Vec::with_capacity(n);
         for id in 0..n {
@@ -143,11 +147,23 @@ fn main() -> Result<()> {
         // start-up: first send to last reply, across all clients.
         let first = records.iter().map(|r| r.client_sent).min().unwrap_or(0);
         let last = records.iter().map(|r| r.client_received).max().unwrap_or(0);
-        let window = if last > first { (last - first) as f64 / 1e9 } else { wall };
-        let report = Report::from_records(&format!("{n} clients x {} requests", args.requests), &records, window);
+        let window = if last > first {
+            (last - first) as f64 / 1e9
+        } else {
+            wall
+        };
+        let report = Report::from_records(
+            &format!("{n} clients x {} requests", args.requests),
+            &records,
+            window,
+        );
         println!("{}", report.table());
         if !failed.is_empty() {
-            println!(" FAILED clients (see {}/client_*.out): {}", folder.display(), failed.join("; "));
+            println!(
+                " FAILED clients (see {}/client_*.out): {}",
+                folder.display(),
+                failed.join("; ")
+            );
         }
         summary.push((n, report, failed.len()));
         if !args.save_logs && failed.is_empty() {
@@ -155,7 +171,9 @@ fn main() -> Result<()> {
         }
     }
     println!("\n clients  requests  errors  failed      req/s    p50[ms]    p90[ms]    p99[ms]  p99.9[ms]");
-    let mut csv = String::from("clients,requests,errors,failed_clients,throughput_rps,p50_ns,p90_ns,p99_ns,p999_ns\n");
+    let mut csv = String::from(
+        "clients,requests,errors,failed_clients,throughput_rps,p50_ns,p90_ns,p99_ns,p999_ns\n",
+    );
     for (n, r, failed) in &summary {
         let e = &r.stages[0];
         println!(

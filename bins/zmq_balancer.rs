@@ -70,7 +70,11 @@ fn main() -> Result<()> {
     let local = format!(
         "tcp://{}:{}",
         args.bind_address,
-        if args.local_port == 0 { "*".to_string() } else { args.local_port.to_string() }
+        if args.local_port == 0 {
+            "*".to_string()
+        } else {
+            args.local_port.to_string()
+        }
     );
     let mut balancer = Balancer::new(&ctx, &local, &backends, args.connections)
         .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;

@@ -25,7 +25,11 @@ struct Args {
     #[argh(option, default = "5555")]
     port: u16,
     /// image (JPEG)
-    #[argh(option, short = 'i', default = "PathBuf::from(\"models/grace_hopper.jpg\")")]
+    #[argh(
+        option,
+        short = 'i',
+        default = "PathBuf::from(\"models/grace_hopper.jpg\")"
+    )]
     image: PathBuf,
     /// use debug (a line per request)
     #[argh(switch, short = 'd')]
@@ -83,7 +87,8 @@ fn main() -> Result<()> {
     let image = if args.payload_size.is_some() {
         Vec::new()
     } else {
-        std::fs::read(&args.image).with_context(|| format!("reading image {}", args.image.display()))?
+        std::fs::read(&args.image)
+            .with_context(|| format!("reading image {}", args.image.display()))?
     };
     let payload = prepare_payload(args.task, &image, args.payload_size)
         .with_context(|| format!("preparing the {} payload", args.task.name()))?;
@@ -130,7 +135,9 @@ fn main() -> Result<()> {
             .with_context(|| format!("creating {}", args.folder.display()))?;
         let csv = args.folder.join(format!("client_{}.csv", args.client_id));
         write_csv(&csv, &run.records).with_context(|| format!("writing {}", csv.display()))?;
-        let json = args.folder.join(format!("client_{}_summary.json", args.client_id));
+        let json = args
+            .folder
+            .join(format!("client_{}_summary.json", args.client_id));
         std::fs::write(&json, report.json() + "\n")
             .with_context(|| format!("writing {}", json.display()))?;
         println!(" logs: {} and {}", csv.display(), json.display());

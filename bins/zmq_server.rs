@@ -89,7 +89,10 @@ fn main() -> Result<()> {
         );
     }
     if args.streams > 0 {
-        log::info!("--streams {} ignored: the CPU backend has no CUDA streams", args.streams);
+        log::info!(
+            "--streams {} ignored: the CPU backend has no CUDA streams",
+            args.streams
+        );
     }
     let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
     let loader = TractLoader::load(&args.engine_file, args.threads)
@@ -100,7 +103,11 @@ fn main() -> Result<()> {
         pipelines.push(Pipeline::new(session, args.max_payload));
     }
     match Labels::load(&args.classes_file, None) {
-        Ok(labels) => log::info!("{} class names from {}", labels.len(), args.classes_file.display()),
+        Ok(labels) => log::info!(
+            "{} class names from {}",
+            labels.len(),
+            args.classes_file.display()
+        ),
         Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
     }
 
@@ -109,10 +116,14 @@ fn main() -> Result<()> {
         .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
     let mut workers = Vec::with_capacity(args.workers);
     for p in pipelines {
-        workers.push((p, zmq.reply_sink().context("creating a worker reply socket")?));
+        workers.push((
+            p,
+            zmq.reply_sink().context("creating a worker reply socket")?,
+        ));
     }
     let opts = ServerOptions {
         workers: args.workers,
+        max_payload: args.max_payload,
         poll_mode: mode,
         queue_depth: args.queue_depth,
         priority_clients: args.priority_clients != 0,
@@ -123,11 +134,16 @@ fn main() -> Result<()> {
         debug: args.debug,
     };
     let queue = Arc::new(WorkQueue::new(opts.queue_depth, mode));
-    let probes: Vec<Arc<WorkerProbe>> = (0..args.workers).map(|_| Arc::default()).collect();
-    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes.clone())
+    // One latency probe per worker plus one for the receive loop (it answers echoes itself).
+    let probes: Vec<Arc<WorkerProbe>> = (0..=args.workers).map(|_| Arc::default()).collect();
+    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes[1..].to_vec())
         .context("starting worker threads")?;
     let monitor = if args.monitor_interval > 0 {
-        Some(server::spawn_monitor(opts.monitor_interval, queue.clone(), probes)?)
+        Some(server::spawn_monitor(
+            opts.monitor_interval,
+            queue.clone(),
+            probes.clone(),
+        )?)
     } else {
         None
     };
@@ -143,9 +159,9 @@ fn main() -> Result<()> {
         mode,
         args.max_payload
     );
-    let result = zmq.run(&queue, mode, opts.priority_clients);
+    let result = zmq.run(&queue, &opts, &probes[0]);
     signal::request_stop();
-    let mut records = Vec::new();
+    let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
     for h in handles {
         match h.join() {
             Ok(r) => records.extend(r),

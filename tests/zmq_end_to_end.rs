@@ -33,7 +33,15 @@ fn expected_top5(model: &std::path::Path) -> [u32; 5] {
 
 fn client(port: u16) -> ZmqClient {
     let ctx = Context::new().unwrap();
-    ZmqClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(60), PollMode::Block, 64 << 20).unwrap()
+    ZmqClient::connect(
+        &ctx,
+        "127.0.0.1",
+        port,
+        Duration::from_secs(60),
+        PollMode::Block,
+        64 << 20,
+    )
+    .unwrap()
 }
 
 fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u8> {
@@ -60,10 +68,30 @@ fn client_and_server_with_resnet50_give_the_in_process_answer() {
     let port = server.port.to_string();
     let (ok, out) = run(
         env!("CARGO_BIN_EXE_zmq_client"),
-        &["--host", "127.0.0.1", "--port", &port, "-r", "3", "-t", "0", "-s", "-f", logs.to_str().unwrap()],
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "-r",
+            "3",
+            "-t",
+            "0",
+            "-s",
+            "-f",
+            logs.to_str().unwrap(),
+        ],
     );
     assert!(ok, "{out}");
-    for stage in ["end-to-end", "client->server", "queue", "decode", "preprocess", "infer", "reply"] {
+    for stage in [
+        "end-to-end",
+        "client->server",
+        "queue",
+        "decode",
+        "preprocess",
+        "infer",
+        "reply",
+    ] {
         assert!(out.contains(stage), "table lacks {stage}: {out}");
     }
     let records = read_csv(&logs.join("client_0.csv")).unwrap();
@@ -71,14 +99,26 @@ fn client_and_server_with_resnet50_give_the_in_process_answer() {
     let want = expected_top5(&model);
     for r in &records {
         assert_eq!(r.status, 0);
-        assert_eq!(r.top1, want[0] as i64, "server's top-1 differs from the in-process pipeline");
+        assert_eq!(
+            r.top1, want[0] as i64,
+            "server's top-1 differs from the in-process pipeline"
+        );
         let s = r.server;
         assert!(s.received <= s.started && s.started <= s.decoded && s.decoded <= s.preprocessed);
-        assert!(s.preprocessed < s.inferred && s.inferred <= s.replied, "{s:?}");
-        assert!(r.e2e_ns >= s.replied - s.received, "e2e shorter than the server's part");
+        assert!(
+            s.preprocessed < s.inferred && s.inferred <= s.replied,
+            "{s:?}"
+        );
+        assert!(
+            r.e2e_ns >= s.replied - s.received,
+            "e2e shorter than the server's part"
+        );
     }
     let summary = std::fs::read_to_string(logs.join("client_0_summary.json")).unwrap();
-    assert!(summary.contains("\"requests\":3") && summary.contains("\"infer\""), "{summary}");
+    assert!(
+        summary.contains("\"requests\":3") && summary.contains("\"infer\""),
+        "{summary}"
+    );
     server.stop();
 }
 
@@ -91,7 +131,10 @@ fn every_task_over_the_tiny_model() {
     let want = expected_top5(&model);
 
     let (h, body) = round_trip(&mut c, &request(Task::Infer, 1, 10, &jpeg));
-    assert_eq!((h.kind, h.client_id, h.request_id), (MessageKind::Response, 1, 10));
+    assert_eq!(
+        (h.kind, h.client_id, h.request_id),
+        (MessageKind::Response, 1, 10)
+    );
     let full = ResponseBody::decode(&body).unwrap();
     assert_eq!((full.top_k, full.classes), (5, want));
     let total: f32 = full.scores.iter().sum();
@@ -138,7 +181,11 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     let mut m = good.clone();
     m[0..4].copy_from_slice(b"NOPE");
     let h = expect_error(&mut c, &m, ErrorCode::BadMagic);
-    assert_eq!((h.client_id, h.request_id), (2, 1), "ids salvaged from a rejected header");
+    assert_eq!(
+        (h.client_id, h.request_id),
+        (2, 1),
+        "ids salvaged from a rejected header"
+    );
     let mut m = good.clone();
     m[4] = 9;
     expect_error(&mut c, &m, ErrorCode::BadVersion);
@@ -147,11 +194,29 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     expect_error(&mut c, &m, ErrorCode::BadTask);
     expect_error(&mut c, &good[..20], ErrorCode::Truncated);
     expect_error(&mut c, &good[..good.len() - 100], ErrorCode::Truncated);
-    expect_error(&mut c, &request(Task::Echo, 2, 5, &vec![1u8; 200_000]), ErrorCode::PayloadTooLarge);
-    expect_error(&mut c, &request(Task::Infer, 2, 6, &jpeg[..jpeg.len() / 3]), ErrorCode::BadImage);
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    expect_error(&mut c, &request(Task::Infer, 2, 7, &garbage), ErrorCode::BadImage);
-    expect_error(&mut c, &request(Task::InferTensor, 2, 8, &[0u8; 12]), ErrorCode::BadTensor);
+    expect_error(
+        &mut c,
+        &request(Task::Echo, 2, 5, &vec![1u8; 200_000]),
+        ErrorCode::PayloadTooLarge,
+    );
+    expect_error(
+        &mut c,
+        &request(Task::Infer, 2, 6, &jpeg[..jpeg.len() / 3]),
+        ErrorCode::BadImage,
+    );
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    expect_error(
+        &mut c,
+        &request(Task::Infer, 2, 7, &garbage),
+        ErrorCode::BadImage,
+    );
+    expect_error(
+        &mut c,
+        &request(Task::InferTensor, 2, 8, &[0u8; 12]),
+        ErrorCode::BadTensor,
+    );
     let mut m = request(Task::Echo, 2, 9, b"x");
     m[28] = 0x10;
     expect_error(&mut c, &m, ErrorCode::BadFlags);
@@ -166,7 +231,10 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     assert!(server.alive());
     let out = server.stop().join("\n");
     assert!(out.contains("rejected 11"), "{out}");
-    assert!(out.contains("BadMagic") && out.contains("BadImage"), "each rejection is logged: {out}");
+    assert!(
+        out.contains("BadMagic") && out.contains("BadImage"),
+        "each rejection is logged: {out}"
+    );
 }
 
 #[test]
@@ -177,7 +245,20 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
     let backends = format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port);
     let balancer = Service::start(
         env!("CARGO_BIN_EXE_zmq_balancer"),
-        &["--server-address", &backends, "--local-port", "0", "--bind-address", "127.0.0.1", "-c", "2", "--poll-mode", "block", "-i", "0"],
+        &[
+            "--server-address",
+            &backends,
+            "--local-port",
+            "0",
+            "--bind-address",
+            "127.0.0.1",
+            "-c",
+            "2",
+            "--poll-mode",
+            "block",
+            "-i",
+            "0",
+        ],
     );
     let port = balancer.port;
     let threads: Vec<_> = (0..4u32)
@@ -187,9 +268,16 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
                 let jpeg = std::fs::read(image()).unwrap();
                 for i in 0..15u64 {
                     let task = if i % 3 == 0 { Task::Infer } else { Task::Echo };
-                    let payload = if task == Task::Echo { id.to_le_bytes().to_vec() } else { jpeg.clone() };
+                    let payload = if task == Task::Echo {
+                        id.to_le_bytes().to_vec()
+                    } else {
+                        jpeg.clone()
+                    };
                     let (h, body) = round_trip(&mut c, &request(task, id, i, &payload));
-                    assert_eq!((h.kind, h.client_id, h.request_id), (MessageKind::Response, id, i));
+                    assert_eq!(
+                        (h.kind, h.client_id, h.request_id),
+                        (MessageKind::Response, id, i)
+                    );
                     if task == Task::Echo {
                         assert_eq!(&body[RESPONSE_BODY_LEN..], &id.to_le_bytes());
                     }
@@ -201,21 +289,43 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
         t.join().unwrap();
     }
     let out = balancer.stop().join("\n");
-    let line = out.lines().find(|l| l.contains("zmq_balancer stopped")).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains("zmq_balancer stopped"))
+        .unwrap();
     let forwarded: Vec<u64> = line
         .split("zmq_balancer stopped: ")
         .nth(1)
         .unwrap()
         .split("; ")
-        .map(|part| part.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .map(|part| {
+            part.split(": ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert_eq!(forwarded.iter().sum::<u64>(), 60, "{line}");
-    assert!(forwarded.iter().all(|&n| n > 0), "both backends used: {line}");
+    assert!(
+        forwarded.iter().all(|&n| n > 0),
+        "both backends used: {line}"
+    );
     let served: u64 = [a.stop(), b.stop()]
         .iter()
         .map(|o| {
             let l = o.iter().find(|l| l.contains("zmq_server stopped")).unwrap();
-            l.split("answered ").nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap()
+            l.split("answered ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
         })
         .sum();
     assert_eq!(served, 60);
@@ -229,12 +339,35 @@ fn multi_client_merges_concurrent_clients() {
     let port = server.port.to_string();
     let (ok, out) = run(
         env!("CARGO_BIN_EXE_multi_client"),
-        &["--host", "127.0.0.1", "-p", &port, "-c", "3", "-t", "3", "-r", "40", "-m", "range", "-s", "-f", folder.to_str().unwrap()],
+        &[
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-c",
+            "3",
+            "-t",
+            "3",
+            "-r",
+            "40",
+            "-m",
+            "range",
+            "-s",
+            "-f",
+            folder.to_str().unwrap(),
+        ],
     );
     assert!(ok, "{out}");
     let summary = std::fs::read_to_string(folder.join("multi_client_summary.csv")).unwrap();
-    let rows: Vec<Vec<&str>> = summary.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "2", "3"]);
+    let rows: Vec<Vec<&str>> = summary
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r[0]).collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
     for r in &rows {
         let clients: usize = r[0].parse().unwrap();
         assert_eq!(r[1].parse::<usize>().unwrap(), clients * 40, "{summary}");
@@ -252,11 +385,23 @@ fn multi_client_merges_concurrent_clients() {
 
 #[test]
 fn binaries_reject_bad_options_with_a_message() {
-    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_client"), &["-t", "9", "--host", "127.0.0.1"]);
+    let (ok, out) = run(
+        env!("CARGO_BIN_EXE_zmq_client"),
+        &["-t", "9", "--host", "127.0.0.1"],
+    );
     assert!(!ok && out.contains("unknown task"), "{out}");
-    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_server"), &["--engine-file", "/nonexistent.onnx", "--port", "0"]);
+    let (ok, out) = run(
+        env!("CARGO_BIN_EXE_zmq_server"),
+        &["--engine-file", "/nonexistent.onnx", "--port", "0"],
+    );
     assert!(!ok && out.contains("/nonexistent.onnx"), "{out}");
     assert!(!out.contains("panicked"), "{out}");
-    let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_client"), &["-i", "/nonexistent.jpg", "--host", "127.0.0.1"]);
-    assert!(!ok && out.contains("/nonexistent.jpg") && !out.contains("panicked"), "{out}");
+    let (ok, out) = run(
+        env!("CARGO_BIN_EXE_zmq_client"),
+        &["-i", "/nonexistent.jpg", "--host", "127.0.0.1"],
+    );
+    assert!(
+        !ok && out.contains("/nonexistent.jpg") && !out.contains("panicked"),
+        "{out}"
+    );
 }

@@ -63,9 +63,7 @@ impl Drop for RawContext {
     fn drop(&mut self) {
         // SAFETY: self.0 came from zmq_ctx_new and every socket holds an Arc to us, so all
         // sockets are closed by now and zmq_ctx_term will not block forever.
-        unsafe {
-            while sys::zmq_ctx_term(self.0) != 0 && sys::zmq_errno() == libc::EINTR {}
-        }
+        unsafe { while sys::zmq_ctx_term(self.0) != 0 && sys::zmq_errno() == libc::EINTR {} }
     }
 }
 
@@ -159,7 +157,10 @@ impl Socket {
     pub fn connect(&self, endpoint: &str) -> Result<()> {
         let c = endpoint_cstring(endpoint)?;
         // SAFETY: valid socket, NUL-terminated endpoint.
-        check("zmq_connect", unsafe { sys::zmq_connect(self.raw, c.as_ptr()) }).map(|_| ())
+        check("zmq_connect", unsafe {
+            sys::zmq_connect(self.raw, c.as_ptr())
+        })
+        .map(|_| ())
     }
 
     fn set_int(&self, option: c_int, value: c_int) -> Result<()> {
@@ -178,7 +179,12 @@ impl Socket {
     fn set_bytes(&self, option: c_int, value: &[u8]) -> Result<()> {
         // SAFETY: value is a live byte slice of the length passed.
         check("zmq_setsockopt", unsafe {
-            sys::zmq_setsockopt(self.raw, option, value.as_ptr() as *const c_void, value.len())
+            sys::zmq_setsockopt(
+                self.raw,
+                option,
+                value.as_ptr() as *const c_void,
+                value.len(),
+            )
         })
         .map(|_| ())
     }
@@ -340,7 +346,10 @@ impl Message {
         let mut raw = sys::zmq_msg_t { __: [0; 64] };
         // SAFETY: init_size allocates `len` bytes which we then fill from a live slice.
         unsafe {
-            check("zmq_msg_init_size", sys::zmq_msg_init_size(&mut raw, data.len()))?;
+            check(
+                "zmq_msg_init_size",
+                sys::zmq_msg_init_size(&mut raw, data.len()),
+            )?;
             if !data.is_empty() {
                 ptr::copy_nonoverlapping(
                     data.as_ptr(),

@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::signal;
-use hacserve_ffi::zmq::{Context, Message, PollSet, PollTarget, Socket, SocketType, DONTWAIT, SNDMORE};
+use hacserve_ffi::zmq::{
+    Context, Message, PollSet, PollTarget, Socket, SocketType, DONTWAIT, SNDMORE,
+};
 
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
 use crate::server::PollMode;
@@ -88,7 +90,11 @@ impl Balancer {
     }
 
     /// Forwards until a stop is requested; prints the backends' shares every `monitor`.
-    pub fn run(&mut self, mode: PollMode, monitor: Duration) -> Result<Vec<BackendShare>, TransportError> {
+    pub fn run(
+        &mut self,
+        mode: PollMode,
+        monitor: Duration,
+    ) -> Result<Vec<BackendShare>, TransportError> {
         let Balancer {
             frontend,
             sockets,

@@ -265,7 +265,10 @@ impl GraphBuilder {
             name,
             &[input, &scale, &bias, &mean, &var],
             name,
-            vec![attr_float("epsilon", BN_EPSILON), attr_float("momentum", 0.9)],
+            vec![
+                attr_float("epsilon", BN_EPSILON),
+                attr_float("momentum", 0.9),
+            ],
         )
     }
 
@@ -304,15 +307,27 @@ impl GraphBuilder {
     /// to a std of 3-4 on image-like inputs, so softmax top-5 is clearly non-uniform.
     fn head(&mut self, input: &str, features: usize) -> String {
         let x = self.node("GlobalAveragePool", "avgpool", &[input], "avgpool", vec![]);
-        let x = self.node("Flatten", "flatten", &[&x], "flatten", vec![attr_int("axis", 1)]);
+        let x = self.node(
+            "Flatten",
+            "flatten",
+            &[&x],
+            "flatten",
+            vec![attr_int("axis", 1)],
+        );
         let std = 32.0 / (features as f64).sqrt();
         let mut weights: Vec<f32> = (0..NUM_CLASSES * features)
             .map(|_| self.rng.uniform_std(std))
             .collect();
         // Pooled post-ReLU features share a positive common part; zero-sum rows ignore it.
         zero_sum_rows(&mut weights, features);
-        let bias: Vec<f32> = (0..NUM_CLASSES).map(|_| self.rng.around(0.0, 0.01)).collect();
-        let w = self.initializer("fc.weight", &[NUM_CLASSES as i64, features as i64], &weights);
+        let bias: Vec<f32> = (0..NUM_CLASSES)
+            .map(|_| self.rng.around(0.0, 0.01))
+            .collect();
+        let w = self.initializer(
+            "fc.weight",
+            &[NUM_CLASSES as i64, features as i64],
+            &weights,
+        );
         let b = self.initializer("fc.bias", &[NUM_CLASSES as i64], &bias);
         self.node(
             "Gemm",
@@ -382,7 +397,15 @@ impl GraphBuilder {
         if cin == cout && stride == 1 {
             return input.to_string();
         }
-        let x = self.conv(&format!("{prefix}.downsample.0"), input, cin, cout, 1, stride, 0);
+        let x = self.conv(
+            &format!("{prefix}.downsample.0"),
+            input,
+            cin,
+            cout,
+            1,
+            stride,
+            0,
+        );
         self.batch_norm(&format!("{prefix}.downsample.1"), &x, cout, 1.0)
     }
 
@@ -566,7 +589,11 @@ mod tests {
         // torchvision resnet50: 25,557,032 trainable parameters.
         assert_eq!(params, 25_557_032);
         let convs = graph.node.iter().filter(|n| n.op_type == "Conv").count();
-        let bns = graph.node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+        let bns = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "BatchNormalization")
+            .count();
         assert_eq!(convs, 53); // stem + 16 blocks x 3 + 4 downsample
         assert_eq!(bns, convs);
         let names: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -621,7 +648,11 @@ mod tests {
         assert!(a.iter().chain(&b).all(|v| v.is_finite()));
         let mut sorted = a.clone();
         sorted.sort_by(|x, y| y.total_cmp(x));
-        assert!(sorted[0] - sorted[4] > 0.1, "top-5 nearly uniform: {:?}", &sorted[..5]);
+        assert!(
+            sorted[0] - sorted[4] > 0.1,
+            "top-5 nearly uniform: {:?}",
+            &sorted[..5]
+        );
         assert_ne!(argmax(&a), argmax(&b));
     }
 }
@@ -647,15 +678,27 @@ mod explore {
         for seed in 1..13 {
             let t = Tensor::from_shape(&[1, 3, 224, 224], &synthetic_input(seed)).unwrap();
             let out = plan.run(tvec!(t.into_tvalue())).unwrap();
-            let v = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let v = out[0]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec();
             let mean = v.iter().sum::<f32>() / v.len() as f32;
-            let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32).sqrt();
+            let std =
+                (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / v.len() as f32).sqrt();
             let mut idx: Vec<usize> = (0..v.len()).collect();
             idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
-            let top: Vec<String> = idx[..5].iter().map(|&i| format!("{i}:{:.2}", v[i])).collect();
+            let top: Vec<String> = idx[..5]
+                .iter()
+                .map(|&i| format!("{i}:{:.2}", v[i]))
+                .collect();
             let mx = v[idx[0]];
             let z: f32 = v.iter().map(|x| (x - mx).exp()).sum();
-            println!("seed {seed}: mean {mean:.3} std {std:.3} p1 {:.3} top5 {top:?}", 1.0 / z);
+            println!(
+                "seed {seed}: mean {mean:.3} std {std:.3} p1 {:.3} top5 {top:?}",
+                1.0 / z
+            );
         }
     }
 }

@@ -55,20 +55,19 @@ impl Pipeline {
     /// Handles one whole request message received at `received_ns`; the reply message
     /// (header + body) is written into `out`.
     pub fn handle(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
-        self.last_error.clear();
         let started = realtime_ns();
-        let (header, payload) = match Header::decode(msg, self.max_payload) {
-            Ok(hp) => hp,
-            Err(e) => return self.reject_unparsed(msg, &e, out),
+        let header = match answer_without_engine(
+            msg,
+            received_ns,
+            self.max_payload,
+            out,
+            &mut self.last_error,
+        ) {
+            Triage::Answered(outcome) => return outcome,
+            Triage::NeedsWorker(header) => header,
         };
-        if header.kind != MessageKind::Request {
-            let e = ProtocolError::BadKind(header.kind as u8);
-            return self.reject(&header, e.code(), &e.to_string(), out);
-        }
-        if header.model_id != 0 {
-            let text = format!("model {} is not served here (only model 0)", header.model_id);
-            return self.reject(&header, ErrorCode::UnknownModel, &text, out);
-        }
+        // Validated by answer_without_engine: exactly payload_len bytes follow the header.
+        let payload = &msg[HEADER_LEN..];
         let mut ts = ServerTimestamps {
             received: received_ns,
             started,
@@ -76,6 +75,7 @@ impl Pipeline {
         };
         let mut body = ResponseBody::default();
         match header.task {
+            // Answered by answer_without_engine; kept for exhaustiveness.
             Task::Echo => {
                 ts.decoded = started;
                 ts.preprocessed = started;
@@ -119,39 +119,133 @@ impl Pipeline {
             ts.inferred = realtime_ns();
             top_k_softmax(&self.logits, &mut body);
         }
-        let echo = if header.task == Task::Echo {
-            payload
-        } else {
-            &[]
-        };
-        ts.replied = realtime_ns();
         body.timestamps = ts;
-        let reply_len = RESPONSE_BODY_LEN + echo.len();
-        out.clear();
-        out.resize(HEADER_LEN + reply_len, 0);
-        let mut h = [0u8; HEADER_LEN];
-        header.reply(MessageKind::Response, reply_len).encode(&mut h);
-        out[..HEADER_LEN].copy_from_slice(&h);
-        body.encode(&mut out[HEADER_LEN..]);
-        out[HEADER_LEN + RESPONSE_BODY_LEN..].copy_from_slice(echo);
-        Outcome::Answered {
-            task: header.task,
-            top1: (body.top_k > 0).then_some(body.classes[0]),
+        write_response(&header, &mut body, payload_if_echo(&header, payload), out)
+    }
+
+    fn reject(
+        &mut self,
+        header: &Header,
+        code: ErrorCode,
+        text: &str,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        reject(header, code, text, out, &mut self.last_error)
+    }
+}
+
+/// What a request needs: answered already (rejected, or an echo), or a worker with an engine.
+pub enum Triage {
+    Answered(Outcome),
+    NeedsWorker(Header),
+}
+
+/// Validation and the engine-free answers, for wherever a message lands first: a transport's
+/// receive loop answers errors and echoes itself (no queue hop, as eRPC's dispatch thread
+/// does for small requests) and queues only what needs a worker. `error_text` receives the
+/// reason of a rejection, for the log.
+pub fn answer_without_engine(
+    msg: &[u8],
+    received_ns: u64,
+    max_payload: usize,
+    out: &mut Vec<u8>,
+    error_text: &mut String,
+) -> Triage {
+    error_text.clear();
+    let (header, payload) = match Header::decode(msg, max_payload) {
+        Ok(hp) => hp,
+        Err(e) => {
+            let (client, request) = Header::salvage_ids(msg);
+            let text = e.to_string();
+            error_text.push_str(&text);
+            encode_error(out, client, request, Task::Echo, e.code(), &text);
+            return Triage::Answered(Outcome::Rejected(e.code()));
         }
+    };
+    if header.kind != MessageKind::Request {
+        let e = ProtocolError::BadKind(header.kind as u8);
+        return Triage::Answered(reject(&header, e.code(), &e.to_string(), out, error_text));
     }
-
-    fn reject(&mut self, header: &Header, code: ErrorCode, text: &str, out: &mut Vec<u8>) -> Outcome {
-        self.last_error.push_str(text);
-        encode_error(out, header.client_id, header.request_id, header.task, code, text);
-        Outcome::Rejected(code)
+    if header.model_id != 0 {
+        let text = format!(
+            "model {} is not served here (only model 0)",
+            header.model_id
+        );
+        return Triage::Answered(reject(
+            &header,
+            ErrorCode::UnknownModel,
+            &text,
+            out,
+            error_text,
+        ));
     }
+    if header.task != Task::Echo {
+        return Triage::NeedsWorker(header);
+    }
+    let now = realtime_ns();
+    let mut body = ResponseBody {
+        timestamps: ServerTimestamps {
+            received: received_ns,
+            started: now,
+            decoded: now,
+            preprocessed: now,
+            inferred: now,
+            replied: now,
+        },
+        ..Default::default()
+    };
+    Triage::Answered(write_response(&header, &mut body, payload, out))
+}
 
-    fn reject_unparsed(&mut self, msg: &[u8], e: &ProtocolError, out: &mut Vec<u8>) -> Outcome {
-        let (client, request) = Header::salvage_ids(msg);
-        let text = e.to_string();
-        self.last_error.push_str(&text);
-        encode_error(out, client, request, Task::Echo, e.code(), &text);
-        Outcome::Rejected(e.code())
+fn payload_if_echo<'a>(header: &Header, payload: &'a [u8]) -> &'a [u8] {
+    if header.task == Task::Echo {
+        payload
+    } else {
+        &[]
+    }
+}
+
+fn reject(
+    header: &Header,
+    code: ErrorCode,
+    text: &str,
+    out: &mut Vec<u8>,
+    error_text: &mut String,
+) -> Outcome {
+    error_text.clear();
+    error_text.push_str(text);
+    encode_error(
+        out,
+        header.client_id,
+        header.request_id,
+        header.task,
+        code,
+        text,
+    );
+    Outcome::Rejected(code)
+}
+
+/// Writes header + body (+ echoed bytes) into `out`, stamping `replied` last.
+fn write_response(
+    header: &Header,
+    body: &mut ResponseBody,
+    echo: &[u8],
+    out: &mut Vec<u8>,
+) -> Outcome {
+    body.timestamps.replied = realtime_ns();
+    let reply_len = RESPONSE_BODY_LEN + echo.len();
+    out.clear();
+    out.resize(HEADER_LEN + reply_len, 0);
+    let mut h = [0u8; HEADER_LEN];
+    header
+        .reply(MessageKind::Response, reply_len)
+        .encode(&mut h);
+    out[..HEADER_LEN].copy_from_slice(&h);
+    body.encode(&mut out[HEADER_LEN..]);
+    out[HEADER_LEN + RESPONSE_BODY_LEN..].copy_from_slice(echo);
+    Outcome::Answered {
+        task: header.task,
+        top1: (body.top_k > 0).then_some(body.classes[0]),
     }
 }
 
@@ -184,7 +278,9 @@ mod tests {
 
     #[test]
     fn top5_is_sorted_and_softmax_normalised() {
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 1000) as f32 / 100.0).collect();
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 1000) as f32 / 100.0)
+            .collect();
         let mut body = ResponseBody::default();
         top_k_softmax(&logits, &mut body);
         let mut idx: Vec<usize> = (0..1000).collect();

@@ -335,7 +335,9 @@ impl ResponseBody {
 
     pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
         if body.len() < RESPONSE_BODY_LEN {
-            return Err(ProtocolError::BadBody("shorter than the fixed response body"));
+            return Err(ProtocolError::BadBody(
+                "shorter than the fixed response body",
+            ));
         }
         let t: Vec<u64> = (0..6).map(|i| u64_at(body, i * 8)).collect();
         let top_k = u32_at(body, 48);
@@ -392,7 +394,9 @@ pub fn encode_error(
 /// Parses the payload of an error message into (code, text).
 pub fn decode_error(payload: &[u8]) -> Result<(u32, String), ProtocolError> {
     if payload.len() < 4 {
-        return Err(ProtocolError::BadBody("error payload shorter than its code"));
+        return Err(ProtocolError::BadBody(
+            "error payload shorter than its code",
+        ));
     }
     Ok((
         u32_at(payload, 0),
@@ -429,7 +433,10 @@ mod tests {
         let good = request(b"abcd");
         let mut m = good.clone();
         m[0] = b'X';
-        assert!(matches!(Header::decode(&m, 99), Err(ProtocolError::BadMagic(_))));
+        assert!(matches!(
+            Header::decode(&m, 99),
+            Err(ProtocolError::BadMagic(_))
+        ));
         let mut m = good.clone();
         m[4] = 2;
         assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadVersion(2)));

@@ -42,7 +42,9 @@ impl PollMode {
                     PollMode::Block
                 })
             }
-            other => Err(format!("poll mode must be busy, block or auto, not {other:?}")),
+            other => Err(format!(
+                "poll mode must be busy, block or auto, not {other:?}"
+            )),
         }
     }
 }
@@ -51,6 +53,8 @@ impl PollMode {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub workers: usize,
+    /// Largest request payload accepted (bytes).
+    pub max_payload: usize,
     pub poll_mode: PollMode,
     /// Capacity of each of the two queues (normal and priority).
     pub queue_depth: usize,
@@ -100,7 +104,11 @@ impl<J: ServerJob> WorkQueue<J> {
     /// Queues a job; gives it back when the queue is full so the caller can answer
     /// `Overloaded` instead of losing it.
     pub fn push(&self, job: J, priority: bool) -> Result<(), J> {
-        let q = if priority { &self.priority } else { &self.normal };
+        let q = if priority {
+            &self.priority
+        } else {
+            &self.normal
+        };
         q.push(job)?;
         self.counters.in_queue.fetch_add(1, Ordering::Relaxed);
         if self.mode == PollMode::Block {
@@ -215,6 +223,7 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
     } else {
         0
     });
+    let who = format!("worker {index}");
     let mut idle_spins = 0u32;
     loop {
         let Some(job) = queue.pop() else {
@@ -237,46 +246,81 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
         idle_spins = 0;
         let received = job.received_ns();
         let outcome = pipeline.handle(job.message(), received, &mut reply);
-        let (client_id, request_id, task) = crate::transport::ids_of(&reply);
-        match outcome {
-            Outcome::Answered { .. } => {
-                queue.counters.answered.fetch_add(1, Ordering::Relaxed);
-                if opts.debug {
-                    log::debug!("worker {index}: client {client_id} request {request_id} {outcome:?}");
-                }
-            }
-            Outcome::Rejected(code) => {
-                queue.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "worker {index}: rejected client {client_id} request {request_id}: {code:?}: {}",
-                    pipeline.last_error()
-                );
-            }
-        }
-        if let Err(e) = sink.reply(job, &reply) {
-            queue.counters.transport_errors.fetch_add(1, Ordering::Relaxed);
-            log::error!("worker {index}: reply to client {client_id} request {request_id} failed: {e}");
-        }
-        let finished = realtime_ns();
-        if probe.latencies.push(finished.saturating_sub(received)).is_err() {
-            probe.dropped_samples.fetch_add(1, Ordering::Relaxed);
-        }
-        if log.len() < log.capacity() {
-            log.push(ServerRecord {
-                worker: index as u32,
-                client_id,
-                request_id,
-                task,
-                status: match outcome {
-                    Outcome::Answered { .. } => 0,
-                    Outcome::Rejected(c) => c as u32,
-                },
-                received,
-                finished,
-            });
-        }
+        let sent = sink.reply(job, &reply);
+        account(
+            &queue.counters,
+            probe,
+            &mut log,
+            index as u32,
+            &reply,
+            received,
+            outcome,
+            pipeline.last_error(),
+            sent,
+            opts.debug,
+            &who,
+        );
     }
     log
+}
+
+/// Counts, samples, logs and records one finished request: shared by the workers and by a
+/// transport's receive loop (which answers echoes and rejections itself).
+#[allow(clippy::too_many_arguments)]
+pub fn account(
+    counters: &Counters,
+    probe: &WorkerProbe,
+    log: &mut Vec<ServerRecord>,
+    worker: u32,
+    reply: &[u8],
+    received: u64,
+    outcome: Outcome,
+    error_text: &str,
+    sent: Result<(), crate::transport::TransportError>,
+    debug: bool,
+    who: &str,
+) {
+    let (client_id, request_id, task) = crate::transport::ids_of(reply);
+    match outcome {
+        Outcome::Answered { .. } => {
+            counters.answered.fetch_add(1, Ordering::Relaxed);
+            if debug {
+                log::debug!("{who}: client {client_id} request {request_id} {outcome:?}");
+            }
+        }
+        Outcome::Rejected(code) => {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "{who}: rejected client {client_id} request {request_id}: {code:?}: {error_text}"
+            );
+        }
+    }
+    if let Err(e) = sent {
+        counters.transport_errors.fetch_add(1, Ordering::Relaxed);
+        log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
+    }
+    let finished = realtime_ns();
+    if probe
+        .latencies
+        .push(finished.saturating_sub(received))
+        .is_err()
+    {
+        probe.dropped_samples.fetch_add(1, Ordering::Relaxed);
+    }
+    if log.len() < log.capacity() {
+        log.push(ServerRecord {
+            worker,
+            client_id,
+            request_id,
+            task,
+            status: match outcome {
+                Outcome::Answered { .. } => 0,
+                Outcome::Rejected(c) => c as u32,
+            },
+            received,
+            finished,
+        });
+    }
 }
 
 /// Answers `Overloaded` for a job the queue had no room for, through the same sink type.
@@ -344,7 +388,10 @@ pub fn write_server_log(folder: &Path, mut records: Vec<ServerRecord>) -> io::Re
     records.sort_by_key(|r| r.received);
     let path = folder.join("server_requests.csv");
     let mut w = io::BufWriter::new(std::fs::File::create(&path)?);
-    writeln!(w, "worker,client_id,request_id,task,status,received_ns,finished_ns,server_ns")?;
+    writeln!(
+        w,
+        "worker,client_id,request_id,task,status,received_ns,finished_ns,server_ns"
+    )?;
     for r in &records {
         writeln!(
             w,

@@ -281,7 +281,10 @@ mod tests {
     fn nearest_rank_percentiles() {
         let mut v: Vec<u64> = (1..=1000).rev().collect();
         let s = Summary::of(&mut v);
-        assert_eq!((s.p50, s.p90, s.p99, s.p999, s.max), (500, 900, 990, 999, 1000));
+        assert_eq!(
+            (s.p50, s.p90, s.p99, s.p999, s.max),
+            (500, 900, 990, 999, 1000)
+        );
         assert!((s.mean - 500.5).abs() < 1e-9);
         assert_eq!(Summary::of(&mut []).count, 0);
         let mut one = [7u64];

@@ -90,7 +90,11 @@ impl TractLoader {
 
     /// Same as [`TractLoader::load`] for an in-memory model; `path` only names it in errors and
     /// locates external data files.
-    pub fn from_proto(proto: &ModelProto, path: &Path, threads: usize) -> Result<Self, EngineError> {
+    pub fn from_proto(
+        proto: &ModelProto,
+        path: &Path,
+        threads: usize,
+    ) -> Result<Self, EngineError> {
         let onnx = tract_onnx::onnx();
         let graph = proto
             .graph
@@ -190,7 +194,10 @@ impl TractLoader {
                 let pick = |ix: usize| dims[ix].filter(|&v| v > 0).unwrap_or(DEFAULT_CHW[ix - 1]);
                 Ok([1, pick(1), pick(2), pick(3)])
             }
-            n => Err(bad_model(path, format!("input has rank {n}, want 4 (NCHW)"))),
+            n => Err(bad_model(
+                path,
+                format!("input has rank {n}, want 4 (NCHW)"),
+            )),
         }
     }
 
@@ -226,16 +233,18 @@ impl TractLoader {
         for run in 0..runs.max(1) {
             let value = TValue::from_const(session.input.clone());
             multithread_tract_scope(executor.clone(), || {
-                session.state.run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
-                    let start = Instant::now();
-                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                    let entry = times.entry(node.op().name().to_string()).or_default();
-                    entry.1 += start.elapsed();
-                    if run == 0 {
-                        entry.0 += 1;
-                    }
-                    out
-                })
+                session
+                    .state
+                    .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
+                        let start = Instant::now();
+                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                        let entry = times.entry(node.op().name().to_string()).or_default();
+                        entry.1 += start.elapsed();
+                        if run == 0 {
+                            entry.0 += 1;
+                        }
+                        out
+                    })
             })
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
         }
@@ -301,7 +310,8 @@ impl TractSession {
                 .map_err(run_err)?,
             // Still shared (an op kept a reference): fall back to a fresh buffer.
             None => {
-                self.input = Arc::new(Tensor::from_shape(&self.input_shape, input).map_err(run_err)?)
+                self.input =
+                    Arc::new(Tensor::from_shape(&self.input_shape, input).map_err(run_err)?)
             }
         }
         Ok(())
@@ -429,10 +439,59 @@ mod tests {
     fn profile_lists_conv_time() {
         let path = tiny_model_path("profile");
         let loader = TractLoader::load(&path, 1).unwrap();
-        let ops = loader
-            .profile_ops(&test_input(3 * 224 * 224), 1)
-            .unwrap();
+        let ops = loader.profile_ops(&test_input(3 * 224 * 224), 1).unwrap();
         assert!(!ops.is_empty());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod explore {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn explore_nodes() {
+        let path = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/resnet50.onnx"
+        ));
+        let loader = TractLoader::load(&path, 1).unwrap();
+        let input = crate::model_gen::synthetic_input(1);
+        let mut session = TractSession::new(&loader).unwrap();
+        session.load_input(&input).unwrap();
+        let mut times: Vec<(Duration, String)> = vec![];
+        for run in 0..3 {
+            let value = TValue::from_const(session.input.clone());
+            let mut ix = 0;
+            session
+                .state
+                .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
+                    let start = Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                    if run == 0 {
+                        times.push((
+                            start.elapsed(),
+                            format!(
+                                "{} {} {:?}",
+                                node.name,
+                                node.op().name(),
+                                node.op().info().unwrap()
+                            ),
+                        ));
+                    } else {
+                        times[ix].0 += start.elapsed();
+                    }
+                    ix += 1;
+                    out
+                })
+                .unwrap();
+        }
+        let total: Duration = times.iter().map(|t| t.0).sum();
+        println!("total {:?}", total / 3);
+        times.sort_by(|a, b| b.0.cmp(&a.0));
+        for (t, s) in times.iter().take(25) {
+            println!("{:8.2} ms {}", t.as_secs_f64() * 1e3 / 3.0, s);
+        }
     }
 }

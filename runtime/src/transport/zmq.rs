@@ -16,8 +16,11 @@ use hacserve_ffi::zmq::{
 
 use super::{ClientTransport, ReplySink, ServerJob, TransportError};
 use crate::clock::realtime_ns;
+use crate::pipeline::{answer_without_engine, Triage};
 use crate::protocol::{FLAG_PRIORITY, HEADER_LEN};
-use crate::server::{overloaded_reply, PollMode, WorkQueue};
+use crate::server::{
+    account, overloaded_reply, PollMode, ServerOptions, ServerRecord, WorkQueue, WorkerProbe,
+};
 
 /// Routing frames kept per request (a client identity, a REQ delimiter, a broker hop...).
 pub const MAX_ENVELOPE: usize = 6;
@@ -68,7 +71,12 @@ pub struct ZmqServer {
 
 impl ZmqServer {
     /// Binds `tcp://{addr}:{port}` (port 0 = any free port; see [`Self::endpoint`]).
-    pub fn bind(ctx: &Context, addr: &str, port: u16, max_payload: usize) -> Result<Self, TransportError> {
+    pub fn bind(
+        ctx: &Context,
+        addr: &str,
+        port: u16,
+        max_payload: usize,
+    ) -> Result<Self, TransportError> {
         let router = ctx.socket(SocketType::Router)?;
         router.set_router_mandatory(true)?;
         router.set_hwm(100_000)?;
@@ -105,15 +113,26 @@ impl ZmqServer {
         Ok(ZmqReplySink { push })
     }
 
-    /// Receives requests into `queue` and forwards replies until a stop is requested.
+    /// Receives requests until a stop is requested: answers rejections and echoes at once,
+    /// queues the rest for the workers, and forwards the workers' replies. Returns its own
+    /// per-request records (those it answered itself), tagged with worker id `u32::MAX`.
     pub fn run(
         &mut self,
         queue: &WorkQueue<ZmqJob>,
-        mode: PollMode,
-        priority_clients: bool,
-    ) -> Result<(), TransportError> {
+        opts: &ServerOptions,
+        probe: &WorkerProbe,
+    ) -> Result<Vec<ServerRecord>, TransportError> {
+        let mode = opts.poll_mode;
         let mut scratch = Message::new();
         let mut error_reply = Vec::with_capacity(HEADER_LEN + 256);
+        let mut reply =
+            Vec::with_capacity(HEADER_LEN + crate::protocol::RESPONSE_BODY_LEN + opts.max_payload);
+        let mut error_text = String::with_capacity(256);
+        let mut log = Vec::with_capacity(if opts.log_folder.is_some() {
+            opts.log_capacity
+        } else {
+            0
+        });
         let mut poll = PollSet::new(&[
             PollTarget::Socket(&self.router),
             PollTarget::Socket(&self.replies),
@@ -132,17 +151,44 @@ impl ZmqServer {
                 while forward_reply(&self.replies, &self.router, &mut scratch, queue)? {}
             }
             if requests_ready {
-                while let Some(job) = receive_request(&self.router, &mut scratch)? {
+                while let Some(mut job) = receive_request(&self.router, &mut scratch)? {
                     queue.counters.received.fetch_add(1, Ordering::Relaxed);
                     let msg = job.payload.as_slice();
-                    let priority = priority_clients
+                    let triage = answer_without_engine(
+                        msg,
+                        job.received,
+                        opts.max_payload,
+                        &mut reply,
+                        &mut error_text,
+                    );
+                    if let Triage::Answered(outcome) = triage {
+                        let sent = send_with_envelope(&self.router, &mut job, &reply);
+                        account(
+                            &queue.counters,
+                            probe,
+                            &mut log,
+                            u32::MAX,
+                            &reply,
+                            job.received,
+                            outcome,
+                            &error_text,
+                            sent,
+                            opts.debug,
+                            "receive loop",
+                        );
+                        continue;
+                    }
+                    let priority = opts.priority_clients
                         && msg.len() >= HEADER_LEN
-                        && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0;
+                        && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY
+                            != 0;
                     if let Err(mut job) = queue.push(job, priority) {
                         queue.counters.overloaded.fetch_add(1, Ordering::Relaxed);
                         overloaded_reply(job.payload.as_slice(), &mut error_reply);
                         log::warn!("queue full: answering Overloaded");
-                        send_with_envelope(&self.router, &mut job, &error_reply)?;
+                        if let Err(e) = send_with_envelope(&self.router, &mut job, &error_reply) {
+                            log::warn!("Overloaded reply could not be delivered: {e}");
+                        }
                     }
                 }
             }
@@ -150,12 +196,15 @@ impl ZmqServer {
                 std::hint::spin_loop();
             }
         }
-        Ok(())
+        Ok(log)
     }
 }
 
 /// One whole request from the ROUTER, or None if none is waiting.
-fn receive_request(router: &Socket, scratch: &mut Message) -> Result<Option<ZmqJob>, TransportError> {
+fn receive_request(
+    router: &Socket,
+    scratch: &mut Message,
+) -> Result<Option<ZmqJob>, TransportError> {
     let mut job = ZmqJob {
         envelope: Default::default(),
         envelope_len: 0,
@@ -205,7 +254,10 @@ fn forward_reply(
             }
             if let Some(e) = failed {
                 // The client left (EHOSTUNREACH): its reply has nowhere to go.
-                queue.counters.transport_errors.fetch_add(1, Ordering::Relaxed);
+                queue
+                    .counters
+                    .transport_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 log::warn!("reply could not be delivered: {e}");
             }
             Ok(true)
@@ -215,13 +267,15 @@ fn forward_reply(
     }
 }
 
-fn send_with_envelope(router: &Socket, job: &mut ZmqJob, body: &[u8]) -> Result<(), TransportError> {
+fn send_with_envelope(
+    router: &Socket,
+    job: &mut ZmqJob,
+    body: &[u8],
+) -> Result<(), TransportError> {
     for frame in &mut job.envelope[..job.envelope_len] {
         router.send_msg(frame, SNDMORE)?;
     }
-    if let Err(e) = router.send(body, 0) {
-        log::warn!("error reply could not be delivered: {e}");
-    }
+    router.send(body, 0)?;
     Ok(())
 }
 
