@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::client::{run_closed_loop, ClientOptions};
+use hacserve_runtime::libzmq::{Context, Message, SocketType};
 use hacserve_runtime::model_gen;
 use hacserve_runtime::protocol::{Task, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::server::PollMode;
 use hacserve_runtime::signal;
 use hacserve_runtime::stats::Summary;
 use hacserve_runtime::transport::zmq::ZmqClient;
-use hacserve_runtime::zmq_sys_safe::{Context, Message, SocketType};
 
 #[derive(FromArgs)]
 /// Echo round trip: hacserve zmq_server vs libzmq REQ/REP ping-pong, same sizes, same run.
@@ -175,7 +175,7 @@ fn measure_peer(
                 req.recv_msg(&mut reply, 0)?;
             }
             PollMode::Busy => loop {
-                match req.recv_msg(&mut reply, hacserve_runtime::zmq_sys_safe::DONTWAIT) {
+                match req.recv_msg(&mut reply, hacserve_runtime::libzmq::DONTWAIT) {
                     Ok(_) => break,
                     Err(e) if e.would_block() => std::hint::spin_loop(),
                     Err(e) => return Err(e.into()),
@@ -204,7 +204,7 @@ fn peer_server(poll_mode: &str) -> Result<()> {
     let mut msg = Message::new();
     while !signal::stop_requested() {
         let flags = if busy {
-            hacserve_runtime::zmq_sys_safe::DONTWAIT
+            hacserve_runtime::libzmq::DONTWAIT
         } else {
             0
         };

@@ -8,11 +8,11 @@ use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::client::{prepare_payload, run_closed_loop, ClientOptions};
 use hacserve_runtime::labels::Labels;
+use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::protocol::{Task, DEFAULT_MAX_PAYLOAD, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::server::PollMode;
 use hacserve_runtime::stats::{write_csv, Report};
 use hacserve_runtime::transport::zmq::ZmqClient;
-use hacserve_runtime::zmq_sys_safe::Context;
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]

@@ -9,11 +9,11 @@ use argh::FromArgs;
 use hacserve_runtime::engine::tract_cpu::TractLoader;
 use hacserve_runtime::engine::EngineLoader;
 use hacserve_runtime::labels::Labels;
+use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::server::{self, PollMode, ServerOptions, WorkQueue, WorkerProbe};
 use hacserve_runtime::transport::zmq::ZmqServer;
-use hacserve_runtime::zmq_sys_safe::Context;
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use hacserve_runtime::engine::tract_cpu::TractLoader;
 use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::top_k_softmax;
 use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
 use hacserve_runtime::protocol::*;
@@ -15,7 +16,6 @@ use hacserve_runtime::server::PollMode;
 use hacserve_runtime::stats::read_csv;
 use hacserve_runtime::transport::zmq::ZmqClient;
 use hacserve_runtime::transport::ClientTransport;
-use hacserve_runtime::zmq_sys_safe::Context;
 
 /// The top-5 a correct server must return for the image: computed here in-process.
 fn expected_top5(model: &std::path::Path) -> [u32; 5] {
@@ -402,6 +402,44 @@ fn binaries_reject_bad_options_with_a_message() {
     );
     assert!(
         !ok && out.contains("/nonexistent.jpg") && !out.contains("panicked"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_overloaded_and_loses_nothing() {
+    let model = model("resnet50");
+    let server = zmq_server(&model, &["--queue-depth", "1"]);
+    let port = server.port;
+    let threads: Vec<_> = (0..4u32)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let mut c = client(port);
+                let jpeg = std::fs::read(image()).unwrap();
+                let mut overloaded = 0;
+                for i in 0..3u64 {
+                    let (h, body) = round_trip(&mut c, &request(Task::Infer, id, i, &jpeg));
+                    assert_eq!((h.client_id, h.request_id), (id, i));
+                    if h.kind == MessageKind::Error {
+                        let (code, _) = decode_error(&body).unwrap();
+                        assert_eq!(ErrorCode::from_u32(code), Some(ErrorCode::Overloaded));
+                        overloaded += 1;
+                    } else {
+                        assert_eq!(ResponseBody::decode(&body).unwrap().top_k, 5);
+                    }
+                }
+                overloaded
+            })
+        })
+        .collect();
+    let overloaded: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(
+        overloaded > 0,
+        "4 clients against one worker and a queue of 1 must overflow"
+    );
+    let out = server.stop().join("\n");
+    assert!(
+        out.contains("received 12 ") && out.contains(&format!("overloaded {overloaded}")),
         "{out}"
     );
 }

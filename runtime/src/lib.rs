@@ -22,4 +22,5 @@ pub mod stats;
 pub mod transport;
 
 pub use hacserve_ffi::signal;
-pub use hacserve_ffi::zmq as zmq_sys_safe;
+/// The safe libzmq layer, for roles that speak plain ZeroMQ (benchmarks, tools).
+pub use hacserve_ffi::zmq as libzmq;

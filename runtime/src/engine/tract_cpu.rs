@@ -449,6 +449,16 @@ mod tests {
 mod explore {
     use super::*;
 
+    fn mkn(info: &[String]) -> Option<(f64, f64, f64)> {
+        let l = info.iter().find(|l| l.starts_with("Mult: m:"))?;
+        let nums: Vec<f64> = l["Mult: ".len()..]
+            .split_whitespace()
+            .take(3)
+            .filter_map(|t| t.split(':').nth(1)?.parse().ok())
+            .collect();
+        Some((nums[0], nums[1], nums[2]))
+    }
+
     #[test]
     #[ignore]
     fn explore_nodes() {
@@ -456,42 +466,89 @@ mod explore {
             env!("CARGO_MANIFEST_DIR"),
             "/../models/resnet50.onnx"
         ));
-        let loader = TractLoader::load(&path, 1).unwrap();
+        let threads: usize = std::env::var("THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let loader = TractLoader::load(&path, threads).unwrap();
         let input = crate::model_gen::synthetic_input(1);
         let mut session = TractSession::new(&loader).unwrap();
         session.load_input(&input).unwrap();
-        let mut times: Vec<(Duration, String)> = vec![];
-        for run in 0..3 {
+        let mut times: Vec<(Duration, String, String, f64)> = vec![];
+        let runs = 10;
+        let executor = session.executor.clone();
+        for run in 0..runs + 2 {
             let value = TValue::from_const(session.input.clone());
             let mut ix = 0;
-            session
-                .state
-                .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
-                    let start = Instant::now();
-                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                    if run == 0 {
-                        times.push((
-                            start.elapsed(),
-                            format!(
-                                "{} {} {:?}",
-                                node.name,
-                                node.op().name(),
-                                node.op().info().unwrap()
-                            ),
-                        ));
-                    } else {
-                        times[ix].0 += start.elapsed();
-                    }
-                    ix += 1;
-                    out
-                })
-                .unwrap();
+            multithread_tract_scope(executor.clone(), || {
+                session
+                    .state
+                    .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
+                        let start = Instant::now();
+                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                        let el = start.elapsed();
+                        if run == 0 {
+                            let info = node.op().info().unwrap();
+                            let macs = mkn(&info).map(|(m, k, n)| m * k * n).unwrap_or(0.0);
+                            let kern = info
+                                .iter()
+                                .find(|l| l.starts_with("Mult"))
+                                .and_then(|l| l.split("with ").nth(1))
+                                .unwrap_or("")
+                                .to_string();
+                            times.push((
+                                Duration::ZERO,
+                                format!("{} {}", node.name, node.op().name()),
+                                kern,
+                                macs,
+                            ));
+                        } else if run >= 2 {
+                            times[ix].0 += el;
+                        }
+                        ix += 1;
+                        out
+                    })
+            })
+            .unwrap();
         }
         let total: Duration = times.iter().map(|t| t.0).sum();
-        println!("total {:?}", total / 3);
+        println!("total {:.2} ms", total.as_secs_f64() * 1e3 / runs as f64);
+        let mut cats: std::collections::BTreeMap<String, (f64, f64, usize)> = Default::default();
+        for (t, name, kern, macs) in &times {
+            let cat = if name.contains("relu3.low")
+                || name.contains("downsample")
+                || name.contains("relu1.low")
+                || name.contains("conv1.") && !name.starts_with("conv1")
+                || name.contains("conv3")
+            {
+                "1x1"
+            } else if name.contains("conv2") {
+                "3x3"
+            } else if name.starts_with("conv1") {
+                "stem"
+            } else {
+                "other"
+            };
+            let op = name.split(' ').nth(1).unwrap_or("");
+            let e = cats.entry(format!("{cat:5} {op:14} {kern}")).or_default();
+            e.0 += t.as_secs_f64() * 1e3 / runs as f64;
+            e.1 += macs;
+            e.2 += 1;
+        }
+        for (k, (ms, macs, n)) in &cats {
+            println!(
+                "{k:60} n={n:3} {ms:8.2} ms {:6.1} GFLOP/s",
+                if *ms > 0.0 {
+                    2.0 * macs / ms / 1e6
+                } else {
+                    0.0
+                }
+            );
+        }
         times.sort_by(|a, b| b.0.cmp(&a.0));
-        for (t, s) in times.iter().take(25) {
-            println!("{:8.2} ms {}", t.as_secs_f64() * 1e3 / 3.0, s);
+        for (t, s, k, macs) in times.iter().take(12) {
+            let ms = t.as_secs_f64() * 1e3 / runs as f64;
+            println!("{ms:8.2} ms {s} {k} {:.1} GFLOP/s", 2.0 * macs / ms / 1e6);
         }
     }
 }
