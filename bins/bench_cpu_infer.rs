@@ -36,7 +36,7 @@ struct Args {
     /// skip the onnxruntime peer
     #[argh(switch)]
     no_ort: bool,
-    /// also print where tract spends its time, per op kind (single thread)
+    /// also print where tract spends its time, per op kind and per node
     #[argh(switch)]
     profile: bool,
 }
@@ -99,7 +99,7 @@ fn bench_tract(args: &Args, threads: usize, input: &[f32]) -> Result<TractRun> {
     session
         .infer(input, &mut logits)
         .context("tract inference")?;
-    if args.profile && threads == 1 {
+    if args.profile {
         print_profile(&loader, input)?;
     }
     Ok(TractRun {
@@ -113,16 +113,50 @@ fn bench_tract(args: &Args, threads: usize, input: &[f32]) -> Result<TractRun> {
 
 fn print_profile(loader: &TractLoader, input: &[f32]) -> Result<()> {
     let runs = 5;
-    let ops = loader.profile_ops(input, runs).context("profiling tract")?;
-    let total: Duration = ops.iter().map(|o| o.total).sum();
-    println!("tract profile, 1 thread, per image ({runs} runs):");
-    for op in ops.iter().take(12) {
+    let nodes = loader
+        .profile_nodes(input, runs)
+        .context("profiling tract")?;
+    let total: Duration = nodes.iter().map(|n| n.mean).sum();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let gflops = |macs: u64, d: Duration| 2.0 * macs as f64 / d.as_secs_f64().max(1e-12) / 1e9;
+    println!(
+        "tract profile, {} thread(s), mean of {runs} runs: {:.2} ms in nodes",
+        loader.threads(),
+        ms(total)
+    );
+    // Per op kind first (where the time goes), then the heaviest nodes (why).
+    let mut by_op: Vec<(String, usize, Duration, u64)> = Vec::new();
+    for n in &nodes {
+        match by_op.iter_mut().find(|(op, ..)| *op == n.op) {
+            Some(entry) => {
+                entry.1 += 1;
+                entry.2 += n.mean;
+                entry.3 += n.macs;
+            }
+            None => by_op.push((n.op.clone(), 1, n.mean, n.macs)),
+        }
+    }
+    by_op.sort_by_key(|entry| std::cmp::Reverse(entry.2));
+    for (op, count, time, macs) in by_op.iter().take(10) {
+        let rate = if *macs > 0 {
+            format!("{:6.1} GFLOP/s", gflops(*macs, *time))
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<28} {:>4} nodes {:>9.2} ms {:>5.1}%",
-            op.op,
-            op.nodes,
-            op.total.as_secs_f64() * 1e3 / runs as f64,
-            100.0 * op.total.as_secs_f64() / total.as_secs_f64().max(1e-12)
+            "  {op:<22} {count:>4} nodes {:>8.2} ms {:>5.1}% {rate}",
+            ms(*time),
+            100.0 * time.as_secs_f64() / total.as_secs_f64().max(1e-12)
+        );
+    }
+    println!("  heaviest nodes:");
+    for n in nodes.iter().take(12) {
+        println!(
+            "  {:>8.2} ms {:6.1} GFLOP/s  {}  {}",
+            ms(n.mean),
+            gflops(n.macs, n.mean),
+            n.node,
+            n.detail
         );
     }
     Ok(())

@@ -69,9 +69,11 @@ impl Service {
         }
         let mut output = Vec::new();
         loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("{bin} did not start; output: {output:#?}"));
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{bin} did not start; output: {output:#?}");
+            };
             output.push(line.clone());
             if let Some(at) = line.find("listening on tcp://") {
                 let rest = &line[at + "listening on tcp://".len()..];

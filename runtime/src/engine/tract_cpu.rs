@@ -26,12 +26,37 @@ pub struct TractLoader {
     threads: usize,
 }
 
-/// Time spent in one kind of tract op over a profiled run, see [`TractLoader::profile_ops`].
+/// Time spent in one node of the optimised plan, see [`TractLoader::profile_nodes`].
 #[derive(Debug, Clone)]
-pub struct OpTime {
+pub struct NodeTime {
+    /// Node name in the optimised plan (derived from the ONNX node names).
+    pub node: String,
+    /// tract op kind, e.g. "OptMatMul", "LazyIm2col".
     pub op: String,
-    pub nodes: usize,
-    pub total: Duration,
+    /// For matrix products: "m:.. k:.. n:.. with [kernel]"; empty otherwise.
+    pub detail: String,
+    /// Multiply-accumulates per run, from m*k*n (0 when not a matrix product).
+    pub macs: u64,
+    /// Mean time per run.
+    pub mean: Duration,
+}
+
+/// "m:256 k:2304 n:196 with [avx512_mmm_f32_16x12]" and m*k*n, from tract's OptMatMul info.
+fn matmul_detail(info: &[String]) -> (String, u64) {
+    let Some(line) = info.iter().find_map(|l| l.strip_prefix("Mult: ")) else {
+        return (String::new(), 0);
+    };
+    let dims: Vec<u64> = line
+        .split_whitespace()
+        .take(3)
+        .filter_map(|t| t.split(':').nth(1)?.parse().ok())
+        .collect();
+    let macs = if dims.len() == 3 {
+        dims.iter().product()
+    } else {
+        0
+    };
+    (line.to_string(), macs)
 }
 
 fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
@@ -223,14 +248,16 @@ impl TractLoader {
         TractSession::new(self)
     }
 
-    /// Runs `runs` inferences on `input` timing every node, and returns the time per op kind,
-    /// largest first. Diagnostic only (timing each node adds overhead).
-    pub fn profile_ops(&self, input: &[f32], runs: usize) -> Result<Vec<OpTime>, EngineError> {
+    /// Runs `runs` inferences on `input` (after one untimed run) with this loader's threads,
+    /// timing every node of the plan. Diagnostic only: the timing adds a little overhead.
+    pub fn profile_nodes(&self, input: &[f32], runs: usize) -> Result<Vec<NodeTime>, EngineError> {
+        let runs = runs.max(1);
         let mut session = TractSession::new(self)?;
         session.load_input(input)?;
-        let mut times: HashMap<String, (usize, Duration)> = HashMap::new();
+        let model = self.plan.model();
+        let mut totals = vec![Duration::ZERO; model.nodes().len()];
         let executor = session.executor.clone();
-        for run in 0..runs.max(1) {
+        for run in 0..=runs {
             let value = TValue::from_const(session.input.clone());
             multithread_tract_scope(executor.clone(), || {
                 session
@@ -238,21 +265,35 @@ impl TractLoader {
                     .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
                         let start = Instant::now();
                         let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                        let entry = times.entry(node.op().name().to_string()).or_default();
-                        entry.1 += start.elapsed();
-                        if run == 0 {
-                            entry.0 += 1;
+                        // Run 0 warms caches and allocations up.
+                        if run > 0 {
+                            totals[node.id] += start.elapsed();
                         }
                         out
                     })
             })
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
         }
-        let mut out: Vec<OpTime> = times
-            .into_iter()
-            .map(|(op, (nodes, total))| OpTime { op, nodes, total })
+        let mut out: Vec<NodeTime> = model
+            .nodes()
+            .iter()
+            .filter(|n| !totals[n.id].is_zero())
+            .map(|n| {
+                let (detail, macs) = n
+                    .op()
+                    .info()
+                    .map(|info| matmul_detail(&info))
+                    .unwrap_or_default();
+                NodeTime {
+                    node: n.name.clone(),
+                    op: n.op().name().to_string(),
+                    detail,
+                    macs,
+                    mean: totals[n.id] / runs as u32,
+                }
+            })
             .collect();
-        out.sort_by(|a, b| b.total.cmp(&a.total));
+        out.sort_by_key(|n| std::cmp::Reverse(n.mean));
         Ok(out)
     }
 }
@@ -436,119 +477,11 @@ mod tests {
     }
 
     #[test]
-    fn profile_lists_conv_time() {
+    fn profile_times_the_matmuls() {
         let path = tiny_model_path("profile");
         let loader = TractLoader::load(&path, 1).unwrap();
-        let ops = loader.profile_ops(&test_input(3 * 224 * 224), 1).unwrap();
-        assert!(!ops.is_empty());
+        let nodes = loader.profile_nodes(&test_input(3 * 224 * 224), 2).unwrap();
+        assert!(nodes.iter().any(|n| n.macs > 0 && n.detail.contains("k:")));
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
-    }
-}
-
-#[cfg(test)]
-mod explore {
-    use super::*;
-
-    fn mkn(info: &[String]) -> Option<(f64, f64, f64)> {
-        let l = info.iter().find(|l| l.starts_with("Mult: m:"))?;
-        let nums: Vec<f64> = l["Mult: ".len()..]
-            .split_whitespace()
-            .take(3)
-            .filter_map(|t| t.split(':').nth(1)?.parse().ok())
-            .collect();
-        Some((nums[0], nums[1], nums[2]))
-    }
-
-    #[test]
-    #[ignore]
-    fn explore_nodes() {
-        let path = std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../models/resnet50.onnx"
-        ));
-        let threads: usize = std::env::var("THREADS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        let loader = TractLoader::load(&path, threads).unwrap();
-        let input = crate::model_gen::synthetic_input(1);
-        let mut session = TractSession::new(&loader).unwrap();
-        session.load_input(&input).unwrap();
-        let mut times: Vec<(Duration, String, String, f64)> = vec![];
-        let runs = 10;
-        let executor = session.executor.clone();
-        for run in 0..runs + 2 {
-            let value = TValue::from_const(session.input.clone());
-            let mut ix = 0;
-            multithread_tract_scope(executor.clone(), || {
-                session
-                    .state
-                    .run_plan_with_eval(tvec!(value), |ctx, state, node, inputs| {
-                        let start = Instant::now();
-                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                        let el = start.elapsed();
-                        if run == 0 {
-                            let info = node.op().info().unwrap();
-                            let macs = mkn(&info).map(|(m, k, n)| m * k * n).unwrap_or(0.0);
-                            let kern = info
-                                .iter()
-                                .find(|l| l.starts_with("Mult"))
-                                .and_then(|l| l.split("with ").nth(1))
-                                .unwrap_or("")
-                                .to_string();
-                            times.push((
-                                Duration::ZERO,
-                                format!("{} {}", node.name, node.op().name()),
-                                kern,
-                                macs,
-                            ));
-                        } else if run >= 2 {
-                            times[ix].0 += el;
-                        }
-                        ix += 1;
-                        out
-                    })
-            })
-            .unwrap();
-        }
-        let total: Duration = times.iter().map(|t| t.0).sum();
-        println!("total {:.2} ms", total.as_secs_f64() * 1e3 / runs as f64);
-        let mut cats: std::collections::BTreeMap<String, (f64, f64, usize)> = Default::default();
-        for (t, name, kern, macs) in &times {
-            let cat = if name.contains("relu3.low")
-                || name.contains("downsample")
-                || name.contains("relu1.low")
-                || name.contains("conv1.") && !name.starts_with("conv1")
-                || name.contains("conv3")
-            {
-                "1x1"
-            } else if name.contains("conv2") {
-                "3x3"
-            } else if name.starts_with("conv1") {
-                "stem"
-            } else {
-                "other"
-            };
-            let op = name.split(' ').nth(1).unwrap_or("");
-            let e = cats.entry(format!("{cat:5} {op:14} {kern}")).or_default();
-            e.0 += t.as_secs_f64() * 1e3 / runs as f64;
-            e.1 += macs;
-            e.2 += 1;
-        }
-        for (k, (ms, macs, n)) in &cats {
-            println!(
-                "{k:60} n={n:3} {ms:8.2} ms {:6.1} GFLOP/s",
-                if *ms > 0.0 {
-                    2.0 * macs / ms / 1e6
-                } else {
-                    0.0
-                }
-            );
-        }
-        times.sort_by(|a, b| b.0.cmp(&a.0));
-        for (t, s, k, macs) in times.iter().take(12) {
-            let ms = t.as_secs_f64() * 1e3 / runs as f64;
-            println!("{ms:8.2} ms {s} {k} {:.1} GFLOP/s", 2.0 * macs / ms / 1e6);
-        }
     }
 }
