@@ -54,9 +54,8 @@ fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u
 
 fn round_trip(c: &mut ZmqClient, msg: &[u8]) -> (Header, Vec<u8>) {
     c.send(msg).unwrap();
-    let mut buf = Vec::new();
-    c.recv(&mut buf).unwrap();
-    let (h, body) = Header::decode(&buf, 64 << 20).unwrap();
+    let buf = c.recv().unwrap();
+    let (h, body) = Header::decode(buf, 64 << 20).unwrap();
     (h, body.to_vec())
 }
 

@@ -361,6 +361,30 @@ impl Message {
         Ok(Message { raw })
     }
 
+    /// A message of `len` bytes for the caller to fill (content unspecified until written).
+    pub fn with_size(len: usize) -> Result<Self> {
+        let mut raw = sys::zmq_msg_t { __: [0; 64] };
+        // SAFETY: init_size allocates `len` bytes owned by the message.
+        check("zmq_msg_init_size", unsafe {
+            sys::zmq_msg_init_size(&mut raw, len)
+        })?;
+        Ok(Message { raw })
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len();
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: the message owns `len` bytes at zmq_msg_data; &mut self makes this the only
+        // reference. Content shared through `share()` is refcounted, but writing to a message
+        // after sharing it is not done anywhere in hacserve.
+        unsafe {
+            let p = sys::zmq_msg_data(&mut self.raw) as *mut u8;
+            std::slice::from_raw_parts_mut(p, len)
+        }
+    }
+
     pub fn len(&self) -> usize {
         // SAFETY: raw is initialised.
         unsafe { sys::zmq_msg_size(&self.raw) }
@@ -538,6 +562,9 @@ mod tests {
         let mut m = Message::from_slice(&data).unwrap();
         let s = m.share().unwrap();
         let t = m.take();
+        let mut w = Message::with_size(3).unwrap();
+        w.as_mut_slice().copy_from_slice(b"abc");
+        assert_eq!(w.as_slice(), b"abc");
         assert!(m.is_empty());
         assert_eq!(s.as_slice(), &data[..]);
         assert_eq!(t.as_slice(), &data[..]);

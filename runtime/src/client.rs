@@ -82,7 +82,6 @@ pub fn run_closed_loop<T: ClientTransport>(
 ) -> ClientRun {
     let mut message = vec![0u8; HEADER_LEN + payload.len()];
     message[HEADER_LEN..].copy_from_slice(payload);
-    let mut reply = Vec::with_capacity(HEADER_LEN + RESPONSE_BODY_LEN + payload.len());
     let mut records = Vec::with_capacity(opts.requests);
     let mut failure = None;
     let total = opts.warmup + opts.requests;
@@ -98,7 +97,7 @@ pub fn run_closed_loop<T: ClientTransport>(
         let mut h = [0u8; HEADER_LEN];
         header.encode(&mut h);
         message[..HEADER_LEN].copy_from_slice(&h);
-        match one_request(transport, opts, &message, &mut reply, header) {
+        match one_request(transport, opts, &message, header) {
             Ok(record) => {
                 if opts.debug {
                     log::debug!(
@@ -129,13 +128,12 @@ fn one_request<T: ClientTransport>(
     transport: &mut T,
     opts: &ClientOptions,
     message: &[u8],
-    reply: &mut Vec<u8>,
     header: Header,
 ) -> Result<RequestRecord, ClientError> {
     let client_sent = realtime_ns();
     let t0 = Instant::now();
     transport.send(message)?;
-    transport.recv(reply)?;
+    let reply = transport.recv()?;
     let e2e_ns = t0.elapsed().as_nanos() as u64;
     let client_received = realtime_ns();
     let (h, body) = Header::decode(reply, opts.max_reply)?;
@@ -178,16 +176,4 @@ fn one_request<T: ClientTransport>(
         MessageKind::Request => return Err(ClientError::UnexpectedKind(h.kind)),
     }
     Ok(record)
-}
-
-/// Sends one raw message and returns the raw reply: for tests and tools that probe the
-/// server with malformed input.
-pub fn raw_round_trip<T: ClientTransport>(
-    transport: &mut T,
-    message: &[u8],
-) -> Result<Vec<u8>, TransportError> {
-    let mut reply = Vec::new();
-    transport.send(message)?;
-    transport.recv(&mut reply)?;
-    Ok(reply)
 }

@@ -6,8 +6,8 @@ use crate::clock::realtime_ns;
 use crate::engine::InferenceEngine;
 use crate::preprocess::{Preprocessor, TENSOR_LEN};
 use crate::protocol::{
-    encode_error, ErrorCode, Header, MessageKind, ProtocolError, ResponseBody, ServerTimestamps,
-    Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
+    encode_error, ErrorCode, Header, MessageKind, ProtocolError, ReplyBuffer, ResponseBody,
+    ServerTimestamps, Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
 };
 
 /// What happened to a request; the reply is in the caller's buffer either way.
@@ -144,11 +144,11 @@ pub enum Triage {
 /// receive loop answers errors and echoes itself (no queue hop, as eRPC's dispatch thread
 /// does for small requests) and queues only what needs a worker. `error_text` receives the
 /// reason of a rejection, for the log.
-pub fn answer_without_engine(
+pub fn answer_without_engine<B: ReplyBuffer>(
     msg: &[u8],
     received_ns: u64,
     max_payload: usize,
-    out: &mut Vec<u8>,
+    out: &mut B,
     error_text: &mut String,
 ) -> Triage {
     error_text.clear();
@@ -205,11 +205,11 @@ fn payload_if_echo<'a>(header: &Header, payload: &'a [u8]) -> &'a [u8] {
     }
 }
 
-fn reject(
+fn reject<B: ReplyBuffer>(
     header: &Header,
     code: ErrorCode,
     text: &str,
-    out: &mut Vec<u8>,
+    out: &mut B,
     error_text: &mut String,
 ) -> Outcome {
     error_text.clear();
@@ -226,16 +226,15 @@ fn reject(
 }
 
 /// Writes header + body (+ echoed bytes) into `out`, stamping `replied` last.
-fn write_response(
+fn write_response<B: ReplyBuffer>(
     header: &Header,
     body: &mut ResponseBody,
     echo: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut B,
 ) -> Outcome {
     body.timestamps.replied = realtime_ns();
     let reply_len = RESPONSE_BODY_LEN + echo.len();
-    out.clear();
-    out.resize(HEADER_LEN + reply_len, 0);
+    let out = out.prepare(HEADER_LEN + reply_len);
     let mut h = [0u8; HEADER_LEN];
     header
         .reply(MessageKind::Response, reply_len)

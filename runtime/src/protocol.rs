@@ -368,8 +368,8 @@ impl ResponseBody {
 }
 
 /// Encodes an error message (header + code + text) into `out`; returns its length.
-pub fn encode_error(
-    out: &mut Vec<u8>,
+pub fn encode_error<B: ReplyBuffer + ?Sized>(
+    out: &mut B,
     client_id: u32,
     request_id: u64,
     task: Task,
@@ -385,10 +385,30 @@ pub fn encode_error(
     header.kind = MessageKind::Error;
     let mut h = [0u8; HEADER_LEN];
     header.encode(&mut h);
-    out.clear();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&(code as u32).to_le_bytes());
-    out.extend_from_slice(text);
+    let out = out.prepare(HEADER_LEN + 4 + text.len());
+    out[..HEADER_LEN].copy_from_slice(&h);
+    out[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(code as u32).to_le_bytes());
+    out[HEADER_LEN + 4..].copy_from_slice(text);
+}
+
+/// Where a reply is encoded: a reused `Vec`, or a transport's own send buffer so the reply is
+/// written once and sent without another copy.
+pub trait ReplyBuffer {
+    /// Room for exactly `len` bytes; the caller overwrites all of them.
+    fn prepare(&mut self, len: usize) -> &mut [u8];
+    /// The reply as prepared and written.
+    fn bytes(&self) -> &[u8];
+}
+
+impl ReplyBuffer for Vec<u8> {
+    fn prepare(&mut self, len: usize) -> &mut [u8] {
+        // Only growth is zero-filled: every byte is overwritten by the caller anyway.
+        self.resize(len, 0);
+        &mut self[..]
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
 }
 
 /// Parses the payload of an error message into (code, text).

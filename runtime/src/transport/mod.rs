@@ -39,8 +39,9 @@ pub trait ReplySink<J> {
 /// The client end of a transport: one request in flight at a time (closed loop).
 pub trait ClientTransport {
     fn send(&mut self, msg: &[u8]) -> Result<(), TransportError>;
-    /// Receives one whole message into `buf` (replacing its content).
-    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<(), TransportError>;
+    /// Receives one whole message and lends it until the next call: the bytes stay where the
+    /// transport put them (a libzmq message, an RDMA ring slot), no copy.
+    fn recv(&mut self) -> Result<&[u8], TransportError>;
 }
 
 /// (client_id, request_id, task) of an encoded message, for logs; zeros if it is too short.
