@@ -168,6 +168,12 @@ fn main() -> Result<()> {
             Err(_) => log::error!("a worker thread panicked"),
         }
     }
+    // Requests accepted before the stop were finished by the workers: deliver their replies.
+    match zmq.flush_replies(&queue, Duration::from_millis(200)) {
+        Ok(0) => {}
+        Ok(n) => log::info!("delivered {n} replies finished after the stop"),
+        Err(e) => log::error!("flushing replies after the stop: {e}"),
+    }
     if let Some(m) = monitor {
         let _ = m.join();
     }

@@ -442,3 +442,42 @@ fn a_full_queue_answers_overloaded_and_loses_nothing() {
         "{out}"
     );
 }
+
+#[test]
+fn requests_accepted_before_a_stop_are_still_answered() {
+    let model = model("resnet50");
+    let server = zmq_server(&model, &[]);
+    let port = server.port;
+    let threads: Vec<_> = (0..3u32)
+        .map(|id| {
+            std::thread::spawn(move || {
+                let ctx = Context::new().unwrap();
+                let mut c = ZmqClient::connect(
+                    &ctx,
+                    "127.0.0.1",
+                    port,
+                    Duration::from_secs(20),
+                    PollMode::Block,
+                    1 << 20,
+                )
+                .unwrap();
+                let jpeg = std::fs::read(image()).unwrap();
+                c.send(&request(Task::Infer, id, 0, &jpeg)).unwrap();
+                let reply = c.recv().map(|r| Header::decode(r, 1 << 20).unwrap().0);
+                reply.map(|h| (h.kind, h.client_id))
+            })
+        })
+        .collect();
+    // One worker at ~0.1 s per ResNet-50 image: two of the three are still queued now.
+    std::thread::sleep(Duration::from_millis(150));
+    let out = server.stop().join("\n");
+    for (id, t) in threads.into_iter().enumerate() {
+        let got = t.join().unwrap();
+        assert_eq!(
+            got.ok(),
+            Some((MessageKind::Response, id as u32)),
+            "client {id}: {out}"
+        );
+    }
+    assert!(out.contains("received 3 answered 3"), "{out}");
+}

@@ -189,6 +189,11 @@ impl Socket {
         .map(|_| ())
     }
 
+    /// How long closing the socket may wait to deliver queued messages (ms, -1 = forever).
+    pub fn set_linger(&self, ms: i32) -> Result<()> {
+        self.set_int(sys::ZMQ_LINGER as c_int, ms)
+    }
+
     /// Routing identity this socket announces to ROUTER peers.
     pub fn set_identity(&self, id: &[u8]) -> Result<()> {
         self.set_bytes(sys::ZMQ_ROUTING_ID as c_int, id)

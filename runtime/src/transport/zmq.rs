@@ -109,8 +109,33 @@ impl ZmqServer {
     pub fn reply_sink(&self) -> Result<ZmqReplySink, TransportError> {
         let push = self.ctx.socket(SocketType::Push)?;
         push.set_hwm(100_000)?;
+        // A worker's last replies must outlive its socket until flush_replies forwards them.
+        push.set_linger(2000)?;
         push.connect(REPLY_ENDPOINT)?;
         Ok(ZmqReplySink { push })
+    }
+
+    /// After a stop: forwards the replies the workers produced for requests already accepted
+    /// (they finish the queue before exiting), until none arrives for `quiet`.
+    pub fn flush_replies(
+        &mut self,
+        queue: &WorkQueue<ZmqJob>,
+        quiet: Duration,
+    ) -> Result<usize, TransportError> {
+        let mut frame = Message::new();
+        let mut forwarded = 0;
+        let mut poll = PollSet::new(&[PollTarget::Socket(&self.replies)]);
+        loop {
+            match poll.poll(quiet.as_millis() as i64) {
+                Ok(0) => return Ok(forwarded),
+                Ok(_) => {}
+                Err(e) if e.interrupted() => continue,
+                Err(e) => return Err(e.into()),
+            }
+            while forward_reply(&self.replies, &self.router, &mut frame, queue)? {
+                forwarded += 1;
+            }
+        }
     }
 
     /// Receives requests until a stop is requested: answers rejections and echoes at once,
