@@ -1,7 +1,11 @@
 //! Every `unsafe` binding of hacserve, and nothing else. Each `unsafe` block carries a
 //! `// SAFETY:` line. Higher layers (runtime/, bins/) are safe Rust.
 
+pub mod cuda;
 mod dl;
+pub mod nvjpeg;
+pub mod rdma_conn;
+pub mod rdma_mem;
 pub mod rdmacm;
 pub mod signal;
 pub mod verbs;
