@@ -83,6 +83,12 @@ pub enum NvJpegError {
     Load(#[from] DlError),
     #[error("{call} failed: nvjpeg status {status} ({})", status_name(*.status))]
     Call { call: &'static str, status: c_int },
+    #[error("JPEG of {width}x{height} does not fit the {capacity}-byte decode buffer")]
+    TooLarge {
+        width: usize,
+        height: usize,
+        capacity: usize,
+    },
     #[error("JPEG is {width}x{height} with {components} components: not an RGB/gray image nvJPEG can decode here")]
     Unsupported {
         width: i32,
@@ -240,6 +246,49 @@ impl JpegDecoder {
                 stream,
             )
         })
+    }
+}
+
+impl JpegDecoder {
+    /// Safe form of [`Self::decode_rgbi`]: decodes into `dst` (tightly packed RGB, pitch
+    /// 3 * width) on `stream`, after checking that the image fits. Returns (width, height);
+    /// the pixels are ready once the stream has run.
+    pub fn decode_into(
+        &mut self,
+        jpeg: &[u8],
+        stream: &std::sync::Arc<crate::cuda::cu::CudaStream>,
+        dst: &mut crate::cuda::cu::CudaSlice<u8>,
+    ) -> Result<(usize, usize), NvJpegError> {
+        use crate::cuda::cu::DevicePtrMut;
+        let (components, w, h) = self.image_info(jpeg)?;
+        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
+        if !(components == 1 || components == 3) || width == 0 || height == 0 {
+            return Err(NvJpegError::Unsupported {
+                width: w,
+                height: h,
+                components,
+            });
+        }
+        if dst.len() < width * height * 3 {
+            return Err(NvJpegError::TooLarge {
+                width,
+                height,
+                capacity: dst.len(),
+            });
+        }
+        let (ptr, _sync) = dst.device_ptr_mut(stream);
+        // SAFETY: dst is device memory of at least 3*width*height bytes (checked above) that
+        // stays alive and unaliased while _sync orders the stream's later uses after this
+        // decode; the stream belongs to dst's context.
+        unsafe {
+            self.decode_rgbi(
+                jpeg,
+                ptr as *mut u8,
+                width * 3,
+                stream.cu_stream() as cudaStream_t,
+            )?;
+        }
+        Ok((width, height))
     }
 }
 
