@@ -5,6 +5,8 @@ pub mod cuda;
 mod dl;
 pub mod gpu_preprocess;
 pub mod nvjpeg;
+pub mod rdma_conn;
+pub mod rdma_mem;
 pub mod rdmacm;
 pub mod signal;
 pub mod verbs;

@@ -3,6 +3,7 @@
 //! replies back through a [`ReplySink`]; the client side is a [`ClientTransport`] that the
 //! closed-loop client (`client.rs`) drives.
 
+pub mod rdma;
 pub mod zmq;
 
 use thiserror::Error;
@@ -21,6 +22,8 @@ pub enum TransportError {
     Malformed(String),
     #[error("stopped")]
     Stopped,
+    #[error(transparent)]
+    Rdma(#[from] hacserve_ffi::rdma_conn::RdmaError),
 }
 
 /// A received request waiting for a worker: the message bytes plus whatever the transport

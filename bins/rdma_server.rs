@@ -1,0 +1,213 @@
+//! rdma_server: serves image classification over RDMA (RC queue pairs via rdma_cm; requests
+//! and replies move with RDMA WRITE_WITH_IMM through per-client rings, see docs/rdma.md).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use argh::FromArgs;
+use hacserve_runtime::engine::tract_cpu::TractLoader;
+use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::labels::Labels;
+use hacserve_runtime::pipeline::Pipeline;
+use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use hacserve_runtime::server::{self, PollMode, ServerOptions, WorkQueue, WorkerProbe};
+use hacserve_runtime::transport::rdma::{
+    RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE,
+    MIN_SLOT_SIZE,
+};
+use hacserve_runtime::{logging, signal};
+
+#[derive(FromArgs)]
+/// RDMA Server: answers classification requests (protocol v1) over RDMA WRITE_WITH_IMM rings.
+struct Args {
+    /// RDMA listen port
+    #[argh(option, short = 'p', default = "DEFAULT_PORT")]
+    port: u16,
+    /// memory addressing: 0 = host memory, 1 = GPU memory (GPUDirect RDMA)
+    #[argh(option, short = 'a', default = "0")]
+    addressing: u8,
+    /// use debug (per-request log lines)
+    #[argh(switch, short = 'd')]
+    debug: bool,
+    /// keep alive: 1 = keep serving after clients leave, 0 = stop when the last one left
+    #[argh(option, short = 'k', default = "1")]
+    keep_alive: u8,
+    /// monitor interval in seconds (0 = off)
+    #[argh(option, short = 'i', default = "20")]
+    monitor_interval: u64,
+    /// logs folder
+    #[argh(option, short = 'f', default = "PathBuf::from(\"results\")")]
+    folder: PathBuf,
+    /// save logs (per-request CSV in the logs folder at exit)
+    #[argh(switch, short = 's')]
+    save_logs: bool,
+    /// per-request log capacity (requests recorded for -s)
+    #[argh(option, default = "1000")]
+    total_requests: usize,
+    /// classes file (one ImageNet class name per line)
+    #[argh(option, default = "PathBuf::from(\"models/imagenet_classes.txt\")")]
+    classes_file: PathBuf,
+    /// model file (ONNX)
+    #[argh(option, default = "PathBuf::from(\"models/resnet50.onnx\")")]
+    engine_file: PathBuf,
+    /// number of CUDA streams (GPU backend; the CPU backend ignores it)
+    #[argh(option, default = "0")]
+    streams: u32,
+    /// high priority clients: 1 = requests flagged priority jump the queue
+    #[argh(option, default = "0")]
+    priority_clients: u8,
+    /// number of worker threads, each with its own engine context
+    #[argh(option, default = "1")]
+    workers: usize,
+    /// intra-op threads per worker for the CPU backend
+    #[argh(option, default = "1")]
+    threads: usize,
+    /// busy (spin), block (sleep when idle) or auto (spin only with a core per thread)
+    #[argh(option, default = "String::from(\"auto\")")]
+    poll_mode: String,
+    /// largest request slot a client may ask for, in bytes (bounds header + payload)
+    #[argh(option, default = "2 << 20")]
+    slot_size: u32,
+    /// largest ring depth (requests in flight) a client may ask for
+    #[argh(option, default = "64")]
+    ring_depth: u32,
+    /// largest request payload in bytes (also bounded by each client's slot size)
+    #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
+    max_payload: usize,
+    /// requests queued per priority lane before new ones get Overloaded
+    #[argh(option, default = "1024")]
+    queue_depth: usize,
+    /// address to bind (default all RDMA-capable interfaces)
+    #[argh(option, default = "String::from(\"0.0.0.0\")")]
+    bind_address: String,
+    /// do not pin threads to cores
+    #[argh(switch)]
+    no_pin: bool,
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    logging::init(args.debug);
+    signal::install_stop_handler();
+    match args.addressing {
+        0 => {}
+        1 => bail!("GPU addressing needs the GPU backend, not built yet (use -a 0: host memory)"),
+        other => bail!("-a/--addressing must be 0 (host memory) or 1 (GPU memory), not {other}"),
+    }
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&args.slot_size) {
+        bail!("--slot-size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes");
+    }
+    if args.ring_depth == 0 || args.ring_depth > MAX_DEPTH {
+        bail!("--ring-depth must be 1..={MAX_DEPTH}");
+    }
+    if args.streams > 0 {
+        log::info!(
+            "--streams {} ignored: the CPU backend has no CUDA streams",
+            args.streams
+        );
+    }
+    let ip: IpAddr = args.bind_address.parse().with_context(|| {
+        format!(
+            "--bind-address {:?} is not an IP address",
+            args.bind_address
+        )
+    })?;
+    let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
+    // RDMA first: a machine without it fails fast, before the model is loaded.
+    let cfg = RdmaServerConfig {
+        max_slot_size: args.slot_size,
+        max_depth: args.ring_depth,
+        keep_alive: args.keep_alive != 0,
+    };
+    let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
+        .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
+    let max_payload = args.max_payload.min(args.slot_size as usize - HEADER_LEN);
+    let loader = TractLoader::load(&args.engine_file, args.threads)
+        .with_context(|| format!("loading model {}", args.engine_file.display()))?;
+    let mut workers = Vec::with_capacity(args.workers);
+    for _ in 0..args.workers {
+        let session = loader.session().context("creating an engine context")?;
+        workers.push((Pipeline::new(session, max_payload), RdmaReplySink));
+    }
+    match Labels::load(&args.classes_file, None) {
+        Ok(labels) => log::info!(
+            "{} class names from {}",
+            labels.len(),
+            args.classes_file.display()
+        ),
+        Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
+    }
+    let opts = ServerOptions {
+        workers: args.workers,
+        max_payload,
+        poll_mode: mode,
+        queue_depth: args.queue_depth,
+        priority_clients: args.priority_clients != 0,
+        monitor_interval: Duration::from_secs(args.monitor_interval),
+        log_folder: args.save_logs.then(|| args.folder.clone()),
+        log_capacity: args.total_requests,
+        pin_threads: !args.no_pin,
+        debug: args.debug,
+    };
+    let queue = Arc::new(WorkQueue::new(opts.queue_depth, mode));
+    let probes: Vec<Arc<WorkerProbe>> = (0..=args.workers).map(|_| Arc::default()).collect();
+    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes[1..].to_vec())
+        .context("starting worker threads")?;
+    let monitor = if args.monitor_interval > 0 {
+        Some(server::spawn_monitor(
+            opts.monitor_interval,
+            queue.clone(),
+            probes.clone(),
+        )?)
+    } else {
+        None
+    };
+    if opts.pin_threads {
+        server::pin_current_thread(0, "receive loop");
+    }
+    println!(
+        "rdma_server listening on {} | host memory | model {} | backend tract-cpu x{} threads | {} workers | poll {:?} | slots up to {} x {} B",
+        rdma.addr(),
+        args.engine_file.display(),
+        args.threads,
+        args.workers,
+        mode,
+        args.ring_depth,
+        args.slot_size
+    );
+    let result = rdma.run(&queue, &opts, &probes[0]);
+    signal::request_stop();
+    let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
+    for h in handles {
+        match h.join() {
+            Ok(r) => records.extend(r),
+            Err(_) => log::error!("a worker thread panicked"),
+        }
+    }
+    if let Some(m) = monitor {
+        let _ = m.join();
+    }
+    let c = &queue.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "rdma_server stopped: received {} answered {} rejected {} overloaded {} undeliverable {}",
+        c.received.load(Relaxed),
+        c.answered.load(Relaxed),
+        c.rejected.load(Relaxed),
+        c.overloaded.load(Relaxed),
+        c.transport_errors.load(Relaxed)
+    );
+    if let Some(folder) = &opts.log_folder {
+        let path = server::write_server_log(folder, records)
+            .with_context(|| format!("writing the request log into {}", folder.display()))?;
+        println!("request log: {}", path.display());
+    }
+    result.context("serving")?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! rdma_server + rdma_client end to end, over real RDMA (Soft-RoCE) inside the qemu testbed
+//! (tests/testbed/), in ONE VM boot: echo (-t 3, 200 requests), full inference with the tiny
+//! model (-t 0, 3 requests), a bad length in the immediate (error reply), a bad slot (that
+//! client alone disconnected), then a client that still gets served and two concurrent ones.
+//!
+//! Without qemu or the testbed kernel it prints `SKIPPED rdma in VM: <reason>` to stderr and
+//! passes (HACSERVE_TESTBED_REQUIRED=1 turns the skip into a failure).
+//!
+//! On the host (which has no RDMA in its kernel here): both binaries must exit with a clear
+//! "RDMA unavailable" error, never a panic.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
+const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
+
+fn testbed_dir() -> PathBuf {
+    std::env::var_os("HACSERVE_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo().join("target/testbed"))
+}
+
+/// Why the testbed cannot run here, if it cannot.
+fn testbed_missing() -> Option<String> {
+    let qemu = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
+    if !qemu {
+        return Some("qemu-system-x86_64 is not on PATH (run tests/testbed/setup.sh)".into());
+    }
+    if !common::repo().join("tests/testbed/run-in-vm.sh").is_file() {
+        return Some("tests/testbed/run-in-vm.sh is missing".into());
+    }
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        let path = testbed_dir().join(file);
+        if !path.is_file() {
+            return Some(format!(
+                "{} missing (run tests/testbed/setup.sh)",
+                path.display()
+            ));
+        }
+    }
+    None
+}
+
+/// Whether this host has usable RDMA (then the "unavailable" test has nothing to check).
+fn host_has_rdma() -> bool {
+    hacserve_ffi::rdma_conn::Rdma::load().is_ok()
+}
+
+#[test]
+fn without_rdma_both_binaries_fail_cleanly() {
+    if host_has_rdma() {
+        eprintln!("SKIPPED no-RDMA error path: this host has an RDMA device");
+        return;
+    }
+    for (bin, args) in [
+        (SERVER, vec!["-i", "0", "--no-pin"]),
+        (CLIENT, vec!["--host", "127.0.0.1", "-t", "3", "-r", "1"]),
+    ] {
+        let out = Command::new(bin)
+            .args(&args)
+            .current_dir(common::repo())
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} succeeded without RDMA");
+        assert_eq!(out.status.code(), Some(1), "{bin}: {stderr}");
+        assert!(stderr.contains("RDMA unavailable"), "{bin}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
+    }
+    // GPU addressing is refused before anything else.
+    let out = Command::new(SERVER)
+        .args(["-a", "1"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("GPU addressing needs the GPU backend, not built yet"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rdma_server_and_client_in_the_vm() {
+    if let Some(reason) = testbed_missing() {
+        if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
+            panic!("rdma in VM: {reason}");
+        }
+        eprintln!("SKIPPED rdma in VM: {reason}");
+        return;
+    }
+    let model = common::model("resnet_tiny");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rdma_in_vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The guest sees the host's root read-only but not its /tmp: the script lives in target/.
+    let script = dir.join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"set -u
+S={server}
+C={client}
+export RUST_BACKTRACE=0
+fail=0
+$S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin -d >/tmp/server.log 2>&1 &
+SP=$!
+for i in $(seq 1 150); do grep -q "listening on" /tmp/server.log && break; sleep 0.2; done
+cat /tmp/server.log
+$C --host 192.0.2.1 -t 3 -r 200 --timeout-ms 20000 --client-id 0 || fail=1; echo "STEP echo done"
+$C --host 192.0.2.1 -t 0 -r 3 --timeout-ms 120000 --client-id 1 || fail=1; echo "STEP infer done"
+$C --host 192.0.2.1 -t 3 -r 2 --client-id 2 --bad-imm length --timeout-ms 20000 || fail=1; echo "STEP bad-length done"
+$C --host 192.0.2.1 -t 3 -r 2 --client-id 3 --bad-imm slot --timeout-ms 20000 || fail=1; echo "STEP bad-slot done"
+$C --host 192.0.2.1 -t 3 -r 5 --client-id 4 --timeout-ms 20000 || fail=1; echo "STEP after done"
+$C --host 192.0.2.1 -t 3 -r 50 --client-id 5 --timeout-ms 20000 >/tmp/c5.log 2>&1 &
+C5=$!
+$C --host 192.0.2.1 -t 3 -r 50 --client-id 6 --timeout-ms 20000 || fail=1
+wait $C5 || fail=1
+cat /tmp/c5.log; echo "STEP concurrent done"
+kill -TERM $SP
+wait $SP || fail=1
+echo "SERVER LOG:"
+cat /tmp/server.log
+exit $fail
+"#,
+            server = SERVER,
+            client = CLIENT,
+            model = model.display(),
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let out = Command::new(common::repo().join("tests/testbed/run-in-vm.sh"))
+        .arg("sh")
+        .arg(&script)
+        .current_dir(common::repo())
+        .env("HACSERVE_TESTBED_TIMEOUT", "500")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "rdma in VM: {:.1} s, status {:?}\n{stdout}\n{stderr}",
+        t0.elapsed().as_secs_f64(),
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(0), "script failed");
+    for want in [
+        "rdma_server listening on 192.0.2.1:20079",
+        "rdma_client 0 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 200 requests, 0 errors",
+        "task infer (61306 B payload) model resnet50: 3 requests, 0 errors",
+        " top-1: ",
+        "bad length: server answered error 6: immediate length",
+        "bad slot: server disconnected this client",
+        "rdma_client 4 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 5 requests, 0 errors",
+        "client 3: immediate names slot 4 of a 4-slot ring; disconnecting it",
+        "rdma_client 5 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 50 requests, 0 errors",
+        "rdma_client 6 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 50 requests, 0 errors",
+        "rdma_server stopped: received 313 answered 312 rejected 1",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in the VM output");
+    }
+    assert!(!stdout.contains("panicked"), "a process panicked");
+}
