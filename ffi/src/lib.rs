@@ -3,6 +3,7 @@
 
 pub mod cuda;
 mod dl;
+pub mod gpu_ops;
 pub mod gpu_preprocess;
 pub mod nvjpeg;
 pub mod rdma_conn;

@@ -1,6 +1,7 @@
 //! Inference backends. A backend is one file implementing [`InferenceEngine`]; the pipeline
 //! only sees the trait, so adding a GPU engine later touches nothing else.
 
+pub mod cudnn_gpu;
 pub mod tract_cpu;
 
 use thiserror::Error;

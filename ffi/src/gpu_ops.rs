@@ -1,0 +1,771 @@
+//! cuDNN and cuBLAS through cudarc (loaded at run time): the few layer launches the GPU engine
+//! needs, each a safe wrapper that checks every buffer size before the `unsafe` launch.
+//!
+//! * [`GpuDevice`]: one CUDA context with cudarc's event tracking turned off, and a stream to
+//!   upload weights (shared, read-only, by every session of a loader).
+//! * [`Handles`]: one session's stream with its own cuDNN and cuBLAS handles bound to it.
+//! * [`ConvLayer`]: `cudnnConvolutionBiasActivationForward`, y = act(conv(x, w) + alpha2 * z + b)
+//!   with act RELU or IDENTITY and an optional residual input z.
+//! * [`PoolLayer`]: `cudnnPoolingForward`, max pooling or a global average.
+//! * [`GemmLayer`]: y = x * w^T + b (ONNX Gemm with transB = 1) with `cublasSgemm`.
+//!
+//! cuDNN handles are not thread-safe; cudarc marks them `!Send`. Everything here that holds one
+//! is `Send` (not `Sync`): each launch takes `&mut Handles` of the very handle the layer was built
+//! with (checked), so two threads can never use one handle at the same time.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{self, CudaBlas, Gemm, GemmConfig};
+use cudarc::cudnn::{
+    self, sys as dnn, ActivationDescriptor, ConvBiasActivationForward, ConvDescriptor, ConvForward,
+    Cudnn, FilterDescriptor, PoolingDescriptor, PoolingForward, TensorDescriptor,
+};
+use thiserror::Error;
+
+use crate::cuda::{self, cu, CudaError};
+
+pub use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as ConvAlgo;
+
+#[derive(Debug, Error)]
+pub enum GpuOpsError {
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error("cuDNN unavailable: libcudnn.so.9 not found")]
+    NoCudnn,
+    #[error("cuBLAS unavailable: libcublas.so.13 not found")]
+    NoCublas,
+    #[error("cuDNN {call} failed: {err:?}")]
+    Cudnn {
+        call: &'static str,
+        err: cudnn::CudnnError,
+    },
+    #[error("cuBLAS {call} failed: {err:?}")]
+    Cublas {
+        call: &'static str,
+        err: cublas::result::CublasError,
+    },
+    #[error("bad layer geometry: {0}")]
+    Geometry(String),
+    #[error("layer launched with the handles of another session")]
+    ForeignHandles,
+}
+
+impl From<cu::DriverError> for GpuOpsError {
+    fn from(e: cu::DriverError) -> Self {
+        GpuOpsError::Cuda(CudaError::Driver(e))
+    }
+}
+
+impl GpuOpsError {
+    /// True for cuDNN's CUDNN_STATUS_NOT_SUPPORTED family (3000..3999 in cuDNN 9): the algorithm
+    /// or fusion is not available for these descriptors, another algorithm may be.
+    pub fn is_not_supported(&self) -> bool {
+        matches!(self, GpuOpsError::Cudnn { err, .. } if (err.0 as u32) / 1000 == 3)
+    }
+
+    /// True for any status cuDNN returned (as opposed to driver, size or handle errors).
+    pub fn is_cudnn(&self) -> bool {
+        matches!(self, GpuOpsError::Cudnn { .. })
+    }
+}
+
+fn dnn_err(call: &'static str) -> impl FnOnce(cudnn::CudnnError) -> GpuOpsError {
+    move |err| GpuOpsError::Cudnn { call, err }
+}
+
+fn geometry<T>(msg: String) -> Result<T, GpuOpsError> {
+    Err(GpuOpsError::Geometry(msg))
+}
+
+/// Checks for the driver, cuDNN and cuBLAS, without loading anything else: cudarc panics on a
+/// missing library, so this must come before any other call here.
+pub fn available() -> Result<(), GpuOpsError> {
+    if !cuda::driver_present() {
+        return Err(GpuOpsError::Cuda(CudaError::NoDriver));
+    }
+    // SAFETY: only tries to dlopen libcudnn by name and drops it; no symbol is called.
+    if !unsafe { cudnn::sys::is_culib_present() } {
+        return Err(GpuOpsError::NoCudnn);
+    }
+    // SAFETY: as above, a dlopen probe of libcublas only.
+    if !unsafe { cublas::sys::is_culib_present() } {
+        return Err(GpuOpsError::NoCublas);
+    }
+    Ok(())
+}
+
+/// Math allowed in convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvMath {
+    /// CUDNN_FMA_MATH: plain FP32 FMA kernels, no tensor cores (closest to the CPU result).
+    Fp32,
+    /// CUDNN_DEFAULT_MATH: on Ampere and later cuDNN may run FP32 convolutions on tensor cores
+    /// in TF32 (10-bit mantissa inputs, FP32 accumulation), unless NVIDIA_TF32_OVERRIDE=0.
+    Tf32,
+}
+
+/// One GPU: a context with cudarc's per-buffer event tracking off (every buffer is used on one
+/// stream only, see [`GpuDevice::open`]) and a stream for uploads.
+pub struct GpuDevice {
+    ctx: Arc<cu::CudaContext>,
+    upload: Arc<cu::CudaStream>,
+}
+
+impl GpuDevice {
+    /// Opens GPU `ordinal` after checking that the driver, cuDNN and cuBLAS are present.
+    pub fn open(ordinal: usize) -> Result<Self, GpuOpsError> {
+        available()?;
+        let ctx = cuda::driver(ordinal)?;
+        // SAFETY: this context object is private to this GpuDevice and the sessions made from
+        // it. Without tracking, cudarc records no events per buffer use; what tracking would
+        // guard is kept by construction: weights are written once on `upload` and
+        // [`GpuDevice::upload`] synchronises before returning, so sessions only read them after
+        // the write; every other buffer is allocated, used and freed on one session stream;
+        // sessions synchronise their stream before they drop (Handles::drop), so no buffer is
+        // freed while a launch that reads it may still run.
+        unsafe { ctx.disable_event_tracking() };
+        let upload = ctx.new_stream()?;
+        Ok(GpuDevice { ctx, upload })
+    }
+
+    pub fn name(&self) -> Result<String, GpuOpsError> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// Copies `host` to a new device buffer and waits for the copy.
+    pub fn upload(&self, host: &[f32]) -> Result<cu::CudaSlice<f32>, GpuOpsError> {
+        let slice = self.upload.clone_htod(host)?;
+        self.upload.synchronize()?;
+        Ok(slice)
+    }
+
+    /// A new stream with its own cuDNN and cuBLAS handles.
+    pub fn handles(&self) -> Result<Handles, GpuOpsError> {
+        self.ctx.bind_to_thread()?;
+        let stream = self.ctx.new_stream()?;
+        let cudnn = Cudnn::new(stream.clone()).map_err(dnn_err("cudnnCreate"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|err| GpuOpsError::Cublas {
+            call: "cublasCreate",
+            err,
+        })?;
+        Ok(Handles {
+            stream,
+            cudnn,
+            blas,
+        })
+    }
+}
+
+/// One session's stream, cuDNN handle and cuBLAS handle.
+pub struct Handles {
+    stream: Arc<cu::CudaStream>,
+    cudnn: Arc<Cudnn>,
+    blas: CudaBlas,
+}
+
+// SAFETY: the cuDNN handle (the only !Send part) is used only through `&mut Handles` or by
+// layers whose launch takes `&mut Handles` of the same handle (checked with Arc::ptr_eq), so it
+// is never used by two threads at once, which is all cuDNN requires; Handles is not Sync.
+unsafe impl Send for Handles {}
+
+impl Handles {
+    pub fn stream(&self) -> &Arc<cu::CudaStream> {
+        &self.stream
+    }
+
+    /// Makes the context current on the calling thread (cuDNN and cuBLAS launch into the
+    /// current context; a session may move between threads).
+    pub fn bind(&self) -> Result<(), GpuOpsError> {
+        Ok(self.stream.context().bind_to_thread()?)
+    }
+
+    /// A zero-filled device buffer of `len` values on this stream.
+    pub fn zeros<T: cu::DeviceRepr + cu::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<cu::CudaSlice<T>, GpuOpsError> {
+        Ok(self.stream.alloc_zeros::<T>(len.max(1))?)
+    }
+
+    /// Host to device; `host` must fit `dst`.
+    pub fn upload(&self, host: &[f32], dst: &mut cu::CudaSlice<f32>) -> Result<(), GpuOpsError> {
+        if host.len() > dst.len() {
+            return geometry(format!(
+                "upload of {} values into a buffer of {}",
+                host.len(),
+                dst.len()
+            ));
+        }
+        let mut view = dst.slice_mut(..host.len());
+        Ok(self.stream.memcpy_htod(host, &mut view)?)
+    }
+
+    /// Device to host, waiting for the stream; copies `host.len()` values.
+    pub fn download(&self, src: &cu::CudaSlice<f32>, host: &mut [f32]) -> Result<(), GpuOpsError> {
+        if host.len() > src.len() {
+            return geometry(format!(
+                "download of {} values from a buffer of {}",
+                host.len(),
+                src.len()
+            ));
+        }
+        let view = src.slice(..host.len());
+        self.stream.memcpy_dtoh(&view, host)?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<(), GpuOpsError> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Starts capturing this stream's launches into a CUDA graph (thread-local mode: other
+    /// threads' CUDA calls are unaffected). Always pair with [`Handles::end_capture`].
+    pub fn begin_capture(&mut self) -> Result<(), GpuOpsError> {
+        self.bind()?;
+        Ok(self
+            .stream
+            .begin_capture(cu::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?)
+    }
+
+    /// Ends the capture (also after a failed launch, to leave capture mode) and instantiates
+    /// the graph.
+    pub fn end_capture(&mut self) -> Result<Option<Graph>, GpuOpsError> {
+        self.bind()?;
+        Ok(self
+            .stream
+            .end_capture(cu::sys::CUgraphInstantiate_flags(0))?
+            .map(Graph))
+    }
+
+    /// Replays a graph captured on this stream.
+    pub fn replay(&mut self, graph: &mut Graph) -> Result<(), GpuOpsError> {
+        Ok(graph.0.launch()?)
+    }
+
+    fn check_own(&self, cudnn: &Arc<Cudnn>) -> Result<(), GpuOpsError> {
+        if Arc::ptr_eq(&self.cudnn, cudnn) {
+            Ok(())
+        } else {
+            Err(GpuOpsError::ForeignHandles)
+        }
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        // Work queued on this stream may read shared weights: finish it before they can go.
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// A captured sequence of launches on one session stream, replayed with one call.
+pub struct Graph(cu::CudaGraph);
+
+// SAFETY: CUDA graph objects must not be used by two threads at once; Graph is not Sync and
+// replay takes `&mut Graph`, so uses are serialised; launching binds the context first.
+unsafe impl Send for Graph {}
+
+fn to_c(dims: &[usize], what: &str) -> Result<Vec<i32>, GpuOpsError> {
+    dims.iter()
+        .map(|&d| {
+            if d == 0 || d > i32::MAX as usize {
+                geometry(format!("{what}: dimension {d} out of range in {dims:?}"))
+            } else {
+                Ok(d as i32)
+            }
+        })
+        .collect()
+}
+
+fn tensor4(
+    h: &Handles,
+    dims: [usize; 4],
+    what: &str,
+) -> Result<TensorDescriptor<f32>, GpuOpsError> {
+    let d = to_c(&dims, what)?;
+    h.cudnn
+        .create_4d_tensor::<f32>(
+            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            [d[0], d[1], d[2], d[3]],
+        )
+        .map_err(dnn_err("cudnnSetTensor4dDescriptor"))
+}
+
+/// Geometry of one convolution (NCHW, group 1, dilation 1, symmetric padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input [N, C, H, W].
+    pub x: [usize; 4],
+    pub cout: usize,
+    /// [kh, kw]
+    pub kernel: [usize; 2],
+    /// [sh, sw]
+    pub stride: [usize; 2],
+    /// [ph, pw], applied on both sides.
+    pub pad: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output [N, cout, H', W'] (floor division, as ONNX and cuDNN), or an error when the
+    /// kernel does not fit the padded input.
+    pub fn output(&self) -> Result<[usize; 4], String> {
+        let [n, _, h, w] = self.x;
+        let out = |size: usize, k: usize, s: usize, p: usize| {
+            if s == 0 || k == 0 || size + 2 * p < k {
+                None
+            } else {
+                Some((size + 2 * p - k) / s + 1)
+            }
+        };
+        match (
+            out(h, self.kernel[0], self.stride[0], self.pad[0]),
+            out(w, self.kernel[1], self.stride[1], self.pad[1]),
+        ) {
+            (Some(oh), Some(ow)) => Ok([n, self.cout, oh, ow]),
+            _ => Err(format!("kernel does not fit the input: {self:?}")),
+        }
+    }
+}
+
+/// y = act(conv(x, w) + alpha2 * z + bias), one `cudnnConvolutionBiasActivationForward`.
+pub struct ConvLayer {
+    cudnn: Arc<Cudnn>,
+    conv: ConvDescriptor<f32>,
+    act: ActivationDescriptor<f32>,
+    x: TensorDescriptor<f32>,
+    w: FilterDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    bias: TensorDescriptor<f32>,
+    algo: ConvAlgo,
+    workspace: usize,
+    relu: bool,
+    residual: bool,
+    x_len: usize,
+    w_len: usize,
+    y_len: usize,
+    cout: usize,
+    y_shape: [usize; 4],
+}
+
+// SAFETY: as for Handles: the descriptors are host objects cuDNN lets any thread use or
+// destroy; the handle inside them is only used by launch/set_algorithm paths that take
+// `&mut Handles` (or `&Handles` during build) of the same handle, checked; not Sync.
+unsafe impl Send for ConvLayer {}
+
+impl ConvLayer {
+    /// Builds the descriptors and picks the algorithm (cuDNN heuristics, once). With `relu`
+    /// false (IDENTITY) cuDNN only supports IMPLICIT_PRECOMP_GEMM for this call, so that is
+    /// what is used. `residual` says whether launches pass a z to add.
+    pub fn new(
+        h: &Handles,
+        g: &ConvGeometry,
+        relu: bool,
+        residual: bool,
+        math: ConvMath,
+    ) -> Result<Self, GpuOpsError> {
+        h.bind()?;
+        let y_shape = g.output().map_err(GpuOpsError::Geometry)?;
+        let k = to_c(&g.kernel, "conv kernel")?;
+        let s = to_c(&g.stride, "conv stride")?;
+        let p: Vec<i32> = g
+            .pad
+            .iter()
+            .map(|&v| i32::try_from(v).map_err(|_| GpuOpsError::Geometry(format!("{g:?}"))))
+            .collect::<Result<_, _>>()?;
+        let cin = to_c(&[g.x[1]], "conv input channels")?[0];
+        let cout = to_c(&[g.cout], "conv output channels")?[0];
+        let mut conv = h
+            .cudnn
+            .create_conv2d::<f32>(
+                [p[0], p[1]],
+                [s[0], s[1]],
+                [1, 1],
+                dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(dnn_err("cudnnSetConvolution2dDescriptor"))?;
+        conv.set_math_type(match math {
+            ConvMath::Fp32 => dnn::cudnnMathType_t::CUDNN_FMA_MATH,
+            ConvMath::Tf32 => dnn::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        })
+        .map_err(dnn_err("cudnnSetConvolutionMathType"))?;
+        let w = h
+            .cudnn
+            .create_4d_filter::<f32>(
+                dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                [cout, cin, k[0], k[1]],
+            )
+            .map_err(dnn_err("cudnnSetFilter4dDescriptor"))?;
+        let x = tensor4(h, g.x, "conv input")?;
+        let y = tensor4(h, y_shape, "conv output")?;
+        let bias = tensor4(h, [1, g.cout, 1, 1], "conv bias")?;
+        let act = h
+            .cudnn
+            .create_activation::<f32>(
+                if relu {
+                    dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU
+                } else {
+                    dnn::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY
+                },
+                dnn::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+                // Ignored by RELU and IDENTITY (a ceiling only for CLIPPED_RELU); the largest
+                // value in case a version reads it as one, as cudarc's own tests do.
+                f64::MAX,
+            )
+            .map_err(dnn_err("cudnnSetActivationDescriptor"))?;
+        let fwd = ConvForward {
+            conv: &conv,
+            x: &x,
+            w: &w,
+            y: &y,
+        };
+        let algo = if relu {
+            // The heuristics' first choice; should they fail (or rank a failing entry first),
+            // the algorithm the fused call always supports.
+            fwd.pick_algorithm()
+                .unwrap_or(ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
+        } else {
+            ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        };
+        let workspace = fwd
+            .get_workspace_size(algo)
+            .map_err(dnn_err("cudnnGetConvolutionForwardWorkspaceSize"))?;
+        let [n, c, hh, ww] = g.x;
+        Ok(ConvLayer {
+            cudnn: h.cudnn.clone(),
+            conv,
+            act,
+            x,
+            w,
+            y,
+            bias,
+            algo,
+            workspace,
+            relu,
+            residual,
+            x_len: n * c * hh * ww,
+            w_len: g.cout * g.x[1] * g.kernel[0] * g.kernel[1],
+            y_len: y_shape.iter().product(),
+            cout: g.cout,
+            y_shape,
+        })
+    }
+
+    pub fn output_shape(&self) -> [usize; 4] {
+        self.y_shape
+    }
+
+    pub fn algorithm(&self) -> ConvAlgo {
+        self.algo
+    }
+
+    pub fn relu(&self) -> bool {
+        self.relu
+    }
+
+    /// Workspace bytes the chosen algorithm needs.
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace
+    }
+
+    /// Switches to IMPLICIT_PRECOMP_GEMM (supported by the fused call with any activation),
+    /// for when a launch reported NOT_SUPPORTED; returns the new workspace size.
+    pub fn fall_back(&mut self, h: &Handles) -> Result<usize, GpuOpsError> {
+        h.check_own(&self.cudnn)?;
+        h.bind()?;
+        let algo = ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+        let fwd = ConvForward {
+            conv: &self.conv,
+            x: &self.x,
+            w: &self.w,
+            y: &self.y,
+        };
+        self.workspace = fwd
+            .get_workspace_size(algo)
+            .map_err(dnn_err("cudnnGetConvolutionForwardWorkspaceSize"))?;
+        self.algo = algo;
+        Ok(self.workspace)
+    }
+
+    /// Queues the convolution on the session stream. `z` is the residual (added with weight 1
+    /// before the activation) when the layer was built with `residual`; otherwise pass a
+    /// zero-filled buffer of at least the output size (it is weighted by 0, and cuDNN may still
+    /// read it, so it must be finite).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch(
+        &self,
+        h: &mut Handles,
+        x: &cu::CudaSlice<f32>,
+        w: &cu::CudaSlice<f32>,
+        bias: &cu::CudaSlice<f32>,
+        z: &cu::CudaSlice<f32>,
+        workspace: &mut cu::CudaSlice<u8>,
+        y: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        h.check_own(&self.cudnn)?;
+        let sizes = [
+            ("x", x.len(), self.x_len),
+            ("w", w.len(), self.w_len),
+            ("bias", bias.len(), self.cout),
+            ("z", z.len(), self.y_len),
+            ("y", y.len(), self.y_len),
+            ("workspace", workspace.len(), self.workspace),
+        ];
+        for (name, got, want) in sizes {
+            if got < want {
+                return geometry(format!(
+                    "conv {name} buffer has {got} elements, needs {want}"
+                ));
+            }
+        }
+        h.bind()?;
+        let op = ConvBiasActivationForward {
+            conv: &self.conv,
+            act: &self.act,
+            x: &self.x,
+            w: &self.w,
+            z: &self.y,
+            bias: &self.bias,
+            y: &self.y,
+        };
+        let alpha2 = if self.residual { 1.0f32 } else { 0.0f32 };
+        // SAFETY: every descriptor was built by this layer with the shapes checked above against
+        // the buffers (x, w, bias, z, y hold at least as many f32 as their descriptors describe,
+        // the workspace at least the bytes the algorithm asked for); the launch goes to the
+        // stream of the handle the descriptors belong to (checked), which also owns y; y does
+        // not alias x, w, bias or z (distinct &/&mut borrows).
+        unsafe {
+            op.launch(
+                self.algo,
+                Some(workspace),
+                (1.0f32, alpha2),
+                x,
+                w,
+                z,
+                bias,
+                y,
+            )
+        }
+        .map_err(dnn_err("cudnnConvolutionBiasActivationForward"))
+    }
+}
+
+/// Max pooling or a global average, one `cudnnPoolingForward`.
+pub struct PoolLayer {
+    cudnn: Arc<Cudnn>,
+    pool: PoolingDescriptor<f32>,
+    x: TensorDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    x_len: usize,
+    y_len: usize,
+    y_shape: [usize; 4],
+}
+
+// SAFETY: as for ConvLayer: launches take `&mut Handles` of the same handle (checked).
+unsafe impl Send for PoolLayer {}
+
+impl PoolLayer {
+    /// Max pooling over `kernel` with `stride` and symmetric `pad` (padding never wins a max).
+    pub fn max(
+        h: &Handles,
+        x: [usize; 4],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad: [usize; 2],
+    ) -> Result<Self, GpuOpsError> {
+        let out = |size: usize, k: usize, s: usize, p: usize| {
+            (s > 0 && k > 0 && size + 2 * p >= k && p < k).then(|| (size + 2 * p - k) / s + 1)
+        };
+        let (Some(oh), Some(ow)) = (
+            out(x[2], kernel[0], stride[0], pad[0]),
+            out(x[3], kernel[1], stride[1], pad[1]),
+        ) else {
+            return geometry(format!(
+                "max pool {kernel:?}/{stride:?} pad {pad:?} does not fit {x:?}"
+            ));
+        };
+        Self::new(
+            h,
+            x,
+            [x[0], x[1], oh, ow],
+            kernel,
+            stride,
+            pad,
+            dnn::cudnnPoolingMode_t::CUDNN_POOLING_MAX,
+        )
+    }
+
+    /// Mean over each H x W plane: [N, C, H, W] -> [N, C, 1, 1].
+    pub fn global_average(h: &Handles, x: [usize; 4]) -> Result<Self, GpuOpsError> {
+        Self::new(
+            h,
+            x,
+            [x[0], x[1], 1, 1],
+            [x[2], x[3]],
+            [x[2], x[3]],
+            [0, 0],
+            dnn::cudnnPoolingMode_t::CUDNN_POOLING_AVERAGE_COUNT_EXCLUDE_PADDING,
+        )
+    }
+
+    fn new(
+        h: &Handles,
+        x: [usize; 4],
+        y: [usize; 4],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad: [usize; 2],
+        mode: dnn::cudnnPoolingMode_t,
+    ) -> Result<Self, GpuOpsError> {
+        h.bind()?;
+        let k = to_c(&kernel, "pool window")?;
+        let s = to_c(&stride, "pool stride")?;
+        let p: Vec<i32> = pad
+            .iter()
+            .map(|&v| i32::try_from(v).map_err(|_| GpuOpsError::Geometry(format!("{pad:?}"))))
+            .collect::<Result<_, _>>()?;
+        let pool = h
+            .cudnn
+            .create_poolingnd::<f32>(
+                &k,
+                &p,
+                &s,
+                mode,
+                dnn::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN,
+            )
+            .map_err(dnn_err("cudnnSetPoolingNdDescriptor"))?;
+        Ok(PoolLayer {
+            cudnn: h.cudnn.clone(),
+            pool,
+            x: tensor4(h, x, "pool input")?,
+            y: tensor4(h, y, "pool output")?,
+            x_len: x.iter().product(),
+            y_len: y.iter().product(),
+            y_shape: y,
+        })
+    }
+
+    pub fn output_shape(&self) -> [usize; 4] {
+        self.y_shape
+    }
+
+    pub fn launch(
+        &self,
+        h: &mut Handles,
+        x: &cu::CudaSlice<f32>,
+        y: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        h.check_own(&self.cudnn)?;
+        if x.len() < self.x_len || y.len() < self.y_len {
+            return geometry(format!(
+                "pool buffers of {} and {} elements, need {} and {}",
+                x.len(),
+                y.len(),
+                self.x_len,
+                self.y_len
+            ));
+        }
+        h.bind()?;
+        let op = PoolingForward {
+            pooling: &self.pool,
+            x: &self.x,
+            y: &self.y,
+        };
+        // SAFETY: descriptors built by this layer; x and y hold at least the elements they
+        // describe (checked above); the launch goes to the handle's stream (checked); y is a
+        // distinct &mut borrow from x.
+        unsafe { op.launch((1.0f32, 0.0f32), x, y) }.map_err(dnn_err("cudnnPoolingForward"))
+    }
+}
+
+/// y[m, n] = x[m, k] * w[n, k]^T + bias[n] (row-major), via one device copy of a bias
+/// replicated over the m rows and one `cublasSgemm` with beta = 1.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmLayer {
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+impl GemmLayer {
+    pub fn new(m: usize, k: usize, n: usize) -> Result<Self, GpuOpsError> {
+        to_c(&[m, k, n], "gemm")?;
+        to_c(&[m * n, n * k, m * k], "gemm")?;
+        Ok(GemmLayer { m, k, n })
+    }
+
+    /// `bias_rows` is the bias repeated for each of the m rows (m * n values).
+    pub fn launch(
+        &self,
+        h: &mut Handles,
+        x: &cu::CudaSlice<f32>,
+        w: &cu::CudaSlice<f32>,
+        bias_rows: &cu::CudaSlice<f32>,
+        y: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        if x.len() < m * k || w.len() < n * k || bias_rows.len() != m * n || y.len() < m * n {
+            return geometry(format!(
+                "gemm m={m} k={k} n={n}: x {}, w {}, bias {}, y {} elements",
+                x.len(),
+                w.len(),
+                bias_rows.len(),
+                y.len()
+            ));
+        }
+        h.bind()?;
+        h.stream.memcpy_dtod(bias_rows, y)?;
+        // Row-major y = x w^T is column-major y^T (n x m) = w (n x k, stored as column-major
+        // k x n, so op T) * x^T (k x m, column-major, op N).
+        let cfg = GemmConfig {
+            transa: cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 1.0f32,
+            ldc: n as i32,
+        };
+        // SAFETY: with the leading dimensions above cuBLAS reads n*k values of w, k*m of x and
+        // reads/writes n*m of y, all checked against the buffer lengths (every dimension fits
+        // i32, checked in new); the handle is bound to the session stream that owns y.
+        unsafe { h.blas.gemm(cfg, w, x, y) }.map_err(|err| GpuOpsError::Cublas {
+            call: "cublasSgemm",
+            err,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conv_geometry_output() {
+        let g = ConvGeometry {
+            x: [1, 3, 224, 224],
+            cout: 64,
+            kernel: [7, 7],
+            stride: [2, 2],
+            pad: [3, 3],
+        };
+        assert_eq!(g.output().unwrap(), [1, 64, 112, 112]);
+        let bad = ConvGeometry {
+            kernel: [300, 300],
+            pad: [0, 0],
+            ..g
+        };
+        assert!(bad.output().is_err());
+    }
+
+    #[test]
+    fn missing_libraries_are_errors_not_panics() {
+        match available() {
+            Ok(()) => eprintln!("GPU libraries present"),
+            Err(e) => eprintln!("SKIPPED GPU ops check: {e}"),
+        }
+    }
+}

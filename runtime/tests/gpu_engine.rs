@@ -1,0 +1,318 @@
+//! The cuDNN/cuBLAS engine against the CPU backend (tract) on the generated models: same top-5
+//! and logits within a stated tolerance, for FP32 (FMA) and TF32 convolutions; prints the GPU
+//! engine's batch-1 latency. Skips loudly without a CUDA driver, cuDNN or cuBLAS (every machine
+//! but the GPU one).
+//!
+//! Build once, run elsewhere:
+//!   cargo test -p hacserve-runtime --test gpu_engine --no-run   # prints the binary path
+//!   HACSERVE_REPO=/path/to/repo <binary> --nocapture --test-threads 1
+//! (HACSERVE_REPO is only needed where models/ should be read from a checkout; the models used
+//! here are generated into a temp dir.)
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hacserve_runtime::engine::cudnn_gpu::{self, CudnnLoader, CudnnOptions, Precision};
+use hacserve_runtime::engine::tract_cpu::TractLoader;
+use hacserve_runtime::engine::{EngineLoader, InferenceEngine};
+use hacserve_runtime::model_gen;
+
+/// Inputs compared per model.
+const SEEDS: [u64; 4] = [1, 2, 3, 4];
+/// max |gpu - cpu| / (max(cpu) - min(cpu)) allowed. FP32: FMA kernels summing in another order
+/// than tract's (and Winograd/FFT where cuDNN's heuristics pick them), ~1e-5 expected; TF32:
+/// 10-bit mantissa inputs through 53 layers, ~1e-3 expected.
+const TOL_FP32: f32 = 1e-3;
+const TOL_TF32: f32 = 2e-2;
+
+fn repo_root() -> PathBuf {
+    std::env::var_os("HACSERVE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+fn gpu_or_skip() -> bool {
+    if let Err(e) = cudnn_gpu::available() {
+        eprintln!("SKIPPED GPU engine test: {e}");
+        return false;
+    }
+    true
+}
+
+fn write(model: &model_gen::ModelProto, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hacserve-gpu-engine-{}", std::process::id()));
+    let path = dir.join(format!("{tag}.onnx"));
+    model_gen::write_model(model, &path).unwrap();
+    path
+}
+
+fn top5(v: &[f32]) -> Vec<usize> {
+    let mut ix: Vec<usize> = (0..v.len()).collect();
+    ix.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+    ix.truncate(5);
+    ix
+}
+
+/// (max |a - b| relative to b's range, max |a - b|)
+fn rel_diff(gpu: &[f32], cpu: &[f32]) -> (f32, f32) {
+    let max = cpu.iter().copied().fold(f32::MIN, f32::max);
+    let min = cpu.iter().copied().fold(f32::MAX, f32::min);
+    let abs = gpu
+        .iter()
+        .zip(cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    (abs / (max - min).max(1e-12), abs)
+}
+
+fn compare(path: &Path, label: &str, precision: Precision, tol: f32) {
+    let cpu_loader = TractLoader::load(path, 1).unwrap();
+    let mut cpu = cpu_loader.session().unwrap();
+    let gpu_loader = CudnnLoader::load_with(
+        path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "{label} {precision:?} on {}: {} launches",
+        gpu_loader.device_name(),
+        gpu_loader.plan().steps.len()
+    );
+    let mut gpu = gpu_loader.cudnn_session().unwrap();
+    eprintln!("  workspace {} B; convs:", gpu.workspace_bytes());
+    for (name, algo, act, ws) in gpu.conv_algorithms() {
+        eprintln!("    {name:32} {algo:50} {act:8} {ws} B");
+    }
+    assert_eq!(gpu.name(), "cudnn-gpu");
+    assert_eq!(gpu.input_shape(), cpu.input_shape());
+    assert_eq!(gpu.num_classes(), cpu.num_classes());
+    let n = cpu.num_classes();
+    let mut worst = 0.0f32;
+    for seed in SEEDS {
+        let input = model_gen::synthetic_input(seed);
+        let mut want = vec![0f32; n];
+        let mut got = vec![0f32; n];
+        cpu.infer(&input, &mut want).unwrap();
+        gpu.infer(&input, &mut got).unwrap();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{label}: non-finite logits"
+        );
+        let (rel, abs) = rel_diff(&got, &want);
+        worst = worst.max(rel);
+        eprintln!(
+            "  seed {seed}: max |diff| {abs:.3e} ({rel:.3e} of the range), top-5 gpu {:?} cpu {:?}",
+            top5(&got),
+            top5(&want)
+        );
+        assert!(
+            rel < tol,
+            "{label} {precision:?} seed {seed}: relative diff {rel:e} above {tol:e}"
+        );
+        assert_eq!(
+            top5(&got),
+            top5(&want),
+            "{label} {precision:?} seed {seed}: top-5 differ"
+        );
+        // Same session, same input: expected bit-identical (forward algorithms are
+        // deterministic), asserted only to rounding level, reported exactly.
+        let mut again = vec![0f32; n];
+        gpu.infer(&input, &mut again).unwrap();
+        let (rerun, _) = rel_diff(&again, &got);
+        if rerun != 0.0 {
+            eprintln!(
+                "  seed {seed}: rerun differs by {rerun:.3e} of the range (not bit-identical)"
+            );
+        }
+        assert!(rerun < 1e-5, "{label}: rerun differs by {rerun:e}");
+    }
+    eprintln!("  worst relative diff {worst:.3e} (tolerance {tol:e})");
+}
+
+fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
+    let loader = CudnnLoader::load_with(
+        path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision,
+            cuda_graph,
+        },
+    )
+    .unwrap();
+    let mut session = loader.cudnn_session().unwrap();
+    if cuda_graph && !session.uses_cuda_graph() {
+        eprintln!("NOTE {label}: CUDA graph capture failed, the figure below is eager launches");
+    }
+    let mode = if session.uses_cuda_graph() {
+        "CUDA graph"
+    } else {
+        "eager"
+    };
+    let input = model_gen::synthetic_input(1);
+    let mut logits = vec![0f32; session.num_classes()];
+    for _ in 0..20 {
+        session.infer(&input, &mut logits).unwrap();
+    }
+    const RUNS: u32 = 100;
+    let start = Instant::now();
+    for _ in 0..RUNS {
+        session.infer(&input, &mut logits).unwrap();
+    }
+    let full = start.elapsed() / RUNS;
+    let start = Instant::now();
+    for _ in 0..RUNS {
+        session.run_device().unwrap();
+    }
+    let device = start.elapsed() / RUNS;
+    eprintln!(
+        "LATENCY {label} {precision:?} {mode} batch 1 on {}: {:.3} ms per image (copy in + layers + copy out), \
+         {:.3} ms layers only (mean of {RUNS} after 20 warm-up)",
+        loader.device_name(),
+        full.as_secs_f64() * 1e3,
+        device.as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn tiny_resnet_matches_cpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::tiny_resnet(50), "tiny");
+    compare(&path, "tiny", Precision::Fp32, TOL_FP32);
+    compare(&path, "tiny", Precision::Tf32, TOL_TF32);
+}
+
+#[test]
+fn resnet50_matches_cpu_and_reports_latency() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::resnet50(50), "resnet50");
+    // Latency first, so the figure is printed even if a comparison below fails.
+    latency(&path, "resnet50", Precision::Tf32, false);
+    latency(&path, "resnet50", Precision::Tf32, true);
+    latency(&path, "resnet50", Precision::Fp32, false);
+    compare(&path, "resnet50", Precision::Fp32, TOL_FP32);
+    compare(&path, "resnet50", Precision::Tf32, TOL_TF32);
+}
+
+#[test]
+fn sessions_are_independent_and_batch_works() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::tiny_resnet(50), "tiny-batch");
+    let single = CudnnLoader::load_with(
+        &path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision: Precision::Fp32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let inputs: Vec<Vec<f32>> = SEEDS
+        .iter()
+        .map(|&s| model_gen::synthetic_input(s))
+        .collect();
+    let n = model_gen::NUM_CLASSES;
+    // Two sessions of one loader, on two threads at once, agree with a lone run.
+    let mut want = Vec::new();
+    {
+        let mut s = single.session().unwrap();
+        for input in &inputs {
+            let mut out = vec![0f32; n];
+            s.infer(input, &mut out).unwrap();
+            want.push(out);
+        }
+    }
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            let (single, inputs, want) = (&single, &inputs, &want);
+            scope.spawn(move || {
+                let mut s = single.session().unwrap();
+                for _ in 0..5 {
+                    for (input, want) in inputs.iter().zip(want) {
+                        let mut out = vec![0f32; n];
+                        s.infer(input, &mut out).unwrap();
+                        // Each session picks its algorithms itself: same heuristics, so the
+                        // same result is expected, but only rounding-level agreement asserted.
+                        let (rel, _) = rel_diff(&out, want);
+                        assert!(rel < TOL_FP32, "second session: relative diff {rel:e}");
+                    }
+                }
+            });
+        }
+    });
+    // Batch 4 = the four single runs (FP32; the algorithm may differ with the batch, so allow
+    // rounding).
+    let batched = CudnnLoader::load_with(
+        &path,
+        0,
+        CudnnOptions {
+            batch: 4,
+            precision: Precision::Fp32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = batched.session().unwrap();
+    let input: Vec<f32> = inputs.concat();
+    let mut out = vec![0f32; 4 * n];
+    s.infer(&input, &mut out).unwrap();
+    for (i, want) in want.iter().enumerate() {
+        let (rel, _) = rel_diff(&out[i * n..(i + 1) * n], want);
+        assert!(rel < TOL_FP32, "batch image {i}: relative diff {rel:e}");
+    }
+    // A CUDA graph replay gives what eager launches give.
+    let graphed = CudnnLoader::load_with(
+        &path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision: Precision::Fp32,
+            cuda_graph: true,
+        },
+    )
+    .unwrap();
+    let mut g = graphed.cudnn_session().unwrap();
+    eprintln!("CUDA graph in use: {}", g.uses_cuda_graph());
+    for (input, want) in inputs.iter().zip(&want) {
+        let mut out = vec![0f32; n];
+        g.infer(input, &mut out).unwrap();
+        let (rel, _) = rel_diff(&out, want);
+        assert!(rel < TOL_FP32, "graph replay: relative diff {rel:e}");
+    }
+    // Wrong sizes are errors.
+    let mut logits = vec![0f32; n];
+    assert!(single
+        .session()
+        .unwrap()
+        .infer(&[0.0; 10], &mut logits)
+        .is_err());
+}
+
+/// The committed models/resnet50.onnx (from gen_models), where the checkout has it.
+#[test]
+fn committed_model_matches_cpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = repo_root().join("models/resnet50.onnx");
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED committed model check: {} not found",
+            path.display()
+        );
+        return;
+    }
+    compare(&path, "models/resnet50.onnx", Precision::Tf32, TOL_TF32);
+}
