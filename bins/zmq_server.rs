@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
+use hacserve_runtime::engine::cudnn_gpu::{CudnnLoader, CudnnOptions, Precision};
 use hacserve_runtime::engine::tract_cpu::TractLoader;
 use hacserve_runtime::engine::EngineLoader;
 use hacserve_runtime::labels::Labels;
@@ -64,9 +65,13 @@ struct Args {
     /// busy (spin), block (sleep) or auto (spin only with a core per thread)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
-    /// inference backend: cpu (tract)
+    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, TF32, CUDA graph)
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
+    /// GPUs for the gpu backend, comma-separated (workers are spread over them round-robin,
+    /// each with its own engine context and stream)
+    #[argh(option, default = "String::from(\"0\")")]
+    gpus: String,
     /// intra-op threads per worker for the CPU backend
     #[argh(option, default = "1")]
     threads: usize,
@@ -82,24 +87,54 @@ fn main() -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    if args.backend != "cpu" {
-        bail!(
-            "--backend {:?} is not available in this build: only \"cpu\" (tract) is",
-            args.backend
-        );
+    let gpus: Vec<usize> = args
+        .gpus
+        .split(',')
+        .map(|g| {
+            g.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad GPU id {g:?} in --gpus"))
+        })
+        .collect::<Result<_>>()?;
+    if gpus.is_empty() {
+        bail!("--gpus names no GPU");
     }
     if args.streams > 0 {
         log::info!(
-            "--streams {} ignored: the CPU backend has no CUDA streams",
+            "--streams {}: each worker owns one engine context and stream; use --workers",
             args.streams
         );
     }
     let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
-    let loader = TractLoader::load(&args.engine_file, args.threads)
-        .with_context(|| format!("loading model {}", args.engine_file.display()))?;
+    // One loader per device: the CPU, or each GPU of --gpus; worker i uses loader i % n.
+    let loaders: Vec<Box<dyn EngineLoader>> = match args.backend.as_str() {
+        "cpu" => vec![Box::new(
+            TractLoader::load(&args.engine_file, args.threads)
+                .with_context(|| format!("loading model {}", args.engine_file.display()))?,
+        )],
+        "gpu" => {
+            let options = CudnnOptions {
+                batch: 1,
+                precision: Precision::Tf32,
+                cuda_graph: true,
+            };
+            let mut v: Vec<Box<dyn EngineLoader>> = Vec::new();
+            for &g in &gpus {
+                v.push(Box::new(
+                    CudnnLoader::load_with(&args.engine_file, g, options.clone()).with_context(
+                        || format!("loading model {} on GPU {g}", args.engine_file.display()),
+                    )?,
+                ));
+            }
+            v
+        }
+        other => bail!("--backend {other:?} is not known: use cpu or gpu"),
+    };
     let mut pipelines = Vec::with_capacity(args.workers);
-    for _ in 0..args.workers {
-        let session = loader.session().context("creating an engine context")?;
+    for i in 0..args.workers {
+        let session = loaders[i % loaders.len()]
+            .session()
+            .with_context(|| format!("creating the engine context of worker {i}"))?;
         pipelines.push(Pipeline::new(session, args.max_payload));
     }
     match Labels::load(&args.classes_file, None) {
@@ -150,11 +185,15 @@ fn main() -> Result<()> {
     if opts.pin_threads {
         server::pin_current_thread(0, "receive loop");
     }
+    let backend = if args.backend == "gpu" {
+        format!("cudnn-gpu on GPUs {}", args.gpus)
+    } else {
+        format!("tract-cpu x{} threads", args.threads)
+    };
     println!(
-        "zmq_server listening on {} | model {} | backend tract-cpu x{} threads | {} workers | poll {:?} | max payload {} B",
+        "zmq_server listening on {} | model {} | backend {backend} | {} workers | poll {:?} | max payload {} B",
         zmq.endpoint(),
         args.engine_file.display(),
-        args.threads,
         args.workers,
         mode,
         args.max_payload
@@ -187,6 +226,19 @@ fn main() -> Result<()> {
         c.overloaded.load(Relaxed),
         c.transport_errors.load(Relaxed)
     );
+    if args.backend == "gpu" {
+        // Each GPU's share of the requests (workers are assigned round-robin).
+        let mut per_gpu = vec![0u64; gpus.len()];
+        for (i, p) in probes[1..].iter().enumerate() {
+            per_gpu[i % gpus.len()] += p.handled.load(Relaxed);
+        }
+        let shares: Vec<String> = gpus
+            .iter()
+            .zip(&per_gpu)
+            .map(|(g, n)| format!("gpu {g}: {n}"))
+            .collect();
+        println!("zmq_server requests per GPU: {}", shares.join(", "));
+    }
     if let Some(folder) = &opts.log_folder {
         let path = server::write_server_log(folder, records)
             .with_context(|| format!("writing the request log into {}", folder.display()))?;

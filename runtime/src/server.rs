@@ -148,6 +148,8 @@ pub struct ServerRecord {
 pub struct WorkerProbe {
     latencies: ArrayQueue<u64>,
     pub dropped_samples: AtomicU64,
+    /// Requests this thread finished (answered or rejected): each GPU's share, for one.
+    pub handled: AtomicU64,
 }
 
 impl WorkerProbe {
@@ -155,6 +157,7 @@ impl WorkerProbe {
         WorkerProbe {
             latencies: ArrayQueue::new(1 << 16),
             dropped_samples: AtomicU64::new(0),
+            handled: AtomicU64::new(0),
         }
     }
 }
@@ -300,6 +303,7 @@ pub fn account(
         log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
     }
     let finished = realtime_ns();
+    probe.handled.fetch_add(1, Ordering::Relaxed);
     if probe
         .latencies
         .push(finished.saturating_sub(received))
