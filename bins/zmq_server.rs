@@ -121,9 +121,9 @@ fn main() -> Result<()> {
             let mut v: Vec<Box<dyn EngineLoader>> = Vec::new();
             for &g in &gpus {
                 v.push(Box::new(
-                    CudnnLoader::load_with(&args.engine_file, g, options.clone()).with_context(
-                        || format!("loading model {} on GPU {g}", args.engine_file.display()),
-                    )?,
+                    CudnnLoader::load_with(&args.engine_file, g, options).with_context(|| {
+                        format!("loading model {} on GPU {g}", args.engine_file.display())
+                    })?,
                 ));
             }
             v
