@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::client::{prepare_payload, run_closed_loop, ClientOptions};
-use hacserve_runtime::labels::Labels;
+use hacserve_runtime::client::{prepare_payload, report_run, run_closed_loop, ClientOptions};
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::protocol::{Task, DEFAULT_MAX_PAYLOAD, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::server::PollMode;
-use hacserve_runtime::stats::{write_csv, Report};
 use hacserve_runtime::transport::zmq::ZmqClient;
 use hacserve_runtime::{logging, signal};
 
@@ -122,26 +120,14 @@ fn main() -> Result<()> {
         payload.len(),
         args.model_name
     );
-    let report = Report::from_records(&label, &run.records, run.wall.as_secs_f64());
-    println!("{}", report.table());
-    if let Some(top1) = most_common_top1(&run.records) {
-        let name = Labels::load(&args.classes_file, None)
-            .map(|l| l.name(top1 as usize).into_owned())
-            .unwrap_or_else(|_| format!("class {top1}"));
-        println!(" top-1: {top1} ({name})");
-    }
-    if args.save_logs {
-        std::fs::create_dir_all(&args.folder)
-            .with_context(|| format!("creating {}", args.folder.display()))?;
-        let csv = args.folder.join(format!("client_{}.csv", args.client_id));
-        write_csv(&csv, &run.records).with_context(|| format!("writing {}", csv.display()))?;
-        let json = args
-            .folder
-            .join(format!("client_{}_summary.json", args.client_id));
-        std::fs::write(&json, report.json() + "\n")
-            .with_context(|| format!("writing {}", json.display()))?;
-        println!(" logs: {} and {}", csv.display(), json.display());
-    }
+    report_run(
+        &run,
+        &label,
+        args.client_id,
+        &args.classes_file,
+        args.save_logs.then_some(args.folder.as_path()),
+    )
+    .context("writing the run's logs")?;
     if let Some(e) = run.failure {
         bail!(
             "run stopped after {} of {} requests: {e}",
@@ -150,12 +136,4 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn most_common_top1(records: &[hacserve_runtime::stats::RequestRecord]) -> Option<i64> {
-    let mut counts = std::collections::HashMap::new();
-    for r in records.iter().filter(|r| r.top1 >= 0) {
-        *counts.entry(r.top1).or_insert(0usize) += 1;
-    }
-    counts.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c)
 }

@@ -1,17 +1,19 @@
 //! The closed-loop client shared by every client role: one request in flight, each reply
 //! checked and timed, records preallocated for the whole run.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::clock::realtime_ns;
+use crate::labels::Labels;
 use crate::preprocess::{PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{
     decode_error, Header, MessageKind, ProtocolError, ResponseBody, Task, FLAG_PRIORITY,
     HEADER_LEN, RESPONSE_BODY_LEN,
 };
-use crate::stats::RequestRecord;
+use crate::stats::{write_csv, Report, RequestRecord};
 use crate::transport::{ClientTransport, TransportError};
 
 #[derive(Debug, Error)]
@@ -176,4 +178,46 @@ fn one_request<T: ClientTransport>(
         MessageKind::Request => return Err(ClientError::UnexpectedKind(h.kind)),
     }
     Ok(record)
+}
+
+/// What every client role prints and keeps after a run: the stage table, the most common
+/// top-1 with its class name, and with `save_to` the per-request CSV and the JSON summary
+/// (`client_<id>.csv`, `client_<id>_summary.json`).
+pub fn report_run(
+    run: &ClientRun,
+    label: &str,
+    client_id: u32,
+    classes_file: &Path,
+    save_to: Option<&Path>,
+) -> std::io::Result<Report> {
+    let report = Report::from_records(label, &run.records, run.wall.as_secs_f64());
+    println!("{}", report.table());
+    if let Some(top1) = most_common_top1(&run.records) {
+        let name = Labels::load(classes_file, None)
+            .map(|l| l.name(top1 as usize).into_owned())
+            .unwrap_or_else(|_| format!("class {top1}"));
+        println!(" top-1: {top1} ({name})");
+    }
+    if let Some(folder) = save_to {
+        let with_path = |path: &Path| {
+            let shown = path.display().to_string();
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{shown}: {e}"))
+        };
+        std::fs::create_dir_all(folder).map_err(with_path(folder))?;
+        let csv = folder.join(format!("client_{client_id}.csv"));
+        write_csv(&csv, &run.records).map_err(with_path(&csv))?;
+        let json = folder.join(format!("client_{client_id}_summary.json"));
+        std::fs::write(&json, report.json() + "\n").map_err(with_path(&json))?;
+        println!(" logs: {} and {}", csv.display(), json.display());
+    }
+    Ok(report)
+}
+
+/// The top-1 class most replies agreed on (None when no reply carried one).
+pub fn most_common_top1(records: &[RequestRecord]) -> Option<i64> {
+    let mut counts = std::collections::HashMap::new();
+    for r in records.iter().filter(|r| r.top1 >= 0) {
+        *counts.entry(r.top1).or_insert(0usize) += 1;
+    }
+    counts.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c)
 }
