@@ -20,11 +20,91 @@ use cudarc::cudnn::{
     self, sys as dnn, ActivationDescriptor, ConvBiasActivationForward, ConvDescriptor, ConvForward,
     Cudnn, FilterDescriptor, PoolingDescriptor, PoolingForward, TensorDescriptor,
 };
+use cudarc::driver::PushKernelArg;
 use thiserror::Error;
 
 use crate::cuda::{self, cu, CudaError};
 
 pub use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as ConvAlgo;
+
+/// An IEEE half-precision value as stored on the GPU (the bits; host conversion through the
+/// `half` crate). Own type, so cudarc's "f16" feature (which changes `half`'s features for the
+/// whole workspace) is not needed.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub struct f16(pub u16);
+
+impl f16 {
+    pub const ZERO: f16 = f16(0);
+
+    pub fn from_f32(v: f32) -> Self {
+        f16(half::f16::from_f32(v).to_bits())
+    }
+
+    pub fn from_f64(v: f64) -> Self {
+        f16(half::f16::from_f64(v).to_bits())
+    }
+
+    pub fn to_f32(self) -> f32 {
+        half::f16::from_bits(self.0).to_f32()
+    }
+}
+
+// SAFETY: repr(transparent) over u16, a plain 2-byte value with no padding or invalid bit
+// patterns; this is exactly what the GPU kernels and cuDNN (CUDNN_DATA_HALF) read and write.
+unsafe impl cu::DeviceRepr for f16 {}
+// SAFETY: all-zero bits are +0.0 in IEEE half precision.
+unsafe impl cu::ValidAsZeroBits for f16 {}
+
+impl cudnn::CudnnDataType for f16 {
+    const DATA_TYPE: dnn::cudnnDataType_t = dnn::cudnnDataType_t::CUDNN_DATA_HALF;
+    /// cuDNN takes alpha/beta as float for half data (as cudarc does for half::f16).
+    type Scalar = f32;
+    fn into_scaling_parameter(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for super::f16 {}
+}
+
+/// Element type of activations and conv weights: f32 in NCHW (KCRS filters), or f16 in NHWC
+/// (KRSC filters), the layout cuDNN's FP16 tensor-core kernels run on directly.
+pub trait Elem:
+    sealed::Sealed
+    + cudnn::CudnnDataType
+    + cu::DeviceRepr
+    + cu::ValidAsZeroBits
+    + Copy
+    + Send
+    + Sync
+    + Unpin
+    + std::fmt::Debug
+    + 'static
+{
+    /// Memory layout of tensors and filters of this type.
+    const FORMAT: dnn::cudnnTensorFormat_t;
+    /// A scaling factor (alpha/beta) in this type (exact for the 0 and 1 used here).
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Elem for f32 {
+    const FORMAT: dnn::cudnnTensorFormat_t = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Elem for f16 {
+    const FORMAT: dnn::cudnnTensorFormat_t = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum GpuOpsError {
@@ -102,6 +182,9 @@ pub enum ConvMath {
     /// CUDNN_DEFAULT_MATH: on Ampere and later cuDNN may run FP32 convolutions on tensor cores
     /// in TF32 (10-bit mantissa inputs, FP32 accumulation), unless NVIDIA_TF32_OVERRIDE=0.
     Tf32,
+    /// CUDNN_TENSOR_OP_MATH on FP16 NHWC tensors (FP32 accumulation, the conv descriptor's
+    /// compute type is FLOAT: cuDNN's PSEUDO_HALF_CONFIG). Only with [`f16`] layers.
+    Fp16,
 }
 
 /// One GPU: a context with cudarc's per-buffer event tracking off (every buffer is used on one
@@ -133,7 +216,7 @@ impl GpuDevice {
     }
 
     /// Copies `host` to a new device buffer and waits for the copy.
-    pub fn upload(&self, host: &[f32]) -> Result<cu::CudaSlice<f32>, GpuOpsError> {
+    pub fn upload<T: cu::DeviceRepr>(&self, host: &[T]) -> Result<cu::CudaSlice<T>, GpuOpsError> {
         let slice = self.upload.clone_htod(host)?;
         self.upload.synchronize()?;
         Ok(slice)
@@ -278,17 +361,15 @@ fn to_c(dims: &[usize], what: &str) -> Result<Vec<i32>, GpuOpsError> {
         .collect()
 }
 
-fn tensor4(
+/// A 4-D tensor descriptor; `dims` are always [N, C, H, W], the memory layout is `T::FORMAT`.
+fn tensor4<T: Elem>(
     h: &Handles,
     dims: [usize; 4],
     what: &str,
-) -> Result<TensorDescriptor<f32>, GpuOpsError> {
+) -> Result<TensorDescriptor<T>, GpuOpsError> {
     let d = to_c(&dims, what)?;
     h.cudnn
-        .create_4d_tensor::<f32>(
-            dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            [d[0], d[1], d[2], d[3]],
-        )
+        .create_4d_tensor::<T>(T::FORMAT, [d[0], d[1], d[2], d[3]])
         .map_err(dnn_err("cudnnSetTensor4dDescriptor"))
 }
 
@@ -329,14 +410,16 @@ impl ConvGeometry {
 }
 
 /// y = act(conv(x, w) + alpha2 * z + bias), one `cudnnConvolutionBiasActivationForward`.
-pub struct ConvLayer {
+/// With `T = f16`: x, w, z, bias and y are HALF (NHWC / KRSC), the convolution computes in
+/// FLOAT, alpha1/alpha2 are f32 (cudarc passes f16's scaling parameters as f32).
+pub struct ConvLayer<T: Elem = f32> {
     cudnn: Arc<Cudnn>,
     conv: ConvDescriptor<f32>,
     act: ActivationDescriptor<f32>,
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
-    bias: TensorDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
+    bias: TensorDescriptor<T>,
     algo: ConvAlgo,
     workspace: usize,
     relu: bool,
@@ -351,12 +434,13 @@ pub struct ConvLayer {
 // SAFETY: as for Handles: the descriptors are host objects cuDNN lets any thread use or
 // destroy; the handle inside them is only used by launch/set_algorithm paths that take
 // `&mut Handles` (or `&Handles` during build) of the same handle, checked; not Sync.
-unsafe impl Send for ConvLayer {}
+unsafe impl<T: Elem> Send for ConvLayer<T> {}
 
-impl ConvLayer {
+impl<T: Elem> ConvLayer<T> {
     /// Builds the descriptors and picks the algorithm (cuDNN heuristics, once). With `relu`
     /// false (IDENTITY) cuDNN only supports IMPLICIT_PRECOMP_GEMM for this call, so that is
-    /// what is used. `residual` says whether launches pass a z to add.
+    /// what is used. `residual` says whether launches pass a z to add. `math` must be
+    /// [`ConvMath::Fp16`] exactly when `T` is [`f16`].
     pub fn new(
         h: &Handles,
         g: &ConvGeometry,
@@ -365,6 +449,10 @@ impl ConvLayer {
         math: ConvMath,
     ) -> Result<Self, GpuOpsError> {
         h.bind()?;
+        let half = T::FORMAT == dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        if half != (math == ConvMath::Fp16) {
+            return geometry(format!("conv math {math:?} does not fit element type"));
+        }
         let y_shape = g.output().map_err(GpuOpsError::Geometry)?;
         let k = to_c(&g.kernel, "conv kernel")?;
         let s = to_c(&g.stride, "conv stride")?;
@@ -387,14 +475,12 @@ impl ConvLayer {
         conv.set_math_type(match math {
             ConvMath::Fp32 => dnn::cudnnMathType_t::CUDNN_FMA_MATH,
             ConvMath::Tf32 => dnn::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            ConvMath::Fp16 => dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         })
         .map_err(dnn_err("cudnnSetConvolutionMathType"))?;
         let w = h
             .cudnn
-            .create_4d_filter::<f32>(
-                dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                [cout, cin, k[0], k[1]],
-            )
+            .create_4d_filter::<T>(T::FORMAT, [cout, cin, k[0], k[1]])
             .map_err(dnn_err("cudnnSetFilter4dDescriptor"))?;
         let x = tensor4(h, g.x, "conv input")?;
         let y = tensor4(h, y_shape, "conv output")?;
@@ -495,12 +581,12 @@ impl ConvLayer {
     pub fn launch(
         &self,
         h: &mut Handles,
-        x: &cu::CudaSlice<f32>,
-        w: &cu::CudaSlice<f32>,
-        bias: &cu::CudaSlice<f32>,
-        z: &cu::CudaSlice<f32>,
+        x: &cu::CudaSlice<T>,
+        w: &cu::CudaSlice<T>,
+        bias: &cu::CudaSlice<T>,
+        z: &cu::CudaSlice<T>,
         workspace: &mut cu::CudaSlice<u8>,
-        y: &mut cu::CudaSlice<f32>,
+        y: &mut cu::CudaSlice<T>,
     ) -> Result<(), GpuOpsError> {
         h.check_own(&self.cudnn)?;
         let sizes = [
@@ -528,9 +614,9 @@ impl ConvLayer {
             bias: &self.bias,
             y: &self.y,
         };
-        let alpha2 = if self.residual { 1.0f32 } else { 0.0f32 };
+        let alpha2 = if self.residual { 1.0f64 } else { 0.0f64 };
         // SAFETY: every descriptor was built by this layer with the shapes checked above against
-        // the buffers (x, w, bias, z, y hold at least as many f32 as their descriptors describe,
+        // the buffers (x, w, bias, z, y hold at least as many T as their descriptors describe,
         // the workspace at least the bytes the algorithm asked for); the launch goes to the
         // stream of the handle the descriptors belong to (checked), which also owns y; y does
         // not alias x, w, bias or z (distinct &/&mut borrows).
@@ -538,7 +624,7 @@ impl ConvLayer {
             op.launch(
                 self.algo,
                 Some(workspace),
-                (1.0f32, alpha2),
+                (T::from_f64(1.0), T::from_f64(alpha2)),
                 x,
                 w,
                 z,
@@ -551,20 +637,20 @@ impl ConvLayer {
 }
 
 /// Max pooling or a global average, one `cudnnPoolingForward`.
-pub struct PoolLayer {
+pub struct PoolLayer<T: Elem = f32> {
     cudnn: Arc<Cudnn>,
     pool: PoolingDescriptor<f32>,
-    x: TensorDescriptor<f32>,
-    y: TensorDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    y: TensorDescriptor<T>,
     x_len: usize,
     y_len: usize,
     y_shape: [usize; 4],
 }
 
 // SAFETY: as for ConvLayer: launches take `&mut Handles` of the same handle (checked).
-unsafe impl Send for PoolLayer {}
+unsafe impl<T: Elem> Send for PoolLayer<T> {}
 
-impl PoolLayer {
+impl<T: Elem> PoolLayer<T> {
     /// Max pooling over `kernel` with `stride` and symmetric `pad` (padding never wins a max).
     pub fn max(
         h: &Handles,
@@ -652,8 +738,8 @@ impl PoolLayer {
     pub fn launch(
         &self,
         h: &mut Handles,
-        x: &cu::CudaSlice<f32>,
-        y: &mut cu::CudaSlice<f32>,
+        x: &cu::CudaSlice<T>,
+        y: &mut cu::CudaSlice<T>,
     ) -> Result<(), GpuOpsError> {
         h.check_own(&self.cudnn)?;
         if x.len() < self.x_len || y.len() < self.y_len {
@@ -674,7 +760,142 @@ impl PoolLayer {
         // SAFETY: descriptors built by this layer; x and y hold at least the elements they
         // describe (checked above); the launch goes to the handle's stream (checked); y is a
         // distinct &mut borrow from x.
-        unsafe { op.launch((1.0f32, 0.0f32), x, y) }.map_err(dnn_err("cudnnPoolingForward"))
+        unsafe { op.launch((T::from_f64(1.0), T::from_f64(0.0)), x, y) }
+            .map_err(dnn_err("cudnnPoolingForward"))
+    }
+}
+
+const HALF_KERNELS: &str = r#"
+// Conversions for the FP16 path, with PTX cvt so that no header (cuda_fp16.h) is needed.
+__device__ __forceinline__ unsigned short f2h(float v) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+__device__ __forceinline__ float h2f(unsigned short v) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v));
+    return r;
+}
+
+// x: [n, c, hw] f32 (NCHW); y: [n, hw, cp] f16 (NHWC), channels c..cp zero.
+extern "C" __global__ void nchw_f32_to_nhwc_f16(
+    const float* __restrict__ x, unsigned short* __restrict__ y, int n, int c, int hw, int cp)
+{
+    long long total = (long long)n * hw * cp;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ch = (int)(i % cp);
+        long long rest = i / cp;
+        int p = (int)(rest % hw);
+        int ni = (int)(rest / hw);
+        y[i] = ch < c ? f2h(x[((long long)ni * c + ch) * hw + p]) : (unsigned short)0;
+    }
+}
+
+extern "C" __global__ void f16_to_f32(
+    const unsigned short* __restrict__ x, float* __restrict__ y, int len)
+{
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < len; i += gridDim.x * blockDim.x) {
+        y[i] = h2f(x[i]);
+    }
+}
+"#;
+
+/// The two conversion kernels of the FP16 path (NVRTC, compiled once per loader).
+pub struct HalfKernels {
+    to_nhwc: cu::CudaFunction,
+    to_f32: cu::CudaFunction,
+}
+
+impl GpuDevice {
+    /// Compiles the FP16 conversion kernels (needs libnvrtc).
+    pub fn half_kernels(&self) -> Result<HalfKernels, GpuOpsError> {
+        // SAFETY: only tries to dlopen libnvrtc by name; cudarc panics on a missing library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return geometry("NVRTC (libnvrtc) not found: needed for the FP16 path".to_string());
+        }
+        self.ctx.bind_to_thread()?;
+        let ptx = cudarc::nvrtc::compile_ptx(HALF_KERNELS)
+            .map_err(|e| GpuOpsError::Geometry(format!("NVRTC compile of FP16 kernels: {e}")))?;
+        let module = self.ctx.load_module(ptx)?;
+        Ok(HalfKernels {
+            to_nhwc: module.load_function("nchw_f32_to_nhwc_f16")?,
+            to_f32: module.load_function("f16_to_f32")?,
+        })
+    }
+}
+
+fn grid_for(total: usize) -> cu::LaunchConfig {
+    let blocks = total.div_ceil(256).clamp(1, 4096) as u32;
+    cu::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl HalfKernels {
+    /// x [n, c, h, w] f32 (NCHW) -> y [n, h, w, cp] f16 (NHWC), zero in channels c..cp.
+    pub fn nchw_to_nhwc(
+        &self,
+        h: &mut Handles,
+        x: &cu::CudaSlice<f32>,
+        dims: [usize; 4],
+        cp: usize,
+        y: &mut cu::CudaSlice<f16>,
+    ) -> Result<(), GpuOpsError> {
+        let [n, c, hh, ww] = dims;
+        let hw = hh * ww;
+        let (x_len, y_len) = (n * c * hw, n * hw * cp);
+        if cp < c || x.len() < x_len || y.len() < y_len {
+            return geometry(format!(
+                "to NHWC f16: dims {dims:?} cp {cp}, buffers of {} and {}",
+                x.len(),
+                y.len()
+            ));
+        }
+        let args = to_c(&[n, c, hw, cp, y_len], "to NHWC f16")?;
+        h.bind()?;
+        let mut b = h.stream.launch_builder(&self.to_nhwc);
+        b.arg(x)
+            .arg(y)
+            .arg(&args[0])
+            .arg(&args[1])
+            .arg(&args[2])
+            .arg(&args[3]);
+        // SAFETY: arguments match the kernel signature (two pointers, four ints); it reads
+        // x[0..n*c*hw] and writes y[0..n*hw*cp], both within the buffers (checked above; all
+        // products fit i32, checked by to_c); x and y are distinct borrows; launched on the
+        // session stream that owns both.
+        unsafe { b.launch(grid_for(y_len)) }?;
+        Ok(())
+    }
+
+    /// y[0..len] = x[0..len] as f32.
+    pub fn to_f32(
+        &self,
+        h: &mut Handles,
+        x: &cu::CudaSlice<f16>,
+        len: usize,
+        y: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        if x.len() < len || y.len() < len {
+            return geometry(format!(
+                "f16 to f32 of {len}: buffers of {} and {}",
+                x.len(),
+                y.len()
+            ));
+        }
+        let n = to_c(&[len], "f16 to f32")?[0];
+        h.bind()?;
+        let mut b = h.stream.launch_builder(&self.to_f32);
+        b.arg(x).arg(y).arg(&n);
+        // SAFETY: arguments match the kernel (two pointers, one int); it reads x[0..len] and
+        // writes y[0..len], within both buffers (checked above); distinct borrows; launched on
+        // the session stream that owns both.
+        unsafe { b.launch(grid_for(len)) }?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! GPU backend on cuDNN + cuBLAS (first cut): reads the same ONNX ResNets as the CPU backend,
 //! folds BatchNormalization into the convolutions, fuses ReLU and the residual Add into
-//! `cudnnConvolutionBiasActivationForward`, and runs FP32 NCHW on one stream per session.
+//! `cudnnConvolutionBiasActivationForward`, and runs FP32 NCHW (or, with [`Precision::Fp16`],
+//! FP16 NHWC on tensor cores) on one stream per session.
 //!
 //! Two steps:
 //! * [`Plan::from_proto`] (no GPU): walks the ONNX nodes in order and produces a list of
@@ -23,8 +24,8 @@ use std::sync::Arc;
 
 use hacserve_ffi::cuda::cu;
 use hacserve_ffi::gpu_ops::{
-    self, ConvAlgo, ConvGeometry, ConvLayer, ConvMath, GemmLayer, GpuDevice, GpuOpsError, Graph,
-    Handles, PoolLayer,
+    self, f16, ConvAlgo, ConvGeometry, ConvLayer, ConvMath, GemmLayer, GpuDevice, GpuOpsError,
+    Graph, HalfKernels, Handles, PoolLayer,
 };
 use prost::Message;
 use tract_onnx::pb::{
@@ -37,7 +38,7 @@ use super::{EngineError, EngineLoader, InferenceEngine};
 /// Used when the model does not say: the ImageNet layout.
 const DEFAULT_CHW: [usize; 3] = [3, 224, 224];
 
-/// Numeric mode of the convolutions (activations and weights are FP32 in both).
+/// Numeric mode of the convolutions (activations and weights are FP32 in Fp32 and Tf32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Plain FP32 FMA kernels (CUDNN_FMA_MATH): matches the CPU to ~1e-5 relative.
@@ -45,6 +46,54 @@ pub enum Precision {
     /// cuDNN default math: TF32 tensor cores on Ampere/Hopper (~1e-3..1e-2 relative).
     #[default]
     Tf32,
+    /// FP16 activations and conv weights in NHWC (KRSC filters), tensor-op math with FP32
+    /// accumulation; the input is converted on the GPU (f32 NCHW -> f16 NHWC, the 3 image
+    /// channels zero-padded to 8), the pooled features back to f32 for an FP32 classifier GEMM.
+    Fp16,
+}
+
+/// Channels of the FP16 input tensor: a multiple of 8 (tensor-core kernels want it).
+fn padded_channels(c: usize) -> usize {
+    c.div_ceil(8) * 8
+}
+
+/// A device buffer of either element type.
+enum DevBuf {
+    F32(cu::CudaSlice<f32>),
+    F16(cu::CudaSlice<f16>),
+}
+
+impl DevBuf {
+    fn f32s(&self) -> Result<&cu::CudaSlice<f32>, GpuOpsError> {
+        match self {
+            DevBuf::F32(b) => Ok(b),
+            DevBuf::F16(_) => Err(GpuOpsError::Geometry("f16 buffer where f32 needed".into())),
+        }
+    }
+
+    fn f16s(&self) -> Result<&cu::CudaSlice<f16>, GpuOpsError> {
+        match self {
+            DevBuf::F16(b) => Ok(b),
+            DevBuf::F32(_) => Err(GpuOpsError::Geometry("f32 buffer where f16 needed".into())),
+        }
+    }
+}
+
+/// KCRS f32 weights -> KRSC f16 with the input channels zero-padded to `cp`.
+fn to_krsc_half(w: &[f32], g: &ConvGeometry, cp: usize) -> Vec<f16> {
+    let (k, c, r, sx) = (g.cout, g.x[1], g.kernel[0], g.kernel[1]);
+    let mut out = vec![f16::ZERO; k * r * sx * cp];
+    for ko in 0..k {
+        for ci in 0..c {
+            for ri in 0..r {
+                for si in 0..sx {
+                    out[((ko * r + ri) * sx + si) * cp + ci] =
+                        f16::from_f32(w[((ko * c + ci) * r + ri) * sx + si]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One launch of the plan. Tensor ids index [`Plan::shapes`]; param ids index
@@ -836,7 +885,8 @@ impl Default for CudnnOptions {
 pub struct CudnnLoader {
     device: Arc<GpuDevice>,
     plan: Arc<Plan>,
-    weights: Arc<Vec<cu::CudaSlice<f32>>>,
+    weights: Arc<Vec<DevBuf>>,
+    half: Option<Arc<HalfKernels>>,
     options: CudnnOptions,
 }
 
@@ -853,16 +903,56 @@ impl CudnnLoader {
     ) -> Result<Self, EngineError> {
         let plan = Plan::load(path, options.batch)?;
         let gpu = GpuDevice::open(device).map_err(run_err)?;
+        let fp16 = options.precision == Precision::Fp16;
+        // FP16: conv weights (KRSC, input channels of the first conv padded) and biases go
+        // to the GPU as f16; the classifier's weights stay f32.
+        let mut half_params: HashMap<usize, Vec<f16>> = HashMap::new();
+        if fp16 {
+            for step in &plan.steps {
+                if let Step::Conv {
+                    x,
+                    weight,
+                    bias,
+                    geometry,
+                    ..
+                } = step
+                {
+                    let cp = if *x == 0 {
+                        padded_channels(geometry.x[1])
+                    } else {
+                        geometry.x[1]
+                    };
+                    half_params.insert(*weight, to_krsc_half(&plan.params[*weight], geometry, cp));
+                    half_params.insert(
+                        *bias,
+                        plan.params[*bias]
+                            .iter()
+                            .map(|&v| f16::from_f32(v))
+                            .collect(),
+                    );
+                }
+            }
+        }
         let weights = plan
             .params
             .iter()
-            .map(|p| gpu.upload(p))
+            .enumerate()
+            .map(|(i, p)| match half_params.get(&i) {
+                Some(h) => gpu.upload(h).map(DevBuf::F16),
+                None => gpu.upload(p).map(DevBuf::F32),
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(run_err)?;
+        let half = if fp16 {
+            Some(Arc::new(gpu.half_kernels().map_err(run_err)?))
+        } else {
+            None
+        };
         Ok(CudnnLoader {
             device: Arc::new(gpu),
             plan: Arc::new(plan),
             weights: Arc::new(weights),
+            half,
             options,
         })
     }
@@ -886,9 +976,56 @@ impl EngineLoader for CudnnLoader {
     }
 }
 
+enum ConvOp {
+    F32(ConvLayer<f32>),
+    F16(ConvLayer<f16>),
+}
+
+impl ConvOp {
+    fn algorithm(&self) -> ConvAlgo {
+        match self {
+            ConvOp::F32(op) => op.algorithm(),
+            ConvOp::F16(op) => op.algorithm(),
+        }
+    }
+
+    fn relu(&self) -> bool {
+        match self {
+            ConvOp::F32(op) => op.relu(),
+            ConvOp::F16(op) => op.relu(),
+        }
+    }
+
+    fn workspace_bytes(&self) -> usize {
+        match self {
+            ConvOp::F32(op) => op.workspace_bytes(),
+            ConvOp::F16(op) => op.workspace_bytes(),
+        }
+    }
+
+    fn fall_back(&mut self, h: &Handles) -> Result<usize, GpuOpsError> {
+        match self {
+            ConvOp::F32(op) => op.fall_back(h),
+            ConvOp::F16(op) => op.fall_back(h),
+        }
+    }
+}
+
+enum PoolOp {
+    F32(PoolLayer<f32>),
+    F16(PoolLayer<f16>),
+}
+
 enum Layer {
+    /// FP16 only, first: the f32 NCHW staging buffer -> tensor 0 (f16 NHWC, padded channels).
+    ToHalf {
+        kernels: Arc<HalfKernels>,
+        dims: [usize; 4],
+        cp: usize,
+        y: usize,
+    },
     Conv {
-        op: ConvLayer,
+        op: ConvOp,
         x: usize,
         y: usize,
         z: Option<usize>,
@@ -897,7 +1034,7 @@ enum Layer {
         name: String,
     },
     Pool {
-        op: PoolLayer,
+        op: PoolOp,
         x: usize,
         y: usize,
     },
@@ -907,6 +1044,8 @@ enum Layer {
         y: usize,
         weight: usize,
         bias_rows: cu::CudaSlice<f32>,
+        /// FP16: the f16 features converted to f32 here first (kernels, m * k buffer).
+        to_f32: Option<(Arc<HalfKernels>, cu::CudaSlice<f32>)>,
     },
 }
 
@@ -915,11 +1054,13 @@ pub struct CudnnSession {
     handles: Handles,
     layers: Vec<Layer>,
     /// One buffer per plan tensor (fused ops write into their conv's buffer).
-    buffers: Vec<Option<cu::CudaSlice<f32>>>,
+    buffers: Vec<Option<DevBuf>>,
+    /// FP16: where `infer` uploads the f32 NCHW input (the first layer converts it).
+    staging: Option<cu::CudaSlice<f32>>,
     /// z for convs without a residual (weighted by 0, kept finite).
-    zeros: cu::CudaSlice<f32>,
+    zeros: DevBuf,
     workspace: cu::CudaSlice<u8>,
-    weights: Arc<Vec<cu::CudaSlice<f32>>>,
+    weights: Arc<Vec<DevBuf>>,
     input_shape: [usize; 4],
     output: usize,
     num_classes: usize,
@@ -934,8 +1075,31 @@ impl CudnnSession {
         let math = match loader.options.precision {
             Precision::Fp32 => ConvMath::Fp32,
             Precision::Tf32 => ConvMath::Tf32,
+            Precision::Fp16 => ConvMath::Fp16,
         };
-        let mut layers = Vec::with_capacity(plan.steps.len());
+        let half = loader.half.clone();
+        let fp16 = half.is_some();
+        // Element count of each tensor's buffer (FP16: tensor 0 has padded channels).
+        let mut sizes: Vec<usize> = plan.shapes.iter().map(|s| s.iter().product()).collect();
+        let mut layers = Vec::with_capacity(plan.steps.len() + 1);
+        let mut staging = None;
+        if let Some(kernels) = &half {
+            let dims = plan.shapes[0];
+            let cp = padded_channels(dims[1]);
+            sizes[0] = dims[0] * cp * dims[2] * dims[3];
+            staging = Some(
+                handles
+                    .zeros::<f32>(dims.iter().product())
+                    .map_err(run_err)?,
+            );
+            layers.push(Layer::ToHalf {
+                kernels: kernels.clone(),
+                dims,
+                cp,
+                y: 0,
+            });
+        }
+        let mut f32_tensors = vec![!fp16; plan.shapes.len()];
         let mut workspace = 0usize;
         for step in &plan.steps {
             let layer = match step {
@@ -949,8 +1113,22 @@ impl CudnnSession {
                     geometry,
                     relu,
                 } => {
-                    let op = ConvLayer::new(&handles, geometry, *relu, z.is_some(), math)
-                        .map_err(|e| EngineError::Run(format!("conv {name}: {e}")))?;
+                    let conv_err = |e: GpuOpsError| EngineError::Run(format!("conv {name}: {e}"));
+                    let op = if fp16 {
+                        let mut g = *geometry;
+                        if *x == 0 {
+                            g.x[1] = padded_channels(g.x[1]);
+                        }
+                        ConvOp::F16(
+                            ConvLayer::<f16>::new(&handles, &g, *relu, z.is_some(), math)
+                                .map_err(conv_err)?,
+                        )
+                    } else {
+                        ConvOp::F32(
+                            ConvLayer::<f32>::new(&handles, geometry, *relu, z.is_some(), math)
+                                .map_err(conv_err)?,
+                        )
+                    };
                     workspace = workspace.max(op.workspace_bytes());
                     Layer::Conv {
                         op,
@@ -969,13 +1147,32 @@ impl CudnnSession {
                     stride,
                     pad,
                 } => Layer::Pool {
-                    op: PoolLayer::max(&handles, plan.shapes[*x], *kernel, *stride, *pad)
-                        .map_err(run_err)?,
+                    op: if fp16 {
+                        PoolOp::F16(
+                            PoolLayer::max(&handles, plan.shapes[*x], *kernel, *stride, *pad)
+                                .map_err(run_err)?,
+                        )
+                    } else {
+                        PoolOp::F32(
+                            PoolLayer::max(&handles, plan.shapes[*x], *kernel, *stride, *pad)
+                                .map_err(run_err)?,
+                        )
+                    },
                     x: *x,
                     y: *y,
                 },
                 Step::GlobalAveragePool { x, y } => Layer::Pool {
-                    op: PoolLayer::global_average(&handles, plan.shapes[*x]).map_err(run_err)?,
+                    op: if fp16 {
+                        PoolOp::F16(
+                            PoolLayer::global_average(&handles, plan.shapes[*x])
+                                .map_err(run_err)?,
+                        )
+                    } else {
+                        PoolOp::F32(
+                            PoolLayer::global_average(&handles, plan.shapes[*x])
+                                .map_err(run_err)?,
+                        )
+                    },
                     x: *x,
                     y: *y,
                 },
@@ -996,35 +1193,50 @@ impl CudnnSession {
                         .collect();
                     let mut bias_rows = handles.zeros::<f32>(rows.len()).map_err(run_err)?;
                     handles.upload(&rows, &mut bias_rows).map_err(run_err)?;
+                    f32_tensors[*y] = true;
+                    let to_f32 = match &half {
+                        Some(kernels) => Some((
+                            kernels.clone(),
+                            handles.zeros::<f32>(batch * k).map_err(run_err)?,
+                        )),
+                        None => None,
+                    };
                     Layer::Gemm {
                         op: GemmLayer::new(batch, *k, *n).map_err(run_err)?,
                         x: *x,
                         y: *y,
                         weight: *weight,
                         bias_rows,
+                        to_f32,
                     }
                 }
             };
             layers.push(layer);
         }
-        let buffers = plan
-            .shapes
+        let buffers = sizes
             .iter()
-            .map(|s| handles.zeros::<f32>(s.iter().product()).map(Some))
+            .zip(&f32_tensors)
+            .map(|(&len, &is_f32)| {
+                if is_f32 {
+                    handles.zeros::<f32>(len).map(|b| Some(DevBuf::F32(b)))
+                } else {
+                    handles.zeros::<f16>(len).map(|b| Some(DevBuf::F16(b)))
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(run_err)?;
-        let largest = plan
-            .shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .max()
-            .unwrap_or(1);
-        let zeros = handles.zeros::<f32>(largest).map_err(run_err)?;
+        let largest = sizes.iter().copied().max().unwrap_or(1);
+        let zeros = if fp16 {
+            DevBuf::F16(handles.zeros::<f16>(largest).map_err(run_err)?)
+        } else {
+            DevBuf::F32(handles.zeros::<f32>(largest).map_err(run_err)?)
+        };
         let ws = handles.zeros::<u8>(workspace).map_err(run_err)?;
         let mut session = CudnnSession {
             handles,
             layers,
             buffers,
+            staging,
             zeros,
             workspace: ws,
             weights: loader.weights.clone(),
@@ -1147,11 +1359,12 @@ impl CudnnSession {
             Layer::Conv { name, op, .. } => format!("conv {name} ({:?})", op.algorithm()),
             Layer::Pool { .. } => "pooling".to_string(),
             Layer::Gemm { .. } => "gemm".to_string(),
+            Layer::ToHalf { .. } => "input to f16 NHWC".to_string(),
         };
         EngineError::Run(format!("layer {i} {what}: {e}"))
     }
 
-    fn take(&mut self, t: usize) -> Result<cu::CudaSlice<f32>, GpuOpsError> {
+    fn take(&mut self, t: usize) -> Result<DevBuf, GpuOpsError> {
         self.buffers
             .get_mut(t)
             .and_then(Option::take)
@@ -1162,7 +1375,10 @@ impl CudnnSession {
     /// inputs can be borrowed at the same time) and put back after.
     fn run_layer(&mut self, i: usize) -> Result<(), GpuOpsError> {
         let y = match &self.layers[i] {
-            Layer::Conv { y, .. } | Layer::Pool { y, .. } | Layer::Gemm { y, .. } => *y,
+            Layer::Conv { y, .. }
+            | Layer::Pool { y, .. }
+            | Layer::Gemm { y, .. }
+            | Layer::ToHalf { y, .. } => *y,
         };
         let mut out = self.take(y)?;
         let result = self.launch_into(i, &mut out);
@@ -1170,11 +1386,12 @@ impl CudnnSession {
         result
     }
 
-    fn launch_into(&mut self, i: usize, out: &mut cu::CudaSlice<f32>) -> Result<(), GpuOpsError> {
+    fn launch_into(&mut self, i: usize, out: &mut DevBuf) -> Result<(), GpuOpsError> {
         let CudnnSession {
             handles,
             layers,
             buffers,
+            staging,
             zeros,
             workspace,
             weights,
@@ -1188,7 +1405,18 @@ impl CudnnSession {
                 .ok_or_else(|| missing("tensor", t))
         };
         let param = |p: usize| weights.get(p).ok_or_else(|| missing("parameter", p));
-        match &layers[i] {
+        match &mut layers[i] {
+            Layer::ToHalf {
+                kernels, dims, cp, ..
+            } => {
+                let src = staging
+                    .as_ref()
+                    .ok_or_else(|| missing("staging buffer", 0))?;
+                let DevBuf::F16(out) = out else {
+                    return Err(missing("f16 input tensor", 0));
+                };
+                kernels.nchw_to_nhwc(handles, src, *dims, *cp, out)
+            }
             Layer::Conv {
                 op,
                 x,
@@ -1201,24 +1429,59 @@ impl CudnnSession {
                     Some(t) => buf(*t)?,
                     None => &*zeros,
                 };
-                op.launch(
-                    handles,
-                    buf(*x)?,
-                    param(*weight)?,
-                    param(*bias)?,
-                    z,
-                    workspace,
-                    out,
-                )
+                match (op, out) {
+                    (ConvOp::F32(op), DevBuf::F32(out)) => op.launch(
+                        handles,
+                        buf(*x)?.f32s()?,
+                        param(*weight)?.f32s()?,
+                        param(*bias)?.f32s()?,
+                        z.f32s()?,
+                        workspace,
+                        out,
+                    ),
+                    (ConvOp::F16(op), DevBuf::F16(out)) => op.launch(
+                        handles,
+                        buf(*x)?.f16s()?,
+                        param(*weight)?.f16s()?,
+                        param(*bias)?.f16s()?,
+                        z.f16s()?,
+                        workspace,
+                        out,
+                    ),
+                    _ => Err(missing("conv output of the layer's type", i)),
+                }
             }
-            Layer::Pool { op, x, .. } => op.launch(handles, buf(*x)?, out),
+            Layer::Pool { op, x, .. } => match (op, out) {
+                (PoolOp::F32(op), DevBuf::F32(out)) => op.launch(handles, buf(*x)?.f32s()?, out),
+                (PoolOp::F16(op), DevBuf::F16(out)) => op.launch(handles, buf(*x)?.f16s()?, out),
+                _ => Err(missing("pool output of the layer's type", i)),
+            },
             Layer::Gemm {
                 op,
                 x,
                 weight,
                 bias_rows,
+                to_f32,
                 ..
-            } => op.launch(handles, buf(*x)?, param(*weight)?, bias_rows, out),
+            } => {
+                let DevBuf::F32(out) = out else {
+                    return Err(missing("f32 gemm output", i));
+                };
+                match to_f32 {
+                    Some((kernels, features)) => {
+                        let len = features.len();
+                        kernels.to_f32(handles, buf(*x)?.f16s()?, len, features)?;
+                        op.launch(handles, features, param(*weight)?.f32s()?, bias_rows, out)
+                    }
+                    None => op.launch(
+                        handles,
+                        buf(*x)?.f32s()?,
+                        param(*weight)?.f32s()?,
+                        bias_rows,
+                        out,
+                    ),
+                }
+            }
         }
     }
 
@@ -1275,16 +1538,25 @@ impl InferenceEngine for CudnnSession {
             )));
         }
         self.handles.bind().map_err(run_err)?;
-        let mut first = self.take(0).map_err(run_err)?;
-        let copied = self.handles.upload(input, &mut first);
-        self.buffers[0] = Some(first);
-        copied.map_err(run_err)?;
+        if let Some(staging) = self.staging.as_mut() {
+            self.handles.upload(input, staging).map_err(run_err)?;
+        } else {
+            let mut first = self.take(0).map_err(run_err)?;
+            let copied = match &mut first {
+                DevBuf::F32(b) => self.handles.upload(input, b),
+                DevBuf::F16(_) => Err(GpuOpsError::Geometry("f16 input without staging".into())),
+            };
+            self.buffers[0] = Some(first);
+            copied.map_err(run_err)?;
+        }
         self.run_all()?;
         let out = self
             .buffers
             .get(self.output)
             .and_then(Option::as_ref)
-            .ok_or_else(|| EngineError::Run("output buffer missing".to_string()))?;
+            .ok_or_else(|| EngineError::Run("output buffer missing".to_string()))?
+            .f32s()
+            .map_err(run_err)?;
         self.handles.download(out, logits).map_err(run_err)
     }
 }
