@@ -65,9 +65,12 @@ struct Args {
     /// busy (spin), block (sleep) or auto (spin only with a core per thread)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
-    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, TF32, CUDA graph)
+    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
+    /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
+    #[argh(option, default = "String::from(\"fp16\")")]
+    precision: String,
     /// GPUs for the gpu backend, comma-separated (workers are spread over them round-robin,
     /// each with its own engine context and stream)
     #[argh(option, default = "String::from(\"0\")")]
@@ -115,7 +118,12 @@ fn main() -> Result<()> {
         "gpu" => {
             let options = CudnnOptions {
                 batch: 1,
-                precision: Precision::Tf32,
+                precision: match args.precision.as_str() {
+                    "fp16" => Precision::Fp16,
+                    "tf32" => Precision::Tf32,
+                    "fp32" => Precision::Fp32,
+                    other => bail!("--precision {other:?}: use fp16, tf32 or fp32"),
+                },
                 cuda_graph: true,
             };
             let mut v: Vec<Box<dyn EngineLoader>> = Vec::new();
@@ -186,7 +194,7 @@ fn main() -> Result<()> {
         server::pin_current_thread(0, "receive loop");
     }
     let backend = if args.backend == "gpu" {
-        format!("cudnn-gpu on GPUs {}", args.gpus)
+        format!("cudnn-gpu {} on GPUs {}", args.precision, args.gpus)
     } else {
         format!("tract-cpu x{} threads", args.threads)
     };
