@@ -14,6 +14,8 @@ use crate::server::PollMode;
 use crate::transport::TransportError;
 
 const MAX_FRAMES: usize = 8;
+/// How long a request may wait for any backend connection to come up before `Overloaded`.
+const NO_BACKEND_GRACE: Duration = Duration::from_secs(2);
 
 /// Per-backend request counts, for the share each backend got.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -133,24 +135,33 @@ impl Balancer {
             }
             if poll.readable(0) {
                 while let Some(n) = recv_frames(frontend, &mut frames)? {
-                    candidates.copy_from_slice(outstanding);
                     let mut sent = false;
-                    // Try connections from least to most loaded; a full or down one is skipped.
-                    for _ in 0..sockets.len() {
-                        let Some(i) = pick_least_outstanding(&candidates, next) else {
-                            break;
-                        };
-                        match send_frames(&sockets[i], &mut frames[..n]) {
-                            Ok(()) => {
-                                outstanding[i] += 1;
-                                shares[backend_of[i]].forwarded += 1;
-                                next = (i + 1) % sockets.len();
-                                sent = true;
+                    // A backend whose connection is not up yet (start-up, reconnect) refuses
+                    // the send: wait a little for one before answering Overloaded.
+                    let deadline = Instant::now() + NO_BACKEND_GRACE;
+                    loop {
+                        candidates.copy_from_slice(outstanding);
+                        // Try connections from least to most loaded; a full or down one is skipped.
+                        for _ in 0..sockets.len() {
+                            let Some(i) = pick_least_outstanding(&candidates, next) else {
                                 break;
+                            };
+                            match send_frames(&sockets[i], &mut frames[..n]) {
+                                Ok(()) => {
+                                    outstanding[i] += 1;
+                                    shares[backend_of[i]].forwarded += 1;
+                                    next = (i + 1) % sockets.len();
+                                    sent = true;
+                                    break;
+                                }
+                                Err(e) if e.would_block() => candidates[i] = u64::MAX,
+                                Err(e) => return Err(e.into()),
                             }
-                            Err(e) if e.would_block() => candidates[i] = u64::MAX,
-                            Err(e) => return Err(e.into()),
                         }
+                        if sent || Instant::now() >= deadline {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                     if !sent {
                         let (client, request) = Header::salvage_ids(frames[n - 1].as_slice());
