@@ -17,6 +17,7 @@ pub mod model_gen;
 pub mod pipeline;
 pub mod preprocess;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod transport;

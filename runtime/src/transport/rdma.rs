@@ -472,6 +472,9 @@ pub struct RdmaServer {
     conns: Vec<Arc<ServerConn>>,
     /// Whether any client has connected (for keep-alive off).
     served_any: bool,
+    /// Queue every well-sized request for the workers, echoes and bad headers included
+    /// (rdma_proxy: the backend answers them, so the proxy stays transparent).
+    forward_all: bool,
 }
 
 impl RdmaServer {
@@ -491,7 +494,14 @@ impl RdmaServer {
             cfg,
             conns: Vec::new(),
             served_any: false,
+            forward_all: false,
         })
+    }
+
+    /// Hands every request to the workers untouched instead of answering echoes and header
+    /// rejections in the receive loop (for a forwarding role such as rdma_proxy).
+    pub fn forward_all(&mut self, on: bool) {
+        self.forward_all = on;
     }
 
     /// The bound address.
@@ -810,10 +820,14 @@ impl RdmaServer {
         let priority = opts.priority_clients
             && msg.len() >= HEADER_LEN
             && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0;
-        let (triage, reply_head, sent) = conn.reply_with_if(slot, |w| {
-            answer_without_engine(msg, received, max_payload, w, error_text)
-        });
-        if let Triage::Answered(outcome) = triage {
+        let triage = if self.forward_all {
+            None
+        } else {
+            Some(conn.reply_with_if(slot, |w| {
+                answer_without_engine(msg, received, max_payload, w, error_text)
+            }))
+        };
+        if let Some((Triage::Answered(outcome), reply_head, sent)) = triage {
             account(
                 &queue.counters,
                 probe,
@@ -1097,29 +1111,56 @@ impl RdmaClient {
         Ok(())
     }
 
-    /// Waits for the next completion that carries a reply; returns (slot, len).
-    fn wait_reply(&mut self) -> Result<(u32, usize), TransportError> {
-        let start = Instant::now();
-        let mut idle = 0u32;
+    /// Whether the next slot is free, i.e. [`ClientTransport::send`] would not fail for lack
+    /// of credit (slots are used round-robin, so one slow reply holds the ring).
+    pub fn can_send(&self) -> bool {
+        !self.in_flight[self.next_slot as usize]
+    }
+
+    /// Requests sent whose reply has not arrived.
+    pub fn outstanding(&self) -> usize {
+        self.in_flight.iter().filter(|b| **b).count()
+    }
+
+    /// The ring depth (requests this connection may have in flight).
+    pub fn depth(&self) -> u32 {
+        self.cfg.depth
+    }
+
+    /// The request slot size (largest message `send` takes).
+    pub fn slot_size(&self) -> usize {
+        self.cfg.slot_size as usize
+    }
+
+    /// Non-blocking receive for pipelining callers (proxies): one poll of the completion
+    /// queue; the reply's slot and bytes if one arrived. Call [`Self::poll_disconnect`] now
+    /// and then to notice a server that went away while nothing is in flight.
+    pub fn try_recv(&mut self) -> Result<Option<(u32, &[u8])>, TransportError> {
+        let Some((slot, len)) = self.poll_reply()? else {
+            return Ok(None);
+        };
+        // SAFETY: as in `recv`: the slot's reply has arrived, no request for it is in flight,
+        // and none can be sent while the returned slice borrows self.
+        let bytes = unsafe {
+            self.ep
+                .buf(RESP_BUF)
+                .slice(slot as usize * self.resp_slot_size, len)
+        }
+        .ok_or_else(|| rdma_err("response slot out of range"))?;
+        Ok(Some((slot, bytes)))
+    }
+
+    /// Fails once the server has closed the connection.
+    pub fn poll_disconnect(&mut self) -> Result<(), TransportError> {
+        self.check_disconnect()
+    }
+
+    /// One poll: (slot, len) of a reply, or None when no reply completion was waiting.
+    fn poll_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
         loop {
             let n = self.ep.poll(&mut self.wc)?;
             if n == 0 {
-                if start.elapsed() > self.cfg.timeout {
-                    return Err(TransportError::Timeout(self.cfg.timeout.as_millis() as u64));
-                }
-                if signal::stop_requested() {
-                    return Err(TransportError::Stopped);
-                }
-                idle += 1;
-                if idle % 256 == 0 {
-                    self.check_disconnect()?;
-                }
-                match self.cfg.mode {
-                    PollMode::Busy => std::hint::spin_loop(),
-                    PollMode::Block if idle > 64 => std::thread::sleep(Duration::from_micros(20)),
-                    PollMode::Block => std::thread::yield_now(),
-                }
-                continue;
+                return Ok(None);
             }
             let wc = self.wc[0];
             if wc.status != IBV_WC_SUCCESS {
@@ -1129,7 +1170,7 @@ impl RdmaClient {
                 )));
             }
             if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
-                continue; // our request's send completion
+                continue; // a request's send completion
             }
             self.ep.post_recv_empty(wc.wr_id)?;
             let imm = wc
@@ -1149,7 +1190,33 @@ impl RdmaClient {
                 });
             }
             self.in_flight[slot as usize] = false;
-            return Ok((slot, len));
+            return Ok(Some((slot, len)));
+        }
+    }
+
+    /// Waits for the next completion that carries a reply; returns (slot, len).
+    fn wait_reply(&mut self) -> Result<(u32, usize), TransportError> {
+        let start = Instant::now();
+        let mut idle = 0u32;
+        loop {
+            if let Some(r) = self.poll_reply()? {
+                return Ok(r);
+            }
+            if start.elapsed() > self.cfg.timeout {
+                return Err(TransportError::Timeout(self.cfg.timeout.as_millis() as u64));
+            }
+            if signal::stop_requested() {
+                return Err(TransportError::Stopped);
+            }
+            idle += 1;
+            if idle % 256 == 0 {
+                self.check_disconnect()?;
+            }
+            match self.cfg.mode {
+                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Block if idle > 64 => std::thread::sleep(Duration::from_micros(20)),
+                PollMode::Block => std::thread::yield_now(),
+            }
         }
     }
 }

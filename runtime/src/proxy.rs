@@ -1,0 +1,336 @@
+//! Forwarding to an rdma_server over several RDMA connections (zmq_proxy, rdma_proxy).
+//!
+//! [`RdmaPool`] owns N [`RdmaClient`]s, each with its own ring. A request goes to the live
+//! connection with the fewest requests outstanding that has a free slot (up to its ring depth
+//! in flight: the connections are pipelined, not closed-loop); when none has, it waits in a
+//! FIFO. The caller's token (a ZeroMQ envelope, an inbound RDMA job) is kept per
+//! (connection, slot) and handed back with the reply bytes, so every reply reaches the client
+//! that sent the request. The message bytes pass through untouched: the protocol header's
+//! client and request ids are end-to-end.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::balancer::pick_least_outstanding;
+use crate::protocol::{encode_error, ErrorCode, Header, Task};
+use crate::server::PollMode;
+use crate::transport::rdma::{RdmaClient, RdmaClientConfig, RdmaJob};
+use crate::transport::{ClientTransport, ServerJob, TransportError};
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("backend connection {index} to {host}:{port}")]
+    Connect {
+        index: usize,
+        host: String,
+        port: u16,
+        #[source]
+        source: TransportError,
+    },
+}
+
+/// What the pool forwards: something that lends the request bytes until it is answered.
+pub trait ProxyRequest {
+    fn message(&self) -> &[u8];
+}
+
+impl ProxyRequest for RdmaJob {
+    fn message(&self) -> &[u8] {
+        ServerJob::message(self)
+    }
+}
+
+/// Backend settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub host: String,
+    pub port: u16,
+    /// RDMA connections to open.
+    pub connections: usize,
+    /// Client id announced by connection k in the handshake: `client_id_base + k` (it only
+    /// names the connection in the backend's logs; request headers keep their own ids).
+    pub client_id_base: u32,
+    pub slot_size: u32,
+    pub depth: u32,
+    pub timeout: Duration,
+    pub mode: PollMode,
+    /// Requests that may wait for a free slot before new ones are answered `Overloaded`.
+    pub queue_limit: usize,
+}
+
+/// Per-connection counts, printed at exit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnShare {
+    pub forwarded: u64,
+    pub answered: u64,
+    pub failed: u64,
+}
+
+struct Pending<T> {
+    token: T,
+    client: u32,
+    request: u64,
+}
+
+/// N pipelined RDMA connections to one backend.
+pub struct RdmaPool<T> {
+    conns: Vec<Option<RdmaClient>>,
+    /// `pending[i][slot]`: the request in flight in connection i's slot.
+    pending: Vec<Vec<Option<Pending<T>>>>,
+    waiting: VecDeque<T>,
+    shares: Vec<ConnShare>,
+    queue_limit: usize,
+    next: usize,
+    polls: u64,
+    load: Vec<u64>,
+    error_reply: Vec<u8>,
+    /// Replies answered by the pool itself (overload, no backend, too large, backend lost).
+    pub local_errors: u64,
+}
+
+impl<T: ProxyRequest> RdmaPool<T> {
+    /// Opens every connection; fails if any cannot be set up (a proxy without its backend
+    /// is useless, better to say so at start).
+    pub fn connect(cfg: &PoolConfig) -> Result<Self, ProxyError> {
+        let mut conns = Vec::with_capacity(cfg.connections);
+        let mut pending = Vec::with_capacity(cfg.connections);
+        for index in 0..cfg.connections.max(1) {
+            let c = RdmaClient::connect(
+                &cfg.host,
+                cfg.port,
+                RdmaClientConfig {
+                    client_id: cfg.client_id_base.wrapping_add(index as u32),
+                    slot_size: cfg.slot_size,
+                    depth: cfg.depth,
+                    timeout: cfg.timeout,
+                    mode: cfg.mode,
+                },
+            )
+            .map_err(|source| ProxyError::Connect {
+                index,
+                host: cfg.host.clone(),
+                port: cfg.port,
+                source,
+            })?;
+            pending.push((0..c.depth()).map(|_| None).collect());
+            conns.push(Some(c));
+        }
+        let n = conns.len();
+        Ok(RdmaPool {
+            conns,
+            pending,
+            waiting: VecDeque::new(),
+            shares: vec![ConnShare::default(); n],
+            queue_limit: cfg.queue_limit,
+            next: 0,
+            polls: 0,
+            load: vec![0; n],
+            error_reply: Vec::with_capacity(512),
+            local_errors: 0,
+        })
+    }
+
+    pub fn shares(&self) -> &[ConnShare] {
+        &self.shares
+    }
+
+    /// Requests in flight or waiting.
+    pub fn busy(&self) -> usize {
+        self.waiting.len()
+            + self
+                .pending
+                .iter()
+                .map(|p| p.iter().filter(|s| s.is_some()).count())
+                .sum::<usize>()
+    }
+
+    pub fn live_connections(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// Forwards `req` or queues it; `reply` is called at once (with an error reply) when it
+    /// can be neither sent nor queued.
+    pub fn submit(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) {
+        if !self.waiting.is_empty() {
+            // FIFO: earlier requests go first.
+            self.enqueue(req, reply);
+            self.drain(reply);
+            return;
+        }
+        if let Some(req) = self.try_send(req, reply) {
+            self.enqueue(req, reply);
+        }
+    }
+
+    /// Polls every connection once, hands replies to `reply` and sends waiting requests into
+    /// freed slots. Returns how many replies arrived (0: idle).
+    pub fn poll(&mut self, reply: &mut impl FnMut(T, &[u8])) -> usize {
+        self.polls += 1;
+        let check_cm = self.polls % 1024 == 0;
+        let mut got = 0;
+        for i in 0..self.conns.len() {
+            let mut failed: Option<String> = None;
+            if let Some(conn) = self.conns[i].as_mut() {
+                loop {
+                    match conn.try_recv() {
+                        Ok(Some((slot, bytes))) => {
+                            got += 1;
+                            match self.pending[i]
+                                .get_mut(slot as usize)
+                                .and_then(Option::take)
+                            {
+                                Some(p) => {
+                                    self.shares[i].answered += 1;
+                                    reply(p.token, bytes);
+                                }
+                                // Cannot happen: try_recv checks the slot is in flight.
+                                None => log::error!("connection {i}: reply for idle slot {slot}"),
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                if failed.is_none() && check_cm {
+                    if let Err(e) = conn.poll_disconnect() {
+                        failed = Some(e.to_string());
+                    }
+                }
+            }
+            if let Some(why) = failed {
+                self.fail_connection(i, &why, reply);
+            }
+        }
+        self.drain(reply);
+        got
+    }
+
+    /// Closes connection `i` and answers its requests in flight with `Internal` errors.
+    fn fail_connection(&mut self, i: usize, why: &str, reply: &mut impl FnMut(T, &[u8])) {
+        log::error!("backend connection {i} lost: {why}");
+        self.conns[i] = None;
+        let text = format!("the proxy lost its backend connection: {why}");
+        for p in self.pending[i].iter_mut().filter_map(Option::take) {
+            self.shares[i].failed += 1;
+            self.local_errors += 1;
+            encode_error(
+                &mut self.error_reply,
+                p.client,
+                p.request,
+                Task::Echo,
+                ErrorCode::Internal,
+                &text,
+            );
+            reply(p.token, &self.error_reply);
+        }
+    }
+
+    fn refuse(&mut self, req: T, code: ErrorCode, text: &str, reply: &mut impl FnMut(T, &[u8])) {
+        let (client, request) = Header::salvage_ids(req.message());
+        self.local_errors += 1;
+        encode_error(
+            &mut self.error_reply,
+            client,
+            request,
+            Task::Echo,
+            code,
+            text,
+        );
+        reply(req, &self.error_reply);
+    }
+
+    fn enqueue(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) {
+        if self.waiting.len() >= self.queue_limit {
+            self.refuse(
+                req,
+                ErrorCode::Overloaded,
+                "the proxy's queue is full",
+                reply,
+            );
+        } else {
+            self.waiting.push_back(req);
+        }
+    }
+
+    fn drain(&mut self, reply: &mut impl FnMut(T, &[u8])) {
+        while let Some(req) = self.waiting.pop_front() {
+            if let Some(req) = self.try_send(req, reply) {
+                self.waiting.push_front(req);
+                break;
+            }
+        }
+    }
+
+    /// Sends into the least-loaded connection with a free slot; gives the request back when
+    /// every connection is full. Answers it itself when it cannot be forwarded at all.
+    fn try_send(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) -> Option<T> {
+        if self.live_connections() == 0 {
+            self.refuse(
+                req,
+                ErrorCode::Internal,
+                "the proxy has no backend connection left",
+                reply,
+            );
+            return None;
+        }
+        let len = req.message().len();
+        let fits = self.conns.iter().flatten().any(|c| len <= c.slot_size());
+        if !fits {
+            let text =
+                format!("request of {len} bytes exceeds the proxy's RDMA slot (--slot-size)");
+            self.refuse(req, ErrorCode::PayloadTooLarge, &text, reply);
+            return None;
+        }
+        for (i, c) in self.conns.iter().enumerate() {
+            self.load[i] = match c {
+                Some(c) if c.can_send() => c.outstanding() as u64,
+                _ => u64::MAX,
+            };
+        }
+        let i = pick_least_outstanding(&self.load, self.next)?;
+        if self.load[i] == u64::MAX {
+            return Some(req);
+        }
+        self.next = (i + 1) % self.conns.len();
+        let conn = self.conns[i].as_mut()?;
+        let slot = conn.next_slot() as usize;
+        let (client, request) = Header::salvage_ids(req.message());
+        match conn.send(req.message()) {
+            Ok(()) => {
+                self.shares[i].forwarded += 1;
+                self.pending[i][slot] = Some(Pending {
+                    token: req,
+                    client,
+                    request,
+                });
+                None
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.fail_connection(i, &why, reply);
+                // Another connection may still take it.
+                self.try_send(req, reply)
+            }
+        }
+    }
+}
+
+/// One line of per-connection counts.
+pub fn format_shares(shares: &[ConnShare]) -> String {
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "conn {i}: {} forwarded, {} answered, {} failed",
+                s.forwarded, s.answered, s.failed
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,212 @@
+//! zmq_proxy and rdma_proxy in front of an rdma_server, over real RDMA (Soft-RoCE) inside the
+//! qemu testbed, in ONE VM boot: rdma_server (tiny model) on 192.0.2.1:20079; zmq_proxy
+//! (ZeroMQ on :5600, 2 RDMA connections) and rdma_proxy (RDMA on :20080, 2 connections) in
+//! front of it; zmq_client and rdma_client through each proxy (echo, full inference, two
+//! concurrent clients with distinct ids), and a direct rdma_client for the reference top-1.
+//!
+//! Without qemu or the testbed kernel it prints `SKIPPED proxy in VM: <reason>` to stderr and
+//! passes (HACSERVE_TESTBED_REQUIRED=1 turns the skip into a failure).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
+const RCLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
+const ZCLIENT: &str = env!("CARGO_BIN_EXE_zmq_client");
+const ZPROXY: &str = env!("CARGO_BIN_EXE_zmq_proxy");
+const RPROXY: &str = env!("CARGO_BIN_EXE_rdma_proxy");
+
+fn testbed_dir() -> PathBuf {
+    std::env::var_os("HACSERVE_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo().join("target/testbed"))
+}
+
+/// Why the testbed cannot run here, if it cannot.
+fn testbed_missing() -> Option<String> {
+    let qemu = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
+    if !qemu {
+        return Some("qemu-system-x86_64 is not on PATH (run tests/testbed/setup.sh)".into());
+    }
+    if !common::repo().join("tests/testbed/run-in-vm.sh").is_file() {
+        return Some("tests/testbed/run-in-vm.sh is missing".into());
+    }
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        let path = testbed_dir().join(file);
+        if !path.is_file() {
+            return Some(format!(
+                "{} missing (run tests/testbed/setup.sh)",
+                path.display()
+            ));
+        }
+    }
+    None
+}
+
+/// The output the script printed between `=== name ===` and the next section marker.
+fn section<'a>(out: &'a str, name: &str) -> &'a str {
+    let head = format!("=== {name} ===");
+    let Some(start) = out.find(&head) else {
+        panic!("section {name} missing from the VM output");
+    };
+    let rest = &out[start + head.len()..];
+    let end = rest.find("=== ").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// The " top-1: N (name)" line of a client's output.
+fn top1(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with(" top-1: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no top-1 line in:\n{text}"))
+}
+
+/// On a host without RDMA both proxies exit with status 1 and a clear message, no panic.
+#[test]
+fn without_rdma_both_proxies_fail_cleanly() {
+    if hacserve_ffi::rdma_conn::Rdma::load().is_ok() {
+        eprintln!("SKIPPED no-RDMA proxy error path: this host has an RDMA device");
+        return;
+    }
+    for (bin, args) in [
+        (
+            ZPROXY,
+            vec!["--server-address", "127.0.0.1", "--zmq-port", "0"],
+        ),
+        (RPROXY, vec!["--server-address", "127.0.0.1", "-p", "0"]),
+    ] {
+        let out = Command::new(bin)
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bin}: {stderr}");
+        assert!(stderr.contains("RDMA unavailable"), "{bin}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
+    }
+}
+
+#[test]
+fn proxies_in_front_of_rdma_server_in_the_vm() {
+    if let Some(reason) = testbed_missing() {
+        if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
+            panic!("proxy in VM: {reason}");
+        }
+        eprintln!("SKIPPED proxy in VM: {reason}");
+        return;
+    }
+    let model = common::model("resnet_tiny");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proxy_in_vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The guest sees the host's root read-only but not its /tmp: the script lives in target/.
+    let script = dir.join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"set -u
+S={server}
+RC={rclient}
+ZC={zclient}
+ZP={zproxy}
+RP={rproxy}
+export RUST_BACKTRACE=0
+fail=0
+wait_for() {{ for i in $(seq 1 150); do grep -q "listening on" "$1" && return 0; sleep 0.2; done; echo "NOT READY: $1"; cat "$1"; return 1; }}
+step() {{ name=$1; shift; "$@" >/tmp/$name.log 2>&1 || {{ fail=1; echo "FAILED: $name"; }}; echo "=== $name ==="; cat /tmp/$name.log; }}
+$S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin >/tmp/server.log 2>&1 &
+SP=$!
+wait_for /tmp/server.log || fail=1
+$ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block -i 0 >/tmp/zproxy.log 2>&1 &
+ZPP=$!
+$RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block >/tmp/rproxy.log 2>&1 &
+RPP=$!
+wait_for /tmp/zproxy.log || fail=1
+wait_for /tmp/rproxy.log || fail=1
+step direct_infer $RC --host 192.0.2.1 -t 0 -r 1 --client-id 1 --timeout-ms 120000
+step zmq_echo $ZC --host 192.0.2.1 --port 5600 -t 3 -r 100 --client-id 10 --timeout-ms 20000
+$ZC --host 192.0.2.1 --port 5600 -t 0 -r 2 --client-id 12 --timeout-ms 120000 >/tmp/zmq_infer_b.log 2>&1 &
+ZB=$!
+step zmq_infer_a $ZC --host 192.0.2.1 --port 5600 -t 0 -r 2 --client-id 11 --timeout-ms 120000
+wait $ZB || {{ fail=1; echo "FAILED: zmq_infer_b"; }}
+echo "=== zmq_infer_b ==="; cat /tmp/zmq_infer_b.log
+step rdma_echo $RC --host 192.0.2.1 -p 20080 -t 3 -r 100 --client-id 20 --timeout-ms 20000
+$RC --host 192.0.2.1 -p 20080 -t 3 -r 50 --client-id 22 --timeout-ms 20000 >/tmp/rdma_echo_b.log 2>&1 &
+RB=$!
+step rdma_infer $RC --host 192.0.2.1 -p 20080 -t 0 -r 1 --client-id 21 --timeout-ms 120000
+wait $RB || {{ fail=1; echo "FAILED: rdma_echo_b"; }}
+echo "=== rdma_echo_b ==="; cat /tmp/rdma_echo_b.log
+kill -TERM $ZPP; wait $ZPP || {{ fail=1; echo "FAILED: zmq_proxy exit"; }}
+kill -TERM $RPP; wait $RPP || {{ fail=1; echo "FAILED: rdma_proxy exit"; }}
+kill -TERM $SP; wait $SP || {{ fail=1; echo "FAILED: server exit"; }}
+echo "=== zproxy ==="; cat /tmp/zproxy.log
+echo "=== rproxy ==="; cat /tmp/rproxy.log
+echo "=== server ==="; cat /tmp/server.log
+echo "=== end ==="
+exit $fail
+"#,
+            server = SERVER,
+            rclient = RCLIENT,
+            zclient = ZCLIENT,
+            zproxy = ZPROXY,
+            rproxy = RPROXY,
+            model = model.display(),
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let out = Command::new(common::repo().join("tests/testbed/run-in-vm.sh"))
+        .arg("sh")
+        .arg(&script)
+        .current_dir(common::repo())
+        .env("HACSERVE_TESTBED_TIMEOUT", "500")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "proxy in VM: {:.1} s, status {:?}\n{stdout}\n{stderr}",
+        t0.elapsed().as_secs_f64(),
+        out.status.code()
+    );
+    assert_eq!(out.status.code(), Some(0), "script failed");
+    assert!(!stdout.contains("panicked"), "a process panicked");
+    let direct = section(&stdout, "direct_infer");
+    assert!(direct.contains("1 requests, 0 errors"), "{direct}");
+    let want_top1 = top1(direct);
+    for (name, head) in [
+        ("zmq_echo", "zmq_client 10 -> 192.0.2.1:5600 task echo"),
+        ("zmq_infer_a", "zmq_client 11 -> 192.0.2.1:5600 task infer"),
+        ("zmq_infer_b", "zmq_client 12 -> 192.0.2.1:5600 task infer"),
+        ("rdma_echo", "rdma_client 20 -> 192.0.2.1:20080 task echo"),
+        ("rdma_echo_b", "rdma_client 22 -> 192.0.2.1:20080 task echo"),
+        ("rdma_infer", "rdma_client 21 -> 192.0.2.1:20080 task infer"),
+    ] {
+        let text = section(&stdout, name);
+        assert!(text.contains(head), "{name}: missing {head:?}");
+        assert!(text.contains(" 0 errors"), "{name}: errors:\n{text}");
+        if name.contains("infer") {
+            assert_eq!(top1(text), want_top1, "{name}: top-1 differs from direct");
+        }
+    }
+    let zproxy = section(&stdout, "zproxy");
+    assert!(zproxy.contains("zmq_proxy stopped"), "{zproxy}");
+    assert!(
+        zproxy.contains("answered by the proxy: 0"),
+        "zmq_proxy answered requests itself:\n{zproxy}"
+    );
+    let rproxy = section(&stdout, "rproxy");
+    assert!(rproxy.contains("rdma_proxy stopped"), "{rproxy}");
+    assert!(
+        rproxy.contains("answered by the proxy: 0"),
+        "rdma_proxy answered requests itself:\n{rproxy}"
+    );
+}
