@@ -19,35 +19,6 @@ const ZCLIENT: &str = env!("CARGO_BIN_EXE_zmq_client");
 const ZPROXY: &str = env!("CARGO_BIN_EXE_zmq_proxy");
 const RPROXY: &str = env!("CARGO_BIN_EXE_rdma_proxy");
 
-fn testbed_dir() -> PathBuf {
-    std::env::var_os("HACSERVE_TESTBED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo().join("target/testbed"))
-}
-
-/// Why the testbed cannot run here, if it cannot.
-fn testbed_missing() -> Option<String> {
-    let qemu = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()))
-        .unwrap_or(false);
-    if !qemu {
-        return Some("qemu-system-x86_64 is not on PATH (run tests/testbed/setup.sh)".into());
-    }
-    if !common::repo().join("tests/testbed/run-in-vm.sh").is_file() {
-        return Some("tests/testbed/run-in-vm.sh is missing".into());
-    }
-    for file in ["vmlinuz", "initramfs.cpio.gz"] {
-        let path = testbed_dir().join(file);
-        if !path.is_file() {
-            return Some(format!(
-                "{} missing (run tests/testbed/setup.sh)",
-                path.display()
-            ));
-        }
-    }
-    None
-}
-
 /// The output the script printed between `=== name ===` and the next section marker.
 fn section<'a>(out: &'a str, name: &str) -> &'a str {
     let head = format!("=== {name} ===");
@@ -96,7 +67,7 @@ fn without_rdma_both_proxies_fail_cleanly() {
 
 #[test]
 fn proxies_in_front_of_rdma_server_in_the_vm() {
-    if let Some(reason) = testbed_missing() {
+    if let Some(reason) = common::testbed_missing() {
         if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
             panic!("proxy in VM: {reason}");
         }

@@ -18,35 +18,6 @@ use std::time::Instant;
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 
-fn testbed_dir() -> PathBuf {
-    std::env::var_os("HACSERVE_TESTBED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo().join("target/testbed"))
-}
-
-/// Why the testbed cannot run here, if it cannot.
-fn testbed_missing() -> Option<String> {
-    let qemu = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()))
-        .unwrap_or(false);
-    if !qemu {
-        return Some("qemu-system-x86_64 is not on PATH (run tests/testbed/setup.sh)".into());
-    }
-    if !common::repo().join("tests/testbed/run-in-vm.sh").is_file() {
-        return Some("tests/testbed/run-in-vm.sh is missing".into());
-    }
-    for file in ["vmlinuz", "initramfs.cpio.gz"] {
-        let path = testbed_dir().join(file);
-        if !path.is_file() {
-            return Some(format!(
-                "{} missing (run tests/testbed/setup.sh)",
-                path.display()
-            ));
-        }
-    }
-    None
-}
-
 /// Whether this host has usable RDMA (then the "unavailable" test has nothing to check).
 fn host_has_rdma() -> bool {
     hacserve_ffi::rdma_conn::Rdma::load().is_ok()
@@ -91,7 +62,7 @@ fn without_rdma_both_binaries_fail_cleanly() {
 
 #[test]
 fn rdma_server_and_client_in_the_vm() {
-    if let Some(reason) = testbed_missing() {
+    if let Some(reason) = common::testbed_missing() {
         if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
             panic!("rdma in VM: {reason}");
         }

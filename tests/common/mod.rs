@@ -154,3 +154,33 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Where tests/testbed/setup.sh put the VM kernel and initramfs.
+pub fn testbed_dir() -> PathBuf {
+    std::env::var_os("HACSERVE_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/testbed"))
+}
+
+/// Why the testbed cannot run here, if it cannot.
+pub fn testbed_missing() -> Option<String> {
+    let qemu = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
+    if !qemu {
+        return Some("qemu-system-x86_64 is not on PATH (run tests/testbed/setup.sh)".into());
+    }
+    if !repo().join("tests/testbed/run-in-vm.sh").is_file() {
+        return Some("tests/testbed/run-in-vm.sh is missing".into());
+    }
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        let path = testbed_dir().join(file);
+        if !path.is_file() {
+            return Some(format!(
+                "{} missing (run tests/testbed/setup.sh)",
+                path.display()
+            ));
+        }
+    }
+    None
+}
