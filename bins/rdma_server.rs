@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -13,7 +12,7 @@ use hacserve_runtime::engine::EngineLoader;
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
-use hacserve_runtime::server::{self, PollMode, ServerOptions, WorkQueue, WorkerProbe};
+use hacserve_runtime::server::{self, PollMode, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::rdma::{
     RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE,
     MIN_SLOT_SIZE,
@@ -155,22 +154,8 @@ fn main() -> Result<()> {
         pin_threads: !args.no_pin,
         debug: args.debug,
     };
-    let queue = Arc::new(WorkQueue::new(opts.queue_depth, mode));
-    let probes: Vec<Arc<WorkerProbe>> = (0..=args.workers).map(|_| Arc::default()).collect();
-    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes[1..].to_vec())
-        .context("starting worker threads")?;
-    let monitor = if args.monitor_interval > 0 {
-        Some(server::spawn_monitor(
-            opts.monitor_interval,
-            queue.clone(),
-            probes.clone(),
-        )?)
-    } else {
-        None
-    };
-    if opts.pin_threads {
-        server::pin_current_thread(0, "receive loop");
-    }
+    let mut threads =
+        ServerThreads::start(&opts, workers).context("starting worker and monitor threads")?;
     println!(
         "rdma_server listening on {} | host memory | model {} | backend tract-cpu x{} threads | {} workers | poll {:?} | slots up to {} x {} B",
         rdma.addr(),
@@ -181,28 +166,10 @@ fn main() -> Result<()> {
         args.ring_depth,
         args.slot_size
     );
-    let result = rdma.run(&queue, &opts, &probes[0]);
-    signal::request_stop();
+    let result = rdma.run(&threads.queue, &opts, threads.receive_probe());
     let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
-    for h in handles {
-        match h.join() {
-            Ok(r) => records.extend(r),
-            Err(_) => log::error!("a worker thread panicked"),
-        }
-    }
-    if let Some(m) = monitor {
-        let _ = m.join();
-    }
-    let c = &queue.counters;
-    use std::sync::atomic::Ordering::Relaxed;
-    println!(
-        "rdma_server stopped: received {} answered {} rejected {} overloaded {} undeliverable {}",
-        c.received.load(Relaxed),
-        c.answered.load(Relaxed),
-        c.rejected.load(Relaxed),
-        c.overloaded.load(Relaxed),
-        c.transport_errors.load(Relaxed)
-    );
+    records.extend(threads.join());
+    println!("rdma_server stopped: {}", threads.counters_summary());
     if let Some(folder) = &opts.log_folder {
         let path = server::write_server_log(folder, records)
             .with_context(|| format!("writing the request log into {}", folder.display()))?;

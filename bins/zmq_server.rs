@@ -1,7 +1,6 @@
 //! zmq_server: serves image classification over ZeroMQ/TCP.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -13,7 +12,7 @@ use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
-use hacserve_runtime::server::{self, PollMode, ServerOptions, WorkQueue, WorkerProbe};
+use hacserve_runtime::server::{self, PollMode, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::zmq::ZmqServer;
 use hacserve_runtime::{logging, signal};
 
@@ -176,23 +175,8 @@ fn main() -> Result<()> {
         pin_threads: !args.no_pin,
         debug: args.debug,
     };
-    let queue = Arc::new(WorkQueue::new(opts.queue_depth, mode));
-    // One latency probe per worker plus one for the receive loop (it answers echoes itself).
-    let probes: Vec<Arc<WorkerProbe>> = (0..=args.workers).map(|_| Arc::default()).collect();
-    let handles = server::spawn_workers(&opts, queue.clone(), workers, probes[1..].to_vec())
-        .context("starting worker threads")?;
-    let monitor = if args.monitor_interval > 0 {
-        Some(server::spawn_monitor(
-            opts.monitor_interval,
-            queue.clone(),
-            probes.clone(),
-        )?)
-    } else {
-        None
-    };
-    if opts.pin_threads {
-        server::pin_current_thread(0, "receive loop");
-    }
+    let mut threads =
+        ServerThreads::start(&opts, workers).context("starting worker and monitor threads")?;
     let backend = if args.backend == "gpu" {
         format!("cudnn-gpu {} on GPUs {}", args.precision, args.gpus)
     } else {
@@ -206,39 +190,21 @@ fn main() -> Result<()> {
         mode,
         args.max_payload
     );
-    let result = zmq.run(&queue, &opts, &probes[0]);
-    signal::request_stop();
+    let result = zmq.run(&threads.queue, &opts, threads.receive_probe());
     let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
-    for h in handles {
-        match h.join() {
-            Ok(r) => records.extend(r),
-            Err(_) => log::error!("a worker thread panicked"),
-        }
-    }
+    records.extend(threads.join());
     // Requests accepted before the stop were finished by the workers: deliver their replies.
-    match zmq.flush_replies(&queue, Duration::from_millis(200)) {
+    match zmq.flush_replies(&threads.queue, Duration::from_millis(200)) {
         Ok(0) => {}
         Ok(n) => log::info!("delivered {n} replies finished after the stop"),
         Err(e) => log::error!("flushing replies after the stop: {e}"),
     }
-    if let Some(m) = monitor {
-        let _ = m.join();
-    }
-    let c = &queue.counters;
-    use std::sync::atomic::Ordering::Relaxed;
-    println!(
-        "zmq_server stopped: received {} answered {} rejected {} overloaded {} undeliverable {}",
-        c.received.load(Relaxed),
-        c.answered.load(Relaxed),
-        c.rejected.load(Relaxed),
-        c.overloaded.load(Relaxed),
-        c.transport_errors.load(Relaxed)
-    );
+    println!("zmq_server stopped: {}", threads.counters_summary());
     if args.backend == "gpu" {
         // Each GPU's share of the requests (workers are assigned round-robin).
         let mut per_gpu = vec![0u64; gpus.len()];
-        for (i, p) in probes[1..].iter().enumerate() {
-            per_gpu[i % gpus.len()] += p.handled.load(Relaxed);
+        for (i, p) in threads.probes[1..].iter().enumerate() {
+            per_gpu[i % gpus.len()] += p.handled.load(std::sync::atomic::Ordering::Relaxed);
         }
         let shares: Vec<String> = gpus
             .iter()

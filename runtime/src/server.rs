@@ -413,3 +413,79 @@ pub fn write_server_log(folder: &Path, mut records: Vec<ServerRecord>) -> io::Re
     w.flush()?;
     Ok(path)
 }
+
+/// A server's threads around its transport's receive loop: the workers, the monitor, the queue
+/// between them and the latency probes (probe 0 is the receive loop's, which answers echoes
+/// and rejections itself). Every server role starts and stops them the same way.
+pub struct ServerThreads<J> {
+    pub queue: Arc<WorkQueue<J>>,
+    pub probes: Vec<Arc<WorkerProbe>>,
+    workers: Vec<thread::JoinHandle<Vec<ServerRecord>>>,
+    monitor: Option<thread::JoinHandle<()>>,
+}
+
+impl<J: ServerJob> ServerThreads<J> {
+    /// Starts one worker per (pipeline, sink), the monitor when an interval is set, and pins
+    /// the calling thread (the receive loop) to core 0 when pinning is on.
+    pub fn start<S>(opts: &ServerOptions, workers: Vec<(Pipeline, S)>) -> io::Result<Self>
+    where
+        S: ReplySink<J> + Send + 'static,
+    {
+        let queue = Arc::new(WorkQueue::new(opts.queue_depth, opts.poll_mode));
+        let probes: Vec<Arc<WorkerProbe>> = (0..=workers.len()).map(|_| Arc::default()).collect();
+        let handles = spawn_workers(opts, queue.clone(), workers, probes[1..].to_vec())?;
+        let monitor = if opts.monitor_interval.is_zero() {
+            None
+        } else {
+            Some(spawn_monitor(
+                opts.monitor_interval,
+                queue.clone(),
+                probes.clone(),
+            )?)
+        };
+        if opts.pin_threads {
+            pin_current_thread(0, "receive loop");
+        }
+        Ok(ServerThreads {
+            queue,
+            probes,
+            workers: handles,
+            monitor,
+        })
+    }
+
+    /// The receive loop's probe.
+    pub fn receive_probe(&self) -> &WorkerProbe {
+        &self.probes[0]
+    }
+
+    /// After the receive loop returned: stops the workers (they finish the queue first) and
+    /// the monitor; returns the workers' request records.
+    pub fn join(&mut self) -> Vec<ServerRecord> {
+        signal::request_stop();
+        let mut records = Vec::new();
+        for h in self.workers.drain(..) {
+            match h.join() {
+                Ok(r) => records.extend(r),
+                Err(_) => log::error!("a worker thread panicked"),
+            }
+        }
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+        records
+    }
+
+    /// The counters line printed at exit.
+    pub fn counters_summary(&self) -> String {
+        let c = &self.queue.counters;
+        format!(
+            "received {} answered {} rejected {} overloaded {} undeliverable {}",
+            c.received.load(Ordering::Relaxed),
+            c.answered.load(Ordering::Relaxed),
+            c.rejected.load(Ordering::Relaxed),
+            c.overloaded.load(Ordering::Relaxed),
+            c.transport_errors.load(Ordering::Relaxed)
+        )
+    }
+}
