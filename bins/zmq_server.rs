@@ -124,6 +124,7 @@ fn main() -> Result<()> {
                     other => bail!("--precision {other:?}: use fp16, tf32 or fp32"),
                 },
                 cuda_graph: true,
+                gpu_decode: true,
             };
             let mut v: Vec<Box<dyn EngineLoader>> = Vec::new();
             for &g in &gpus {

@@ -215,6 +215,11 @@ impl GpuDevice {
         Ok(self.ctx.name()?)
     }
 
+    /// The device's context (for modules loaded next to the engine, such as preprocessing).
+    pub fn context(&self) -> &Arc<cu::CudaContext> {
+        &self.ctx
+    }
+
     /// Copies `host` to a new device buffer and waits for the copy.
     pub fn upload<T: cu::DeviceRepr>(&self, host: &[T]) -> Result<cu::CudaSlice<T>, GpuOpsError> {
         let slice = self.upload.clone_htod(host)?;
@@ -224,8 +229,19 @@ impl GpuDevice {
 
     /// A new stream with its own cuDNN and cuBLAS handles.
     pub fn handles(&self) -> Result<Handles, GpuOpsError> {
+        self.handles_with_priority(false)
+    }
+
+    /// As [`GpuDevice::handles`]; `high_priority` puts the stream at the context's greatest
+    /// stream priority, so its kernels are scheduled ahead of the other sessions' queued ones.
+    pub fn handles_with_priority(&self, high_priority: bool) -> Result<Handles, GpuOpsError> {
         self.ctx.bind_to_thread()?;
-        let stream = self.ctx.new_stream()?;
+        let stream = if high_priority {
+            let (_least, greatest) = cu::result::stream::get_priority_range()?;
+            self.ctx.new_stream_with_priority(greatest)?
+        } else {
+            self.ctx.new_stream()?
+        };
         let cudnn = Cudnn::new(stream.clone()).map_err(dnn_err("cudnnCreate"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|err| GpuOpsError::Cublas {
             call: "cublasCreate",
@@ -268,6 +284,34 @@ impl Handles {
         len: usize,
     ) -> Result<cu::CudaSlice<T>, GpuOpsError> {
         Ok(self.stream.alloc_zeros::<T>(len.max(1))?)
+    }
+
+    /// A page-locked host buffer of `len` zeros (cached, not write-combined: callers read it
+    /// back), so that uploads from it are asynchronous DMA.
+    pub fn pinned_zeros(&self, len: usize) -> Result<cu::PinnedHostSlice<f32>, GpuOpsError> {
+        let ctx = self.stream.context();
+        // SAFETY: the allocation's contents are undefined until written; it is zero-filled
+        // below before anyone can read it.
+        let mut host = unsafe { ctx.alloc_pinned_with_flags::<f32>(len.max(1), 0) }?;
+        host.as_mut_slice()?.fill(0.0);
+        Ok(host)
+    }
+
+    /// Page-locked host to device, asynchronous on this stream; `host` must fit `dst`.
+    pub fn upload_pinned(
+        &self,
+        host: &cu::PinnedHostSlice<f32>,
+        dst: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        if host.len() > dst.len() {
+            return geometry(format!(
+                "upload of {} values into a buffer of {}",
+                host.len(),
+                dst.len()
+            ));
+        }
+        let mut view = dst.slice_mut(..host.len());
+        Ok(self.stream.memcpy_htod(host, &mut view)?)
     }
 
     /// Host to device; `host` must fit `dst`.

@@ -3,7 +3,7 @@
 //! once in [`Pipeline::new`] and reused.
 
 use crate::clock::realtime_ns;
-use crate::engine::InferenceEngine;
+use crate::engine::{DeviceImages, EngineError, InferenceEngine};
 use crate::preprocess::{Preprocessor, TENSOR_LEN};
 use crate::protocol::{
     encode_error, ErrorCode, Header, MessageKind, ProtocolError, ReplyBuffer, ResponseBody,
@@ -20,15 +20,13 @@ pub enum Outcome {
 pub struct Pipeline {
     pre: Preprocessor,
     engine: Box<dyn InferenceEngine>,
-    tensor: Vec<f32>,
     logits: Vec<f32>,
     max_payload: usize,
     /// Log text of the last rejection (for the server's log line), reused.
     last_error: String,
 }
 
-/// The largest image the pipeline decodes (w*h), bounding the decoder's buffers.
-pub const MAX_IMAGE_PIXELS: usize = 8192 * 8192;
+pub use crate::preprocess::MAX_IMAGE_PIXELS;
 
 impl Pipeline {
     pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
@@ -36,7 +34,6 @@ impl Pipeline {
         Pipeline {
             pre: Preprocessor::new(MAX_IMAGE_PIXELS),
             engine,
-            tensor: vec![0.0; TENSOR_LEN],
             logits: vec![0.0; classes],
             max_payload,
             last_error: String::with_capacity(256),
@@ -82,42 +79,39 @@ impl Pipeline {
                 ts.inferred = started;
             }
             Task::Infer | Task::Preprocess => {
-                if let Err(e) = self.pre.decode(payload) {
-                    return self.reject(&header, ErrorCode::BadImage, &e.to_string(), out);
+                let infer = header.task == Task::Infer;
+                let done = match self.engine.device_images() {
+                    Some(device) => {
+                        device_stages(device, payload, infer, &mut ts, &mut self.logits)
+                    }
+                    None => cpu_stages(
+                        &mut self.pre,
+                        self.engine.as_mut(),
+                        payload,
+                        infer,
+                        &mut ts,
+                        &mut self.logits,
+                    ),
+                };
+                if let Err((code, text)) = done {
+                    return self.reject(&header, code, &text, out);
                 }
-                ts.decoded = realtime_ns();
-                if let Err(e) = self.pre.preprocess(&mut self.tensor) {
-                    return self.reject(&header, ErrorCode::BadImage, &e.to_string(), out);
+                if infer {
+                    top_k_softmax(&self.logits, &mut body);
                 }
-                ts.preprocessed = realtime_ns();
-                ts.inferred = ts.preprocessed;
             }
             Task::InferTensor => {
-                if payload.len() != TENSOR_LEN * 4 {
-                    let text = format!(
-                        "tensor payload is {} bytes, expected {} (1x3x224x224 f32 LE)",
-                        payload.len(),
-                        TENSOR_LEN * 4
-                    );
-                    return self.reject(&header, ErrorCode::BadTensor, &text, out);
-                }
-                for (dst, src) in self.tensor.iter_mut().zip(payload.chunks_exact(4)) {
-                    *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-                }
-                if let Some(i) = self.tensor.iter().position(|v| !v.is_finite()) {
-                    let text = format!("tensor value {i} is not finite");
-                    return self.reject(&header, ErrorCode::BadTensor, &text, out);
+                if let Err((code, text)) = load_tensor(self.engine.as_mut(), payload) {
+                    return self.reject(&header, code, &text, out);
                 }
                 ts.decoded = started;
                 ts.preprocessed = realtime_ns();
+                if let Err(e) = self.engine.run(&mut self.logits) {
+                    return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
+                }
+                ts.inferred = realtime_ns();
+                top_k_softmax(&self.logits, &mut body);
             }
-        }
-        if matches!(header.task, Task::Infer | Task::InferTensor) {
-            if let Err(e) = self.engine.infer(&self.tensor, &mut self.logits) {
-                return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
-            }
-            ts.inferred = realtime_ns();
-            top_k_softmax(&self.logits, &mut body);
         }
         body.timestamps = ts;
         write_response(&header, &mut body, payload_if_echo(&header, payload), out)
@@ -132,6 +126,90 @@ impl Pipeline {
     ) -> Outcome {
         reject(header, code, text, out, &mut self.last_error)
     }
+}
+
+/// A stage's failure: the error code for the sender and the text for both.
+type StageError = (ErrorCode, String);
+
+fn engine_error(e: EngineError) -> StageError {
+    match e {
+        EngineError::BadInput(text) => (ErrorCode::BadImage, text),
+        other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// Decode and preprocess on the CPU into the engine's input buffer, then (for Infer) run.
+fn cpu_stages(
+    pre: &mut Preprocessor,
+    engine: &mut dyn InferenceEngine,
+    jpeg: &[u8],
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
+) -> Result<(), StageError> {
+    pre.decode(jpeg)
+        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    ts.decoded = realtime_ns();
+    let input = engine.input_mut().map_err(engine_error)?;
+    pre.preprocess(input)
+        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    ts.preprocessed = realtime_ns();
+    ts.inferred = ts.preprocessed;
+    if infer {
+        engine.run(logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+    }
+    Ok(())
+}
+
+/// The same stages on the engine's device (nvJPEG and the preprocessing kernel).
+fn device_stages(
+    device: &mut dyn DeviceImages,
+    jpeg: &[u8],
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
+) -> Result<(), StageError> {
+    device.decode(jpeg).map_err(engine_error)?;
+    ts.decoded = realtime_ns();
+    device.preprocess().map_err(engine_error)?;
+    ts.preprocessed = realtime_ns();
+    ts.inferred = ts.preprocessed;
+    if infer {
+        device.run_preprocessed(logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+    }
+    Ok(())
+}
+
+/// Task 1's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
+fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
+    if payload.len() != TENSOR_LEN * 4 {
+        let text = format!(
+            "tensor payload is {} bytes, expected {} (1x3x224x224 f32 LE)",
+            payload.len(),
+            TENSOR_LEN * 4
+        );
+        return Err((ErrorCode::BadTensor, text));
+    }
+    let input = engine.input_mut().map_err(engine_error)?;
+    if input.len() != TENSOR_LEN {
+        let text = format!(
+            "the model takes {} input values, task 1 sends {TENSOR_LEN}",
+            input.len()
+        );
+        return Err((ErrorCode::Internal, text));
+    }
+    for (dst, src) in input.iter_mut().zip(payload.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+    if let Some(i) = input.iter().position(|v| !v.is_finite()) {
+        return Err((
+            ErrorCode::BadTensor,
+            format!("tensor value {i} is not finite"),
+        ));
+    }
+    Ok(())
 }
 
 /// What a request needs: answered already (rejected, or an echo), or a worker with an engine.

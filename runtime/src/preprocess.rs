@@ -23,6 +23,9 @@ use zune_jpeg::JpegDecoder;
 
 /// Side of the square model input.
 pub const INPUT_SIZE: usize = 224;
+/// The largest image the server decodes (w*h), on the CPU or the GPU, bounding the decoders'
+/// buffers.
+pub const MAX_IMAGE_PIXELS: usize = 8192 * 8192;
 /// `Resize(256)`: the shorter image side after resizing.
 pub const RESIZE_SHORTER: usize = 256;
 /// Elements of one NCHW input tensor (batch 1).

@@ -157,6 +157,7 @@ fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
             batch: 1,
             precision,
             cuda_graph,
+            gpu_decode: false,
         },
     )
     .unwrap();
@@ -203,6 +204,7 @@ fn throughput(path: &Path, label: &str, precision: Precision, batch: usize, cuda
             batch,
             precision,
             cuda_graph,
+            gpu_decode: false,
         },
     )
     .unwrap();
@@ -309,6 +311,7 @@ fn fp16_batch32_matches_batch1() {
                 batch: BATCH,
                 precision: Precision::Fp16,
                 cuda_graph,
+                gpu_decode: false,
             },
         )
         .unwrap();
@@ -425,6 +428,7 @@ fn sessions_are_independent_and_batch_works() {
             batch: 1,
             precision: Precision::Fp32,
             cuda_graph: true,
+            gpu_decode: false,
         },
     )
     .unwrap();

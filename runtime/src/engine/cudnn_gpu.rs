@@ -33,7 +33,8 @@ use tract_onnx::pb::{
     type_proto, GraphProto, ModelProto, NodeProto, TensorProto,
 };
 
-use super::{EngineError, EngineLoader, InferenceEngine};
+use super::gpu_images::{GpuImageKernels, GpuImages};
+use super::{DeviceImages, EngineError, EngineLoader, InferenceEngine};
 
 /// Used when the model does not say: the ImageNet layout.
 const DEFAULT_CHW: [usize; 3] = [3, 224, 224];
@@ -869,6 +870,9 @@ pub struct CudnnOptions {
     /// launch instead of one per layer); falls back to eager launches, with a warning, where
     /// the capture fails.
     pub cuda_graph: bool,
+    /// Decode JPEGs with nvJPEG and preprocess them with the NVRTC kernel on this GPU
+    /// ([`DeviceImages`]); batch 1 only.
+    pub gpu_decode: bool,
 }
 
 impl Default for CudnnOptions {
@@ -877,6 +881,7 @@ impl Default for CudnnOptions {
             batch: 1,
             precision: Precision::Tf32,
             cuda_graph: false,
+            gpu_decode: false,
         }
     }
 }
@@ -887,6 +892,7 @@ pub struct CudnnLoader {
     plan: Arc<Plan>,
     weights: Arc<Vec<DevBuf>>,
     half: Option<Arc<HalfKernels>>,
+    images: Option<Arc<GpuImageKernels>>,
     options: CudnnOptions,
 }
 
@@ -902,6 +908,12 @@ impl CudnnLoader {
         options: CudnnOptions,
     ) -> Result<Self, EngineError> {
         let plan = Plan::load(path, options.batch)?;
+        if options.gpu_decode && options.batch != 1 {
+            return Err(EngineError::Run(format!(
+                "GPU decoding feeds batch-1 sessions, not batch {}",
+                options.batch
+            )));
+        }
         let gpu = GpuDevice::open(device).map_err(run_err)?;
         let fp16 = options.precision == Precision::Fp16;
         // FP16: conv weights (KRSC, input channels of the first conv padded) and biases go
@@ -948,11 +960,17 @@ impl CudnnLoader {
         } else {
             None
         };
+        let images = if options.gpu_decode {
+            Some(Arc::new(GpuImageKernels::new(gpu.context())?))
+        } else {
+            None
+        };
         Ok(CudnnLoader {
             device: Arc::new(gpu),
             plan: Arc::new(plan),
             weights: Arc::new(weights),
             half,
+            images,
             options,
         })
     }
@@ -966,13 +984,17 @@ impl CudnnLoader {
     }
 
     pub fn cudnn_session(&self) -> Result<CudnnSession, EngineError> {
-        CudnnSession::new(self)
+        CudnnSession::new(self, false)
     }
 }
 
 impl EngineLoader for CudnnLoader {
     fn session(&self) -> Result<Box<dyn InferenceEngine>, EngineError> {
-        Ok(Box::new(CudnnSession::new(self)?))
+        Ok(Box::new(CudnnSession::new(self, false)?))
+    }
+
+    fn priority_session(&self) -> Result<Box<dyn InferenceEngine>, EngineError> {
+        Ok(Box::new(CudnnSession::new(self, true)?))
     }
 }
 
@@ -1055,8 +1077,13 @@ pub struct CudnnSession {
     layers: Vec<Layer>,
     /// One buffer per plan tensor (fused ops write into their conv's buffer).
     buffers: Vec<Option<DevBuf>>,
-    /// FP16: where `infer` uploads the f32 NCHW input (the first layer converts it).
+    /// FP16: where `run` uploads the f32 NCHW input (the first layer converts it).
     staging: Option<cu::CudaSlice<f32>>,
+    /// The host input (page-locked: the upload is an asynchronous DMA).
+    host_input: cu::PinnedHostSlice<f32>,
+    /// nvJPEG + preprocessing kernel, with [`CudnnOptions::gpu_decode`].
+    images: Option<GpuImages>,
+    high_priority: bool,
     /// z for convs without a residual (weighted by 0, kept finite).
     zeros: DevBuf,
     workspace: cu::CudaSlice<u8>,
@@ -1069,9 +1096,12 @@ pub struct CudnnSession {
 }
 
 impl CudnnSession {
-    fn new(loader: &CudnnLoader) -> Result<Self, EngineError> {
+    fn new(loader: &CudnnLoader, high_priority: bool) -> Result<Self, EngineError> {
         let plan = &loader.plan;
-        let handles = loader.device.handles().map_err(run_err)?;
+        let handles = loader
+            .device
+            .handles_with_priority(high_priority)
+            .map_err(run_err)?;
         let math = match loader.options.precision {
             Precision::Fp32 => ConvMath::Fp32,
             Precision::Tf32 => ConvMath::Tf32,
@@ -1232,11 +1262,21 @@ impl CudnnSession {
             DevBuf::F32(handles.zeros::<f32>(largest).map_err(run_err)?)
         };
         let ws = handles.zeros::<u8>(workspace).map_err(run_err)?;
+        let host_input = handles
+            .pinned_zeros(plan.input_shape().iter().product())
+            .map_err(run_err)?;
+        let images = match &loader.images {
+            Some(kernels) => Some(GpuImages::new(kernels.clone(), handles.stream())?),
+            None => None,
+        };
         let mut session = CudnnSession {
             handles,
             layers,
             buffers,
             staging,
+            host_input,
+            images,
+            high_priority,
             zeros,
             workspace: ws,
             weights: loader.weights.clone(),
@@ -1520,16 +1560,86 @@ impl InferenceEngine for CudnnSession {
         self.num_classes
     }
 
-    /// `input` holds `batch` images (NCHW) and `logits` `batch * num_classes` values; with the
-    /// default batch of 1 this is exactly the trait's contract.
-    fn infer(&mut self, input: &[f32], logits: &mut [f32]) -> Result<(), EngineError> {
-        let want: usize = self.input_shape.iter().product();
-        if input.len() != want {
-            return Err(EngineError::InputSize {
-                got: input.len(),
-                want,
-            });
+    /// The pinned host input: `batch` images, NCHW.
+    fn input_mut(&mut self) -> Result<&mut [f32], EngineError> {
+        self.host_input
+            .as_mut_slice()
+            .map_err(|e| run_err(e.into()))
+    }
+
+    /// Uploads the pinned input (DMA), runs, and downloads `batch * num_classes` logits.
+    fn run(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        self.check_logits(logits)?;
+        self.handles.bind().map_err(run_err)?;
+        let CudnnSession {
+            handles,
+            host_input,
+            staging,
+            buffers,
+            ..
+        } = self;
+        let copied = match staging.as_mut() {
+            Some(staging) => handles.upload_pinned(host_input, staging),
+            None => match buffers.first_mut().and_then(Option::as_mut) {
+                Some(DevBuf::F32(first)) => handles.upload_pinned(host_input, first),
+                _ => Err(GpuOpsError::Geometry("no f32 input buffer".into())),
+            },
+        };
+        copied.map_err(run_err)?;
+        self.run_and_download(logits)
+    }
+
+    fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
+        if self.images.is_some() {
+            Some(self)
+        } else {
+            None
         }
+    }
+}
+
+impl DeviceImages for CudnnSession {
+    fn decode(&mut self, jpeg: &[u8]) -> Result<(usize, usize), EngineError> {
+        self.handles.bind().map_err(run_err)?;
+        let images = self
+            .images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        images.decode(jpeg, self.handles.stream())
+    }
+
+    /// The kernel writes the f32 NCHW input where `run` would have uploaded it: the FP16
+    /// staging buffer (the first layer converts it) or the FP32 input tensor.
+    fn preprocess(&mut self) -> Result<(), EngineError> {
+        self.handles.bind().map_err(run_err)?;
+        let CudnnSession {
+            handles,
+            images,
+            staging,
+            buffers,
+            ..
+        } = self;
+        let images = images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        match staging.as_mut() {
+            Some(staging) => images.preprocess_into(handles.stream(), staging),
+            None => match buffers.first_mut().and_then(Option::as_mut) {
+                Some(DevBuf::F32(first)) => images.preprocess_into(handles.stream(), first),
+                _ => Err(EngineError::Run("no f32 input buffer".into())),
+            },
+        }
+    }
+
+    fn run_preprocessed(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        self.check_logits(logits)?;
+        self.handles.bind().map_err(run_err)?;
+        self.run_and_download(logits)
+    }
+}
+
+impl CudnnSession {
+    fn check_logits(&self, logits: &[f32]) -> Result<(), EngineError> {
         if logits.len() != self.batch * self.num_classes {
             return Err(EngineError::Run(format!(
                 "logits buffer has {} slots, the model produces {}",
@@ -1537,18 +1647,11 @@ impl InferenceEngine for CudnnSession {
                 self.batch * self.num_classes
             )));
         }
-        self.handles.bind().map_err(run_err)?;
-        if let Some(staging) = self.staging.as_mut() {
-            self.handles.upload(input, staging).map_err(run_err)?;
-        } else {
-            let mut first = self.take(0).map_err(run_err)?;
-            let copied = match &mut first {
-                DevBuf::F32(b) => self.handles.upload(input, b),
-                DevBuf::F16(_) => Err(GpuOpsError::Geometry("f16 input without staging".into())),
-            };
-            self.buffers[0] = Some(first);
-            copied.map_err(run_err)?;
-        }
+        Ok(())
+    }
+
+    /// Queues the layers behind whatever filled the input, then waits for the logits.
+    fn run_and_download(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
         self.run_all()?;
         let out = self
             .buffers
@@ -1558,6 +1661,11 @@ impl InferenceEngine for CudnnSession {
             .f32s()
             .map_err(run_err)?;
         self.handles.download(out, logits).map_err(run_err)
+    }
+
+    /// Whether this session's stream has the context's highest priority.
+    pub fn high_priority(&self) -> bool {
+        self.high_priority
     }
 }
 

@@ -253,7 +253,14 @@ impl TractLoader {
     pub fn profile_nodes(&self, input: &[f32], runs: usize) -> Result<Vec<NodeTime>, EngineError> {
         let runs = runs.max(1);
         let mut session = TractSession::new(self)?;
-        session.load_input(input)?;
+        if input.len() != session.host_input.len() {
+            return Err(EngineError::InputSize {
+                got: input.len(),
+                want: session.host_input.len(),
+            });
+        }
+        session.host_input.copy_from_slice(input);
+        session.load_input()?;
         let model = self.plan.model();
         let mut totals = vec![Duration::ZERO; model.nodes().len()];
         let executor = session.executor.clone();
@@ -311,6 +318,8 @@ pub struct TractSession {
     /// Reused across calls: once a run finishes, tract drops its references and the buffer is
     /// exclusive again, so no per-request allocation.
     input: Arc<Tensor>,
+    /// Where callers write the next input ([`InferenceEngine::input_mut`]).
+    host_input: Vec<f32>,
     input_shape: [usize; 4],
     num_classes: usize,
 }
@@ -327,19 +336,15 @@ impl TractSession {
             state,
             executor: make_executor(loader.threads)?,
             input: Arc::new(input),
+            host_input: vec![0.0; loader.input_shape.iter().product()],
             input_shape: loader.input_shape,
             num_classes: loader.num_classes,
         })
     }
 
-    fn load_input(&mut self, input: &[f32]) -> Result<(), EngineError> {
-        let want = self.input_shape.iter().product::<usize>();
-        if input.len() != want {
-            return Err(EngineError::InputSize {
-                got: input.len(),
-                want,
-            });
-        }
+    /// Copies `host_input` (always of the input's size) into the tensor tract reads.
+    fn load_input(&mut self) -> Result<(), EngineError> {
+        let input = &self.host_input;
         let run_err = |e: TractError| EngineError::Run(format!("{e:#}"));
         match Arc::get_mut(&mut self.input) {
             Some(tensor) => tensor
@@ -372,7 +377,11 @@ impl InferenceEngine for TractSession {
         self.num_classes
     }
 
-    fn infer(&mut self, input: &[f32], logits: &mut [f32]) -> Result<(), EngineError> {
+    fn input_mut(&mut self) -> Result<&mut [f32], EngineError> {
+        Ok(&mut self.host_input)
+    }
+
+    fn run(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
         if logits.len() != self.num_classes {
             return Err(EngineError::Run(format!(
                 "logits buffer has {} slots, the model produces {}",
@@ -380,7 +389,7 @@ impl InferenceEngine for TractSession {
                 self.num_classes
             )));
         }
-        self.load_input(input)?;
+        self.load_input()?;
         let value = TValue::from_const(self.input.clone());
         let state = &mut self.state;
         let outputs = multithread_tract_scope(self.executor.clone(), || state.run(tvec!(value)))

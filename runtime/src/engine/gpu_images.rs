@@ -1,0 +1,153 @@
+//! JPEG decode (nvJPEG) and resize/crop/normalise (the NVRTC kernel) on the GPU, on a
+//! session's stream, writing the engine's f32 NCHW input buffer in device memory: the GPU
+//! engine's half of [`super::DeviceImages`]. The geometry is the CPU path's
+//! (`Resize(256)`, centre crop 224, ImageNet mean/std), so both paths feed the model the same
+//! tensor up to decoder rounding (measured in runtime/tests/gpu_preprocess.rs).
+
+use std::sync::Arc;
+
+use hacserve_ffi::cuda::cu;
+use hacserve_ffi::gpu_preprocess::{Geometry, GpuPreprocessor};
+use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
+
+use super::EngineError;
+use crate::preprocess::{
+    center_crop_offset, resized_size, INPUT_SIZE, MAX_IMAGE_PIXELS, MEAN, RESIZE_SHORTER, STD,
+};
+
+/// RGB bytes each session allocates at start (a 12-megapixel photo); larger images, up to
+/// [`MAX_IMAGE_PIXELS`], grow the buffer once (doubling), so steady traffic allocates nothing.
+const INITIAL_RGB_BYTES: usize = 3 * 4000 * 3000;
+
+/// Loaded once per GPU and shared by its sessions: nvJPEG and the compiled kernel.
+pub struct GpuImageKernels {
+    nvjpeg: &'static NvJpeg,
+    kernel: GpuPreprocessor,
+}
+
+impl GpuImageKernels {
+    /// Loads libnvjpeg and compiles the preprocessing kernel into `ctx`; the error names
+    /// what is missing.
+    pub fn new(ctx: &Arc<cu::CudaContext>) -> Result<Self, EngineError> {
+        let nvjpeg = NvJpeg::load()
+            .map_err(|e| EngineError::Run(format!("GPU JPEG decoding unavailable: {e}")))?;
+        let kernel = GpuPreprocessor::new(ctx)
+            .map_err(|e| EngineError::Run(format!("GPU preprocessing unavailable: {e}")))?;
+        Ok(GpuImageKernels { nvjpeg, kernel })
+    }
+}
+
+/// One session's decoder state and decoded-image buffer.
+pub struct GpuImages {
+    kernels: Arc<GpuImageKernels>,
+    decoder: JpegDecoder,
+    rgb: cu::CudaSlice<u8>,
+    /// (width, height) of the image in `rgb`, once decoded.
+    decoded: Option<(usize, usize)>,
+}
+
+impl GpuImages {
+    /// Needs the stream's context current on the calling thread (nvJPEG's handle binds it).
+    pub fn new(
+        kernels: Arc<GpuImageKernels>,
+        stream: &Arc<cu::CudaStream>,
+    ) -> Result<Self, EngineError> {
+        let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(run)?;
+        let rgb = stream
+            .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
+            .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+        Ok(GpuImages {
+            kernels,
+            decoder,
+            rgb,
+            decoded: None,
+        })
+    }
+
+    /// Decodes `jpeg` into the RGB buffer on `stream` and waits, so the stage can be timed.
+    pub fn decode(
+        &mut self,
+        jpeg: &[u8],
+        stream: &Arc<cu::CudaStream>,
+    ) -> Result<(usize, usize), EngineError> {
+        self.decoded = None;
+        // Header errors are the image's: our own arguments are valid by construction.
+        let (_, w, h) = self
+            .decoder
+            .image_info(jpeg)
+            .map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
+        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
+        let pixels = width.saturating_mul(height);
+        if pixels > MAX_IMAGE_PIXELS {
+            return Err(EngineError::BadInput(format!(
+                "image of {width}x{height} exceeds the server's limit of {MAX_IMAGE_PIXELS} pixels"
+            )));
+        }
+        if 3 * pixels > self.rgb.len() {
+            let grown = (3 * pixels).next_power_of_two().min(3 * MAX_IMAGE_PIXELS);
+            log::info!("GPU decode buffer grows to {grown} B for a {width}x{height} image");
+            self.rgb = stream
+                .alloc_zeros::<u8>(grown)
+                .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+        }
+        let size = self
+            .decoder
+            .decode_into(jpeg, stream, &mut self.rgb)
+            .map_err(decode_error)?;
+        stream
+            .synchronize()
+            .map_err(|e| EngineError::Run(format!("nvJPEG decode: {e}")))?;
+        self.decoded = Some(size);
+        Ok(size)
+    }
+
+    /// Resize, centre crop and normalise of the decoded image into `out` (f32 NCHW,
+    /// 3 x 224 x 224) on `stream`, then waits.
+    pub fn preprocess_into(
+        &mut self,
+        stream: &Arc<cu::CudaStream>,
+        out: &mut cu::CudaSlice<f32>,
+    ) -> Result<(), EngineError> {
+        let (w, h) = self
+            .decoded
+            .ok_or_else(|| EngineError::Run("preprocess before a successful decode".into()))?;
+        let (rw, rh) = resized_size(w, h, RESIZE_SHORTER);
+        let geometry = Geometry {
+            src_w: w,
+            src_h: h,
+            src_pitch: 3 * w,
+            resized_w: rw,
+            resized_h: rh,
+            crop_x: center_crop_offset(rw, INPUT_SIZE),
+            crop_y: center_crop_offset(rh, INPUT_SIZE),
+            out_size: INPUT_SIZE,
+            mean: MEAN,
+            std: STD,
+        };
+        self.kernels
+            .kernel
+            .launch(stream, &self.rgb, &geometry, out)
+            .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))?;
+        stream
+            .synchronize()
+            .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
+    }
+}
+
+fn run(e: NvJpegError) -> EngineError {
+    EngineError::Run(format!("nvJPEG: {e}"))
+}
+
+/// nvJPEG's verdicts on the bitstream are the sender's fault; the rest are ours.
+fn decode_error(e: NvJpegError) -> EngineError {
+    match &e {
+        // BAD_JPEG, JPEG_NOT_SUPPORTED, INCOMPLETE_BITSTREAM
+        NvJpegError::Call { status, .. } if matches!(status, 3 | 4 | 10) => {
+            EngineError::BadInput(format!("JPEG rejected by nvJPEG: {e}"))
+        }
+        NvJpegError::TooLarge { .. } | NvJpegError::Unsupported { .. } => {
+            EngineError::BadInput(e.to_string())
+        }
+        _ => run(e),
+    }
+}
