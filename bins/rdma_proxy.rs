@@ -204,6 +204,7 @@ fn main() -> Result<()> {
         poll_mode: mode,
         queue_depth: args.queue_depth,
         priority_clients: false,
+        priority_workers: 0,
         monitor_interval: Duration::ZERO,
         log_folder: None,
         log_capacity: 0,

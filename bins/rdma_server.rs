@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::engine::tract_cpu::TractLoader;
-use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
@@ -52,9 +51,22 @@ struct Args {
     /// model file (ONNX)
     #[argh(option, default = "PathBuf::from(\"models/resnet50.onnx\")")]
     engine_file: PathBuf,
-    /// number of CUDA streams (GPU backend; the CPU backend ignores it)
+    /// engine contexts (each with its own CUDA stream and worker) per GPU; 0 = --workers
+    /// (GPU backend; the CPU backend ignores it)
     #[argh(option, default = "0")]
     streams: u32,
+    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
+    #[argh(option, default = "String::from(\"cpu\")")]
+    backend: String,
+    /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
+    #[argh(option, default = "String::from(\"fp16\")")]
+    precision: String,
+    /// GPUs for the gpu backend, comma-separated (workers round-robin over them)
+    #[argh(option, default = "String::from(\"0\")")]
+    gpus: String,
+    /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
+    #[argh(option, default = "String::from(\"gpu\")")]
+    decode: String,
     /// high priority clients: 1 = requests flagged priority jump the queue
     #[argh(option, default = "0")]
     priority_clients: u8,
@@ -96,28 +108,29 @@ fn main() -> Result<()> {
         1 => bail!("GPU addressing needs the GPU backend, not built yet (use -a 0: host memory)"),
         other => bail!("-a/--addressing must be 0 (host memory) or 1 (GPU memory), not {other}"),
     }
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
     if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&args.slot_size) {
         bail!("--slot-size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes");
     }
     if args.ring_depth == 0 || args.ring_depth > MAX_DEPTH {
         bail!("--ring-depth must be 1..={MAX_DEPTH}");
     }
-    if args.streams > 0 {
-        log::info!(
-            "--streams {} ignored: the CPU backend has no CUDA streams",
-            args.streams
-        );
-    }
+    let backend = BackendChoice::parse(&BackendArgs {
+        backend: &args.backend,
+        precision: &args.precision,
+        gpus: &args.gpus,
+        decode: &args.decode,
+        threads: args.threads,
+        workers: args.workers,
+        streams: args.streams,
+    })?;
+    let workers = backend.workers;
     let ip: IpAddr = args.bind_address.parse().with_context(|| {
         format!(
             "--bind-address {:?} is not an IP address",
             args.bind_address
         )
     })?;
-    let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
+    let mode = PollMode::parse(&args.poll_mode, workers + 1).map_err(anyhow::Error::msg)?;
     // RDMA first: a machine without it fails fast, before the model is loaded.
     let cfg = RdmaServerConfig {
         max_slot_size: args.slot_size,
@@ -127,13 +140,12 @@ fn main() -> Result<()> {
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let max_payload = args.max_payload.min(args.slot_size as usize - HEADER_LEN);
-    let loader = TractLoader::load(&args.engine_file, args.threads)
-        .with_context(|| format!("loading model {}", args.engine_file.display()))?;
-    let mut workers = Vec::with_capacity(args.workers);
-    for _ in 0..args.workers {
-        let session = loader.session().context("creating an engine context")?;
-        workers.push((Pipeline::new(session, max_payload), RdmaReplySink));
-    }
+    let priority_clients = args.priority_clients != 0;
+    let worker_sinks: Vec<(Pipeline, RdmaReplySink)> = backend
+        .sessions(&args.engine_file, priority_clients)?
+        .into_iter()
+        .map(|session| (Pipeline::new(session, max_payload), RdmaReplySink))
+        .collect();
     match Labels::load(&args.classes_file, None) {
         Ok(labels) => log::info!(
             "{} class names from {}",
@@ -143,11 +155,12 @@ fn main() -> Result<()> {
         Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
     }
     let opts = ServerOptions {
-        workers: args.workers,
+        workers,
         max_payload,
         poll_mode: mode,
         queue_depth: args.queue_depth,
-        priority_clients: args.priority_clients != 0,
+        priority_clients,
+        priority_workers: backend.priority_workers(priority_clients),
         monitor_interval: Duration::from_secs(args.monitor_interval),
         log_folder: args.save_logs.then(|| args.folder.clone()),
         log_capacity: args.total_requests,
@@ -155,13 +168,13 @@ fn main() -> Result<()> {
         debug: args.debug,
     };
     let mut threads =
-        ServerThreads::start(&opts, workers).context("starting worker and monitor threads")?;
+        ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
     println!(
-        "rdma_server listening on {} | host memory | model {} | backend tract-cpu x{} threads | {} workers | poll {:?} | slots up to {} x {} B",
+        "rdma_server listening on {} | host memory | model {} | backend {} | {} workers | poll {:?} | slots up to {} x {} B",
         rdma.addr(),
         args.engine_file.display(),
-        args.threads,
-        args.workers,
+        backend.describe(),
+        workers,
         mode,
         args.ring_depth,
         args.slot_size
@@ -170,6 +183,9 @@ fn main() -> Result<()> {
     let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
     records.extend(threads.join());
     println!("rdma_server stopped: {}", threads.counters_summary());
+    if let Some(shares) = threads.per_gpu_summary(backend.gpus()) {
+        println!("rdma_server requests per GPU: {shares}");
+    }
     if let Some(folder) = &opts.log_folder {
         let path = server::write_server_log(folder, records)
             .with_context(|| format!("writing the request log into {}", folder.display()))?;

@@ -3,11 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::engine::cudnn_gpu::{CudnnLoader, CudnnOptions, Precision};
-use hacserve_runtime::engine::tract_cpu::TractLoader;
-use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
@@ -31,7 +29,8 @@ struct Args {
     /// model file (ONNX)
     #[argh(option, default = "PathBuf::from(\"models/resnet50.onnx\")")]
     engine_file: PathBuf,
-    /// number of CUDA streams and engine contexts (GPU backend; the CPU backend ignores it)
+    /// engine contexts (each with its own CUDA stream and worker) per GPU; 0 = --workers
+    /// (GPU backend; the CPU backend ignores it)
     #[argh(option, default = "0")]
     streams: u32,
     /// number of worker threads, each with its own engine context
@@ -74,6 +73,9 @@ struct Args {
     /// each with its own engine context and stream)
     #[argh(option, default = "String::from(\"0\")")]
     gpus: String,
+    /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
+    #[argh(option, default = "String::from(\"gpu\")")]
+    decode: String,
     /// intra-op threads per worker for the CPU backend
     #[argh(option, default = "1")]
     threads: usize,
@@ -86,65 +88,23 @@ fn main() -> Result<()> {
     let args: Args = argh::from_env();
     logging::init(args.debug);
     signal::install_stop_handler();
-    if args.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let gpus: Vec<usize> = args
-        .gpus
-        .split(',')
-        .map(|g| {
-            g.trim()
-                .parse::<usize>()
-                .with_context(|| format!("bad GPU id {g:?} in --gpus"))
-        })
-        .collect::<Result<_>>()?;
-    if gpus.is_empty() {
-        bail!("--gpus names no GPU");
-    }
-    if args.streams > 0 {
-        log::info!(
-            "--streams {}: each worker owns one engine context and stream; use --workers",
-            args.streams
-        );
-    }
-    let mode = PollMode::parse(&args.poll_mode, args.workers + 1).map_err(anyhow::Error::msg)?;
-    // One loader per device: the CPU, or each GPU of --gpus; worker i uses loader i % n.
-    let loaders: Vec<Box<dyn EngineLoader>> = match args.backend.as_str() {
-        "cpu" => vec![Box::new(
-            TractLoader::load(&args.engine_file, args.threads)
-                .with_context(|| format!("loading model {}", args.engine_file.display()))?,
-        )],
-        "gpu" => {
-            let options = CudnnOptions {
-                batch: 1,
-                precision: match args.precision.as_str() {
-                    "fp16" => Precision::Fp16,
-                    "tf32" => Precision::Tf32,
-                    "fp32" => Precision::Fp32,
-                    other => bail!("--precision {other:?}: use fp16, tf32 or fp32"),
-                },
-                cuda_graph: true,
-                gpu_decode: true,
-            };
-            let mut v: Vec<Box<dyn EngineLoader>> = Vec::new();
-            for &g in &gpus {
-                v.push(Box::new(
-                    CudnnLoader::load_with(&args.engine_file, g, options).with_context(|| {
-                        format!("loading model {} on GPU {g}", args.engine_file.display())
-                    })?,
-                ));
-            }
-            v
-        }
-        other => bail!("--backend {other:?} is not known: use cpu or gpu"),
-    };
-    let mut pipelines = Vec::with_capacity(args.workers);
-    for i in 0..args.workers {
-        let session = loaders[i % loaders.len()]
-            .session()
-            .with_context(|| format!("creating the engine context of worker {i}"))?;
-        pipelines.push(Pipeline::new(session, args.max_payload));
-    }
+    let backend = BackendChoice::parse(&BackendArgs {
+        backend: &args.backend,
+        precision: &args.precision,
+        gpus: &args.gpus,
+        decode: &args.decode,
+        threads: args.threads,
+        workers: args.workers,
+        streams: args.streams,
+    })?;
+    let workers = backend.workers;
+    let mode = PollMode::parse(&args.poll_mode, workers + 1).map_err(anyhow::Error::msg)?;
+    let priority_clients = args.priority_clients != 0;
+    let pipelines: Vec<Pipeline> = backend
+        .sessions(&args.engine_file, priority_clients)?
+        .into_iter()
+        .map(|session| Pipeline::new(session, args.max_payload))
+        .collect();
     match Labels::load(&args.classes_file, None) {
         Ok(labels) => log::info!(
             "{} class names from {}",
@@ -157,19 +117,20 @@ fn main() -> Result<()> {
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     let mut zmq = ZmqServer::bind(&ctx, &args.bind_address, args.port, args.max_payload)
         .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
-    let mut workers = Vec::with_capacity(args.workers);
+    let mut worker_sinks = Vec::with_capacity(workers);
     for p in pipelines {
-        workers.push((
+        worker_sinks.push((
             p,
             zmq.reply_sink().context("creating a worker reply socket")?,
         ));
     }
     let opts = ServerOptions {
-        workers: args.workers,
+        workers,
         max_payload: args.max_payload,
         poll_mode: mode,
         queue_depth: args.queue_depth,
-        priority_clients: args.priority_clients != 0,
+        priority_clients,
+        priority_workers: backend.priority_workers(priority_clients),
         monitor_interval: Duration::from_secs(args.monitor_interval),
         log_folder: args.save_logs.then(|| args.folder.clone()),
         log_capacity: args.total_requests,
@@ -177,17 +138,13 @@ fn main() -> Result<()> {
         debug: args.debug,
     };
     let mut threads =
-        ServerThreads::start(&opts, workers).context("starting worker and monitor threads")?;
-    let backend = if args.backend == "gpu" {
-        format!("cudnn-gpu {} on GPUs {}", args.precision, args.gpus)
-    } else {
-        format!("tract-cpu x{} threads", args.threads)
-    };
+        ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
     println!(
-        "zmq_server listening on {} | model {} | backend {backend} | {} workers | poll {:?} | max payload {} B",
+        "zmq_server listening on {} | model {} | backend {} | {} workers | poll {:?} | max payload {} B",
         zmq.endpoint(),
         args.engine_file.display(),
-        args.workers,
+        backend.describe(),
+        workers,
         mode,
         args.max_payload
     );
@@ -201,18 +158,8 @@ fn main() -> Result<()> {
         Err(e) => log::error!("flushing replies after the stop: {e}"),
     }
     println!("zmq_server stopped: {}", threads.counters_summary());
-    if args.backend == "gpu" {
-        // Each GPU's share of the requests (workers are assigned round-robin).
-        let mut per_gpu = vec![0u64; gpus.len()];
-        for (i, p) in threads.probes[1..].iter().enumerate() {
-            per_gpu[i % gpus.len()] += p.handled.load(std::sync::atomic::Ordering::Relaxed);
-        }
-        let shares: Vec<String> = gpus
-            .iter()
-            .zip(&per_gpu)
-            .map(|(g, n)| format!("gpu {g}: {n}"))
-            .collect();
-        println!("zmq_server requests per GPU: {}", shares.join(", "));
+    if let Some(shares) = threads.per_gpu_summary(backend.gpus()) {
+        println!("zmq_server requests per GPU: {shares}");
     }
     if let Some(folder) = &opts.log_folder {
         let path = server::write_server_log(folder, records)

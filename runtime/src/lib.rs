@@ -7,6 +7,7 @@
 //! - [`server`], [`client`], [`balancer`], [`stats`]: serving loop, closed-loop client,
 //!   routing, latency tables.
 
+pub mod backend;
 pub mod balancer;
 pub mod client;
 pub mod clock;

@@ -60,6 +60,10 @@ pub struct ServerOptions {
     pub queue_depth: usize,
     /// Whether requests flagged priority use the priority queue.
     pub priority_clients: bool,
+    /// With priority clients: workers 0..n take the priority lane first and the others the
+    /// normal lane first (the GPU gives those n high-priority streams); 0 = every worker
+    /// takes the priority lane first.
+    pub priority_workers: usize,
     pub monitor_interval: Duration,
     /// Per-request log: Some(folder) writes `server_requests.csv` there at exit.
     pub log_folder: Option<PathBuf>,
@@ -121,8 +125,19 @@ impl<J: ServerJob> WorkQueue<J> {
         Ok(())
     }
 
+    /// The next job, priority lane first.
     pub fn pop(&self) -> Option<J> {
-        let job = self.priority.pop().or_else(|| self.normal.pop())?;
+        self.pop_lanes(true)
+    }
+
+    /// The next job: from the priority lane first when `priority_first`, else from the
+    /// normal lane first.
+    pub fn pop_lanes(&self, priority_first: bool) -> Option<J> {
+        let job = if priority_first {
+            self.priority.pop().or_else(|| self.normal.pop())
+        } else {
+            self.normal.pop().or_else(|| self.priority.pop())
+        }?;
         self.counters.in_queue.fetch_sub(1, Ordering::Relaxed);
         Some(job)
     }
@@ -227,9 +242,10 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
         0
     });
     let who = format!("worker {index}");
+    let priority_first = opts.priority_workers == 0 || index < opts.priority_workers;
     let mut idle_spins = 0u32;
     loop {
-        let Some(job) = queue.pop() else {
+        let Some(job) = queue.pop_lanes(priority_first) else {
             if signal::stop_requested() {
                 break;
             }
@@ -474,6 +490,24 @@ impl<J: ServerJob> ServerThreads<J> {
             let _ = m.join();
         }
         records
+    }
+
+    /// "gpu 0: n, gpu 1: m": requests each GPU's workers handled (worker i runs on GPU
+    /// i % gpus); None without GPUs.
+    pub fn per_gpu_summary(&self, gpus: &[usize]) -> Option<String> {
+        if gpus.is_empty() {
+            return None;
+        }
+        let mut per_gpu = vec![0u64; gpus.len()];
+        for (i, p) in self.probes[1..].iter().enumerate() {
+            per_gpu[i % gpus.len()] += p.handled.load(Ordering::Relaxed);
+        }
+        let shares: Vec<String> = gpus
+            .iter()
+            .zip(&per_gpu)
+            .map(|(g, n)| format!("gpu {g}: {n}"))
+            .collect();
+        Some(shares.join(", "))
     }
 
     /// The counters line printed at exit.

@@ -142,9 +142,9 @@ fn run(e: NvJpegError) -> EngineError {
 fn decode_error(e: NvJpegError) -> EngineError {
     match &e {
         // BAD_JPEG, JPEG_NOT_SUPPORTED, INCOMPLETE_BITSTREAM
-        NvJpegError::Call { status, .. } if matches!(status, 3 | 4 | 10) => {
-            EngineError::BadInput(format!("JPEG rejected by nvJPEG: {e}"))
-        }
+        NvJpegError::Call {
+            status: 3 | 4 | 10, ..
+        } => EngineError::BadInput(format!("JPEG rejected by nvJPEG: {e}")),
         NvJpegError::TooLarge { .. } | NvJpegError::Unsupported { .. } => {
             EngineError::BadInput(e.to_string())
         }
