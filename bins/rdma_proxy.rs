@@ -14,8 +14,8 @@ use argh::FromArgs;
 use hacserve_runtime::proxy::{format_shares, ConnShare, PoolConfig, RdmaPool};
 use hacserve_runtime::server::{PollMode, ServerOptions, WorkQueue, WorkerProbe};
 use hacserve_runtime::transport::rdma::{
-    RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE,
-    MIN_SLOT_SIZE,
+    Addressing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
+    MAX_SLOT_SIZE, MIN_SLOT_SIZE,
 };
 use hacserve_runtime::transport::ReplySink;
 use hacserve_runtime::{logging, signal};
@@ -185,6 +185,7 @@ fn main() -> Result<()> {
         max_slot_size: args.slot_size,
         max_depth: args.ring_depth,
         keep_alive: args.keep_alive != 0,
+        addressing: Addressing::Host,
     };
     let listened = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port));

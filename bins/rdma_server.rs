@@ -13,8 +13,8 @@ use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 use hacserve_runtime::server::{self, PollMode, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::rdma::{
-    RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE,
-    MIN_SLOT_SIZE,
+    Addressing, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
+    MAX_SLOT_SIZE, MIN_SLOT_SIZE,
 };
 use hacserve_runtime::{logging, signal};
 
@@ -103,11 +103,6 @@ fn main() -> Result<()> {
     let args: Args = argh::from_env();
     logging::init(args.debug);
     signal::install_stop_handler();
-    match args.addressing {
-        0 => {}
-        1 => bail!("GPU addressing needs the GPU backend, not built yet (use -a 0: host memory)"),
-        other => bail!("-a/--addressing must be 0 (host memory) or 1 (GPU memory), not {other}"),
-    }
     if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&args.slot_size) {
         bail!("--slot-size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes");
     }
@@ -124,6 +119,14 @@ fn main() -> Result<()> {
         streams: args.streams,
     })?;
     let workers = backend.workers;
+    let addressing = match (args.addressing, backend.gpus().first()) {
+        (0, _) => Addressing::Host,
+        (1, Some(&gpu)) => Addressing::Gpu(gpu),
+        (1, None) => bail!("-a 1 (GPU memory) needs --backend gpu"),
+        (other, _) => {
+            bail!("-a/--addressing must be 0 (host memory) or 1 (GPU memory), not {other}")
+        }
+    };
     let ip: IpAddr = args.bind_address.parse().with_context(|| {
         format!(
             "--bind-address {:?} is not an IP address",
@@ -136,6 +139,7 @@ fn main() -> Result<()> {
         max_slot_size: args.slot_size,
         max_depth: args.ring_depth,
         keep_alive: args.keep_alive != 0,
+        addressing,
     };
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
@@ -170,8 +174,12 @@ fn main() -> Result<()> {
     let mut threads =
         ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
     println!(
-        "rdma_server listening on {} | host memory | model {} | backend {} | {} workers | poll {:?} | slots up to {} x {} B",
+        "rdma_server listening on {} | {} | model {} | backend {} | {} workers | poll {:?} | slots up to {} x {} B",
         rdma.addr(),
+        match addressing {
+            Addressing::Host => "host memory".to_string(),
+            Addressing::Gpu(g) => format!("GPU memory (GPU {g}, GPUDirect RDMA)"),
+        },
         args.engine_file.display(),
         backend.describe(),
         workers,

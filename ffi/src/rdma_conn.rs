@@ -16,7 +16,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::dl::DlError;
-use crate::rdma_mem::RegisteredBuf;
+use crate::rdma_mem::{DeviceRegisterError, GpuRegisteredBuf, RegisteredBuf};
 use crate::rdmacm::{
     rdma_cm_event, rdma_cm_id, rdma_conn_param, rdma_event_channel, CmError, RdmaCm,
     RDMA_CM_EVENT_CONNECT_REQUEST, RDMA_PS_TCP,
@@ -39,6 +39,9 @@ pub enum RdmaError {
     Cm(#[from] CmError),
     #[error(transparent)]
     Verbs(#[from] VerbsError),
+    /// GPU memory could not be registered (GPUDirect RDMA).
+    #[error(transparent)]
+    GpuMemory(#[from] DeviceRegisterError),
     #[error("{0}")]
     Other(String),
 }
@@ -352,6 +355,7 @@ pub struct RcEndpoint {
     cq: NonNull<ibv_cq>,
     has_qp: bool,
     bufs: Vec<RegisteredBuf>,
+    gpu_bufs: Vec<GpuRegisteredBuf>,
 }
 
 // SAFETY: libibverbs objects (PD, CQ, QP) are thread-safe: providers lock inside post_send,
@@ -397,6 +401,7 @@ impl RcEndpoint {
             cq,
             has_qp: false,
             bufs: Vec::new(),
+            gpu_bufs: Vec::new(),
         };
         let mut attr = ibv_qp_init_attr {
             send_cq: cq.as_ptr(),
@@ -428,6 +433,28 @@ impl RcEndpoint {
     /// A registered buffer by index (panics on an index `register` never returned).
     pub fn buf(&self, index: usize) -> &RegisteredBuf {
         &self.bufs[index]
+    }
+
+    /// Registers `len` zeroed bytes of GPU memory (on `stream`'s device) with `access`,
+    /// through dma-buf or nvidia-peermem (see [`GpuRegisteredBuf`]); returns its index among
+    /// the GPU buffers.
+    pub fn register_gpu(
+        &mut self,
+        stream: &std::sync::Arc<crate::cuda::cu::CudaStream>,
+        len: usize,
+        access: u32,
+    ) -> Result<usize, RdmaError> {
+        // SAFETY: the PD is live and outlives the buffer (Drop drops buffers first).
+        let buf = unsafe {
+            GpuRegisteredBuf::new(self.rdma.verbs, self.pd.as_ptr(), stream, len, access)
+        }?;
+        self.gpu_bufs.push(buf);
+        Ok(self.gpu_bufs.len() - 1)
+    }
+
+    /// A registered GPU buffer by index (panics on an index `register_gpu` never returned).
+    pub fn gpu_buf(&self, index: usize) -> &GpuRegisteredBuf {
+        &self.gpu_bufs[index]
     }
 
     pub fn handle(&self) -> usize {
@@ -565,6 +592,7 @@ impl Drop for RcEndpoint {
         }
         // Deregister and free the buffers while the PD is still alive.
         self.bufs.clear();
+        self.gpu_bufs.clear();
         // SAFETY: the CQ has no QP attached any more; destroyed once.
         unsafe { (self.rdma.verbs.ibv_destroy_cq)(self.cq.as_ptr()) };
         // SAFETY: no QP or MR remains on the PD; deallocated once.

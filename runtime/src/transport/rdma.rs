@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hacserve_ffi::cuda::{self, cu};
 use hacserve_ffi::rdma_conn::{CmEvent, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, RdmaError};
 use hacserve_ffi::rdmacm::{
     RDMA_CM_EVENT_ADDR_RESOLVED, RDMA_CM_EVENT_CONNECT_REQUEST, RDMA_CM_EVENT_DEVICE_REMOVAL,
@@ -341,9 +342,25 @@ pub struct ServerConn {
     /// is staged). A request into a busy slot breaks the credit rule.
     busy: Box<[AtomicBool]>,
     alive: AtomicBool,
+    /// The ring is GPU buffer 0 of `ep`; host buffer REQ_BUF is its mirror.
+    gpu_ring: bool,
 }
 
 impl ServerConn {
+    /// With a ring in GPU memory: copies the first `len` bytes of a slot the caller owns
+    /// into its host mirror, where [`Self::request`] reads them.
+    fn mirror_from_gpu(&self, slot: u32, len: usize) -> Result<(), String> {
+        if !self.gpu_ring {
+            return Ok(());
+        }
+        let off = slot as usize * self.slot_size;
+        // SAFETY: `slot` is busy (owned by the caller), so no other thread reads or writes
+        // its mirror bytes meanwhile, and the NIC never touches the mirror (local only).
+        let dst = unsafe { self.ep.buf(REQ_BUF).slice_mut(off, len) }
+            .ok_or_else(|| format!("slot {slot} + {len} B outside the mirror"))?;
+        self.ep.gpu_buf(0).copy_to_host(off, dst)
+    }
+
     /// The request bytes of a slot the caller owns (its busy flag is set).
     fn request(&self, slot: u32, len: usize) -> &[u8] {
         // SAFETY: `slot` is busy: the client holds no credit for it until its reply is
@@ -460,6 +477,19 @@ pub struct RdmaServerConfig {
     /// Keep serving after the last client left (false: stop once every client that connected
     /// has disconnected).
     pub keep_alive: bool,
+    /// Where request rings live: host memory, or (GPUDirect RDMA, `-a 1`) GPU memory.
+    pub addressing: Addressing,
+}
+
+/// Where the server places each client's request ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Addressing {
+    #[default]
+    Host,
+    /// On this GPU: clients' RDMA writes land in device memory (registered through dma-buf,
+    /// else nvidia-peermem). The receive loop copies each request's bytes to a host mirror
+    /// of the slot for validation and the CPU-side stages.
+    Gpu(usize),
 }
 
 /// The listening side: the rdma_cm listener and every client connection.
@@ -475,12 +505,22 @@ pub struct RdmaServer {
     /// Queue every well-sized request for the workers, echoes and bad headers included
     /// (rdma_proxy: the backend answers them, so the proxy stays transparent).
     forward_all: bool,
+    /// With [`Addressing::Gpu`]: the stream request rings are allocated and read on.
+    gpu_stream: Option<Arc<cu::CudaStream>>,
 }
 
 impl RdmaServer {
     /// Loads the RDMA libraries, checks for a device and listens on `addr` (port 0 = any).
     pub fn listen(addr: SocketAddr, cfg: RdmaServerConfig) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
+        let gpu_stream = match cfg.addressing {
+            Addressing::Host => None,
+            Addressing::Gpu(ordinal) => Some(
+                cuda::driver(ordinal)
+                    .and_then(|ctx| Ok(ctx.new_stream()?))
+                    .map_err(|e| rdma_err(format!("GPU addressing on GPU {ordinal}: {e}")))?,
+            ),
+        };
         let channel = EventChannel::new(rdma)?;
         let listener = CmId::new(rdma, &channel)?;
         let port = listener.listen(&addr, 64)?;
@@ -495,6 +535,7 @@ impl RdmaServer {
             conns: Vec::new(),
             served_any: false,
             forward_all: false,
+            gpu_stream,
         })
     }
 
@@ -567,21 +608,45 @@ impl RdmaServer {
         let mut ep = RcEndpoint::create(self.rdma, id, sizes)?;
         let slot_size = req.slot_size as usize;
         let resp_slot_size = response_slot_size(req.slot_size) as usize;
-        // The client's ring: remote write only (no remote read), its own slots only.
-        let reqb = ep.register(
-            depth as usize * slot_size,
-            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE,
-        )?;
+        let ring_len = depth as usize * slot_size;
+        // The client's ring: remote write only (no remote read), its own slots only. In GPU
+        // memory, the host buffer at REQ_BUF is only the local mirror.
+        let ring_access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+        let (req_addr, req_rkey) = match &self.gpu_stream {
+            Some(stream) => {
+                let gpu = match ep.register_gpu(stream, ring_len, ring_access) {
+                    Ok(gpu) => gpu,
+                    Err(e) => {
+                        // The client learns why (the reject carries the text).
+                        let _ = ep.reject(&encode_reject(&e.to_string()));
+                        return Err(e.into());
+                    }
+                };
+                let ring = ep.gpu_buf(gpu);
+                log::info!(
+                    "client {}: request ring of {ring_len} B in GPU memory, registered via {:?}",
+                    req.client_id,
+                    ring.route()
+                );
+                let addr_key = (ring.addr(), ring.rkey());
+                ep.register(ring_len, IBV_ACCESS_LOCAL_WRITE)?;
+                addr_key
+            }
+            None => {
+                ep.register(ring_len, ring_access)?;
+                (ep.buf(REQ_BUF).addr(), ep.buf(REQ_BUF).rkey())
+            }
+        };
         let stage = ep.register(depth as usize * resp_slot_size, IBV_ACCESS_LOCAL_WRITE)?;
-        debug_assert_eq!((reqb, stage), (REQ_BUF, STAGE_BUF));
+        debug_assert_eq!(stage, STAGE_BUF);
         for i in 0..depth {
             ep.post_recv_empty(i as u64)?;
         }
         let reply = AcceptReply {
             slot_size: req.slot_size,
             depth,
-            req_addr: ep.buf(REQ_BUF).addr(),
-            req_rkey: ep.buf(REQ_BUF).rkey(),
+            req_addr,
+            req_rkey,
             max_payload: max_payload.min(slot_size - HEADER_LEN) as u32,
         };
         ep.accept(&reply.encode())?;
@@ -595,6 +660,7 @@ impl RdmaServer {
             resp_rkey: req.resp_rkey,
             busy: (0..depth).map(|_| AtomicBool::new(false)).collect(),
             alive: AtomicBool::new(true),
+            gpu_ring: self.gpu_stream.is_some(),
         }))
     }
 
@@ -779,8 +845,15 @@ impl RdmaServer {
             );
             return false;
         }
-        queue.counters.received.fetch_add(1, Ordering::Relaxed);
         let len = len as usize;
+        if let Err(e) = conn.mirror_from_gpu(slot, len.min(conn.slot_size)) {
+            log::error!(
+                "client {}: reading slot {slot} from GPU memory failed ({e}); disconnecting it",
+                conn.client_id
+            );
+            return false;
+        }
+        queue.counters.received.fetch_add(1, Ordering::Relaxed);
         if len > conn.slot_size {
             // Reject: the length cannot be right, the bytes are not read beyond the slot.
             let head = conn.request(slot, HEADER_LEN);
