@@ -9,26 +9,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+
+use common::section;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const RCLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 const ZCLIENT: &str = env!("CARGO_BIN_EXE_zmq_client");
 const ZPROXY: &str = env!("CARGO_BIN_EXE_zmq_proxy");
 const RPROXY: &str = env!("CARGO_BIN_EXE_rdma_proxy");
-
-/// The output the script printed between `=== name ===` and the next section marker.
-fn section<'a>(out: &'a str, name: &str) -> &'a str {
-    let head = format!("=== {name} ===");
-    let Some(start) = out.find(&head) else {
-        panic!("section {name} missing from the VM output");
-    };
-    let rest = &out[start + head.len()..];
-    let end = rest.find("=== ").unwrap_or(rest.len());
-    &rest[..end]
-}
 
 /// The " top-1: N (name)" line of a client's output.
 fn top1(text: &str) -> String {
@@ -67,22 +56,12 @@ fn without_rdma_both_proxies_fail_cleanly() {
 
 #[test]
 fn proxies_in_front_of_rdma_server_in_the_vm() {
-    if let Some(reason) = common::testbed_missing() {
-        if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
-            panic!("proxy in VM: {reason}");
-        }
-        eprintln!("SKIPPED proxy in VM: {reason}");
+    if !common::testbed_ready("proxy in VM") {
         return;
     }
     let model = common::model("resnet_tiny");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proxy_in_vm");
-    std::fs::create_dir_all(&dir).unwrap();
-    // The guest sees the host's root read-only but not its /tmp: the script lives in target/.
-    let script = dir.join("run.sh");
-    std::fs::write(
-        &script,
-        format!(
-            r#"set -u
+    let script = format!(
+        r#"set -u
 S={server}
 RC={rclient}
 ZC={zclient}
@@ -123,34 +102,18 @@ echo "=== server ==="; cat /tmp/server.log
 echo "=== end ==="
 exit $fail
 "#,
-            server = SERVER,
-            rclient = RCLIENT,
-            zclient = ZCLIENT,
-            zproxy = ZPROXY,
-            rproxy = RPROXY,
-            model = model.display(),
-        ),
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    let out = Command::new(common::repo().join("tests/testbed/run-in-vm.sh"))
-        .arg("sh")
-        .arg(&script)
-        .current_dir(common::repo())
-        .env("HACSERVE_TESTBED_TIMEOUT", "500")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!(
-        "proxy in VM: {:.1} s, status {:?}\n{stdout}\n{stderr}",
-        t0.elapsed().as_secs_f64(),
-        out.status.code()
+        server = SERVER,
+        rclient = RCLIENT,
+        zclient = ZCLIENT,
+        zproxy = ZPROXY,
+        rproxy = RPROXY,
+        model = model.display(),
     );
-    assert_eq!(out.status.code(), Some(0), "script failed");
+    let run = common::run_script_in_vm("proxy_in_vm", &script, 500);
+    let stdout = &run.stdout;
+    assert_eq!(run.status, Some(0), "script failed");
     assert!(!stdout.contains("panicked"), "a process panicked");
-    let direct = section(&stdout, "direct_infer");
+    let direct = section(stdout, "direct_infer");
     assert!(direct.contains("1 requests, 0 errors"), "{direct}");
     let want_top1 = top1(direct);
     for (name, head) in [
@@ -161,20 +124,20 @@ exit $fail
         ("rdma_echo_b", "rdma_client 22 -> 192.0.2.1:20080 task echo"),
         ("rdma_infer", "rdma_client 21 -> 192.0.2.1:20080 task infer"),
     ] {
-        let text = section(&stdout, name);
+        let text = section(stdout, name);
         assert!(text.contains(head), "{name}: missing {head:?}");
         assert!(text.contains(" 0 errors"), "{name}: errors:\n{text}");
         if name.contains("infer") {
             assert_eq!(top1(text), want_top1, "{name}: top-1 differs from direct");
         }
     }
-    let zproxy = section(&stdout, "zproxy");
+    let zproxy = section(stdout, "zproxy");
     assert!(zproxy.contains("zmq_proxy stopped"), "{zproxy}");
     assert!(
         zproxy.contains("answered by the proxy: 0"),
         "zmq_proxy answered requests itself:\n{zproxy}"
     );
-    let rproxy = section(&stdout, "rproxy");
+    let rproxy = section(stdout, "rproxy");
     assert!(rproxy.contains("rdma_proxy stopped"), "{rproxy}");
     assert!(
         rproxy.contains("answered by the proxy: 0"),

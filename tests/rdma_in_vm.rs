@@ -11,9 +11,7 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
@@ -62,22 +60,12 @@ fn without_rdma_both_binaries_fail_cleanly() {
 
 #[test]
 fn rdma_server_and_client_in_the_vm() {
-    if let Some(reason) = common::testbed_missing() {
-        if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
-            panic!("rdma in VM: {reason}");
-        }
-        eprintln!("SKIPPED rdma in VM: {reason}");
+    if !common::testbed_ready("rdma in VM") {
         return;
     }
     let model = common::model("resnet_tiny");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rdma_in_vm");
-    std::fs::create_dir_all(&dir).unwrap();
-    // The guest sees the host's root read-only but not its /tmp: the script lives in target/.
-    let script = dir.join("run.sh");
-    std::fs::write(
-        &script,
-        format!(
-            r#"set -u
+    let script = format!(
+        r#"set -u
 S={server}
 C={client}
 export RUST_BACKTRACE=0
@@ -102,29 +90,13 @@ echo "SERVER LOG:"
 cat /tmp/server.log
 exit $fail
 "#,
-            server = SERVER,
-            client = CLIENT,
-            model = model.display(),
-        ),
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    let out = Command::new(common::repo().join("tests/testbed/run-in-vm.sh"))
-        .arg("sh")
-        .arg(&script)
-        .current_dir(common::repo())
-        .env("HACSERVE_TESTBED_TIMEOUT", "500")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!(
-        "rdma in VM: {:.1} s, status {:?}\n{stdout}\n{stderr}",
-        t0.elapsed().as_secs_f64(),
-        out.status.code()
+        server = SERVER,
+        client = CLIENT,
+        model = model.display(),
     );
-    assert_eq!(out.status.code(), Some(0), "script failed");
+    let run = common::run_script_in_vm("rdma_in_vm", &script, 500);
+    let stdout = &run.stdout;
+    assert_eq!(run.status, Some(0), "script failed");
     for want in [
         "rdma_server listening on 192.0.2.1:20079",
         "rdma_client 0 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 200 requests, 0 errors",

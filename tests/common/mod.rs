@@ -1,11 +1,11 @@
 //! Shared helpers for the end-to-end tests: real binaries on 127.0.0.1, real models.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 use hacserve_runtime::model_gen;
 
@@ -183,4 +183,108 @@ pub fn testbed_missing() -> Option<String> {
         }
     }
     None
+}
+
+/// True when the testbed can run here. Otherwise says why, loudly, as
+/// `SKIPPED <what>: <reason>` on the real stderr (not the harness's captured one, so it shows in
+/// CI logs without --nocapture) and returns false; with HACSERVE_TESTBED_REQUIRED=1 (CI) a
+/// missing testbed fails the test instead. Every VM test starts with it.
+pub fn testbed_ready(what: &str) -> bool {
+    let Some(reason) = testbed_missing() else {
+        return true;
+    };
+    if std::env::var("HACSERVE_TESTBED_REQUIRED").as_deref() == Ok("1") {
+        panic!(
+            "{what}: the Soft-RoCE testbed is required (HACSERVE_TESTBED_REQUIRED=1) but {reason}"
+        );
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {reason}");
+    false
+}
+
+/// The console line before the command's own output.
+pub const VM_BEGIN: &str = "HACSERVE_TESTBED_BEGIN";
+/// The console line after it, followed by the command's exit status.
+pub const VM_EXIT: &str = "HACSERVE_TESTBED_EXIT=";
+
+/// One VM at a time (per test binary; cargo runs the binaries one after another): the machine
+/// has 2 cores and each VM uses 2 vCPUs.
+static VM: Mutex<()> = Mutex::new(());
+
+/// What one VM boot gave back.
+pub struct VmRun {
+    /// run-in-vm.sh's exit status: the command's, or 124/125 for the testbed's own failures.
+    pub status: Option<i32>,
+    /// The guest console.
+    pub stdout: String,
+    /// Where the files the command wrote into `$HACSERVE_TESTBED_OUT` are now.
+    pub out_dir: PathBuf,
+}
+
+impl VmRun {
+    /// The command's own output: the console lines between the testbed's markers.
+    pub fn command_output(&self) -> &str {
+        let start = self
+            .stdout
+            .find(VM_BEGIN)
+            .map(|i| i + VM_BEGIN.len())
+            .unwrap_or_else(|| panic!("no {VM_BEGIN} marker in:\n{}", self.stdout));
+        let end = self.stdout[start..]
+            .rfind(VM_EXIT)
+            .map(|i| start + i)
+            .unwrap_or(self.stdout.len());
+        &self.stdout[start..end]
+    }
+}
+
+/// Boots the testbed VM and runs `args` in it (tests/testbed/run-in-vm.sh, from the repo root,
+/// `timeout_s` for the whole boot); prints the console and the timing (shown with --nocapture
+/// or when the test fails). `name` names the host dir that receives `$HACSERVE_TESTBED_OUT`.
+pub fn run_in_vm(name: &str, args: &[&str], timeout_s: u32) -> VmRun {
+    let _one_at_a_time = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let out_dir = temp_dir(&format!("{name}-out"));
+    let started = Instant::now();
+    let out = Command::new(repo().join("tests/testbed/run-in-vm.sh"))
+        .args(args)
+        .current_dir(repo())
+        .env("HACSERVE_TESTBED_TIMEOUT", timeout_s.to_string())
+        .env("HACSERVE_TESTBED_OUT", &out_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("starting tests/testbed/run-in-vm.sh");
+    let run = VmRun {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        out_dir,
+    };
+    eprintln!(
+        "{name}: run-in-vm.sh {args:?}: status {:?} after {:.1} s\n--- stdout\n{}--- stderr\n{}",
+        run.status,
+        started.elapsed().as_secs_f64(),
+        run.stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run
+}
+
+/// Writes `script` (sh) to `<target tmp>/<name>/run.sh` and runs it in one VM boot. (The guest
+/// sees the host's root read-only and its /tmp only under a throw-away layer, so the script
+/// lives in target/; the script's own scratch files go to the guest's /tmp.)
+pub fn run_script_in_vm(name: &str, script: &str, timeout_s: u32) -> VmRun {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.sh");
+    std::fs::write(&path, script).unwrap();
+    run_in_vm(name, &["sh", path.to_str().unwrap()], timeout_s)
+}
+
+/// The output a VM script printed between its `=== name ===` line and the next `=== ` line.
+pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
+    let head = format!("=== {name} ===");
+    let Some(start) = out.find(&head) else {
+        panic!("section {name} missing from the VM output");
+    };
+    let rest = &out[start + head.len()..];
+    let end = rest.find("=== ").unwrap_or(rest.len());
+    &rest[..end]
 }
