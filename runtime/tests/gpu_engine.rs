@@ -465,3 +465,90 @@ fn committed_model_matches_cpu() {
     }
     compare(&path, "models/resnet50.onnx", Precision::Tf32, TOL_TF32);
 }
+
+/// nvJPEG + the preprocessing kernel straight into the engine's input (DeviceImages) against
+/// the CPU decode + preprocessing fed through the pinned host input, same FP32 engine: the
+/// decoders round colours differently (runtime/tests/gpu_preprocess.rs measures the tensors),
+/// so the logits agree to that, and the top-1 is the same. Also: a priority session works and
+/// a truncated JPEG is the input's error, after which the session still decodes.
+#[test]
+fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
+    use hacserve_runtime::engine::EngineError;
+    use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::resnet50(50), "resnet50-gpu-decode");
+    let jpeg = std::fs::read(repo_root().join("models/grace_hopper.jpg")).unwrap();
+    let loader = CudnnLoader::load_with(
+        &path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision: Precision::Fp32,
+            cuda_graph: true,
+            gpu_decode: true,
+        },
+    )
+    .unwrap();
+    let n = model_gen::NUM_CLASSES;
+    let mut pre = Preprocessor::new(1 << 26);
+    pre.decode(&jpeg).unwrap();
+    let mut tensor = vec![0f32; TENSOR_LEN];
+    pre.preprocess(&mut tensor).unwrap();
+    for priority in [false, true] {
+        let mut session = if priority {
+            loader.priority_session().unwrap()
+        } else {
+            loader.session().unwrap()
+        };
+        let mut by_cpu = vec![0f32; n];
+        session.input_mut().unwrap().copy_from_slice(&tensor);
+        session.run(&mut by_cpu).unwrap();
+        let mut by_infer = vec![0f32; n];
+        session.infer(&tensor, &mut by_infer).unwrap();
+        assert_eq!(
+            by_cpu, by_infer,
+            "run() after input_mut() differs from infer()"
+        );
+        let device = session.device_images().expect("gpu_decode session");
+        let t0 = Instant::now();
+        let (w, h) = device.decode(&jpeg).unwrap();
+        let t1 = Instant::now();
+        device.preprocess().unwrap();
+        let t2 = Instant::now();
+        let mut by_gpu = vec![0f32; n];
+        device.run_preprocessed(&mut by_gpu).unwrap();
+        let t3 = Instant::now();
+        let (rel, abs) = rel_diff(&by_gpu, &by_cpu);
+        println!(
+            "gpu decode (priority stream {priority}): {w}x{h}, decode {:.3} ms, preprocess {:.3} ms, \
+             infer {:.3} ms; logits vs CPU preprocessing: max rel diff {rel:.2e} (abs {abs:.2e}), \
+             top-5 {:?} vs {:?}",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            (t3 - t2).as_secs_f64() * 1e3,
+            top5(&by_gpu),
+            top5(&by_cpu)
+        );
+        assert_eq!((w, h), (512, 600));
+        assert_eq!(top5(&by_gpu)[0], top5(&by_cpu)[0], "top-1 differs");
+        assert!(
+            rel < 5e-2,
+            "GPU-decoded logits too far from the CPU path: {rel}"
+        );
+        match device.decode(&jpeg[..jpeg.len() / 3]) {
+            Err(EngineError::BadInput(text)) => println!("truncated JPEG: {text}"),
+            other => panic!("truncated JPEG gave {other:?}"),
+        }
+        match device.decode(&[0x42u8; 2048]) {
+            Err(EngineError::BadInput(text)) => println!("garbage: {text}"),
+            other => panic!("garbage gave {other:?}"),
+        }
+        device.decode(&jpeg).unwrap();
+        device.preprocess().unwrap();
+        let mut again = vec![0f32; n];
+        device.run_preprocessed(&mut again).unwrap();
+        assert_eq!(again, by_gpu, "decoding after bad input changed the result");
+    }
+}

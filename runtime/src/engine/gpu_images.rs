@@ -76,6 +76,11 @@ impl GpuImages {
             .decoder
             .image_info(jpeg)
             .map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
+        if !ends_with_eoi(jpeg) {
+            return Err(EngineError::BadInput(
+                "JPEG is truncated: no end-of-image marker (FF D9) at its end".into(),
+            ));
+        }
         let (width, height) = (w.max(0) as usize, h.max(0) as usize);
         let pixels = width.saturating_mul(height);
         if pixels > MAX_IMAGE_PIXELS {
@@ -134,6 +139,16 @@ impl GpuImages {
     }
 }
 
+/// Whether an end-of-image marker sits in the last KiB (after it only padding or trailing
+/// metadata may follow). nvJPEG may fill a stream cut short with grey and call it decoded;
+/// the CPU decoder (strict) refuses such an image, and so does this path. Inside entropy-coded
+/// data 0xFF is always followed by 0x00 or a restart marker, so FF D9 there is the real EOI.
+fn ends_with_eoi(jpeg: &[u8]) -> bool {
+    jpeg[jpeg.len().saturating_sub(1024)..]
+        .windows(2)
+        .any(|w| w == [0xFF, 0xD9])
+}
+
 fn run(e: NvJpegError) -> EngineError {
     EngineError::Run(format!("nvJPEG: {e}"))
 }
@@ -149,5 +164,26 @@ fn decode_error(e: NvJpegError) -> EngineError {
             EngineError::BadInput(e.to_string())
         }
         _ => run(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_with_eoi;
+
+    #[test]
+    fn truncation_is_seen_at_the_end() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        assert!(ends_with_eoi(&jpeg));
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0u8; 100]);
+        assert!(ends_with_eoi(&padded));
+        assert!(!ends_with_eoi(&jpeg[..jpeg.len() / 3]));
+        assert!(!ends_with_eoi(&jpeg[..jpeg.len() - 2]));
+        assert!(!ends_with_eoi(&[]));
     }
 }

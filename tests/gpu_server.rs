@@ -1,0 +1,183 @@
+//! zmq_server with the GPU backend end to end (GPU machine only; skipped with the reason
+//! elsewhere): nvJPEG + the preprocessing kernel in the server pipeline, CPU decode, FP32,
+//! `--streams` with priority clients on a high-priority stream; answers agree with the CPU
+//! backend, a bad JPEG gets a typed error and the server keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hacserve_runtime::engine::cudnn_gpu;
+use hacserve_runtime::engine::tract_cpu::TractLoader;
+use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::pipeline::top_k_softmax;
+use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
+use hacserve_runtime::protocol::*;
+use hacserve_runtime::server::PollMode;
+use hacserve_runtime::transport::zmq::ZmqClient;
+use hacserve_runtime::transport::ClientTransport;
+
+fn gpu_or_skip() -> bool {
+    if let Err(e) = cudnn_gpu::available() {
+        eprintln!("SKIPPED GPU server test: {e}");
+        return false;
+    }
+    true
+}
+
+/// The CPU backend's top-5 for the test image, in-process.
+fn cpu_top5(model: &std::path::Path) -> [u32; 5] {
+    let mut pre = Preprocessor::new(1 << 26);
+    pre.decode(&std::fs::read(image()).unwrap()).unwrap();
+    let mut tensor = vec![0f32; TENSOR_LEN];
+    pre.preprocess(&mut tensor).unwrap();
+    let mut session = TractLoader::load(model, 1).unwrap().session().unwrap();
+    let mut logits = vec![0f32; session.num_classes()];
+    session.infer(&tensor, &mut logits).unwrap();
+    let mut body = ResponseBody::default();
+    top_k_softmax(&logits, &mut body);
+    body.classes
+}
+
+fn request(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut header = Header::request(task, 7, id, payload.len());
+    header.flags = flags;
+    let mut h = [0u8; HEADER_LEN];
+    header.encode(&mut h);
+    let mut m = h.to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+fn round_trip(c: &mut ZmqClient, msg: &[u8]) -> (Header, Vec<u8>) {
+    c.send(msg).unwrap();
+    let buf = c.recv().unwrap();
+    let (h, body) = Header::decode(buf, 64 << 20).unwrap();
+    (h, body.to_vec())
+}
+
+fn answer(c: &mut ZmqClient, msg: &[u8]) -> ResponseBody {
+    let (h, body) = round_trip(c, msg);
+    assert_eq!(
+        h.kind,
+        MessageKind::Response,
+        "error reply: {:?}",
+        decode_error(&body)
+    );
+    ResponseBody::decode(&body).unwrap()
+}
+
+#[test]
+fn gpu_backend_answers_like_the_cpu_backend() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let want = cpu_top5(&model);
+    let jpeg = std::fs::read(image()).unwrap();
+    let tensor = hacserve_runtime::client::prepare_payload(Task::InferTensor, &jpeg, None).unwrap();
+    for (label, extra, exact_top5) in [
+        ("fp16, nvJPEG", vec!["--backend", "gpu"], false),
+        (
+            "fp32, CPU decode",
+            vec!["--backend", "gpu", "--precision", "fp32", "--decode", "cpu"],
+            true,
+        ),
+        (
+            "fp16, nvJPEG, 2 streams, priority clients",
+            vec![
+                "--backend",
+                "gpu",
+                "--streams",
+                "2",
+                "--priority-clients",
+                "1",
+            ],
+            false,
+        ),
+    ] {
+        let server = zmq_server(&model, &extra);
+        let ctx = Context::new().unwrap();
+        let mut c = ZmqClient::connect(
+            &ctx,
+            "127.0.0.1",
+            server.port,
+            Duration::from_secs(60),
+            PollMode::Block,
+            64 << 20,
+        )
+        .unwrap();
+        let by_jpeg = answer(&mut c, &request(Task::Infer, 1, 0, &jpeg));
+        let by_tensor = answer(&mut c, &request(Task::InferTensor, 2, 0, &tensor));
+        let priority = answer(&mut c, &request(Task::Infer, 3, FLAG_PRIORITY, &jpeg));
+        println!(
+            "{label}: top-5 by JPEG {:?} by tensor {:?} priority {:?} (CPU backend {want:?}); \
+             stages decode {} us preprocess {} us infer {} us",
+            by_jpeg.classes,
+            by_tensor.classes,
+            priority.classes,
+            (by_jpeg.timestamps.decoded - by_jpeg.timestamps.started) / 1000,
+            (by_jpeg.timestamps.preprocessed - by_jpeg.timestamps.decoded) / 1000,
+            (by_jpeg.timestamps.inferred - by_jpeg.timestamps.preprocessed) / 1000,
+        );
+        for got in [&by_jpeg, &by_tensor, &priority] {
+            assert_eq!(got.top_k, 5, "{label}");
+            assert_eq!(
+                got.classes[0], want[0],
+                "{label}: top-1 differs from the CPU"
+            );
+            if exact_top5 {
+                assert_eq!(got.classes, want, "{label}: top-5 differs from the CPU");
+            }
+        }
+        let ts = by_jpeg.timestamps;
+        assert!(
+            ts.started <= ts.decoded
+                && ts.decoded < ts.preprocessed
+                && ts.preprocessed < ts.inferred,
+            "{label}: stages out of order {ts:?}"
+        );
+        // Preprocess only: no top-5, stages stamped.
+        let pre = answer(&mut c, &request(Task::Preprocess, 4, 0, &jpeg));
+        assert_eq!(pre.top_k, 0);
+        assert!(pre.timestamps.preprocessed > pre.timestamps.decoded);
+        // A truncated JPEG is the sender's error; the next request is still served.
+        let (h, body) = round_trip(&mut c, &request(Task::Infer, 5, 0, &jpeg[..jpeg.len() / 3]));
+        assert_eq!(
+            h.kind,
+            MessageKind::Error,
+            "{label}: truncated JPEG accepted"
+        );
+        let (code, text) = decode_error(&body).unwrap();
+        assert_eq!(
+            ErrorCode::from_u32(code),
+            Some(ErrorCode::BadImage),
+            "{text}"
+        );
+        let garbage = answer_or_error(&mut c, &request(Task::Infer, 6, 0, &[0x42u8; 4096]));
+        assert_eq!(garbage, Some(ErrorCode::BadImage), "{label}: garbage JPEG");
+        let again = answer(&mut c, &request(Task::Infer, 7, 0, &jpeg));
+        assert_eq!(again.classes, by_jpeg.classes, "{label}: after bad input");
+        let lines = server.stop();
+        let banner = lines
+            .iter()
+            .find(|l| l.contains("listening on"))
+            .cloned()
+            .unwrap_or_default();
+        println!("{label}: {banner}");
+        assert!(banner.contains("cudnn-gpu"), "{banner}");
+    }
+}
+
+/// The error code of an error reply, None for a response.
+fn answer_or_error(c: &mut ZmqClient, msg: &[u8]) -> Option<ErrorCode> {
+    let (h, body) = round_trip(c, msg);
+    match h.kind {
+        MessageKind::Error => decode_error(&body)
+            .ok()
+            .and_then(|(code, _)| ErrorCode::from_u32(code)),
+        _ => None,
+    }
+}
