@@ -44,7 +44,7 @@ fn without_rdma_both_binaries_fail_cleanly() {
         assert!(stderr.contains("RDMA unavailable"), "{bin}: {stderr}");
         assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
     }
-    // GPU addressing is refused before anything else.
+    // GPU addressing without the GPU backend is refused before anything else.
     let out = Command::new(SERVER)
         .args(["-a", "1"])
         .env("RUST_BACKTRACE", "0")
@@ -53,7 +53,7 @@ fn without_rdma_both_binaries_fail_cleanly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("GPU addressing needs the GPU backend, not built yet"),
+        stderr.contains("-a 1 (GPU memory) needs --backend gpu"),
         "{stderr}"
     );
 }
