@@ -44,18 +44,7 @@ fn without_rdma_both_binaries_fail_cleanly() {
         assert!(stderr.contains("RDMA unavailable"), "{bin}: {stderr}");
         assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
     }
-    // GPU addressing without the GPU backend is refused before anything else.
-    let out = Command::new(SERVER)
-        .args(["-a", "1"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("-a 1 (GPU memory) needs --backend gpu"),
-        "{stderr}"
-    );
+    // GPU addressing (-a 1) errors: tests/gpudirect.rs.
 }
 
 #[test]
