@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build here, run on a GPU machine without a Rust toolchain: release role binaries and the GPU
+# test binaries, stripped, in one tarball (target/gpu-carry/hacserve-gpu.tar.gz).
+#
+# On the GPU machine, from a copy of this working tree:
+#   scripts/gpu_bundle.sh unpack     # binaries into target/release, tests into target/gpu-tests
+#   scripts/gpu_bundle.sh test       # every GPU test binary, --nocapture
+#   scripts/bench_gpu.sh OUT         # the GPU benchmark
+# Test binaries carry this checkout's absolute path (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_*):
+# `unpack` links that path to the copy when it does not exist there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+carry=target/gpu-carry
+case "${1:-build}" in
+build)
+  bins=(zmq_server zmq_client multi_client bench_gpu gen_models)
+  cargo build --release $(printf -- '--bin %s ' "${bins[@]}")
+  rm -rf "$carry" && mkdir -p "$carry/stage/bin" "$carry/stage/tests"
+  cargo test --release --no-run --message-format=json \
+    -p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference \
+    -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu \
+    -p hacserve --test gpu_server > "$carry/tests.json"
+  for b in "${bins[@]}"; do cp "target/release/$b" "$carry/stage/bin/"; done
+  python3 - "$carry/tests.json" "$carry/stage/tests" <<'EOF'
+import json, shutil, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], f"{sys.argv[2]}/{m['target']['name']}")
+EOF
+  strip "$carry"/stage/bin/* "$carry"/stage/tests/*
+  echo "$PWD" > "$carry/stage/built-in"
+  tar -C "$carry/stage" -czf "$carry/hacserve-gpu.tar.gz" .
+  rm -rf "$carry/stage"
+  ls -la "$carry"
+  ;;
+unpack)
+  mkdir -p target/release target/gpu-tests
+  tmp=$(mktemp -d)
+  tar -C "$tmp" -xzf "$carry/hacserve-gpu.tar.gz"
+  cp "$tmp"/bin/* target/release/
+  cp "$tmp"/tests/* target/gpu-tests/
+  built=$(cat "$tmp/built-in")
+  if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
+    mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"
+  fi
+  rm -rf "$tmp"
+  ;;
+test)
+  status=0
+  for t in target/gpu-tests/*; do
+    echo "=== $(basename "$t")"
+    HACSERVE_REPO=$PWD "$t" --nocapture --test-threads 1 || status=1
+  done
+  exit $status
+  ;;
+*)
+  echo "usage: $0 [build|unpack|test]" >&2
+  exit 2
+  ;;
+esac
