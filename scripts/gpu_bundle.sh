@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 carry=target/gpu-carry
+built=${CARGO_TARGET_DIR:-target}/release
 case "${1:-build}" in
 build)
   bins=(zmq_server zmq_client multi_client bench_gpu gen_models)
@@ -20,7 +21,7 @@ build)
     -p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference \
     -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu \
     -p hacserve --test gpu_server > "$carry/tests.json"
-  for b in "${bins[@]}"; do cp "target/release/$b" "$carry/stage/bin/"; done
+  for b in "${bins[@]}"; do cp "$built/$b" "$carry/stage/bin/"; done
   python3 - "$carry/tests.json" "$carry/stage/tests" <<'EOF'
 import json, shutil, sys
 for line in open(sys.argv[1]):
