@@ -31,6 +31,7 @@ for line in open(sys.argv[1]):
 EOF
   strip "$carry"/stage/bin/* "$carry"/stage/tests/*
   echo "$PWD" > "$carry/stage/built-in"
+  (cd "$built/.." && pwd) > "$carry/stage/target-dir"
   tar -C "$carry/stage" -czf "$carry/hacserve-gpu.tar.gz" .
   rm -rf "$carry/stage"
   ls -la "$carry"
@@ -41,10 +42,13 @@ unpack)
   tar -C "$tmp" -xzf "$carry/hacserve-gpu.tar.gz"
   cp "$tmp"/bin/* target/release/
   cp "$tmp"/tests/* target/gpu-tests/
-  built=$(cat "$tmp/built-in")
-  if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
-    mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"
-  fi
+  # Paths compiled into the tests: the checkout and the target dir (CARGO_BIN_EXE_*).
+  for pair in "$(cat "$tmp/built-in"):$PWD" "$(cat "$tmp/target-dir"):$PWD/target"; do
+    from=${pair%%:*} to=${pair#*:}
+    if [ "$from" != "$to" ] && [ ! -e "$from" ]; then
+      mkdir -p "$(dirname "$from")" && ln -s "$to" "$from"
+    fi
+  done
   rm -rf "$tmp"
   ;;
 test)
