@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build here, run on a GPU machine without a Rust toolchain: release role binaries and the GPU
-# test binaries, stripped, in one tarball (target/gpu-carry/hacserve-gpu.tar.gz).
+# test binaries, stripped, in one tarball (target/gpu-carry/hacserve-gpu.tar.xz, xz: the limit on what travels is 64 MiB).
 #
 # On the GPU machine, from a copy of this working tree:
 #   scripts/gpu_bundle.sh unpack     # binaries into target/release, tests into target/gpu-tests
@@ -32,14 +32,14 @@ EOF
   strip "$carry"/stage/bin/* "$carry"/stage/tests/*
   echo "$PWD" > "$carry/stage/built-in"
   (cd "$built/.." && pwd) > "$carry/stage/target-dir"
-  tar -C "$carry/stage" -czf "$carry/hacserve-gpu.tar.gz" .
+  XZ_OPT="-6 -T0" tar -C "$carry/stage" -cJf "$carry/hacserve-gpu.tar.xz" .
   rm -rf "$carry/stage"
   ls -la "$carry"
   ;;
 unpack)
   mkdir -p target/release target/gpu-tests
   tmp=$(mktemp -d)
-  tar -C "$tmp" -xzf "$carry/hacserve-gpu.tar.gz"
+  tar -C "$tmp" -xJf "$carry/hacserve-gpu.tar.xz"
   cp "$tmp"/bin/* target/release/
   cp "$tmp"/tests/* target/gpu-tests/
   # Paths compiled into the tests: the checkout and the target dir (CARGO_BIN_EXE_*).
