@@ -19,6 +19,11 @@ use crate::preprocess::{
 /// [`MAX_IMAGE_PIXELS`], grow the buffer once (doubling), so steady traffic allocates nothing.
 const INITIAL_RGB_BYTES: usize = 3 * 4000 * 3000;
 
+/// Decoded once per session at start: nvJPEG allocates its host and device buffers on first
+/// use (2-4 ms on an H100), which would otherwise land on a client's first request to each
+/// worker.
+const WARMUP_JPEG: &[u8] = include_bytes!("../../../models/grace_hopper.jpg");
+
 /// Loaded once per GPU and shared by its sessions: nvJPEG and the compiled kernel.
 pub struct GpuImageKernels {
     nvjpeg: &'static NvJpeg,
@@ -56,12 +61,17 @@ impl GpuImages {
         let rgb = stream
             .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
-        Ok(GpuImages {
+        let mut images = GpuImages {
             kernels,
             decoder,
             rgb,
             decoded: None,
-        })
+        };
+        images
+            .decode(WARMUP_JPEG, stream)
+            .map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
+        images.decoded = None;
+        Ok(images)
     }
 
     /// Decodes `jpeg` into the RGB buffer on `stream` and waits, so the stage can be timed.
