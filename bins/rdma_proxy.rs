@@ -203,6 +203,7 @@ fn main() -> Result<()> {
         // Payload limits are the backend's business; the slot bounds what arrives.
         max_payload: args.slot_size as usize,
         poll_mode: mode,
+        worker_poll_mode: mode,
         queue_depth: args.queue_depth,
         priority_clients: false,
         priority_workers: 0,

@@ -11,7 +11,7 @@ use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
-use hacserve_runtime::server::{self, PollMode, ServerOptions, ServerThreads};
+use hacserve_runtime::server::{self, ServerOptions, ServerPollMode, ServerThreads};
 use hacserve_runtime::transport::rdma::{
     Addressing, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
     MAX_SLOT_SIZE, MIN_SLOT_SIZE,
@@ -76,7 +76,8 @@ struct Args {
     /// intra-op threads per worker for the CPU backend
     #[argh(option, default = "1")]
     threads: usize,
-    /// busy (spin), block (sleep when idle) or auto (spin only with a core per thread)
+    /// busy (spin), block (sleep when idle), hybrid (receive loop spins, workers sleep until a
+    /// request is queued) or auto (busy with a core per thread, else hybrid with two cores)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
     /// largest request slot a client may ask for, in bytes (bounds header + payload)
@@ -133,7 +134,7 @@ fn main() -> Result<()> {
             args.bind_address
         )
     })?;
-    let mode = PollMode::parse(&args.poll_mode, workers + 1).map_err(anyhow::Error::msg)?;
+    let mode = ServerPollMode::parse(&args.poll_mode, workers).map_err(anyhow::Error::msg)?;
     // RDMA first: a machine without it fails fast, before the model is loaded.
     let cfg = RdmaServerConfig {
         max_slot_size: args.slot_size,
@@ -161,7 +162,8 @@ fn main() -> Result<()> {
     let opts = ServerOptions {
         workers,
         max_payload,
-        poll_mode: mode,
+        poll_mode: mode.receive,
+        worker_poll_mode: mode.workers,
         queue_depth: args.queue_depth,
         priority_clients,
         priority_workers: backend.priority_workers(priority_clients),
@@ -174,7 +176,7 @@ fn main() -> Result<()> {
     let mut threads =
         ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
     println!(
-        "rdma_server listening on {} | {} | model {} | backend {} | {} workers | poll {:?} | slots up to {} x {} B",
+        "rdma_server listening on {} | {} | model {} | backend {} | {} workers | poll {} | slots up to {} x {} B",
         rdma.addr(),
         match addressing {
             Addressing::Host => "host memory".to_string(),
@@ -183,7 +185,7 @@ fn main() -> Result<()> {
         args.engine_file.display(),
         backend.describe(),
         workers,
-        mode,
+        mode.name(),
         args.ring_depth,
         args.slot_size
     );

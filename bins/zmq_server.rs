@@ -10,7 +10,7 @@ use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
-use hacserve_runtime::server::{self, PollMode, ServerOptions, ServerThreads};
+use hacserve_runtime::server::{self, ServerOptions, ServerPollMode, ServerThreads};
 use hacserve_runtime::transport::zmq::ZmqServer;
 use hacserve_runtime::{logging, signal};
 
@@ -60,7 +60,8 @@ struct Args {
     /// requests queued per priority lane before new ones get Overloaded
     #[argh(option, default = "1024")]
     queue_depth: usize,
-    /// busy (spin), block (sleep) or auto (spin only with a core per thread)
+    /// busy (spin), block (sleep), hybrid (receive loop spins, workers sleep until a request
+    /// is queued) or auto (busy with a core per thread, else hybrid with two cores)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
     /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
@@ -98,7 +99,7 @@ fn main() -> Result<()> {
         streams: args.streams,
     })?;
     let workers = backend.workers;
-    let mode = PollMode::parse(&args.poll_mode, workers + 1).map_err(anyhow::Error::msg)?;
+    let mode = ServerPollMode::parse(&args.poll_mode, workers).map_err(anyhow::Error::msg)?;
     let priority_clients = args.priority_clients != 0;
     let pipelines: Vec<Pipeline> = backend
         .sessions(&args.engine_file, priority_clients)?
@@ -127,7 +128,8 @@ fn main() -> Result<()> {
     let opts = ServerOptions {
         workers,
         max_payload: args.max_payload,
-        poll_mode: mode,
+        poll_mode: mode.receive,
+        worker_poll_mode: mode.workers,
         queue_depth: args.queue_depth,
         priority_clients,
         priority_workers: backend.priority_workers(priority_clients),
@@ -140,12 +142,12 @@ fn main() -> Result<()> {
     let mut threads =
         ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
     println!(
-        "zmq_server listening on {} | model {} | backend {} | {} workers | poll {:?} | max payload {} B",
+        "zmq_server listening on {} | model {} | backend {} | {} workers | poll {} | max payload {} B",
         zmq.endpoint(),
         args.engine_file.display(),
         backend.describe(),
         workers,
-        mode,
+        mode.name(),
         args.max_payload
     );
     let result = zmq.run(&threads.queue, &opts, threads.receive_probe());

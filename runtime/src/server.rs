@@ -49,13 +49,66 @@ impl PollMode {
     }
 }
 
+/// A server's poll modes: its receive loop's and its workers'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerPollMode {
+    pub receive: PollMode,
+    pub workers: PollMode,
+}
+
+impl ServerPollMode {
+    /// Parses a server's `--poll-mode`: "busy" (every thread spins), "block" (every thread
+    /// sleeps when idle), "hybrid" (the receive loop spins, the workers park until a job is
+    /// queued) or "auto": busy when the receive loop and each of the `workers` get a core of
+    /// their own plus one left over, hybrid when only the receive loop does, block otherwise.
+    pub fn parse(s: &str, workers: usize) -> Result<ServerPollMode, String> {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        Self::parse_for(s, workers, cores)
+    }
+
+    fn parse_for(s: &str, workers: usize, cores: usize) -> Result<ServerPollMode, String> {
+        let both = |m| ServerPollMode {
+            receive: m,
+            workers: m,
+        };
+        let hybrid = ServerPollMode {
+            receive: PollMode::Busy,
+            workers: PollMode::Block,
+        };
+        match s {
+            "busy" => Ok(both(PollMode::Busy)),
+            "block" => Ok(both(PollMode::Block)),
+            "hybrid" => Ok(hybrid),
+            "auto" if cores > workers + 1 => Ok(both(PollMode::Busy)),
+            "auto" if cores > 1 => Ok(hybrid),
+            "auto" => Ok(both(PollMode::Block)),
+            other => Err(format!(
+                "poll mode must be busy, block, hybrid or auto, not {other:?}"
+            )),
+        }
+    }
+
+    /// The name `parse` takes for this pair ("busy", "block" or "hybrid").
+    pub fn name(&self) -> &'static str {
+        match (self.receive, self.workers) {
+            (PollMode::Busy, PollMode::Busy) => "busy",
+            (PollMode::Busy, PollMode::Block) => "hybrid",
+            (PollMode::Block, PollMode::Block) => "block",
+            (PollMode::Block, PollMode::Busy) => "block receive loop, busy workers",
+        }
+    }
+}
+
 /// Configuration shared by every server role.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub workers: usize,
     /// Largest request payload accepted (bytes).
     pub max_payload: usize,
+    /// How the receive loop waits.
     pub poll_mode: PollMode,
+    /// How the workers wait: Block parks them until a job is pushed (see [`ServerPollMode`]).
+    pub worker_poll_mode: PollMode,
     /// Capacity of each of the two queues (normal and priority).
     pub queue_depth: usize,
     /// Whether requests flagged priority use the priority queue.
@@ -249,7 +302,7 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
             if signal::stop_requested() {
                 break;
             }
-            match opts.poll_mode {
+            match opts.worker_poll_mode {
                 PollMode::Busy => std::hint::spin_loop(),
                 PollMode::Block => {
                     // Spin briefly before sleeping: a request right behind this one is common.
@@ -447,7 +500,7 @@ impl<J: ServerJob> ServerThreads<J> {
     where
         S: ReplySink<J> + Send + 'static,
     {
-        let queue = Arc::new(WorkQueue::new(opts.queue_depth, opts.poll_mode));
+        let queue = Arc::new(WorkQueue::new(opts.queue_depth, opts.worker_poll_mode));
         let probes: Vec<Arc<WorkerProbe>> = (0..=workers.len()).map(|_| Arc::default()).collect();
         let handles = spawn_workers(opts, queue.clone(), workers, probes[1..].to_vec())?;
         let monitor = if opts.monitor_interval.is_zero() {
@@ -521,5 +574,75 @@ impl<J: ServerJob> ServerThreads<J> {
             c.overloaded.load(Ordering::Relaxed),
             c.transport_errors.load(Ordering::Relaxed)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_poll_modes() {
+        let busy = ServerPollMode {
+            receive: PollMode::Busy,
+            workers: PollMode::Busy,
+        };
+        let block = ServerPollMode {
+            receive: PollMode::Block,
+            workers: PollMode::Block,
+        };
+        let hybrid = ServerPollMode {
+            receive: PollMode::Busy,
+            workers: PollMode::Block,
+        };
+        assert_eq!(ServerPollMode::parse_for("busy", 4, 1), Ok(busy));
+        assert_eq!(ServerPollMode::parse_for("block", 1, 64), Ok(block));
+        assert_eq!(ServerPollMode::parse_for("hybrid", 1, 64), Ok(hybrid));
+        // auto: a core per spinning thread plus one left over.
+        assert_eq!(ServerPollMode::parse_for("auto", 1, 3), Ok(busy));
+        assert_eq!(ServerPollMode::parse_for("auto", 1, 2), Ok(hybrid));
+        assert_eq!(ServerPollMode::parse_for("auto", 4, 5), Ok(hybrid));
+        assert_eq!(ServerPollMode::parse_for("auto", 4, 6), Ok(busy));
+        assert_eq!(ServerPollMode::parse_for("auto", 1, 1), Ok(block));
+        assert!(ServerPollMode::parse_for("spin", 1, 2)
+            .unwrap_err()
+            .contains("hybrid"));
+        for m in [busy, block, hybrid] {
+            assert_eq!(ServerPollMode::parse_for(m.name(), 1, 2), Ok(m));
+        }
+    }
+
+    struct Job;
+    impl ServerJob for Job {
+        fn message(&self) -> &[u8] {
+            &[]
+        }
+        fn received_ns(&self) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn push_wakes_a_parked_worker_in_block_mode() {
+        let queue = Arc::new(WorkQueue::<Job>::new(4, PollMode::Block));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = queue.clone();
+        let worker = thread::spawn(move || {
+            tx.send(()).unwrap();
+            let start = Instant::now();
+            loop {
+                if q.pop().is_some() {
+                    return start.elapsed();
+                }
+                // Far longer than the test waits: only an unpark ends it early.
+                thread::park_timeout(Duration::from_secs(30));
+            }
+        });
+        let _ = queue.waiters.set(vec![worker.thread().clone()]);
+        rx.recv().unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert!(queue.push(Job, false).is_ok());
+        let waited = worker.join().unwrap();
+        assert!(waited < Duration::from_secs(10), "woke after {waited:?}");
     }
 }
