@@ -33,7 +33,7 @@ struct Args {
     /// total requests
     #[argh(option, short = 'r', default = "1")]
     requests: usize,
-    /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo
+    /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink
     #[argh(option, short = 't', default = "Task::Infer", from_str_fn(parse_task))]
     task: Task,
     /// image (JPEG)
@@ -58,7 +58,7 @@ struct Args {
     /// requests sent first and not measured
     #[argh(option, default = "0")]
     warmup: usize,
-    /// echo task only: send this many zero bytes instead of the image
+    /// echo and sink tasks only: send this many zero bytes instead of the image
     #[argh(option)]
     payload_size: Option<usize>,
     /// ask for the high-priority lane
@@ -95,8 +95,8 @@ fn main() -> Result<()> {
     logging::init(args.debug);
     signal::install_stop_handler();
     let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;
-    if args.payload_size.is_some() && args.task != Task::Echo {
-        bail!("--payload-size applies to the echo task (-t 3) only");
+    if args.payload_size.is_some() && args.task != Task::Echo && args.task != Task::Sink {
+        bail!("--payload-size applies to the echo and sink tasks (-t 3, -t 4) only");
     }
     if let Some(b) = &args.bad_imm {
         if b != "length" && b != "slot" {

@@ -38,7 +38,7 @@ struct Args {
     /// client ID
     #[argh(option, default = "0")]
     client_id: u32,
-    /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo
+    /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink
     #[argh(option, short = 't', default = "Task::Infer", from_str_fn(parse_task))]
     task: Task,
     /// save logs (per-request CSV and JSON summary in the logs folder)
@@ -53,7 +53,7 @@ struct Args {
     /// requests sent first and not measured
     #[argh(option, default = "0")]
     warmup: usize,
-    /// echo task only: send this many zero bytes instead of the image
+    /// echo and sink tasks only: send this many zero bytes instead of the image
     #[argh(option)]
     payload_size: Option<usize>,
     /// ask for the high-priority lane
@@ -79,8 +79,8 @@ fn main() -> Result<()> {
     logging::init(args.debug);
     signal::install_stop_handler();
     let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;
-    if args.payload_size.is_some() && args.task != Task::Echo {
-        bail!("--payload-size applies to the echo task (-t 3) only");
+    if args.payload_size.is_some() && args.task != Task::Echo && args.task != Task::Sink {
+        bail!("--payload-size applies to the echo and sink tasks (-t 3, -t 4) only");
     }
     let image = if args.payload_size.is_some() {
         Vec::new()

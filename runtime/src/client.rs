@@ -54,7 +54,7 @@ pub struct ClientRun {
 
 /// Builds the request payload for `task` from an image file's bytes: the JPEG itself, the
 /// locally preprocessed tensor (f32 LE, NCHW) for `InferTensor`, or `echo_size` zero bytes
-/// for an echo when a size is given.
+/// for an echo or a sink when a size is given.
 pub fn prepare_payload(
     task: Task,
     image: &[u8],
@@ -62,7 +62,7 @@ pub fn prepare_payload(
 ) -> Result<Vec<u8>, ClientError> {
     Ok(match task {
         Task::Infer | Task::Preprocess => image.to_vec(),
-        Task::Echo => match echo_size {
+        Task::Echo | Task::Sink => match echo_size {
             Some(n) => vec![0u8; n],
             None => image.to_vec(),
         },
@@ -158,8 +158,13 @@ fn one_request<T: ClientTransport>(
     match h.kind {
         MessageKind::Response => {
             let r = ResponseBody::decode(body)?;
-            if header.task == Task::Echo {
-                let want = message.len() - HEADER_LEN;
+            if header.task == Task::Echo || header.task == Task::Sink {
+                // An echo carries the payload back, a sink nothing after the body.
+                let want = if header.task == Task::Echo {
+                    message.len() - HEADER_LEN
+                } else {
+                    0
+                };
                 let got = body.len() - RESPONSE_BODY_LEN;
                 if want != got {
                     return Err(ClientError::EchoLength { want, got });

@@ -73,7 +73,7 @@ impl Pipeline {
         let mut body = ResponseBody::default();
         match header.task {
             // Answered by answer_without_engine; kept for exhaustiveness.
-            Task::Echo => {
+            Task::Echo | Task::Sink => {
                 ts.decoded = started;
                 ts.preprocessed = started;
                 ts.inferred = started;
@@ -257,7 +257,7 @@ pub fn answer_without_engine<B: ReplyBuffer>(
             error_text,
         ));
     }
-    if header.task != Task::Echo {
+    if header.task != Task::Echo && header.task != Task::Sink {
         return Triage::NeedsWorker(header);
     }
     let now = realtime_ns();
@@ -272,7 +272,13 @@ pub fn answer_without_engine<B: ReplyBuffer>(
         },
         ..Default::default()
     };
-    Triage::Answered(write_response(&header, &mut body, payload, out))
+    // Sink: the payload was received whole and validated; only the body goes back.
+    let echo = if header.task == Task::Echo {
+        payload
+    } else {
+        &[]
+    };
+    Triage::Answered(write_response(&header, &mut body, echo, out))
 }
 
 fn payload_if_echo<'a>(header: &Header, payload: &'a [u8]) -> &'a [u8] {
@@ -367,5 +373,57 @@ mod tests {
         assert!(body.scores.windows(2).all(|w| w[0] >= w[1]));
         let total: f32 = logits.iter().map(|l| (l - 9.99).exp()).sum();
         assert!((body.scores[0] - 1.0 / total).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+
+    fn request(task: Task, payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![0u8; HEADER_LEN];
+        let mut h = [0u8; HEADER_LEN];
+        Header::request(task, 7, 42, payload.len()).encode(&mut h);
+        m.copy_from_slice(&h);
+        m.extend_from_slice(payload);
+        m
+    }
+
+    fn answer(msg: &[u8], max_payload: usize) -> (Triage, Vec<u8>) {
+        let (mut out, mut text) = (Vec::new(), String::new());
+        let t = answer_without_engine(msg, 1, max_payload, &mut out, &mut text);
+        (t, out)
+    }
+
+    #[test]
+    fn sink_is_answered_without_the_payload_echo_with_it() {
+        let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        for (task, back) in [(Task::Sink, 0), (Task::Echo, payload.len())] {
+            let (t, out) = answer(&request(task, &payload), 1 << 20);
+            assert!(
+                matches!(t, Triage::Answered(Outcome::Answered { task: got, top1: None }) if got == task),
+                "{task:?}"
+            );
+            assert_eq!(out.len(), HEADER_LEN + RESPONSE_BODY_LEN + back, "{task:?}");
+            let (h, body) = Header::decode(&out, usize::MAX).unwrap();
+            assert_eq!(h.kind, MessageKind::Response);
+            assert_eq!((h.task, h.client_id, h.request_id), (task, 7, 42));
+            assert_eq!(body.len(), RESPONSE_BODY_LEN + back);
+            assert_eq!(&body[RESPONSE_BODY_LEN..], &payload[..back]);
+            assert_eq!(ResponseBody::decode(body).unwrap().top_k, 0);
+        }
+        // Validated like any request: the payload limit and its length still apply.
+        let (t, _) = answer(&request(Task::Sink, &payload), 1000);
+        assert!(matches!(
+            t,
+            Triage::Answered(Outcome::Rejected(ErrorCode::PayloadTooLarge))
+        ));
+        let mut short = request(Task::Sink, &payload);
+        short.pop();
+        let (t, _) = answer(&short, 1 << 20);
+        assert!(matches!(
+            t,
+            Triage::Answered(Outcome::Rejected(ErrorCode::Truncated))
+        ));
     }
 }

@@ -52,10 +52,19 @@ pub enum Task {
     Preprocess = 2,
     /// Transport only: the server answers at once with the payload echoed back.
     Echo = 3,
+    /// Transport only, one way: the server accepts the payload, discards it and answers at
+    /// once with the response body alone (a bandwidth test whose replies stay small).
+    Sink = 4,
 }
 
 impl Task {
-    pub const ALL: [Task; 4] = [Task::Infer, Task::InferTensor, Task::Preprocess, Task::Echo];
+    pub const ALL: [Task; 5] = [
+        Task::Infer,
+        Task::InferTensor,
+        Task::Preprocess,
+        Task::Echo,
+        Task::Sink,
+    ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|t| *t as u8 == v)
@@ -67,7 +76,9 @@ impl Task {
         by_number
             .or_else(|| Task::ALL.into_iter().find(|t| t.name() == s))
             .ok_or_else(|| {
-                format!("unknown task {s:?}: use 0|infer, 1|infer-tensor, 2|preprocess, 3|echo")
+                format!(
+                    "unknown task {s:?}: use 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink"
+                )
             })
     }
 
@@ -77,6 +88,7 @@ impl Task {
             Task::InferTensor => "infer-tensor",
             Task::Preprocess => "preprocess",
             Task::Echo => "echo",
+            Task::Sink => "sink",
         }
     }
 }
@@ -464,8 +476,11 @@ mod tests {
         m[6] = 9;
         assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadKind(9)));
         let mut m = good.clone();
+        m[7] = 5;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadTask(5)));
+        let mut m = good.clone();
         m[7] = 4;
-        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadTask(4)));
+        assert_eq!(Header::decode(&m, 99).unwrap().0.task, Task::Sink);
         let mut m = good.clone();
         m[28] = 0x80;
         assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadFlags(0x80)));
