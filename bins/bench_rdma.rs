@@ -14,7 +14,9 @@
 //!    echo of 150,528-byte payloads, closed loop (one in flight), and (b) a pipelined echo
 //!    stream from this process (`--depth` requests in flight on one RdmaClient). MB/s counts
 //!    the request bytes of one direction, in perftest's unit (MiB/s, 2^20); an echo moves the
-//!    same bytes back as well, which perftest's one-way stream does not.
+//!    same bytes back as well, which perftest's one-way stream does not; (c) the same stream
+//!    of sink requests (task 4: the payload is discarded, the reply is 128 bytes), the
+//!    one-way figure to compare with ib_write_bw.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,10 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::protocol::{Header, Task, HEADER_LEN};
+use hacserve_runtime::protocol::{Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::rdma::{RdmaClient, RdmaClientConfig, DEFAULT_PORT};
-use hacserve_runtime::transport::ClientTransport;
 
 #[derive(FromArgs)]
 /// RDMA benchmark: perftest (ib_write_lat / ib_write_bw) vs rdma_server + rdma_client.
@@ -52,8 +53,9 @@ struct Args {
     /// requests in flight for the pipelined stream
     #[argh(option, default = "16")]
     depth: u32,
-    /// rdma_server poll mode (busy spins: its receive loop and its worker)
-    #[argh(option, default = "String::from(\"busy\")")]
+    /// rdma_server poll mode (hybrid: its receive loop spins, its worker sleeps until a
+    /// request is queued; busy: both spin)
+    #[argh(option, default = "String::from(\"hybrid\")")]
     server_poll_mode: String,
     /// model file for rdma_server (echo never runs it; a small one starts fast)
     #[argh(option, default = "PathBuf::from(\"models/resnet_tiny.onnx\")")]
@@ -194,10 +196,12 @@ fn rdma_client(args: &Args, bin_dir: &Path, payload: usize, n: usize) -> Result<
     Ok((row[1], row[6], rate))
 }
 
-/// Pipelined stream from this process to `port`: (MiB/s of request payload, req/s). With
-/// `echo` the replies must carry the payload back; without, they are the server's small
-/// `PayloadTooLarge` answers (sent after the whole request arrived).
-fn stream(args: &Args, port: u16, echo: bool) -> Result<(f64, f64)> {
+/// Pipelined stream from this process to `port`: (MiB/s of request payload, req/s). `task` is
+/// Echo (the replies carry the payload back) or Sink (one way: the payload is discarded and
+/// the replies are header + response body). Each request is built in place in its send slot
+/// (the payload written once per slot, then only the header), as an application producing
+/// its data into registered memory would.
+fn stream(args: &Args, port: u16, task: Task) -> Result<(f64, f64)> {
     let payload = args.bw_size;
     let slot = ((HEADER_LEN + payload).div_ceil(4096) * 4096) as u32;
     let mut c = RdmaClient::connect(
@@ -212,7 +216,9 @@ fn stream(args: &Args, port: u16, echo: bool) -> Result<(f64, f64)> {
         },
     )
     .context("connecting the stream client")?;
-    let mut msg = vec![0u8; HEADER_LEN + payload];
+    let len = HEADER_LEN + payload;
+    let want = HEADER_LEN + RESPONSE_BODY_LEN + if task == Task::Echo { payload } else { 0 };
+    let mut filled = 0u32;
     let total = args.warmup + args.iterations;
     let (mut sent, mut got) = (0usize, 0usize);
     let mut start = Instant::now();
@@ -220,14 +226,26 @@ fn stream(args: &Args, port: u16, echo: bool) -> Result<(f64, f64)> {
     while got < total {
         while sent < total && c.can_send() {
             let mut head = [0u8; HEADER_LEN];
-            Header::request(Task::Echo, 99, sent as u64, payload).encode(&mut head);
-            msg[..HEADER_LEN].copy_from_slice(&head);
-            c.send(&msg).context("stream send")?;
+            Header::request(task, 99, sent as u64, payload).encode(&mut head);
+            let slot = c.next_send_slot().context("stream send slot")?;
+            if filled < args.depth {
+                // First use of this slot: the payload, a byte pattern.
+                for (i, b) in slot[HEADER_LEN..len].iter_mut().enumerate() {
+                    *b = i as u8;
+                }
+                filled += 1;
+            }
+            slot[..HEADER_LEN].copy_from_slice(&head);
+            c.send_prepared(len).context("stream send")?;
             sent += 1;
         }
         if let Some((_, reply)) = c.try_recv().context("stream receive")? {
-            if reply.len() < HEADER_LEN || (echo && reply.len() < HEADER_LEN + payload) {
-                bail!("stream: short reply of {} bytes", reply.len());
+            if reply.len() != want || reply[6] != MessageKind::Response as u8 {
+                bail!(
+                    "stream: reply of {} bytes (kind {}), a {want}-byte response expected",
+                    reply.len(),
+                    reply.get(6).copied().unwrap_or(0)
+                );
             }
             got += 1;
             if got == args.warmup {
@@ -274,18 +292,14 @@ fn main() -> Result<()> {
     let run = (|| -> Result<_> {
         let small = rdma_client(&args, &bin_dir, args.lat_size - HEADER_LEN, n)?;
         let big = rdma_client(&args, &bin_dir, args.bw_size, n)?;
-        let streamed = stream(&args, args.port, true)?;
-        Ok((small, big, streamed))
+        let streamed = stream(&args, args.port, Task::Echo)?;
+        // One direction only, like ib_write_bw: sink requests, 128-byte replies.
+        let one_way = stream(&args, args.port, Task::Sink)?;
+        Ok((small, big, streamed, one_way))
     })();
     stop(&mut server);
-    let ((p50, mean, _), (_, _, big_rate), (stream_mibs, stream_rate)) = run?;
-    // One direction only, like ib_write_bw: a server whose payload limit is below the
-    // request size receives every request whole and answers a ~150-byte error.
-    let one_way_port = args.port.wrapping_add(1);
-    let mut server = start_server(&args, &bin_dir, one_way_port, &["--max-payload", "1024"])?;
-    let one_way = stream(&args, one_way_port, false);
-    stop(&mut server);
-    let (oneway_mibs, oneway_rate) = one_way?;
+    let ((p50, mean, _), (_, _, big_rate), (stream_mibs, stream_rate), (oneway_mibs, oneway_rate)) =
+        run?;
     let closed_mibs = big_rate * args.bw_size as f64 / (1 << 20) as f64;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let line = "-".repeat(100);
@@ -318,7 +332,7 @@ fn main() -> Result<()> {
         2.0 * stream_mibs
     );
     println!(
-        " one-way stream depth {} {:>8.1} MiB/s ({:.0} req/s), ratio {:.2}x vs ib_write_bw (small replies)",
+        " one-way stream depth {} {:>8.1} MiB/s ({:.0} req/s), ratio {:.2}x vs ib_write_bw (sink task: 128-byte replies)",
         args.depth,
         oneway_mibs,
         oneway_rate,

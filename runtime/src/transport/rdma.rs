@@ -1135,6 +1135,22 @@ impl RdmaClient {
     /// Sends `msg` into the next slot with an arbitrary immediate (tests of the server's
     /// validation: a slot outside the ring, a length beyond the slot).
     pub fn send_with_imm(&mut self, msg: &[u8], imm: u32) -> Result<u32, TransportError> {
+        let size = self.cfg.slot_size as usize;
+        if msg.len() > size {
+            return Err(rdma_err(format!(
+                "request of {} bytes does not fit the {size}-byte slot (--slot-size)",
+                msg.len()
+            )));
+        }
+        self.next_send_slot()?[..msg.len()].copy_from_slice(msg);
+        self.post_next(msg.len(), imm)
+    }
+
+    /// The next slot's registered send buffer (the whole slot), to build a request in place
+    /// and send it with [`Self::send_prepared`] without copying it; fails without a credit.
+    /// The slot keeps its bytes between uses: a caller sending similar requests may rewrite
+    /// only what changes (e.g. the header).
+    pub fn next_send_slot(&mut self) -> Result<&mut [u8], TransportError> {
         let slot = self.next_slot;
         if self.in_flight[slot as usize] {
             return Err(rdma_err(format!(
@@ -1143,25 +1159,43 @@ impl RdmaClient {
             )));
         }
         let size = self.cfg.slot_size as usize;
-        if msg.len() > size {
+        // SAFETY: this send slot's previous write was delivered (its reply came back before
+        // the slot's credit returned), so the NIC no longer reads it; the returned borrow of
+        // &mut self excludes other writers and any post until it ends.
+        unsafe { self.ep.buf(SEND_BUF).slice_mut(slot as usize * size, size) }
+            .ok_or_else(|| rdma_err("send slot out of range"))
+    }
+
+    /// Sends the first `len` bytes of the next slot, written there through
+    /// [`Self::next_send_slot`]; returns the slot.
+    pub fn send_prepared(&mut self, len: usize) -> Result<u32, TransportError> {
+        if len > self.cfg.slot_size as usize {
             return Err(rdma_err(format!(
-                "request of {} bytes does not fit the {size}-byte slot (--slot-size)",
-                msg.len()
+                "request of {len} bytes does not fit the {}-byte slot (--slot-size)",
+                self.cfg.slot_size
             )));
         }
-        let off = slot as usize * size;
-        // SAFETY: this send slot's previous write was delivered (its reply came back before
-        // the slot's credit returned), so the NIC no longer reads it; &mut self excludes
-        // other writers.
-        let dst = unsafe { self.ep.buf(SEND_BUF).slice_mut(off, msg.len()) }
-            .ok_or_else(|| rdma_err("send slot out of range"))?;
-        dst.copy_from_slice(msg);
+        let imm = encode_imm(self.next_slot, len as u32)
+            .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
+        self.post_next(len, imm)
+    }
+
+    /// Writes the first `len` bytes of the next slot (credit checked here) to the server.
+    fn post_next(&mut self, len: usize, imm: u32) -> Result<u32, TransportError> {
+        let slot = self.next_slot;
+        if self.in_flight[slot as usize] {
+            return Err(rdma_err(format!(
+                "no credit: all {} slots have a request in flight",
+                self.cfg.depth
+            )));
+        }
+        let off = slot as usize * self.cfg.slot_size as usize;
         let remote = self.accept.req_addr + off as u64;
         self.ep.post_write_imm(
             WR_SEND | slot as u64,
             SEND_BUF,
             off,
-            msg.len(),
+            len,
             remote,
             self.accept.req_rkey,
             imm,
