@@ -209,6 +209,7 @@ fn fp16_graph(batch: usize, gpu_decode: bool) -> CudnnOptions {
         precision: Precision::Fp16,
         cuda_graph: true,
         gpu_decode,
+        max_batch: 1,
     }
 }
 
@@ -435,6 +436,7 @@ fn main() -> Result<()> {
                 precision: Precision::Fp32,
                 cuda_graph: false,
                 gpu_decode: false,
+                max_batch: 1,
             },
         )?;
         let mut s = loader

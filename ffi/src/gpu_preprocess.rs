@@ -123,14 +123,14 @@ impl GpuPreprocessor {
         Ok(GpuPreprocessor { function })
     }
 
-    /// Queues the kernel on `stream`: `src` holds the RGB8 image, `out` receives
-    /// 3 x out_size x out_size f32 (NCHW).
+    /// Queues the kernel on `stream`: `src` holds the RGB8 image, `out` (a whole buffer, or
+    /// one image's slot of a batch) receives 3 x out_size x out_size f32 (NCHW).
     pub fn launch(
         &self,
         stream: &Arc<cu::CudaStream>,
         src: &cu::CudaSlice<u8>,
         g: &Geometry,
-        out: &mut cu::CudaSlice<f32>,
+        out: &mut cu::CudaViewMut<'_, f32>,
     ) -> Result<(), GpuPreprocessError> {
         let bad = |m: String| Err(GpuPreprocessError::Geometry(m));
         if g.src_w == 0 || g.src_h == 0 || g.resized_w == 0 || g.resized_h == 0 || g.out_size == 0 {

@@ -171,6 +171,7 @@ impl BackendChoice {
                     precision: *precision,
                     cuda_graph: true,
                     gpu_decode: *gpu_decode,
+                    max_batch: 1,
                 };
                 let mut loaders = Vec::with_capacity(gpus.len());
                 let mut names = Vec::with_capacity(gpus.len());

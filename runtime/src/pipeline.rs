@@ -9,6 +9,7 @@ use crate::protocol::{
     encode_error, ErrorCode, Header, MessageKind, ProtocolError, ReplyBuffer, ResponseBody,
     ServerTimestamps, Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
 };
+use crate::transport::ServerJob;
 
 /// What happened to a request; the reply is in the caller's buffer either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,19 +25,138 @@ pub struct Pipeline {
     max_payload: usize,
     /// Log text of the last rejection (for the server's log line), reused.
     last_error: String,
+    /// Dynamic batching (engines whose [`DeviceImages::max_batch`] > 1): the requests staged
+    /// into the batch, their logits, and each request's rejection text.
+    pending: Vec<Staged>,
+    batch_logits: Vec<f32>,
+    batch_errors: Vec<String>,
+}
+
+/// A JPEG inference staged into slot `pending[i]` of the batch input.
+struct Staged {
+    index: usize,
+    header: Header,
+    ts: ServerTimestamps,
 }
 
 pub use crate::preprocess::MAX_IMAGE_PIXELS;
 
 impl Pipeline {
-    pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
+    pub fn new(mut engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
         let classes = engine.num_classes();
+        let batch = engine.device_images().map_or(1, |d| d.max_batch());
         Pipeline {
             pre: Preprocessor::new(MAX_IMAGE_PIXELS),
             engine,
             logits: vec![0.0; classes],
             max_payload,
             last_error: String::with_capacity(256),
+            pending: Vec::with_capacity(batch),
+            batch_logits: vec![0.0; batch * classes],
+            batch_errors: (0..batch).map(|_| String::with_capacity(256)).collect(),
+        }
+    }
+
+    /// Requests [`Self::handle_batch`] takes at once: the engine's dynamic batch (1 = none).
+    pub fn batch_capacity(&self) -> usize {
+        self.batch_errors.len()
+    }
+
+    /// Why request `i` of the last [`Self::handle_batch`] was rejected (empty if it was not).
+    pub fn batch_error(&self, i: usize) -> &str {
+        self.batch_errors.get(i).map_or("", String::as_str)
+    }
+
+    /// Handles requests that were ready together (at most [`Self::batch_capacity`]): JPEG
+    /// inferences are decoded and preprocessed one by one into the slots of the engine's
+    /// batch input and run as one batch; anything else (and everything on engines without
+    /// dynamic batching) goes through [`Self::handle`]. Reply `i` lands in `outs[i]`, its
+    /// outcome in `outcomes[i]`, a rejection's text in [`Self::batch_error`]`(i)`. A request
+    /// that fails (bad JPEG) is rejected alone; the others still run.
+    pub fn handle_batch<J: ServerJob>(
+        &mut self,
+        jobs: &[J],
+        outs: &mut [Vec<u8>],
+        outcomes: &mut [Outcome],
+    ) {
+        self.pending.clear();
+        let classes = self.logits.len();
+        for (i, job) in jobs.iter().enumerate().take(self.batch_errors.len()) {
+            let (msg, received) = (job.message(), job.received_ns());
+            self.batch_errors[i].clear();
+            let slot = self.pending.len();
+            let staged = match (
+                batchable_header(msg, self.max_payload),
+                self.engine.device_images(),
+            ) {
+                (Some(header), Some(device)) if slot < device.max_batch() => {
+                    let mut ts = ServerTimestamps {
+                        received,
+                        started: realtime_ns(),
+                        ..Default::default()
+                    };
+                    let payload = &msg[HEADER_LEN..];
+                    let staged = device
+                        .decode(payload)
+                        .map(|_| ts.decoded = realtime_ns())
+                        .and_then(|()| device.preprocess_slot(slot))
+                        .map(|()| ts.preprocessed = realtime_ns())
+                        .map_err(engine_error);
+                    Some((header, ts, staged))
+                }
+                _ => None,
+            };
+            match staged {
+                Some((header, ts, Ok(()))) => self.pending.push(Staged {
+                    index: i,
+                    header,
+                    ts,
+                }),
+                Some((header, _, Err((code, text)))) => {
+                    outcomes[i] = reject(
+                        &header,
+                        code,
+                        &text,
+                        &mut outs[i],
+                        &mut self.batch_errors[i],
+                    );
+                }
+                None => {
+                    outcomes[i] = self.handle(msg, received, &mut outs[i]);
+                    self.batch_errors[i].push_str(&self.last_error);
+                }
+            }
+        }
+        let n = self.pending.len();
+        if n == 0 {
+            return;
+        }
+        let logits = &mut self.batch_logits[..n * classes];
+        let ran = match self.engine.device_images() {
+            Some(device) => device.run_slots(n, logits),
+            None => Err(EngineError::Run("engine lost its device stages".into())),
+        };
+        let inferred = realtime_ns();
+        for (k, staged) in self.pending.iter_mut().enumerate() {
+            let i = staged.index;
+            match &ran {
+                Err(e) => {
+                    outcomes[i] = reject(
+                        &staged.header,
+                        ErrorCode::Internal,
+                        &e.to_string(),
+                        &mut outs[i],
+                        &mut self.batch_errors[i],
+                    );
+                }
+                Ok(()) => {
+                    let mut body = ResponseBody::default();
+                    top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
+                    staged.ts.inferred = inferred;
+                    body.timestamps = staged.ts;
+                    outcomes[i] = write_response(&staged.header, &mut body, &[], &mut outs[i]);
+                }
+            }
         }
     }
 
@@ -126,6 +246,14 @@ impl Pipeline {
     ) -> Outcome {
         reject(header, code, text, out, &mut self.last_error)
     }
+}
+
+/// The header of a well-formed JPEG inference request for model 0 (what a batch takes);
+/// anything else, malformed included, goes through [`Pipeline::handle`] and its triage.
+fn batchable_header(msg: &[u8], max_payload: usize) -> Option<Header> {
+    let (header, _) = Header::decode(msg, max_payload).ok()?;
+    (header.kind == MessageKind::Request && header.model_id == 0 && header.task == Task::Infer)
+        .then_some(header)
 }
 
 /// A stage's failure: the error code for the sender and the text for both.

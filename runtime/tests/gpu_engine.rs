@@ -158,6 +158,7 @@ fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
             precision,
             cuda_graph,
             gpu_decode: false,
+            max_batch: 1,
         },
     )
     .unwrap();
@@ -205,6 +206,7 @@ fn throughput(path: &Path, label: &str, precision: Precision, batch: usize, cuda
             precision,
             cuda_graph,
             gpu_decode: false,
+            max_batch: 1,
         },
     )
     .unwrap();
@@ -312,6 +314,7 @@ fn fp16_batch32_matches_batch1() {
                 precision: Precision::Fp16,
                 cuda_graph,
                 gpu_decode: false,
+                max_batch: 1,
             },
         )
         .unwrap();
@@ -429,6 +432,7 @@ fn sessions_are_independent_and_batch_works() {
             precision: Precision::Fp32,
             cuda_graph: true,
             gpu_decode: false,
+            max_batch: 1,
         },
     )
     .unwrap();
@@ -488,6 +492,7 @@ fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
             precision: Precision::Fp32,
             cuda_graph: true,
             gpu_decode: true,
+            max_batch: 1,
         },
     )
     .unwrap();

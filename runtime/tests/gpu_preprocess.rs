@@ -87,7 +87,7 @@ fn kernel_matches_the_cpu_path_on_the_same_pixels() {
         let src = stream.clone_htod(rgb.as_slice()).unwrap();
         let mut out = stream.alloc_zeros::<f32>(TENSOR_LEN).unwrap();
         kernel
-            .launch(&stream, &src, &geometry(w, h), &mut out)
+            .launch(&stream, &src, &geometry(w, h), &mut out.slice_mut(..))
             .unwrap();
         let gpu = stream.clone_dtoh(&out).unwrap();
         let (max, mean) = diff(&cpu, &gpu);
@@ -106,7 +106,7 @@ fn kernel_matches_the_cpu_path_on_the_same_pixels() {
     let src = stream.alloc_zeros::<u8>(10).unwrap();
     let mut out = stream.alloc_zeros::<f32>(TENSOR_LEN).unwrap();
     assert!(kernel
-        .launch(&stream, &src, &geometry(512, 600), &mut out)
+        .launch(&stream, &src, &geometry(512, 600), &mut out.slice_mut(..))
         .is_err());
 }
 
@@ -131,7 +131,7 @@ fn nvjpeg_then_kernel_matches_the_cpu_pipeline() {
     let mut out: cu::CudaSlice<f32> = stream.alloc_zeros(TENSOR_LEN).unwrap();
     let (w, h) = dec.decode_into(&jpeg, &stream, &mut rgb).unwrap();
     kernel
-        .launch(&stream, &rgb, &geometry(w, h), &mut out)
+        .launch(&stream, &rgb, &geometry(w, h), &mut out.slice_mut(..))
         .unwrap();
     let gpu = stream.clone_dtoh(&out).unwrap();
 
@@ -151,7 +151,7 @@ fn nvjpeg_then_kernel_matches_the_cpu_pipeline() {
     for _ in 0..iters {
         dec.decode_into(&jpeg, &stream, &mut rgb).unwrap();
         kernel
-            .launch(&stream, &rgb, &geometry(w, h), &mut out)
+            .launch(&stream, &rgb, &geometry(w, h), &mut out.slice_mut(..))
             .unwrap();
         stream.synchronize().unwrap();
     }

@@ -125,6 +125,7 @@ fn engine_reproduces_pytorch_resnet50_logits() {
                 precision,
                 cuda_graph,
                 gpu_decode: false,
+                max_batch: 1,
             },
         )
         .unwrap_or_else(|e| panic!("loading the PyTorch export with {precision:?}: {e}"));

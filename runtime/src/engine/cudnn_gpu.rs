@@ -873,6 +873,10 @@ pub struct CudnnOptions {
     /// Decode JPEGs with nvJPEG and preprocess them with the NVRTC kernel on this GPU
     /// ([`DeviceImages`]); batch 1 only.
     pub gpu_decode: bool,
+    /// With `gpu_decode`: each session also holds a context of this batch size (its own
+    /// CUDA graph) so that JPEG requests that are ready together run as one batch
+    /// ([`DeviceImages::run_slots`]). 1 = no dynamic batching.
+    pub max_batch: usize,
 }
 
 impl Default for CudnnOptions {
@@ -882,6 +886,7 @@ impl Default for CudnnOptions {
             precision: Precision::Tf32,
             cuda_graph: false,
             gpu_decode: false,
+            max_batch: 1,
         }
     }
 }
@@ -893,6 +898,8 @@ pub struct CudnnLoader {
     weights: Arc<Vec<DevBuf>>,
     half: Option<Arc<HalfKernels>>,
     images: Option<Arc<GpuImageKernels>>,
+    /// The same model planned for `options.max_batch` images (dynamic batching).
+    batch_plan: Option<Arc<Plan>>,
     options: CudnnOptions,
 }
 
@@ -914,6 +921,22 @@ impl CudnnLoader {
                 options.batch
             )));
         }
+        let batch_plan = if options.gpu_decode && options.max_batch > 1 {
+            let batched = Plan::load(path, options.max_batch)?;
+            // Same ONNX, other batch: the parameters (and so the shared weights) match.
+            let same = batched.params.len() == plan.params.len()
+                && batched
+                    .params
+                    .iter()
+                    .zip(&plan.params)
+                    .all(|(a, b)| a.len() == b.len());
+            if !same {
+                return Err(bad(path, "batch plan differs from the batch-1 plan"));
+            }
+            Some(Arc::new(batched))
+        } else {
+            None
+        };
         let gpu = GpuDevice::open(device).map_err(run_err)?;
         let fp16 = options.precision == Precision::Fp16;
         // FP16: conv weights (KRSC, input channels of the first conv padded) and biases go
@@ -971,6 +994,7 @@ impl CudnnLoader {
             weights: Arc::new(weights),
             half,
             images,
+            batch_plan,
             options,
         })
     }
@@ -1083,6 +1107,10 @@ pub struct CudnnSession {
     host_input: cu::PinnedHostSlice<f32>,
     /// nvJPEG + preprocessing kernel, with [`CudnnOptions::gpu_decode`].
     images: Option<GpuImages>,
+    /// Dynamic batching: the batch-`max_batch` context JPEGs are staged into, and where its
+    /// logits land before the first `n` images' are handed out.
+    batched: Option<Box<CudnnSession>>,
+    batch_logits: Vec<f32>,
     high_priority: bool,
     /// z for convs without a residual (weighted by 0, kept finite).
     zeros: DevBuf,
@@ -1097,7 +1125,23 @@ pub struct CudnnSession {
 
 impl CudnnSession {
     fn new(loader: &CudnnLoader, high_priority: bool) -> Result<Self, EngineError> {
-        let plan = &loader.plan;
+        let mut session = Self::build(loader, &loader.plan, high_priority, true)?;
+        if let Some(plan) = &loader.batch_plan {
+            let batched = Self::build(loader, plan, high_priority, false)?;
+            session.batch_logits = vec![0.0; batched.batch * batched.num_classes];
+            session.batched = Some(Box::new(batched));
+        }
+        Ok(session)
+    }
+
+    /// One context for `plan` (the loader's, or its batch plan); `with_images` gives it the
+    /// GPU decoder when the loader has one.
+    fn build(
+        loader: &CudnnLoader,
+        plan: &Plan,
+        high_priority: bool,
+        with_images: bool,
+    ) -> Result<Self, EngineError> {
         let handles = loader
             .device
             .handles_with_priority(high_priority)
@@ -1266,8 +1310,10 @@ impl CudnnSession {
             .pinned_zeros(plan.input_shape().iter().product())
             .map_err(run_err)?;
         let images = match &loader.images {
-            Some(kernels) => Some(GpuImages::new(kernels.clone(), handles.stream())?),
-            None => None,
+            Some(kernels) if with_images => {
+                Some(GpuImages::new(kernels.clone(), handles.stream())?)
+            }
+            _ => None,
         };
         let mut session = CudnnSession {
             handles,
@@ -1276,6 +1322,8 @@ impl CudnnSession {
             staging,
             host_input,
             images,
+            batched: None,
+            batch_logits: Vec::new(),
             high_priority,
             zeros,
             workspace: ws,
@@ -1622,13 +1670,8 @@ impl DeviceImages for CudnnSession {
         let images = images
             .as_mut()
             .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
-        match staging.as_mut() {
-            Some(staging) => images.preprocess_into(handles.stream(), staging),
-            None => match buffers.first_mut().and_then(Option::as_mut) {
-                Some(DevBuf::F32(first)) => images.preprocess_into(handles.stream(), first),
-                _ => Err(EngineError::Run("no f32 input buffer".into())),
-            },
-        }
+        let mut slot = input_slot(staging, buffers, 0, 1)?;
+        images.preprocess_into(handles.stream(), &mut slot)
     }
 
     fn run_preprocessed(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
@@ -1636,6 +1679,87 @@ impl DeviceImages for CudnnSession {
         self.handles.bind().map_err(run_err)?;
         self.run_and_download(logits)
     }
+
+    fn max_batch(&self) -> usize {
+        self.batched.as_ref().map_or(1, |b| b.batch)
+    }
+
+    /// Into slot `slot` of the batch context's input (on this session's stream, which
+    /// decoded the image; the wait at the end orders it before the batch run).
+    fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError> {
+        let CudnnSession {
+            handles,
+            images,
+            batched,
+            ..
+        } = self;
+        let Some(batched) = batched.as_mut() else {
+            return if slot == 0 {
+                self.preprocess()
+            } else {
+                Err(EngineError::Run(format!(
+                    "slot {slot} without a batch context"
+                )))
+            };
+        };
+        handles.bind().map_err(run_err)?;
+        let images = images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        let count = batched.batch;
+        let mut out = input_slot(&mut batched.staging, &mut batched.buffers, slot, count)?;
+        images.preprocess_into(handles.stream(), &mut out)
+    }
+
+    /// Runs the whole batch context (slots past `n` hold stale images: their logits are
+    /// computed and dropped) and hands out the first `n` images' logits.
+    fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        let Some(batched) = self.batched.as_mut() else {
+            return if n == 1 {
+                self.run_preprocessed(logits)
+            } else {
+                Err(EngineError::Run(format!(
+                    "a batch of {n} without a batch context"
+                )))
+            };
+        };
+        let classes = batched.num_classes;
+        if n == 0 || n > batched.batch || logits.len() != n * classes {
+            return Err(EngineError::Run(format!(
+                "{n} images / {} logits for a batch of {}",
+                logits.len(),
+                batched.batch
+            )));
+        }
+        batched.handles.bind().map_err(run_err)?;
+        batched.run_and_download(&mut self.batch_logits)?;
+        logits.copy_from_slice(&self.batch_logits[..n * classes]);
+        Ok(())
+    }
+}
+
+/// Image `slot` of `count` of a session's f32 NCHW input: the FP16 staging buffer, or the
+/// FP32 input tensor.
+fn input_slot<'a>(
+    staging: &'a mut Option<cu::CudaSlice<f32>>,
+    buffers: &'a mut [Option<DevBuf>],
+    slot: usize,
+    count: usize,
+) -> Result<cu::CudaViewMut<'a, f32>, EngineError> {
+    let input = match staging.as_mut() {
+        Some(staging) => staging,
+        None => match buffers.first_mut().and_then(Option::as_mut) {
+            Some(DevBuf::F32(first)) => first,
+            _ => return Err(EngineError::Run("no f32 input buffer".into())),
+        },
+    };
+    let per_image = input.len() / count.max(1);
+    if slot >= count {
+        return Err(EngineError::Run(format!(
+            "slot {slot} of a batch of {count}"
+        )));
+    }
+    Ok(input.slice_mut(slot * per_image..(slot + 1) * per_image))
 }
 
 impl CudnnSession {

@@ -117,11 +117,11 @@ impl GpuImages {
     }
 
     /// Resize, centre crop and normalise of the decoded image into `out` (f32 NCHW,
-    /// 3 x 224 x 224) on `stream`, then waits.
+    /// 3 x 224 x 224: a whole input buffer or one slot of a batch) on `stream`, then waits.
     pub fn preprocess_into(
         &mut self,
         stream: &Arc<cu::CudaStream>,
-        out: &mut cu::CudaSlice<f32>,
+        out: &mut cu::CudaViewMut<'_, f32>,
     ) -> Result<(), EngineError> {
         let (w, h) = self
             .decoded

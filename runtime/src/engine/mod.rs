@@ -73,6 +73,31 @@ pub trait DeviceImages {
     fn preprocess(&mut self) -> Result<(), EngineError>;
     /// Runs the model on the input [`preprocess`](Self::preprocess) left on the device.
     fn run_preprocessed(&mut self, logits: &mut [f32]) -> Result<(), EngineError>;
+
+    /// Images one [`run_slots`](Self::run_slots) call takes: the dynamic batch. 1 = none.
+    fn max_batch(&self) -> usize {
+        1
+    }
+    /// Like [`preprocess`](Self::preprocess), into slot `slot` (< `max_batch`) of the batch
+    /// input.
+    fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError> {
+        if slot == 0 {
+            self.preprocess()
+        } else {
+            Err(EngineError::Run(format!("slot {slot} of a batch of 1")))
+        }
+    }
+    /// Runs the model once on slots `0..n` (`n <= max_batch`) and writes `n * num_classes`
+    /// logits, image after image.
+    fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        if n == 1 {
+            self.run_preprocessed(logits)
+        } else {
+            Err(EngineError::Run(format!(
+                "a batch of {n} on an engine of batch 1"
+            )))
+        }
+    }
 }
 
 /// A loaded, optimised model from which per-worker sessions are made.
