@@ -67,6 +67,10 @@ struct Args {
     /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
     #[argh(option, default = "String::from(\"gpu\")")]
     decode: String,
+    /// GPU backend with GPU decode: JPEG requests ready together run as one batch of up to
+    /// this many (1 = off; a lone request never waits for company)
+    #[argh(option, default = "8")]
+    max_batch: usize,
     /// high priority clients: 1 = requests flagged priority jump the queue
     #[argh(option, default = "0")]
     priority_clients: u8,
@@ -118,6 +122,7 @@ fn main() -> Result<()> {
         threads: args.threads,
         workers: args.workers,
         streams: args.streams,
+        max_batch: args.max_batch,
     })?;
     let workers = backend.workers;
     let addressing = match (args.addressing, backend.gpus().first()) {

@@ -77,6 +77,10 @@ struct Args {
     /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
     #[argh(option, default = "String::from(\"gpu\")")]
     decode: String,
+    /// GPU backend with GPU decode: JPEG requests ready together run as one batch of up to
+    /// this many (1 = off; a lone request never waits for company)
+    #[argh(option, default = "8")]
+    max_batch: usize,
     /// intra-op threads per worker for the CPU backend
     #[argh(option, default = "1")]
     threads: usize,
@@ -97,6 +101,7 @@ fn main() -> Result<()> {
         threads: args.threads,
         workers: args.workers,
         streams: args.streams,
+        max_batch: args.max_batch,
     })?;
     let workers = backend.workers;
     let mode = ServerPollMode::parse(&args.poll_mode, workers).map_err(anyhow::Error::msg)?;

@@ -181,3 +181,100 @@ fn answer_or_error(c: &mut ZmqClient, msg: &[u8]) -> Option<ErrorCode> {
         _ => None,
     }
 }
+
+/// Dynamic batching: 8 clients at once against one worker (`--max-batch 8`), so requests
+/// queue up and are taken together; every answer equals the lone-request answer, replies of
+/// one batch share their `inferred` stamp (the proof that batches formed), and a bad JPEG
+/// in the mix is rejected alone.
+#[test]
+fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let jpeg = std::fs::read(image()).unwrap();
+    let server = zmq_server(
+        &model,
+        &["--backend", "gpu", "--max-batch", "8", "--workers", "1"],
+    );
+    let port = server.port;
+    let lone = {
+        let ctx = Context::new().unwrap();
+        let mut c = ZmqClient::connect(
+            &ctx,
+            "127.0.0.1",
+            port,
+            Duration::from_secs(60),
+            PollMode::Block,
+            64 << 20,
+        )
+        .unwrap();
+        answer(&mut c, &request(Task::Infer, 1, 0, &jpeg))
+    };
+    let clients: Vec<_> = (0..8u64)
+        .map(|client| {
+            let jpeg = jpeg.clone();
+            std::thread::spawn(move || {
+                let ctx = Context::new().unwrap();
+                let mut c = ZmqClient::connect(
+                    &ctx,
+                    "127.0.0.1",
+                    port,
+                    Duration::from_secs(60),
+                    PollMode::Block,
+                    64 << 20,
+                )
+                .unwrap();
+                let mut got = Vec::new();
+                for r in 0..40u64 {
+                    let id = client * 1000 + r;
+                    // Client 7 sends a truncated JPEG every 10th request.
+                    if client == 7 && r % 10 == 0 {
+                        let code = answer_or_error(
+                            &mut c,
+                            &request(Task::Infer, id, 0, &jpeg[..jpeg.len() / 2]),
+                        );
+                        assert_eq!(code, Some(ErrorCode::BadImage), "request {id}");
+                        continue;
+                    }
+                    got.push(answer(&mut c, &request(Task::Infer, id, 0, &jpeg)));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut inferred = std::collections::HashMap::new();
+    let mut answers = 0;
+    for c in clients {
+        for body in c.join().unwrap() {
+            assert_eq!(
+                body.classes[0], lone.classes[0],
+                "top-1 differs inside a batch"
+            );
+            for (a, b) in body.scores.iter().zip(&lone.scores) {
+                assert!(
+                    (a - b).abs() < 2e-3,
+                    "scores {:?} vs {:?}",
+                    body.scores,
+                    lone.scores
+                );
+            }
+            *inferred.entry(body.timestamps.inferred).or_insert(0usize) += 1;
+            answers += 1;
+        }
+    }
+    let largest = inferred.values().copied().max().unwrap_or(0);
+    let batched = inferred.values().filter(|&&n| n > 1).sum::<usize>();
+    println!(
+        "{answers} answers in {} runs: {batched} answered in batches, largest batch {largest}",
+        inferred.len()
+    );
+    assert_eq!(answers, 8 * 40 - 4);
+    assert!(largest > 1, "no two requests ran in one batch");
+    assert!(largest <= 8, "a batch above --max-batch");
+    let lines = server.stop();
+    assert!(
+        lines.iter().any(|l| l.contains("dynamic batch up to 8")),
+        "{lines:#?}"
+    );
+}

@@ -41,6 +41,9 @@ pub enum Device {
         precision: Precision,
         /// nvJPEG + the preprocessing kernel instead of the CPU decoder.
         gpu_decode: bool,
+        /// JPEG requests that are ready together run as one batch of up to this many
+        /// (GPU decode only; 1 = off).
+        max_batch: usize,
     },
 }
 
@@ -55,6 +58,8 @@ pub struct BackendArgs<'a> {
     pub workers: usize,
     /// The original's `--streams`: engine contexts (CUDA streams) per GPU; 0 = use workers.
     pub streams: u32,
+    /// Dynamic batch of the GPU backend (`--max-batch`).
+    pub max_batch: usize,
 }
 
 /// A parsed backend choice and the worker count it implies.
@@ -98,6 +103,9 @@ impl BackendChoice {
                     "cpu" => false,
                     other => return bad(format!("--decode {other:?}: use gpu or cpu")),
                 };
+                if !(1..=64).contains(&a.max_batch) {
+                    return bad(format!("--max-batch {} must be 1..=64", a.max_batch));
+                }
                 // --streams N: N engine contexts (each a worker with its own stream) per GPU.
                 let workers = if a.streams > 0 {
                     a.streams as usize * gpus.len()
@@ -109,6 +117,7 @@ impl BackendChoice {
                         gpus,
                         precision,
                         gpu_decode,
+                        max_batch: if gpu_decode { a.max_batch } else { 1 },
                     },
                     workers,
                 })
@@ -125,8 +134,9 @@ impl BackendChoice {
                 gpus,
                 precision,
                 gpu_decode,
+                max_batch,
             } => format!(
-                "cudnn-gpu {precision:?} + CUDA graph on GPUs {gpus:?}, {} decode",
+                "cudnn-gpu {precision:?} + CUDA graph on GPUs {gpus:?}, {} decode, dynamic batch up to {max_batch}",
                 if *gpu_decode { "nvJPEG" } else { "CPU" }
             ),
         }
@@ -165,13 +175,14 @@ impl BackendChoice {
                 gpus,
                 precision,
                 gpu_decode,
+                max_batch,
             } => {
                 let options = CudnnOptions {
                     batch: 1,
                     precision: *precision,
                     cuda_graph: true,
                     gpu_decode: *gpu_decode,
-                    max_batch: 1,
+                    max_batch: *max_batch,
                 };
                 let mut loaders = Vec::with_capacity(gpus.len());
                 let mut names = Vec::with_capacity(gpus.len());
@@ -243,6 +254,7 @@ mod tests {
             threads: 1,
             workers: 3,
             streams,
+            max_batch: 8,
         }
     }
 
@@ -271,6 +283,10 @@ mod tests {
         let mut a = args("gpu", "0", 0);
         a.decode = "fpga";
         assert!(BackendChoice::parse(&a).is_err());
+        let mut a = args("gpu", "0", 0);
+        a.max_batch = 0;
+        let e = BackendChoice::parse(&a).unwrap_err();
+        assert!(e.to_string().contains("--max-batch 0"), "{e}");
     }
 
     #[test]

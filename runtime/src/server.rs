@@ -296,6 +296,13 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
     });
     let who = format!("worker {index}");
     let priority_first = opts.priority_workers == 0 || index < opts.priority_workers;
+    // Jobs taken together, their replies and outcomes: allocated once.
+    let batch_cap = pipeline.batch_capacity();
+    let mut batch: Vec<J> = Vec::with_capacity(batch_cap);
+    let mut batch_replies: Vec<Vec<u8>> = (0..batch_cap)
+        .map(|_| Vec::with_capacity(HEADER_LEN + RESPONSE_BODY_LEN + 256))
+        .collect();
+    let mut batch_outcomes = vec![Outcome::Rejected(ErrorCode::Internal); batch_cap];
     let mut idle_spins = 0u32;
     loop {
         let Some(job) = queue.pop_lanes(priority_first) else {
@@ -316,6 +323,38 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
             continue;
         };
         idle_spins = 0;
+        // Dynamic batching: whatever else is ready right now joins this job (no waiting, so
+        // a lone request is never delayed for company).
+        if batch_cap > 1 {
+            while batch.len() + 1 < batch_cap {
+                match queue.pop_lanes(priority_first) {
+                    Some(more) => batch.push(more),
+                    None => break,
+                }
+            }
+        }
+        if !batch.is_empty() {
+            batch.insert(0, job);
+            pipeline.handle_batch(&batch, &mut batch_replies, &mut batch_outcomes);
+            for (i, job) in batch.drain(..).enumerate() {
+                let received = job.received_ns();
+                let sent = sink.reply(job, &batch_replies[i]);
+                account(
+                    &queue.counters,
+                    probe,
+                    &mut log,
+                    index as u32,
+                    &batch_replies[i],
+                    received,
+                    batch_outcomes[i],
+                    pipeline.batch_error(i),
+                    sent,
+                    opts.debug,
+                    &who,
+                );
+            }
+            continue;
+        }
         let received = job.received_ns();
         let outcome = pipeline.handle(job.message(), received, &mut reply);
         let sent = sink.reply(job, &reply);
