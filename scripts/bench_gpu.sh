@@ -6,20 +6,20 @@
 #   3. scripts/torch_peer.py bench:     PyTorch fp16 CUDA-graph batch 1 / batch 32, decode_jpeg
 #   4. bench_gpu:                       our figures vs 3., goals, FP32/FP16 agreement with PyTorch
 #   5. zmq_server --backend gpu (fp16, CUDA graph, nvJPEG decode) over loopback, multi_client at
-#      1, 8 and 32 clients, task 0 (JPEG infer of the JPEG from 1.)
+#      1, 8 and 32 clients, task 0 (JPEG infer of the JPEG from 1.), dynamic batching off and on
 # Everything lands in OUT_DIR; the combined table is printed at the end (and OUT_DIR/summary.txt).
 #
 # Usage: scripts/bench_gpu.sh OUT_DIR
 # Needs release binaries bench_gpu, zmq_server, zmq_client, multi_client in $BIN (default
 # target/release) and python3 ($PYTHON) with torch, torchvision, onnx, numpy, opencv.
-# Knobs (env): LEVELS ("1 8 32"), REQUESTS (per client, 1000), WORKERS (server, 16), PORT (5700),
+# Knobs (env): LEVELS ("1 8 32"), MAX_BATCHES (server --max-batch values, "1 8"), REQUESTS (per client, 1000), WORKERS (server, 16), PORT (5700),
 # ITERS (batch-1 runs, 1000), BATCH_ITERS (200), DECODE_ITERS (500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/bench_gpu.sh OUT_DIR}
 bin=${BIN:-target/release}
 py=${PYTHON:-python3}
-LEVELS=${LEVELS:-"1 8 32"} REQUESTS=${REQUESTS:-1000} WORKERS=${WORKERS:-16} PORT=${PORT:-5700}
+LEVELS=${LEVELS:-"1 8 32"} MAX_BATCHES=${MAX_BATCHES:-"1 8"} REQUESTS=${REQUESTS:-1000} WORKERS=${WORKERS:-16} PORT=${PORT:-5700}
 ITERS=${ITERS:-1000} BATCH_ITERS=${BATCH_ITERS:-200} DECODE_ITERS=${DECODE_ITERS:-500}
 for b in bench_gpu zmq_server zmq_client multi_client; do
   [ -x "$bin/$b" ] || { echo "bench_gpu.sh: $bin/$b missing (cargo build --release, or set BIN)" >&2; exit 1; }
@@ -65,37 +65,43 @@ stop_server() {
   server=
 }
 trap stop_server EXIT
-"$bin/zmq_server" --backend gpu --precision fp16 --decode gpu --gpus 0 --workers "$WORKERS" \
-  --engine-file "$out/torch/resnet50.onnx" --bind-address 127.0.0.1 --port "$PORT" --poll-mode block -i 0 \
-  > "$e2e/server.log" 2>&1 &
-server=$!
-up=0
-for _ in $(seq 1 240); do
-  if grep -q "listening on" "$e2e/server.log"; then up=1; break; fi
-  kill -0 "$server" 2>/dev/null || break
-  sleep 0.5
-done
 rows=()
-if [ "$up" -eq 1 ]; then
-  for c in $LEVELS; do
-    echo "--- $c client(s) x $REQUESTS requests, task 0 (JPEG infer)"
-    "$bin/multi_client" --host 127.0.0.1 -p "$PORT" -c "$c" -t 0 -r "$REQUESTS" --warmup 20 -m single \
-      -i "$jpeg" -f "$e2e/clients_$c" > "$e2e/clients_$c.txt" 2>&1 || notes+=("multi_client -c $c failed (see $e2e/clients_$c.txt)")
-    tail -4 "$e2e/clients_$c.txt"
-    csv=$e2e/clients_$c/multi_client_summary.csv
-    if [ -f "$csv" ]; then
-      rows+=("$(awk -F, 'NR == 2 { printf " %7s  %8s  %6s  %10.1f  %9.3f  %9.3f  %9.3f", $1, $2, $3, $5, $6 / 1e6, $7 / 1e6, $8 / 1e6 }' "$csv")")
-    else
-      rows+=("$(printf ' %7s  (no result)' "$c")")
-    fi
+# Dynamic batching off (--max-batch 1) and on, same clients, same run.
+for mb in $MAX_BATCHES; do
+  log=$e2e/server_mb$mb.log
+  "$bin/zmq_server" --backend gpu --precision fp16 --decode gpu --gpus 0 --workers "$WORKERS" \
+    --max-batch "$mb" --engine-file "$out/torch/resnet50.onnx" --bind-address 127.0.0.1 --port "$PORT" \
+    --poll-mode block -i 0 > "$log" 2>&1 &
+  server=$!
+  up=0
+  for _ in $(seq 1 240); do
+    if grep -q "listening on" "$log"; then up=1; break; fi
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.5
   done
-else
-  notes+=("zmq_server did not come up (see $e2e/server.log)")
-  tail -5 "$e2e/server.log" || true
-fi
-stop_server
+  if [ "$up" -eq 1 ]; then
+    for c in $LEVELS; do
+      echo "--- max batch $mb, $c client(s) x $REQUESTS requests, task 0 (JPEG infer)"
+      tag=mb${mb}_clients_$c
+      "$bin/multi_client" --host 127.0.0.1 -p "$PORT" -c "$c" -t 0 -r "$REQUESTS" --warmup 20 -m single \
+        -i "$jpeg" -f "$e2e/$tag" > "$e2e/$tag.txt" 2>&1 || notes+=("multi_client -c $c (max batch $mb) failed (see $e2e/$tag.txt)")
+      tail -4 "$e2e/$tag.txt"
+      csv=$e2e/$tag/multi_client_summary.csv
+      if [ -f "$csv" ]; then
+        rows+=("$(awk -F, -v mb="$mb" 'NR == 2 { printf " %9s  %7s  %8s  %6s  %10.1f  %9.3f  %9.3f  %9.3f", mb, $1, $2, $3, $5, $6 / 1e6, $7 / 1e6, $8 / 1e6 }' "$csv")")
+      else
+        rows+=("$(printf ' %9s  %7s  (no result)' "$mb" "$c")")
+      fi
+    done
+  else
+    notes+=("zmq_server --max-batch $mb did not come up (see $log)")
+    tail -5 "$log" || true
+  fi
+  stop_server
+  grep -E "requests per GPU|stopped" "$log" || true
+  PORT=$((PORT + 1))
+done
 trap - EXIT
-grep -E "requests per GPU|stopped" "$e2e/server.log" || true
 
 {
   echo
@@ -107,7 +113,7 @@ grep -E "requests per GPU|stopped" "$e2e/server.log" || true
   echo
   echo "end to end: zmq_server --backend gpu --precision fp16 --decode gpu, $WORKERS workers, loopback,"
   echo "task 0 (JPEG infer of $(basename "$jpeg")), $REQUESTS requests per client after 20 warm-up"
-  echo " clients  requests  errors       req/s    p50[ms]    p90[ms]    p99[ms]"
+  echo " max batch  clients  requests  errors       req/s    p50[ms]    p90[ms]    p99[ms]"
   for r in ${rows[@]+"${rows[@]}"}; do echo "$r"; done
   for n in ${notes[@]+"${notes[@]}"}; do echo "!!!!!!!! $n"; done
   echo "files: $out"
