@@ -600,10 +600,13 @@ impl RdmaServer {
         max_payload: usize,
     ) -> Result<Arc<ServerConn>, TransportError> {
         let depth = req.depth;
+        // depth + 1 receives: a request consumes one until the loop has answered (or queued)
+        // it and reposted; its reply returns the client's credit, so one more request may
+        // arrive in between and needs the spare.
         let sizes = QpSizes {
             cq_entries: 3 * depth + 16,
             max_send_wr: 2 * depth + 4,
-            max_recv_wr: depth,
+            max_recv_wr: depth + 1,
         };
         let mut ep = RcEndpoint::create(self.rdma, id, sizes)?;
         let slot_size = req.slot_size as usize;
@@ -639,7 +642,7 @@ impl RdmaServer {
         };
         let stage = ep.register(depth as usize * resp_slot_size, IBV_ACCESS_LOCAL_WRITE)?;
         debug_assert_eq!(stage, STAGE_BUF);
-        for i in 0..depth {
+        for i in 0..=depth {
             ep.post_recv_empty(i as u64)?;
         }
         let reply = AcceptReply {
@@ -750,11 +753,6 @@ impl RdmaServer {
                     if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
                         continue; // a reply's send completion
                     }
-                    if let Err(e) = conn.ep.post_recv_empty(wc.wr_id) {
-                        log::error!("client {}: reposting a receive: {e}", conn.client_id);
-                        dead.push(ci);
-                        break;
-                    }
                     let received = realtime_ns();
                     if !self.one_request(
                         conn,
@@ -767,6 +765,14 @@ impl RdmaServer {
                         &mut error_text,
                         &mut overload,
                     ) {
+                        dead.push(ci);
+                        break;
+                    }
+                    // Reposted after the request was answered or queued, off the reply's
+                    // critical path: the spare receive (depth + 1 posted) takes the client's
+                    // next request if it lands in between.
+                    if let Err(e) = conn.ep.post_recv_empty(wc.wr_id) {
+                        log::error!("client {}: reposting a receive: {e}", conn.client_id);
                         dead.push(ci);
                         break;
                     }
