@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -218,6 +218,9 @@ pub struct WorkerProbe {
     pub dropped_samples: AtomicU64,
     /// Requests this thread finished (answered or rejected): each GPU's share, for one.
     pub handled: AtomicU64,
+    /// Whether a monitor drains `latencies` (set by [`spawn_monitor`]); without one,
+    /// [`account`] takes no samples and, unless it keeps a log, reads no clock.
+    sampled: AtomicBool,
 }
 
 impl WorkerProbe {
@@ -226,6 +229,7 @@ impl WorkerProbe {
             latencies: ArrayQueue::new(1 << 16),
             dropped_samples: AtomicU64::new(0),
             handled: AtomicU64::new(0),
+            sampled: AtomicBool::new(false),
         }
     }
 }
@@ -410,16 +414,24 @@ pub fn account(
         counters.transport_errors.fetch_add(1, Ordering::Relaxed);
         log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
     }
-    let finished = realtime_ns();
     probe.handled.fetch_add(1, Ordering::Relaxed);
-    if probe
-        .latencies
-        .push(finished.saturating_sub(received))
-        .is_err()
+    let sampled = probe.sampled.load(Ordering::Relaxed);
+    let logged = log.len() < log.capacity();
+    if !sampled && !logged {
+        // Nobody reads the finish time: skip the clock (a syscall where the clocksource is
+        // not the TSC, e.g. ~2 us in the emulated testbed).
+        return;
+    }
+    let finished = realtime_ns();
+    if sampled
+        && probe
+            .latencies
+            .push(finished.saturating_sub(received))
+            .is_err()
     {
         probe.dropped_samples.fetch_add(1, Ordering::Relaxed);
     }
-    if log.len() < log.capacity() {
+    if logged {
         log.push(ServerRecord {
             worker,
             client_id,
@@ -455,6 +467,9 @@ pub fn spawn_monitor<J: ServerJob>(
     queue: Arc<WorkQueue<J>>,
     probes: Vec<Arc<WorkerProbe>>,
 ) -> io::Result<thread::JoinHandle<()>> {
+    for p in &probes {
+        p.sampled.store(true, Ordering::Relaxed);
+    }
     thread::Builder::new()
         .name("monitor".into())
         .spawn(move || {
@@ -649,6 +664,49 @@ mod tests {
         for m in [busy, block, hybrid] {
             assert_eq!(ServerPollMode::parse_for(m.name(), 1, 2), Ok(m));
         }
+    }
+
+    #[test]
+    fn account_samples_only_for_a_monitor_and_logs_only_with_room() {
+        use crate::protocol::{Header, Task};
+        let counters = Counters::default();
+        let probe = WorkerProbe::new();
+        let mut reply = [0u8; HEADER_LEN];
+        Header::request(Task::Echo, 3, 9, 0).encode(&mut reply);
+        let done = Outcome::Answered {
+            task: Task::Echo,
+            top1: None,
+        };
+        let once = |probe: &WorkerProbe, log: &mut Vec<ServerRecord>| {
+            let received = realtime_ns();
+            account(
+                &counters,
+                probe,
+                log,
+                0,
+                &reply,
+                received,
+                done,
+                "",
+                Ok(()),
+                false,
+                "test",
+            );
+        };
+        let mut no_log = Vec::new();
+        once(&probe, &mut no_log);
+        assert_eq!(probe.latencies.len(), 0);
+        assert!(no_log.is_empty());
+        probe.sampled.store(true, Ordering::Relaxed);
+        once(&probe, &mut no_log);
+        assert_eq!(probe.latencies.len(), 1);
+        let mut log = Vec::with_capacity(1);
+        once(&probe, &mut log);
+        assert_eq!(probe.latencies.len(), 2);
+        assert_eq!((log.len(), log[0].client_id, log[0].request_id), (1, 3, 9));
+        assert!(log[0].finished >= log[0].received && log[0].received > 0);
+        assert_eq!(probe.handled.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.answered.load(Ordering::Relaxed), 3);
     }
 
     struct Job;
