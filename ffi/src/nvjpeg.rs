@@ -33,6 +33,18 @@ pub struct nvjpegJpegState {
 }
 pub type nvjpegHandle_t = *mut nvjpegHandle;
 pub type nvjpegJpegState_t = *mut nvjpegJpegState;
+/// Opaque handles of the decoupled API (decoder per backend, parsed stream, output
+/// parameters, pinned and device work buffers).
+pub type nvjpegJpegDecoder_t = *mut c_void;
+pub type nvjpegJpegStream_t = *mut c_void;
+pub type nvjpegDecodeParams_t = *mut c_void;
+pub type nvjpegBufferPinned_t = *mut c_void;
+pub type nvjpegBufferDevice_t = *mut c_void;
+pub type nvjpegBackend_t = c_int;
+/// CPU Huffman decoding (best for small images).
+pub const NVJPEG_BACKEND_HYBRID: nvjpegBackend_t = 1;
+/// GPU-assisted Huffman decoding (decoupled API; pays off on large images).
+pub const NVJPEG_BACKEND_GPU_HYBRID: nvjpegBackend_t = 2;
 /// `cudaStream_t`, the same object as the driver API's `CUstream`.
 pub type cudaStream_t = *mut c_void;
 
@@ -66,6 +78,70 @@ type Decode = unsafe extern "C" fn(
     cudaStream_t,
 ) -> nvjpegStatus_t;
 
+type DecoderCreate = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    nvjpegBackend_t,
+    *mut nvjpegJpegDecoder_t,
+) -> nvjpegStatus_t;
+type DecoderDestroy = unsafe extern "C" fn(nvjpegJpegDecoder_t) -> nvjpegStatus_t;
+type DecoderStateCreate = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    nvjpegJpegDecoder_t,
+    *mut nvjpegJpegState_t,
+) -> nvjpegStatus_t;
+type StreamCreate = unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegJpegStream_t) -> nvjpegStatus_t;
+type StreamDestroy = unsafe extern "C" fn(nvjpegJpegStream_t) -> nvjpegStatus_t;
+type StreamParse = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    *const c_uchar,
+    usize,
+    c_int,
+    c_int,
+    nvjpegJpegStream_t,
+) -> nvjpegStatus_t;
+type ParamsCreate =
+    unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegDecodeParams_t) -> nvjpegStatus_t;
+type ParamsDestroy = unsafe extern "C" fn(nvjpegDecodeParams_t) -> nvjpegStatus_t;
+type ParamsSetOutputFormat =
+    unsafe extern "C" fn(nvjpegDecodeParams_t, nvjpegOutputFormat_t) -> nvjpegStatus_t;
+type PinnedCreate =
+    unsafe extern "C" fn(nvjpegHandle_t, *mut c_void, *mut nvjpegBufferPinned_t) -> nvjpegStatus_t;
+type PinnedDestroy = unsafe extern "C" fn(nvjpegBufferPinned_t) -> nvjpegStatus_t;
+type DeviceCreate =
+    unsafe extern "C" fn(nvjpegHandle_t, *mut c_void, *mut nvjpegBufferDevice_t) -> nvjpegStatus_t;
+type DeviceDestroy = unsafe extern "C" fn(nvjpegBufferDevice_t) -> nvjpegStatus_t;
+type AttachPinned = unsafe extern "C" fn(nvjpegJpegState_t, nvjpegBufferPinned_t) -> nvjpegStatus_t;
+type AttachDevice = unsafe extern "C" fn(nvjpegJpegState_t, nvjpegBufferDevice_t) -> nvjpegStatus_t;
+type DecodeJpeg = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    nvjpegJpegDecoder_t,
+    nvjpegJpegState_t,
+    nvjpegJpegStream_t,
+    *mut nvjpegImage_t,
+    nvjpegDecodeParams_t,
+    cudaStream_t,
+) -> nvjpegStatus_t;
+
+/// The decoupled decode API (a decoder per backend), resolved where the library has it.
+pub struct Decoupled {
+    decoder_create: DecoderCreate,
+    decoder_destroy: DecoderDestroy,
+    decoder_state_create: DecoderStateCreate,
+    stream_create: StreamCreate,
+    stream_destroy: StreamDestroy,
+    stream_parse: StreamParse,
+    params_create: ParamsCreate,
+    params_destroy: ParamsDestroy,
+    params_set_output_format: ParamsSetOutputFormat,
+    pinned_create: PinnedCreate,
+    pinned_destroy: PinnedDestroy,
+    device_create: DeviceCreate,
+    device_destroy: DeviceDestroy,
+    attach_pinned: AttachPinned,
+    attach_device: AttachDevice,
+    decode_jpeg: DecodeJpeg,
+}
+
 /// The resolved entry points.
 pub struct NvJpeg {
     create_simple: CreateSimple,
@@ -74,6 +150,8 @@ pub struct NvJpeg {
     state_destroy: StateDestroy,
     get_image_info: GetImageInfo,
     decode: Decode,
+    /// None where this libnvjpeg lacks the decoupled API (then one backend serves all sizes).
+    decoupled: Option<Decoupled>,
     lib: Library,
 }
 
@@ -147,7 +225,36 @@ impl NvJpeg {
                 state_destroy: lib.sym("nvjpegJpegStateDestroy", None)?,
                 get_image_info: lib.sym("nvjpegGetImageInfo", None)?,
                 decode: lib.sym("nvjpegDecode", None)?,
+                decoupled: Self::decoupled(&lib),
                 lib,
+            })
+        }
+    }
+
+    /// The decoupled API's entry points, all or nothing.
+    ///
+    /// # Safety
+    /// As for `load_from`: each alias is the prototype of the same-named nvjpeg.h function.
+    unsafe fn decoupled(lib: &Library) -> Option<Decoupled> {
+        // SAFETY: the caller's contract (prototypes match nvjpeg.h).
+        unsafe {
+            Some(Decoupled {
+                decoder_create: lib.sym_opt("nvjpegDecoderCreate", None)?,
+                decoder_destroy: lib.sym_opt("nvjpegDecoderDestroy", None)?,
+                decoder_state_create: lib.sym_opt("nvjpegDecoderStateCreate", None)?,
+                stream_create: lib.sym_opt("nvjpegJpegStreamCreate", None)?,
+                stream_destroy: lib.sym_opt("nvjpegJpegStreamDestroy", None)?,
+                stream_parse: lib.sym_opt("nvjpegJpegStreamParse", None)?,
+                params_create: lib.sym_opt("nvjpegDecodeParamsCreate", None)?,
+                params_destroy: lib.sym_opt("nvjpegDecodeParamsDestroy", None)?,
+                params_set_output_format: lib.sym_opt("nvjpegDecodeParamsSetOutputFormat", None)?,
+                pinned_create: lib.sym_opt("nvjpegBufferPinnedCreate", None)?,
+                pinned_destroy: lib.sym_opt("nvjpegBufferPinnedDestroy", None)?,
+                device_create: lib.sym_opt("nvjpegBufferDeviceCreate", None)?,
+                device_destroy: lib.sym_opt("nvjpegBufferDeviceDestroy", None)?,
+                attach_pinned: lib.sym_opt("nvjpegStateAttachPinnedBuffer", None)?,
+                attach_device: lib.sym_opt("nvjpegStateAttachDeviceBuffer", None)?,
+                decode_jpeg: lib.sym_opt("nvjpegDecodeJpeg", None)?,
             })
         }
     }
@@ -190,24 +297,7 @@ impl JpegDecoder {
 
     /// (components, width, height) of a JPEG, from its headers only.
     pub fn image_info(&self, jpeg: &[u8]) -> Result<(i32, i32, i32), NvJpegError> {
-        let mut components = 0;
-        let mut subsampling = 0;
-        let mut widths = [0 as c_int; NVJPEG_MAX_COMPONENT];
-        let mut heights = [0 as c_int; NVJPEG_MAX_COMPONENT];
-        // SAFETY: jpeg is a live slice of the length passed; the width/height arrays hold
-        // NVJPEG_MAX_COMPONENT entries as the API requires.
-        check("nvjpegGetImageInfo", unsafe {
-            (self.api.get_image_info)(
-                self.handle,
-                jpeg.as_ptr(),
-                jpeg.len(),
-                &mut components,
-                &mut subsampling,
-                widths.as_mut_ptr(),
-                heights.as_mut_ptr(),
-            )
-        })?;
-        Ok((components, widths[0], heights[0]))
+        image_info(self.api, self.handle, jpeg)
     }
 
     /// Decodes `jpeg` to interleaved RGB at device address `dst` (row pitch `pitch` bytes),
@@ -290,6 +380,285 @@ impl JpegDecoder {
         }
         Ok((width, height))
     }
+}
+
+/// One backend's decoder, decode state and work buffers (decoupled API).
+struct BackendStage {
+    decoder: nvjpegJpegDecoder_t,
+    state: nvjpegJpegState_t,
+    pinned: nvjpegBufferPinned_t,
+    device: nvjpegBufferDevice_t,
+}
+
+/// Decodes each image with the backend that suits its size: CPU Huffman (HYBRID) below
+/// `gpu_from_pixels`, GPU-assisted Huffman (GPU_HYBRID) from there, falling back to HYBRID
+/// for a stream GPU_HYBRID does not take (progressive JPEGs, for one). One per thread.
+pub struct SizedJpegDecoder {
+    api: &'static NvJpeg,
+    dec: &'static Decoupled,
+    handle: nvjpegHandle_t,
+    stream: nvjpegJpegStream_t,
+    params: nvjpegDecodeParams_t,
+    hybrid: Option<BackendStage>,
+    gpu: Option<BackendStage>,
+    gpu_from_pixels: usize,
+}
+
+// SAFETY: as for JpegDecoder: nvJPEG objects may move between threads and are used by one
+// at a time (not Sync).
+unsafe impl Send for SizedJpegDecoder {}
+
+/// Which backend decoded an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeBackend {
+    Hybrid,
+    GpuHybrid,
+}
+
+impl SizedJpegDecoder {
+    /// Needs a current CUDA context. GPU_HYBRID is optional: where it cannot be created every
+    /// image goes to HYBRID.
+    pub fn new(api: &'static NvJpeg, gpu_from_pixels: usize) -> Result<Self, NvJpegError> {
+        let dec = api.decoupled.as_ref().ok_or(NvJpegError::Call {
+            call: "nvjpegDecoderCreate (decoupled API missing in this libnvjpeg)",
+            status: 9,
+        })?;
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local.
+        check("nvjpegCreateSimple", unsafe {
+            (api.create_simple)(&mut handle)
+        })?;
+        let mut this = SizedJpegDecoder {
+            api,
+            dec,
+            handle,
+            stream: std::ptr::null_mut(),
+            params: std::ptr::null_mut(),
+            hybrid: None,
+            gpu: None,
+            gpu_from_pixels,
+        };
+        // From here Drop releases whatever was created.
+        // SAFETY: handle is live; out-pointers to fields.
+        check("nvjpegJpegStreamCreate", unsafe {
+            (dec.stream_create)(this.handle, &mut this.stream)
+        })?;
+        // SAFETY: as above.
+        check("nvjpegDecodeParamsCreate", unsafe {
+            (dec.params_create)(this.handle, &mut this.params)
+        })?;
+        // SAFETY: params was just created.
+        check("nvjpegDecodeParamsSetOutputFormat", unsafe {
+            (dec.params_set_output_format)(this.params, NVJPEG_OUTPUT_RGBI)
+        })?;
+        this.hybrid = Some(this.stage(NVJPEG_BACKEND_HYBRID)?);
+        this.gpu = this.stage(NVJPEG_BACKEND_GPU_HYBRID).ok();
+        Ok(this)
+    }
+
+    fn stage(&self, backend: nvjpegBackend_t) -> Result<BackendStage, NvJpegError> {
+        let dec = self.dec;
+        let mut st = BackendStage {
+            decoder: std::ptr::null_mut(),
+            state: std::ptr::null_mut(),
+            pinned: std::ptr::null_mut(),
+            device: std::ptr::null_mut(),
+        };
+        let result = (|| {
+            // SAFETY: the handle is live; out-pointers to locals; null allocators mean the
+            // library's defaults.
+            unsafe {
+                check(
+                    "nvjpegDecoderCreate",
+                    (dec.decoder_create)(self.handle, backend, &mut st.decoder),
+                )?;
+                check(
+                    "nvjpegDecoderStateCreate",
+                    (dec.decoder_state_create)(self.handle, st.decoder, &mut st.state),
+                )?;
+                check(
+                    "nvjpegBufferPinnedCreate",
+                    (dec.pinned_create)(self.handle, std::ptr::null_mut(), &mut st.pinned),
+                )?;
+                check(
+                    "nvjpegBufferDeviceCreate",
+                    (dec.device_create)(self.handle, std::ptr::null_mut(), &mut st.device),
+                )?;
+                check(
+                    "nvjpegStateAttachPinnedBuffer",
+                    (dec.attach_pinned)(st.state, st.pinned),
+                )?;
+                check(
+                    "nvjpegStateAttachDeviceBuffer",
+                    (dec.attach_device)(st.state, st.device),
+                )
+            }
+        })();
+        match result {
+            Ok(()) => Ok(st),
+            Err(e) => {
+                self.release(&st);
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&self, st: &BackendStage) {
+        let dec = self.dec;
+        // SAFETY: each object was created by this decoder (or is null and skipped) and is
+        // released once, the state before its buffers and decoder.
+        unsafe {
+            if !st.state.is_null() {
+                (self.api.state_destroy)(st.state);
+            }
+            if !st.pinned.is_null() {
+                (dec.pinned_destroy)(st.pinned);
+            }
+            if !st.device.is_null() {
+                (dec.device_destroy)(st.device);
+            }
+            if !st.decoder.is_null() {
+                (dec.decoder_destroy)(st.decoder);
+            }
+        }
+    }
+
+    /// Whether images of `gpu_from_pixels` and more get GPU Huffman decoding here.
+    pub fn has_gpu_backend(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// (components, width, height) from the headers.
+    pub fn image_info(&self, jpeg: &[u8]) -> Result<(i32, i32, i32), NvJpegError> {
+        image_info(self.api, self.handle, jpeg)
+    }
+
+    /// Decodes `jpeg` into `dst` (tightly packed RGB) on `stream` with the backend its size
+    /// picks (or `force`), after checking that it fits. Returns (width, height, backend).
+    pub fn decode_into(
+        &mut self,
+        jpeg: &[u8],
+        stream: &std::sync::Arc<crate::cuda::cu::CudaStream>,
+        dst: &mut crate::cuda::cu::CudaSlice<u8>,
+        force: Option<DecodeBackend>,
+    ) -> Result<(usize, usize, DecodeBackend), NvJpegError> {
+        use crate::cuda::cu::DevicePtrMut;
+        let (components, w, h) = self.image_info(jpeg)?;
+        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
+        if !(components == 1 || components == 3) || width == 0 || height == 0 {
+            return Err(NvJpegError::Unsupported {
+                width: w,
+                height: h,
+                components,
+            });
+        }
+        if dst.len() < width * height * 3 {
+            return Err(NvJpegError::TooLarge {
+                width,
+                height,
+                capacity: dst.len(),
+            });
+        }
+        let want = force.unwrap_or(if width * height >= self.gpu_from_pixels {
+            DecodeBackend::GpuHybrid
+        } else {
+            DecodeBackend::Hybrid
+        });
+        // SAFETY: jpeg is a live slice of the length passed; the stream object is ours.
+        check("nvjpegJpegStreamParse", unsafe {
+            (self.dec.stream_parse)(self.handle, jpeg.as_ptr(), jpeg.len(), 0, 0, self.stream)
+        })?;
+        let (ptr, _sync) = dst.device_ptr_mut(stream);
+        let mut image = nvjpegImage_t {
+            channel: [
+                ptr as *mut u8,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            ],
+            pitch: [width * 3, 0, 0, 0],
+        };
+        let cu_stream = stream.cu_stream() as cudaStream_t;
+        let mut run = |st: &BackendStage| {
+            // SAFETY: dst holds at least 3*width*height bytes (checked above) and stays alive
+            // and unaliased while _sync orders the stream's later uses after this decode; the
+            // parsed stream, params and stage objects are this decoder's.
+            check("nvjpegDecodeJpeg", unsafe {
+                (self.dec.decode_jpeg)(
+                    self.handle,
+                    st.decoder,
+                    st.state,
+                    self.stream,
+                    &mut image,
+                    self.params,
+                    cu_stream,
+                )
+            })
+        };
+        if want == DecodeBackend::GpuHybrid {
+            if let Some(gpu) = &self.gpu {
+                match run(gpu) {
+                    Ok(()) => return Ok((width, height, DecodeBackend::GpuHybrid)),
+                    // JPEG_NOT_SUPPORTED / IMPLEMENTATION_NOT_SUPPORTED: CPU Huffman can.
+                    Err(NvJpegError::Call { status: 4 | 9, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let hybrid = self.hybrid.as_ref().ok_or(NvJpegError::Call {
+            call: "nvjpegDecoderCreate(HYBRID)",
+            status: 1,
+        })?;
+        run(hybrid)?;
+        Ok((width, height, DecodeBackend::Hybrid))
+    }
+}
+
+impl Drop for SizedJpegDecoder {
+    fn drop(&mut self) {
+        if let Some(st) = self.gpu.take() {
+            self.release(&st);
+        }
+        if let Some(st) = self.hybrid.take() {
+            self.release(&st);
+        }
+        // SAFETY: created in new() (or null and skipped), released once, the handle last.
+        unsafe {
+            if !self.params.is_null() {
+                (self.dec.params_destroy)(self.params);
+            }
+            if !self.stream.is_null() {
+                (self.dec.stream_destroy)(self.stream);
+            }
+            (self.api.destroy)(self.handle);
+        }
+    }
+}
+
+/// `nvjpegGetImageInfo` on `handle`.
+fn image_info(
+    api: &NvJpeg,
+    handle: nvjpegHandle_t,
+    jpeg: &[u8],
+) -> Result<(i32, i32, i32), NvJpegError> {
+    let mut components = 0;
+    let mut subsampling = 0;
+    let mut widths = [0 as c_int; NVJPEG_MAX_COMPONENT];
+    let mut heights = [0 as c_int; NVJPEG_MAX_COMPONENT];
+    // SAFETY: jpeg is a live slice of the length passed; the width/height arrays hold
+    // NVJPEG_MAX_COMPONENT entries as the API requires; handle is live.
+    check("nvjpegGetImageInfo", unsafe {
+        (api.get_image_info)(
+            handle,
+            jpeg.as_ptr(),
+            jpeg.len(),
+            &mut components,
+            &mut subsampling,
+            widths.as_mut_ptr(),
+            heights.as_mut_ptr(),
+        )
+    })?;
+    Ok((components, widths[0], heights[0]))
 }
 
 impl Drop for JpegDecoder {

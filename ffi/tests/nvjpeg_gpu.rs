@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use hacserve_ffi::cuda::{self, cu};
-use hacserve_ffi::nvjpeg::{self, JpegDecoder, NvJpeg};
+use hacserve_ffi::nvjpeg::{self, DecodeBackend, JpegDecoder, NvJpeg, SizedJpegDecoder};
 
 /// The repository root: HACSERVE_REPO when the test binary was carried to another machine.
 fn repo() -> PathBuf {
@@ -52,9 +52,11 @@ fn nvjpeg_layout_matches_the_header() {
 #include <stddef.h>
 #include <nvjpeg.h>
 int main(void) {
-  printf("%zu %zu %zu %d %d %d %d %d\n", sizeof(nvjpegImage_t), offsetof(nvjpegImage_t, pitch),
+  printf("%zu %zu %zu %d %d %d %d %d %d %d %d %d\n", sizeof(nvjpegImage_t), offsetof(nvjpegImage_t, pitch),
          sizeof(cudaStream_t), NVJPEG_MAX_COMPONENT, (int)NVJPEG_OUTPUT_RGBI,
-         (int)NVJPEG_STATUS_SUCCESS, (int)NVJPEG_STATUS_BAD_JPEG, (int)NVJPEG_STATUS_INCOMPLETE_BITSTREAM);
+         (int)NVJPEG_STATUS_SUCCESS, (int)NVJPEG_STATUS_BAD_JPEG, (int)NVJPEG_STATUS_INCOMPLETE_BITSTREAM,
+         (int)NVJPEG_STATUS_JPEG_NOT_SUPPORTED, (int)NVJPEG_STATUS_IMPLEMENTATION_NOT_SUPPORTED,
+         (int)NVJPEG_BACKEND_HYBRID, (int)NVJPEG_BACKEND_GPU_HYBRID);
   return 0;
 }"#,
     )
@@ -82,6 +84,10 @@ int main(void) {
         nvjpeg::NVJPEG_STATUS_SUCCESS as i64,
         3,
         10,
+        4,
+        9,
+        nvjpeg::NVJPEG_BACKEND_HYBRID as i64,
+        nvjpeg::NVJPEG_BACKEND_GPU_HYBRID as i64,
     ];
     assert_eq!(c, rust, "C (left) vs Rust (right)");
     assert_eq!(nvjpeg::status_name(3), "BAD_JPEG");
@@ -157,4 +163,95 @@ fn nvjpeg_decodes_like_pillow_and_rejects_bad_input() {
         ctx.name().unwrap_or_default(),
         per
     );
+}
+
+/// A large JPEG made from the test photo by OpenCV, where python3 has it (the GPU machine).
+fn large_jpeg(width: usize, height: usize) -> Result<Vec<u8>, String> {
+    let out = std::env::temp_dir().join(format!("nvjpeg-large-{}.jpg", std::process::id()));
+    let script = format!(
+        "import cv2; im = cv2.imread({src:?}); im = cv2.resize(im, ({width}, {height}), \
+         interpolation=cv2.INTER_CUBIC); cv2.imwrite({out:?}, im, [cv2.IMWRITE_JPEG_QUALITY, 90])",
+        src = repo().join("models/grace_hopper.jpg").display().to_string(),
+        out = out.display().to_string(),
+    );
+    let run = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !run.status.success() {
+        return Err(String::from_utf8_lossy(&run.stderr).into_owned());
+    }
+    std::fs::read(&out).map_err(|e| e.to_string())
+}
+
+/// The size-picked backends (decoupled API): CPU Huffman below the threshold, GPU Huffman
+/// from it; both give the same pixels; timings of both on a small and a large image.
+#[test]
+fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {
+    let Some(api) = gpu_or_skip() else { return };
+    let ctx = cuda::driver(0).expect("CUDA context on GPU 0");
+    let stream = ctx.default_stream();
+    let threshold = 1_000_000;
+    let mut dec = match SizedJpegDecoder::new(api, threshold) {
+        Ok(d) => d,
+        Err(e) => panic!("decoupled nvJPEG API unavailable in {}: {e}", api.soname()),
+    };
+    println!("GPU_HYBRID backend available: {}", dec.has_gpu_backend());
+    let small = std::fs::read(repo().join("models/grace_hopper.jpg")).unwrap();
+    let mut images = vec![("512x600 test photo".to_string(), small)];
+    match large_jpeg(4000, 3000) {
+        Ok(big) => images.push(("4000x3000 (OpenCV upscale)".to_string(), big)),
+        Err(why) => eprintln!("SKIPPED large-JPEG part: cannot make one ({why})"),
+    }
+    for (label, jpeg) in &images {
+        let (_, w, h) = dec.image_info(jpeg).unwrap();
+        let (w, h) = (w as usize, h as usize);
+        let mut a = stream.alloc_zeros::<u8>(w * h * 3).unwrap();
+        let mut b = stream.alloc_zeros::<u8>(w * h * 3).unwrap();
+        let (_, _, picked) = dec.decode_into(jpeg, &stream, &mut a, None).unwrap();
+        let want = if w * h >= threshold && dec.has_gpu_backend() {
+            DecodeBackend::GpuHybrid
+        } else {
+            DecodeBackend::Hybrid
+        };
+        assert_eq!(picked, want, "{label}");
+        let mut times = Vec::new();
+        for backend in [DecodeBackend::Hybrid, DecodeBackend::GpuHybrid] {
+            let out = if backend == DecodeBackend::Hybrid {
+                &mut a
+            } else {
+                &mut b
+            };
+            let (_, _, used) = dec.decode_into(jpeg, &stream, out, Some(backend)).unwrap();
+            stream.synchronize().unwrap();
+            let iters = 30;
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                dec.decode_into(jpeg, &stream, out, Some(backend)).unwrap();
+                stream.synchronize().unwrap();
+            }
+            times.push((
+                backend,
+                used,
+                t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
+            ));
+        }
+        let ha = stream.clone_dtoh(&a).unwrap();
+        let hb = stream.clone_dtoh(&b).unwrap();
+        let max = ha
+            .iter()
+            .zip(&hb)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0);
+        println!("{label}: {times:?} (backend asked, backend used, ms mean); max |HYBRID - GPU_HYBRID| = {max}");
+        assert!(max <= 2, "{label}: backends disagree by {max} levels");
+    }
+    // A progressive or broken stream must still fail cleanly.
+    let mut buf = stream.alloc_zeros::<u8>(512 * 600 * 3).unwrap();
+    assert!(dec
+        .decode_into(&images[0].1[..1000], &stream, &mut buf, None)
+        .is_err());
+    dec.decode_into(&images[0].1, &stream, &mut buf, None)
+        .unwrap();
 }

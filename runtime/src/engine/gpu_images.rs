@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::cuda::cu;
 use hacserve_ffi::gpu_preprocess::{Geometry, GpuPreprocessor};
-use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
+use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError, SizedJpegDecoder};
 
 use super::EngineError;
 use crate::preprocess::{
@@ -42,10 +42,22 @@ impl GpuImageKernels {
     }
 }
 
+/// Images of this many pixels and more get GPU-assisted Huffman decoding (nvJPEG's
+/// GPU_HYBRID backend); smaller ones CPU Huffman (HYBRID), which wins on small images where
+/// the GPU pass has too little work (DALI's default threshold, confirmed by
+/// ffi/tests/nvjpeg_gpu.rs timings on the H100).
+const GPU_HUFFMAN_FROM_PIXELS: usize = 1_000_000;
+
+/// The size-picked decoder, or the single-backend one where libnvjpeg lacks the decoupled API.
+enum Decoder {
+    Sized(SizedJpegDecoder),
+    Simple(JpegDecoder),
+}
+
 /// One session's decoder state and decoded-image buffer.
 pub struct GpuImages {
     kernels: Arc<GpuImageKernels>,
-    decoder: JpegDecoder,
+    decoder: Decoder,
     rgb: cu::CudaSlice<u8>,
     /// (width, height) of the image in `rgb`, once decoded.
     decoded: Option<(usize, usize)>,
@@ -57,7 +69,13 @@ impl GpuImages {
         kernels: Arc<GpuImageKernels>,
         stream: &Arc<cu::CudaStream>,
     ) -> Result<Self, EngineError> {
-        let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(run)?;
+        let decoder = match SizedJpegDecoder::new(kernels.nvjpeg, GPU_HUFFMAN_FROM_PIXELS) {
+            Ok(d) => Decoder::Sized(d),
+            Err(e) => {
+                log::warn!("nvJPEG decoupled API unavailable ({e}): one backend for all sizes");
+                Decoder::Simple(JpegDecoder::new(kernels.nvjpeg).map_err(run)?)
+            }
+        };
         let rgb = stream
             .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
@@ -82,10 +100,12 @@ impl GpuImages {
     ) -> Result<(usize, usize), EngineError> {
         self.decoded = None;
         // Header errors are the image's: our own arguments are valid by construction.
-        let (_, w, h) = self
-            .decoder
-            .image_info(jpeg)
-            .map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
+        let info = match &self.decoder {
+            Decoder::Sized(d) => d.image_info(jpeg),
+            Decoder::Simple(d) => d.image_info(jpeg),
+        };
+        let (_, w, h) =
+            info.map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
         if !ends_with_eoi(jpeg) {
             return Err(EngineError::BadInput(
                 "JPEG is truncated: no end-of-image marker (FF D9) at its end".into(),
@@ -105,10 +125,13 @@ impl GpuImages {
                 .alloc_zeros::<u8>(grown)
                 .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
         }
-        let size = self
-            .decoder
-            .decode_into(jpeg, stream, &mut self.rgb)
-            .map_err(decode_error)?;
+        let size = match &mut self.decoder {
+            Decoder::Sized(d) => d
+                .decode_into(jpeg, stream, &mut self.rgb, None)
+                .map(|(w, h, _)| (w, h)),
+            Decoder::Simple(d) => d.decode_into(jpeg, stream, &mut self.rgb),
+        }
+        .map_err(decode_error)?;
         stream
             .synchronize()
             .map_err(|e| EngineError::Run(format!("nvJPEG decode: {e}")))?;
@@ -166,9 +189,9 @@ fn run(e: NvJpegError) -> EngineError {
 /// nvJPEG's verdicts on the bitstream are the sender's fault; the rest are ours.
 fn decode_error(e: NvJpegError) -> EngineError {
     match &e {
-        // BAD_JPEG, JPEG_NOT_SUPPORTED, INCOMPLETE_BITSTREAM
+        // BAD_JPEG, JPEG_NOT_SUPPORTED, IMPLEMENTATION_NOT_SUPPORTED, INCOMPLETE_BITSTREAM
         NvJpegError::Call {
-            status: 3 | 4 | 10, ..
+            status: 3 | 4 | 9 | 10, ..
         } => EngineError::BadInput(format!("JPEG rejected by nvJPEG: {e}")),
         NvJpegError::TooLarge { .. } | NvJpegError::Unsupported { .. } => {
             EngineError::BadInput(e.to_string())
