@@ -184,8 +184,9 @@ fn large_jpeg(width: usize, height: usize) -> Result<Vec<u8>, String> {
     std::fs::read(&out).map_err(|e| e.to_string())
 }
 
-/// The size-picked backends (decoupled API): CPU Huffman below the threshold, GPU Huffman
-/// from it; both give the same pixels; timings of both on a small and a large image.
+/// The size-picked paths: single-phase (CPU Huffman) below the threshold, the decoupled
+/// GPU_HYBRID backend (GPU Huffman) from it; both give the same pixels (within a level);
+/// timings of both on a small and a large image.
 #[test]
 fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {
     let Some(api) = gpu_or_skip() else { return };
@@ -210,14 +211,14 @@ fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {
         let mut b = stream.alloc_zeros::<u8>(w * h * 3).unwrap();
         let (_, _, picked) = dec.decode_into(jpeg, &stream, &mut a, None).unwrap();
         let want = if w * h >= threshold && dec.has_gpu_backend() {
-            DecodeBackend::GpuHybrid
+            DecodeBackend::GpuHuffman
         } else {
-            DecodeBackend::Hybrid
+            DecodeBackend::CpuHuffman
         };
         assert_eq!(picked, want, "{label}");
         let mut times = Vec::new();
-        for backend in [DecodeBackend::Hybrid, DecodeBackend::GpuHybrid] {
-            let out = if backend == DecodeBackend::Hybrid {
+        for backend in [DecodeBackend::CpuHuffman, DecodeBackend::GpuHuffman] {
+            let out = if backend == DecodeBackend::CpuHuffman {
                 &mut a
             } else {
                 &mut b
@@ -244,7 +245,9 @@ fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {
             .map(|(x, y)| x.abs_diff(*y))
             .max()
             .unwrap_or(0);
-        println!("{label}: {times:?} (backend asked, backend used, ms mean); max |HYBRID - GPU_HYBRID| = {max}");
+        println!(
+            "{label}: {times:?} (path asked, path used, ms mean); max |CPU - GPU Huffman| = {max}"
+        );
         assert!(max <= 2, "{label}: backends disagree by {max} levels");
     }
     // A progressive or broken stream must still fail cleanly.
