@@ -1396,7 +1396,7 @@ mod tests {
     fn connect_request_layout_and_validation() {
         let b = req().encode();
         assert_eq!(b.len(), CONNECT_LEN);
-        assert!(CONNECT_LEN <= 56, "IB CM REQ private data limit");
+        const { assert!(CONNECT_LEN <= 56, "IB CM REQ private data limit") };
         assert_eq!(&b[0..4], b"HCRQ");
         assert_eq!(&b[4..6], &[1, 0]);
         assert_eq!(&b[8..12], &7u32.to_le_bytes());
