@@ -390,11 +390,13 @@ struct BackendStage {
     device: nvjpegBufferDevice_t,
 }
 
-/// Decodes each image with the path that suits its size: the single-phase API (CPU Huffman;
-/// on the H100 0.23 ms for a 512x600 photo against 1.2 ms through the decoupled API) below
-/// `gpu_from_pixels`, the decoupled API's GPU_HYBRID backend (GPU-assisted Huffman) from
-/// there, falling back to the single-phase API for a stream GPU_HYBRID does not take
-/// (progressive JPEGs, for one). One per thread.
+/// Both of nvJPEG's decode paths behind one size rule: the single-phase API (default
+/// backend) below `gpu_from_pixels`, the decoupled API's GPU_HYBRID backend (GPU-assisted
+/// Huffman) from there, falling back to the single-phase API for a stream GPU_HYBRID does not
+/// take. `force` picks a path regardless of size. ffi/tests/nvjpeg_gpu.rs times both: on the
+/// H100 the single-phase path won at 0.3 MP and at 12 MP, so the server keeps
+/// [`JpegDecoder`] for every size; this stays for machines where the crossover differs. One
+/// per thread.
 pub struct SizedJpegDecoder {
     api: &'static NvJpeg,
     simple: JpegDecoder,

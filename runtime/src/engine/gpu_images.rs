@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::cuda::cu;
 use hacserve_ffi::gpu_preprocess::{Geometry, GpuPreprocessor};
-use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError, SizedJpegDecoder};
+use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
 
 use super::EngineError;
 use crate::preprocess::{
@@ -42,23 +42,10 @@ impl GpuImageKernels {
     }
 }
 
-/// Images of this many pixels and more get GPU-assisted Huffman decoding (nvJPEG's
-/// GPU_HYBRID backend, decoupled API); smaller ones the single-phase API (CPU Huffman). On
-/// the H100 (ffi/tests/nvjpeg_gpu.rs): 512x600, 0.23 ms single-phase vs 2.7 ms GPU_HYBRID;
-/// 4000x3000, GPU_HYBRID 16.8 ms vs 26.4 ms for CPU Huffman through the decoupled API.
-/// The crossover is DALI's default threshold, 1 MP.
-const GPU_HUFFMAN_FROM_PIXELS: usize = 1_000_000;
-
-/// The size-picked decoder, or the single-backend one where libnvjpeg lacks the decoupled API.
-enum Decoder {
-    Sized(SizedJpegDecoder),
-    Simple(JpegDecoder),
-}
-
 /// One session's decoder state and decoded-image buffer.
 pub struct GpuImages {
     kernels: Arc<GpuImageKernels>,
-    decoder: Decoder,
+    decoder: JpegDecoder,
     rgb: cu::CudaSlice<u8>,
     /// (width, height) of the image in `rgb`, once decoded.
     decoded: Option<(usize, usize)>,
@@ -70,13 +57,10 @@ impl GpuImages {
         kernels: Arc<GpuImageKernels>,
         stream: &Arc<cu::CudaStream>,
     ) -> Result<Self, EngineError> {
-        let decoder = match SizedJpegDecoder::new(kernels.nvjpeg, GPU_HUFFMAN_FROM_PIXELS) {
-            Ok(d) => Decoder::Sized(d),
-            Err(e) => {
-                log::warn!("nvJPEG decoupled API unavailable ({e}): one backend for all sizes");
-                Decoder::Simple(JpegDecoder::new(kernels.nvjpeg).map_err(run)?)
-            }
-        };
+        // The single-phase API (default backend) for every size: on the H100 it beat the
+        // decoupled API's GPU Huffman backend at 0.3 MP (0.23 vs 1.25 ms) and at 12 MP
+        // (6.3 vs 15.9 ms), see ffi/tests/nvjpeg_gpu.rs.
+        let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(run)?;
         let rgb = stream
             .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
@@ -101,12 +85,10 @@ impl GpuImages {
     ) -> Result<(usize, usize), EngineError> {
         self.decoded = None;
         // Header errors are the image's: our own arguments are valid by construction.
-        let info = match &self.decoder {
-            Decoder::Sized(d) => d.image_info(jpeg),
-            Decoder::Simple(d) => d.image_info(jpeg),
-        };
-        let (_, w, h) =
-            info.map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
+        let (_, w, h) = self
+            .decoder
+            .image_info(jpeg)
+            .map_err(|e| EngineError::BadInput(format!("not a JPEG nvJPEG can read: {e}")))?;
         if !ends_with_eoi(jpeg) {
             return Err(EngineError::BadInput(
                 "JPEG is truncated: no end-of-image marker (FF D9) at its end".into(),
@@ -126,13 +108,10 @@ impl GpuImages {
                 .alloc_zeros::<u8>(grown)
                 .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
         }
-        let size = match &mut self.decoder {
-            Decoder::Sized(d) => d
-                .decode_into(jpeg, stream, &mut self.rgb, None)
-                .map(|(w, h, _)| (w, h)),
-            Decoder::Simple(d) => d.decode_into(jpeg, stream, &mut self.rgb),
-        }
-        .map_err(decode_error)?;
+        let size = self
+            .decoder
+            .decode_into(jpeg, stream, &mut self.rgb)
+            .map_err(decode_error)?;
         stream
             .synchronize()
             .map_err(|e| EngineError::Run(format!("nvJPEG decode: {e}")))?;
