@@ -5,19 +5,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use hacserve_runtime::engine::cudnn_gpu;
-use hacserve_runtime::engine::tract_cpu::TractLoader;
-use hacserve_runtime::engine::EngineLoader;
-use hacserve_runtime::libzmq::Context;
-use hacserve_runtime::pipeline::top_k_softmax;
-use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
 use hacserve_runtime::protocol::*;
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::zmq::ZmqClient;
-use hacserve_runtime::transport::ClientTransport;
 
 fn gpu_or_skip() -> bool {
     if let Err(e) = cudnn_gpu::available() {
@@ -25,20 +16,6 @@ fn gpu_or_skip() -> bool {
         return false;
     }
     true
-}
-
-/// The CPU backend's top-5 for the test image, in-process.
-fn cpu_top5(model: &std::path::Path) -> [u32; 5] {
-    let mut pre = Preprocessor::new(1 << 26);
-    pre.decode(&std::fs::read(image()).unwrap()).unwrap();
-    let mut tensor = vec![0f32; TENSOR_LEN];
-    pre.preprocess(&mut tensor).unwrap();
-    let mut session = TractLoader::load(model, 1).unwrap().session().unwrap();
-    let mut logits = vec![0f32; session.num_classes()];
-    session.infer(&tensor, &mut logits).unwrap();
-    let mut body = ResponseBody::default();
-    top_k_softmax(&logits, &mut body);
-    body.classes
 }
 
 fn request(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
@@ -49,13 +26,6 @@ fn request(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut m = h.to_vec();
     m.extend_from_slice(payload);
     m
-}
-
-fn round_trip(c: &mut ZmqClient, msg: &[u8]) -> (Header, Vec<u8>) {
-    c.send(msg).unwrap();
-    let buf = c.recv().unwrap();
-    let (h, body) = Header::decode(buf, 64 << 20).unwrap();
-    (h, body.to_vec())
 }
 
 fn answer(c: &mut ZmqClient, msg: &[u8]) -> ResponseBody {
@@ -99,16 +69,7 @@ fn gpu_backend_answers_like_the_cpu_backend() {
         ),
     ] {
         let server = zmq_server(&model, &extra);
-        let ctx = Context::new().unwrap();
-        let mut c = ZmqClient::connect(
-            &ctx,
-            "127.0.0.1",
-            server.port,
-            Duration::from_secs(60),
-            PollMode::Block,
-            64 << 20,
-        )
-        .unwrap();
+        let mut c = zmq_connect(server.port);
         let by_jpeg = answer(&mut c, &request(Task::Infer, 1, 0, &jpeg));
         let by_tensor = answer(&mut c, &request(Task::InferTensor, 2, 0, &tensor));
         let priority = answer(&mut c, &request(Task::Infer, 3, FLAG_PRIORITY, &jpeg));
@@ -199,32 +160,14 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
     );
     let port = server.port;
     let lone = {
-        let ctx = Context::new().unwrap();
-        let mut c = ZmqClient::connect(
-            &ctx,
-            "127.0.0.1",
-            port,
-            Duration::from_secs(60),
-            PollMode::Block,
-            64 << 20,
-        )
-        .unwrap();
+        let mut c = zmq_connect(port);
         answer(&mut c, &request(Task::Infer, 1, 0, &jpeg))
     };
     let clients: Vec<_> = (0..8u64)
         .map(|client| {
             let jpeg = jpeg.clone();
             std::thread::spawn(move || {
-                let ctx = Context::new().unwrap();
-                let mut c = ZmqClient::connect(
-                    &ctx,
-                    "127.0.0.1",
-                    port,
-                    Duration::from_secs(60),
-                    PollMode::Block,
-                    64 << 20,
-                )
-                .unwrap();
+                let mut c = zmq_connect(port);
                 let mut got = Vec::new();
                 for r in 0..40u64 {
                     let id = client * 1000 + r;

@@ -6,43 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hacserve_runtime::engine::tract_cpu::TractLoader;
-use hacserve_runtime::engine::EngineLoader;
 use hacserve_runtime::libzmq::Context;
-use hacserve_runtime::pipeline::top_k_softmax;
-use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
+use hacserve_runtime::preprocess::TENSOR_LEN;
 use hacserve_runtime::protocol::*;
 use hacserve_runtime::server::PollMode;
 use hacserve_runtime::stats::read_csv;
 use hacserve_runtime::transport::zmq::ZmqClient;
 use hacserve_runtime::transport::ClientTransport;
-
-/// The top-5 a correct server must return for the image: computed here in-process.
-fn expected_top5(model: &std::path::Path) -> [u32; 5] {
-    let mut pre = Preprocessor::new(1 << 26);
-    pre.decode(&std::fs::read(image()).unwrap()).unwrap();
-    let mut tensor = vec![0f32; TENSOR_LEN];
-    pre.preprocess(&mut tensor).unwrap();
-    let mut session = TractLoader::load(model, 1).unwrap().session().unwrap();
-    let mut logits = vec![0f32; session.num_classes()];
-    session.infer(&tensor, &mut logits).unwrap();
-    let mut body = ResponseBody::default();
-    top_k_softmax(&logits, &mut body);
-    body.classes
-}
-
-fn client(port: u16) -> ZmqClient {
-    let ctx = Context::new().unwrap();
-    ZmqClient::connect(
-        &ctx,
-        "127.0.0.1",
-        port,
-        Duration::from_secs(60),
-        PollMode::Block,
-        64 << 20,
-    )
-    .unwrap()
-}
 
 fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u8> {
     let mut h = [0u8; HEADER_LEN];
@@ -50,13 +20,6 @@ fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u
     let mut m = h.to_vec();
     m.extend_from_slice(payload);
     m
-}
-
-fn round_trip(c: &mut ZmqClient, msg: &[u8]) -> (Header, Vec<u8>) {
-    c.send(msg).unwrap();
-    let buf = c.recv().unwrap();
-    let (h, body) = Header::decode(buf, 64 << 20).unwrap();
-    (h, body.to_vec())
 }
 
 #[test]
@@ -95,7 +58,7 @@ fn client_and_server_with_resnet50_give_the_in_process_answer() {
     }
     let records = read_csv(&logs.join("client_0.csv")).unwrap();
     assert_eq!(records.len(), 3);
-    let want = expected_top5(&model);
+    let want = cpu_top5(&model);
     for r in &records {
         assert_eq!(r.status, 0);
         assert_eq!(
@@ -125,9 +88,9 @@ fn client_and_server_with_resnet50_give_the_in_process_answer() {
 fn every_task_over_the_tiny_model() {
     let model = model("resnet_tiny");
     let server = zmq_server(&model, &[]);
-    let mut c = client(server.port);
+    let mut c = zmq_connect(server.port);
     let jpeg = std::fs::read(image()).unwrap();
-    let want = expected_top5(&model);
+    let want = cpu_top5(&model);
 
     let (h, body) = round_trip(&mut c, &request(Task::Infer, 1, 10, &jpeg));
     assert_eq!(
@@ -165,7 +128,7 @@ fn every_task_over_the_tiny_model() {
 fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     let model = model("resnet_tiny");
     let mut server = zmq_server(&model, &["--max-payload", "100000"]);
-    let mut c = client(server.port);
+    let mut c = zmq_connect(server.port);
     let jpeg = std::fs::read(image()).unwrap();
     let good = request(Task::Infer, 2, 1, &jpeg);
 
@@ -263,7 +226,7 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
     let threads: Vec<_> = (0..4u32)
         .map(|id| {
             std::thread::spawn(move || {
-                let mut c = client(port);
+                let mut c = zmq_connect(port);
                 let jpeg = std::fs::read(image()).unwrap();
                 for i in 0..15u64 {
                     let task = if i % 3 == 0 { Task::Infer } else { Task::Echo };
@@ -413,7 +376,7 @@ fn a_full_queue_answers_overloaded_and_loses_nothing() {
     let threads: Vec<_> = (0..4u32)
         .map(|id| {
             std::thread::spawn(move || {
-                let mut c = client(port);
+                let mut c = zmq_connect(port);
                 let jpeg = std::fs::read(image()).unwrap();
                 let mut overloaded = 0;
                 for i in 0..3u64 {

@@ -350,22 +350,7 @@ impl JpegDecoder {
         dst: &mut crate::cuda::cu::CudaSlice<u8>,
     ) -> Result<(usize, usize), NvJpegError> {
         use crate::cuda::cu::DevicePtrMut;
-        let (components, w, h) = self.image_info(jpeg)?;
-        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
-        if !(components == 1 || components == 3) || width == 0 || height == 0 {
-            return Err(NvJpegError::Unsupported {
-                width: w,
-                height: h,
-                components,
-            });
-        }
-        if dst.len() < width * height * 3 {
-            return Err(NvJpegError::TooLarge {
-                width,
-                height,
-                capacity: dst.len(),
-            });
-        }
+        let (width, height) = fitting_size(self.image_info(jpeg)?, dst.len())?;
         let (ptr, _sync) = dst.device_ptr_mut(stream);
         // SAFETY: dst is device memory of at least 3*width*height bytes (checked above) that
         // stays alive and unaliased while _sync orders the stream's later uses after this
@@ -549,22 +534,7 @@ impl SizedJpegDecoder {
         force: Option<DecodeBackend>,
     ) -> Result<(usize, usize, DecodeBackend), NvJpegError> {
         use crate::cuda::cu::DevicePtrMut;
-        let (components, w, h) = self.image_info(jpeg)?;
-        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
-        if !(components == 1 || components == 3) || width == 0 || height == 0 {
-            return Err(NvJpegError::Unsupported {
-                width: w,
-                height: h,
-                components,
-            });
-        }
-        if dst.len() < width * height * 3 {
-            return Err(NvJpegError::TooLarge {
-                width,
-                height,
-                capacity: dst.len(),
-            });
-        }
+        let (width, height) = fitting_size(self.image_info(jpeg)?, dst.len())?;
         let want = force.unwrap_or(if width * height >= self.gpu_from_pixels {
             DecodeBackend::GpuHuffman
         } else {
@@ -635,6 +605,30 @@ impl Drop for SizedJpegDecoder {
             (self.api.destroy)(self.handle);
         }
     }
+}
+
+/// (width, height) of an image nvJPEG reported as (components, width, height), once it is
+/// known to be RGB or grey and to fit `capacity` bytes of packed RGB.
+fn fitting_size(
+    (components, w, h): (i32, i32, i32),
+    capacity: usize,
+) -> Result<(usize, usize), NvJpegError> {
+    let (width, height) = (w.max(0) as usize, h.max(0) as usize);
+    if !(components == 1 || components == 3) || width == 0 || height == 0 {
+        return Err(NvJpegError::Unsupported {
+            width: w,
+            height: h,
+            components,
+        });
+    }
+    if capacity < width * height * 3 {
+        return Err(NvJpegError::TooLarge {
+            width,
+            height,
+            capacity,
+        });
+    }
+    Ok((width, height))
 }
 
 /// `nvjpegGetImageInfo` on `handle`.

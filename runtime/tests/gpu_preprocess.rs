@@ -8,10 +8,8 @@ use std::time::Instant;
 use hacserve_ffi::cuda::{self, cu};
 use hacserve_ffi::gpu_preprocess::{self, Geometry, GpuPreprocessor};
 use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg};
-use hacserve_runtime::preprocess::{
-    center_crop_offset, resized_size, Preprocessor, INPUT_SIZE, MEAN, RESIZE_SHORTER, STD,
-    TENSOR_LEN,
-};
+use hacserve_runtime::engine::gpu_images::imagenet_geometry;
+use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
 
 fn image() -> Vec<u8> {
     let root = std::env::var_os("HACSERVE_REPO")
@@ -20,20 +18,9 @@ fn image() -> Vec<u8> {
     std::fs::read(root.join("models/grace_hopper.jpg")).unwrap()
 }
 
+/// The server's geometry for the image (the CPU path's Resize(256) + centre crop 224).
 fn geometry(w: usize, h: usize) -> Geometry {
-    let (rw, rh) = resized_size(w, h, RESIZE_SHORTER);
-    Geometry {
-        src_w: w,
-        src_h: h,
-        src_pitch: 3 * w,
-        resized_w: rw,
-        resized_h: rh,
-        crop_x: center_crop_offset(rw, INPUT_SIZE),
-        crop_y: center_crop_offset(rh, INPUT_SIZE),
-        out_size: INPUT_SIZE,
-        mean: MEAN,
-        std: STD,
-    }
+    imagenet_geometry(w, h)
 }
 
 /// (max, mean) absolute difference.

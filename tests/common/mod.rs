@@ -288,3 +288,47 @@ pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
     let end = rest.find("=== ").unwrap_or(rest.len());
     &rest[..end]
 }
+
+/// The top-5 a correct server must return for the test image: the CPU pipeline and tract,
+/// in-process.
+pub fn cpu_top5(model: &Path) -> [u32; 5] {
+    use hacserve_runtime::engine::tract_cpu::TractLoader;
+    use hacserve_runtime::engine::EngineLoader;
+    use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
+    let mut pre = Preprocessor::new(1 << 26);
+    pre.decode(&std::fs::read(image()).unwrap()).unwrap();
+    let mut tensor = vec![0f32; TENSOR_LEN];
+    pre.preprocess(&mut tensor).unwrap();
+    let mut session = TractLoader::load(model, 1).unwrap().session().unwrap();
+    let mut logits = vec![0f32; session.num_classes()];
+    session.infer(&tensor, &mut logits).unwrap();
+    let mut body = hacserve_runtime::protocol::ResponseBody::default();
+    hacserve_runtime::pipeline::top_k_softmax(&logits, &mut body);
+    body.classes
+}
+
+/// A ZeroMQ client of a server on 127.0.0.1:`port` (60 s timeout, blocking polls).
+pub fn zmq_connect(port: u16) -> hacserve_runtime::transport::zmq::ZmqClient {
+    let ctx = hacserve_runtime::libzmq::Context::new().unwrap();
+    hacserve_runtime::transport::zmq::ZmqClient::connect(
+        &ctx,
+        "127.0.0.1",
+        port,
+        Duration::from_secs(60),
+        hacserve_runtime::server::PollMode::Block,
+        64 << 20,
+    )
+    .unwrap()
+}
+
+/// Sends one message and returns the reply's header and body.
+pub fn round_trip(
+    c: &mut hacserve_runtime::transport::zmq::ZmqClient,
+    msg: &[u8],
+) -> (hacserve_runtime::protocol::Header, Vec<u8>) {
+    use hacserve_runtime::transport::ClientTransport;
+    c.send(msg).unwrap();
+    let buf = c.recv().unwrap();
+    let (h, body) = hacserve_runtime::protocol::Header::decode(buf, 64 << 20).unwrap();
+    (h, body.to_vec())
+}

@@ -129,19 +129,7 @@ impl GpuImages {
         let (w, h) = self
             .decoded
             .ok_or_else(|| EngineError::Run("preprocess before a successful decode".into()))?;
-        let (rw, rh) = resized_size(w, h, RESIZE_SHORTER);
-        let geometry = Geometry {
-            src_w: w,
-            src_h: h,
-            src_pitch: 3 * w,
-            resized_w: rw,
-            resized_h: rh,
-            crop_x: center_crop_offset(rw, INPUT_SIZE),
-            crop_y: center_crop_offset(rh, INPUT_SIZE),
-            out_size: INPUT_SIZE,
-            mean: MEAN,
-            std: STD,
-        };
+        let geometry = imagenet_geometry(w, h);
         self.kernels
             .kernel
             .launch(stream, &self.rgb, &geometry, out)
@@ -149,6 +137,24 @@ impl GpuImages {
         stream
             .synchronize()
             .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
+    }
+}
+
+/// Where the CPU path's `Resize(256)` + centre crop 224 + ImageNet normalisation put a
+/// `w`x`h` image (packed RGB), for the preprocessing kernel.
+pub fn imagenet_geometry(w: usize, h: usize) -> Geometry {
+    let (rw, rh) = resized_size(w, h, RESIZE_SHORTER);
+    Geometry {
+        src_w: w,
+        src_h: h,
+        src_pitch: 3 * w,
+        resized_w: rw,
+        resized_h: rh,
+        crop_x: center_crop_offset(rw, INPUT_SIZE),
+        crop_y: center_crop_offset(rh, INPUT_SIZE),
+        out_size: INPUT_SIZE,
+        mean: MEAN,
+        std: STD,
     }
 }
 
