@@ -107,7 +107,7 @@ timeout -k 10 "$timeout_s" "$qemu" \
   -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
   -nographic -no-reboot -nic none -vga none "${bios[@]}" \
   -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.cpio.gz" \
-  -append "console=ttyS0 quiet panic=-1" \
+  -append "console=ttyS0 quiet panic=-1 ${HACSERVE_TESTBED_KERNEL_ARGS-clocksource=tsc tsc=reliable}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$run,mount_tag=results,security_model=none" \
   ${HACSERVE_TESTBED_QEMU_ARGS:-}
