@@ -187,7 +187,7 @@ fn large_jpeg(width: usize, height: usize) -> Result<Vec<u8>, String> {
 /// The two decode paths nvJPEG offers here, on a small and a large image: the single-phase
 /// API (default backend) and the decoupled API's GPU_HYBRID backend (GPU Huffman). Both give
 /// the same pixels up to IDCT rounding; the timings decided the server's choice (H100: the
-/// single-phase path wins at both sizes, 0.23 vs 1.25 ms at 512x600 and 6.3 vs 15.9 ms at
+/// single-phase path wins at both sizes, 0.23 vs 1.25-1.5 ms at 512x600 and 6.4 vs 10.6-15.9 ms at
 /// 4000x3000, so the server uses it for every size). The size rule itself is checked too.
 #[test]
 fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {

@@ -59,7 +59,7 @@ impl GpuImages {
     ) -> Result<Self, EngineError> {
         // The single-phase API (default backend) for every size: on the H100 it beat the
         // decoupled API's GPU Huffman backend at 0.3 MP (0.23 vs 1.25 ms) and at 12 MP
-        // (6.3 vs 15.9 ms), see ffi/tests/nvjpeg_gpu.rs.
+        // (6.3-6.4 vs 10.6-15.9 ms in three runs), see ffi/tests/nvjpeg_gpu.rs.
         let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(run)?;
         let rgb = stream
             .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
