@@ -297,33 +297,22 @@ impl Handles {
         Ok(host)
     }
 
-    /// Page-locked host to device, asynchronous on this stream; `host` must fit `dst`.
-    pub fn upload_pinned(
+    /// Host to device on this stream; `host` must fit `dst`. From a page-locked buffer
+    /// ([`Handles::pinned_zeros`]) the copy is an asynchronous DMA; from pageable memory the
+    /// driver stages it.
+    pub fn upload<H: cu::HostSlice<f32> + ?Sized>(
         &self,
-        host: &cu::PinnedHostSlice<f32>,
+        host: &H,
         dst: &mut cu::CudaSlice<f32>,
     ) -> Result<(), GpuOpsError> {
-        if host.len() > dst.len() {
+        let len = host.len();
+        if len > dst.len() {
             return geometry(format!(
-                "upload of {} values into a buffer of {}",
-                host.len(),
+                "upload of {len} values into a buffer of {}",
                 dst.len()
             ));
         }
-        let mut view = dst.slice_mut(..host.len());
-        Ok(self.stream.memcpy_htod(host, &mut view)?)
-    }
-
-    /// Host to device; `host` must fit `dst`.
-    pub fn upload(&self, host: &[f32], dst: &mut cu::CudaSlice<f32>) -> Result<(), GpuOpsError> {
-        if host.len() > dst.len() {
-            return geometry(format!(
-                "upload of {} values into a buffer of {}",
-                host.len(),
-                dst.len()
-            ));
-        }
-        let mut view = dst.slice_mut(..host.len());
+        let mut view = dst.slice_mut(..len);
         Ok(self.stream.memcpy_htod(host, &mut view)?)
     }
 

@@ -1627,9 +1627,9 @@ impl InferenceEngine for CudnnSession {
             ..
         } = self;
         let copied = match staging.as_mut() {
-            Some(staging) => handles.upload_pinned(host_input, staging),
+            Some(staging) => handles.upload(&*host_input, staging),
             None => match buffers.first_mut().and_then(Option::as_mut) {
-                Some(DevBuf::F32(first)) => handles.upload_pinned(host_input, first),
+                Some(DevBuf::F32(first)) => handles.upload(&*host_input, first),
                 _ => Err(GpuOpsError::Geometry("no f32 input buffer".into())),
             },
         };
