@@ -23,7 +23,7 @@ use crate::rdmacm::{
 };
 use crate::verbs::{
     ibv_cq, ibv_pd, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, ibv_wc, post_recv,
-    post_send, Verbs, VerbsError, IBV_QPT_RC, IBV_SEND_SIGNALED,
+    post_send, Verbs, VerbsError, IBV_QPT_RC, IBV_SEND_INLINE, IBV_SEND_SIGNALED,
 };
 
 /// Anything that can go wrong below the transport.
@@ -356,7 +356,14 @@ pub struct RcEndpoint {
     has_qp: bool,
     bufs: Vec<RegisteredBuf>,
     gpu_bufs: Vec<GpuRegisteredBuf>,
+    /// Largest send the QP takes inline (copied into the work request: the NIC does not read
+    /// the buffer by DMA afterwards), as the provider granted it; 0 where it granted none.
+    max_inline: usize,
 }
+
+/// Inline data asked for at QP creation: a 64-byte request and its echo reply (32-byte header
+/// + 96-byte body + payload) fit, as in perftest's latency tests.
+const WANT_INLINE: u32 = 256;
 
 // SAFETY: libibverbs objects (PD, CQ, QP) are thread-safe: providers lock inside post_send,
 // post_recv and poll_cq; the buffers' bytes are only reachable through unsafe accessors.
@@ -402,6 +409,7 @@ impl RcEndpoint {
             has_qp: false,
             bufs: Vec::new(),
             gpu_bufs: Vec::new(),
+            max_inline: 0,
         };
         let mut attr = ibv_qp_init_attr {
             send_cq: cq.as_ptr(),
@@ -414,10 +422,21 @@ impl RcEndpoint {
         attr.cap.max_recv_wr = sizes.max_recv_wr;
         attr.cap.max_send_sge = 1;
         attr.cap.max_recv_sge = 1;
+        attr.cap.max_inline_data = WANT_INLINE;
         // SAFETY: id, pd and cq are live and on the same device; attr is a valid init attr.
-        CmError::check("rdma_create_qp", unsafe {
+        let with_inline = CmError::check("rdma_create_qp", unsafe {
             (rdma.cm.rdma_create_qp)(ep.id.id.as_ptr(), pd.as_ptr(), &mut attr)
-        })?;
+        });
+        if with_inline.is_err() {
+            // A device with less (or no) inline space: plain sends.
+            attr.cap.max_inline_data = 0;
+            // SAFETY: as above; the failed call created no QP.
+            CmError::check("rdma_create_qp", unsafe {
+                (rdma.cm.rdma_create_qp)(ep.id.id.as_ptr(), pd.as_ptr(), &mut attr)
+            })?;
+        }
+        // The provider writes the capabilities it granted back into attr.cap.
+        ep.max_inline = attr.cap.max_inline_data as usize;
         ep.has_qp = true;
         Ok(ep)
     }
@@ -428,6 +447,11 @@ impl RcEndpoint {
         let buf = unsafe { RegisteredBuf::new(self.rdma.verbs, self.pd.as_ptr(), len, access) }?;
         self.bufs.push(buf);
         Ok(self.bufs.len() - 1)
+    }
+
+    /// Largest send posted inline (0: none), as the provider granted it.
+    pub fn max_inline(&self) -> usize {
+        self.max_inline
     }
 
     /// A registered buffer by index (panics on an index `register` never returned).
@@ -510,17 +534,16 @@ impl RcEndpoint {
             length: len as u32,
             lkey: b.lkey(),
         };
-        let mut wr = ibv_send_wr::rdma_write_with_imm(
-            wr_id,
-            &mut sge,
-            1,
-            remote_addr,
-            rkey,
-            imm,
-            IBV_SEND_SIGNALED,
-        );
+        let flags = if len <= self.max_inline {
+            IBV_SEND_SIGNALED | IBV_SEND_INLINE
+        } else {
+            IBV_SEND_SIGNALED
+        };
+        let mut wr =
+            ibv_send_wr::rdma_write_with_imm(wr_id, &mut sge, 1, remote_addr, rkey, imm, flags);
         // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
-        // endpoint, which outlives the QP (Drop destroys the QP first).
+        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
+        // the bytes during the call.
         unsafe { post_send(self.qp(), &mut wr) }?;
         Ok(())
     }

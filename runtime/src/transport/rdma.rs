@@ -581,10 +581,11 @@ impl RdmaServer {
         match self.setup_conn(id, &req, max_payload) {
             Ok(conn) => {
                 log::info!(
-                    "client {} connected: {} slots x {} B",
+                    "client {} connected: {} slots x {} B, replies up to {} B sent inline",
                     req.client_id,
                     req.depth,
-                    req.slot_size
+                    req.slot_size,
+                    conn.ep.max_inline()
                 );
                 self.conns.push(conn);
                 self.served_any = true;
