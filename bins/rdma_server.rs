@@ -11,7 +11,7 @@ use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
-use hacserve_runtime::server::{self, ServerOptions, ServerPollMode, ServerThreads};
+use hacserve_runtime::server::{ServerOptions, ServerPollMode, ServerThreads};
 use hacserve_runtime::transport::rdma::{
     Addressing, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
     MAX_SLOT_SIZE, MIN_SLOT_SIZE,
@@ -156,14 +156,7 @@ fn main() -> Result<()> {
         .into_iter()
         .map(|session| (Pipeline::new(session, max_payload), RdmaReplySink))
         .collect();
-    match Labels::load(&args.classes_file, None) {
-        Ok(labels) => log::info!(
-            "{} class names from {}",
-            labels.len(),
-            args.classes_file.display()
-        ),
-        Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
-    }
+    Labels::log_availability(&args.classes_file);
     let opts = ServerOptions {
         workers,
         max_payload,
@@ -197,15 +190,14 @@ fn main() -> Result<()> {
     let result = rdma.run(&threads.queue, &opts, threads.receive_probe());
     let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
     records.extend(threads.join());
-    println!("rdma_server stopped: {}", threads.counters_summary());
-    if let Some(shares) = threads.per_gpu_summary(backend.gpus()) {
-        println!("rdma_server requests per GPU: {shares}");
-    }
-    if let Some(folder) = &opts.log_folder {
-        let path = server::write_server_log(folder, records)
-            .with_context(|| format!("writing the request log into {}", folder.display()))?;
-        println!("request log: {}", path.display());
-    }
+    threads
+        .report_stop(
+            "rdma_server",
+            backend.gpus(),
+            opts.log_folder.as_deref(),
+            records,
+        )
+        .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
     result.context("serving")?;
     Ok(())
 }

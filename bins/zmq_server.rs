@@ -10,7 +10,7 @@ use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
-use hacserve_runtime::server::{self, ServerOptions, ServerPollMode, ServerThreads};
+use hacserve_runtime::server::{ServerOptions, ServerPollMode, ServerThreads};
 use hacserve_runtime::transport::zmq::ZmqServer;
 use hacserve_runtime::{logging, signal};
 
@@ -111,14 +111,7 @@ fn main() -> Result<()> {
         .into_iter()
         .map(|session| Pipeline::new(session, args.max_payload))
         .collect();
-    match Labels::load(&args.classes_file, None) {
-        Ok(labels) => log::info!(
-            "{} class names from {}",
-            labels.len(),
-            args.classes_file.display()
-        ),
-        Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
-    }
+    Labels::log_availability(&args.classes_file);
 
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     let mut zmq = ZmqServer::bind(&ctx, &args.bind_address, args.port, args.max_payload)
@@ -164,15 +157,14 @@ fn main() -> Result<()> {
         Ok(n) => log::info!("delivered {n} replies finished after the stop"),
         Err(e) => log::error!("flushing replies after the stop: {e}"),
     }
-    println!("zmq_server stopped: {}", threads.counters_summary());
-    if let Some(shares) = threads.per_gpu_summary(backend.gpus()) {
-        println!("zmq_server requests per GPU: {shares}");
-    }
-    if let Some(folder) = &opts.log_folder {
-        let path = server::write_server_log(folder, records)
-            .with_context(|| format!("writing the request log into {}", folder.display()))?;
-        println!("request log: {}", path.display());
-    }
+    threads
+        .report_stop(
+            "zmq_server",
+            backend.gpus(),
+            opts.log_folder.as_deref(),
+            records,
+        )
+        .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
     result.context("serving")?;
     Ok(())
 }

@@ -33,6 +33,15 @@ pub struct Labels {
 }
 
 impl Labels {
+    /// What a server says at start about its class-names file: replies carry class ids only,
+    /// the names are for the clients' tables, so a missing file is a warning, not an error.
+    pub fn log_availability(path: &Path) {
+        match Labels::load(path, None) {
+            Ok(labels) => log::info!("{} class names from {}", labels.len(), path.display()),
+            Err(e) => log::warn!("class names unavailable ({e}); replies carry class ids only"),
+        }
+    }
+
     /// Loads one name per line (trailing whitespace and `\r` trimmed; a final newline is
     /// optional). With `expected`, a file with a different number of entries is an error:
     /// an off-by-one list would silently mislabel every prediction.

@@ -599,6 +599,28 @@ impl<J: ServerJob> ServerThreads<J> {
         records
     }
 
+    /// The end of a server's run, the same for every role: prints `<role> stopped: <counters>`
+    /// and each GPU's share of the requests, and writes the per-request log into
+    /// `log_folder` when there is one (returning its path).
+    pub fn report_stop(
+        &self,
+        role: &str,
+        gpus: &[usize],
+        log_folder: Option<&Path>,
+        records: Vec<ServerRecord>,
+    ) -> io::Result<Option<PathBuf>> {
+        println!("{role} stopped: {}", self.counters_summary());
+        if let Some(shares) = self.per_gpu_summary(gpus) {
+            println!("{role} requests per GPU: {shares}");
+        }
+        let Some(folder) = log_folder else {
+            return Ok(None);
+        };
+        let path = write_server_log(folder, records)?;
+        println!("request log: {}", path.display());
+        Ok(Some(path))
+    }
+
     /// "gpu 0: n, gpu 1: m": requests each GPU's workers handled (worker i runs on GPU
     /// i % gpus); None without GPUs.
     pub fn per_gpu_summary(&self, gpus: &[usize]) -> Option<String> {
