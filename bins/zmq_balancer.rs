@@ -8,6 +8,7 @@ use argh::FromArgs;
 use hacserve_runtime::balancer::{format_shares, Balancer};
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::server::PollMode;
+use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]
@@ -40,6 +41,10 @@ struct Args {
     /// address to bind
     #[argh(option, default = "String::from(\"0.0.0.0\")")]
     bind_address: String,
+    /// replies queued per client before further ones are dropped (a client that does not
+    /// read its replies; counted per client)
+    #[argh(option, default = "DEFAULT_REPLY_HWM")]
+    reply_hwm: usize,
 }
 
 fn main() -> Result<()> {
@@ -76,7 +81,7 @@ fn main() -> Result<()> {
             args.local_port.to_string()
         }
     );
-    let mut balancer = Balancer::new(&ctx, &local, &backends, args.connections)
+    let mut balancer = Balancer::new(&ctx, &local, &backends, args.connections, args.reply_hwm)
         .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
     println!(
         "zmq_balancer listening on {} | model {} | backends {} x{} connections | poll {:?}",
@@ -90,5 +95,8 @@ fn main() -> Result<()> {
         .run(mode, Duration::from_secs(args.monitor_interval))
         .context("forwarding")?;
     println!("zmq_balancer stopped: {}", format_shares(&shares));
+    if let Some(drops) = balancer.slow_peer_summary() {
+        println!("zmq_balancer replies dropped, clients not reading: {drops}");
+    }
     Ok(())
 }

@@ -13,6 +13,8 @@ use hacserve_runtime::libzmq::{DONTWAIT, SNDMORE};
 use hacserve_runtime::proxy::{format_shares, PoolConfig, ProxyRequest, RdmaPool};
 use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::rdma::{DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE, MIN_SLOT_SIZE};
+use hacserve_runtime::transport::slow_peers::SlowPeers;
+use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
 
 /// Routing frames kept per request (client identity, REQ delimiter, broker hops).
@@ -75,6 +77,10 @@ struct Args {
     /// client id the first RDMA connection announces to the server (then +1 each)
     #[argh(option, default = "1000")]
     connection_id: u32,
+    /// replies queued per client before further ones are dropped (a client that does not
+    /// read its replies; counted per client)
+    #[argh(option, default = "DEFAULT_REPLY_HWM")]
+    reply_hwm: usize,
 }
 
 /// A request held while its RDMA twin is in flight: the envelope plus the message frame.
@@ -116,7 +122,14 @@ fn recv_request(s: &Socket) -> Result<Option<ZmqRequest>> {
     Ok(Some(ZmqRequest { frames }))
 }
 
-fn send_reply(s: &Socket, mut req: ZmqRequest, reply: &[u8], debug: bool) {
+fn send_reply(
+    s: &Socket,
+    mut req: ZmqRequest,
+    reply: &[u8],
+    debug: bool,
+    slow_peers: &mut SlowPeers,
+    reply_hwm: usize,
+) {
     let n = req.frames.len() - 1;
     if debug {
         let (c, r, t) = hacserve_runtime::transport::ids_of(reply);
@@ -134,11 +147,19 @@ fn send_reply(s: &Socket, mut req: ZmqRequest, reply: &[u8], debug: bool) {
         }
     }
     if result.is_ok() {
-        result = s.send(reply, 0);
+        result = s.send(reply, DONTWAIT);
     }
-    if let Err(e) = result {
-        // The client went away (ROUTER_MANDATORY): nothing else to do with the reply.
-        log::warn!("reply could not be delivered to its client: {e}");
+    match result {
+        Ok(()) => {}
+        // The client's reply queue is full: it is not reading; never block the others.
+        Err(e) if e.would_block() => {
+            let (client, _) = hacserve_runtime::protocol::Header::salvage_ids(reply);
+            slow_peers.record(req.frames[0].as_slice(), client, reply_hwm);
+        }
+        Err(e) => {
+            // The client went away (ROUTER_MANDATORY): nothing else to do with the reply.
+            log::warn!("reply could not be delivered to its client: {e}");
+        }
     }
 }
 
@@ -176,7 +197,8 @@ fn main() -> Result<()> {
         .socket(SocketType::Router)
         .context("creating the ROUTER")?;
     frontend.set_router_mandatory(true)?;
-    frontend.set_hwm(100_000)?;
+    frontend.set_sndhwm(args.reply_hwm.clamp(1, i32::MAX as usize) as i32)?;
+    frontend.set_rcvhwm(DEFAULT_REPLY_HWM as i32)?;
     // Larger messages could not be forwarded anyway; libzmq drops them at the socket.
     frontend.set_max_msg_size(4 * i64::from(args.slot_size))?;
     let local = format!(
@@ -198,7 +220,11 @@ fn main() -> Result<()> {
     );
 
     let debug = args.debug;
-    let mut reply = |req: ZmqRequest, bytes: &[u8]| send_reply(&frontend, req, bytes, debug);
+    let mut slow_peers = SlowPeers::new();
+    let reply_hwm = args.reply_hwm;
+    let mut reply = |req: ZmqRequest, bytes: &[u8]| {
+        send_reply(&frontend, req, bytes, debug, &mut slow_peers, reply_hwm)
+    };
     let targets = [PollTarget::Socket(&frontend)];
     let mut poll = PollSet::new(&targets);
     let monitor = Duration::from_secs(args.monitor_interval);
@@ -244,5 +270,8 @@ fn main() -> Result<()> {
         format_shares(pool.shares()),
         pool.local_errors
     );
+    if let Some(drops) = slow_peers.summary(8) {
+        println!("zmq_proxy replies dropped, clients not reading: {drops}");
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::server::{ServerOptions, ServerPollMode, ServerThreads};
-use hacserve_runtime::transport::zmq::ZmqServer;
+use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]
@@ -60,6 +60,10 @@ struct Args {
     /// requests queued per priority lane before new ones get Overloaded
     #[argh(option, default = "1024")]
     queue_depth: usize,
+    /// replies queued per client before further ones are dropped (a client that does not
+    /// read its replies; counted per client)
+    #[argh(option, default = "DEFAULT_REPLY_HWM")]
+    reply_hwm: usize,
     /// busy (spin), block (sleep), hybrid (receive loop spins, workers sleep until a request
     /// is queued) or auto (busy with a core per thread, else hybrid with two cores)
     #[argh(option, default = "String::from(\"auto\")")]
@@ -114,8 +118,14 @@ fn main() -> Result<()> {
     Labels::log_availability(&args.classes_file);
 
     let ctx = Context::new().context("creating the ZeroMQ context")?;
-    let mut zmq = ZmqServer::bind(&ctx, &args.bind_address, args.port, args.max_payload)
-        .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
+    let mut zmq = ZmqServer::bind(
+        &ctx,
+        &args.bind_address,
+        args.port,
+        args.max_payload,
+        args.reply_hwm,
+    )
+    .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
     let mut worker_sinks = Vec::with_capacity(workers);
     for p in pipelines {
         worker_sinks.push((
@@ -165,6 +175,9 @@ fn main() -> Result<()> {
             records,
         )
         .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
+    if let Some(drops) = zmq.slow_peer_summary() {
+        println!("zmq_server replies dropped, clients not reading: {drops}");
+    }
     result.context("serving")?;
     Ok(())
 }

@@ -211,6 +211,16 @@ impl Socket {
         self.set_int(sys::ZMQ_SNDHWM as c_int, n)?;
         self.set_int(sys::ZMQ_RCVHWM as c_int, n)
     }
+    /// Outbound high-water mark only: messages libzmq queues per peer before a send fails
+    /// with EAGAIN (non-blocking) or blocks.
+    pub fn set_sndhwm(&self, n: i32) -> Result<()> {
+        self.set_int(sys::ZMQ_SNDHWM as c_int, n)
+    }
+    /// Inbound high-water mark only: messages libzmq reads ahead per peer before it stops
+    /// reading that peer's connection (back-pressure on that peer alone).
+    pub fn set_rcvhwm(&self, n: i32) -> Result<()> {
+        self.set_int(sys::ZMQ_RCVHWM as c_int, n)
+    }
     /// ROUTER: fail with EHOSTUNREACH instead of dropping a message to an unknown peer.
     pub fn set_router_mandatory(&self, on: bool) -> Result<()> {
         self.set_int(sys::ZMQ_ROUTER_MANDATORY as c_int, on as c_int)

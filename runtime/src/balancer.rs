@@ -11,6 +11,7 @@ use hacserve_ffi::zmq::{
 
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
 use crate::server::PollMode;
+use crate::transport::slow_peers::SlowPeers;
 use crate::transport::TransportError;
 
 const MAX_FRAMES: usize = 8;
@@ -33,6 +34,8 @@ pub struct Balancer {
     outstanding: Vec<u64>,
     shares: Vec<BackendShare>,
     endpoint: String,
+    reply_hwm: usize,
+    slow_peers: SlowPeers,
 }
 
 /// Index of the connection with the fewest outstanding requests; ties go to the first at or
@@ -46,16 +49,20 @@ pub fn pick_least_outstanding(outstanding: &[u64], start: usize) -> Option<usize
 
 impl Balancer {
     /// Binds the frontend on `local` ("tcp://0.0.0.0:5555") and opens `connections` DEALERs to
-    /// each backend address ("host:port").
+    /// each backend address ("host:port"). At most `reply_hwm` replies wait per client; the
+    /// rest are dropped and counted (a client that does not read must not stall the others).
     pub fn new(
         ctx: &Context,
         local: &str,
         backends: &[String],
         connections: usize,
+        reply_hwm: usize,
     ) -> Result<Self, TransportError> {
         let frontend = ctx.socket(SocketType::Router)?;
         frontend.set_router_mandatory(true)?;
-        frontend.set_hwm(100_000)?;
+        let reply_hwm = reply_hwm.clamp(1, i32::MAX as usize);
+        frontend.set_sndhwm(reply_hwm as i32)?;
+        frontend.set_rcvhwm(crate::transport::zmq::DEFAULT_REPLY_HWM as i32)?;
         frontend.bind(local)?;
         let endpoint = frontend.last_endpoint()?;
         let mut sockets = Vec::new();
@@ -84,7 +91,14 @@ impl Balancer {
                 })
                 .collect(),
             endpoint,
+            reply_hwm,
+            slow_peers: SlowPeers::new(),
         })
+    }
+
+    /// Replies dropped per client that was not reading them; None when there were none.
+    pub fn slow_peer_summary(&self) -> Option<String> {
+        self.slow_peers.summary(8)
     }
 
     pub fn endpoint(&self) -> &str {
@@ -103,6 +117,8 @@ impl Balancer {
             backend_of,
             outstanding,
             shares,
+            reply_hwm,
+            slow_peers,
             ..
         } = self;
         let mut frames: Vec<Message> = (0..MAX_FRAMES).map(|_| Message::new()).collect();
@@ -129,7 +145,12 @@ impl Balancer {
                     outstanding[i] = outstanding[i].saturating_sub(1);
                     shares[backend_of[i]].answered += 1;
                     if let Err(e) = send_frames(frontend, &mut frames[..n]) {
-                        log::warn!("reply could not be delivered to its client: {e}");
+                        if e.would_block() {
+                            let (client, _) = Header::salvage_ids(frames[n - 1].as_slice());
+                            slow_peers.record(frames[0].as_slice(), client, *reply_hwm);
+                        } else {
+                            log::warn!("reply could not be delivered to its client: {e}");
+                        }
                     }
                 }
             }

@@ -135,6 +135,8 @@ pub struct Counters {
     pub rejected: AtomicU64,
     pub overloaded: AtomicU64,
     pub transport_errors: AtomicU64,
+    /// Replies dropped because their client was not reading them (its queue was full).
+    pub dropped_replies: AtomicU64,
     pub in_queue: AtomicUsize,
 }
 
@@ -410,9 +412,16 @@ pub fn account(
             );
         }
     }
-    if let Err(e) = sent {
-        counters.transport_errors.fetch_add(1, Ordering::Relaxed);
-        log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
+    match sent {
+        Ok(()) => {}
+        // Counted and logged per peer by the transport.
+        Err(crate::transport::TransportError::PeerNotReading) => {
+            counters.dropped_replies.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            counters.transport_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
+        }
     }
     probe.handled.fetch_add(1, Ordering::Relaxed);
     let sampled = probe.sampled.load(Ordering::Relaxed);
@@ -494,7 +503,7 @@ pub fn spawn_monitor<J: ServerJob>(
                     c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
                 let s = Summary::of(&mut samples);
                 println!(
-                    "[monitor] {:>9.1} req/s  queue {:>4}  p50 {:>9.1} us  p99 {:>9.1} us  total {}  errors {}  overloaded {}",
+                    "[monitor] {:>9.1} req/s  queue {:>4}  p50 {:>9.1} us  p99 {:>9.1} us  total {}  errors {}  overloaded {}  dropped {}",
                     (answered - last_answered) as f64 / secs,
                     queue.depth(),
                     s.p50 as f64 / 1e3,
@@ -502,6 +511,7 @@ pub fn spawn_monitor<J: ServerJob>(
                     answered,
                     c.rejected.load(Ordering::Relaxed),
                     c.overloaded.load(Ordering::Relaxed),
+                    c.dropped_replies.load(Ordering::Relaxed),
                 );
                 let _ = io::stdout().flush();
                 last_answered = answered;
@@ -643,12 +653,13 @@ impl<J: ServerJob> ServerThreads<J> {
     pub fn counters_summary(&self) -> String {
         let c = &self.queue.counters;
         format!(
-            "received {} answered {} rejected {} overloaded {} undeliverable {}",
+            "received {} answered {} rejected {} overloaded {} undeliverable {} dropped {}",
             c.received.load(Ordering::Relaxed),
             c.answered.load(Ordering::Relaxed),
             c.rejected.load(Ordering::Relaxed),
             c.overloaded.load(Ordering::Relaxed),
-            c.transport_errors.load(Ordering::Relaxed)
+            c.transport_errors.load(Ordering::Relaxed),
+            c.dropped_replies.load(Ordering::Relaxed)
         )
     }
 }

@@ -89,18 +89,49 @@ impl Service {
         }
     }
 
+    /// Resident memory in KiB (VmRSS from /proc), 0 when it cannot be read.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Still running?
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
     /// SIGINT, wait, and return everything it printed.
-    pub fn stop(mut self) -> Vec<String> {
+    pub fn stop(self) -> Vec<String> {
+        self.stop_within(Duration::from_secs(600))
+    }
+
+    /// SIGINT; fails the test (after a SIGKILL) unless the process exits successfully within
+    /// `limit`. Returns everything it printed.
+    pub fn stop_within(mut self, limit: Duration) -> Vec<String> {
         Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status()
             .unwrap();
-        let status = self.child.wait().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+                    self.output.push(line);
+                }
+                panic!("still running {limit:?} after SIGINT: {:#?}", self.output);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
             self.output.push(line);
         }

@@ -4,6 +4,7 @@
 //! closed-loop client (`client.rs`) drives.
 
 pub mod rdma;
+pub mod slow_peers;
 pub mod zmq;
 
 use thiserror::Error;
@@ -22,6 +23,8 @@ pub enum TransportError {
     Malformed(String),
     #[error("stopped")]
     Stopped,
+    #[error("the peer is not reading its replies: its reply queue is full, reply dropped")]
+    PeerNotReading,
     #[error(transparent)]
     Rdma(#[from] hacserve_ffi::rdma_conn::RdmaError),
 }

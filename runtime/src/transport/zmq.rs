@@ -14,10 +14,11 @@ use hacserve_ffi::zmq::{
     Context, Message, PollSet, PollTarget, Socket, SocketType, DONTWAIT, SNDMORE,
 };
 
+use super::slow_peers::SlowPeers;
 use super::{ClientTransport, ReplySink, ServerJob, TransportError};
 use crate::clock::realtime_ns;
 use crate::pipeline::{answer_without_engine, Triage};
-use crate::protocol::{ReplyBuffer, FLAG_PRIORITY, HEADER_LEN};
+use crate::protocol::{Header, ReplyBuffer, FLAG_PRIORITY, HEADER_LEN};
 use crate::server::{
     account, overloaded_reply, PollMode, ServerOptions, ServerRecord, WorkQueue, WorkerProbe,
 };
@@ -28,6 +29,10 @@ const REPLY_ENDPOINT: &str = "inproc://hacserve-replies";
 /// libzmq drops a connection whose peer sends a message above this many times the payload
 /// limit; anything between the limit and this gets a typed PayloadTooLarge reply instead.
 const HARD_LIMIT_FACTOR: i64 = 4;
+/// Replies libzmq may queue per client before further ones are dropped (libzmq's own default
+/// high-water mark): a client that stops reading costs at most this many replies of memory
+/// and never blocks the receive loop.
+pub const DEFAULT_REPLY_HWM: usize = 1000;
 
 /// A request as received: its envelope and its one message frame.
 pub struct ZmqJob {
@@ -67,19 +72,27 @@ pub struct ZmqServer {
     router: Socket,
     replies: Socket,
     endpoint: String,
+    reply_hwm: usize,
+    slow_peers: SlowPeers,
 }
 
 impl ZmqServer {
-    /// Binds `tcp://{addr}:{port}` (port 0 = any free port; see [`Self::endpoint`]).
+    /// Binds `tcp://{addr}:{port}` (port 0 = any free port; see [`Self::endpoint`]). At most
+    /// `reply_hwm` replies wait per client; further ones are dropped and counted.
     pub fn bind(
         ctx: &Context,
         addr: &str,
         port: u16,
         max_payload: usize,
+        reply_hwm: usize,
     ) -> Result<Self, TransportError> {
         let router = ctx.socket(SocketType::Router)?;
         router.set_router_mandatory(true)?;
-        router.set_hwm(100_000)?;
+        let hwm = reply_hwm.clamp(1, i32::MAX as usize) as i32;
+        router.set_sndhwm(hwm)?;
+        // Read-ahead per client: the receive loop drains it at once, so it only fills when
+        // the loop itself is saturated, and then it pushes back on that client's socket.
+        router.set_rcvhwm(DEFAULT_REPLY_HWM as i32)?;
         let hard = (max_payload as i64 + HEADER_LEN as i64) * HARD_LIMIT_FACTOR + (1 << 20);
         router.set_max_msg_size(hard)?;
         let endpoint = if port == 0 {
@@ -97,7 +110,14 @@ impl ZmqServer {
             router,
             replies,
             endpoint,
+            reply_hwm: hwm as usize,
+            slow_peers: SlowPeers::new(),
         })
+    }
+
+    /// Replies dropped per client that was not reading them; None when there were none.
+    pub fn slow_peer_summary(&self) -> Option<String> {
+        self.slow_peers.summary(8)
     }
 
     /// The bound endpoint, e.g. "tcp://0.0.0.0:5555".
@@ -132,7 +152,14 @@ impl ZmqServer {
                 Err(e) if e.interrupted() => continue,
                 Err(e) => return Err(e.into()),
             }
-            while forward_reply(&self.replies, &self.router, &mut frame, queue)? {
+            while forward_reply(
+                &self.replies,
+                &self.router,
+                &mut frame,
+                queue,
+                &mut self.slow_peers,
+                self.reply_hwm,
+            )? {
                 forwarded += 1;
             }
         }
@@ -173,7 +200,14 @@ impl ZmqServer {
                 },
             };
             if replies_ready {
-                while forward_reply(&self.replies, &self.router, &mut scratch, queue)? {}
+                while forward_reply(
+                    &self.replies,
+                    &self.router,
+                    &mut scratch,
+                    queue,
+                    &mut self.slow_peers,
+                    self.reply_hwm,
+                )? {}
             }
             if requests_ready {
                 while let Some(mut job) = receive_request(&self.router, &mut scratch)? {
@@ -189,7 +223,16 @@ impl ZmqServer {
                     if let Triage::Answered(outcome) = triage {
                         // Sending empties the message: keep its header for the accounting.
                         reply_head.copy_from_slice(&reply.bytes()[..HEADER_LEN]);
-                        let sent = send_msg_with_envelope(&self.router, &mut job, &mut reply.0);
+                        let sent = send_msg_with_envelope(&self.router, &mut job, &mut reply.0)
+                            .map_err(|e| {
+                                note_failed_send(
+                                    e,
+                                    &job,
+                                    &reply_head,
+                                    &mut self.slow_peers,
+                                    self.reply_hwm,
+                                )
+                            });
                         account(
                             &queue.counters,
                             probe,
@@ -214,7 +257,25 @@ impl ZmqServer {
                         overloaded_reply(job.payload.as_slice(), &mut error_reply);
                         log::warn!("queue full: answering Overloaded");
                         if let Err(e) = send_with_envelope(&self.router, &mut job, &error_reply) {
-                            log::warn!("Overloaded reply could not be delivered: {e}");
+                            match note_failed_send(
+                                e,
+                                &job,
+                                &error_reply,
+                                &mut self.slow_peers,
+                                self.reply_hwm,
+                            ) {
+                                TransportError::PeerNotReading => queue
+                                    .counters
+                                    .dropped_replies
+                                    .fetch_add(1, Ordering::Relaxed),
+                                e => {
+                                    log::warn!("Overloaded reply could not be delivered: {e}");
+                                    queue
+                                        .counters
+                                        .transport_errors
+                                        .fetch_add(1, Ordering::Relaxed)
+                                }
+                            };
                         }
                     }
                 }
@@ -224,6 +285,28 @@ impl ZmqServer {
             }
         }
         Ok(log)
+    }
+}
+
+/// Turns a failed reply send into its typed error; a full per-peer queue (EAGAIN) is
+/// recorded against that peer.
+fn note_failed_send(
+    e: TransportError,
+    job: &ZmqJob,
+    reply_head: &[u8],
+    slow_peers: &mut SlowPeers,
+    reply_hwm: usize,
+) -> TransportError {
+    match e {
+        TransportError::Zmq(z) if z.would_block() => {
+            let peer = job.envelope[..job.envelope_len]
+                .first()
+                .map_or(&[][..], Message::as_slice);
+            let (client, _) = Header::salvage_ids(reply_head);
+            slow_peers.record(peer, client, reply_hwm);
+            TransportError::PeerNotReading
+        }
+        e => e,
     }
 }
 
@@ -258,34 +341,59 @@ fn receive_request(
     }
 }
 
-/// Moves one worker reply (envelope + message) from the PULL socket to the ROUTER.
+/// Moves one worker reply (envelope + message) from the PULL socket to the ROUTER, without
+/// ever blocking: a reply to a client whose queue is full is dropped and counted.
 fn forward_reply(
     replies: &Socket,
     router: &Socket,
     frame: &mut Message,
     queue: &WorkQueue<ZmqJob>,
+    slow_peers: &mut SlowPeers,
+    reply_hwm: usize,
 ) -> Result<bool, TransportError> {
     match replies.recv_msg(frame, DONTWAIT) {
         Ok(mut more) => {
             let mut failed = None;
+            let mut first = true;
             loop {
                 if failed.is_none() {
-                    if let Err(e) = router.send_msg(frame, if more { SNDMORE } else { 0 }) {
-                        failed = Some(e);
+                    // Only the routing-id frame can fail (a full or unknown peer); once it is
+                    // accepted libzmq takes the rest of the message.
+                    let flags = if more { SNDMORE } else { 0 } | if first { DONTWAIT } else { 0 };
+                    if let Err(e) = router.send_msg(frame, flags) {
+                        let peer = if first {
+                            frame.as_slice().to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        failed = Some((e, peer));
                     }
                 }
+                first = false;
                 if !more {
                     break;
                 }
                 more = replies.recv_msg(frame, 0)?;
             }
-            if let Some(e) = failed {
-                // The client left (EHOSTUNREACH): its reply has nowhere to go.
-                queue
-                    .counters
-                    .transport_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                log::warn!("reply could not be delivered: {e}");
+            match failed {
+                None => {}
+                Some((e, peer)) if e.would_block() => {
+                    // `frame` now holds the reply itself.
+                    let (client, _) = Header::salvage_ids(frame.as_slice());
+                    slow_peers.record(&peer, client, reply_hwm);
+                    queue
+                        .counters
+                        .dropped_replies
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Some((e, _)) => {
+                    // The client left (EHOSTUNREACH): its reply has nowhere to go.
+                    queue
+                        .counters
+                        .transport_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::warn!("reply could not be delivered: {e}");
+                }
             }
             Ok(true)
         }
@@ -294,15 +402,23 @@ fn forward_reply(
     }
 }
 
+/// Sends the envelope, never blocking: the first (routing-id) frame is sent DONTWAIT, so a
+/// client whose reply queue is full fails it with EAGAIN and nothing is sent.
+fn send_envelope(router: &Socket, job: &mut ZmqJob) -> Result<(), TransportError> {
+    for (i, frame) in job.envelope[..job.envelope_len].iter_mut().enumerate() {
+        let flags = SNDMORE | if i == 0 { DONTWAIT } else { 0 };
+        router.send_msg(frame, flags)?;
+    }
+    Ok(())
+}
+
 fn send_with_envelope(
     router: &Socket,
     job: &mut ZmqJob,
     body: &[u8],
 ) -> Result<(), TransportError> {
-    for frame in &mut job.envelope[..job.envelope_len] {
-        router.send_msg(frame, SNDMORE)?;
-    }
-    router.send(body, 0)?;
+    send_envelope(router, job)?;
+    router.send(body, DONTWAIT)?;
     Ok(())
 }
 
@@ -311,10 +427,8 @@ fn send_msg_with_envelope(
     job: &mut ZmqJob,
     body: &mut Message,
 ) -> Result<(), TransportError> {
-    for frame in &mut job.envelope[..job.envelope_len] {
-        router.send_msg(frame, SNDMORE)?;
-    }
-    router.send_msg(body, 0)?;
+    send_envelope(router, job)?;
+    router.send_msg(body, DONTWAIT)?;
     Ok(())
 }
 
