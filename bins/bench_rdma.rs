@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::protocol::{Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN};
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::rdma::{RdmaClient, RdmaClientConfig, DEFAULT_PORT};
 
 #[derive(FromArgs)]

@@ -7,15 +7,15 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::client::{prepare_payload, report_run, run_closed_loop, ClientOptions};
+use hacserve_runtime::contract::ClientTransport;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::protocol::{
     decode_error, Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN,
 };
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::rdma::{
     encode_imm, RdmaClient, RdmaClientConfig, DEFAULT_PORT, IMM_LEN_MASK, MAX_DEPTH, MAX_SLOT_SIZE,
     MIN_SLOT_SIZE,
 };
-use hacserve_runtime::transport::ClientTransport;
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]

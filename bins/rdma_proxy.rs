@@ -1,23 +1,22 @@
 //! rdma_proxy: RDMA clients in (listens like rdma_server), RDMA out to a backend rdma_server
-//! over `-c` pipelined connections. The receive loop (main thread) queues every request
-//! untouched (echoes too: the backend answers them); one forwarder thread sends them on and
-//! writes each backend reply into the response slot of the inbound request it answers.
+//! over `-c` pipelined connections. The serving core's receive loop (main thread) queues
+//! every request untouched (echoes too: the backend answers them); the proxy's forwarder
+//! thread sends them on and writes each backend reply into the response slot of the inbound
+//! request it answers (`hacserve_runtime::proxy`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::proxy::{format_shares, ConnShare, PoolConfig, RdmaPool};
-use hacserve_runtime::server::{PollMode, ServerOptions, WorkQueue, WorkerProbe};
+use hacserve_runtime::contract::PollMode;
+use hacserve_runtime::proxy::{format_shares, PoolConfig, Proxy};
+use hacserve_runtime::server::{LoopPolicy, ServerOptions};
 use hacserve_runtime::transport::rdma::{
-    Addressing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
-    MAX_SLOT_SIZE, MIN_SLOT_SIZE,
+    Addressing, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE, MIN_SLOT_SIZE,
 };
-use hacserve_runtime::transport::ReplySink;
 use hacserve_runtime::{logging, signal};
 
 #[derive(FromArgs)]
@@ -82,54 +81,6 @@ struct Args {
     connection_id: u32,
 }
 
-/// Runs on its own thread: owns the backend connections (set up here, reported through
-/// `ready`), moves queued jobs to the backend and replies back to their inbound slots.
-fn forwarder(
-    cfg: PoolConfig,
-    queue: Arc<WorkQueue<RdmaJob>>,
-    ready: mpsc::Sender<Result<(), String>>,
-) -> (Vec<ConnShare>, u64) {
-    let mut pool: RdmaPool<RdmaJob> = match RdmaPool::connect(&cfg) {
-        Ok(p) => {
-            let _ = ready.send(Ok(()));
-            p
-        }
-        Err(e) => {
-            let _ = ready.send(Err(format!("{:#}", anyhow::Error::from(e))));
-            return (Vec::new(), 0);
-        }
-    };
-    let mut sink = RdmaReplySink;
-    let mut reply = |job: RdmaJob, bytes: &[u8]| {
-        if let Err(e) = sink.reply(job, bytes) {
-            log::warn!("reply could not be delivered to its client: {e}");
-        }
-    };
-    let mut idle = 0u32;
-    while !signal::stop_requested() {
-        let mut progress = 0;
-        while let Some(job) = queue.pop() {
-            progress += 1;
-            pool.submit(job, &mut reply);
-        }
-        progress += pool.poll(&mut reply);
-        if pool.live_connections() == 0 {
-            log::error!("every RDMA connection to the backend is lost: stopping");
-            signal::request_stop();
-            break;
-        }
-        if progress > 0 {
-            idle = 0;
-        } else {
-            idle = idle.saturating_add(1);
-            if cfg.mode == PollMode::Block && idle > 64 {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-    }
-    (pool.shares().to_vec(), pool.local_errors)
-}
-
 fn main() -> Result<()> {
     let args: Args = argh::from_env();
     logging::init(args.debug);
@@ -157,7 +108,6 @@ fn main() -> Result<()> {
     })?;
     // Two spinning threads: the receive loop and the forwarder.
     let mode = PollMode::parse(&args.poll_mode, 2).map_err(anyhow::Error::msg)?;
-    let queue = Arc::new(WorkQueue::new(args.queue_depth, mode));
     let pool_cfg = PoolConfig {
         host: args.server_address.clone(),
         port: args.target_port,
@@ -169,39 +119,19 @@ fn main() -> Result<()> {
         mode,
         queue_limit: args.queue_depth,
     };
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let fq = queue.clone();
-    let fwd = std::thread::Builder::new()
-        .name("forwarder".into())
-        .spawn(move || forwarder(pool_cfg, fq, ready_tx))
-        .context("starting the forwarder thread")?;
-    // The backend first: without it the proxy is useless.
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => bail!("connecting to the backend rdma_server: {e}"),
-        Err(_) => bail!("the forwarder thread died while connecting"),
-    }
     let cfg = RdmaServerConfig {
         max_slot_size: args.slot_size,
         max_depth: args.ring_depth,
         keep_alive: args.keep_alive != 0,
         addressing: Addressing::Host,
     };
-    let listened = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
-        .with_context(|| format!("listening on {}:{}", args.bind_address, args.port));
-    let mut rdma = match listened {
-        Ok(r) => r,
-        Err(e) => {
-            signal::request_stop();
-            let _ = fwd.join();
-            return Err(e);
-        }
-    };
-    rdma.forward_all(true);
+    // Payload limits are the backend's business; the slot bounds what arrives.
+    let max_payload = args.slot_size as usize;
+    let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
+        .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let opts = ServerOptions {
         workers: 1,
-        // Payload limits are the backend's business; the slot bounds what arrives.
-        max_payload: args.slot_size as usize,
+        max_payload,
         poll_mode: mode,
         worker_poll_mode: mode,
         queue_depth: args.queue_depth,
@@ -212,7 +142,11 @@ fn main() -> Result<()> {
         log_capacity: 0,
         pin_threads: false,
         debug: args.debug,
+        policy: LoopPolicy::ForwardAll,
     };
+    // The backend first: without it the proxy is useless.
+    let mut proxy = Proxy::start(&opts, &mut rdma, pool_cfg, ("rdma_proxy", Duration::ZERO))
+        .map_err(|e| anyhow!("connecting to the backend rdma_server: {e}"))?;
     println!(
         "rdma_proxy listening on {} | model {} | backend {}:{} x{} connections, {} slots x {} B | poll {mode:?}",
         rdma.addr(),
@@ -223,19 +157,15 @@ fn main() -> Result<()> {
         args.target_ring_depth,
         args.slot_size
     );
-    let probe = WorkerProbe::new();
-    let result = rdma.run(&queue, &opts, &probe);
-    signal::request_stop();
-    let (shares, local) = fwd
-        .join()
-        .map_err(|_| anyhow!("the forwarder thread panicked"))?;
-    use std::sync::atomic::Ordering::Relaxed;
+    let (served, report) = proxy.serve(&mut rdma, &opts);
+    let c = proxy.counters();
     println!(
-        "rdma_proxy stopped: received {} overloaded {} | {} | answered by the proxy: {local}",
-        queue.counters.received.load(Relaxed),
-        queue.counters.overloaded.load(Relaxed),
-        format_shares(&shares)
+        "rdma_proxy stopped: received {} overloaded {} | {} | answered by the proxy: {}",
+        c.received.load(Relaxed),
+        c.overloaded.load(Relaxed),
+        format_shares(&report.shares),
+        report.local_errors
     );
-    result.context("serving")?;
+    served.result.context("serving")?;
     Ok(())
 }

@@ -8,13 +8,13 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::backend::{BackendArgs, BackendChoice};
+use hacserve_runtime::contract::ServerPollMode;
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
-use hacserve_runtime::server::{ServerOptions, ServerPollMode, ServerThreads};
+use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::rdma::{
-    Addressing, RdmaReplySink, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
-    MAX_SLOT_SIZE, MIN_SLOT_SIZE,
+    Addressing, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE, MIN_SLOT_SIZE,
 };
 use hacserve_runtime::{logging, signal};
 
@@ -147,14 +147,14 @@ fn main() -> Result<()> {
         keep_alive: args.keep_alive != 0,
         addressing,
     };
-    let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg)
-        .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let max_payload = args.max_payload.min(args.slot_size as usize - HEADER_LEN);
+    let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
+        .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let priority_clients = args.priority_clients != 0;
-    let worker_sinks: Vec<(Pipeline, RdmaReplySink)> = backend
+    let pipelines: Vec<Pipeline> = backend
         .sessions(&args.engine_file, priority_clients)?
         .into_iter()
-        .map(|session| (Pipeline::new(session, max_payload), RdmaReplySink))
+        .map(|session| Pipeline::new(session, max_payload))
         .collect();
     Labels::log_availability(&args.classes_file);
     let opts = ServerOptions {
@@ -170,9 +170,10 @@ fn main() -> Result<()> {
         log_capacity: args.total_requests,
         pin_threads: !args.no_pin,
         debug: args.debug,
+        policy: LoopPolicy::AnswerWithoutEngine,
     };
-    let mut threads =
-        ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
+    let mut threads = ServerThreads::start(&opts, &mut rdma, pipelines)
+        .context("starting worker and monitor threads")?;
     println!(
         "rdma_server listening on {} | {} | model {} | backend {} | {} workers | poll {} | slots up to {} x {} B",
         rdma.addr(),
@@ -187,17 +188,15 @@ fn main() -> Result<()> {
         args.ring_depth,
         args.slot_size
     );
-    let result = rdma.run(&threads.queue, &opts, threads.receive_probe());
-    let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
-    records.extend(threads.join());
+    let served = threads.serve(&mut rdma, &opts);
     threads
         .report_stop(
             "rdma_server",
             backend.gpus(),
             opts.log_folder.as_deref(),
-            records,
+            served.records,
         )
         .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
-    result.context("serving")?;
+    served.result.context("serving")?;
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::balancer::{format_shares, Balancer};
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
 

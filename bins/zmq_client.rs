@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::client::{prepare_payload, report_run, run_closed_loop, ClientOptions};
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::protocol::{Task, DEFAULT_MAX_PAYLOAD, HEADER_LEN, RESPONSE_BODY_LEN};
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::zmq::ZmqClient;
 use hacserve_runtime::{logging, signal};
 

@@ -1,24 +1,21 @@
 //! zmq_proxy: ZeroMQ clients in (ROUTER), RDMA out to an rdma_server over `-c` pipelined
-//! connections. Each request's ZeroMQ envelope is kept until its reply comes back on the RDMA
-//! side, so every reply reaches the client that sent the request; message bytes (and so the
-//! header's client/request ids) pass through untouched.
+//! connections. The serving core's receive loop takes requests on the ZeroMQ transport and
+//! queues them untouched; the proxy's forwarder thread sends them on and hands each reply
+//! back with its client's envelope, so every reply reaches the client that sent the request
+//! (`hacserve_runtime::proxy`). Message bytes (and so the header's ids) pass through.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::libzmq::{Context, Message, PollSet, PollTarget, Socket, SocketType};
-use hacserve_runtime::libzmq::{DONTWAIT, SNDMORE};
-use hacserve_runtime::proxy::{format_shares, PoolConfig, ProxyRequest, RdmaPool};
-use hacserve_runtime::server::PollMode;
+use hacserve_runtime::contract::PollMode;
+use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::proxy::{format_shares, PoolConfig, Proxy};
+use hacserve_runtime::server::{LoopPolicy, ServerOptions};
 use hacserve_runtime::transport::rdma::{DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE, MIN_SLOT_SIZE};
-use hacserve_runtime::transport::slow_peers::SlowPeers;
-use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
+use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 use hacserve_runtime::{logging, signal};
-
-/// Routing frames kept per request (client identity, REQ delimiter, broker hops).
-const MAX_FRAMES: usize = 8;
 
 #[derive(FromArgs)]
 /// ZMQ Proxy: forwards ZeroMQ (TCP) requests to an rdma_server over RDMA.
@@ -83,92 +80,12 @@ struct Args {
     reply_hwm: usize,
 }
 
-/// A request held while its RDMA twin is in flight: the envelope plus the message frame.
-struct ZmqRequest {
-    frames: Vec<Message>,
-}
-
-impl ProxyRequest for ZmqRequest {
-    fn message(&self) -> &[u8] {
-        self.frames.last().map(Message::as_slice).unwrap_or(&[])
-    }
-}
-
-/// Receives one multipart message; None when nothing is waiting (or it had too many frames).
-fn recv_request(s: &Socket) -> Result<Option<ZmqRequest>> {
-    let mut first = Message::new();
-    let mut more = match s.recv_msg(&mut first, DONTWAIT) {
-        Ok(m) => m,
-        Err(e) if e.would_block() || e.interrupted() => return Ok(None),
-        Err(e) => return Err(e).context("receiving from the frontend"),
-    };
-    let mut frames = vec![first];
-    while more {
-        let mut f = Message::new();
-        if frames.len() == MAX_FRAMES {
-            s.drain_more(&mut f)
-                .context("dropping an oversized message")?;
-            log::error!("message with more than {MAX_FRAMES} frames dropped");
-            return Ok(None);
-        }
-        more = s.recv_msg(&mut f, 0).context("receiving a frame")?;
-        frames.push(f);
-    }
-    if frames.len() < 2 {
-        // No envelope: a reply could not be routed back (not a DEALER/REQ peer).
-        log::warn!("message without a routing envelope dropped");
-        return Ok(None);
-    }
-    Ok(Some(ZmqRequest { frames }))
-}
-
-fn send_reply(
-    s: &Socket,
-    mut req: ZmqRequest,
-    reply: &[u8],
-    debug: bool,
-    slow_peers: &mut SlowPeers,
-    reply_hwm: usize,
-) {
-    let n = req.frames.len() - 1;
-    if debug {
-        let (c, r, t) = hacserve_runtime::transport::ids_of(reply);
-        log::info!(
-            "reply client {c} request {r} task {t}: {} bytes",
-            reply.len()
-        );
-    }
-    let mut result = Ok(());
-    for (i, f) in req.frames[..n].iter_mut().enumerate() {
-        let flags = SNDMORE | if i == 0 { DONTWAIT } else { 0 };
-        result = s.send_msg(f, flags);
-        if result.is_err() {
-            break;
-        }
-    }
-    if result.is_ok() {
-        result = s.send(reply, DONTWAIT);
-    }
-    match result {
-        Ok(()) => {}
-        // The client's reply queue is full: it is not reading; never block the others.
-        Err(e) if e.would_block() => {
-            let (client, _) = hacserve_runtime::protocol::Header::salvage_ids(reply);
-            slow_peers.record(req.frames[0].as_slice(), client, reply_hwm);
-        }
-        Err(e) => {
-            // The client went away (ROUTER_MANDATORY): nothing else to do with the reply.
-            log::warn!("reply could not be delivered to its client: {e}");
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let args: Args = argh::from_env();
     logging::init(args.debug);
     signal::install_stop_handler();
-    // Only this thread spins.
-    let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;
+    // Two spinning threads: the receive loop and the forwarder.
+    let mode = PollMode::parse(&args.poll_mode, 2).map_err(anyhow::Error::msg)?;
     if args.clients == 0 {
         bail!("-c/--clients must be at least 1");
     }
@@ -179,7 +96,7 @@ fn main() -> Result<()> {
         bail!("--slot-size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE}");
     }
     let _informational = (args.requests, args.task, args.save_logs, &args.folder);
-    let mut pool: RdmaPool<ZmqRequest> = RdmaPool::connect(&PoolConfig {
+    let pool_cfg = PoolConfig {
         host: args.server_address.clone(),
         port: args.rdma_port,
         connections: args.clients,
@@ -189,89 +106,56 @@ fn main() -> Result<()> {
         timeout: Duration::from_millis(args.timeout_ms),
         mode,
         queue_limit: args.queue_depth,
-    })
-    .context("connecting to the rdma_server")?;
-
-    let ctx = Context::new().context("creating the ZeroMQ context")?;
-    let frontend = ctx
-        .socket(SocketType::Router)
-        .context("creating the ROUTER")?;
-    frontend.set_router_mandatory(true)?;
-    frontend.set_sndhwm(args.reply_hwm.clamp(1, i32::MAX as usize) as i32)?;
-    frontend.set_rcvhwm(DEFAULT_REPLY_HWM as i32)?;
-    // Larger messages could not be forwarded anyway; libzmq drops them at the socket.
-    frontend.set_max_msg_size(4 * i64::from(args.slot_size))?;
-    let local = format!(
-        "tcp://{}:{}",
-        args.bind_address,
-        if args.zmq_port == 0 {
-            "*".to_string()
-        } else {
-            args.zmq_port.to_string()
-        }
-    );
-    frontend
-        .bind(&local)
-        .with_context(|| format!("binding {local}"))?;
-    let endpoint = frontend.last_endpoint()?;
-    println!(
-        "zmq_proxy listening on {endpoint} | model {} | rdma {}:{} x{} connections, {} slots x {} B | poll {mode:?}",
-        args.model_name, args.server_address, args.rdma_port, args.clients, args.ring_depth, args.slot_size
-    );
-
-    let debug = args.debug;
-    let mut slow_peers = SlowPeers::new();
-    let reply_hwm = args.reply_hwm;
-    let mut reply = |req: ZmqRequest, bytes: &[u8]| {
-        send_reply(&frontend, req, bytes, debug, &mut slow_peers, reply_hwm)
     };
-    let targets = [PollTarget::Socket(&frontend)];
-    let mut poll = PollSet::new(&targets);
-    let monitor = Duration::from_secs(args.monitor_interval);
-    let mut last_report = Instant::now();
-    let mut idle = 0u32;
-    while !signal::stop_requested() {
-        // With nothing in flight only the frontend can wake us: block on it (short timeout
-        // for the stop flag). Otherwise RDMA completions must be polled, so never block long.
-        let timeout = if pool.busy() == 0 && mode == PollMode::Block {
-            100
-        } else {
-            0
-        };
-        match poll.poll(timeout) {
-            Ok(_) => {}
-            Err(e) if e.interrupted() => continue,
-            Err(e) => return Err(e).context("polling the frontend"),
-        }
-        let mut progress = 0;
-        while let Some(req) = recv_request(&frontend)? {
-            progress += 1;
-            pool.submit(req, &mut reply);
-        }
-        progress += pool.poll(&mut reply);
-        if pool.live_connections() == 0 {
-            bail!("every RDMA connection to the server is lost");
-        }
-        if progress > 0 {
-            idle = 0;
-        } else {
-            idle = idle.saturating_add(1);
-            if mode == PollMode::Block && idle > 64 {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
-        if !monitor.is_zero() && last_report.elapsed() >= monitor {
-            last_report = Instant::now();
-            println!("[zmq_proxy] {}", format_shares(pool.shares()));
-        }
-    }
+    let ctx = Context::new().context("creating the ZeroMQ context")?;
+    // Larger requests could not be forwarded anyway (the pool answers PayloadTooLarge).
+    let max_payload = args.slot_size as usize;
+    let mut zmq = ZmqServer::bind(
+        &ctx,
+        &args.bind_address,
+        args.zmq_port,
+        max_payload,
+        args.reply_hwm,
+    )
+    .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.zmq_port))?;
+    let opts = ServerOptions {
+        workers: 1,
+        max_payload,
+        poll_mode: mode,
+        worker_poll_mode: mode,
+        queue_depth: args.queue_depth,
+        priority_clients: false,
+        priority_workers: 0,
+        monitor_interval: Duration::ZERO,
+        log_folder: None,
+        log_capacity: 0,
+        pin_threads: false,
+        debug: args.debug,
+        policy: LoopPolicy::ForwardAll,
+    };
+    let mut proxy = Proxy::start(
+        &opts,
+        &mut zmq,
+        pool_cfg,
+        ("zmq_proxy", Duration::from_secs(args.monitor_interval)),
+    )
+    .map_err(|e| anyhow!("connecting to the rdma_server: {e}"))?;
+    println!(
+        "zmq_proxy listening on {} | model {} | rdma {}:{} x{} connections, {} slots x {} B | poll {mode:?}",
+        zmq.endpoint(), args.model_name, args.server_address, args.rdma_port, args.clients, args.ring_depth, args.slot_size
+    );
+    let (served, report) = proxy.serve(&mut zmq, &opts);
     println!(
         "zmq_proxy stopped: {} | answered by the proxy: {}",
-        format_shares(pool.shares()),
-        pool.local_errors
+        format_shares(&report.shares),
+        report.local_errors
     );
-    if let Some(drops) = slow_peers.summary(8) {
+    if let Some(drops) = zmq.slow_peer_summary() {
         println!("zmq_proxy replies dropped, clients not reading: {drops}");
+    }
+    served.result.context("serving")?;
+    if report.backend_lost {
+        bail!("every RDMA connection to the server is lost");
     }
     Ok(())
 }

@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::backend::{BackendArgs, BackendChoice};
+use hacserve_runtime::contract::ServerPollMode;
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
-use hacserve_runtime::server::{ServerOptions, ServerPollMode, ServerThreads};
+use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 use hacserve_runtime::{logging, signal};
 
@@ -126,13 +127,6 @@ fn main() -> Result<()> {
         args.reply_hwm,
     )
     .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
-    let mut worker_sinks = Vec::with_capacity(workers);
-    for p in pipelines {
-        worker_sinks.push((
-            p,
-            zmq.reply_sink().context("creating a worker reply socket")?,
-        ));
-    }
     let opts = ServerOptions {
         workers,
         max_payload: args.max_payload,
@@ -146,9 +140,10 @@ fn main() -> Result<()> {
         log_capacity: args.total_requests,
         pin_threads: !args.no_pin,
         debug: args.debug,
+        policy: LoopPolicy::AnswerWithoutEngine,
     };
-    let mut threads =
-        ServerThreads::start(&opts, worker_sinks).context("starting worker and monitor threads")?;
+    let mut threads = ServerThreads::start(&opts, &mut zmq, pipelines)
+        .context("starting worker and monitor threads")?;
     println!(
         "zmq_server listening on {} | model {} | backend {} | {} workers | poll {} | max payload {} B",
         zmq.endpoint(),
@@ -158,26 +153,18 @@ fn main() -> Result<()> {
         mode.name(),
         args.max_payload
     );
-    let result = zmq.run(&threads.queue, &opts, threads.receive_probe());
-    let mut records = result.as_ref().map(Vec::clone).unwrap_or_default();
-    records.extend(threads.join());
-    // Requests accepted before the stop were finished by the workers: deliver their replies.
-    match zmq.flush_replies(&threads.queue, Duration::from_millis(200)) {
-        Ok(0) => {}
-        Ok(n) => log::info!("delivered {n} replies finished after the stop"),
-        Err(e) => log::error!("flushing replies after the stop: {e}"),
-    }
+    let served = threads.serve(&mut zmq, &opts);
     threads
         .report_stop(
             "zmq_server",
             backend.gpus(),
             opts.log_folder.as_deref(),
-            records,
+            served.records,
         )
         .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
     if let Some(drops) = zmq.slow_peer_summary() {
         println!("zmq_server replies dropped, clients not reading: {drops}");
     }
-    result.context("serving")?;
+    served.result.context("serving")?;
     Ok(())
 }

@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use hacserve_runtime::contract::ClientTransport;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::preprocess::TENSOR_LEN;
 use hacserve_runtime::protocol::*;
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::stats::read_csv;
 use hacserve_runtime::transport::zmq::ZmqClient;
-use hacserve_runtime::transport::ClientTransport;
 
 fn request(task: Task, client_id: u32, request_id: u64, payload: &[u8]) -> Vec<u8> {
     let mut h = [0u8; HEADER_LEN];

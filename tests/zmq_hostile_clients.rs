@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hacserve_runtime::contract::ClientTransport;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::{Context, SocketType};
 use hacserve_runtime::protocol::*;
-use hacserve_runtime::server::PollMode;
 use hacserve_runtime::transport::zmq::ZmqClient;
-use hacserve_runtime::transport::ClientTransport;
 
 const FLOOD_CLIENT: u32 = 9;
 

@@ -5,16 +5,18 @@
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::signal;
-use hacserve_ffi::zmq::{
-    Context, Message, PollSet, PollTarget, Socket, SocketType, DONTWAIT, SNDMORE,
-};
+use hacserve_ffi::zmq::{Context, Message, PollSet, PollTarget, Socket, SocketType};
 
+use crate::contract::{Backoff, PollMode, TransportError};
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
-use crate::server::PollMode;
 use crate::transport::slow_peers::SlowPeers;
-use crate::transport::TransportError;
+use crate::transport::zmq::envelope::{Envelope, Received};
+use crate::transport::zmq::DEFAULT_REPLY_HWM;
 
-const MAX_FRAMES: usize = 8;
+/// The longest zmq_poll while idle in block mode (it returns on the first message).
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Replies from the backends waiting to be forwarded (per connection).
+const BACKEND_HWM: i32 = 100_000;
 /// How long a request may wait for any backend connection to come up before `Overloaded`.
 const NO_BACKEND_GRACE: Duration = Duration::from_secs(2);
 
@@ -62,7 +64,7 @@ impl Balancer {
         frontend.set_router_mandatory(true)?;
         let reply_hwm = reply_hwm.clamp(1, i32::MAX as usize);
         frontend.set_sndhwm(reply_hwm as i32)?;
-        frontend.set_rcvhwm(crate::transport::zmq::DEFAULT_REPLY_HWM as i32)?;
+        frontend.set_rcvhwm(DEFAULT_REPLY_HWM as i32)?;
         frontend.bind(local)?;
         let endpoint = frontend.last_endpoint()?;
         let mut sockets = Vec::new();
@@ -70,7 +72,7 @@ impl Balancer {
         for (b, addr) in backends.iter().enumerate() {
             for _ in 0..connections.max(1) {
                 let s = ctx.socket(SocketType::Dealer)?;
-                s.set_hwm(100_000)?;
+                s.set_hwm(BACKEND_HWM)?;
                 // Only route to connections that are up, so a dead backend is skipped.
                 s.set_immediate(true)?;
                 s.connect(&format!("tcp://{addr}"))?;
@@ -121,7 +123,8 @@ impl Balancer {
             slow_peers,
             ..
         } = self;
-        let mut frames: Vec<Message> = (0..MAX_FRAMES).map(|_| Message::new()).collect();
+        let mut envelope = Envelope::new();
+        let mut body = Message::new();
         let mut error_reply = Vec::with_capacity(512);
         let mut candidates = vec![0u64; sockets.len()];
         let mut next = 0usize;
@@ -130,8 +133,12 @@ impl Balancer {
             .chain(sockets.iter().map(PollTarget::Socket))
             .collect();
         let mut poll = PollSet::new(&targets);
+        // zmq_poll wakes on the first message: block at once when idle, never while busy.
+        let mut idle = Backoff::new(mode, 0, IDLE_POLL);
+        let mut progress = true;
         while !signal::stop_requested() {
-            let timeout = if mode == PollMode::Busy { 0 } else { 100 };
+            let timeout = idle.round(progress).as_millis() as i64;
+            progress = false;
             match poll.poll(timeout) {
                 Ok(_) => {}
                 Err(e) if e.interrupted() => continue,
@@ -141,13 +148,14 @@ impl Balancer {
                 if !poll.readable(i + 1) {
                     continue;
                 }
-                while let Some(n) = recv_frames(socket, &mut frames)? {
+                while recv(socket, &mut envelope, &mut body)? {
+                    progress = true;
                     outstanding[i] = outstanding[i].saturating_sub(1);
                     shares[backend_of[i]].answered += 1;
-                    if let Err(e) = send_frames(frontend, &mut frames[..n]) {
+                    let (client, _) = Header::salvage_ids(body.as_slice());
+                    if let Err(e) = envelope.send_msg(frontend, &mut body) {
                         if e.would_block() {
-                            let (client, _) = Header::salvage_ids(frames[n - 1].as_slice());
-                            slow_peers.record(frames[0].as_slice(), client, *reply_hwm);
+                            slow_peers.record(envelope.peer(), client, *reply_hwm);
                         } else {
                             log::warn!("reply could not be delivered to its client: {e}");
                         }
@@ -155,7 +163,8 @@ impl Balancer {
                 }
             }
             if poll.readable(0) {
-                while let Some(n) = recv_frames(frontend, &mut frames)? {
+                while recv(frontend, &mut envelope, &mut body)? {
+                    progress = true;
                     let mut sent = false;
                     // A backend whose connection is not up yet (start-up, reconnect) refuses
                     // the send: wait a little for one before answering Overloaded.
@@ -167,7 +176,9 @@ impl Balancer {
                             let Some(i) = pick_least_outstanding(&candidates, next) else {
                                 break;
                             };
-                            match send_frames(&sockets[i], &mut frames[..n]) {
+                            // Refused (full or down) at the first frame, nothing is
+                            // consumed: the next connection gets the same frames.
+                            match envelope.send_msg(&sockets[i], &mut body) {
                                 Ok(()) => {
                                     outstanding[i] += 1;
                                     shares[backend_of[i]].forwarded += 1;
@@ -185,7 +196,7 @@ impl Balancer {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     if !sent {
-                        let (client, request) = Header::salvage_ids(frames[n - 1].as_slice());
+                        let (client, request) = Header::salvage_ids(body.as_slice());
                         encode_error(
                             &mut error_reply,
                             client,
@@ -195,8 +206,7 @@ impl Balancer {
                             "no backend connection is available",
                         );
                         log::warn!("no backend available for client {client} request {request}");
-                        frames[n - 1] = Message::from_slice(&error_reply)?;
-                        if let Err(e) = send_frames(frontend, &mut frames[..n]) {
+                        if let Err(e) = envelope.send(frontend, &error_reply) {
                             log::warn!("error reply could not be delivered: {e}");
                         }
                     }
@@ -228,34 +238,16 @@ pub fn format_shares(shares: &[BackendShare]) -> String {
         .join("; ")
 }
 
-/// Receives one multipart message into `frames`; None if nothing is waiting. Messages with
-/// more frames than fit are dropped with a log line (they cannot be routed back).
-fn recv_frames(s: &Socket, frames: &mut [Message]) -> Result<Option<usize>, TransportError> {
-    let mut more = match s.recv_msg(&mut frames[0], DONTWAIT) {
-        Ok(m) => m,
-        Err(e) if e.would_block() || e.interrupted() => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let mut n = 1;
-    while more {
-        if n == frames.len() {
-            s.drain_more(&mut frames[n - 1])?;
-            log::error!("message with more than {MAX_FRAMES} frames dropped");
-            return Ok(None);
+/// One whole message into `envelope` and `body`; false when nothing is waiting. Messages
+/// outside the envelope bounds are dropped by the reader (logged there).
+fn recv(s: &Socket, envelope: &mut Envelope, body: &mut Message) -> Result<bool, TransportError> {
+    loop {
+        match envelope.recv(s, body)? {
+            Received::Message => return Ok(true),
+            Received::Nothing => return Ok(false),
+            Received::Dropped => continue,
         }
-        more = s.recv_msg(&mut frames[n], 0)?;
-        n += 1;
     }
-    Ok(Some(n))
-}
-
-fn send_frames(s: &Socket, frames: &mut [Message]) -> Result<(), hacserve_ffi::zmq::ZmqError> {
-    let last = frames.len() - 1;
-    for (i, f) in frames.iter_mut().enumerate() {
-        let flags = if i < last { SNDMORE } else { 0 } | if i == 0 { DONTWAIT } else { 0 };
-        s.send_msg(f, flags)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::clock::realtime_ns;
+use crate::contract::{ClientTransport, TransportError};
 use crate::labels::Labels;
 use crate::preprocess::{PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{
@@ -14,7 +15,6 @@ use crate::protocol::{
     HEADER_LEN, RESPONSE_BODY_LEN,
 };
 use crate::stats::{write_csv, Report, RequestRecord};
-use crate::transport::{ClientTransport, TransportError};
 
 #[derive(Debug, Error)]
 pub enum ClientError {

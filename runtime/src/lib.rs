@@ -1,16 +1,24 @@
 //! hacserve runtime: the safe core shared by every role.
 //!
 //! Layers, each depending only on those above it in this list:
-//! - [`protocol`], [`clock`]: wire format v1 (fixed little-endian header + payload), timestamps.
-//! - [`preprocess`], [`engine`], [`labels`], [`pipeline`]: decode, resize/crop/normalise, infer, top-5.
-//! - [`transport`]: how request/response bytes move (ZeroMQ today), behind two traits.
-//! - [`server`], [`client`], [`balancer`], [`stats`]: serving loop, closed-loop client,
-//!   routing, latency tables.
+//! - [`protocol`], [`clock`], [`logging`]: wire format v1 (fixed little-endian header +
+//!   payload), timestamps, log setup.
+//! - [`contract`]: what a request, a reply sink and a transport are, the counters, the poll
+//!   modes and their backoff rule.
+//! - [`preprocess`], [`engine`], [`labels`], [`pipeline`]: decode, resize/crop/normalise,
+//!   infer, top-5.
+//! - [`server`]: the serving core (one receive loop over any transport, queue, workers,
+//!   accounting, monitor, orderly stop).
+//! - [`transport`]: how request/response bytes move (ZeroMQ, RDMA), each implementing the
+//!   contracts.
+//! - [`client`], [`balancer`], [`proxy`], [`stats`]: the closed-loop client, routing over
+//!   several backends, forwarding to an RDMA backend, latency tables.
 
 pub mod backend;
 pub mod balancer;
 pub mod client;
 pub mod clock;
+pub mod contract;
 pub mod engine;
 pub mod labels;
 pub mod logging;

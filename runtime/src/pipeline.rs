@@ -3,13 +3,13 @@
 //! once in [`Pipeline::new`] and reused.
 
 use crate::clock::realtime_ns;
+use crate::contract::{Queued, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
 use crate::preprocess::{Preprocessor, TENSOR_LEN};
 use crate::protocol::{
     encode_error, ErrorCode, Header, MessageKind, ProtocolError, ReplyBuffer, ResponseBody,
     ServerTimestamps, Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
 };
-use crate::transport::ServerJob;
 
 /// What happened to a request; the reply is in the caller's buffer either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ impl Pipeline {
     /// that fails (bad JPEG) is rejected alone; the others still run.
     pub fn handle_batch<J: ServerJob>(
         &mut self,
-        jobs: &[J],
+        jobs: &[Queued<J>],
         outs: &mut [Vec<u8>],
         outcomes: &mut [Outcome],
     ) {
@@ -85,10 +85,7 @@ impl Pipeline {
             let (msg, received) = (job.message(), job.received_ns());
             self.batch_errors[i].clear();
             let slot = self.pending.len();
-            let staged = match (
-                batchable_header(msg, self.max_payload),
-                self.engine.device_images(),
-            ) {
+            let staged = match (batchable(job), self.engine.device_images()) {
                 (Some(header), Some(device)) if slot < device.max_batch() => {
                     let mut ts = ServerTimestamps {
                         received,
@@ -122,7 +119,7 @@ impl Pipeline {
                     );
                 }
                 None => {
-                    outcomes[i] = self.handle(msg, received, &mut outs[i]);
+                    outcomes[i] = self.handle(job, &mut outs[i]);
                     self.batch_errors[i].push_str(&self.last_error);
                 }
             }
@@ -169,10 +166,18 @@ impl Pipeline {
         &self.last_error
     }
 
-    /// Handles one whole request message received at `received_ns`; the reply message
-    /// (header + body) is written into `out`.
-    pub fn handle(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
-        let started = realtime_ns();
+    /// Handles one request the serving core queued; the reply message (header + body) is
+    /// written into `out`. Its header was validated once, in the receive loop; a job queued
+    /// without one (forwarded untouched) is validated here.
+    pub fn handle<J: ServerJob>(&mut self, job: &Queued<J>, out: &mut Vec<u8>) -> Outcome {
+        match job.header {
+            Some(header) => self.handle_valid(&header, job.message(), job.received_ns(), out),
+            None => self.handle_message(job.message(), job.received_ns(), out),
+        }
+    }
+
+    /// Handles one whole, not yet validated request message received at `received_ns`.
+    pub fn handle_message(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
         let header = match answer_without_engine(
             msg,
             received_ns,
@@ -183,7 +188,21 @@ impl Pipeline {
             Triage::Answered(outcome) => return outcome,
             Triage::NeedsWorker(header) => header,
         };
-        // Validated by answer_without_engine: exactly payload_len bytes follow the header.
+        self.handle_valid(&header, msg, received_ns, out)
+    }
+
+    /// Runs the task of a request whose `header` was validated against `msg` (exactly
+    /// `payload_len` bytes follow it).
+    fn handle_valid(
+        &mut self,
+        header: &Header,
+        msg: &[u8],
+        received_ns: u64,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        self.last_error.clear();
+        let header = *header;
+        let started = realtime_ns();
         let payload = &msg[HEADER_LEN..];
         let mut ts = ServerTimestamps {
             received: received_ns,
@@ -248,12 +267,10 @@ impl Pipeline {
     }
 }
 
-/// The header of a well-formed JPEG inference request for model 0 (what a batch takes);
-/// anything else, malformed included, goes through [`Pipeline::handle`] and its triage.
-fn batchable_header(msg: &[u8], max_payload: usize) -> Option<Header> {
-    let (header, _) = Header::decode(msg, max_payload).ok()?;
-    (header.kind == MessageKind::Request && header.model_id == 0 && header.task == Task::Infer)
-        .then_some(header)
+/// The validated header of a JPEG inference request (what a batch takes); anything else
+/// goes through [`Pipeline::handle`].
+fn batchable<J>(job: &Queued<J>) -> Option<Header> {
+    job.header.filter(|h| h.task == Task::Infer)
 }
 
 /// A stage's failure: the error code for the sender and the text for both.
@@ -350,7 +367,7 @@ pub enum Triage {
 /// receive loop answers errors and echoes itself (no queue hop, as eRPC's dispatch thread
 /// does for small requests) and queues only what needs a worker. `error_text` receives the
 /// reason of a rejection, for the log.
-pub fn answer_without_engine<B: ReplyBuffer>(
+pub fn answer_without_engine<B: ReplyBuffer + ?Sized>(
     msg: &[u8],
     received_ns: u64,
     max_payload: usize,
@@ -417,7 +434,7 @@ fn payload_if_echo<'a>(header: &Header, payload: &'a [u8]) -> &'a [u8] {
     }
 }
 
-fn reject<B: ReplyBuffer>(
+fn reject<B: ReplyBuffer + ?Sized>(
     header: &Header,
     code: ErrorCode,
     text: &str,
@@ -438,7 +455,7 @@ fn reject<B: ReplyBuffer>(
 }
 
 /// Writes header + body (+ echoed bytes) into `out`, stamping `replied` last.
-fn write_response<B: ReplyBuffer>(
+fn write_response<B: ReplyBuffer + ?Sized>(
     header: &Header,
     body: &mut ResponseBody,
     echo: &[u8],

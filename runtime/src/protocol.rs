@@ -379,6 +379,15 @@ impl ResponseBody {
     pub const REPLIED_OFFSET: usize = 40;
 }
 
+/// (client_id, request_id, task) of an encoded message, for logs; zeros if it is too short.
+pub fn ids_of(msg: &[u8]) -> (u32, u64, u8) {
+    if msg.len() < HEADER_LEN {
+        return (0, 0, 0);
+    }
+    let (c, r) = Header::salvage_ids(msg);
+    (c, r, msg[7])
+}
+
 /// Encodes an error message (header + code + text) into `out`; returns its length.
 pub fn encode_error<B: ReplyBuffer + ?Sized>(
     out: &mut B,

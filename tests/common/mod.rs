@@ -346,7 +346,7 @@ pub fn zmq_connect(port: u16) -> hacserve_runtime::transport::zmq::ZmqClient {
         "127.0.0.1",
         port,
         Duration::from_secs(60),
-        hacserve_runtime::server::PollMode::Block,
+        hacserve_runtime::contract::PollMode::Block,
         64 << 20,
     )
     .unwrap()
@@ -357,7 +357,7 @@ pub fn round_trip(
     c: &mut hacserve_runtime::transport::zmq::ZmqClient,
     msg: &[u8],
 ) -> (hacserve_runtime::protocol::Header, Vec<u8>) {
-    use hacserve_runtime::transport::ClientTransport;
+    use hacserve_runtime::contract::ClientTransport;
     c.send(msg).unwrap();
     let buf = c.recv().unwrap();
     let (h, body) = hacserve_runtime::protocol::Header::decode(buf, 64 << 20).unwrap();

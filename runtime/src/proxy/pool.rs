@@ -1,4 +1,4 @@
-//! Forwarding to an rdma_server over several RDMA connections (zmq_proxy, rdma_proxy).
+//! N pipelined RDMA connections to one backend rdma_server.
 //!
 //! [`RdmaPool`] owns N [`RdmaClient`]s, each with its own ring. A request goes to the live
 //! connection with the fewest requests outstanding that has a free slot (up to its ring depth
@@ -14,10 +14,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::balancer::pick_least_outstanding;
+use crate::contract::{ClientTransport, PollMode, Queued, ServerJob, TransportError};
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
-use crate::server::PollMode;
-use crate::transport::rdma::{RdmaClient, RdmaClientConfig, RdmaJob};
-use crate::transport::{ClientTransport, ServerJob, TransportError};
+use crate::transport::rdma::{RdmaClient, RdmaClientConfig};
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -36,9 +35,9 @@ pub trait ProxyRequest {
     fn message(&self) -> &[u8];
 }
 
-impl ProxyRequest for RdmaJob {
+impl<J: ServerJob> ProxyRequest for Queued<J> {
     fn message(&self) -> &[u8] {
-        ServerJob::message(self)
+        self.job.message()
     }
 }
 

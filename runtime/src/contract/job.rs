@@ -1,0 +1,47 @@
+//! A request on the server side: the bytes a transport received ([`ServerJob`]), the same
+//! with its header validated once by the serving core ([`Queued`]), and the way a worker's
+//! reply goes back ([`ReplySink`]).
+
+use crate::protocol::Header;
+
+use super::TransportError;
+
+/// A received request: the message bytes plus whatever the transport needs to route the
+/// reply (a ZeroMQ envelope, an RDMA connection and slot).
+pub trait ServerJob: Send + 'static {
+    fn message(&self) -> &[u8];
+    /// CLOCK_REALTIME ns when the transport had the whole message.
+    fn received_ns(&self) -> u64;
+    /// The largest payload this request's connection can carry, when the transport bounds
+    /// it below the server's limit (RDMA: its slot); None = the server's limit.
+    fn payload_limit(&self) -> Option<usize> {
+        None
+    }
+    /// A message the transport announced longer than it can hold: why, for the
+    /// `PayloadTooLarge` reply. `message` then has only the bytes that fit (enough for the
+    /// ids). Only called on that rare path, so it may allocate.
+    fn oversize(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A job the serving core accepted for a worker, with the header it decoded and validated
+/// (None only where the core forwards requests untouched, as a proxy does).
+pub struct Queued<J> {
+    pub job: J,
+    pub header: Option<Header>,
+}
+
+impl<J: ServerJob> Queued<J> {
+    pub fn message(&self) -> &[u8] {
+        self.job.message()
+    }
+    pub fn received_ns(&self) -> u64 {
+        self.job.received_ns()
+    }
+}
+
+/// Sends a worker's reply for a job; one per worker thread, so no locking.
+pub trait ReplySink<J> {
+    fn reply(&mut self, job: J, reply: &[u8]) -> Result<(), TransportError>;
+}

@@ -1,0 +1,17 @@
+//! The contracts at the bottom of the runtime, below everything that uses them: what a
+//! received request is ([`ServerJob`], and [`Queued`] once the serving core has validated
+//! its header), how a reply goes back ([`ReplySink`]), what a transport offers the serving
+//! core ([`ServerTransport`]) and a client ([`ClientTransport`]), the counters every
+//! thread of a server updates, and the poll modes with their one backoff rule.
+//!
+//! Nothing in here imports another runtime module except the wire format (`protocol`).
+
+pub mod counters;
+pub mod job;
+pub mod poll;
+pub mod transport;
+
+pub use counters::Counters;
+pub use job::{Queued, ReplySink, ServerJob};
+pub use poll::{Backoff, PollMode, ServerPollMode};
+pub use transport::{ClientTransport, InLoop, ServerTransport, TransportError};

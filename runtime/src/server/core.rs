@@ -1,0 +1,180 @@
+//! The serving core: the one receive loop every server role runs over its transport. It
+//! owns what happens to a request between the transport and the workers: counting it,
+//! validating its header once, answering what needs no engine (errors, echo, sink) in the
+//! loop, queueing the rest with the decoded header, answering `Overloaded` when the queue is
+//! full, and accounting every answer it gives itself. The transport only moves bytes.
+
+use std::sync::atomic::Ordering;
+
+use hacserve_ffi::signal;
+
+use super::account::{overloaded_reply, Ledger, ServerRecord, WorkerProbe};
+use super::options::{LoopPolicy, ServerOptions};
+use super::queue::WorkQueue;
+use crate::contract::{Backoff, InLoop, Queued, ServerJob, ServerTransport, TransportError};
+use crate::pipeline::{answer_without_engine, Outcome, Triage};
+use crate::protocol::{encode_error, ErrorCode, Header, Task, FLAG_PRIORITY, HEADER_LEN};
+
+/// Receives requests over `transport` until a stop is requested (or the transport has
+/// finished), handing what needs a worker to `queue`. Returns the records of the requests it
+/// answered itself (worker id `u32::MAX`). The workers and the transport's shutdown are the
+/// caller's (see `ServerThreads::serve`).
+pub fn receive_loop<T: ServerTransport>(
+    transport: &mut T,
+    queue: &WorkQueue<Queued<T::Job>>,
+    opts: &ServerOptions,
+    probe: &WorkerProbe,
+) -> Result<Vec<ServerRecord>, TransportError> {
+    let mut core = ServingCore::new(queue, opts, probe);
+    let (spins, wait) = transport.idle_wait();
+    let mut idle = Backoff::new(opts.poll_mode, spins, wait);
+    let mut progress = true;
+    while !signal::stop_requested() && !transport.finished() {
+        let wait = idle.round(progress);
+        let mut events = transport.poll(wait, &queue.counters)?;
+        while let Some(job) = transport.next_request(&queue.counters)? {
+            events += 1;
+            core.on_request(transport, job);
+        }
+        progress = events > 0;
+        if !progress && wait.is_zero() {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(core.ledger.log)
+}
+
+/// The receive loop's per-request state, allocated once.
+struct ServingCore<'a, J> {
+    queue: &'a WorkQueue<Queued<J>>,
+    opts: &'a ServerOptions,
+    ledger: Ledger<'a>,
+    error_text: String,
+    overload: Vec<u8>,
+}
+
+impl<'a, J: ServerJob> ServingCore<'a, J> {
+    fn new(
+        queue: &'a WorkQueue<Queued<J>>,
+        opts: &'a ServerOptions,
+        probe: &'a WorkerProbe,
+    ) -> Self {
+        ServingCore {
+            queue,
+            opts,
+            ledger: Ledger::new(
+                &queue.counters,
+                probe,
+                u32::MAX,
+                "receive loop".into(),
+                opts.log_folder.is_some().then_some(opts.log_capacity),
+                opts.debug,
+            ),
+            error_text: String::with_capacity(256),
+            overload: Vec::with_capacity(HEADER_LEN + 256),
+        }
+    }
+
+    /// One whole request: answered here, queued, or answered `Overloaded`. Never lost.
+    fn on_request<T: ServerTransport<Job = J>>(&mut self, transport: &mut T, job: J) {
+        self.queue.counters.received.fetch_add(1, Ordering::Relaxed);
+        let received = job.received_ns();
+        let error_text = &mut self.error_text;
+        if let Some(why) = job.oversize() {
+            // The bytes beyond the limit were never read: reject on the ids alone.
+            error_text.clear();
+            error_text.push_str(&why);
+            let text = &*error_text;
+            let answered = transport.answer(job, |msg, out| {
+                let (client, request) = Header::salvage_ids(msg);
+                let code = ErrorCode::PayloadTooLarge;
+                encode_error(out, client, request, Task::Echo, code, text);
+                Some(Outcome::Rejected(code))
+            });
+            self.account(answered, received);
+            return;
+        }
+        let max_payload = job
+            .payload_limit()
+            .map_or(self.opts.max_payload, |l| l.min(self.opts.max_payload));
+        let (job, header) = match self.opts.policy {
+            LoopPolicy::ForwardAll => (job, None),
+            LoopPolicy::AnswerWithoutEngine => {
+                let mut header = None;
+                let answered = transport.answer(job, |msg, out| {
+                    match answer_without_engine(msg, received, max_payload, out, error_text) {
+                        Triage::Answered(outcome) => Some(outcome),
+                        Triage::NeedsWorker(h) => {
+                            header = Some(h);
+                            None
+                        }
+                    }
+                });
+                match answered {
+                    InLoop::Kept(job) => (job, header),
+                    sent => {
+                        self.account(sent, received);
+                        return;
+                    }
+                }
+            }
+        };
+        let priority = self.opts.priority_clients
+            && match &header {
+                Some(h) => h.flags & FLAG_PRIORITY != 0,
+                None => priority_bit(job.message()),
+            };
+        if let Err(rejected) = self.queue.push(Queued { job, header }, priority) {
+            self.queue
+                .counters
+                .overloaded
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!("queue full: answering Overloaded");
+            let overload = &mut self.overload;
+            let answered = transport.answer(rejected.job, |msg, out| {
+                overloaded_reply(msg, overload);
+                out.prepare(overload.len()).copy_from_slice(overload);
+                Some(())
+            });
+            match answered {
+                InLoop::Sent { sent: Ok(()), .. } => {}
+                InLoop::Sent {
+                    sent: Err(TransportError::PeerNotReading),
+                    ..
+                } => {
+                    self.queue
+                        .counters
+                        .dropped_replies
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                InLoop::Sent { sent: Err(e), .. } => {
+                    log::warn!("Overloaded reply could not be delivered: {e}");
+                    self.queue
+                        .counters
+                        .transport_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // The writer always answers.
+                InLoop::Kept(_) => {}
+            }
+        }
+    }
+
+    fn account(&mut self, answered: InLoop<Outcome, J>, received: u64) {
+        if let InLoop::Sent {
+            outcome,
+            head,
+            sent,
+        } = answered
+        {
+            self.ledger
+                .record(&head, received, outcome, &self.error_text, sent);
+        }
+    }
+}
+
+/// The priority flag of a message whose header was not decoded (forwarded untouched).
+fn priority_bit(msg: &[u8]) -> bool {
+    msg.len() >= HEADER_LEN
+        && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0
+}

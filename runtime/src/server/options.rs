@@ -1,0 +1,47 @@
+//! Configuration shared by every server role.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::contract::PollMode;
+
+/// What the receive loop does with a request before queueing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoopPolicy {
+    /// Validate the header, answer rejections, echoes and sinks at once (no queue hop, as
+    /// eRPC's dispatch thread does for small requests), queue only what needs an engine.
+    #[default]
+    AnswerWithoutEngine,
+    /// Queue every request untouched (a proxy: its backend answers everything, so the
+    /// proxy stays transparent).
+    ForwardAll,
+}
+
+/// Configuration shared by every server role.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub workers: usize,
+    /// Largest request payload accepted (bytes).
+    pub max_payload: usize,
+    /// How the receive loop waits.
+    pub poll_mode: PollMode,
+    /// How the workers wait: Block parks them until a job is pushed.
+    pub worker_poll_mode: PollMode,
+    /// Capacity of each of the two queues (normal and priority).
+    pub queue_depth: usize,
+    /// Whether requests flagged priority use the priority queue.
+    pub priority_clients: bool,
+    /// With priority clients: workers 0..n take the priority lane first and the others the
+    /// normal lane first (the GPU gives those n high-priority streams); 0 = every worker
+    /// takes the priority lane first.
+    pub priority_workers: usize,
+    pub monitor_interval: Duration,
+    /// Per-request log: Some(folder) writes `server_requests.csv` there at exit.
+    pub log_folder: Option<PathBuf>,
+    /// Records kept for the per-request log.
+    pub log_capacity: usize,
+    /// Pin the receive loop and the workers to cores.
+    pub pin_threads: bool,
+    pub debug: bool,
+    pub policy: LoopPolicy,
+}

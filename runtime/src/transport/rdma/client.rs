@@ -1,0 +1,402 @@
+//! The RDMA client transport: [`RdmaClient`] implements [`ClientTransport`] with a
+//! registered send ring and a response ring; `send` writes into the server's request slot,
+//! `recv` polls for the reply's completion and lends the response slot. Pipelining (up to
+//! the ring depth in flight) is offered to the proxies and benchmarks.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hacserve_ffi::rdma_conn::{CmEvent, CmId, EventChannel, QpSizes, RcEndpoint, Rdma};
+use hacserve_ffi::rdmacm::{
+    RDMA_CM_EVENT_ADDR_RESOLVED, RDMA_CM_EVENT_DEVICE_REMOVAL, RDMA_CM_EVENT_DISCONNECTED,
+    RDMA_CM_EVENT_ESTABLISHED, RDMA_CM_EVENT_REJECTED, RDMA_CM_EVENT_ROUTE_RESOLVED,
+};
+use hacserve_ffi::signal;
+use hacserve_ffi::verbs::{
+    ibv_wc, IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_WRITE, IBV_WC_RECV_RDMA_WITH_IMM,
+    IBV_WC_SUCCESS,
+};
+
+use super::wire::*;
+use super::{rdma_err, resolve, WR_SEND};
+use crate::contract::{ClientTransport, PollMode, TransportError};
+
+const SEND_BUF: usize = 0;
+const RESP_BUF: usize = 1;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct RdmaClientConfig {
+    pub client_id: u32,
+    /// Request slot size (bounds header + payload).
+    pub slot_size: u32,
+    /// Ring depth (requests in flight).
+    pub depth: u32,
+    pub timeout: Duration,
+    pub mode: PollMode,
+}
+
+/// Client end: one RC connection, a registered send ring and response ring.
+pub struct RdmaClient {
+    channel: Arc<EventChannel>,
+    ep: RcEndpoint,
+    cfg: RdmaClientConfig,
+    accept: AcceptReply,
+    resp_slot_size: usize,
+    next_slot: u32,
+    in_flight: Vec<bool>,
+    wc: [ibv_wc; 1],
+}
+
+fn wait_event(
+    channel: &Arc<EventChannel>,
+    want: u32,
+    deadline: Instant,
+    what: &str,
+) -> Result<CmEvent, TransportError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(rdma_err(format!("timed out waiting for {what}")));
+        }
+        if signal::stop_requested() {
+            return Err(TransportError::Stopped);
+        }
+        let Some(ev) = channel.next(left.as_millis().min(200) as i32)? else {
+            continue;
+        };
+        if ev.kind == want {
+            return Ok(ev);
+        }
+        if ev.kind == RDMA_CM_EVENT_REJECTED {
+            return Err(match decode_reject(&ev.private_data) {
+                Some(reason) => rdma_err(format!("the server refused the connection: {reason}")),
+                None => rdma_err(format!(
+                    "connection rejected (status {}) while waiting for {what}: is rdma_server listening there?",
+                    ev.status
+                )),
+            });
+        }
+        return Err(rdma_err(format!(
+            "{} (status {}) while waiting for {what}",
+            ev.name, ev.status
+        )));
+    }
+}
+
+impl RdmaClient {
+    /// Loads the RDMA libraries, resolves `host:port` and connects with rdma_cm.
+    pub fn connect(host: &str, port: u16, cfg: RdmaClientConfig) -> Result<Self, TransportError> {
+        let rdma = Rdma::load()?;
+        if cfg.depth == 0 || cfg.depth > MAX_DEPTH {
+            return Err(rdma_err(format!("ring depth must be 1..={MAX_DEPTH}")));
+        }
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&cfg.slot_size) {
+            return Err(rdma_err(format!(
+                "slot size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes"
+            )));
+        }
+        let addr = resolve(host, port)?;
+        let deadline = Instant::now() + cfg.timeout;
+        let channel = EventChannel::new(rdma)?;
+        let id = CmId::new(rdma, &channel)?;
+        id.resolve_addr(&addr, 2000)?;
+        wait_event(
+            &channel,
+            RDMA_CM_EVENT_ADDR_RESOLVED,
+            deadline,
+            "address resolution",
+        )?;
+        id.resolve_route(2000)?;
+        wait_event(
+            &channel,
+            RDMA_CM_EVENT_ROUTE_RESOLVED,
+            deadline,
+            "route resolution",
+        )?;
+        let depth = cfg.depth;
+        let sizes = QpSizes {
+            cq_entries: 2 * depth + 8,
+            max_send_wr: depth + 2,
+            max_recv_wr: depth,
+        };
+        let mut ep = RcEndpoint::create(rdma, id, sizes)?;
+        let resp_slot_size = response_slot_size(cfg.slot_size) as usize;
+        ep.register(
+            depth as usize * cfg.slot_size as usize,
+            IBV_ACCESS_LOCAL_WRITE,
+        )?;
+        ep.register(
+            depth as usize * resp_slot_size,
+            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE,
+        )?;
+        for i in 0..depth {
+            ep.post_recv_empty(i as u64)?;
+        }
+        let req = ConnectRequest {
+            client_id: cfg.client_id,
+            slot_size: cfg.slot_size,
+            depth,
+            resp_slot_size: resp_slot_size as u32,
+            resp_addr: ep.buf(RESP_BUF).addr(),
+            resp_rkey: ep.buf(RESP_BUF).rkey(),
+        };
+        ep.connect(&req.encode())?;
+        let ev = wait_event(
+            &channel,
+            RDMA_CM_EVENT_ESTABLISHED,
+            deadline,
+            "the server to accept",
+        )?;
+        let accept = AcceptReply::decode(&ev.private_data)
+            .map_err(|e| TransportError::Malformed(format!("server's accept data: {e}")))?;
+        if accept.depth != depth || accept.slot_size != cfg.slot_size {
+            return Err(TransportError::Malformed(format!(
+                "server granted {} x {} B, {} x {} B asked",
+                accept.depth, accept.slot_size, depth, cfg.slot_size
+            )));
+        }
+        Ok(RdmaClient {
+            channel,
+            ep,
+            in_flight: vec![false; depth as usize],
+            cfg,
+            accept,
+            resp_slot_size,
+            next_slot: 0,
+            wc: [ibv_wc::default()],
+        })
+    }
+
+    /// The slot the next request goes into.
+    pub fn next_slot(&self) -> u32 {
+        self.next_slot
+    }
+
+    /// The server's payload limit for this connection.
+    pub fn max_payload(&self) -> usize {
+        self.accept.max_payload as usize
+    }
+
+    /// Sends `msg` into the next slot with an arbitrary immediate (tests of the server's
+    /// validation: a slot outside the ring, a length beyond the slot).
+    pub fn send_with_imm(&mut self, msg: &[u8], imm: u32) -> Result<u32, TransportError> {
+        let size = self.cfg.slot_size as usize;
+        if msg.len() > size {
+            return Err(rdma_err(format!(
+                "request of {} bytes does not fit the {size}-byte slot (--slot-size)",
+                msg.len()
+            )));
+        }
+        self.next_send_slot()?[..msg.len()].copy_from_slice(msg);
+        self.post_next(msg.len(), imm)
+    }
+
+    /// The next slot's registered send buffer (the whole slot), to build a request in place
+    /// and send it with [`Self::send_prepared`] without copying it; fails without a credit.
+    /// The slot keeps its bytes between uses: a caller sending similar requests may rewrite
+    /// only what changes (e.g. the header).
+    pub fn next_send_slot(&mut self) -> Result<&mut [u8], TransportError> {
+        let slot = self.next_slot;
+        if self.in_flight[slot as usize] {
+            return Err(rdma_err(format!(
+                "no credit: all {} slots have a request in flight",
+                self.cfg.depth
+            )));
+        }
+        let size = self.cfg.slot_size as usize;
+        // SAFETY: this send slot's previous write was delivered (its reply came back before
+        // the slot's credit returned), so the NIC no longer reads it; the returned borrow of
+        // &mut self excludes other writers and any post until it ends.
+        unsafe { self.ep.buf(SEND_BUF).slice_mut(slot as usize * size, size) }
+            .ok_or_else(|| rdma_err("send slot out of range"))
+    }
+
+    /// Sends the first `len` bytes of the next slot, written there through
+    /// [`Self::next_send_slot`]; returns the slot.
+    pub fn send_prepared(&mut self, len: usize) -> Result<u32, TransportError> {
+        if len > self.cfg.slot_size as usize {
+            return Err(rdma_err(format!(
+                "request of {len} bytes does not fit the {}-byte slot (--slot-size)",
+                self.cfg.slot_size
+            )));
+        }
+        let imm = encode_imm(self.next_slot, len as u32)
+            .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
+        self.post_next(len, imm)
+    }
+
+    /// Writes the first `len` bytes of the next slot (credit checked here) to the server.
+    fn post_next(&mut self, len: usize, imm: u32) -> Result<u32, TransportError> {
+        let slot = self.next_slot;
+        if self.in_flight[slot as usize] {
+            return Err(rdma_err(format!(
+                "no credit: all {} slots have a request in flight",
+                self.cfg.depth
+            )));
+        }
+        let off = slot as usize * self.cfg.slot_size as usize;
+        let remote = self.accept.req_addr + off as u64;
+        self.ep.post_write_imm(
+            WR_SEND | slot as u64,
+            SEND_BUF,
+            off,
+            len,
+            remote,
+            self.accept.req_rkey,
+            imm,
+        )?;
+        self.in_flight[slot as usize] = true;
+        self.next_slot = (slot + 1) % self.cfg.depth;
+        Ok(slot)
+    }
+
+    /// Fails once the server has closed the connection (a DISCONNECTED event is waiting).
+    fn check_disconnect(&mut self) -> Result<(), TransportError> {
+        while let Some(ev) = self.channel.next(0)? {
+            if ev.kind == RDMA_CM_EVENT_DISCONNECTED || ev.kind == RDMA_CM_EVENT_DEVICE_REMOVAL {
+                return Err(rdma_err(format!(
+                    "the server closed the connection ({})",
+                    ev.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the next slot is free, i.e. [`ClientTransport::send`] would not fail for lack
+    /// of credit (slots are used round-robin, so one slow reply holds the ring).
+    pub fn can_send(&self) -> bool {
+        !self.in_flight[self.next_slot as usize]
+    }
+
+    /// Requests sent whose reply has not arrived.
+    pub fn outstanding(&self) -> usize {
+        self.in_flight.iter().filter(|b| **b).count()
+    }
+
+    /// The ring depth (requests this connection may have in flight).
+    pub fn depth(&self) -> u32 {
+        self.cfg.depth
+    }
+
+    /// The request slot size (largest message `send` takes).
+    pub fn slot_size(&self) -> usize {
+        self.cfg.slot_size as usize
+    }
+
+    /// Non-blocking receive for pipelining callers (proxies): one poll of the completion
+    /// queue; the reply's slot and bytes if one arrived. Call [`Self::poll_disconnect`] now
+    /// and then to notice a server that went away while nothing is in flight.
+    pub fn try_recv(&mut self) -> Result<Option<(u32, &[u8])>, TransportError> {
+        let Some((slot, len)) = self.poll_reply()? else {
+            return Ok(None);
+        };
+        // SAFETY: as in `recv`: the slot's reply has arrived, no request for it is in flight,
+        // and none can be sent while the returned slice borrows self.
+        let bytes = unsafe {
+            self.ep
+                .buf(RESP_BUF)
+                .slice(slot as usize * self.resp_slot_size, len)
+        }
+        .ok_or_else(|| rdma_err("response slot out of range"))?;
+        Ok(Some((slot, bytes)))
+    }
+
+    /// Fails once the server has closed the connection.
+    pub fn poll_disconnect(&mut self) -> Result<(), TransportError> {
+        self.check_disconnect()
+    }
+
+    /// One poll: (slot, len) of a reply, or None when no reply completion was waiting.
+    fn poll_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
+        loop {
+            let n = self.ep.poll(&mut self.wc)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let wc = self.wc[0];
+            if wc.status != IBV_WC_SUCCESS {
+                return Err(rdma_err(format!(
+                    "work completion failed: {} (the server may have disconnected this client)",
+                    self.ep.wc_status_str(wc.status)
+                )));
+            }
+            if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
+                continue; // a request's send completion
+            }
+            self.ep.post_recv_empty(wc.wr_id)?;
+            let imm = wc
+                .imm()
+                .ok_or_else(|| TransportError::Malformed("reply without an immediate".into()))?;
+            let (slot, len) = decode_imm(imm);
+            let len = len as usize;
+            if slot >= self.cfg.depth || !self.in_flight[slot as usize] {
+                return Err(TransportError::Malformed(format!(
+                    "reply names slot {slot}, which has no request in flight"
+                )));
+            }
+            if len > self.resp_slot_size {
+                return Err(TransportError::ReplyTooLarge {
+                    got: len,
+                    max: self.resp_slot_size,
+                });
+            }
+            self.in_flight[slot as usize] = false;
+            return Ok(Some((slot, len)));
+        }
+    }
+
+    /// Waits for the next completion that carries a reply; returns (slot, len).
+    fn wait_reply(&mut self) -> Result<(u32, usize), TransportError> {
+        let start = Instant::now();
+        let mut idle = 0u32;
+        loop {
+            if let Some(r) = self.poll_reply()? {
+                return Ok(r);
+            }
+            if start.elapsed() > self.cfg.timeout {
+                return Err(TransportError::Timeout(self.cfg.timeout.as_millis() as u64));
+            }
+            if signal::stop_requested() {
+                return Err(TransportError::Stopped);
+            }
+            idle += 1;
+            if idle % 256 == 0 {
+                self.check_disconnect()?;
+            }
+            match self.cfg.mode {
+                PollMode::Busy => std::hint::spin_loop(),
+                PollMode::Block if idle > 64 => std::thread::sleep(Duration::from_micros(20)),
+                PollMode::Block => std::thread::yield_now(),
+            }
+        }
+    }
+}
+
+impl ClientTransport for RdmaClient {
+    fn send(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        let imm = encode_imm(self.next_slot, msg.len() as u32)
+            .ok_or_else(|| rdma_err(format!("request of {} bytes is too long", msg.len())))?;
+        self.send_with_imm(msg, imm).map(|_| ())
+    }
+
+    fn recv(&mut self) -> Result<&[u8], TransportError> {
+        let (slot, len) = self.wait_reply()?;
+        // SAFETY: the server writes a response slot only to answer a request sent into the
+        // same slot; none is in flight for this slot now, and none can be sent while the
+        // returned slice borrows self.
+        unsafe {
+            self.ep
+                .buf(RESP_BUF)
+                .slice(slot as usize * self.resp_slot_size, len)
+        }
+        .ok_or_else(|| rdma_err("response slot out of range"))
+    }
+}
+
+impl Drop for RdmaClient {
+    fn drop(&mut self) {
+        let _ = self.ep.disconnect();
+    }
+}

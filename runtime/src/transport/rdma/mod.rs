@@ -1,0 +1,59 @@
+//! RDMA transport (RC queue pairs set up with rdma_cm): per-client rings of registered
+//! memory, requests and replies moved with RDMA WRITE_WITH_IMM, flow control by credits.
+//! [`wire`]: the byte layouts both ends share (immediates, handshake private data);
+//! [`server`]: the listening side the serving core drives; [`client`]: one connection's
+//! client end. The full description with a diagram is docs/rdma.md.
+
+pub mod client;
+pub mod server;
+pub mod wire;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use hacserve_ffi::rdma_conn::RdmaError;
+
+use crate::contract::TransportError;
+use crate::protocol::ReplyBuffer;
+
+pub use client::{RdmaClient, RdmaClientConfig};
+pub use server::{Addressing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig};
+pub use wire::*;
+
+/// wr_id tags: receives and sends are told apart by the top bit.
+const WR_SEND: u64 = 1 << 63;
+
+fn rdma_err(text: impl Into<String>) -> TransportError {
+    TransportError::Rdma(RdmaError::Other(text.into()))
+}
+
+/// Resolves `host:port` to the first address (IPv4 preferred).
+pub fn resolve(host: &str, port: u16) -> Result<SocketAddr, TransportError> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| rdma_err(format!("cannot resolve {host}: {e}")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| rdma_err(format!("{host} has no address")))
+}
+
+/// Writes a reply straight into a staging slot (its size bounds every reply, see
+/// [`wire::response_slot_size`]).
+struct SlotWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl ReplyBuffer for SlotWriter<'_> {
+    fn prepare(&mut self, len: usize) -> &mut [u8] {
+        // Validated at the handshake and per request: a reply never exceeds the slot.
+        self.len = len.min(self.buf.len());
+        &mut self.buf[..self.len]
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}

@@ -1,0 +1,359 @@
+//! The byte layouts shared by both ends of the RDMA transport: immediates and the
+//! connection private data of the rdma_cm handshake (docs/rdma.md has the diagrams).
+
+use crate::protocol::RESPONSE_BODY_LEN;
+
+/// rdma_server's default port (the original system's).
+pub const DEFAULT_PORT: u16 = 20079;
+/// Version of the RDMA handshake (private data) and ring protocol.
+pub const RDMA_PROTOCOL_VERSION: u16 = 1;
+/// Immediate: slot index in the top 8 bits, message length in the low 24.
+pub const IMM_LEN_BITS: u32 = 24;
+pub const IMM_LEN_MASK: u32 = (1 << IMM_LEN_BITS) - 1;
+/// Largest ring depth (requests in flight per client): what 8 slot bits can name.
+pub const MAX_DEPTH: u32 = 1 << (32 - IMM_LEN_BITS);
+/// Largest request slot: 8 MiB, so that a response slot (slot + 96 bytes of response
+/// body) still fits the 24 length bits.
+pub const MAX_SLOT_SIZE: u32 = 8 << 20;
+/// Smallest slot: room for the header and any error message.
+pub const MIN_SLOT_SIZE: u32 = 256;
+/// Private data magics: connect request, accept, reject.
+pub const CONNECT_MAGIC: [u8; 4] = *b"HCRQ";
+pub const ACCEPT_MAGIC: [u8; 4] = *b"HCRA";
+pub const REJECT_MAGIC: [u8; 4] = *b"HCRJ";
+/// Bytes of the connect request (IB CM carries at most 56 with rdma_cm's header).
+pub const CONNECT_LEN: usize = 36;
+/// Bytes of the accept reply (at most 196).
+pub const ACCEPT_LEN: usize = 32;
+/// Longest reject reason text (reject private data is at most 148 bytes).
+pub const MAX_REJECT_TEXT: usize = 136;
+
+/// The response slot size a client must offer for request slots of `slot_size`: room
+/// for the largest reply, an echo of a full slot.
+pub fn response_slot_size(slot_size: u32) -> u32 {
+    slot_size + RESPONSE_BODY_LEN as u32
+}
+
+/// Packs (slot, length) into an immediate; `None` if either does not fit its bits.
+pub fn encode_imm(slot: u32, len: u32) -> Option<u32> {
+    (slot < MAX_DEPTH && len <= IMM_LEN_MASK).then_some((slot << IMM_LEN_BITS) | len)
+}
+
+/// Splits an immediate into (slot, length); the caller validates both against the ring.
+pub fn decode_imm(imm: u32) -> (u32, u32) {
+    (imm >> IMM_LEN_BITS, imm & IMM_LEN_MASK)
+}
+
+/// Why a handshake was refused or could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("private data of {got} bytes, at least {want} expected")]
+    Short { got: usize, want: usize },
+    #[error("bad magic {0:02x?}: not a hacserve RDMA peer")]
+    BadMagic([u8; 4]),
+    #[error("RDMA protocol version {0}, this build speaks {RDMA_PROTOCOL_VERSION}")]
+    BadVersion(u16),
+    #[error("ring depth {0} outside 1..={MAX_DEPTH}")]
+    BadDepth(u32),
+    #[error("slot size {0} outside {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE}")]
+    BadSlotSize(u32),
+    #[error("response slot of {got} bytes, at least {want} needed")]
+    BadResponseSlot { got: u32, want: u32 },
+    #[error(
+        "ring of {depth} x {slot_size} B exceeds the server's limits ({max_depth} x {max_slot} B)"
+    )]
+    TooLarge {
+        depth: u32,
+        slot_size: u32,
+        max_depth: u32,
+        max_slot: u32,
+    },
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn check_head(b: &[u8], magic: [u8; 4], want: usize) -> Result<(), HandshakeError> {
+    if b.len() < want {
+        return Err(HandshakeError::Short { got: b.len(), want });
+    }
+    let m = [b[0], b[1], b[2], b[3]];
+    if m != magic {
+        return Err(HandshakeError::BadMagic(m));
+    }
+    let v = u16_at(b, 4);
+    if v != RDMA_PROTOCOL_VERSION {
+        return Err(HandshakeError::BadVersion(v));
+    }
+    Ok(())
+}
+
+fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), HandshakeError> {
+    if depth == 0 || depth > MAX_DEPTH {
+        return Err(HandshakeError::BadDepth(depth));
+    }
+    if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&slot_size) {
+        return Err(HandshakeError::BadSlotSize(slot_size));
+    }
+    let want = response_slot_size(slot_size);
+    if resp_slot < want || resp_slot > super::wire::IMM_LEN_MASK {
+        return Err(HandshakeError::BadResponseSlot {
+            got: resp_slot,
+            want,
+        });
+    }
+    Ok(())
+}
+
+/// Client -> server, in `rdma_connect`'s private data (36 bytes, little-endian):
+///
+/// | off | size | field |
+/// |----:|----:|---|
+/// | 0 | 4 | magic `HCRQ` |
+/// | 4 | 2 | version (1) |
+/// | 6 | 2 | flags (0) |
+/// | 8 | 4 | client_id |
+/// | 12 | 4 | slot_size (request slot bytes) |
+/// | 16 | 4 | depth (slots = requests in flight) |
+/// | 20 | 4 | resp_slot_size |
+/// | 24 | 8 | resp_addr (client's response ring) |
+/// | 32 | 4 | resp_rkey |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub client_id: u32,
+    pub slot_size: u32,
+    pub depth: u32,
+    pub resp_slot_size: u32,
+    pub resp_addr: u64,
+    pub resp_rkey: u32,
+}
+
+impl ConnectRequest {
+    pub fn encode(&self) -> [u8; CONNECT_LEN] {
+        let mut b = [0u8; CONNECT_LEN];
+        b[0..4].copy_from_slice(&CONNECT_MAGIC);
+        b[4..6].copy_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.client_id.to_le_bytes());
+        b[12..16].copy_from_slice(&self.slot_size.to_le_bytes());
+        b[16..20].copy_from_slice(&self.depth.to_le_bytes());
+        b[20..24].copy_from_slice(&self.resp_slot_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.resp_addr.to_le_bytes());
+        b[32..36].copy_from_slice(&self.resp_rkey.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates; trailing bytes are ignored (IB CM pads private data).
+    pub fn decode(b: &[u8]) -> Result<Self, HandshakeError> {
+        check_head(b, CONNECT_MAGIC, CONNECT_LEN)?;
+        let r = ConnectRequest {
+            client_id: u32_at(b, 8),
+            slot_size: u32_at(b, 12),
+            depth: u32_at(b, 16),
+            resp_slot_size: u32_at(b, 20),
+            resp_addr: u64_at(b, 24),
+            resp_rkey: u32_at(b, 32),
+        };
+        check_ring(r.depth, r.slot_size, r.resp_slot_size)?;
+        Ok(r)
+    }
+}
+
+/// Server -> client, in `rdma_accept`'s private data (32 bytes, little-endian):
+///
+/// | off | size | field |
+/// |----:|----:|---|
+/// | 0 | 4 | magic `HCRA` |
+/// | 4 | 2 | version (1) |
+/// | 6 | 2 | flags (0) |
+/// | 8 | 4 | slot_size (granted; = requested) |
+/// | 12 | 4 | depth (granted; = requested) |
+/// | 16 | 8 | req_addr (this client's request ring) |
+/// | 24 | 4 | req_rkey |
+/// | 28 | 4 | max_payload (server's payload limit for this ring) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptReply {
+    pub slot_size: u32,
+    pub depth: u32,
+    pub req_addr: u64,
+    pub req_rkey: u32,
+    pub max_payload: u32,
+}
+
+impl AcceptReply {
+    pub fn encode(&self) -> [u8; ACCEPT_LEN] {
+        let mut b = [0u8; ACCEPT_LEN];
+        b[0..4].copy_from_slice(&ACCEPT_MAGIC);
+        b[4..6].copy_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.slot_size.to_le_bytes());
+        b[12..16].copy_from_slice(&self.depth.to_le_bytes());
+        b[16..24].copy_from_slice(&self.req_addr.to_le_bytes());
+        b[24..28].copy_from_slice(&self.req_rkey.to_le_bytes());
+        b[28..32].copy_from_slice(&self.max_payload.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, HandshakeError> {
+        check_head(b, ACCEPT_MAGIC, ACCEPT_LEN)?;
+        let r = AcceptReply {
+            slot_size: u32_at(b, 8),
+            depth: u32_at(b, 12),
+            req_addr: u64_at(b, 16),
+            req_rkey: u32_at(b, 24),
+            max_payload: u32_at(b, 28),
+        };
+        check_ring(r.depth, r.slot_size, response_slot_size(r.slot_size))?;
+        Ok(r)
+    }
+}
+
+/// Server -> client, in `rdma_reject`'s private data: magic `HCRJ`, version, a u16
+/// length, then that many bytes of UTF-8 reason.
+pub fn encode_reject(reason: &str) -> Vec<u8> {
+    let mut cut = reason.len().min(MAX_REJECT_TEXT);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut b = Vec::with_capacity(8 + cut);
+    b.extend_from_slice(&REJECT_MAGIC);
+    b.extend_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
+    b.extend_from_slice(&(cut as u16).to_le_bytes());
+    b.extend_from_slice(&reason.as_bytes()[..cut]);
+    b
+}
+
+/// The reason of a hacserve reject, if the private data is one.
+pub fn decode_reject(b: &[u8]) -> Option<String> {
+    if b.len() < 8 || b[0..4] != REJECT_MAGIC {
+        return None;
+    }
+    let n = (u16_at(b, 6) as usize).min(b.len() - 8);
+    Some(String::from_utf8_lossy(&b[8..8 + n]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immediate_packs_slot_high_and_length_low() {
+        assert_eq!(encode_imm(0, 0), Some(0));
+        assert_eq!(encode_imm(1, 5), Some(0x0100_0005));
+        assert_eq!(encode_imm(255, IMM_LEN_MASK), Some(u32::MAX));
+        assert_eq!(encode_imm(256, 1), None);
+        assert_eq!(encode_imm(0, 1 << 24), None);
+        assert_eq!(decode_imm(0x0300_1234), (3, 0x1234));
+        for (s, l) in [(0, 32), (7, 61_338), (255, 8 << 20)] {
+            assert_eq!(decode_imm(encode_imm(s, l).unwrap()), (s, l));
+        }
+        // Every response slot length fits the immediate.
+        assert!(response_slot_size(MAX_SLOT_SIZE) <= IMM_LEN_MASK);
+        assert_eq!(MAX_DEPTH, 256);
+    }
+
+    fn req() -> ConnectRequest {
+        ConnectRequest {
+            client_id: 7,
+            slot_size: 65536,
+            depth: 16,
+            resp_slot_size: response_slot_size(65536),
+            resp_addr: 0x1122_3344_5566_7788,
+            resp_rkey: 0xaabb_ccdd,
+        }
+    }
+
+    #[test]
+    fn connect_request_layout_and_validation() {
+        let b = req().encode();
+        assert_eq!(b.len(), CONNECT_LEN);
+        const { assert!(CONNECT_LEN <= 56, "IB CM REQ private data limit") };
+        assert_eq!(&b[0..4], b"HCRQ");
+        assert_eq!(&b[4..6], &[1, 0]);
+        assert_eq!(&b[8..12], &7u32.to_le_bytes());
+        assert_eq!(&b[12..16], &65536u32.to_le_bytes());
+        assert_eq!(&b[16..20], &16u32.to_le_bytes());
+        assert_eq!(&b[24..32], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&b[32..36], &0xaabb_ccddu32.to_le_bytes());
+        assert_eq!(ConnectRequest::decode(&b), Ok(req()));
+        // IB CM pads private data with zeros: trailing bytes are ignored.
+        let mut padded = b.to_vec();
+        padded.resize(56, 0);
+        assert_eq!(ConnectRequest::decode(&padded), Ok(req()));
+        assert_eq!(
+            ConnectRequest::decode(&b[..20]),
+            Err(HandshakeError::Short { got: 20, want: 36 })
+        );
+        let mut bad = b;
+        bad[0] = b'X';
+        assert!(matches!(
+            ConnectRequest::decode(&bad),
+            Err(HandshakeError::BadMagic(_))
+        ));
+        let mut bad = b;
+        bad[4] = 2;
+        assert_eq!(
+            ConnectRequest::decode(&bad),
+            Err(HandshakeError::BadVersion(2))
+        );
+        for (depth, slot, resp, want) in [
+            (0, 65536, response_slot_size(65536), "depth"),
+            (257, 65536, response_slot_size(65536), "depth"),
+            (4, 100, 1000, "slot"),
+            (4, MAX_SLOT_SIZE + 1, u32::MAX, "slot"),
+            (4, 65536, 65536, "resp"),
+        ] {
+            let r = ConnectRequest {
+                depth,
+                slot_size: slot,
+                resp_slot_size: resp,
+                ..req()
+            };
+            let e = ConnectRequest::decode(&r.encode()).unwrap_err();
+            let ok = match want {
+                "depth" => matches!(e, HandshakeError::BadDepth(_)),
+                "slot" => matches!(e, HandshakeError::BadSlotSize(_)),
+                _ => matches!(e, HandshakeError::BadResponseSlot { .. }),
+            };
+            assert!(ok, "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn accept_and_reject_layouts() {
+        let a = AcceptReply {
+            slot_size: 4096,
+            depth: 8,
+            req_addr: 0xdead_beef_0000,
+            req_rkey: 42,
+            max_payload: 4064,
+        };
+        let b = a.encode();
+        assert_eq!(b.len(), ACCEPT_LEN);
+        assert_eq!(&b[0..4], b"HCRA");
+        assert_eq!(&b[16..24], &0xdead_beef_0000u64.to_le_bytes());
+        assert_eq!(&b[24..28], &42u32.to_le_bytes());
+        assert_eq!(AcceptReply::decode(&b), Ok(a));
+        let mut padded = b.to_vec();
+        padded.resize(196, 0);
+        assert_eq!(AcceptReply::decode(&padded), Ok(a));
+        assert!(AcceptReply::decode(&req().encode()).is_err());
+
+        let r = encode_reject("ring too large");
+        assert_eq!(&r[0..4], b"HCRJ");
+        assert_eq!(decode_reject(&r).as_deref(), Some("ring too large"));
+        let long = "é".repeat(200);
+        let r = encode_reject(&long);
+        assert!(r.len() <= 148);
+        assert!(decode_reject(&r).unwrap().chars().all(|c| c == 'é'));
+        assert_eq!(decode_reject(b"nothing here"), None);
+        assert_eq!(decode_reject(&[]), None);
+    }
+}
