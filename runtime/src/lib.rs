@@ -7,7 +7,6 @@
 //! - [`server`], [`client`], [`balancer`], [`stats`]: serving loop, closed-loop client,
 //!   routing, latency tables.
 
-pub mod backend;
 pub mod balancer;
 pub mod client;
 pub mod clock;
@@ -23,6 +22,8 @@ pub mod server;
 pub mod stats;
 pub mod transport;
 
+/// Backend selection for the servers, under the name the binaries import it by.
+pub use engine::registry as backend;
 pub use hacserve_ffi::signal;
 /// The safe libzmq layer, for roles that speak plain ZeroMQ (benchmarks, tools).
 pub use hacserve_ffi::zmq as libzmq;
