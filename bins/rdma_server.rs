@@ -55,7 +55,8 @@ struct Args {
     /// (GPU backend; the CPU backend ignores it)
     #[argh(option, default = "0")]
     streams: u32,
-    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
+    /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
+    /// every registered backend with the options it reads
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
     /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32

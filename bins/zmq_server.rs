@@ -64,7 +64,8 @@ struct Args {
     /// is queued) or auto (busy with a core per thread, else hybrid with two cores)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
-    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
+    /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
+    /// every registered backend with the options it reads
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
     /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
