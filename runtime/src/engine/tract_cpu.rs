@@ -1,6 +1,12 @@
 //! CPU backend on tract-onnx: the model is parsed and optimised once ([`TractLoader`]), then each
 //! worker gets a [`TractSession`] with its own execution state and its own intra-op thread pool,
 //! so workers never share a lock or a pool.
+//!
+//! The shared front end ([`super::onnx`]) reads the file, names unsupported operators and
+//! fixes the input shape; tract then parses and optimises the graph itself. The backend's
+//! registry entry ([`BACKEND`], `--backend cpu`) is at the end of this file. Sessions keep
+//! the engine contract's default batch of 1: the pipeline's batching works through
+//! [`InferenceEngine::run_slots`], which here is one [`InferenceEngine::run`].
 
 use std::path::Path;
 use std::sync::Arc;
