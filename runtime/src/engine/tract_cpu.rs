@@ -35,7 +35,7 @@ pub struct NodeTime {
     pub node: String,
     /// tract op kind, e.g. "OptMatMul", "LazyIm2col".
     pub op: String,
-    /// For matrix products: "m:.. k:.. n:.. with [kernel]"; empty otherwise.
+    /// For matrix products: "m:.. k:.. n:.. with \[kernel\]"; empty otherwise.
     pub detail: String,
     /// Multiply-accumulates per run, from m*k*n (0 when not a matrix product).
     pub macs: u64,

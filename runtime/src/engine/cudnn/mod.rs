@@ -6,12 +6,12 @@
 //! * [`plan`] (no GPU): [`Plan::from_proto`] walks the ONNX nodes and produces [`Step`]s over
 //!   numbered activation tensors, with folded host weights; `plan_tests.rs` runs a plan on
 //!   the host against tract.
-//! * [`weights`]: the plan's parameters in the precision's layout (KRSC half for FP16),
+//! * `weights.rs`: the plan's parameters in the precision's layout (KRSC half for FP16),
 //!   uploaded once per GPU by [`CudnnLoader`] and shared by its sessions.
-//! * [`session`]: [`CudnnSession`], one worker's context (stream, cuDNN/cuBLAS handles,
+//! * `session.rs`: [`CudnnSession`], one worker's context (stream, cuDNN/cuBLAS handles,
 //!   activation buffers, workspace, CUDA graph, the dynamic-batch context), so a run
 //!   allocates nothing: copy in, one graph replay (or one launch per layer), copy logits out.
-//! * [`layers`]: the launches a session is made of, built from the plan's steps (descriptors,
+//! * `layers.rs`: the launches a session is made of, built from the plan's steps (descriptors,
 //!   algorithm choice, the cuDNN fall-back) and queued on the stream.
 //! * [`images`]: nvJPEG decode + the preprocessing kernel into the session's input, the
 //!   session's [`DeviceImages`].
