@@ -1,7 +1,9 @@
 //! The layers a session is made of: one launch per plan step (plus, under FP16, the input's
 //! conversion to f16 NHWC first), each holding its cuDNN/cuBLAS descriptors and chosen
 //! algorithm. [`layer_for`] builds one from a [`Step`]; the session queues them on its stream
-//! ([`CudnnSession::run_layer`]) eagerly or once, into the CUDA graph it replays.
+//! (`CudnnSession::run_layer`) eagerly or once, into the CUDA graph it replays. Layers know
+//! the plan and the weights' layout, not the session: what a launch reads comes in as
+//! [`Operands`].
 
 use std::sync::Arc;
 
@@ -12,7 +14,6 @@ use hacserve_ffi::gpu_ops::{
 
 use super::plan::{Plan, Step};
 use super::run_err;
-use super::session::CudnnSession;
 use super::weights::{padded_channels, DevBuf};
 use crate::engine::EngineError;
 
@@ -208,72 +209,72 @@ pub(super) fn layer_for(
     Ok(layer)
 }
 
-impl CudnnSession {
-    pub(super) fn conv_can_fall_back(&self, i: usize) -> bool {
-        matches!(&self.layers[i], Layer::Conv { op, .. }
-            if op.algorithm() != ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
-    }
+/// What a layer's launch reads besides its own descriptors: the session's activation
+/// buffers (the output's taken out, see [`Layer::launch`]), FP16 staging input, zero
+/// residual, and the shared weights.
+pub(super) struct Operands<'a> {
+    pub buffers: &'a [Option<DevBuf>],
+    pub staging: Option<&'a cu::CudaSlice<f32>>,
+    pub zeros: &'a DevBuf,
+    pub weights: &'a [DevBuf],
+}
 
-    /// (conv node name, cuDNN algorithm, activation, workspace bytes) per conv, for logs.
-    pub fn conv_algorithms(&self) -> Vec<(String, String, &'static str, usize)> {
-        self.layers
-            .iter()
-            .filter_map(|l| match l {
-                Layer::Conv { op, name, .. } => Some((
-                    name.clone(),
-                    format!("{:?}", op.algorithm()),
-                    if op.relu() { "relu" } else { "identity" },
-                    op.workspace_bytes(),
-                )),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Bytes of the shared conv workspace.
-    pub(super) fn layer_err(&self, i: usize, e: GpuOpsError) -> EngineError {
-        let what = match &self.layers[i] {
-            Layer::Conv { name, op, .. } => format!("conv {name} ({:?})", op.algorithm()),
-            Layer::Pool { .. } => "pooling".to_string(),
-            Layer::Gemm { .. } => "gemm".to_string(),
-            Layer::ToHalf { .. } => "input to f16 NHWC".to_string(),
-        };
-        EngineError::Run(format!("layer {i} {what}: {e}"))
-    }
-
-    pub(super) fn take(&mut self, t: usize) -> Result<DevBuf, GpuOpsError> {
-        self.buffers
-            .get_mut(t)
-            .and_then(Option::take)
-            .ok_or_else(|| GpuOpsError::Geometry(format!("tensor {t} missing")))
-    }
-
-    /// Queues layer `i`: its output buffer is taken out of `buffers` for the launch (so the
-    /// inputs can be borrowed at the same time) and put back after.
-    pub(super) fn run_layer(&mut self, i: usize) -> Result<(), GpuOpsError> {
-        let y = match &self.layers[i] {
+impl Layer {
+    /// The tensor this layer writes.
+    pub(super) fn output(&self) -> usize {
+        match self {
             Layer::Conv { y, .. }
             | Layer::Pool { y, .. }
             | Layer::Gemm { y, .. }
             | Layer::ToHalf { y, .. } => *y,
-        };
-        let mut out = self.take(y)?;
-        let result = self.launch_into(i, &mut out);
-        self.buffers[y] = Some(out);
-        result
+        }
     }
 
-    fn launch_into(&mut self, i: usize, out: &mut DevBuf) -> Result<(), GpuOpsError> {
-        let CudnnSession {
-            handles,
-            layers,
+    /// Names the layer in an error.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Layer::Conv { name, op, .. } => format!("conv {name} ({:?})", op.algorithm()),
+            Layer::Pool { .. } => "pooling".to_string(),
+            Layer::Gemm { .. } => "gemm".to_string(),
+            Layer::ToHalf { .. } => "input to f16 NHWC".to_string(),
+        }
+    }
+
+    /// A conv whose algorithm is not the always-supported IMPLICIT_PRECOMP_GEMM yet.
+    pub(super) fn can_fall_back(&self) -> bool {
+        matches!(self, Layer::Conv { op, .. }
+            if op.algorithm() != ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM)
+    }
+
+    /// (conv node name, cuDNN algorithm, activation, workspace bytes) of a conv, for logs.
+    pub(super) fn conv_info(&self) -> Option<(String, String, &'static str, usize)> {
+        match self {
+            Layer::Conv { op, name, .. } => Some((
+                name.clone(),
+                format!("{:?}", op.algorithm()),
+                if op.relu() { "relu" } else { "identity" },
+                op.workspace_bytes(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Queues layer `i` on the stream, writing `out` (taken out of the session's buffers by
+    /// the caller, so that the inputs can be borrowed at the same time).
+    pub(super) fn launch(
+        &mut self,
+        i: usize,
+        handles: &mut Handles,
+        operands: &Operands<'_>,
+        workspace: &mut cu::CudaSlice<u8>,
+        out: &mut DevBuf,
+    ) -> Result<(), GpuOpsError> {
+        let Operands {
             buffers,
             staging,
             zeros,
-            workspace,
             weights,
-            ..
-        } = self;
+        } = *operands;
         let missing = |what: &str, ix: usize| GpuOpsError::Geometry(format!("{what} {ix} missing"));
         let buf = |t: usize| {
             buffers
@@ -282,13 +283,11 @@ impl CudnnSession {
                 .ok_or_else(|| missing("tensor", t))
         };
         let param = |p: usize| weights.get(p).ok_or_else(|| missing("parameter", p));
-        match &mut layers[i] {
+        match self {
             Layer::ToHalf {
                 kernels, dims, cp, ..
             } => {
-                let src = staging
-                    .as_ref()
-                    .ok_or_else(|| missing("staging buffer", 0))?;
+                let src = staging.ok_or_else(|| missing("staging buffer", 0))?;
                 let DevBuf::F16(out) = out else {
                     return Err(missing("f16 input tensor", 0));
                 };
@@ -304,7 +303,7 @@ impl CudnnSession {
             } => {
                 let z = match z {
                     Some(t) => buf(*t)?,
-                    None => &*zeros,
+                    None => zeros,
                 };
                 match (op, out) {
                     (ConvOp::F32(op), DevBuf::F32(out)) => op.launch(

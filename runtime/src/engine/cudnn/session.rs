@@ -11,7 +11,7 @@ use hacserve_ffi::cuda::cu;
 use hacserve_ffi::gpu_ops::{f16, ConvMath, GpuOpsError, Graph, Handles};
 
 use super::images::GpuImages;
-use super::layers::{self, Layer};
+use super::layers::{self, Layer, Operands};
 use super::plan::Plan;
 use super::weights::{padded_channels, DevBuf};
 #[cfg(doc)]
@@ -245,6 +245,52 @@ impl CudnnSession {
             }
         }
         self.handles.synchronize().map_err(run_err)
+    }
+
+    fn conv_can_fall_back(&self, i: usize) -> bool {
+        self.layers[i].can_fall_back()
+    }
+
+    /// (conv node name, cuDNN algorithm, activation, workspace bytes) per conv, for logs.
+    pub fn conv_algorithms(&self) -> Vec<(String, String, &'static str, usize)> {
+        self.layers.iter().filter_map(Layer::conv_info).collect()
+    }
+
+    fn layer_err(&self, i: usize, e: GpuOpsError) -> EngineError {
+        EngineError::Run(format!("layer {i} {}: {e}", self.layers[i].describe()))
+    }
+
+    fn take(&mut self, t: usize) -> Result<DevBuf, GpuOpsError> {
+        self.buffers
+            .get_mut(t)
+            .and_then(Option::take)
+            .ok_or_else(|| GpuOpsError::Geometry(format!("tensor {t} missing")))
+    }
+
+    /// Queues layer `i`: its output buffer is taken out of `buffers` for the launch (so the
+    /// inputs can be borrowed at the same time) and put back after.
+    fn run_layer(&mut self, i: usize) -> Result<(), GpuOpsError> {
+        let y = self.layers[i].output();
+        let mut out = self.take(y)?;
+        let CudnnSession {
+            handles,
+            layers,
+            buffers,
+            staging,
+            zeros,
+            workspace,
+            weights,
+            ..
+        } = self;
+        let operands = Operands {
+            buffers,
+            staging: staging.as_ref(),
+            zeros,
+            weights,
+        };
+        let result = layers[i].launch(i, handles, &operands, workspace, &mut out);
+        self.buffers[y] = Some(out);
+        result
     }
 
     /// Bytes of the shared conv workspace.
