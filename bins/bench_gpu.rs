@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use argh::FromArgs;
-use hacserve_runtime::engine::cudnn_gpu::{self, CudnnLoader, CudnnOptions, Precision};
+use hacserve_runtime::engine::cudnn::{self, CudnnLoader, CudnnOptions, Precision};
 use hacserve_runtime::engine::InferenceEngine;
 use hacserve_runtime::stats::Summary;
 
@@ -405,7 +405,7 @@ fn main() -> Result<()> {
         args.iters > 0 && args.batch_iters > 0 && args.decode_iters > 0,
         "iteration counts must be at least 1"
     );
-    cudnn_gpu::available().map_err(|e| anyhow!("no usable GPU here: {e}"))?;
+    cudnn::available().map_err(|e| anyhow!("no usable GPU here: {e}"))?;
     let model = args.model_dir.join("resnet50.onnx");
     ensure!(
         model.is_file(),

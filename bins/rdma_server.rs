@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::contract::ServerPollMode;
+use hacserve_runtime::engine::registry::BackendChoice;
+use hacserve_runtime::engine::BackendArgs;
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
@@ -55,7 +56,8 @@ struct Args {
     /// (GPU backend; the CPU backend ignores it)
     #[argh(option, default = "0")]
     streams: u32,
-    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
+    /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
+    /// every registered backend with the options it reads
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
     /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
@@ -114,7 +116,7 @@ fn main() -> Result<()> {
     if args.ring_depth == 0 || args.ring_depth > MAX_DEPTH {
         bail!("--ring-depth must be 1..={MAX_DEPTH}");
     }
-    let backend = BackendChoice::parse(&BackendArgs {
+    let backend = match BackendChoice::parse(&BackendArgs {
         backend: &args.backend,
         precision: &args.precision,
         gpus: &args.gpus,
@@ -123,7 +125,14 @@ fn main() -> Result<()> {
         workers: args.workers,
         streams: args.streams,
         max_batch: args.max_batch,
-    })?;
+    }) {
+        // `--backend help`: the registry's list, not an error.
+        Err(e) if e.is_help() => {
+            println!("{e}");
+            return Ok(());
+        }
+        chosen => chosen?,
+    };
     let workers = backend.workers;
     let addressing = match (args.addressing, backend.gpus().first()) {
         (0, _) => Addressing::Host,

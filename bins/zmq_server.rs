@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::backend::{BackendArgs, BackendChoice};
 use hacserve_runtime::contract::ServerPollMode;
+use hacserve_runtime::engine::registry::BackendChoice;
+use hacserve_runtime::engine::BackendArgs;
 use hacserve_runtime::labels::Labels;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::pipeline::Pipeline;
@@ -69,7 +70,8 @@ struct Args {
     /// is queued) or auto (busy with a core per thread, else hybrid with two cores)
     #[argh(option, default = "String::from(\"auto\")")]
     poll_mode: String,
-    /// inference backend: cpu (tract) or gpu (cuDNN/cuBLAS, CUDA graph)
+    /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
+    /// every registered backend with the options it reads
     #[argh(option, default = "String::from(\"cpu\")")]
     backend: String,
     /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
@@ -98,7 +100,7 @@ fn main() -> Result<()> {
     let args: Args = argh::from_env();
     logging::init(args.debug);
     signal::install_stop_handler();
-    let backend = BackendChoice::parse(&BackendArgs {
+    let backend = match BackendChoice::parse(&BackendArgs {
         backend: &args.backend,
         precision: &args.precision,
         gpus: &args.gpus,
@@ -107,7 +109,14 @@ fn main() -> Result<()> {
         workers: args.workers,
         streams: args.streams,
         max_batch: args.max_batch,
-    })?;
+    }) {
+        // `--backend help`: the registry's list, not an error.
+        Err(e) if e.is_help() => {
+            println!("{e}");
+            return Ok(());
+        }
+        chosen => chosen?,
+    };
     let workers = backend.workers;
     let mode = ServerPollMode::parse(&args.poll_mode, workers).map_err(anyhow::Error::msg)?;
     let priority_clients = args.priority_clients != 0;

@@ -6,12 +6,12 @@
 mod common;
 
 use common::*;
-use hacserve_runtime::engine::cudnn_gpu;
+use hacserve_runtime::engine::cudnn;
 use hacserve_runtime::protocol::*;
 use hacserve_runtime::transport::zmq::ZmqClient;
 
 fn gpu_or_skip() -> bool {
-    if let Err(e) = cudnn_gpu::available() {
+    if let Err(e) = cudnn::available() {
         eprintln!("SKIPPED GPU server test: {e}");
         return false;
     }

@@ -14,7 +14,6 @@
 //! - [`client`], [`balancer`], [`proxy`], [`stats`]: the closed-loop client, routing over
 //!   several backends, forwarding to an RDMA backend, latency tables.
 
-pub mod backend;
 pub mod balancer;
 pub mod client;
 pub mod clock;

@@ -25,8 +25,8 @@ pub struct Pipeline {
     max_payload: usize,
     /// Log text of the last rejection (for the server's log line), reused.
     last_error: String,
-    /// Dynamic batching (engines whose [`DeviceImages::max_batch`] > 1): the requests staged
-    /// into the batch, their logits, and each request's rejection text.
+    /// Dynamic batching (engines whose [`InferenceEngine::max_batch`] > 1): the requests
+    /// staged into the batch, their logits, and each request's rejection text.
     pending: Vec<Staged>,
     batch_logits: Vec<f32>,
     batch_errors: Vec<String>,
@@ -42,9 +42,9 @@ struct Staged {
 pub use crate::preprocess::MAX_IMAGE_PIXELS;
 
 impl Pipeline {
-    pub fn new(mut engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
+    pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
         let classes = engine.num_classes();
-        let batch = engine.device_images().map_or(1, |d| d.max_batch());
+        let batch = engine.max_batch().max(1);
         Pipeline {
             pre: Preprocessor::new(MAX_IMAGE_PIXELS),
             engine,
@@ -69,10 +69,11 @@ impl Pipeline {
 
     /// Handles requests that were ready together (at most [`Self::batch_capacity`]): JPEG
     /// inferences are decoded and preprocessed one by one into the slots of the engine's
-    /// batch input and run as one batch; anything else (and everything on engines without
-    /// dynamic batching) goes through [`Self::handle`]. Reply `i` lands in `outs[i]`, its
-    /// outcome in `outcomes[i]`, a rejection's text in [`Self::batch_error`]`(i)`. A request
-    /// that fails (bad JPEG) is rejected alone; the others still run.
+    /// batch input (on the engine's device where it decodes there, else on the CPU) and run
+    /// as one batch; anything else goes through [`Self::handle`]. Reply `i` lands in
+    /// `outs[i]`, its outcome in `outcomes[i]`, a rejection's text in
+    /// [`Self::batch_error`]`(i)`. A request that fails (bad JPEG) is rejected alone; the
+    /// others still run.
     pub fn handle_batch<J: ServerJob>(
         &mut self,
         jobs: &[Queued<J>],
@@ -81,24 +82,21 @@ impl Pipeline {
     ) {
         self.pending.clear();
         let classes = self.logits.len();
+        let slots = self.engine.max_batch();
         for (i, job) in jobs.iter().enumerate().take(self.batch_errors.len()) {
             let (msg, received) = (job.message(), job.received_ns());
             self.batch_errors[i].clear();
             let slot = self.pending.len();
-            let staged = match (batchable(job), self.engine.device_images()) {
-                (Some(header), Some(device)) if slot < device.max_batch() => {
+            let staged = match batchable(job) {
+                Some(header) if slot < slots => {
                     let mut ts = ServerTimestamps {
                         received,
                         started: realtime_ns(),
                         ..Default::default()
                     };
                     let payload = &msg[HEADER_LEN..];
-                    let staged = device
-                        .decode(payload)
-                        .map(|_| ts.decoded = realtime_ns())
-                        .and_then(|()| device.preprocess_slot(slot))
-                        .map(|()| ts.preprocessed = realtime_ns())
-                        .map_err(engine_error);
+                    let staged =
+                        stage_slot(&mut self.pre, self.engine.as_mut(), payload, slot, &mut ts);
                     Some((header, ts, staged))
                 }
                 _ => None,
@@ -129,10 +127,7 @@ impl Pipeline {
             return;
         }
         let logits = &mut self.batch_logits[..n * classes];
-        let ran = match self.engine.device_images() {
-            Some(device) => device.run_slots(n, logits),
-            None => Err(EngineError::Run("engine lost its device stages".into())),
-        };
+        let ran = self.engine.run_slots(n, logits);
         let inferred = realtime_ns();
         for (k, staged) in self.pending.iter_mut().enumerate() {
             let i = staged.index;
@@ -324,6 +319,31 @@ fn device_stages(
         device.run_preprocessed(logits).map_err(engine_error)?;
         ts.inferred = realtime_ns();
     }
+    Ok(())
+}
+
+/// Decode and preprocess of one JPEG into slot `slot` of the engine's batch input: on the
+/// engine's device where it decodes there, else on the CPU into the slot's host input.
+fn stage_slot(
+    pre: &mut Preprocessor,
+    engine: &mut dyn InferenceEngine,
+    jpeg: &[u8],
+    slot: usize,
+    ts: &mut ServerTimestamps,
+) -> Result<(), StageError> {
+    if let Some(device) = engine.device_images() {
+        device.decode(jpeg).map_err(engine_error)?;
+        ts.decoded = realtime_ns();
+        device.preprocess_slot(slot).map_err(engine_error)?;
+    } else {
+        pre.decode(jpeg)
+            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        ts.decoded = realtime_ns();
+        let input = engine.slot_input_mut(slot).map_err(engine_error)?;
+        pre.preprocess(input)
+            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    }
+    ts.preprocessed = realtime_ns();
     Ok(())
 }
 
@@ -570,5 +590,132 @@ mod sink_tests {
             t,
             Triage::Answered(Outcome::Rejected(ErrorCode::Truncated))
         ));
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    //! Batching through the engine contract alone: an engine with a host input of two slots
+    //! and no device images batches CPU-decoded JPEGs.
+    use super::*;
+
+    const CLASSES: usize = 10;
+
+    /// Two host slots; logit k of an image is k times its first input value, so the top-1
+    /// class is the last one for any image brighter than the mean (and the first otherwise).
+    struct TwoSlots {
+        slots: [Vec<f32>; 2],
+        /// n of every run_slots call, read by the test after the pipeline took the engine.
+        batch_runs: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl InferenceEngine for TwoSlots {
+        fn name(&self) -> &str {
+            "two-slots"
+        }
+        fn input_shape(&self) -> [usize; 4] {
+            [1, 3, 224, 224]
+        }
+        fn num_classes(&self) -> usize {
+            CLASSES
+        }
+        fn input_mut(&mut self) -> Result<&mut [f32], EngineError> {
+            Ok(&mut self.slots[0])
+        }
+        fn run(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+            self.run_slots(1, logits)
+        }
+        fn max_batch(&self) -> usize {
+            2
+        }
+        fn slot_input_mut(&mut self, slot: usize) -> Result<&mut [f32], EngineError> {
+            self.slots
+                .get_mut(slot)
+                .map(Vec::as_mut_slice)
+                .ok_or_else(|| EngineError::Run(format!("slot {slot}")))
+        }
+        fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+            self.batch_runs
+                .lock()
+                .map_err(|_| EngineError::Run("poisoned".into()))?
+                .push(n);
+            for (slot, out) in logits.chunks_mut(CLASSES).take(n).enumerate() {
+                for (k, l) in out.iter_mut().enumerate() {
+                    *l = k as f32 * self.slots[slot][0];
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct Job(Vec<u8>);
+
+    impl ServerJob for Job {
+        fn message(&self) -> &[u8] {
+            &self.0
+        }
+        fn received_ns(&self) -> u64 {
+            1
+        }
+    }
+
+    /// A request as the serving core queues it: with its validated header.
+    fn queued(m: Vec<u8>) -> Queued<Job> {
+        let header = Header::decode(&m, usize::MAX).ok().map(|(h, _)| h);
+        Queued {
+            job: Job(m),
+            header,
+        }
+    }
+
+    fn request(task: Task, request_id: u64, payload: &[u8]) -> Queued<Job> {
+        let mut h = [0u8; HEADER_LEN];
+        Header::request(task, 7, request_id, payload.len()).encode(&mut h);
+        let mut m = h.to_vec();
+        m.extend_from_slice(payload);
+        queued(m)
+    }
+
+    #[test]
+    fn cpu_decoded_jpegs_run_as_one_batch() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        let runs = std::sync::Arc::default();
+        let engine = TwoSlots {
+            slots: [vec![0.0; TENSOR_LEN], vec![0.0; TENSOR_LEN]],
+            batch_runs: std::sync::Arc::clone(&runs),
+        };
+        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        assert_eq!(pipeline.batch_capacity(), 2);
+        let jobs = [
+            request(Task::Infer, 1, &jpeg),
+            request(Task::Infer, 2, b"not a jpeg"),
+            request(Task::Infer, 3, &jpeg),
+        ];
+        let mut outs = vec![Vec::new(); 2];
+        let mut outcomes = [Outcome::Rejected(ErrorCode::Internal); 2];
+        pipeline.handle_batch(&jobs[..2], &mut outs, &mut outcomes);
+        // The bad JPEG is rejected alone; the good one still runs (a batch of 1).
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Answered { top1: Some(_), .. }
+        ));
+        assert_eq!(outcomes[1], Outcome::Rejected(ErrorCode::BadImage));
+        assert!(!pipeline.batch_error(1).is_empty());
+        let mut outs = vec![Vec::new(); 2];
+        let both = [jobs[0].job.0.clone(), jobs[2].job.0.clone()].map(queued);
+        pipeline.handle_batch(&both, &mut outs, &mut outcomes);
+        assert_eq!(outcomes[0], outcomes[1]);
+        // And the same answer as the per-request path.
+        let mut single = Vec::new();
+        assert_eq!(pipeline.handle(&jobs[0], &mut single), outcomes[0]);
+        assert_eq!(*runs.lock().unwrap(), [1, 2, 1]);
+        for (out, id) in outs.iter().zip([1, 3]) {
+            let (h, _) = Header::decode(out, usize::MAX).unwrap();
+            assert_eq!((h.kind, h.request_id), (MessageKind::Response, id));
+        }
     }
 }

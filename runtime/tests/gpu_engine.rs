@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hacserve_runtime::engine::cudnn_gpu::{self, CudnnLoader, CudnnOptions, Precision};
+use hacserve_runtime::engine::cudnn::{self, CudnnLoader, CudnnOptions, Precision};
 use hacserve_runtime::engine::tract_cpu::TractLoader;
 use hacserve_runtime::engine::{EngineLoader, InferenceEngine};
 use hacserve_runtime::model_gen;
@@ -37,7 +37,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn gpu_or_skip() -> bool {
-    if let Err(e) = cudnn_gpu::available() {
+    if let Err(e) = cudnn::available() {
         eprintln!("SKIPPED GPU engine test: {e}");
         return false;
     }

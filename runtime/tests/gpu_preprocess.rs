@@ -8,7 +8,7 @@ use std::time::Instant;
 use hacserve_ffi::cuda::{self, cu};
 use hacserve_ffi::gpu_preprocess::{self, Geometry, GpuPreprocessor};
 use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg};
-use hacserve_runtime::engine::gpu_images::imagenet_geometry;
+use hacserve_runtime::engine::cudnn::imagenet_geometry;
 use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
 
 fn image() -> Vec<u8> {

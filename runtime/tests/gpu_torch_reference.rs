@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use hacserve_runtime::engine::cudnn_gpu::{self, CudnnLoader, CudnnOptions, Precision};
+use hacserve_runtime::engine::cudnn::{self, CudnnLoader, CudnnOptions, Precision};
 use hacserve_runtime::engine::InferenceEngine;
 
 /// max |ours - torch| / max |torch| allowed. FP32: FMA convolutions and an FP32 GEMM summing in
@@ -39,7 +39,7 @@ fn python() -> String {
 
 /// Why this machine cannot run the test, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    if let Err(e) = cudnn_gpu::available() {
+    if let Err(e) = cudnn::available() {
         return Some(format!("no GPU engine here: {e}"));
     }
     let py = python();

@@ -1,9 +1,33 @@
-//! Inference backends. A backend is one file implementing [`InferenceEngine`]; the pipeline
-//! only sees the trait, so adding a GPU engine later touches nothing else.
+//! Inference engines, layered as tract is: a shared ONNX front end ([`onnx`]), then per
+//! backend a loader that prepares the model once per device ([`EngineLoader`]) and the
+//! sessions it makes, one per worker ([`InferenceEngine`]). The pipeline only sees the
+//! traits; which backend serves is chosen by name in the [`registry`].
+//!
+//! - [`onnx`]: model file, graph input shape, operator check, attribute/initializer helpers.
+//! - [`tract_cpu`]: `--backend cpu`, tract-onnx (parses and optimises the graph itself).
+//! - [`cudnn`]: `--backend gpu`, our cuDNN/cuBLAS engine (plan, weights, session, layers,
+//!   device images: nvJPEG + the preprocessing kernel).
+//! - [`registry`]: the table of backends ([`registry::BACKENDS`]), `--backend` parsing, and
+//!   the sessions for the servers.
+//!
+//! Contracts, in this file: [`InferenceEngine`] (a session), [`DeviceImages`] (decode on
+//! the engine's device), [`EngineLoader`] (a prepared model), and the backend contract the
+//! registry consumes: [`BackendEntry`] (name, one-line description, how it reads its
+//! options) and [`Backend`] (the configured backend: devices, loaders, banner). A backend
+//! file imports only these and [`onnx`]; only the registry names the backends.
+//!
+//! The batch is part of the contract: an engine says how many images one run takes
+//! ([`InferenceEngine::max_batch`], 1 by default); the pipeline fills the slots one request
+//! at a time, on the host ([`InferenceEngine::slot_input_mut`]) or, for engines that decode
+//! on their device, there ([`DeviceImages::preprocess_slot`]), and runs them together
+//! ([`InferenceEngine::run_slots`]).
 
-pub mod cudnn_gpu;
-pub mod gpu_images;
+pub mod cudnn;
+pub mod onnx;
+pub mod registry;
 pub mod tract_cpu;
+
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -55,6 +79,33 @@ pub trait InferenceEngine: Send {
         buffer.copy_from_slice(input);
         self.run(logits)
     }
+    /// Images one [`run_slots`](Self::run_slots) call takes: the dynamic batch. 1 = none.
+    fn max_batch(&self) -> usize {
+        1
+    }
+    /// The host input of slot `slot` (< `max_batch`) of the batch input: one image, NCHW
+    /// f32 of `input_shape()`'s C, H, W. With a batch of 1 it is [`input_mut`](Self::input_mut).
+    fn slot_input_mut(&mut self, slot: usize) -> Result<&mut [f32], EngineError> {
+        if slot == 0 {
+            self.input_mut()
+        } else {
+            Err(EngineError::Run(format!("slot {slot} of a batch of 1")))
+        }
+    }
+    /// Runs the model once on slots `0..n` (`n <= max_batch`), each filled since the last
+    /// run by [`slot_input_mut`](Self::slot_input_mut) or, on engines with device images, by
+    /// [`DeviceImages::preprocess_slot`], and writes `n * num_classes` logits, image after
+    /// image. With a batch of 1 it is [`run`](Self::run); an engine that has
+    /// [`device_images`](Self::device_images) overrides it to run on device-filled slots.
+    fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        if n == 1 {
+            self.run(logits)
+        } else {
+            Err(EngineError::Run(format!(
+                "a batch of {n} on an engine of batch 1"
+            )))
+        }
+    }
     /// Engines that decode and preprocess images on their own device answer `Some`; the
     /// pipeline then skips the CPU decoder.
     fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
@@ -73,31 +124,10 @@ pub trait DeviceImages {
     fn preprocess(&mut self) -> Result<(), EngineError>;
     /// Runs the model on the input [`preprocess`](Self::preprocess) left on the device.
     fn run_preprocessed(&mut self, logits: &mut [f32]) -> Result<(), EngineError>;
-
-    /// Images one [`run_slots`](Self::run_slots) call takes: the dynamic batch. 1 = none.
-    fn max_batch(&self) -> usize {
-        1
-    }
-    /// Like [`preprocess`](Self::preprocess), into slot `slot` (< `max_batch`) of the batch
-    /// input.
-    fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError> {
-        if slot == 0 {
-            self.preprocess()
-        } else {
-            Err(EngineError::Run(format!("slot {slot} of a batch of 1")))
-        }
-    }
-    /// Runs the model once on slots `0..n` (`n <= max_batch`) and writes `n * num_classes`
-    /// logits, image after image.
-    fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
-        if n == 1 {
-            self.run_preprocessed(logits)
-        } else {
-            Err(EngineError::Run(format!(
-                "a batch of {n} on an engine of batch 1"
-            )))
-        }
-    }
+    /// Like [`preprocess`](Self::preprocess), into slot `slot` (< the engine's
+    /// [`max_batch`](InferenceEngine::max_batch)) of the input
+    /// [`run_slots`](InferenceEngine::run_slots) runs.
+    fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError>;
 }
 
 /// A loaded, optimised model from which per-worker sessions are made.
@@ -109,4 +139,86 @@ pub trait EngineLoader: Send + Sync {
     fn priority_session(&self) -> Result<Box<dyn InferenceEngine>, EngineError> {
         self.session()
     }
+}
+
+// The backend contract: what a backend file gives the registry. It lives here, below both
+// the backends and the registry table, so that neither imports the other's level.
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    Option(String),
+    /// `--backend help`: not a failure of the options, the answer to a question; callers may
+    /// print it and exit successfully ([`BackendError::is_help`]).
+    #[error("{0}")]
+    Help(String),
+    #[error("loading model {model} on {device}: {source}")]
+    Load {
+        model: PathBuf,
+        device: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("creating the engine context of worker {worker} on {device}: {source}")]
+    Session {
+        worker: usize,
+        device: String,
+        #[source]
+        source: EngineError,
+    },
+}
+
+impl BackendError {
+    /// Whether this is the answer to `--backend help` rather than an error.
+    pub fn is_help(&self) -> bool {
+        matches!(self, BackendError::Help(_))
+    }
+}
+
+/// One registered backend: what `--backend NAME` selects.
+pub struct BackendEntry {
+    /// The `--backend` value.
+    pub name: &'static str,
+    /// One line for `--backend help`: what runs where, and which options apply.
+    pub about: &'static str,
+    /// Reads the options this backend uses (warning about set ones it ignores) and checks
+    /// them; `--workers` >= 1 is checked before.
+    pub configure: fn(&BackendArgs) -> Result<Box<dyn Backend>, BackendError>,
+}
+
+/// A configured backend: its devices, and how to load the model on each.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// One line for the start banner.
+    fn describe(&self) -> String;
+    /// Workers (one engine session each) these options imply.
+    fn workers(&self) -> usize;
+    /// Names of the devices the model is loaded on, for errors ("the CPU", "GPU 1"); worker
+    /// i runs on device i % devices.
+    fn devices(&self) -> Vec<String>;
+    /// Loads and prepares the model on device `device` (an index into [`Self::devices`]).
+    fn load(&self, model: &Path, device: usize) -> Result<Box<dyn EngineLoader>, EngineError>;
+    /// GPU ordinals, empty for backends without GPUs (RDMA's GPU memory needs one).
+    fn gpus(&self) -> &[usize] {
+        &[]
+    }
+    /// Workers that serve priority requests first (on a high-priority stream where the
+    /// device has one); 0 = every worker takes the priority lane first.
+    fn priority_workers(&self, _workers: usize, _priority_clients: bool) -> usize {
+        0
+    }
+}
+
+/// The backend options as the CLIs spell them.
+#[derive(Debug, Clone)]
+pub struct BackendArgs<'a> {
+    pub backend: &'a str,
+    pub precision: &'a str,
+    pub gpus: &'a str,
+    pub decode: &'a str,
+    pub threads: usize,
+    pub workers: usize,
+    /// The original's `--streams`: engine contexts (CUDA streams) per GPU; 0 = use workers.
+    pub streams: u32,
+    /// Dynamic batch of the GPU backend (`--max-batch`).
+    pub max_batch: usize,
 }

@@ -1,22 +1,24 @@
 //! CPU backend on tract-onnx: the model is parsed and optimised once ([`TractLoader`]), then each
 //! worker gets a [`TractSession`] with its own execution state and its own intra-op thread pool,
 //! so workers never share a lock or a pool.
+//!
+//! The shared front end ([`super::onnx`]) reads the file, names unsupported operators and
+//! fixes the input shape; tract then parses and optimises the graph itself. The backend's
+//! registry entry ([`BACKEND`], `--backend cpu`) is at the end of this file. Sessions keep
+//! the engine contract's default batch of 1: the pipeline's batching works through
+//! [`InferenceEngine::run_slots`], which here is one [`InferenceEngine::run`].
 
-use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
-use tract_onnx::pb::{GraphProto, ModelProto};
+use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
 
+use super::onnx::{self, bad_model};
+use super::{Backend, BackendArgs, BackendEntry, BackendError};
 use super::{EngineError, EngineLoader, InferenceEngine};
-
-/// Used when the model does not say (rank unknown): the ImageNet layout every zoo model uses.
-const DEFAULT_CHW: [usize; 3] = [3, 224, 224];
 
 /// A parsed, batch-1, optimised model. Cheap to share: sessions hold an `Arc` of the plan.
 pub struct TractLoader {
@@ -33,7 +35,7 @@ pub struct NodeTime {
     pub node: String,
     /// tract op kind, e.g. "OptMatMul", "LazyIm2col".
     pub op: String,
-    /// For matrix products: "m:.. k:.. n:.. with [kernel]"; empty otherwise.
+    /// For matrix products: "m:.. k:.. n:.. with \[kernel\]"; empty otherwise.
     pub detail: String,
     /// Multiply-accumulates per run, from m*k*n (0 when not a matrix product).
     pub macs: u64,
@@ -59,35 +61,6 @@ fn matmul_detail(info: &[String]) -> (String, u64) {
     (line.to_string(), macs)
 }
 
-fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::BadModel {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
-}
-
-/// Collects op types tract has no builder for, in `graph` and its subgraphs, so the error names
-/// them instead of surfacing later as an opaque type-inference failure.
-fn unsupported_ops(graph: &GraphProto, known: &HashMap<String, impl Sized>) -> BTreeSet<String> {
-    let mut missing = BTreeSet::new();
-    for node in &graph.node {
-        if !known.contains_key(&node.op_type) {
-            let domain = if node.domain.is_empty() {
-                String::new()
-            } else {
-                format!("{}.", node.domain)
-            };
-            missing.insert(format!("{domain}{}", node.op_type));
-        }
-        for attr in &node.attribute {
-            for sub in attr.g.iter().chain(&attr.graphs) {
-                missing.extend(unsupported_ops(sub, known));
-            }
-        }
-    }
-    missing
-}
-
 /// Intra-op executor for one session: a private rayon pool of `threads`, or none for 1.
 fn make_executor(threads: usize) -> Result<Executor, EngineError> {
     if threads <= 1 {
@@ -103,13 +76,7 @@ impl TractLoader {
     /// C, H, W when they are static), optimises it, and prepares the plan. `threads` is the number
     /// of intra-op threads each session uses (1 = single-threaded).
     pub fn load(path: &Path, threads: usize) -> Result<Self, EngineError> {
-        let bytes = std::fs::read(path).map_err(|source| EngineError::ModelFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let proto = ModelProto::decode(bytes.as_slice())
-            .map_err(|e| bad_model(path, format!("not an ONNX protobuf: {e}")))?;
-        drop(bytes);
+        let proto = onnx::read_model(path)?;
         Self::from_proto(&proto, path, threads)
     }
 
@@ -120,22 +87,15 @@ impl TractLoader {
         path: &Path,
         threads: usize,
     ) -> Result<Self, EngineError> {
-        let onnx = tract_onnx::onnx();
-        let graph = proto
-            .graph
-            .as_ref()
-            .ok_or_else(|| bad_model(path, "no graph in the model"))?;
-        let missing = unsupported_ops(graph, &onnx.op_register.0);
-        if !missing.is_empty() {
-            let ops: Vec<String> = missing.into_iter().collect();
-            return Err(bad_model(
-                path,
-                format!("unsupported ONNX operator(s) for tract: {}", ops.join(", ")),
-            ));
-        }
+        let tract = tract_onnx::onnx();
+        let graph = onnx::graph(proto, path)?;
+        let known = &tract.op_register.0;
+        onnx::check_ops(graph, path, "tract", &|n| known.contains_key(&n.op_type))?;
+        // Batch 1, keeping the model's C, H, W where they are static.
+        let (_, input_shape) = onnx::input_shape(graph, path, 1)?;
 
         let dir = path.parent().and_then(|d| d.to_str());
-        let parsed = onnx
+        let parsed = tract
             .parse(proto, dir)
             .map_err(|e| bad_model(path, format!("{e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {
@@ -156,7 +116,6 @@ impl TractLoader {
                 ),
             ));
         }
-        let input_shape = Self::batch1_shape(&model, path)?;
         // A concrete batch before optimisation lets tract pick fixed-size kernels and fold
         // BatchNormalization into the conv weights.
         model
@@ -191,39 +150,6 @@ impl TractLoader {
             num_classes,
             threads: threads.max(1),
         })
-    }
-
-    /// [1, C, H, W] from the model's declared input, defaulting when the rank is unknown.
-    fn batch1_shape(model: &InferenceModel, path: &Path) -> Result<[usize; 4], EngineError> {
-        let fact = model
-            .input_fact(0)
-            .map_err(|e| bad_model(path, format!("{e:#}")))?;
-        if let Some(dt) = fact.datum_type.concretize() {
-            if dt != f32::datum_type() {
-                return Err(bad_model(path, format!("input is {dt:?}, want f32")));
-            }
-        }
-        let dims: Vec<Option<usize>> = fact
-            .shape
-            .dims()
-            .map(|d| {
-                d.concretize()
-                    .and_then(|d| d.as_i64())
-                    .and_then(|v| usize::try_from(v).ok())
-            })
-            .collect();
-        match dims.len() {
-            // Fully open shape ("any rank"): trust the ImageNet layout.
-            0 if fact.shape.is_open() => Ok([1, DEFAULT_CHW[0], DEFAULT_CHW[1], DEFAULT_CHW[2]]),
-            4 => {
-                let pick = |ix: usize| dims[ix].filter(|&v| v > 0).unwrap_or(DEFAULT_CHW[ix - 1]);
-                Ok([1, pick(1), pick(2), pick(3)])
-            }
-            n => Err(bad_model(
-                path,
-                format!("input has rank {n}, want 4 (NCHW)"),
-            )),
-        }
     }
 
     pub fn input_shape(&self) -> [usize; 4] {
@@ -410,6 +336,51 @@ impl InferenceEngine for TractSession {
         }
         logits.copy_from_slice(values);
         Ok(())
+    }
+}
+
+/// The registry entry: `--backend cpu`.
+pub const BACKEND: BackendEntry = BackendEntry {
+    name: "cpu",
+    about: "tract-onnx on the CPU; --threads intra-op threads per worker, --workers sessions",
+    configure,
+};
+
+/// `--backend cpu` as configured: `threads` intra-op threads in each of `workers` sessions.
+#[derive(Debug)]
+struct CpuBackend {
+    threads: usize,
+    workers: usize,
+}
+
+fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
+    if a.streams > 0 {
+        log::info!(
+            "--streams {} ignored: the CPU backend has no CUDA streams",
+            a.streams
+        );
+    }
+    Ok(Box::new(CpuBackend {
+        threads: a.threads.max(1),
+        workers: a.workers,
+    }))
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("tract-cpu x{} threads", self.threads)
+    }
+
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn devices(&self) -> Vec<String> {
+        vec!["the CPU".into()]
+    }
+
+    fn load(&self, model: &Path, _device: usize) -> Result<Box<dyn EngineLoader>, EngineError> {
+        Ok(Box::new(TractLoader::load(model, self.threads)?))
     }
 }
 

@@ -1,6 +1,6 @@
-//! JPEG decode (nvJPEG) and resize/crop/normalise (the NVRTC kernel) on the GPU, on a
-//! session's stream, writing the engine's f32 NCHW input buffer in device memory: the GPU
-//! engine's half of [`super::DeviceImages`]. The geometry is the CPU path's
+//! Device images: JPEG decode (nvJPEG) and resize/crop/normalise (the NVRTC kernel) on the
+//! GPU, on a session's stream, writing the session's f32 NCHW input buffer (or one slot of
+//! its batch context's) in device memory: [`CudnnSession`]'s [`DeviceImages`]. The geometry is the CPU path's
 //! (`Resize(256)`, centre crop 224, ImageNet mean/std), so both paths feed the model the same
 //! tensor up to decoder rounding (measured in runtime/tests/gpu_preprocess.rs).
 
@@ -10,7 +10,12 @@ use hacserve_ffi::cuda::cu;
 use hacserve_ffi::gpu_preprocess::{Geometry, GpuPreprocessor};
 use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
 
-use super::EngineError;
+use super::run_err;
+use super::session::CudnnSession;
+use super::weights::DevBuf;
+#[cfg(doc)]
+use crate::engine::InferenceEngine;
+use crate::engine::{DeviceImages, EngineError};
 use crate::preprocess::{
     center_crop_offset, resized_size, INPUT_SIZE, MAX_IMAGE_PIXELS, MEAN, RESIZE_SHORTER, STD,
 };
@@ -22,7 +27,7 @@ const INITIAL_RGB_BYTES: usize = 3 * 4000 * 3000;
 /// Decoded once per session at start: nvJPEG allocates its host and device buffers on first
 /// use (2-4 ms on an H100), which would otherwise land on a client's first request to each
 /// worker.
-const WARMUP_JPEG: &[u8] = include_bytes!("../../../models/grace_hopper.jpg");
+const WARMUP_JPEG: &[u8] = include_bytes!("../../../../models/grace_hopper.jpg");
 
 /// Loaded once per GPU and shared by its sessions: nvJPEG and the compiled kernel.
 pub struct GpuImageKernels {
@@ -60,7 +65,7 @@ impl GpuImages {
         // The single-phase API (default backend) for every size: on the H100 it beat the
         // decoupled API's GPU Huffman backend at 0.3 MP (0.23 vs 1.25 ms) and at 12 MP
         // (6.3-6.4 vs 10.6-15.9 ms in three runs), see ffi/tests/nvjpeg_gpu.rs.
-        let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(run)?;
+        let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(nvjpeg_err)?;
         let rgb = stream
             .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
@@ -168,7 +173,7 @@ fn ends_with_eoi(jpeg: &[u8]) -> bool {
         .any(|w| w == [0xFF, 0xD9])
 }
 
-fn run(e: NvJpegError) -> EngineError {
+fn nvjpeg_err(e: NvJpegError) -> EngineError {
     EngineError::Run(format!("nvJPEG: {e}"))
 }
 
@@ -183,8 +188,99 @@ fn decode_error(e: NvJpegError) -> EngineError {
         NvJpegError::TooLarge { .. } | NvJpegError::Unsupported { .. } => {
             EngineError::BadInput(e.to_string())
         }
-        _ => run(e),
+        _ => nvjpeg_err(e),
     }
+}
+
+impl DeviceImages for CudnnSession {
+    fn decode(&mut self, jpeg: &[u8]) -> Result<(usize, usize), EngineError> {
+        self.handles.bind().map_err(run_err)?;
+        let images = self
+            .images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        images.decode(jpeg, self.handles.stream())
+    }
+
+    /// The kernel writes the f32 NCHW input where `run` would have uploaded it: the FP16
+    /// staging buffer (the first layer converts it) or the FP32 input tensor.
+    fn preprocess(&mut self) -> Result<(), EngineError> {
+        self.handles.bind().map_err(run_err)?;
+        let CudnnSession {
+            handles,
+            images,
+            staging,
+            buffers,
+            ..
+        } = self;
+        let images = images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        let mut slot = input_slot(staging, buffers, 0, 1)?;
+        images.preprocess_into(handles.stream(), &mut slot)
+    }
+
+    fn run_preprocessed(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        self.check_logits(logits)?;
+        self.handles.bind().map_err(run_err)?;
+        self.run_and_download(logits)
+    }
+
+    /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
+    /// runs) (on this session's stream, which
+    /// decoded the image; the wait at the end orders it before the batch run).
+    fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError> {
+        let CudnnSession {
+            handles,
+            images,
+            batched,
+            device_slots,
+            ..
+        } = self;
+        let Some(batched) = batched.as_mut() else {
+            if slot != 0 {
+                return Err(EngineError::Run(format!(
+                    "slot {slot} without a batch context"
+                )));
+            }
+            self.preprocess()?;
+            self.device_slots |= 1;
+            return Ok(());
+        };
+        handles.bind().map_err(run_err)?;
+        let images = images
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("session made without GPU decoding".into()))?;
+        let count = batched.batch;
+        let mut out = input_slot(&mut batched.staging, &mut batched.buffers, slot, count)?;
+        images.preprocess_into(handles.stream(), &mut out)?;
+        *device_slots |= 1 << slot;
+        Ok(())
+    }
+}
+
+/// Image `slot` of `count` of a session's f32 NCHW input: the FP16 staging buffer, or the
+/// FP32 input tensor.
+fn input_slot<'a>(
+    staging: &'a mut Option<cu::CudaSlice<f32>>,
+    buffers: &'a mut [Option<DevBuf>],
+    slot: usize,
+    count: usize,
+) -> Result<cu::CudaViewMut<'a, f32>, EngineError> {
+    let input = match staging.as_mut() {
+        Some(staging) => staging,
+        None => match buffers.first_mut().and_then(Option::as_mut) {
+            Some(DevBuf::F32(first)) => first,
+            _ => return Err(EngineError::Run("no f32 input buffer".into())),
+        },
+    };
+    let per_image = input.len() / count.max(1);
+    if slot >= count {
+        return Err(EngineError::Run(format!(
+            "slot {slot} of a batch of {count}"
+        )));
+    }
+    Ok(input.slice_mut(slot * per_image..(slot + 1) * per_image))
 }
 
 #[cfg(test)]
