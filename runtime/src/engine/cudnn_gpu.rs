@@ -22,10 +22,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use hacserve_ffi::cuda::cu;
-use hacserve_ffi::gpu_ops::{
-    self, f16, ConvAlgo, ConvGeometry, ConvLayer, ConvMath, GemmLayer, GpuDevice, GpuOpsError,
-    Graph, HalfKernels, Handles, PoolLayer,
+use hacserve_ffi::gpu::cuda::cu;
+use hacserve_ffi::gpu::ops::{
+    self as gpu_ops, f16, ConvAlgo, ConvGeometry, ConvLayer, ConvMath, GemmLayer, GpuDevice,
+    GpuOpsError, Graph, HalfKernels, Handles, PoolLayer,
 };
 use prost::Message;
 use tract_onnx::pb::{

@@ -23,7 +23,7 @@ pub enum TransportError {
     #[error("stopped")]
     Stopped,
     #[error(transparent)]
-    Rdma(#[from] hacserve_ffi::rdma_conn::RdmaError),
+    Rdma(#[from] hacserve_ffi::rdma::RdmaError),
 }
 
 /// A received request waiting for a worker: the message bytes plus whatever the transport

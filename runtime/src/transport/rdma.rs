@@ -19,18 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hacserve_ffi::cuda::{self, cu};
-use hacserve_ffi::rdma_conn::{CmEvent, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, RdmaError};
-use hacserve_ffi::rdmacm::{
-    RDMA_CM_EVENT_ADDR_RESOLVED, RDMA_CM_EVENT_CONNECT_REQUEST, RDMA_CM_EVENT_DEVICE_REMOVAL,
-    RDMA_CM_EVENT_DISCONNECTED, RDMA_CM_EVENT_ESTABLISHED, RDMA_CM_EVENT_REJECTED,
-    RDMA_CM_EVENT_ROUTE_RESOLVED, RDMA_CM_EVENT_TIMEWAIT_EXIT,
+use hacserve_ffi::gpu::cuda::{self, cu};
+use hacserve_ffi::rdma::{
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, RdmaError,
+    WcOpcode, WcStatus, WorkCompletion,
 };
 use hacserve_ffi::signal;
-use hacserve_ffi::verbs::{
-    ibv_wc, IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_WRITE, IBV_WC_RECV_RDMA_WITH_IMM,
-    IBV_WC_SUCCESS, IBV_WC_WR_FLUSH_ERR,
-};
 
 use super::{ClientTransport, ReplySink, ServerJob, TransportError};
 use crate::clock::realtime_ns;
@@ -615,7 +609,7 @@ impl RdmaServer {
         let ring_len = depth as usize * slot_size;
         // The client's ring: remote write only (no remote read), its own slots only. In GPU
         // memory, the host buffer at REQ_BUF is only the local mirror.
-        let ring_access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+        let ring_access = AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE;
         let (req_addr, req_rkey) = match &self.gpu_stream {
             Some(stream) => {
                 let gpu = match ep.register_gpu(stream, ring_len, ring_access) {
@@ -633,7 +627,7 @@ impl RdmaServer {
                     ring.route()
                 );
                 let addr_key = (ring.addr(), ring.rkey());
-                ep.register(ring_len, IBV_ACCESS_LOCAL_WRITE)?;
+                ep.register(ring_len, AccessFlags::LOCAL_WRITE)?;
                 addr_key
             }
             None => {
@@ -641,7 +635,7 @@ impl RdmaServer {
                 (ep.buf(REQ_BUF).addr(), ep.buf(REQ_BUF).rkey())
             }
         };
-        let stage = ep.register(depth as usize * resp_slot_size, IBV_ACCESS_LOCAL_WRITE)?;
+        let stage = ep.register(depth as usize * resp_slot_size, AccessFlags::LOCAL_WRITE)?;
         debug_assert_eq!(stage, STAGE_BUF);
         for i in 0..=depth {
             ep.post_recv_empty(i as u64)?;
@@ -674,9 +668,9 @@ impl RdmaServer {
         while let Some(ev) = self.channel.next(timeout)? {
             timeout = 0;
             match ev.kind {
-                RDMA_CM_EVENT_CONNECT_REQUEST => self.accept(ev, max_payload),
-                RDMA_CM_EVENT_ESTABLISHED => log::debug!("connection established"),
-                RDMA_CM_EVENT_DISCONNECTED | RDMA_CM_EVENT_DEVICE_REMOVAL => {
+                CmEventKind::ConnectRequest => self.accept(ev, max_payload),
+                CmEventKind::Established => log::debug!("connection established"),
+                CmEventKind::Disconnected | CmEventKind::DeviceRemoval => {
                     if let Some(i) = self.conns.iter().position(|c| c.ep.handle() == ev.id) {
                         let c = self.conns.swap_remove(i);
                         c.alive.store(false, Ordering::Release);
@@ -684,7 +678,7 @@ impl RdmaServer {
                         log::info!("client {} disconnected", c.client_id);
                     }
                 }
-                RDMA_CM_EVENT_TIMEWAIT_EXIT => {}
+                CmEventKind::TimewaitExit => {}
                 _ => log::debug!("CM event {} (status {})", ev.name, ev.status),
             }
         }
@@ -701,7 +695,7 @@ impl RdmaServer {
         probe: &WorkerProbe,
     ) -> Result<Vec<ServerRecord>, TransportError> {
         let mode = opts.poll_mode;
-        let mut wcs = [ibv_wc::default(); 32];
+        let mut wcs = [WorkCompletion::default(); 32];
         let mut error_text = String::with_capacity(256);
         let mut overload = Vec::with_capacity(HEADER_LEN + 256);
         let mut log = Vec::with_capacity(if opts.log_folder.is_some() {
@@ -736,12 +730,13 @@ impl RdmaServer {
                     progress = true;
                 }
                 for wc in &wcs[..n] {
-                    if wc.status != IBV_WC_SUCCESS {
-                        if wc.status != IBV_WC_WR_FLUSH_ERR && conn.alive.load(Ordering::Acquire) {
+                    if wc.status() != WcStatus::Success {
+                        if wc.status() != WcStatus::WrFlushErr && conn.alive.load(Ordering::Acquire)
+                        {
                             log::warn!(
                                 "client {}: work completion failed: {}; disconnecting it",
                                 conn.client_id,
-                                conn.ep.wc_status_str(wc.status)
+                                conn.ep.wc_status_str(wc.status())
                             );
                         }
                         queue
@@ -751,7 +746,7 @@ impl RdmaServer {
                         dead.push(ci);
                         break;
                     }
-                    if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
+                    if wc.opcode() != WcOpcode::RecvRdmaWithImm {
                         continue; // a reply's send completion
                     }
                     let received = realtime_ns();
@@ -772,7 +767,7 @@ impl RdmaServer {
                     // Reposted after the request was answered or queued, off the reply's
                     // critical path: the spare receive (depth + 1 posted) takes the client's
                     // next request if it lands in between.
-                    if let Err(e) = conn.ep.post_recv_empty(wc.wr_id) {
+                    if let Err(e) = conn.ep.post_recv_empty(wc.wr_id()) {
                         log::error!("client {}: reposting a receive: {e}", conn.client_id);
                         dead.push(ci);
                         break;
@@ -820,7 +815,7 @@ impl RdmaServer {
     fn one_request(
         &self,
         conn: &Arc<ServerConn>,
-        wc: &ibv_wc,
+        wc: &WorkCompletion,
         received: u64,
         queue: &WorkQueue<RdmaJob>,
         opts: &ServerOptions,
@@ -1006,12 +1001,12 @@ pub struct RdmaClient {
     resp_slot_size: usize,
     next_slot: u32,
     in_flight: Vec<bool>,
-    wc: [ibv_wc; 1],
+    wc: [WorkCompletion; 1],
 }
 
 fn wait_event(
     channel: &Arc<EventChannel>,
-    want: u32,
+    want: CmEventKind,
     deadline: Instant,
     what: &str,
 ) -> Result<CmEvent, TransportError> {
@@ -1029,7 +1024,7 @@ fn wait_event(
         if ev.kind == want {
             return Ok(ev);
         }
-        if ev.kind == RDMA_CM_EVENT_REJECTED {
+        if ev.kind == CmEventKind::Rejected {
             return Err(match decode_reject(&ev.private_data) {
                 Some(reason) => rdma_err(format!("the server refused the connection: {reason}")),
                 None => rdma_err(format!(
@@ -1064,14 +1059,14 @@ impl RdmaClient {
         id.resolve_addr(&addr, 2000)?;
         wait_event(
             &channel,
-            RDMA_CM_EVENT_ADDR_RESOLVED,
+            CmEventKind::AddrResolved,
             deadline,
             "address resolution",
         )?;
         id.resolve_route(2000)?;
         wait_event(
             &channel,
-            RDMA_CM_EVENT_ROUTE_RESOLVED,
+            CmEventKind::RouteResolved,
             deadline,
             "route resolution",
         )?;
@@ -1085,11 +1080,11 @@ impl RdmaClient {
         let resp_slot_size = response_slot_size(cfg.slot_size) as usize;
         ep.register(
             depth as usize * cfg.slot_size as usize,
-            IBV_ACCESS_LOCAL_WRITE,
+            AccessFlags::LOCAL_WRITE,
         )?;
         ep.register(
             depth as usize * resp_slot_size,
-            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE,
+            AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE,
         )?;
         for i in 0..depth {
             ep.post_recv_empty(i as u64)?;
@@ -1105,7 +1100,7 @@ impl RdmaClient {
         ep.connect(&req.encode())?;
         let ev = wait_event(
             &channel,
-            RDMA_CM_EVENT_ESTABLISHED,
+            CmEventKind::Established,
             deadline,
             "the server to accept",
         )?;
@@ -1125,7 +1120,7 @@ impl RdmaClient {
             accept,
             resp_slot_size,
             next_slot: 0,
-            wc: [ibv_wc::default()],
+            wc: [WorkCompletion::default()],
         })
     }
 
@@ -1215,7 +1210,7 @@ impl RdmaClient {
     /// Fails once the server has closed the connection (a DISCONNECTED event is waiting).
     fn check_disconnect(&mut self) -> Result<(), TransportError> {
         while let Some(ev) = self.channel.next(0)? {
-            if ev.kind == RDMA_CM_EVENT_DISCONNECTED || ev.kind == RDMA_CM_EVENT_DEVICE_REMOVAL {
+            if ev.kind == CmEventKind::Disconnected || ev.kind == CmEventKind::DeviceRemoval {
                 return Err(rdma_err(format!(
                     "the server closed the connection ({})",
                     ev.name
@@ -1277,16 +1272,16 @@ impl RdmaClient {
                 return Ok(None);
             }
             let wc = self.wc[0];
-            if wc.status != IBV_WC_SUCCESS {
+            if wc.status() != WcStatus::Success {
                 return Err(rdma_err(format!(
                     "work completion failed: {} (the server may have disconnected this client)",
-                    self.ep.wc_status_str(wc.status)
+                    self.ep.wc_status_str(wc.status())
                 )));
             }
-            if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
+            if wc.opcode() != WcOpcode::RecvRdmaWithImm {
                 continue; // a request's send completion
             }
-            self.ep.post_recv_empty(wc.wr_id)?;
+            self.ep.post_recv_empty(wc.wr_id())?;
             let imm = wc
                 .imm()
                 .ok_or_else(|| TransportError::Malformed("reply without an immediate".into()))?;
