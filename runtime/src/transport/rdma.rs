@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hacserve_ffi::gpu::cuda::{self, cu};
 use hacserve_ffi::rdma::{
     AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, RdmaError,
-    WcOpcode, WcStatus, WorkCompletion,
+    SlotToken, WcOpcode, WcStatus, WorkCompletion,
 };
 use hacserve_ffi::signal;
 
@@ -332,63 +332,54 @@ pub struct ServerConn {
     resp_slot_size: usize,
     resp_addr: u64,
     resp_rkey: u32,
-    /// Slot owned by a request being served (set by the receive loop, cleared when its reply
-    /// is staged). A request into a busy slot breaks the credit rule.
-    busy: Box<[AtomicBool]>,
     alive: AtomicBool,
     /// The ring is GPU buffer 0 of `ep`; host buffer REQ_BUF is its mirror.
     gpu_ring: bool,
 }
 
 impl ServerConn {
-    /// With a ring in GPU memory: copies the first `len` bytes of a slot the caller owns
-    /// into its host mirror, where [`Self::request`] reads them.
-    fn mirror_from_gpu(&self, slot: u32, len: usize) -> Result<(), String> {
+    /// With a ring in GPU memory: copies the first `len` bytes of the request slot `req`
+    /// holds into its host mirror, where [`Self::request`] reads them.
+    fn mirror_from_gpu(&self, req: &mut SlotToken, len: usize) -> Result<(), String> {
         if !self.gpu_ring {
             return Ok(());
         }
-        let off = slot as usize * self.slot_size;
-        // SAFETY: `slot` is busy (owned by the caller), so no other thread reads or writes
-        // its mirror bytes meanwhile, and the NIC never touches the mirror (local only).
-        let dst = unsafe { self.ep.buf(REQ_BUF).slice_mut(off, len) }
+        let (slot, off) = (req.slot(), req.offset());
+        let dst = req
+            .bytes_mut()
+            .get_mut(..len)
             .ok_or_else(|| format!("slot {slot} + {len} B outside the mirror"))?;
         self.ep.gpu_buf(0).copy_to_host(off, dst)
     }
 
-    /// The request bytes of a slot the caller owns (its busy flag is set).
-    fn request(&self, slot: u32, len: usize) -> &[u8] {
-        // SAFETY: `slot` is busy: the client holds no credit for it until its reply is
-        // written, so neither the NIC nor another thread writes these bytes meanwhile (a
-        // client breaking the credit rule can only garble its own request, which the
-        // pipeline validates like any other bytes).
-        unsafe {
-            self.ep
-                .buf(REQ_BUF)
-                .slice(slot as usize * self.slot_size, len)
-        }
-        .unwrap_or(&[])
+    /// The first `len` request bytes of the slot `req` holds (the client holds no credit for
+    /// it until its reply is written; one breaking the credit rule can only garble its own
+    /// request, which the pipeline validates like any other bytes).
+    fn request<'a>(&self, req: &'a SlotToken, len: usize) -> &'a [u8] {
+        req.bytes().get(..len).unwrap_or(&[])
     }
 
-    /// Stages a reply for `slot` with `write` and writes it to the client's response slot.
-    /// Returns the reply's header (for the accounting) and whether the post worked.
+    /// Stages a reply to the request `req` holds with `write` and writes it to the client's
+    /// response slot; the request slot is free once the reply is staged. Returns the reply's
+    /// header (for the accounting) and whether the post worked.
     fn reply_with<R>(
         &self,
-        slot: u32,
+        req: SlotToken,
         write: impl FnOnce(&mut SlotWriter<'_>) -> R,
     ) -> (R, [u8; HEADER_LEN], Result<(), TransportError>) {
-        let off = slot as usize * self.resp_slot_size;
-        // SAFETY: `slot` is busy (owned by this caller), so no other thread stages into it,
-        // and its previous reply was delivered before the client could send the request
-        // this one answers, so the NIC no longer reads it.
-        let buf = unsafe { self.ep.buf(STAGE_BUF).slice_mut(off, self.resp_slot_size) };
-        let Some(buf) = buf else {
+        let slot = req.slot();
+        // Only the holder of the request slot stages into the staging slot of that index, and
+        // its previous reply was delivered before the client could send this request, so the
+        // NIC no longer reads it.
+        let mut stage = self.ep.ring(STAGE_BUF).claim(slot);
+        let Some(buf) = stage.as_mut().map(SlotToken::bytes_mut) else {
             return (
                 write(&mut SlotWriter {
                     buf: &mut [],
                     len: 0,
                 }),
                 [0; HEADER_LEN],
-                Err(rdma_err("staging slot out of range")),
+                Err(rdma_err("staging slot out of range or busy")),
             );
         };
         let mut w = SlotWriter { buf, len: 0 };
@@ -399,7 +390,8 @@ impl ServerConn {
             head.copy_from_slice(&w.buf[..HEADER_LEN]);
         }
         // The reply is staged: the request slot is free for the client's next request.
-        self.busy[slot as usize].store(false, Ordering::Release);
+        drop(req);
+        let off = slot as usize * self.resp_slot_size;
         let sent = self.post_reply(slot, off, len);
         (r, head, sent)
     }
@@ -428,17 +420,18 @@ impl ServerConn {
     }
 }
 
-/// A request waiting in its ring slot.
+/// A request waiting in its ring slot (held by `req` until the reply is staged or the job
+/// is dropped).
 pub struct RdmaJob {
     conn: Arc<ServerConn>,
-    slot: u32,
+    req: SlotToken,
     len: u32,
     received: u64,
 }
 
 impl ServerJob for RdmaJob {
     fn message(&self) -> &[u8] {
-        self.conn.request(self.slot, self.len as usize)
+        self.conn.request(&self.req, self.len as usize)
     }
     fn received_ns(&self) -> u64 {
         self.received
@@ -452,7 +445,7 @@ pub struct RdmaReplySink;
 
 impl ReplySink<RdmaJob> for RdmaReplySink {
     fn reply(&mut self, job: RdmaJob, reply: &[u8]) -> Result<(), TransportError> {
-        let (_, _, sent) = job.conn.reply_with(job.slot, |w| {
+        let (_, _, sent) = job.conn.reply_with(job.req, |w| {
             let out = w.prepare(reply.len());
             let n = out.len();
             out.copy_from_slice(&reply[..n]);
@@ -627,15 +620,15 @@ impl RdmaServer {
                     ring.route()
                 );
                 let addr_key = (ring.addr(), ring.rkey());
-                ep.register(ring_len, AccessFlags::LOCAL_WRITE)?;
+                ep.register_ring(slot_size, depth, AccessFlags::LOCAL_WRITE)?;
                 addr_key
             }
             None => {
-                ep.register(ring_len, ring_access)?;
+                ep.register_ring(slot_size, depth, ring_access)?;
                 (ep.buf(REQ_BUF).addr(), ep.buf(REQ_BUF).rkey())
             }
         };
-        let stage = ep.register(depth as usize * resp_slot_size, AccessFlags::LOCAL_WRITE)?;
+        let stage = ep.register_ring(resp_slot_size, depth, AccessFlags::LOCAL_WRITE)?;
         debug_assert_eq!(stage, STAGE_BUF);
         for i in 0..=depth {
             ep.post_recv_empty(i as u64)?;
@@ -656,7 +649,6 @@ impl RdmaServer {
             resp_slot_size,
             resp_addr: req.resp_addr,
             resp_rkey: req.resp_rkey,
-            busy: (0..depth).map(|_| AtomicBool::new(false)).collect(),
             alive: AtomicBool::new(true),
             gpu_ring: self.gpu_stream.is_some(),
         }))
@@ -840,15 +832,15 @@ impl RdmaServer {
             );
             return false;
         }
-        if conn.busy[slot as usize].swap(true, Ordering::AcqRel) {
+        let Some(mut req) = conn.ep.ring(REQ_BUF).claim(slot) else {
             log::warn!(
                 "client {}: request into slot {slot} while it is still being served (no credit); disconnecting it",
                 conn.client_id
             );
             return false;
-        }
+        };
         let len = len as usize;
-        if let Err(e) = conn.mirror_from_gpu(slot, len.min(conn.slot_size)) {
+        if let Err(e) = conn.mirror_from_gpu(&mut req, len.min(conn.slot_size)) {
             log::error!(
                 "client {}: reading slot {slot} from GPU memory failed ({e}); disconnecting it",
                 conn.client_id
@@ -858,14 +850,14 @@ impl RdmaServer {
         queue.counters.received.fetch_add(1, Ordering::Relaxed);
         if len > conn.slot_size {
             // Reject: the length cannot be right, the bytes are not read beyond the slot.
-            let head = conn.request(slot, HEADER_LEN);
+            let head = conn.request(&req, HEADER_LEN);
             let (client, request) = Header::salvage_ids(head);
             error_text.clear();
             error_text.push_str(&format!(
                 "immediate length {len} exceeds the {}-byte slot",
                 conn.slot_size
             ));
-            let (_, reply_head, sent) = conn.reply_with(slot, |w| {
+            let (_, reply_head, sent) = conn.reply_with(req, |w| {
                 encode_error(
                     w,
                     client,
@@ -891,14 +883,14 @@ impl RdmaServer {
             return true;
         }
         let max_payload = opts.max_payload.min(conn.slot_size - HEADER_LEN);
-        let msg = conn.request(slot, len);
+        let msg = conn.request(&req, len);
         let priority = opts.priority_clients
             && msg.len() >= HEADER_LEN
             && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0;
         let triage = if self.forward_all {
             None
         } else {
-            Some(conn.reply_with_if(slot, |w| {
+            Some(conn.reply_with_if(&req, |w| {
                 answer_without_engine(msg, received, max_payload, w, error_text)
             }))
         };
@@ -920,7 +912,7 @@ impl RdmaServer {
         }
         let job = RdmaJob {
             conn: conn.clone(),
-            slot,
+            req,
             len: len as u32,
             received,
         };
@@ -928,7 +920,7 @@ impl RdmaServer {
             queue.counters.overloaded.fetch_add(1, Ordering::Relaxed);
             overloaded_reply(job.message(), overload);
             log::warn!("queue full: answering Overloaded");
-            let (_, _, sent) = job.conn.reply_with(job.slot, |w| {
+            let (_, _, sent) = job.conn.reply_with(job.req, |w| {
                 let out = w.prepare(overload.len());
                 let n = out.len();
                 out.copy_from_slice(&overload[..n]);
@@ -943,15 +935,17 @@ impl RdmaServer {
 
 impl ServerConn {
     /// Like [`Self::reply_with`], for the engine-free triage: posts only when it answered.
+    /// The receive loop drops `req` after an answer (it handles the client's next request
+    /// into this slot only after that, on the same thread).
     fn reply_with_if(
         &self,
-        slot: u32,
+        req: &SlotToken,
         triage: impl FnOnce(&mut SlotWriter<'_>) -> Triage,
     ) -> (Triage, [u8; HEADER_LEN], Result<(), TransportError>) {
-        let off = slot as usize * self.resp_slot_size;
-        // SAFETY: as in reply_with: the slot is busy (owned by the receive loop here).
-        let buf = unsafe { self.ep.buf(STAGE_BUF).slice_mut(off, self.resp_slot_size) };
-        let Some(buf) = buf else {
+        let slot = req.slot();
+        // As in reply_with: the holder of the request slot stages into this staging slot.
+        let mut stage = self.ep.ring(STAGE_BUF).claim(slot);
+        let Some(buf) = stage.as_mut().map(SlotToken::bytes_mut) else {
             return (
                 Triage::Answered(Outcome::Rejected(ErrorCode::Internal)),
                 [0; HEADER_LEN],
@@ -968,7 +962,7 @@ impl ServerConn {
         if len >= HEADER_LEN {
             head.copy_from_slice(&w.buf[..HEADER_LEN]);
         }
-        self.busy[slot as usize].store(false, Ordering::Release);
+        let off = slot as usize * self.resp_slot_size;
         let sent = self.post_reply(slot, off, len);
         (t, head, sent)
     }
@@ -1000,7 +994,13 @@ pub struct RdmaClient {
     accept: AcceptReply,
     resp_slot_size: usize,
     next_slot: u32,
-    in_flight: Vec<bool>,
+    /// A send slot's token is its credit: held from the send until the reply arrives.
+    in_flight: Vec<Option<SlotToken>>,
+    /// The next send slot, claimed by [`RdmaClient::next_send_slot`] and not yet sent.
+    preparing: Option<SlotToken>,
+    /// Every response slot, held for the connection's life: only the server writes them, each
+    /// in answer to the request in the send slot of the same index.
+    responses: Vec<SlotToken>,
     wc: [WorkCompletion; 1],
 }
 
@@ -1078,14 +1078,16 @@ impl RdmaClient {
         };
         let mut ep = RcEndpoint::create(rdma, id, sizes)?;
         let resp_slot_size = response_slot_size(cfg.slot_size) as usize;
-        ep.register(
-            depth as usize * cfg.slot_size as usize,
-            AccessFlags::LOCAL_WRITE,
-        )?;
-        ep.register(
-            depth as usize * resp_slot_size,
+        ep.register_ring(cfg.slot_size as usize, depth, AccessFlags::LOCAL_WRITE)?;
+        ep.register_ring(
+            resp_slot_size,
+            depth,
             AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE,
         )?;
+        let responses = (0..depth)
+            .map(|slot| ep.ring(RESP_BUF).claim(slot))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| rdma_err("response ring shorter than its depth"))?;
         for i in 0..depth {
             ep.post_recv_empty(i as u64)?;
         }
@@ -1115,7 +1117,9 @@ impl RdmaClient {
         Ok(RdmaClient {
             channel,
             ep,
-            in_flight: vec![false; depth as usize],
+            in_flight: (0..depth).map(|_| None).collect(),
+            preparing: None,
+            responses,
             cfg,
             accept,
             resp_slot_size,
@@ -1154,17 +1158,19 @@ impl RdmaClient {
     /// only what changes (e.g. the header).
     pub fn next_send_slot(&mut self) -> Result<&mut [u8], TransportError> {
         let slot = self.next_slot;
-        if self.in_flight[slot as usize] {
+        if self.in_flight[slot as usize].is_some() {
             return Err(rdma_err(format!(
                 "no credit: all {} slots have a request in flight",
                 self.cfg.depth
             )));
         }
-        let size = self.cfg.slot_size as usize;
-        // SAFETY: this send slot's previous write was delivered (its reply came back before
-        // the slot's credit returned), so the NIC no longer reads it; the returned borrow of
-        // &mut self excludes other writers and any post until it ends.
-        unsafe { self.ep.buf(SEND_BUF).slice_mut(slot as usize * size, size) }
+        // The slot's credit is back (its reply arrived), so the NIC no longer reads it.
+        if self.preparing.as_ref().map(SlotToken::slot) != Some(slot) {
+            self.preparing = self.ep.ring(SEND_BUF).claim(slot);
+        }
+        self.preparing
+            .as_mut()
+            .map(SlotToken::bytes_mut)
             .ok_or_else(|| rdma_err("send slot out of range"))
     }
 
@@ -1185,13 +1191,17 @@ impl RdmaClient {
     /// Writes the first `len` bytes of the next slot (credit checked here) to the server.
     fn post_next(&mut self, len: usize, imm: u32) -> Result<u32, TransportError> {
         let slot = self.next_slot;
-        if self.in_flight[slot as usize] {
+        let credit = match self.preparing.take() {
+            Some(t) if t.slot() == slot => Some(t),
+            _ => self.ep.ring(SEND_BUF).claim(slot),
+        };
+        let Some(credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
             return Err(rdma_err(format!(
                 "no credit: all {} slots have a request in flight",
                 self.cfg.depth
             )));
-        }
-        let off = slot as usize * self.cfg.slot_size as usize;
+        };
+        let off = credit.offset();
         let remote = self.accept.req_addr + off as u64;
         self.ep.post_write_imm(
             WR_SEND | slot as u64,
@@ -1202,7 +1212,7 @@ impl RdmaClient {
             self.accept.req_rkey,
             imm,
         )?;
-        self.in_flight[slot as usize] = true;
+        self.in_flight[slot as usize] = Some(credit);
         self.next_slot = (slot + 1) % self.cfg.depth;
         Ok(slot)
     }
@@ -1223,12 +1233,12 @@ impl RdmaClient {
     /// Whether the next slot is free, i.e. [`ClientTransport::send`] would not fail for lack
     /// of credit (slots are used round-robin, so one slow reply holds the ring).
     pub fn can_send(&self) -> bool {
-        !self.in_flight[self.next_slot as usize]
+        self.in_flight[self.next_slot as usize].is_none()
     }
 
     /// Requests sent whose reply has not arrived.
     pub fn outstanding(&self) -> usize {
-        self.in_flight.iter().filter(|b| **b).count()
+        self.in_flight.iter().filter(|c| c.is_some()).count()
     }
 
     /// The ring depth (requests this connection may have in flight).
@@ -1248,14 +1258,7 @@ impl RdmaClient {
         let Some((slot, len)) = self.poll_reply()? else {
             return Ok(None);
         };
-        // SAFETY: as in `recv`: the slot's reply has arrived, no request for it is in flight,
-        // and none can be sent while the returned slice borrows self.
-        let bytes = unsafe {
-            self.ep
-                .buf(RESP_BUF)
-                .slice(slot as usize * self.resp_slot_size, len)
-        }
-        .ok_or_else(|| rdma_err("response slot out of range"))?;
+        let bytes = self.response(slot, len)?;
         Ok(Some((slot, bytes)))
     }
 
@@ -1287,7 +1290,7 @@ impl RdmaClient {
                 .ok_or_else(|| TransportError::Malformed("reply without an immediate".into()))?;
             let (slot, len) = decode_imm(imm);
             let len = len as usize;
-            if slot >= self.cfg.depth || !self.in_flight[slot as usize] {
+            if slot >= self.cfg.depth || self.in_flight[slot as usize].is_none() {
                 return Err(TransportError::Malformed(format!(
                     "reply names slot {slot}, which has no request in flight"
                 )));
@@ -1298,9 +1301,19 @@ impl RdmaClient {
                     max: self.resp_slot_size,
                 });
             }
-            self.in_flight[slot as usize] = false;
+            // The credit returns: the send slot may be written again.
+            self.in_flight[slot as usize] = None;
             return Ok(Some((slot, len)));
         }
+    }
+
+    /// The first `len` bytes of response slot `slot`, whose reply has arrived: no request
+    /// for it is in flight, and none can be sent while the returned slice borrows self.
+    fn response(&self, slot: u32, len: usize) -> Result<&[u8], TransportError> {
+        self.responses
+            .get(slot as usize)
+            .and_then(|t| t.bytes().get(..len))
+            .ok_or_else(|| rdma_err("response slot out of range"))
     }
 
     /// Waits for the next completion that carries a reply; returns (slot, len).
@@ -1339,15 +1352,7 @@ impl ClientTransport for RdmaClient {
 
     fn recv(&mut self) -> Result<&[u8], TransportError> {
         let (slot, len) = self.wait_reply()?;
-        // SAFETY: the server writes a response slot only to answer a request sent into the
-        // same slot; none is in flight for this slot now, and none can be sent while the
-        // returned slice borrows self.
-        unsafe {
-            self.ep
-                .buf(RESP_BUF)
-                .slice(slot as usize * self.resp_slot_size, len)
-        }
-        .ok_or_else(|| rdma_err("response slot out of range"))
+        self.response(slot, len)
     }
 }
 
