@@ -3,6 +3,8 @@
 //! untouched (echoes too: the backend answers them); one forwarder thread sends them on and
 //! writes each backend reply into the response slot of the inbound request it answers.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::mpsc;

@@ -3,6 +3,8 @@
 //! side, so every reply reaches the client that sent the request; message bytes (and so the
 //! header's client/request ids) pass through untouched.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

@@ -7,6 +7,8 @@
 //! - [`server`], [`client`], [`balancer`], [`stats`]: serving loop, closed-loop client,
 //!   routing, latency tables.
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod balancer;
 pub mod client;
