@@ -2,6 +2,8 @@
 //! model file and the same input (through scripts/ort_bench.py), plus an agreement check of the
 //! two engines' logits.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

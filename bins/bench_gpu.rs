@@ -6,6 +6,8 @@
 //! Inputs come from `scripts/torch_peer.py` (`export` for the model, input and logits; `bench`
 //! for PyTorch's figures); `scripts/bench_gpu.sh OUT_DIR` runs everything in order.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

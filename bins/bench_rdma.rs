@@ -18,6 +18,8 @@
 //!    of sink requests (task 4: the payload is discarded, the reply is 128 bytes), the
 //!    one-way figure to compare with ib_write_bw.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,6 +2,8 @@
 //! hop) against a plain libzmq REQ/REP ping-pong of the same message size, both over TCP
 //! loopback, both servers in their own process, in the same run. Prints figures and ratios.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -1,6 +1,8 @@
 //! Writes the deterministic test models (random-weight ResNet-50 and a tiny ResNet) as ONNX, so
 //! benchmarks and tests run without downloading anything.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -1,6 +1,8 @@
 //! multi_client: runs N client processes at once against one host and merges their
 //! per-request logs into one summary per concurrency level (the original's multi-client.py).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;

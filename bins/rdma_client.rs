@@ -1,6 +1,8 @@
 //! rdma_client: sends `-r` requests of one image to an rdma_server over RDMA
 //! (WRITE_WITH_IMM into its request ring) and prints the latency table.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! thread sends them on and writes each backend reply into the response slot of the inbound
 //! request it answers (`hacserve_runtime::proxy`).
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;

@@ -1,6 +1,8 @@
 //! rdma_server: serves image classification over RDMA (RC queue pairs via rdma_cm; requests
 //! and replies move with RDMA WRITE_WITH_IMM through per-client rings, see docs/rdma.md).
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;

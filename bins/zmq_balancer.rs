@@ -1,6 +1,8 @@
 //! zmq_balancer: forwards ZeroMQ requests to several zmq_server backends, least outstanding
 //! requests first.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};

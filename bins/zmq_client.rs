@@ -1,6 +1,8 @@
 //! zmq_client: sends `-r` requests of one image to a zmq_server (or a balancer/proxy in
 //! front of it) and prints the latency table.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! back with its client's envelope, so every reply reaches the client that sent the request
 //! (`hacserve_runtime::proxy`). Message bytes (and so the header's ids) pass through.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! zmq_server: serves image classification over ZeroMQ/TCP.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -44,7 +44,7 @@ fn gpu_addressing_needs_the_gpu_backend() {
 
 #[test]
 fn gpu_addressing_without_rdma_says_so() {
-    if hacserve_ffi::rdma_conn::Rdma::load().is_ok() {
+    if hacserve_ffi::rdma::Rdma::load().is_ok() {
         eprintln!("SKIPPED -a 1 without RDMA: this host has an RDMA device");
         return;
     }
@@ -88,8 +88,8 @@ fn gpudirect_machine() -> Result<String, String> {
         "HACSERVE_GPUDIRECT_ADDR is not set (the IP of an RDMA interface next to the GPU)"
             .to_string()
     })?;
-    hacserve_ffi::rdma_conn::Rdma::load().map_err(|e| e.to_string())?;
-    if !hacserve_ffi::cuda::driver_present() {
+    hacserve_ffi::rdma::Rdma::load().map_err(|e| e.to_string())?;
+    if !hacserve_ffi::gpu::cuda::driver_present() {
         return Err("no CUDA driver (libcuda.so.1)".into());
     }
     Ok(addr)

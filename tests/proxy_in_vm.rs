@@ -30,7 +30,7 @@ fn top1(text: &str) -> String {
 /// On a host without RDMA both proxies exit with status 1 and a clear message, no panic.
 #[test]
 fn without_rdma_both_proxies_fail_cleanly() {
-    if hacserve_ffi::rdma_conn::Rdma::load().is_ok() {
+    if hacserve_ffi::rdma::Rdma::load().is_ok() {
         eprintln!("SKIPPED no-RDMA proxy error path: this host has an RDMA device");
         return;
     }

@@ -18,7 +18,7 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 
 /// Whether this host has usable RDMA (then the "unavailable" test has nothing to check).
 fn host_has_rdma() -> bool {
-    hacserve_ffi::rdma_conn::Rdma::load().is_ok()
+    hacserve_ffi::rdma::Rdma::load().is_ok()
 }
 
 #[test]

@@ -1,14 +1,14 @@
 //! Every `unsafe` binding of hacserve, and nothing else. Each `unsafe` block carries a
 //! `// SAFETY:` line. Higher layers (runtime/, bins/) are safe Rust.
+//!
+//! Layout, cudarc-style (raw `sys` layers apart from the safe ones above them):
+//! * [`rdma`]: verbs and rdma_cm ([`rdma::sys`] raw, the rest safe).
+//! * [`gpu`]: CUDA through cudarc, nvJPEG ([`gpu::sys`] raw), the engine's launches.
+//! * [`zmq`]: libzmq through zmq-sys; [`signal`]: SIGINT/SIGTERM.
+//! * `dl`: the `dlopen` loader behind every run-time library.
 
-pub mod cuda;
 mod dl;
-pub mod gpu_ops;
-pub mod gpu_preprocess;
-pub mod nvjpeg;
-pub mod rdma_conn;
-pub mod rdma_mem;
-pub mod rdmacm;
+pub mod gpu;
+pub mod rdma;
 pub mod signal;
-pub mod verbs;
 pub mod zmq;

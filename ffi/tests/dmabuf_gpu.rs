@@ -5,7 +5,7 @@
 
 use std::io::{Seek, SeekFrom};
 
-use hacserve_ffi::cuda;
+use hacserve_ffi::gpu::cuda;
 
 #[test]
 fn device_memory_exports_as_a_dmabuf_of_its_size() {

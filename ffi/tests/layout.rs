@@ -23,8 +23,8 @@ use std::mem::{align_of, offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hacserve_ffi::rdmacm::*;
-use hacserve_ffi::verbs::*;
+use hacserve_ffi::rdma::sys::cm::*;
+use hacserve_ffi::rdma::sys::verbs::*;
 
 /// One number the C program prints and the Rust side must match.
 struct Check {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use hacserve_ffi::cuda::{self, cu};
-use hacserve_ffi::nvjpeg::{self, DecodeBackend, JpegDecoder, NvJpeg, SizedJpegDecoder};
+use hacserve_ffi::gpu::cuda::{self, cu};
+use hacserve_ffi::gpu::nvjpeg::{self, DecodeBackend, JpegDecoder, NvJpeg, SizedJpegDecoder};
 
 /// The repository root: HACSERVE_REPO when the test binary was carried to another machine.
 fn repo() -> PathBuf {
@@ -76,18 +76,18 @@ int main(void) {
     let out = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
     let c: Vec<i64> = out.split_whitespace().map(|v| v.parse().unwrap()).collect();
     let rust = vec![
-        std::mem::size_of::<nvjpeg::nvjpegImage_t>() as i64,
-        std::mem::offset_of!(nvjpeg::nvjpegImage_t, pitch) as i64,
-        std::mem::size_of::<nvjpeg::cudaStream_t>() as i64,
-        nvjpeg::NVJPEG_MAX_COMPONENT as i64,
-        nvjpeg::NVJPEG_OUTPUT_RGBI as i64,
-        nvjpeg::NVJPEG_STATUS_SUCCESS as i64,
+        std::mem::size_of::<hacserve_ffi::gpu::sys::nvjpeg::nvjpegImage_t>() as i64,
+        std::mem::offset_of!(hacserve_ffi::gpu::sys::nvjpeg::nvjpegImage_t, pitch) as i64,
+        std::mem::size_of::<hacserve_ffi::gpu::sys::nvjpeg::cudaStream_t>() as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_MAX_COMPONENT as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_OUTPUT_RGBI as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_STATUS_SUCCESS as i64,
         3,
         10,
         4,
         9,
-        nvjpeg::NVJPEG_BACKEND_HYBRID as i64,
-        nvjpeg::NVJPEG_BACKEND_GPU_HYBRID as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_BACKEND_HYBRID as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_BACKEND_GPU_HYBRID as i64,
     ];
     assert_eq!(c, rust, "C (left) vs Rust (right)");
     assert_eq!(nvjpeg::status_name(3), "BAD_JPEG");

@@ -14,6 +14,8 @@
 //! - [`client`], [`balancer`], [`proxy`], [`stats`]: the closed-loop client, routing over
 //!   several backends, forwarding to an RDMA backend, latency tables.
 
+#![forbid(unsafe_code)]
+
 pub mod balancer;
 pub mod client;
 pub mod clock;

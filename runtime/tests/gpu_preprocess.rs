@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use hacserve_ffi::cuda::{self, cu};
-use hacserve_ffi::gpu_preprocess::{self, Geometry, GpuPreprocessor};
-use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg};
+use hacserve_ffi::gpu::cuda::{self, cu};
+use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg};
+use hacserve_ffi::gpu::preprocess::{self as gpu_preprocess, Geometry, GpuPreprocessor};
 use hacserve_runtime::engine::cudnn::imagenet_geometry;
 use hacserve_runtime::preprocess::{Preprocessor, TENSOR_LEN};
 

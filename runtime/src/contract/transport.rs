@@ -23,7 +23,7 @@ pub enum TransportError {
     #[error("the peer is not reading its replies: its reply queue is full, reply dropped")]
     PeerNotReading,
     #[error(transparent)]
-    Rdma(#[from] hacserve_ffi::rdma_conn::RdmaError),
+    Rdma(#[from] hacserve_ffi::rdma::RdmaError),
 }
 
 /// A reply the receive loop wrote and sent itself, or the job given back untouched.

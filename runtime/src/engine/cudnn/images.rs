@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use hacserve_ffi::cuda::cu;
-use hacserve_ffi::gpu_preprocess::{Geometry, GpuPreprocessor};
-use hacserve_ffi::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
+use hacserve_ffi::gpu::cuda::cu;
+use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
+use hacserve_ffi::gpu::preprocess::{Geometry, GpuPreprocessor};
 
 use super::run_err;
 use super::session::CudnnSession;

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use hacserve_ffi::cuda::cu;
-use hacserve_ffi::gpu_ops::{
+use hacserve_ffi::gpu::cuda::cu;
+use hacserve_ffi::gpu::ops::{
     f16, ConvAlgo, ConvLayer, ConvMath, GemmLayer, GpuOpsError, HalfKernels, Handles, PoolLayer,
 };
 

@@ -33,7 +33,7 @@ mod weights;
 use std::path::Path;
 use std::sync::Arc;
 
-use hacserve_ffi::gpu_ops::{self, GpuDevice, GpuOpsError, HalfKernels};
+use hacserve_ffi::gpu::ops::{self as gpu_ops, GpuDevice, GpuOpsError, HalfKernels};
 
 pub use images::imagenet_geometry;
 use images::GpuImageKernels;

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use hacserve_ffi::gpu_ops::ConvGeometry;
+use hacserve_ffi::gpu::ops::ConvGeometry;
 use tract_onnx::pb::{ModelProto, NodeProto, TensorProto};
 
 use crate::engine::onnx::{

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use hacserve_ffi::cuda::cu;
-use hacserve_ffi::gpu_ops::{f16, ConvMath, GpuOpsError, Graph, Handles};
+use hacserve_ffi::gpu::cuda::cu;
+use hacserve_ffi::gpu::ops::{f16, ConvMath, GpuOpsError, Graph, Handles};
 
 use super::images::GpuImages;
 use super::layers::{self, Layer, Operands};

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use hacserve_ffi::cuda::cu;
-use hacserve_ffi::gpu_ops::{f16, ConvGeometry, GpuDevice, GpuOpsError};
+use hacserve_ffi::gpu::cuda::cu;
+use hacserve_ffi::gpu::ops::{f16, ConvGeometry, GpuDevice, GpuOpsError};
 
 use super::plan::{Plan, Step};
 

@@ -6,16 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hacserve_ffi::rdma_conn::{CmEvent, CmId, EventChannel, QpSizes, RcEndpoint, Rdma};
-use hacserve_ffi::rdmacm::{
-    RDMA_CM_EVENT_ADDR_RESOLVED, RDMA_CM_EVENT_DEVICE_REMOVAL, RDMA_CM_EVENT_DISCONNECTED,
-    RDMA_CM_EVENT_ESTABLISHED, RDMA_CM_EVENT_REJECTED, RDMA_CM_EVENT_ROUTE_RESOLVED,
+use hacserve_ffi::rdma::{
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, SlotToken,
+    WcOpcode, WcStatus, WorkCompletion,
 };
 use hacserve_ffi::signal;
-use hacserve_ffi::verbs::{
-    ibv_wc, IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_WRITE, IBV_WC_RECV_RDMA_WITH_IMM,
-    IBV_WC_SUCCESS,
-};
 
 use super::wire::*;
 use super::{rdma_err, resolve, WR_SEND};
@@ -44,13 +39,19 @@ pub struct RdmaClient {
     accept: AcceptReply,
     resp_slot_size: usize,
     next_slot: u32,
-    in_flight: Vec<bool>,
-    wc: [ibv_wc; 1],
+    /// A send slot's token is its credit: held from the send until the reply arrives.
+    in_flight: Vec<Option<SlotToken>>,
+    /// The next send slot, claimed by [`RdmaClient::next_send_slot`] and not yet sent.
+    preparing: Option<SlotToken>,
+    /// Every response slot, held for the connection's life: only the server writes them, each
+    /// in answer to the request in the send slot of the same index.
+    responses: Vec<SlotToken>,
+    wc: [WorkCompletion; 1],
 }
 
 fn wait_event(
     channel: &Arc<EventChannel>,
-    want: u32,
+    want: CmEventKind,
     deadline: Instant,
     what: &str,
 ) -> Result<CmEvent, TransportError> {
@@ -68,7 +69,7 @@ fn wait_event(
         if ev.kind == want {
             return Ok(ev);
         }
-        if ev.kind == RDMA_CM_EVENT_REJECTED {
+        if ev.kind == CmEventKind::Rejected {
             return Err(match decode_reject(&ev.private_data) {
                 Some(reason) => rdma_err(format!("the server refused the connection: {reason}")),
                 None => rdma_err(format!(
@@ -103,14 +104,14 @@ impl RdmaClient {
         id.resolve_addr(&addr, 2000)?;
         wait_event(
             &channel,
-            RDMA_CM_EVENT_ADDR_RESOLVED,
+            CmEventKind::AddrResolved,
             deadline,
             "address resolution",
         )?;
         id.resolve_route(2000)?;
         wait_event(
             &channel,
-            RDMA_CM_EVENT_ROUTE_RESOLVED,
+            CmEventKind::RouteResolved,
             deadline,
             "route resolution",
         )?;
@@ -122,14 +123,16 @@ impl RdmaClient {
         };
         let mut ep = RcEndpoint::create(rdma, id, sizes)?;
         let resp_slot_size = response_slot_size(cfg.slot_size) as usize;
-        ep.register(
-            depth as usize * cfg.slot_size as usize,
-            IBV_ACCESS_LOCAL_WRITE,
+        ep.register_ring(cfg.slot_size as usize, depth, AccessFlags::LOCAL_WRITE)?;
+        ep.register_ring(
+            resp_slot_size,
+            depth,
+            AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE,
         )?;
-        ep.register(
-            depth as usize * resp_slot_size,
-            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE,
-        )?;
+        let responses = (0..depth)
+            .map(|slot| ep.ring(RESP_BUF).claim(slot))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| rdma_err("response ring shorter than its depth"))?;
         for i in 0..depth {
             ep.post_recv_empty(i as u64)?;
         }
@@ -144,7 +147,7 @@ impl RdmaClient {
         ep.connect(&req.encode())?;
         let ev = wait_event(
             &channel,
-            RDMA_CM_EVENT_ESTABLISHED,
+            CmEventKind::Established,
             deadline,
             "the server to accept",
         )?;
@@ -159,12 +162,14 @@ impl RdmaClient {
         Ok(RdmaClient {
             channel,
             ep,
-            in_flight: vec![false; depth as usize],
+            in_flight: (0..depth).map(|_| None).collect(),
+            preparing: None,
+            responses,
             cfg,
             accept,
             resp_slot_size,
             next_slot: 0,
-            wc: [ibv_wc::default()],
+            wc: [WorkCompletion::default()],
         })
     }
 
@@ -198,17 +203,19 @@ impl RdmaClient {
     /// only what changes (e.g. the header).
     pub fn next_send_slot(&mut self) -> Result<&mut [u8], TransportError> {
         let slot = self.next_slot;
-        if self.in_flight[slot as usize] {
+        if self.in_flight[slot as usize].is_some() {
             return Err(rdma_err(format!(
                 "no credit: all {} slots have a request in flight",
                 self.cfg.depth
             )));
         }
-        let size = self.cfg.slot_size as usize;
-        // SAFETY: this send slot's previous write was delivered (its reply came back before
-        // the slot's credit returned), so the NIC no longer reads it; the returned borrow of
-        // &mut self excludes other writers and any post until it ends.
-        unsafe { self.ep.buf(SEND_BUF).slice_mut(slot as usize * size, size) }
+        // The slot's credit is back (its reply arrived), so the NIC no longer reads it.
+        if self.preparing.as_ref().map(SlotToken::slot) != Some(slot) {
+            self.preparing = self.ep.ring(SEND_BUF).claim(slot);
+        }
+        self.preparing
+            .as_mut()
+            .map(SlotToken::bytes_mut)
             .ok_or_else(|| rdma_err("send slot out of range"))
     }
 
@@ -229,13 +236,17 @@ impl RdmaClient {
     /// Writes the first `len` bytes of the next slot (credit checked here) to the server.
     fn post_next(&mut self, len: usize, imm: u32) -> Result<u32, TransportError> {
         let slot = self.next_slot;
-        if self.in_flight[slot as usize] {
+        let credit = match self.preparing.take() {
+            Some(t) if t.slot() == slot => Some(t),
+            _ => self.ep.ring(SEND_BUF).claim(slot),
+        };
+        let Some(credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
             return Err(rdma_err(format!(
                 "no credit: all {} slots have a request in flight",
                 self.cfg.depth
             )));
-        }
-        let off = slot as usize * self.cfg.slot_size as usize;
+        };
+        let off = credit.offset();
         let remote = self.accept.req_addr + off as u64;
         self.ep.post_write_imm(
             WR_SEND | slot as u64,
@@ -246,7 +257,7 @@ impl RdmaClient {
             self.accept.req_rkey,
             imm,
         )?;
-        self.in_flight[slot as usize] = true;
+        self.in_flight[slot as usize] = Some(credit);
         self.next_slot = (slot + 1) % self.cfg.depth;
         Ok(slot)
     }
@@ -254,7 +265,7 @@ impl RdmaClient {
     /// Fails once the server has closed the connection (a DISCONNECTED event is waiting).
     fn check_disconnect(&mut self) -> Result<(), TransportError> {
         while let Some(ev) = self.channel.next(0)? {
-            if ev.kind == RDMA_CM_EVENT_DISCONNECTED || ev.kind == RDMA_CM_EVENT_DEVICE_REMOVAL {
+            if ev.kind == CmEventKind::Disconnected || ev.kind == CmEventKind::DeviceRemoval {
                 return Err(rdma_err(format!(
                     "the server closed the connection ({})",
                     ev.name
@@ -267,12 +278,12 @@ impl RdmaClient {
     /// Whether the next slot is free, i.e. [`ClientTransport::send`] would not fail for lack
     /// of credit (slots are used round-robin, so one slow reply holds the ring).
     pub fn can_send(&self) -> bool {
-        !self.in_flight[self.next_slot as usize]
+        self.in_flight[self.next_slot as usize].is_none()
     }
 
     /// Requests sent whose reply has not arrived.
     pub fn outstanding(&self) -> usize {
-        self.in_flight.iter().filter(|b| **b).count()
+        self.in_flight.iter().filter(|c| c.is_some()).count()
     }
 
     /// The ring depth (requests this connection may have in flight).
@@ -292,14 +303,7 @@ impl RdmaClient {
         let Some((slot, len)) = self.poll_reply()? else {
             return Ok(None);
         };
-        // SAFETY: as in `recv`: the slot's reply has arrived, no request for it is in flight,
-        // and none can be sent while the returned slice borrows self.
-        let bytes = unsafe {
-            self.ep
-                .buf(RESP_BUF)
-                .slice(slot as usize * self.resp_slot_size, len)
-        }
-        .ok_or_else(|| rdma_err("response slot out of range"))?;
+        let bytes = self.response(slot, len)?;
         Ok(Some((slot, bytes)))
     }
 
@@ -316,22 +320,22 @@ impl RdmaClient {
                 return Ok(None);
             }
             let wc = self.wc[0];
-            if wc.status != IBV_WC_SUCCESS {
+            if wc.status() != WcStatus::Success {
                 return Err(rdma_err(format!(
                     "work completion failed: {} (the server may have disconnected this client)",
-                    self.ep.wc_status_str(wc.status)
+                    self.ep.wc_status_str(wc.status())
                 )));
             }
-            if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
+            if wc.opcode() != WcOpcode::RecvRdmaWithImm {
                 continue; // a request's send completion
             }
-            self.ep.post_recv_empty(wc.wr_id)?;
+            self.ep.post_recv_empty(wc.wr_id())?;
             let imm = wc
                 .imm()
                 .ok_or_else(|| TransportError::Malformed("reply without an immediate".into()))?;
             let (slot, len) = decode_imm(imm);
             let len = len as usize;
-            if slot >= self.cfg.depth || !self.in_flight[slot as usize] {
+            if slot >= self.cfg.depth || self.in_flight[slot as usize].is_none() {
                 return Err(TransportError::Malformed(format!(
                     "reply names slot {slot}, which has no request in flight"
                 )));
@@ -342,9 +346,19 @@ impl RdmaClient {
                     max: self.resp_slot_size,
                 });
             }
-            self.in_flight[slot as usize] = false;
+            // The credit returns: the send slot may be written again.
+            self.in_flight[slot as usize] = None;
             return Ok(Some((slot, len)));
         }
+    }
+
+    /// The first `len` bytes of response slot `slot`, whose reply has arrived: no request
+    /// for it is in flight, and none can be sent while the returned slice borrows self.
+    fn response(&self, slot: u32, len: usize) -> Result<&[u8], TransportError> {
+        self.responses
+            .get(slot as usize)
+            .and_then(|t| t.bytes().get(..len))
+            .ok_or_else(|| rdma_err("response slot out of range"))
     }
 
     /// Waits for the next completion that carries a reply; returns (slot, len).
@@ -383,15 +397,7 @@ impl ClientTransport for RdmaClient {
 
     fn recv(&mut self) -> Result<&[u8], TransportError> {
         let (slot, len) = self.wait_reply()?;
-        // SAFETY: the server writes a response slot only to answer a request sent into the
-        // same slot; none is in flight for this slot now, and none can be sent while the
-        // returned slice borrows self.
-        unsafe {
-            self.ep
-                .buf(RESP_BUF)
-                .slice(slot as usize * self.resp_slot_size, len)
-        }
-        .ok_or_else(|| rdma_err("response slot out of range"))
+        self.response(slot, len)
     }
 }
 

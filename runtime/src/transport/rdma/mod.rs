@@ -10,7 +10,7 @@ pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use hacserve_ffi::rdma_conn::RdmaError;
+use hacserve_ffi::rdma::RdmaError;
 
 use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;

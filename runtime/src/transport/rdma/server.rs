@@ -12,15 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hacserve_ffi::cuda::{self, cu};
-use hacserve_ffi::rdma_conn::{CmEvent, CmId, EventChannel, QpSizes, RcEndpoint, Rdma};
-use hacserve_ffi::rdmacm::{
-    RDMA_CM_EVENT_CONNECT_REQUEST, RDMA_CM_EVENT_DEVICE_REMOVAL, RDMA_CM_EVENT_DISCONNECTED,
-    RDMA_CM_EVENT_ESTABLISHED, RDMA_CM_EVENT_TIMEWAIT_EXIT,
-};
-use hacserve_ffi::verbs::{
-    ibv_wc, IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_REMOTE_WRITE, IBV_WC_RECV_RDMA_WITH_IMM,
-    IBV_WC_SUCCESS, IBV_WC_WR_FLUSH_ERR,
+use hacserve_ffi::gpu::cuda::{self, cu};
+use hacserve_ffi::rdma::{
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, SlotToken,
+    WcOpcode, WcStatus, WorkCompletion,
 };
 
 use super::wire::*;
@@ -54,86 +49,82 @@ pub struct ServerConn {
     resp_slot_size: usize,
     resp_addr: u64,
     resp_rkey: u32,
-    /// Slot owned by a request being served (set by the receive loop, cleared when its reply
-    /// is staged). A request into a busy slot breaks the credit rule.
-    busy: Box<[AtomicBool]>,
     alive: AtomicBool,
     /// The ring is GPU buffer 0 of `ep`; host buffer REQ_BUF is its mirror.
     gpu_ring: bool,
 }
 
 impl ServerConn {
-    /// With a ring in GPU memory: copies the first `len` bytes of a slot the caller owns
-    /// into its host mirror, where [`Self::request`] reads them.
-    fn mirror_from_gpu(&self, slot: u32, len: usize) -> Result<(), String> {
+    /// With a ring in GPU memory: copies the first `len` bytes of the request slot `req`
+    /// holds into its host mirror, where [`Self::request`] reads them.
+    fn mirror_from_gpu(&self, req: &mut SlotToken, len: usize) -> Result<(), String> {
         if !self.gpu_ring {
             return Ok(());
         }
-        let off = slot as usize * self.slot_size;
-        // SAFETY: `slot` is busy (owned by the caller), so no other thread reads or writes
-        // its mirror bytes meanwhile, and the NIC never touches the mirror (local only).
-        let dst = unsafe { self.ep.buf(REQ_BUF).slice_mut(off, len) }
+        let (slot, off) = (req.slot(), req.offset());
+        let dst = req
+            .bytes_mut()
+            .get_mut(..len)
             .ok_or_else(|| format!("slot {slot} + {len} B outside the mirror"))?;
         self.ep.gpu_buf(0).copy_to_host(off, dst)
     }
 
-    /// The request bytes of a slot the caller owns (its busy flag is set).
-    fn request(&self, slot: u32, len: usize) -> &[u8] {
-        // SAFETY: `slot` is busy: the client holds no credit for it until its reply is
-        // written, so neither the NIC nor another thread writes these bytes meanwhile (a
-        // client breaking the credit rule can only garble its own request, which the
-        // pipeline validates like any other bytes).
-        unsafe {
-            self.ep
-                .buf(REQ_BUF)
-                .slice(slot as usize * self.slot_size, len)
-        }
-        .unwrap_or(&[])
+    /// The first `len` request bytes of the slot `req` holds (the client holds no credit for
+    /// it until its reply is written; one breaking the credit rule can only garble its own
+    /// request, which the pipeline validates like any other bytes).
+    fn request<'a>(&self, req: &'a SlotToken, len: usize) -> &'a [u8] {
+        req.bytes().get(..len).unwrap_or(&[])
     }
 
-    /// Stages a reply for `slot` (the caller owns it) with `write`, which gets the request's
-    /// first `len` bytes and the staging slot, and writes it to the client's response slot
-    /// of the same index. `write` returning None stages nothing and keeps the slot owned.
-    /// Returns what `write` returned, the reply's header (for the accounting) and whether
-    /// the post worked.
+    /// Stages a reply to the request `req` holds with `write`, which gets the request's
+    /// first `len` bytes and the staging slot of the same index, and writes it into the
+    /// client's response slot of that index; the request slot is free once the reply is
+    /// staged. `write` returning None stages nothing and gives `req` back. Returns what
+    /// `write` returned, the reply's header (for the accounting) and whether the post worked.
+    #[allow(clippy::type_complexity)]
     fn reply_with<R>(
         &self,
-        slot: u32,
+        req: SlotToken,
         len: usize,
         write: impl FnOnce(&[u8], &mut SlotWriter<'_>) -> Option<R>,
-    ) -> Option<(R, [u8; HEADER_LEN], Result<(), TransportError>)> {
-        let off = slot as usize * self.resp_slot_size;
-        let request = self.request(slot, len);
-        // SAFETY: `slot` is busy (owned by this caller), so no other thread stages into it,
-        // and its previous reply was delivered before the client could send the request
-        // this one answers, so the NIC no longer reads it.
-        let buf = unsafe { self.ep.buf(STAGE_BUF).slice_mut(off, self.resp_slot_size) };
-        let Some(buf) = buf else {
-            let r = write(
-                request,
-                &mut SlotWriter {
-                    buf: &mut [],
-                    len: 0,
-                },
-            )?;
-            self.busy[slot as usize].store(false, Ordering::Release);
-            return Some((
-                r,
-                [0; HEADER_LEN],
-                Err(rdma_err("staging slot out of range")),
-            ));
+    ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken> {
+        let slot = req.slot();
+        // Only the holder of the request slot stages into the staging slot of that index,
+        // and its previous reply was delivered before the client could send this request,
+        // so the NIC no longer reads it.
+        let mut stage = self.ep.ring(STAGE_BUF).claim(slot);
+        let request = self.request(&req, len);
+        let (written, reply_len, head) = match stage.as_mut().map(SlotToken::bytes_mut) {
+            Some(buf) => {
+                let mut w = SlotWriter { buf, len: 0 };
+                let r = write(request, &mut w);
+                let mut head = [0u8; HEADER_LEN];
+                if w.len >= HEADER_LEN {
+                    head.copy_from_slice(&w.buf[..HEADER_LEN]);
+                }
+                (r, Some(w.len), head)
+            }
+            None => {
+                let r = write(
+                    request,
+                    &mut SlotWriter {
+                        buf: &mut [],
+                        len: 0,
+                    },
+                );
+                (r, None, [0; HEADER_LEN])
+            }
         };
-        let mut w = SlotWriter { buf, len: 0 };
-        let r = write(request, &mut w)?;
-        let reply_len = w.len;
-        let mut head = [0u8; HEADER_LEN];
-        if reply_len >= HEADER_LEN {
-            head.copy_from_slice(&w.buf[..HEADER_LEN]);
-        }
+        let Some(r) = written else {
+            return Err(req);
+        };
         // The reply is staged: the request slot is free for the client's next request.
-        self.busy[slot as usize].store(false, Ordering::Release);
-        let sent = self.post_reply(slot, off, reply_len);
-        Some((r, head, sent))
+        drop(req);
+        let sent = match reply_len {
+            Some(n) => self.post_reply(slot, slot as usize * self.resp_slot_size, n),
+            None => Err(rdma_err("staging slot out of range or busy")),
+        };
+        Ok((r, head, sent))
     }
 
     fn post_reply(&self, slot: u32, off: usize, len: usize) -> Result<(), TransportError> {
@@ -163,7 +154,9 @@ impl ServerConn {
 /// A request waiting in its ring slot.
 pub struct RdmaJob {
     conn: Arc<ServerConn>,
-    slot: u32,
+    /// Holds the request slot until the reply is staged (or the job is dropped, even by a
+    /// panicking worker).
+    req: SlotToken,
     /// Bytes of the slot that hold the request (at most the slot).
     len: u32,
     /// The length the immediate announced when it exceeded the slot.
@@ -173,7 +166,7 @@ pub struct RdmaJob {
 
 impl ServerJob for RdmaJob {
     fn message(&self) -> &[u8] {
-        self.conn.request(self.slot, self.len as usize)
+        self.conn.request(&self.req, self.len as usize)
     }
     fn received_ns(&self) -> u64 {
         self.received
@@ -198,7 +191,7 @@ pub struct RdmaReplySink;
 
 impl ReplySink<RdmaJob> for RdmaReplySink {
     fn reply(&mut self, job: RdmaJob, reply: &[u8]) -> Result<(), TransportError> {
-        let written = job.conn.reply_with(job.slot, 0, |_, w| {
+        let written = job.conn.reply_with(job.req, 0, |_, w| {
             let out = w.prepare(reply.len());
             let n = out.len();
             out.copy_from_slice(&reply[..n]);
@@ -252,7 +245,7 @@ pub struct RdmaServer {
     /// Receives to repost once the loop has answered or queued what they received: off the
     /// reply's critical path (depth + 1 are posted, the spare takes a request in between).
     repost: Vec<(Arc<ServerConn>, u64)>,
-    wcs: [ibv_wc; 32],
+    wcs: [WorkCompletion; 32],
     rounds: u64,
     dead: Vec<usize>,
 }
@@ -291,7 +284,7 @@ impl RdmaServer {
             max_payload,
             ready: VecDeque::with_capacity(256),
             repost: Vec::with_capacity(256),
-            wcs: [ibv_wc::default(); 32],
+            wcs: [WorkCompletion::default(); 32],
             rounds: 0,
             dead: Vec::with_capacity(16),
         })
@@ -367,7 +360,7 @@ impl RdmaServer {
         let ring_len = depth as usize * slot_size;
         // The client's ring: remote write only (no remote read), its own slots only. In GPU
         // memory, the host buffer at REQ_BUF is only the local mirror.
-        let ring_access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+        let ring_access = AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE;
         let (req_addr, req_rkey) = match &self.gpu_stream {
             Some(stream) => {
                 let gpu = match ep.register_gpu(stream, ring_len, ring_access) {
@@ -385,15 +378,15 @@ impl RdmaServer {
                     ring.route()
                 );
                 let addr_key = (ring.addr(), ring.rkey());
-                ep.register(ring_len, IBV_ACCESS_LOCAL_WRITE)?;
+                ep.register_ring(slot_size, depth, AccessFlags::LOCAL_WRITE)?;
                 addr_key
             }
             None => {
-                ep.register(ring_len, ring_access)?;
+                ep.register_ring(slot_size, depth, ring_access)?;
                 (ep.buf(REQ_BUF).addr(), ep.buf(REQ_BUF).rkey())
             }
         };
-        let stage = ep.register(depth as usize * resp_slot_size, IBV_ACCESS_LOCAL_WRITE)?;
+        let stage = ep.register_ring(resp_slot_size, depth, AccessFlags::LOCAL_WRITE)?;
         debug_assert_eq!(stage, STAGE_BUF);
         for i in 0..=depth {
             ep.post_recv_empty(i as u64)?;
@@ -414,7 +407,6 @@ impl RdmaServer {
             resp_slot_size,
             resp_addr: req.resp_addr,
             resp_rkey: req.resp_rkey,
-            busy: (0..depth).map(|_| AtomicBool::new(false)).collect(),
             alive: AtomicBool::new(true),
             gpu_ring: self.gpu_stream.is_some(),
         }))
@@ -426,9 +418,9 @@ impl RdmaServer {
         while let Some(ev) = self.channel.next(timeout)? {
             timeout = 0;
             match ev.kind {
-                RDMA_CM_EVENT_CONNECT_REQUEST => self.accept(ev, max_payload),
-                RDMA_CM_EVENT_ESTABLISHED => log::debug!("connection established"),
-                RDMA_CM_EVENT_DISCONNECTED | RDMA_CM_EVENT_DEVICE_REMOVAL => {
+                CmEventKind::ConnectRequest => self.accept(ev, max_payload),
+                CmEventKind::Established => log::debug!("connection established"),
+                CmEventKind::Disconnected | CmEventKind::DeviceRemoval => {
                     if let Some(i) = self.conns.iter().position(|c| c.ep.handle() == ev.id) {
                         let c = self.conns.swap_remove(i);
                         c.alive.store(false, Ordering::Release);
@@ -436,7 +428,7 @@ impl RdmaServer {
                         log::info!("client {} disconnected", c.client_id);
                     }
                 }
-                RDMA_CM_EVENT_TIMEWAIT_EXIT => {}
+                CmEventKind::TimewaitExit => {}
                 _ => log::debug!("CM event {} (status {})", ev.name, ev.status),
             }
         }
@@ -453,7 +445,7 @@ impl RdmaServer {
 
     /// Turns one successful receive completion into a job; Err(reason) when the client
     /// broke the ring rules and must be disconnected.
-    fn take_request(conn: &Arc<ServerConn>, wc: &ibv_wc) -> Result<RdmaJob, String> {
+    fn take_request(conn: &Arc<ServerConn>, wc: &WorkCompletion) -> Result<RdmaJob, String> {
         let imm = wc.imm().ok_or("write without an immediate")?;
         let (slot, len) = decode_imm(imm);
         if slot >= conn.depth {
@@ -462,21 +454,21 @@ impl RdmaServer {
                 conn.depth
             ));
         }
-        if conn.busy[slot as usize].swap(true, Ordering::AcqRel) {
+        let Some(mut req) = conn.ep.ring(REQ_BUF).claim(slot) else {
             return Err(format!(
                 "request into slot {slot} while it is still being served (no credit)"
             ));
-        }
+        };
         let announced = len as usize;
         let held = announced.min(conn.slot_size);
-        if let Err(e) = conn.mirror_from_gpu(slot, held) {
+        if let Err(e) = conn.mirror_from_gpu(&mut req, held) {
             return Err(format!("reading slot {slot} from GPU memory failed ({e})"));
         }
         // Beyond the slot the length cannot be right: only the header is read.
         let oversize = announced > conn.slot_size;
         Ok(RdmaJob {
             conn: conn.clone(),
-            slot,
+            req,
             len: if oversize { HEADER_LEN as u32 } else { len },
             announced: oversize.then_some(len),
             received: realtime_ns(),
@@ -535,25 +527,25 @@ impl ServerTransport for RdmaServer {
             };
             events += n;
             for wc in &self.wcs[..n] {
-                if wc.status != IBV_WC_SUCCESS {
-                    if wc.status != IBV_WC_WR_FLUSH_ERR && conn.alive.load(Ordering::Acquire) {
+                if wc.status() != WcStatus::Success {
+                    if wc.status() != WcStatus::WrFlushErr && conn.alive.load(Ordering::Acquire) {
                         log::warn!(
                             "client {}: work completion failed: {}; disconnecting it",
                             conn.client_id,
-                            conn.ep.wc_status_str(wc.status)
+                            conn.ep.wc_status_str(wc.status())
                         );
                     }
                     counters.transport_errors.fetch_add(1, Ordering::Relaxed);
                     self.dead.push(ci);
                     break;
                 }
-                if wc.opcode != IBV_WC_RECV_RDMA_WITH_IMM {
+                if wc.opcode() != WcOpcode::RecvRdmaWithImm {
                     continue; // a reply's send completion
                 }
                 match Self::take_request(conn, wc) {
                     Ok(job) => {
                         self.ready.push_back(job);
-                        self.repost.push((conn.clone(), wc.wr_id));
+                        self.repost.push((conn.clone(), wc.wr_id()));
                     }
                     Err(why) => {
                         log::warn!("client {}: {why}; disconnecting it", conn.client_id);
@@ -584,16 +576,26 @@ impl ServerTransport for RdmaServer {
         job: RdmaJob,
         write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
     ) -> InLoop<R, RdmaJob> {
-        match job
-            .conn
-            .reply_with(job.slot, job.len as usize, |msg, w| write(msg, w))
-        {
-            Some((outcome, head, sent)) => InLoop::Sent {
+        let RdmaJob {
+            conn,
+            req,
+            len,
+            announced,
+            received,
+        } = job;
+        match conn.reply_with(req, len as usize, |msg, w| write(msg, w)) {
+            Ok((outcome, head, sent)) => InLoop::Sent {
                 outcome,
                 head,
                 sent,
             },
-            None => InLoop::Kept(job),
+            Err(req) => InLoop::Kept(RdmaJob {
+                conn,
+                req,
+                len,
+                announced,
+                received,
+            }),
         }
     }
 

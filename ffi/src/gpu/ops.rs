@@ -23,7 +23,7 @@ use cudarc::cudnn::{
 use cudarc::driver::PushKernelArg;
 use thiserror::Error;
 
-use crate::cuda::{self, cu, CudaError};
+use super::cuda::{self, cu, CudaError};
 
 pub use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as ConvAlgo;
 

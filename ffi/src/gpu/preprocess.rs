@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use cudarc::driver::PushKernelArg;
 
-use crate::cuda::{self, cu, CudaError};
+use super::cuda::{self, cu, CudaError};
 
 const KERNEL: &str = r#"
 __device__ __forceinline__ float tri(float x) { x = fabsf(x); return x < 1.0f ? 1.0f - x : 0.0f; }

@@ -1,25 +1,78 @@
-//! Registered memory for the RDMA transport: page-aligned, zeroed buffers allocated once and
-//! registered with a protection domain ([`RegisteredBuf`]), owned by the connection
-//! ([`crate::rdma_conn::RcEndpoint`]) whose PD registered them.
+//! Registered memory for the RDMA transport: the protection domain every region of a
+//! connection is registered on ([`ProtectionDomain`], shared), page-aligned zeroed host
+//! buffers ([`RegisteredBuf`]) and GPU buffers ([`GpuRegisteredBuf`]).
+//!
+//! A buffer holds its protection domain (and through it the connection's rdma_cm id, hence
+//! the device context), so a buffer that outlives its [`super::conn::RcEndpoint`] (e.g. a
+//! [`super::ring::SlotRing`] a worker still holds) is still deregistered on a live PD.
 //!
 //! The NIC reads and writes these bytes outside the Rust abstract machine, so the accessors
 //! that lend them as slices are `unsafe`: the caller states which protocol rule keeps the peer
-//! (and other threads) away from the range while the slice lives.
+//! (and other threads) away from the range while the slice lives. The safe way in is
+//! [`super::ring::SlotRing`], whose tokens make that rule an atomic flag.
 
 use std::alloc::{self, Layout};
 use std::ffi::c_void;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
-use crate::cuda::cu;
-use crate::verbs::{ibv_mr, ibv_pd, Verbs, VerbsError};
+use super::cm::CmId;
+use super::sys::verbs::{ibv_context, ibv_mr, ibv_pd, Verbs, VerbsError};
+use super::verbs::AccessFlags;
+use crate::gpu::cuda::cu;
 
 /// Alignment of every registered buffer (a page: NICs and rxe work per page).
 pub const BUF_ALIGN: usize = 4096;
 
+/// A protection domain on an rdma_cm id's device, deallocated when the endpoint and the last
+/// buffer registered on it are gone; it keeps the id (and so the device context) alive until
+/// then.
+#[derive(Debug)]
+pub struct ProtectionDomain {
+    verbs: &'static Verbs,
+    pd: NonNull<ibv_pd>,
+    _id: Arc<CmId>,
+}
+
+// SAFETY: a PD is a libibverbs object usable from any thread (verbs calls are thread-safe);
+// the handle is only read, and deallocated once in Drop.
+unsafe impl Send for ProtectionDomain {}
+// SAFETY: as above.
+unsafe impl Sync for ProtectionDomain {}
+
+impl ProtectionDomain {
+    /// `ibv_alloc_pd` on `ctx`, the device context of `id`.
+    ///
+    /// # Safety
+    /// `ctx` must be `id`'s live device context (`rdma_cm_id::verbs`).
+    pub(crate) unsafe fn alloc(
+        verbs: &'static Verbs,
+        ctx: *mut ibv_context,
+        id: Arc<CmId>,
+    ) -> Result<Arc<ProtectionDomain>, VerbsError> {
+        // SAFETY: ctx is the id's live device context (caller); the id is kept alive by the PD.
+        let pd = NonNull::new(unsafe { (verbs.ibv_alloc_pd)(ctx) })
+            .ok_or_else(|| VerbsError::last("ibv_alloc_pd"))?;
+        Ok(Arc::new(ProtectionDomain { verbs, pd, _id: id }))
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut ibv_pd {
+        self.pd.as_ptr()
+    }
+}
+
+impl Drop for ProtectionDomain {
+    fn drop(&mut self) {
+        // SAFETY: every QP on the PD was destroyed by its endpoint and every MR holds an Arc to
+        // the PD (so none is left); deallocated once. The id drops after this.
+        unsafe { (self.verbs.ibv_dealloc_pd)(self.pd.as_ptr()) };
+    }
+}
+
 /// A zeroed, page-aligned allocation registered as one memory region.
 #[derive(Debug)]
 pub struct RegisteredBuf {
-    verbs: &'static Verbs,
+    pd: Arc<ProtectionDomain>,
     ptr: NonNull<u8>,
     layout: Layout,
     mr: NonNull<ibv_mr>,
@@ -34,16 +87,13 @@ unsafe impl Sync for RegisteredBuf {}
 
 impl RegisteredBuf {
     /// Allocates `len` zeroed bytes (page-aligned, `len` > 0) and registers them on `pd` with
-    /// `access` (`IBV_ACCESS_*`).
-    ///
-    /// # Safety
-    /// `pd` must be a live protection domain that outlives the returned buffer.
-    pub(crate) unsafe fn new(
-        verbs: &'static Verbs,
-        pd: *mut ibv_pd,
+    /// `access`; the buffer keeps `pd` alive.
+    pub(crate) fn new(
+        pd: &Arc<ProtectionDomain>,
         len: usize,
-        access: u32,
+        access: AccessFlags,
     ) -> Result<RegisteredBuf, VerbsError> {
+        let verbs = pd.verbs;
         let layout = Layout::from_size_align(len.max(1), BUF_ALIGN)
             .map_err(|_| VerbsError::from_errno("alloc", libc::EINVAL))?;
         // SAFETY: layout has a non-zero size.
@@ -51,12 +101,13 @@ impl RegisteredBuf {
         let Some(ptr) = NonNull::new(raw) else {
             return Err(VerbsError::from_errno("alloc", libc::ENOMEM));
         };
-        // SAFETY: pd is live (caller); ptr..ptr+len is our allocation, kept until after
-        // ibv_dereg_mr in Drop.
-        let mr = unsafe { verbs.reg_mr(pd, ptr.as_ptr() as *mut c_void, len, access) };
+        // SAFETY: pd is live (we hold an Arc to it); ptr..ptr+len is our allocation, kept
+        // until after ibv_dereg_mr in Drop.
+        let mr =
+            unsafe { verbs.reg_mr(pd.as_ptr(), ptr.as_ptr() as *mut c_void, len, access.bits()) };
         match mr {
             Ok(mr) => Ok(RegisteredBuf {
-                verbs,
+                pd: pd.clone(),
                 ptr,
                 layout,
                 mr,
@@ -123,13 +174,30 @@ impl RegisteredBuf {
     pub fn contains(&self, offset: usize, len: usize) -> bool {
         self.check(offset, len).is_some()
     }
+
+    /// Whether the buffer was registered on `pd`.
+    pub(crate) fn is_on(&self, pd: &Arc<ProtectionDomain>) -> bool {
+        Arc::ptr_eq(&self.pd, pd)
+    }
+}
+
+// SAFETY: ptr..ptr+len is our live allocation at a fixed address until Drop, valid for reads
+// and writes; nothing safe outside a ring reaches its bytes (slice/slice_mut are unsafe).
+unsafe impl super::ring::RingMemory for RegisteredBuf {
+    fn base(&self) -> NonNull<u8> {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
 }
 
 impl Drop for RegisteredBuf {
     fn drop(&mut self) {
-        // SAFETY: mr came from ibv_reg_mr and is deregistered exactly once; the owner
-        // (RcEndpoint) destroys the QP first, so no work request still names this memory.
-        let rc = unsafe { (self.verbs.ibv_dereg_mr)(self.mr.as_ptr()) };
+        // SAFETY: mr came from ibv_reg_mr on self.pd (still alive: we hold it) and is
+        // deregistered exactly once; a work request still naming this memory fails with a
+        // protection error after this, the NIC never touches the freed pages.
+        let rc = unsafe { (self.pd.verbs.ibv_dereg_mr)(self.mr.as_ptr()) };
         if rc != 0 {
             // Deregistration failed: the NIC may still map the pages; leak them rather than
             // free memory the device could write.
@@ -201,7 +269,7 @@ pub unsafe fn register_device_memory(
 
 /// GPU memory registered as one memory region: the target of GPUDirect RDMA writes.
 pub struct GpuRegisteredBuf {
-    verbs: &'static Verbs,
+    pd: Arc<ProtectionDomain>,
     stream: std::sync::Arc<cu::CudaStream>,
     /// Freed in Drop only after a successful deregistration.
     mem: std::mem::ManuallyDrop<cu::CudaSlice<u8>>,
@@ -231,14 +299,12 @@ impl GpuRegisteredBuf {
     /// Allocates `len` zeroed bytes of device memory on `stream`'s GPU (rounded up to 64 KiB,
     /// the GPU page that both routes pin) and registers them on `pd` with `access`.
     ///
-    /// # Safety
-    /// `pd` must be a live protection domain that outlives the returned buffer.
-    pub(crate) unsafe fn new(
-        verbs: &'static Verbs,
-        pd: *mut ibv_pd,
+    /// The buffer keeps `pd` alive.
+    pub(crate) fn new(
+        pd: &Arc<ProtectionDomain>,
         stream: &std::sync::Arc<cu::CudaStream>,
         len: usize,
-        access: u32,
+        access: AccessFlags,
     ) -> Result<GpuRegisteredBuf, DeviceRegisterError> {
         use cu::DevicePtr;
         const GPU_PAGE: usize = 64 << 10;
@@ -254,17 +320,18 @@ impl GpuRegisteredBuf {
             let (ptr, _sync) = mem.device_ptr(stream);
             ptr
         };
-        let fd = crate::cuda::export_dmabuf(stream, &mem);
+        let fd = crate::gpu::cuda::export_dmabuf(stream, &mem);
         let borrowed = match &fd {
             Ok(fd) => Ok(std::os::fd::AsFd::as_fd(fd)),
             Err(e) => Err(format!("dma-buf export: {e}")),
         };
-        // SAFETY: pd is live (caller); mem is our device allocation, kept until after
-        // ibv_dereg_mr in Drop.
-        let (mr, route) =
-            unsafe { register_device_memory(verbs, pd, addr, len, borrowed, access) }?;
+        // SAFETY: pd is live (we hold an Arc to it); mem is our device allocation, kept until
+        // after ibv_dereg_mr in Drop.
+        let (mr, route) = unsafe {
+            register_device_memory(pd.verbs, pd.as_ptr(), addr, len, borrowed, access.bits())
+        }?;
         Ok(GpuRegisteredBuf {
-            verbs,
+            pd: pd.clone(),
             stream: stream.clone(),
             mem: std::mem::ManuallyDrop::new(mem),
             addr,
@@ -313,9 +380,9 @@ impl GpuRegisteredBuf {
 
 impl Drop for GpuRegisteredBuf {
     fn drop(&mut self) {
-        // SAFETY: mr came from registration and is deregistered exactly once; the owner
-        // destroys the QP first.
-        let rc = unsafe { (self.verbs.ibv_dereg_mr)(self.mr.as_ptr()) };
+        // SAFETY: mr came from registration on self.pd (alive: we hold it) and is
+        // deregistered exactly once; the owner destroys the QP first.
+        let rc = unsafe { (self.pd.verbs.ibv_dereg_mr)(self.mr.as_ptr()) };
         if rc == 0 {
             // SAFETY: dropped exactly once, here, after the NIC let go of the pages.
             unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) };

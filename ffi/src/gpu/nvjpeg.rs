@@ -1,159 +1,15 @@
-//! nvJPEG, written by hand and loaded at run time (libnvjpeg.so.13, then .12): no build-time
-//! CUDA dependency, and a machine without it gets an error naming the library.
-//!
-//! Mirrors of nvjpeg.h (CUDA 12/13): handles are opaque pointers, `nvjpegImage_t` is four
-//! channel pointers and four pitches. The layout is checked against the real header by
-//! `ffi/tests/nvjpeg_gpu.rs` wherever the header exists (the GPU machine).
+//! nvJPEG decoders, the safe layer over [`crate::gpu::sys::nvjpeg`]: [`JpegDecoder`] (the
+//! single-phase API) and [`SizedJpegDecoder`] (both decode paths behind one size rule). Every
+//! size is checked before the raw call.
 
-#![allow(non_camel_case_types)]
-
-use std::ffi::{c_int, c_uchar, c_void};
-use std::sync::OnceLock;
+use std::ffi::c_int;
 
 use thiserror::Error;
 
 pub use crate::dl::DlError;
-use crate::dl::Library;
-
-pub const NVJPEG_MAX_COMPONENT: usize = 4;
-pub type nvjpegStatus_t = c_int;
-pub const NVJPEG_STATUS_SUCCESS: nvjpegStatus_t = 0;
-pub type nvjpegOutputFormat_t = c_int;
-/// Interleaved RGB in channel[0] (what the preprocessing kernel reads).
-pub const NVJPEG_OUTPUT_RGBI: nvjpegOutputFormat_t = 5;
-pub type nvjpegChromaSubsampling_t = c_int;
-
-#[repr(C)]
-pub struct nvjpegHandle {
-    _opaque: [u8; 0],
-}
-#[repr(C)]
-pub struct nvjpegJpegState {
-    _opaque: [u8; 0],
-}
-pub type nvjpegHandle_t = *mut nvjpegHandle;
-pub type nvjpegJpegState_t = *mut nvjpegJpegState;
-/// Opaque handles of the decoupled API (decoder per backend, parsed stream, output
-/// parameters, pinned and device work buffers).
-pub type nvjpegJpegDecoder_t = *mut c_void;
-pub type nvjpegJpegStream_t = *mut c_void;
-pub type nvjpegDecodeParams_t = *mut c_void;
-pub type nvjpegBufferPinned_t = *mut c_void;
-pub type nvjpegBufferDevice_t = *mut c_void;
-pub type nvjpegBackend_t = c_int;
-/// CPU Huffman decoding (best for small images).
-pub const NVJPEG_BACKEND_HYBRID: nvjpegBackend_t = 1;
-/// GPU-assisted Huffman decoding (decoupled API; pays off on large images).
-pub const NVJPEG_BACKEND_GPU_HYBRID: nvjpegBackend_t = 2;
-/// `cudaStream_t`, the same object as the driver API's `CUstream`.
-pub type cudaStream_t = *mut c_void;
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct nvjpegImage_t {
-    pub channel: [*mut c_uchar; NVJPEG_MAX_COMPONENT],
-    pub pitch: [usize; NVJPEG_MAX_COMPONENT],
-}
-
-type CreateSimple = unsafe extern "C" fn(*mut nvjpegHandle_t) -> nvjpegStatus_t;
-type Destroy = unsafe extern "C" fn(nvjpegHandle_t) -> nvjpegStatus_t;
-type StateCreate = unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegJpegState_t) -> nvjpegStatus_t;
-type StateDestroy = unsafe extern "C" fn(nvjpegJpegState_t) -> nvjpegStatus_t;
-type GetImageInfo = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    *const c_uchar,
-    usize,
-    *mut c_int,
-    *mut nvjpegChromaSubsampling_t,
-    *mut c_int,
-    *mut c_int,
-) -> nvjpegStatus_t;
-type Decode = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    nvjpegJpegState_t,
-    *const c_uchar,
-    usize,
-    nvjpegOutputFormat_t,
-    *mut nvjpegImage_t,
-    cudaStream_t,
-) -> nvjpegStatus_t;
-
-type DecoderCreate = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    nvjpegBackend_t,
-    *mut nvjpegJpegDecoder_t,
-) -> nvjpegStatus_t;
-type DecoderDestroy = unsafe extern "C" fn(nvjpegJpegDecoder_t) -> nvjpegStatus_t;
-type DecoderStateCreate = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    nvjpegJpegDecoder_t,
-    *mut nvjpegJpegState_t,
-) -> nvjpegStatus_t;
-type StreamCreate = unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegJpegStream_t) -> nvjpegStatus_t;
-type StreamDestroy = unsafe extern "C" fn(nvjpegJpegStream_t) -> nvjpegStatus_t;
-type StreamParse = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    *const c_uchar,
-    usize,
-    c_int,
-    c_int,
-    nvjpegJpegStream_t,
-) -> nvjpegStatus_t;
-type ParamsCreate =
-    unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegDecodeParams_t) -> nvjpegStatus_t;
-type ParamsDestroy = unsafe extern "C" fn(nvjpegDecodeParams_t) -> nvjpegStatus_t;
-type ParamsSetOutputFormat =
-    unsafe extern "C" fn(nvjpegDecodeParams_t, nvjpegOutputFormat_t) -> nvjpegStatus_t;
-type PinnedCreate =
-    unsafe extern "C" fn(nvjpegHandle_t, *mut c_void, *mut nvjpegBufferPinned_t) -> nvjpegStatus_t;
-type PinnedDestroy = unsafe extern "C" fn(nvjpegBufferPinned_t) -> nvjpegStatus_t;
-type DeviceCreate =
-    unsafe extern "C" fn(nvjpegHandle_t, *mut c_void, *mut nvjpegBufferDevice_t) -> nvjpegStatus_t;
-type DeviceDestroy = unsafe extern "C" fn(nvjpegBufferDevice_t) -> nvjpegStatus_t;
-type AttachPinned = unsafe extern "C" fn(nvjpegJpegState_t, nvjpegBufferPinned_t) -> nvjpegStatus_t;
-type AttachDevice = unsafe extern "C" fn(nvjpegJpegState_t, nvjpegBufferDevice_t) -> nvjpegStatus_t;
-type DecodeJpeg = unsafe extern "C" fn(
-    nvjpegHandle_t,
-    nvjpegJpegDecoder_t,
-    nvjpegJpegState_t,
-    nvjpegJpegStream_t,
-    *mut nvjpegImage_t,
-    nvjpegDecodeParams_t,
-    cudaStream_t,
-) -> nvjpegStatus_t;
-
-/// The decoupled decode API (a decoder per backend), resolved where the library has it.
-pub struct Decoupled {
-    decoder_create: DecoderCreate,
-    decoder_destroy: DecoderDestroy,
-    decoder_state_create: DecoderStateCreate,
-    stream_create: StreamCreate,
-    stream_destroy: StreamDestroy,
-    stream_parse: StreamParse,
-    params_create: ParamsCreate,
-    params_destroy: ParamsDestroy,
-    params_set_output_format: ParamsSetOutputFormat,
-    pinned_create: PinnedCreate,
-    pinned_destroy: PinnedDestroy,
-    device_create: DeviceCreate,
-    device_destroy: DeviceDestroy,
-    attach_pinned: AttachPinned,
-    attach_device: AttachDevice,
-    decode_jpeg: DecodeJpeg,
-}
-
-/// The resolved entry points.
-pub struct NvJpeg {
-    create_simple: CreateSimple,
-    destroy: Destroy,
-    state_create: StateCreate,
-    state_destroy: StateDestroy,
-    get_image_info: GetImageInfo,
-    decode: Decode,
-    /// None where this libnvjpeg lacks the decoupled API (then one backend serves all sizes).
-    decoupled: Option<Decoupled>,
-    lib: Library,
-}
+/// The loaded library's entry points (the raw table decoders are built on).
+pub use crate::gpu::sys::nvjpeg::NvJpeg;
+use crate::gpu::sys::nvjpeg::*;
 
 #[derive(Debug, Error)]
 pub enum NvJpegError {
@@ -198,69 +54,6 @@ fn check(call: &'static str, status: nvjpegStatus_t) -> Result<(), NvJpegError> 
         Ok(())
     } else {
         Err(NvJpegError::Call { call, status })
-    }
-}
-
-const SONAMES: &[&str] = &["libnvjpeg.so.13", "libnvjpeg.so.12"];
-const PACKAGE: &str = "the CUDA toolkit's nvJPEG (libnvjpeg)";
-
-impl NvJpeg {
-    /// Loads libnvjpeg once per process.
-    pub fn load() -> Result<&'static NvJpeg, DlError> {
-        static CELL: OnceLock<Result<NvJpeg, DlError>> = OnceLock::new();
-        CELL.get_or_init(|| Self::load_from(SONAMES))
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
-    pub fn load_from(sonames: &[&'static str]) -> Result<NvJpeg, DlError> {
-        let lib = Library::open(sonames, PACKAGE)?;
-        // SAFETY: each alias above is the prototype of the same-named function in nvjpeg.h;
-        // nvJPEG exports unversioned symbols.
-        unsafe {
-            Ok(NvJpeg {
-                create_simple: lib.sym("nvjpegCreateSimple", None)?,
-                destroy: lib.sym("nvjpegDestroy", None)?,
-                state_create: lib.sym("nvjpegJpegStateCreate", None)?,
-                state_destroy: lib.sym("nvjpegJpegStateDestroy", None)?,
-                get_image_info: lib.sym("nvjpegGetImageInfo", None)?,
-                decode: lib.sym("nvjpegDecode", None)?,
-                decoupled: Self::decoupled(&lib),
-                lib,
-            })
-        }
-    }
-
-    /// The decoupled API's entry points, all or nothing.
-    ///
-    /// # Safety
-    /// As for `load_from`: each alias is the prototype of the same-named nvjpeg.h function.
-    unsafe fn decoupled(lib: &Library) -> Option<Decoupled> {
-        // SAFETY: the caller's contract (prototypes match nvjpeg.h).
-        unsafe {
-            Some(Decoupled {
-                decoder_create: lib.sym_opt("nvjpegDecoderCreate", None)?,
-                decoder_destroy: lib.sym_opt("nvjpegDecoderDestroy", None)?,
-                decoder_state_create: lib.sym_opt("nvjpegDecoderStateCreate", None)?,
-                stream_create: lib.sym_opt("nvjpegJpegStreamCreate", None)?,
-                stream_destroy: lib.sym_opt("nvjpegJpegStreamDestroy", None)?,
-                stream_parse: lib.sym_opt("nvjpegJpegStreamParse", None)?,
-                params_create: lib.sym_opt("nvjpegDecodeParamsCreate", None)?,
-                params_destroy: lib.sym_opt("nvjpegDecodeParamsDestroy", None)?,
-                params_set_output_format: lib.sym_opt("nvjpegDecodeParamsSetOutputFormat", None)?,
-                pinned_create: lib.sym_opt("nvjpegBufferPinnedCreate", None)?,
-                pinned_destroy: lib.sym_opt("nvjpegBufferPinnedDestroy", None)?,
-                device_create: lib.sym_opt("nvjpegBufferDeviceCreate", None)?,
-                device_destroy: lib.sym_opt("nvjpegBufferDeviceDestroy", None)?,
-                attach_pinned: lib.sym_opt("nvjpegStateAttachPinnedBuffer", None)?,
-                attach_device: lib.sym_opt("nvjpegStateAttachDeviceBuffer", None)?,
-                decode_jpeg: lib.sym_opt("nvjpegDecodeJpeg", None)?,
-            })
-        }
-    }
-
-    pub fn soname(&self) -> &'static str {
-        self.lib.soname()
     }
 }
 
@@ -346,10 +139,10 @@ impl JpegDecoder {
     pub fn decode_into(
         &mut self,
         jpeg: &[u8],
-        stream: &std::sync::Arc<crate::cuda::cu::CudaStream>,
-        dst: &mut crate::cuda::cu::CudaSlice<u8>,
+        stream: &std::sync::Arc<super::cuda::cu::CudaStream>,
+        dst: &mut super::cuda::cu::CudaSlice<u8>,
     ) -> Result<(usize, usize), NvJpegError> {
-        use crate::cuda::cu::DevicePtrMut;
+        use super::cuda::cu::DevicePtrMut;
         let (width, height) = fitting_size(self.image_info(jpeg)?, dst.len())?;
         let (ptr, _sync) = dst.device_ptr_mut(stream);
         // SAFETY: dst is device memory of at least 3*width*height bytes (checked above) that
@@ -529,11 +322,11 @@ impl SizedJpegDecoder {
     pub fn decode_into(
         &mut self,
         jpeg: &[u8],
-        stream: &std::sync::Arc<crate::cuda::cu::CudaStream>,
-        dst: &mut crate::cuda::cu::CudaSlice<u8>,
+        stream: &std::sync::Arc<super::cuda::cu::CudaStream>,
+        dst: &mut super::cuda::cu::CudaSlice<u8>,
         force: Option<DecodeBackend>,
     ) -> Result<(usize, usize, DecodeBackend), NvJpegError> {
-        use crate::cuda::cu::DevicePtrMut;
+        use super::cuda::cu::DevicePtrMut;
         let (width, height) = fitting_size(self.image_info(jpeg)?, dst.len())?;
         let want = force.unwrap_or(if width * height >= self.gpu_from_pixels {
             DecodeBackend::GpuHuffman

@@ -1,11 +1,11 @@
 //! Hand-written librdmacm bindings (`<rdma/rdma_cma.h>`), loaded at run time like
-//! [`crate::verbs`]: `dlopen("librdmacm.so.1")`, no build-time dependency on rdma-core.
+//! [`super::verbs`]: `dlopen("librdmacm.so.1")`, no build-time dependency on rdma-core.
 //!
 //! rdma_cm does the connection setup of an RC queue pair over IP addresses (address and route
 //! resolution, connect/accept with private data, the QP state transitions); the data path then
-//! uses [`crate::verbs`] on `rdma_cm_id::qp`. librdmacm itself loads the same libibverbs
+//! uses [`super::verbs`] on `rdma_cm_id::qp`. librdmacm itself loads the same libibverbs
 //! instance (one copy per process), so contexts from `rdma_cm_id::verbs` work with
-//! [`crate::verbs::Verbs`].
+//! [`super::verbs::Verbs`].
 //!
 //! Struct sizes/offsets and the constants are checked against the system header by
 //! `ffi/tests/layout.rs`.
@@ -18,12 +18,12 @@ use std::sync::OnceLock;
 
 use thiserror::Error;
 
-pub use crate::dl::DlError;
-use crate::dl::Library;
-use crate::verbs::{
+use super::verbs::{
     errno_text, ibv_ah_attr, ibv_comp_channel, ibv_context, ibv_cq, ibv_gid, ibv_pd, ibv_qp,
     ibv_qp_init_attr, ibv_qp_type, ibv_srq,
 };
+pub use crate::dl::DlError;
+use crate::dl::Library;
 
 /// Sonames tried by [`RdmaCm::load`].
 pub const LIBRDMACM_SONAMES: &[&str] = &["librdmacm.so.1"];

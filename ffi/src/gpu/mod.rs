@@ -1,0 +1,14 @@
+//! The GPU side, cudarc-style: raw bindings in [`sys`] (nvJPEG, loaded at run time; cudarc
+//! brings its own for the driver, NVRTC, cuDNN and cuBLAS), and safe layers on top that check
+//! every size before an `unsafe` launch or call.
+//!
+//! * [`cuda`]: the driver through cudarc (checked loading, dma-buf export).
+//! * [`ops`]: the cuDNN/cuBLAS layer launches of the GPU engine.
+//! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`].
+//! * [`preprocess`]: the NVRTC resize/crop/normalise kernel.
+
+pub mod cuda;
+pub mod nvjpeg;
+pub mod ops;
+pub mod preprocess;
+pub mod sys;

@@ -1,0 +1,381 @@
+//! One reliable-connected (RC) queue pair per connection over rdma_cm + verbs: the loaded
+//! libraries ([`Rdma`]), the error every RDMA call below the transport returns
+//! ([`RdmaError`]), and an [`RcEndpoint`] that owns a connection's PD, CQ, QP and registered
+//! buffers and posts RDMA WRITE_WITH_IMM and zero-length receives.
+//!
+//! Teardown: [`RcEndpoint`] destroys, in this order: QP, memory regions, CQ, PD, then the id.
+
+use std::ffi::{c_int, c_void};
+use std::ptr::{self, NonNull};
+
+use thiserror::Error;
+
+use std::sync::Arc;
+
+use super::cm::CmId;
+use super::mem::{DeviceRegisterError, GpuRegisteredBuf, ProtectionDomain, RegisteredBuf};
+use super::ring::{RingError, SlotRing};
+use super::sys::cm::{rdma_conn_param, CmError, RdmaCm};
+use super::sys::verbs::{
+    ibv_cq, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, post_recv, post_send, Verbs,
+    VerbsError, IBV_QPT_RC, IBV_SEND_INLINE, IBV_SEND_SIGNALED,
+};
+use super::verbs::{AccessFlags, WcStatus, WorkCompletion};
+use crate::dl::DlError;
+
+/// Anything that can go wrong below the transport.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RdmaError {
+    /// libibverbs or librdmacm is not installed.
+    #[error("RDMA unavailable: {0}")]
+    Library(#[from] DlError),
+    /// The libraries are there but the machine has no usable RDMA device.
+    #[error("RDMA unavailable: no RDMA device ({0})")]
+    NoDevice(String),
+    #[error(transparent)]
+    Cm(#[from] CmError),
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    /// GPU memory could not be registered (GPUDirect RDMA).
+    #[error(transparent)]
+    GpuMemory(#[from] DeviceRegisterError),
+    /// A ring's geometry does not fit its buffer.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Both libraries, loaded once per process.
+#[derive(Debug, Clone, Copy)]
+pub struct Rdma {
+    pub verbs: &'static Verbs,
+    pub cm: &'static RdmaCm,
+}
+
+impl Rdma {
+    /// Loads libibverbs and librdmacm, and checks that an RDMA device exists: the error names
+    /// what is missing (library, kernel support, device).
+    pub fn load() -> Result<Rdma, RdmaError> {
+        let verbs = Verbs::load()?;
+        let cm = RdmaCm::load()?;
+        match verbs.device_names() {
+            Ok(names) if names.is_empty() => {
+                return Err(RdmaError::NoDevice(
+                    "ibv_get_device_list found none; load rdma_rxe or attach a NIC".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(RdmaError::NoDevice(e.to_string())),
+        }
+        Ok(Rdma { verbs, cm })
+    }
+}
+
+/// Queue sizes of an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct QpSizes {
+    pub cq_entries: u32,
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+}
+
+/// One RC connection's verbs resources: PD, CQ (send and receive), QP, registered buffers
+/// (each laid out as a [`SlotRing`]).
+#[derive(Debug)]
+pub struct RcEndpoint {
+    rdma: Rdma,
+    id: Arc<CmId>,
+    pd: Arc<ProtectionDomain>,
+    cq: NonNull<ibv_cq>,
+    has_qp: bool,
+    rings: Vec<SlotRing<RegisteredBuf>>,
+    gpu_bufs: Vec<GpuRegisteredBuf>,
+    /// Largest send the QP takes inline (copied into the work request: the NIC does not read
+    /// the buffer by DMA afterwards), as the provider granted it; 0 where it granted none.
+    max_inline: usize,
+}
+
+/// Inline data asked for at QP creation: a 64-byte request and its echo reply (32-byte header
+/// + 96-byte body + payload) fit, as in perftest's latency tests.
+const WANT_INLINE: u32 = 256;
+
+// SAFETY: libibverbs objects (PD, CQ, QP) are thread-safe: providers lock inside post_send,
+// post_recv and poll_cq; the buffers' bytes are only reachable through ring tokens or unsafe
+// accessors.
+unsafe impl Send for RcEndpoint {}
+// SAFETY: as above.
+unsafe impl Sync for RcEndpoint {}
+
+impl RcEndpoint {
+    /// Allocates a PD and a CQ on the id's device and creates an RC QP on the id (state INIT;
+    /// rdma_accept/rdma_connect take it to RTS).
+    pub fn create(rdma: Rdma, id: CmId, sizes: QpSizes) -> Result<RcEndpoint, RdmaError> {
+        // SAFETY: the id is live.
+        let ctx = unsafe { id.id.as_ref() }.verbs;
+        if ctx.is_null() {
+            return Err(RdmaError::Other(
+                "the connection id has no device (address not resolved)".into(),
+            ));
+        }
+        let id = Arc::new(id);
+        // SAFETY: ctx is the id's live device context.
+        let pd = unsafe { ProtectionDomain::alloc(rdma.verbs, ctx, id.clone()) }?;
+        // SAFETY: ctx is live; no completion channel.
+        let cq = unsafe {
+            (rdma.verbs.ibv_create_cq)(
+                ctx,
+                sizes.cq_entries as c_int,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                0,
+            )
+        };
+        let Some(cq) = NonNull::new(cq) else {
+            // The PD (no objects on it) is deallocated as its only Arc drops.
+            return Err(VerbsError::last("ibv_create_cq").into());
+        };
+        let mut ep = RcEndpoint {
+            rdma,
+            id,
+            pd,
+            cq,
+            has_qp: false,
+            rings: Vec::new(),
+            gpu_bufs: Vec::new(),
+            max_inline: 0,
+        };
+        let mut attr = ibv_qp_init_attr {
+            send_cq: cq.as_ptr(),
+            recv_cq: cq.as_ptr(),
+            qp_type: IBV_QPT_RC,
+            sq_sig_all: 0,
+            ..Default::default()
+        };
+        attr.cap.max_send_wr = sizes.max_send_wr;
+        attr.cap.max_recv_wr = sizes.max_recv_wr;
+        attr.cap.max_send_sge = 1;
+        attr.cap.max_recv_sge = 1;
+        attr.cap.max_inline_data = WANT_INLINE;
+        // SAFETY: id, pd and cq are live and on the same device; attr is a valid init attr.
+        let with_inline = CmError::check("rdma_create_qp", unsafe {
+            (rdma.cm.rdma_create_qp)(ep.id.id.as_ptr(), ep.pd.as_ptr(), &mut attr)
+        });
+        if with_inline.is_err() {
+            // A device with less (or no) inline space: plain sends.
+            attr.cap.max_inline_data = 0;
+            // SAFETY: as above; the failed call created no QP.
+            CmError::check("rdma_create_qp", unsafe {
+                (rdma.cm.rdma_create_qp)(ep.id.id.as_ptr(), ep.pd.as_ptr(), &mut attr)
+            })?;
+        }
+        // The provider writes the capabilities it granted back into attr.cap.
+        ep.max_inline = attr.cap.max_inline_data as usize;
+        ep.has_qp = true;
+        Ok(ep)
+    }
+
+    /// Registers a new zeroed buffer of `len` bytes with `access` (a ring of one `len`-byte
+    /// slot); returns its index.
+    pub fn register(&mut self, len: usize, access: AccessFlags) -> Result<usize, RdmaError> {
+        self.register_ring(len, 1, access)
+    }
+
+    /// Registers a new zeroed buffer of `depth` slots of `slot_size` bytes with `access`, laid
+    /// out as a [`SlotRing`]; returns its index (for [`Self::ring`], [`Self::buf`] and
+    /// [`Self::post_write_imm`]).
+    pub fn register_ring(
+        &mut self,
+        slot_size: usize,
+        depth: u32,
+        access: AccessFlags,
+    ) -> Result<usize, RdmaError> {
+        let len = slot_size
+            .checked_mul(depth as usize)
+            .ok_or(RingError::TooLarge { slot_size, depth })?;
+        let buf = RegisteredBuf::new(&self.pd, len, access)?;
+        self.rings.push(SlotRing::new(buf, slot_size, depth)?);
+        Ok(self.rings.len() - 1)
+    }
+
+    /// A registered ring by index (panics on an index `register*` never returned). The
+    /// handle is shared: clone it to claim slots from another thread.
+    pub fn ring(&self, index: usize) -> &SlotRing<RegisteredBuf> {
+        &self.rings[index]
+    }
+
+    /// Largest send posted inline (0: none), as the provider granted it.
+    pub fn max_inline(&self) -> usize {
+        self.max_inline
+    }
+
+    /// A registered buffer by index (panics on an index `register` never returned).
+    pub fn buf(&self, index: usize) -> &RegisteredBuf {
+        self.rings[index].memory()
+    }
+
+    /// Registers `len` zeroed bytes of GPU memory (on `stream`'s device) with `access`,
+    /// through dma-buf or nvidia-peermem (see [`GpuRegisteredBuf`]); returns its index among
+    /// the GPU buffers.
+    pub fn register_gpu(
+        &mut self,
+        stream: &std::sync::Arc<crate::gpu::cuda::cu::CudaStream>,
+        len: usize,
+        access: AccessFlags,
+    ) -> Result<usize, RdmaError> {
+        let buf = GpuRegisteredBuf::new(&self.pd, stream, len, access)?;
+        self.gpu_bufs.push(buf);
+        Ok(self.gpu_bufs.len() - 1)
+    }
+
+    /// A registered GPU buffer by index (panics on an index `register_gpu` never returned).
+    pub fn gpu_buf(&self, index: usize) -> &GpuRegisteredBuf {
+        &self.gpu_bufs[index]
+    }
+
+    pub fn handle(&self) -> usize {
+        self.id.handle()
+    }
+
+    fn qp(&self) -> *mut super::sys::verbs::ibv_qp {
+        // SAFETY: the id is live; qp was set by rdma_create_qp.
+        unsafe { self.id.id.as_ref() }.qp
+    }
+
+    /// Posts one receive without buffers (for WRITE_WITH_IMM, which consumes a receive but
+    /// writes its data where the sender says).
+    pub fn post_recv_empty(&self, wr_id: u64) -> Result<(), RdmaError> {
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: ptr::null_mut(),
+            num_sge: 0,
+        };
+        // SAFETY: the QP is live; the WR has no SGEs.
+        unsafe { post_recv(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// Posts a signaled RDMA WRITE_WITH_IMM of `len` bytes from buffer `buf` at `offset` to
+    /// `remote_addr`/`rkey` with immediate `imm` (host order). The source range is bounds
+    /// checked; the caller must leave it unchanged until the completion (else the peer gets
+    /// whatever the bytes are when the NIC reads them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_write_imm(
+        &self,
+        wr_id: u64,
+        buf: usize,
+        offset: usize,
+        len: usize,
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    ) -> Result<(), RdmaError> {
+        let b = self
+            .rings
+            .get(buf)
+            .map(SlotRing::memory)
+            .ok_or_else(|| RdmaError::Other(format!("no registered buffer {buf}")))?;
+        debug_assert!(b.is_on(&self.pd));
+        if !b.contains(offset, len) || len > u32::MAX as usize {
+            return Err(RdmaError::Other(format!(
+                "write of {len} bytes at {offset} is outside the {}-byte buffer",
+                b.len()
+            )));
+        }
+        let mut sge = ibv_sge {
+            addr: b.addr() + offset as u64,
+            length: len as u32,
+            lkey: b.lkey(),
+        };
+        let flags = if len <= self.max_inline {
+            IBV_SEND_SIGNALED | IBV_SEND_INLINE
+        } else {
+            IBV_SEND_SIGNALED
+        };
+        let mut wr =
+            ibv_send_wr::rdma_write_with_imm(wr_id, &mut sge, 1, remote_addr, rkey, imm, flags);
+        // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
+        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
+        // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// Polls the CQ into `wc`; returns how many completions were written.
+    pub fn poll(&self, wc: &mut [WorkCompletion]) -> Result<usize, RdmaError> {
+        let raw = WorkCompletion::as_raw_slice_mut(wc);
+        // SAFETY: the CQ is live; providers serialise concurrent pollers internally.
+        Ok(unsafe { super::sys::verbs::poll_cq(self.cq.as_ptr(), raw) }?)
+    }
+
+    fn conn_param(private: &[u8]) -> rdma_conn_param {
+        rdma_conn_param {
+            private_data: private.as_ptr() as *const c_void,
+            private_data_len: private.len().min(255) as u8,
+            responder_resources: 1,
+            initiator_depth: 1,
+            flow_control: 0,
+            retry_count: 7,
+            rnr_retry_count: 7,
+            ..Default::default()
+        }
+    }
+
+    /// `rdma_accept` with private data (at most 196 bytes over IB CM).
+    pub fn accept(&self, private: &[u8]) -> Result<(), RdmaError> {
+        let mut p = Self::conn_param(private);
+        // SAFETY: the id is live with a QP; p and private live during the call.
+        CmError::check("rdma_accept", unsafe {
+            (self.rdma.cm.rdma_accept)(self.id.id.as_ptr(), &mut p)
+        })?;
+        Ok(())
+    }
+
+    /// `rdma_connect` with private data (at most 56 bytes over IB CM).
+    pub fn connect(&self, private: &[u8]) -> Result<(), RdmaError> {
+        let mut p = Self::conn_param(private);
+        // SAFETY: the id is live with a resolved route and a QP; p lives during the call.
+        CmError::check("rdma_connect", unsafe {
+            (self.rdma.cm.rdma_connect)(self.id.id.as_ptr(), &mut p)
+        })?;
+        Ok(())
+    }
+
+    /// `rdma_disconnect` (flushes outstanding work requests; the peer sees DISCONNECTED).
+    pub fn disconnect(&self) -> Result<(), RdmaError> {
+        // SAFETY: the id is live.
+        CmError::check("rdma_disconnect", unsafe {
+            (self.rdma.cm.rdma_disconnect)(self.id.id.as_ptr())
+        })?;
+        Ok(())
+    }
+
+    /// `rdma_reject` (before accept).
+    pub fn reject(&self, private: &[u8]) -> Result<(), RdmaError> {
+        self.id.reject(private)
+    }
+
+    /// libibverbs' text for a completion status (`ibv_wc_status_str`).
+    pub fn wc_status_str(&self, status: WcStatus) -> String {
+        self.rdma.verbs.wc_status_str(status.raw())
+    }
+}
+
+impl Drop for RcEndpoint {
+    fn drop(&mut self) {
+        if self.has_qp {
+            // SAFETY: the QP was created by rdma_create_qp on this id; destroyed once, first,
+            // so no work request names the buffers, CQ or PD afterwards.
+            unsafe { (self.rdma.cm.rdma_destroy_qp)(self.id.id.as_ptr()) };
+        }
+        // Deregister and free the buffers (a ring handle or token held elsewhere keeps its
+        // buffer, and with it the PD and the id, until it drops).
+        self.rings.clear();
+        self.gpu_bufs.clear();
+        // SAFETY: the CQ has no QP attached any more; destroyed once.
+        unsafe { (self.rdma.verbs.ibv_destroy_cq)(self.cq.as_ptr()) };
+        // The PD is deallocated as the last Arc to it drops (the `pd` field, after this, unless
+        // a buffer is still out), and the id after the PD (the PD holds it).
+    }
+}

@@ -1,0 +1,390 @@
+//! A safe slot ring over registered memory: `depth` fixed-size slots of one buffer, each lent
+//! out by at most one [`SlotToken`] at a time, so code above ffi reads and writes ring memory
+//! without `unsafe`.
+//!
+//! The ownership rule of the RDMA rings (docs/rdma.md) becomes one atomic flag per slot:
+//! [`SlotRing::claim`] takes it (`None` when the slot is already out: on the server, a client
+//! writing into a slot it holds no credit for), the token lends exactly its slot's bytes, and
+//! dropping the token gives the slot back, also when a worker panics while holding it.
+//!
+//! * Server: the receive loop claims the request slot a completion names and hands the
+//!   token to the worker with the job; the reply is staged through a token of the staging
+//!   ring's slot of the same index; dropping the request token when the reply is staged frees
+//!   the slot for the client's next request.
+//! * Client: a send slot's token is its credit. Claim it to build the request, keep it while
+//!   the request is in flight (the NIC may still read the slot), drop it when the reply has
+//!   arrived; then claim the response slot of the same index to read the reply.
+//!
+//! What the flag cannot stop is the NIC: a peer breaking the credit rule may RDMA-write into
+//! a slot while a token lends it. The bytes then change under the reader (garbled input the
+//! pipeline validates like any other bytes), never memory outside the ring: registration
+//! bounds every remote write to the buffer.
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::mem::RegisteredBuf;
+
+/// Memory a [`SlotRing`] can be laid over.
+///
+/// # Safety
+/// `base()..base() + len()` must be valid for reads and writes, at the same address on every
+/// call, for as long as the value lives, and safe code must not be able to reach those bytes
+/// other than through the ring (the implementor's own accessors to them are `unsafe`).
+pub unsafe trait RingMemory: Send + Sync {
+    /// The first byte.
+    fn base(&self) -> NonNull<u8>;
+    /// Bytes from `base()`.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A ring's geometry does not fit its memory.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum RingError {
+    #[error("a ring needs at least one slot")]
+    NoSlots,
+    #[error("{depth} slots of {slot_size} B overflow the address space")]
+    TooLarge { slot_size: usize, depth: u32 },
+    #[error("{depth} slots of {slot_size} B do not fit the {len}-byte buffer")]
+    TooSmall {
+        slot_size: usize,
+        depth: u32,
+        len: usize,
+    },
+}
+
+struct Ring<M> {
+    mem: M,
+    slot_size: usize,
+    /// Set while a token lends the slot.
+    busy: Box<[AtomicBool]>,
+}
+
+/// `depth` slots of `slot_size` bytes at the start of a memory region, each lent out by at
+/// most one [`SlotToken`] at a time. A cheap handle: clones share the memory and the flags.
+pub struct SlotRing<M: RingMemory = RegisteredBuf> {
+    ring: Arc<Ring<M>>,
+}
+
+impl<M: RingMemory> Clone for SlotRing<M> {
+    fn clone(&self) -> Self {
+        SlotRing {
+            ring: self.ring.clone(),
+        }
+    }
+}
+
+impl<M: RingMemory> fmt::Debug for SlotRing<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotRing")
+            .field("slot_size", &self.ring.slot_size)
+            .field("depth", &self.depth())
+            .field("len", &self.ring.mem.len())
+            .finish()
+    }
+}
+
+impl<M: RingMemory> SlotRing<M> {
+    /// Lays `depth` slots of `slot_size` bytes over the start of `mem` (all free).
+    pub fn new(mem: M, slot_size: usize, depth: u32) -> Result<Self, RingError> {
+        if depth == 0 {
+            return Err(RingError::NoSlots);
+        }
+        let need = slot_size
+            .checked_mul(depth as usize)
+            .ok_or(RingError::TooLarge { slot_size, depth })?;
+        if need > mem.len() {
+            return Err(RingError::TooSmall {
+                slot_size,
+                depth,
+                len: mem.len(),
+            });
+        }
+        let busy = (0..depth).map(|_| AtomicBool::new(false)).collect();
+        Ok(SlotRing {
+            ring: Arc::new(Ring {
+                mem,
+                slot_size,
+                busy,
+            }),
+        })
+    }
+
+    pub fn slot_size(&self) -> usize {
+        self.ring.slot_size
+    }
+
+    pub fn depth(&self) -> u32 {
+        self.ring.busy.len() as u32
+    }
+
+    /// The memory under the ring (for its address and keys; its bytes only through tokens).
+    pub fn memory(&self) -> &M {
+        &self.ring.mem
+    }
+
+    /// Byte offset of `slot` in the memory; `None` outside the ring.
+    pub fn offset(&self, slot: u32) -> Option<usize> {
+        (slot < self.depth()).then(|| slot as usize * self.ring.slot_size)
+    }
+
+    /// Takes `slot`: `None` when it is outside the ring or a token already holds it.
+    pub fn claim(&self, slot: u32) -> Option<SlotToken<M>> {
+        let flag = self.ring.busy.get(slot as usize)?;
+        // AcqRel: acquire the previous holder's writes (released in SlotToken::drop).
+        if flag.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(SlotToken {
+            ring: self.ring.clone(),
+            slot,
+        })
+    }
+
+    /// Whether a token holds `slot` now (false outside the ring).
+    pub fn is_claimed(&self, slot: u32) -> bool {
+        self.ring
+            .busy
+            .get(slot as usize)
+            .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// Whether `token` was claimed from this ring (or a clone of it).
+    pub fn owns(&self, token: &SlotToken<M>) -> bool {
+        Arc::ptr_eq(&self.ring, &token.ring)
+    }
+}
+
+/// Exclusive use of one slot of a [`SlotRing`], until dropped. It keeps the ring's memory
+/// alive, so it may move to another thread with the job it belongs to.
+pub struct SlotToken<M: RingMemory = RegisteredBuf> {
+    ring: Arc<Ring<M>>,
+    slot: u32,
+}
+
+impl<M: RingMemory> fmt::Debug for SlotToken<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotToken")
+            .field("slot", &self.slot)
+            .field("slot_size", &self.ring.slot_size)
+            .finish()
+    }
+}
+
+impl<M: RingMemory> SlotToken<M> {
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Byte offset of the slot in the ring's memory (for a work request naming it).
+    pub fn offset(&self) -> usize {
+        self.slot as usize * self.ring.slot_size
+    }
+
+    /// The slot's size in bytes.
+    pub fn len(&self) -> usize {
+        self.ring.slot_size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ring.slot_size == 0
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: SlotRing::new checked depth * slot_size <= mem.len() and slot < depth, so the
+        // offset stays inside the memory's allocation.
+        unsafe { self.ring.mem.base().as_ptr().add(self.offset()) }
+    }
+
+    /// The slot's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the slot lies inside the memory, valid for reads while the ring (which this
+        // token keeps alive) lives (RingMemory's contract); this token holds the slot's busy
+        // flag, so no other token lends these bytes, and nothing safe reaches them otherwise
+        // (see the module docs for a peer breaking the credit rule).
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.ring.slot_size) }
+    }
+
+    /// The slot's bytes, for writing.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for bytes; `&mut self` of the one token holding the flag makes the
+        // borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.ring.slot_size) }
+    }
+}
+
+impl<M: RingMemory> Drop for SlotToken<M> {
+    fn drop(&mut self) {
+        // Release: the next claimer sees every write made through this token.
+        self.ring.busy[self.slot as usize].store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{self, Layout};
+
+    /// Plain zeroed host memory (no NIC, no registration): the ring logic without a device.
+    struct HostMem {
+        ptr: NonNull<u8>,
+        layout: Layout,
+    }
+
+    impl HostMem {
+        fn new(len: usize) -> HostMem {
+            let layout = Layout::from_size_align(len.max(1), 64).unwrap();
+            // SAFETY: non-zero size.
+            let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).unwrap();
+            HostMem { ptr, layout }
+        }
+    }
+
+    impl Drop for HostMem {
+        fn drop(&mut self) {
+            // SAFETY: allocated in new with this layout, freed once.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        }
+    }
+
+    // SAFETY: owned plain memory; its bytes are reached only through the ring.
+    unsafe impl Send for HostMem {}
+    // SAFETY: as above.
+    unsafe impl Sync for HostMem {}
+
+    // SAFETY: our live allocation of layout.size() bytes at a fixed address until Drop.
+    unsafe impl RingMemory for HostMem {
+        fn base(&self) -> NonNull<u8> {
+            self.ptr
+        }
+        fn len(&self) -> usize {
+            self.layout.size()
+        }
+    }
+
+    fn ring(slot_size: usize, depth: u32) -> SlotRing<HostMem> {
+        SlotRing::new(HostMem::new(slot_size * depth as usize), slot_size, depth).unwrap()
+    }
+
+    #[test]
+    fn claim_twice_fails_and_drop_releases() {
+        let r = ring(64, 4);
+        let t = r.claim(2).unwrap();
+        assert!(r.is_claimed(2));
+        assert!(r.claim(2).is_none(), "a held slot cannot be claimed again");
+        assert!(r.clone().claim(2).is_none(), "clones share the flags");
+        let other = r.claim(3).unwrap();
+        drop(t);
+        assert!(!r.is_claimed(2));
+        assert!(r.claim(2).is_some());
+        assert!(r.is_claimed(3));
+        drop(other);
+        assert!(!r.is_claimed(3));
+    }
+
+    #[test]
+    fn bounds() {
+        let r = ring(64, 4);
+        assert!(r.claim(4).is_none());
+        assert!(r.claim(u32::MAX).is_none());
+        assert!(!r.is_claimed(4));
+        assert_eq!(r.offset(3), Some(192));
+        assert_eq!(r.offset(4), None);
+        assert_eq!(
+            SlotRing::new(HostMem::new(255), 64, 4).unwrap_err(),
+            RingError::TooSmall {
+                slot_size: 64,
+                depth: 4,
+                len: 255
+            }
+        );
+        assert_eq!(
+            SlotRing::new(HostMem::new(64), 64, 0).unwrap_err(),
+            RingError::NoSlots
+        );
+        assert_eq!(
+            SlotRing::new(HostMem::new(64), usize::MAX, 2).unwrap_err(),
+            RingError::TooLarge {
+                slot_size: usize::MAX,
+                depth: 2
+            }
+        );
+        // A longer buffer is fine: the ring uses its start.
+        let r = SlotRing::new(HostMem::new(1000), 64, 4).unwrap();
+        assert_eq!(r.claim(3).unwrap().bytes().len(), 64);
+    }
+
+    #[test]
+    fn a_token_lends_exactly_its_slot() {
+        let r = ring(16, 3);
+        let base = r.memory().base().as_ptr() as usize;
+        let mut toks: Vec<_> = (0..3).map(|s| r.claim(s).unwrap()).collect();
+        for (i, t) in toks.iter_mut().enumerate() {
+            assert_eq!(t.slot(), i as u32);
+            assert_eq!(t.offset(), i * 16);
+            assert_eq!(t.len(), 16);
+            let b = t.bytes_mut();
+            assert_eq!(b.len(), 16);
+            assert_eq!(b.as_ptr() as usize, base + i * 16);
+            b.fill(i as u8 + 1);
+        }
+        for (i, t) in toks.iter().enumerate() {
+            assert!(t.bytes().iter().all(|&x| x == i as u8 + 1), "slot {i}");
+        }
+        drop(toks);
+        // Bytes stay between claims (a client rewrites only what changes).
+        assert_eq!(r.claim(1).unwrap().bytes(), &[2u8; 16]);
+        assert!(r.owns(&r.claim(0).unwrap()));
+        assert!(!ring(16, 3).owns(&r.claim(0).unwrap()));
+    }
+
+    #[test]
+    fn a_panicking_holder_frees_its_slot() {
+        let r = ring(8, 2);
+        let t = r.claim(1).unwrap();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = t;
+            panic!("worker failed");
+        }));
+        assert!(res.is_err());
+        assert!(!r.is_claimed(1));
+    }
+
+    #[test]
+    fn tokens_cross_threads_and_keep_the_memory() {
+        let r = ring(8, 8);
+        let mut t = r.claim(5).unwrap();
+        let h = std::thread::spawn(move || {
+            t.bytes_mut().copy_from_slice(b"from the");
+            t
+        });
+        let t = h.join().unwrap();
+        assert_eq!(t.bytes(), b"from the");
+        drop(r);
+        // The token outlives every ring handle: the memory is still there.
+        assert_eq!(t.bytes(), b"from the");
+    }
+
+    #[test]
+    fn one_winner_per_slot() {
+        let r = ring(8, 1);
+        let wins: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let r = r.clone();
+                    s.spawn(move || r.claim(0).map(std::mem::forget).is_some() as usize)
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1);
+        assert!(r.is_claimed(0), "a forgotten token keeps its slot");
+    }
+}
