@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::contract::ServerPollMode;
 use hacserve_runtime::engine::registry::BackendChoice;
@@ -17,7 +17,8 @@ use hacserve_runtime::pipeline::Pipeline;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 use hacserve_runtime::transport::rdma::{
-    Addressing, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH, MAX_SLOT_SIZE, MIN_SLOT_SIZE,
+    check_available, Addressing, GpuRing, RdmaServer, RdmaServerConfig, DEFAULT_PORT, MAX_DEPTH,
+    MAX_SLOT_SIZE, MIN_SLOT_SIZE,
 };
 use hacserve_runtime::{logging, signal};
 
@@ -136,9 +137,9 @@ fn main() -> Result<()> {
         chosen => chosen?,
     };
     let workers = backend.workers;
-    let addressing = match (args.addressing, backend.gpus().first()) {
-        (0, _) => Addressing::Host,
-        (1, Some(&gpu)) => Addressing::Gpu(gpu),
+    let ring_gpu = match (args.addressing, backend.gpus().first()) {
+        (0, _) => None,
+        (1, Some(&gpu)) => Some(gpu),
         (1, None) => bail!("-a 1 (GPU memory) needs --backend gpu"),
         (other, _) => {
             bail!("-a/--addressing must be 0 (host memory) or 1 (GPU memory), not {other}")
@@ -152,13 +153,26 @@ fn main() -> Result<()> {
     })?;
     let mode = ServerPollMode::parse(&args.poll_mode, workers).map_err(anyhow::Error::msg)?;
     // RDMA first: a machine without it fails fast, before the model is loaded.
+    let max_payload = args.max_payload.min(args.slot_size as usize - HEADER_LEN);
+    let listening = || format!("listening on {}:{}", args.bind_address, args.port);
+    check_available().with_context(listening)?;
+    // The rings' GPU stream comes from the backend, which owns the device contexts.
+    let addressing = match ring_gpu {
+        None => Addressing::Host,
+        Some(gpu) => Addressing::Gpu(GpuRing {
+            ordinal: gpu,
+            stream: backend
+                .device_stream(gpu)
+                .map_err(|e| anyhow!("GPU addressing on GPU {gpu}: {e}"))
+                .with_context(listening)?,
+        }),
+    };
     let cfg = RdmaServerConfig {
         max_slot_size: args.slot_size,
         max_depth: args.ring_depth,
         keep_alive: args.keep_alive != 0,
         addressing,
     };
-    let max_payload = args.max_payload.min(args.slot_size as usize - HEADER_LEN);
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let priority_clients = args.priority_clients != 0;
@@ -188,9 +202,9 @@ fn main() -> Result<()> {
     println!(
         "rdma_server listening on {} | {} | model {} | backend {} | {} workers | poll {} | slots up to {} x {} B",
         rdma.addr(),
-        match addressing {
-            Addressing::Host => "host memory".to_string(),
-            Addressing::Gpu(g) => format!("GPU memory (GPU {g}, GPUDirect RDMA)"),
+        match ring_gpu {
+            None => "host memory".to_string(),
+            Some(g) => format!("GPU memory (GPU {g}, GPUDirect RDMA)"),
         },
         args.engine_file.display(),
         backend.describe(),

@@ -28,6 +28,9 @@ pub mod registry;
 pub mod tract_cpu;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hacserve_ffi::gpu::cuda::cu::CudaStream;
 
 use thiserror::Error;
 
@@ -152,6 +155,9 @@ pub enum BackendError {
     /// print it and exit successfully ([`BackendError::is_help`]).
     #[error("{0}")]
     Help(String),
+    /// A device the backend could not give (a GPU stream for RDMA's GPU memory).
+    #[error("{0}")]
+    Device(String),
     #[error("loading model {model} on {device}: {source}")]
     Load {
         model: PathBuf,
@@ -200,6 +206,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// GPU ordinals, empty for backends without GPUs (RDMA's GPU memory needs one).
     fn gpus(&self) -> &[usize] {
         &[]
+    }
+    /// A stream on GPU `ordinal` for work outside the engine (RDMA request rings in GPU
+    /// memory are allocated and read on it): the backend owns its devices' contexts.
+    fn device_stream(&self, ordinal: usize) -> Result<Arc<CudaStream>, BackendError> {
+        Err(BackendError::Device(format!(
+            "GPU {ordinal}: the {} backend has no GPU",
+            self.describe()
+        )))
     }
     /// Workers that serve priority requests first (on a high-priority stream where the
     /// device has one); 0 = every worker takes the priority lane first.

@@ -80,6 +80,14 @@ impl BackendChoice {
         self.backend.gpus()
     }
 
+    /// A stream on GPU `ordinal` from the backend (RDMA request rings in GPU memory).
+    pub fn device_stream(
+        &self,
+        ordinal: usize,
+    ) -> Result<std::sync::Arc<hacserve_ffi::gpu::cuda::cu::CudaStream>, BackendError> {
+        self.backend.device_stream(ordinal)
+    }
+
     /// Loads the model on every device and makes one session per worker: worker i runs on
     /// device i % devices. With `priority_clients`, the first worker of each GPU gets a
     /// high-priority stream (and the queue sends priority requests to those workers first,

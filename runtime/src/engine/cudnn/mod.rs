@@ -33,6 +33,7 @@ mod weights;
 use std::path::Path;
 use std::sync::Arc;
 
+use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::ops::{self as gpu_ops, GpuDevice, GpuOpsError, HalfKernels};
 
 pub use images::imagenet_geometry;
@@ -280,6 +281,12 @@ impl Backend for GpuBackend {
 
     fn gpus(&self) -> &[usize] {
         &self.gpus
+    }
+
+    fn device_stream(&self, ordinal: usize) -> Result<Arc<cu::CudaStream>, BackendError> {
+        hacserve_ffi::gpu::cuda::driver(ordinal)
+            .and_then(|ctx| Ok(ctx.new_stream()?))
+            .map_err(|e| BackendError::Device(e.to_string()))
     }
 
     fn priority_workers(&self, workers: usize, priority_clients: bool) -> usize {

@@ -16,8 +16,15 @@ use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;
 
 pub use client::{RdmaClient, RdmaClientConfig};
-pub use server::{Addressing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig};
+pub use server::{Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig};
 pub use wire::*;
+
+/// Loads the RDMA libraries and looks for a device, so that a role can fail fast (and name
+/// RDMA as what is missing) before it sets up anything else.
+pub fn check_available() -> Result<(), TransportError> {
+    hacserve_ffi::rdma::Rdma::load()?;
+    Ok(())
+}
 
 /// wr_id tags: receives and sends are told apart by the top bit.
 const WR_SEND: u64 = 1 << 63;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hacserve_ffi::gpu::cuda::{self, cu};
+use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::rdma::{
     AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, SlotToken,
     WcOpcode, WcStatus, WorkCompletion,
@@ -216,14 +216,28 @@ pub struct RdmaServerConfig {
 }
 
 /// Where the server places each client's request ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum Addressing {
     #[default]
     Host,
     /// On this GPU: clients' RDMA writes land in device memory (registered through dma-buf,
     /// else nvidia-peermem). The receive loop copies each request's bytes to a host mirror
     /// of the slot for validation and the CPU-side stages.
-    Gpu(usize),
+    Gpu(GpuRing),
+}
+
+/// The GPU that holds the request rings, and the stream (from the inference backend, which
+/// owns the device contexts) the rings are allocated and read on.
+#[derive(Clone)]
+pub struct GpuRing {
+    pub ordinal: usize,
+    pub stream: Arc<cu::CudaStream>,
+}
+
+impl std::fmt::Debug for GpuRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GPU {}", self.ordinal)
+    }
 }
 
 /// The listening side: the rdma_cm listener and every client connection.
@@ -259,13 +273,9 @@ impl RdmaServer {
         max_payload: usize,
     ) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
-        let gpu_stream = match cfg.addressing {
+        let gpu_stream = match &cfg.addressing {
             Addressing::Host => None,
-            Addressing::Gpu(ordinal) => Some(
-                cuda::driver(ordinal)
-                    .and_then(|ctx| Ok(ctx.new_stream()?))
-                    .map_err(|e| rdma_err(format!("GPU addressing on GPU {ordinal}: {e}")))?,
-            ),
+            Addressing::Gpu(ring) => Some(ring.stream.clone()),
         };
         let channel = EventChannel::new(rdma)?;
         let listener = CmId::new(rdma, &channel)?;
