@@ -1,6 +1,7 @@
 //! The worker threads: each owns one pipeline (its own engine context) and one reply sink,
 //! pops validated jobs, takes whatever else is ready as one batch, answers and accounts.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use super::options::ServerOptions;
 use super::queue::WorkQueue;
 use crate::contract::{Backoff, Queued, ReplySink, ServerJob};
 use crate::pipeline::{Outcome, Pipeline};
-use crate::protocol::{ErrorCode, HEADER_LEN, RESPONSE_BODY_LEN};
+use crate::protocol::{encode_error, ErrorCode, Header, Task, HEADER_LEN, RESPONSE_BODY_LEN};
 
 /// Empty polls a worker spins through before it parks (block mode), and the longest park:
 /// a push unparks it at once, the timeout only bounds how late it sees a stop.
@@ -109,24 +110,176 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
         }
         if !batch.is_empty() {
             batch.insert(0, job);
-            pipeline.handle_batch(&batch, &mut batch_replies, &mut batch_outcomes);
+            let ran = catch_unwind(AssertUnwindSafe(|| {
+                pipeline.handle_batch(&batch, &mut batch_replies, &mut batch_outcomes)
+            }));
+            let panicked = ran.err().map(|p| panic_text(&*p));
             for (i, queued) in batch.drain(..).enumerate() {
                 let received = queued.received_ns();
+                let why = match &panicked {
+                    Some(text) => {
+                        batch_outcomes[i] = internal_error(&queued, text, &mut batch_replies[i]);
+                        text.as_str()
+                    }
+                    None => pipeline.batch_error(i),
+                };
                 let sent = sink.reply(queued.job, &batch_replies[i]);
-                ledger.record(
-                    &batch_replies[i],
-                    received,
-                    batch_outcomes[i],
-                    pipeline.batch_error(i),
-                    sent,
-                );
+                ledger.record(&batch_replies[i], received, batch_outcomes[i], why, sent);
             }
             continue;
         }
         let received = job.received_ns();
-        let outcome = pipeline.handle(&job, &mut reply);
+        // A panic inside the pipeline (an engine or decoder bug) must not lose the request or,
+        // on RDMA, keep its slot: the client gets `Internal` and the worker goes on.
+        let ran = catch_unwind(AssertUnwindSafe(|| pipeline.handle(&job, &mut reply)));
+        let (outcome, panicked) = match ran {
+            Ok(outcome) => (outcome, None),
+            Err(p) => {
+                let text = panic_text(&*p);
+                (internal_error(&job, &text, &mut reply), Some(text))
+            }
+        };
         let sent = sink.reply(job.job, &reply);
-        ledger.record(&reply, received, outcome, pipeline.last_error(), sent);
+        let why = panicked.as_deref().unwrap_or(pipeline.last_error());
+        ledger.record(&reply, received, outcome, why, sent);
     }
     ledger.log
+}
+
+/// The log and reply text for a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("internal error: the worker failed on this request ({what})")
+}
+
+/// Writes an `Internal` error reply for `job` into `out`.
+fn internal_error<J: ServerJob>(job: &Queued<J>, text: &str, out: &mut Vec<u8>) -> Outcome {
+    let (client, request, task) = match &job.header {
+        Some(h) => (h.client_id, h.request_id, h.task),
+        None => {
+            let (c, r) = Header::salvage_ids(job.message());
+            (c, r, Task::Echo)
+        }
+    };
+    encode_error(out, client, request, task, ErrorCode::Internal, text);
+    Outcome::Rejected(ErrorCode::Internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{PollMode, TransportError};
+    use crate::engine::{EngineError, InferenceEngine};
+    use crate::preprocess::TENSOR_LEN;
+    use crate::protocol::{decode_error, MessageKind};
+    use crate::server::LoopPolicy;
+    use std::sync::mpsc;
+
+    /// An engine whose run panics: what an engine bug looks like to the worker.
+    struct PanickingEngine(Vec<f32>);
+
+    impl InferenceEngine for PanickingEngine {
+        fn name(&self) -> &str {
+            "panics"
+        }
+        fn input_shape(&self) -> [usize; 4] {
+            [1, 3, 224, 224]
+        }
+        fn num_classes(&self) -> usize {
+            10
+        }
+        fn input_mut(&mut self) -> Result<&mut [f32], EngineError> {
+            Ok(&mut self.0)
+        }
+        fn run(&mut self, _: &mut [f32]) -> Result<(), EngineError> {
+            panic!("engine bug");
+        }
+    }
+
+    struct Job(Vec<u8>);
+    impl ServerJob for Job {
+        fn message(&self) -> &[u8] {
+            &self.0
+        }
+        fn received_ns(&self) -> u64 {
+            1
+        }
+    }
+
+    /// Hands every reply to the test.
+    struct ChannelSink(mpsc::Sender<Vec<u8>>);
+    impl ReplySink<Job> for ChannelSink {
+        fn reply(&mut self, _: Job, reply: &[u8]) -> Result<(), TransportError> {
+            let _ = self.0.send(reply.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panicking_engine_gets_internal_replies_and_the_worker_goes_on() {
+        let opts = ServerOptions {
+            workers: 1,
+            max_payload: 1 << 24,
+            poll_mode: PollMode::Block,
+            worker_poll_mode: PollMode::Block,
+            queue_depth: 8,
+            priority_clients: false,
+            priority_workers: 0,
+            monitor_interval: Duration::ZERO,
+            log_folder: None,
+            log_capacity: 0,
+            pin_threads: false,
+            debug: false,
+            policy: LoopPolicy::AnswerWithoutEngine,
+        };
+        let queue = Arc::new(WorkQueue::new(8, PollMode::Block));
+        let (tx, rx) = mpsc::channel();
+        let pipeline = Pipeline::new(Box::new(PanickingEngine(vec![0.0; TENSOR_LEN])), 1 << 24);
+        let probes = vec![Arc::new(WorkerProbe::new())];
+        let handles = spawn_workers(
+            &opts,
+            queue.clone(),
+            vec![(pipeline, ChannelSink(tx))],
+            probes,
+        )
+        .unwrap();
+        let payload = vec![0u8; TENSOR_LEN * 4];
+        for id in 0..2u64 {
+            let mut head = [0u8; HEADER_LEN];
+            let header = Header::request(Task::InferTensor, 5, id, payload.len());
+            header.encode(&mut head);
+            let mut msg = head.to_vec();
+            msg.extend_from_slice(&payload);
+            let queued = Queued {
+                job: Job(msg),
+                header: Some(header),
+            };
+            assert!(queue.push(queued, false).is_ok());
+            let reply = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a request whose engine panicked must still be answered");
+            let (h, body) = Header::decode(&reply, usize::MAX).unwrap();
+            assert_eq!(
+                (h.kind, h.client_id, h.request_id),
+                (MessageKind::Error, 5, id)
+            );
+            let (code, text) = decode_error(body).unwrap();
+            assert_eq!(ErrorCode::from_u32(code), Some(ErrorCode::Internal));
+            assert!(text.contains("engine bug"), "{text}");
+        }
+        assert_eq!(
+            queue
+                .counters
+                .rejected
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        // The worker is still alive; it is left parked (a stop is process-wide and would
+        // reach the other tests of this binary).
+        assert!(handles.iter().all(|h| !h.is_finished()));
+    }
 }
