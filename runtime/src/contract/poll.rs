@@ -107,6 +107,12 @@ impl Backoff {
         }
     }
 
+    /// Changes the longest wait (a loop whose bound depends on its state: an RDMA receive
+    /// loop sleeps longer while no client is connected).
+    pub fn set_wait(&mut self, wait: Duration) {
+        self.wait = wait;
+    }
+
     /// The mode this loop runs in.
     pub fn mode(&self) -> PollMode {
         self.mode

@@ -51,7 +51,7 @@ pub trait ServerTransport {
     fn reply_sink(&mut self) -> Result<Self::Sink, TransportError>;
 
     /// The receive loop's idle rule in block mode: empty rounds to spin, then the longest
-    /// wait per round (see [`super::Backoff`]).
+    /// wait per round (see [`super::Backoff`]); the wait is read again every round.
     fn idle_wait(&self) -> (u32, Duration);
 
     /// One round of everything but taking requests: wait up to `wait` for activity (zero:

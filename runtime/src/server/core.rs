@@ -30,6 +30,7 @@ pub fn receive_loop<T: ServerTransport>(
     let mut idle = Backoff::new(opts.poll_mode, spins, wait);
     let mut progress = true;
     while !signal::stop_requested() && !transport.finished() {
+        idle.set_wait(transport.idle_wait().1);
         let wait = idle.round(progress);
         let mut events = transport.poll(wait, &queue.counters)?;
         while let Some(job) = transport.next_request(&queue.counters)? {
