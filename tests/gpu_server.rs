@@ -221,3 +221,92 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
         "{lines:#?}"
     );
 }
+
+/// What a server made of one image: the top-5 of a response, or the error code.
+fn verdict(c: &mut ZmqClient, id: u64, jpeg: &[u8]) -> Result<[u32; 5], Option<ErrorCode>> {
+    let (h, body) = round_trip(c, &request(Task::Infer, id, 0, jpeg));
+    match h.kind {
+        MessageKind::Response => Ok(ResponseBody::decode(&body).unwrap().classes),
+        _ => Err(decode_error(&body)
+            .ok()
+            .and_then(|(code, _)| ErrorCode::from_u32(code))),
+    }
+}
+
+#[test]
+fn a_jpeg_corpus_gets_the_same_answer_from_both_backends() {
+    if !gpu_or_skip() {
+        return;
+    }
+    // CMYK, grayscale, progressive, 4:4:4, a large 4:2:2 (tests/fixtures/jpeg_corpus, made
+    // with Pillow from the test photo), plus the photo and bytes that are no JPEG at all.
+    let dir = repo().join("tests/fixtures/jpeg_corpus");
+    let mut corpus: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    corpus.sort();
+    assert!(corpus.len() >= 5, "corpus incomplete: {corpus:?}");
+    corpus.push(("grace_hopper.jpg".into(), std::fs::read(image()).unwrap()));
+    corpus.push(("garbage".into(), vec![0x42u8; 4096]));
+    let model = model("resnet50");
+    let cpu = zmq_server(&model, &[]);
+    let gpu = zmq_server(&model, &["--backend", "gpu"]);
+    let (mut to_cpu, mut to_gpu) = (zmq_connect(cpu.port), zmq_connect(gpu.port));
+    for (i, (name, jpeg)) in corpus.iter().enumerate() {
+        let on_cpu = verdict(&mut to_cpu, i as u64, jpeg);
+        let on_gpu = verdict(&mut to_gpu, i as u64, jpeg);
+        println!("{name}: cpu {on_cpu:?} gpu {on_gpu:?}");
+        same_answer(name, &on_gpu, &on_cpu);
+    }
+    // The batched path takes the same images at once: refused ones are answered alone.
+    let batch_gpu = zmq_server(&model, &["--backend", "gpu", "--workers", "1"]);
+    let port = batch_gpu.port;
+    let threads: Vec<_> = corpus
+        .clone()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, jpeg))| {
+            std::thread::spawn(move || {
+                let mut c = zmq_connect(port);
+                (name, verdict(&mut c, 100 + i as u64, &jpeg))
+            })
+        })
+        .collect();
+    for (t, (_, jpeg)) in threads.into_iter().zip(&corpus) {
+        let (name, got) = t.join().unwrap();
+        let want = verdict(&mut to_cpu, 0, jpeg);
+        same_answer(&name, &got, &want);
+    }
+    drop((cpu, gpu, batch_gpu));
+}
+
+/// The same answer: the same error, or responses whose top-1 each stands in the other's
+/// top-5 (nvJPEG and the CPU decoder differ by a few levels per pixel, FP16 by rounding); an
+/// image the GPU decoder refused was decoded on the CPU, so its top-1 must be the same.
+fn same_answer(
+    name: &str,
+    gpu: &Result<[u32; 5], Option<ErrorCode>>,
+    cpu: &Result<[u32; 5], Option<ErrorCode>>,
+) {
+    match (gpu, cpu) {
+        (Ok(g), Ok(c)) => {
+            assert!(
+                c.contains(&g[0]) && g.contains(&c[0]),
+                "{name}: gpu {g:?} cpu {c:?}"
+            );
+            if name.contains("cmyk") {
+                assert_eq!(
+                    g[0], c[0],
+                    "{name}: decoded on the CPU by both, top-1 must agree"
+                );
+            }
+        }
+        _ => assert_eq!(gpu, cpu, "{name}: the backends answer differently"),
+    }
+}

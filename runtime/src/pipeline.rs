@@ -102,7 +102,7 @@ impl Pipeline {
                 _ => None,
             };
             match staged {
-                Some((header, ts, Ok(()))) => self.pending.push(Staged {
+                Some((header, ts, Ok(true))) => self.pending.push(Staged {
                     index: i,
                     header,
                     ts,
@@ -116,7 +116,8 @@ impl Pipeline {
                         &mut self.batch_errors[i],
                     );
                 }
-                None => {
+                // Not batchable, or refused by the device decoder: on its own.
+                None | Some((_, _, Ok(false))) => {
                     outcomes[i] = self.handle(job, &mut outs[i]);
                     self.batch_errors[i].push_str(&self.last_error);
                 }
@@ -214,9 +215,28 @@ impl Pipeline {
             }
             Task::Infer | Task::Preprocess => {
                 let infer = header.task == Task::Infer;
-                let done = match self.engine.device_images() {
-                    Some(device) => {
-                        device_stages(device, payload, infer, &mut ts, &mut self.logits)
+                let on_device = self
+                    .engine
+                    .device_images()
+                    .map(|device| device_stages(device, payload, infer, &mut ts, &mut self.logits));
+                let done = match on_device {
+                    Some(DeviceStages::Done(done)) => done,
+                    // An image the device decoder cannot take (CMYK, arithmetic coding, ...)
+                    // gets the CPU decoder's verdict, so every backend answers alike.
+                    Some(DeviceStages::Refused(why)) => {
+                        log::debug!(
+                            "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
+                            header.client_id,
+                            header.request_id
+                        );
+                        cpu_stages(
+                            &mut self.pre,
+                            self.engine.as_mut(),
+                            payload,
+                            infer,
+                            &mut ts,
+                            &mut self.logits,
+                        )
                     }
                     None => cpu_stages(
                         &mut self.pre,
@@ -302,6 +322,13 @@ fn cpu_stages(
     Ok(())
 }
 
+/// What the device stages did with an image.
+enum DeviceStages {
+    Done(Result<(), StageError>),
+    /// The device decoder refused the image (why): the CPU decoder has the last word.
+    Refused(String),
+}
+
 /// The same stages on the engine's device (nvJPEG and the preprocessing kernel).
 fn device_stages(
     device: &mut dyn DeviceImages,
@@ -309,8 +336,22 @@ fn device_stages(
     infer: bool,
     ts: &mut ServerTimestamps,
     logits: &mut [f32],
+) -> DeviceStages {
+    match device.decode(jpeg) {
+        Ok(_) => {}
+        Err(EngineError::BadInput(why)) => return DeviceStages::Refused(why),
+        Err(e) => return DeviceStages::Done(Err(engine_error(e))),
+    }
+    DeviceStages::Done(device_rest(device, infer, ts, logits))
+}
+
+/// The device stages after a successful decode.
+fn device_rest(
+    device: &mut dyn DeviceImages,
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
 ) -> Result<(), StageError> {
-    device.decode(jpeg).map_err(engine_error)?;
     ts.decoded = realtime_ns();
     device.preprocess().map_err(engine_error)?;
     ts.preprocessed = realtime_ns();
@@ -324,15 +365,21 @@ fn device_stages(
 
 /// Decode and preprocess of one JPEG into slot `slot` of the engine's batch input: on the
 /// engine's device where it decodes there, else on the CPU into the slot's host input.
+/// Ok(false): the device decoder refused the image; it is to be handled on its own (where
+/// the CPU decoder has the last word) rather than in this batch.
 fn stage_slot(
     pre: &mut Preprocessor,
     engine: &mut dyn InferenceEngine,
     jpeg: &[u8],
     slot: usize,
     ts: &mut ServerTimestamps,
-) -> Result<(), StageError> {
+) -> Result<bool, StageError> {
     if let Some(device) = engine.device_images() {
-        device.decode(jpeg).map_err(engine_error)?;
+        match device.decode(jpeg) {
+            Ok(_) => {}
+            Err(EngineError::BadInput(_)) => return Ok(false),
+            Err(e) => return Err(engine_error(e)),
+        }
         ts.decoded = realtime_ns();
         device.preprocess_slot(slot).map_err(engine_error)?;
     } else {
@@ -344,7 +391,7 @@ fn stage_slot(
             .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
     }
     ts.preprocessed = realtime_ns();
-    Ok(())
+    Ok(true)
 }
 
 /// Task 1's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
@@ -717,5 +764,134 @@ mod batch_tests {
             let (h, _) = Header::decode(out, usize::MAX).unwrap();
             assert_eq!((h.kind, h.request_id), (MessageKind::Response, id));
         }
+    }
+}
+
+#[cfg(test)]
+mod fallback_tests {
+    //! An engine whose device decoder refuses every image: the pipeline must answer from the
+    //! CPU decoder instead, alone and in a batch, exactly as an engine without device stages.
+    use super::*;
+    use crate::engine::DeviceImages;
+
+    const CLASSES: usize = 10;
+
+    struct RefusingDevice {
+        input: Vec<f32>,
+        refused: usize,
+    }
+
+    impl InferenceEngine for RefusingDevice {
+        fn name(&self) -> &str {
+            "refusing-device"
+        }
+        fn input_shape(&self) -> [usize; 4] {
+            [1, 3, 224, 224]
+        }
+        fn num_classes(&self) -> usize {
+            CLASSES
+        }
+        fn input_mut(&mut self) -> Result<&mut [f32], EngineError> {
+            Ok(&mut self.input)
+        }
+        fn run(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+            // Top-1 depends on the decoded pixels: the last class for a bright first value.
+            for (k, l) in logits.iter_mut().enumerate() {
+                *l = k as f32 * self.input[0];
+            }
+            Ok(())
+        }
+        fn max_batch(&self) -> usize {
+            2
+        }
+        fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
+            Some(self)
+        }
+    }
+
+    impl DeviceImages for RefusingDevice {
+        fn decode(&mut self, _: &[u8]) -> Result<(usize, usize), EngineError> {
+            self.refused += 1;
+            Err(EngineError::BadInput(
+                "4 components: not an RGB/gray JPEG".into(),
+            ))
+        }
+        fn preprocess(&mut self) -> Result<(), EngineError> {
+            Err(EngineError::Run("nothing was decoded".into()))
+        }
+        fn run_preprocessed(&mut self, _: &mut [f32]) -> Result<(), EngineError> {
+            Err(EngineError::Run("nothing was decoded".into()))
+        }
+        fn preprocess_slot(&mut self, _: usize) -> Result<(), EngineError> {
+            Err(EngineError::Run("nothing was decoded".into()))
+        }
+    }
+
+    struct Job(Vec<u8>);
+    impl ServerJob for Job {
+        fn message(&self) -> &[u8] {
+            &self.0
+        }
+        fn received_ns(&self) -> u64 {
+            1
+        }
+    }
+
+    fn infer(request_id: u64, jpeg: &[u8]) -> Queued<Job> {
+        let mut h = [0u8; HEADER_LEN];
+        let header = Header::request(Task::Infer, 3, request_id, jpeg.len());
+        header.encode(&mut h);
+        let mut m = h.to_vec();
+        m.extend_from_slice(jpeg);
+        Queued {
+            job: Job(m),
+            header: Some(header),
+        }
+    }
+
+    fn top1(reply: &[u8]) -> u32 {
+        let (h, body) = Header::decode(reply, usize::MAX).unwrap();
+        assert_eq!(
+            h.kind,
+            MessageKind::Response,
+            "{:?}",
+            decode_error_text(body)
+        );
+        ResponseBody::decode(body).unwrap().classes[0]
+    }
+
+    fn decode_error_text(body: &[u8]) -> Option<String> {
+        crate::protocol::decode_error(body).ok().map(|(_, t)| t)
+    }
+
+    #[test]
+    fn images_the_device_refuses_are_decoded_on_the_cpu() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        let engine = RefusingDevice {
+            input: vec![0.0; TENSOR_LEN],
+            refused: 0,
+        };
+        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        let mut alone = Vec::new();
+        let outcome = pipeline.handle(&infer(1, &jpeg), &mut alone);
+        assert!(matches!(outcome, Outcome::Answered { top1: Some(_), .. }));
+        // The CPU decoder's verdict stands for images it refuses too.
+        let mut bad = Vec::new();
+        let outcome = pipeline.handle(&infer(2, b"\xff\xd8 not a jpeg"), &mut bad);
+        assert_eq!(outcome, Outcome::Rejected(ErrorCode::BadImage));
+        // In a batch the refused images are answered one by one, with the same answers.
+        let jobs = [infer(3, &jpeg), infer(4, &jpeg)];
+        let mut outs = vec![Vec::new(); 2];
+        let mut outcomes = [Outcome::Rejected(ErrorCode::Internal); 2];
+        pipeline.handle_batch(&jobs, &mut outs, &mut outcomes);
+        assert_eq!(outcomes[0], outcomes[1]);
+        assert_eq!(
+            (top1(&outs[0]), top1(&outs[1])),
+            (top1(&alone), top1(&alone))
+        );
     }
 }
