@@ -283,7 +283,9 @@ mod tests {
         assert_eq!(check_geometry(257, 4096), Err(GeometryError::Depth(257)));
         assert_eq!(check_geometry(4, 255), Err(GeometryError::SlotSize(255)));
         let e = check_geometry(4, MAX_SLOT_SIZE + 1).unwrap_err();
-        assert!(e.to_string().starts_with("--slot-size must be 256..=8388608 bytes"));
+        assert!(e
+            .to_string()
+            .starts_with("--slot-size must be 256..=8388608 bytes"));
         let e = check_geometry(0, 4096).unwrap_err();
         assert!(e.to_string().starts_with("--ring-depth must be 1..=256"));
     }
