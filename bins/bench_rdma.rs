@@ -92,14 +92,8 @@ struct Lat {
 
 impl Lat {
     /// perftest's row: #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%.
-    fn from_perftest(row: &[f64]) -> Result<Lat> {
-        if row.len() < 9 {
-            bail!(
-                "ib_write_lat row of {} numbers, 9 expected: {row:?}",
-                row.len()
-            );
-        }
-        Ok(Lat {
+    fn from_perftest(row: &[f64]) -> Lat {
+        Lat {
             bytes: row[0] as usize,
             iterations: row[1] as usize,
             min: row[2],
@@ -109,7 +103,7 @@ impl Lat {
             stdev: row[6],
             p99: row[7],
             p999: row[8],
-        })
+        }
     }
 
     /// Order statistics of `us` (nearest rank, as the client's table); `avg` when the mean
@@ -163,20 +157,14 @@ struct Bw {
 
 impl Bw {
     /// perftest's row: #bytes #iterations BW peak BW average MsgRate[Mpps].
-    fn from_perftest(row: &[f64]) -> Result<Bw> {
-        if row.len() < 5 {
-            bail!(
-                "ib_write_bw row of {} numbers, 5 expected: {row:?}",
-                row.len()
-            );
-        }
-        Ok(Bw {
+    fn from_perftest(row: &[f64]) -> Bw {
+        Bw {
             bytes: row[0] as usize,
             iterations: row[1] as usize,
             peak: Some(row[2]),
             avg: row[3],
             msg_rate: Some(row[4] * 1e6),
-        })
+        }
     }
 }
 
@@ -211,8 +199,9 @@ fn perftest(tool: &str, size: usize, n: usize, host: &str) -> Result<String> {
     bail!("{tool} client kept failing:\n{last}")
 }
 
-/// The numbers of the line after perftest's header line containing `marker`.
-fn perftest_row(out: &str, marker: &str) -> Result<Vec<f64>> {
+/// The numbers of the first line of at least `want` numbers after perftest's header line
+/// containing `marker`.
+fn perftest_row(out: &str, marker: &str, want: usize) -> Result<Vec<f64>> {
     let mut lines = out.lines().skip_while(|l| !l.contains(marker));
     lines.next();
     for l in lines {
@@ -220,11 +209,11 @@ fn perftest_row(out: &str, marker: &str) -> Result<Vec<f64>> {
             .split_whitespace()
             .filter_map(|t| t.parse().ok())
             .collect();
-        if nums.len() >= 5 {
+        if nums.len() >= want {
             return Ok(nums);
         }
     }
-    bail!("no result row after {marker:?} in perftest's output:\n{out}")
+    bail!("no result row of {want} numbers after {marker:?} in perftest's output:\n{out}")
 }
 
 fn start_server(args: &Args, bin_dir: &Path, port: u16, extra: &[&str]) -> Result<Child> {
@@ -441,9 +430,9 @@ fn main() -> Result<()> {
     let (mut lat, mut bw) = (None, None);
     if !args.no_perftest {
         let out = perftest("ib_write_lat", args.lat_size, n, &args.host)?;
-        lat = Some(Lat::from_perftest(&perftest_row(&out, "t_typical")?)?);
+        lat = Some(Lat::from_perftest(&perftest_row(&out, "t_typical", 9)?));
         let out = perftest("ib_write_bw", args.bw_size, n, &args.host)?;
-        bw = Some(Bw::from_perftest(&perftest_row(&out, "BW average")?)?);
+        bw = Some(Bw::from_perftest(&perftest_row(&out, "BW average", 5)?));
     }
     let mut server = start_server(&args, &bin_dir, args.port, &[])?;
     let run = (|| -> Result<_> {
@@ -554,15 +543,26 @@ struct Table {
     bw: Option<Bw>,
 }
 
-fn cell(w: usize, v: Option<f64>, decimals: usize) -> String {
+/// A figure with `decimals`, or `-` where there is none.
+fn num(v: Option<f64>, decimals: usize) -> String {
     match v {
-        Some(v) if v.is_finite() => format!("{v:>w$.decimals$}", w = w + 2),
-        _ => format!("{:>w$}", "-", w = w + 2),
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "-".to_string(),
     }
 }
 
 fn ratio(a: f64, b: Option<f64>) -> Option<f64> {
     b.filter(|&b| b > 0.0).map(|b| a / b)
+}
+
+/// A row: its name, then each cell right-aligned in its column (blank cells are `-`).
+fn print_row(name: &str, cols: &[&str], cells: &[String]) {
+    let mut s = format!(" {name:<NAME_W$}");
+    for (i, c) in cols.iter().enumerate() {
+        let v = cells.get(i).map_or("-", String::as_str);
+        s += &format!("{v:>w$}", w = c.len() + 2);
+    }
+    println!("{s}");
 }
 
 impl Table {
@@ -576,81 +576,58 @@ impl Table {
         1 + NAME_W + lat.max(bw)
     }
 
-    fn header(cols: &[&str]) {
-        let mut s = format!(" {:<NAME_W$}", "");
-        for c in cols {
-            s += &format!("{c:>w$}", w = c.len() + 2);
-        }
-        println!("{s}");
+    fn lat_cols() -> Vec<&'static str> {
+        [&LAT_COLS[..], &LAT_RATIOS[..]].concat()
+    }
+
+    fn bw_cols() -> Vec<&'static str> {
+        [&BW_COLS[..], &[BW_RATIO][..]].concat()
     }
 
     fn lat_header(&self) {
-        Self::header(&[&LAT_COLS[..], &LAT_RATIOS[..]].concat());
+        let cols = Self::lat_cols();
+        print_row(
+            "",
+            &cols,
+            &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        );
     }
 
     fn bw_header(&self) {
-        Self::header(&[&BW_COLS[..], &[BW_RATIO][..]].concat());
+        let cols = Self::bw_cols();
+        print_row(
+            "",
+            &cols,
+            &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        );
     }
 
-    /// `compare`: the row's ratio columns against perftest's.
+    /// `compare`: fill the row's ratio columns against perftest's row.
     fn lat_row(&self, name: &str, row: Option<Lat>, compare: bool) {
-        let w = |i: usize| LAT_COLS[i].len();
-        let mut s = format!(" {name:<NAME_W$}");
-        let Some(r) = row else {
-            for c in LAT_COLS.iter().chain(&LAT_RATIOS) {
-                s += &cell(c.len(), None, 0);
-            }
-            println!("{s}");
-            return;
-        };
-        s += &format!(
-            "{:>a$}{:>b$}",
-            r.bytes,
-            r.iterations,
-            a = w(0) + 2,
-            b = w(1) + 2
-        );
-        for (i, v) in [r.min, r.max, r.typical, r.avg, r.stdev, r.p99, r.p999]
-            .into_iter()
-            .enumerate()
-        {
-            s += &cell(w(i + 2), Some(v), 2);
-        }
-        let (typ, avg) = match (compare, self.lat) {
-            (true, Some(p)) => (ratio(r.typical, Some(p.typical)), ratio(r.avg, Some(p.avg))),
-            _ => (None, None),
-        };
-        s += &cell(LAT_RATIOS[0].len(), typ, 2);
-        s += &cell(LAT_RATIOS[1].len(), avg, 2);
-        println!("{s}");
+        let cells = row.map_or_else(Vec::new, |r| {
+            let mut c = vec![r.bytes.to_string(), r.iterations.to_string()];
+            let figures = [r.min, r.max, r.typical, r.avg, r.stdev, r.p99, r.p999];
+            c.extend(figures.map(|v| num(Some(v), 2)));
+            let p = self.lat.filter(|_| compare);
+            c.push(num(ratio(r.typical, p.map(|p| p.typical)), 2));
+            c.push(num(ratio(r.avg, p.map(|p| p.avg)), 2));
+            c
+        });
+        print_row(name, &Self::lat_cols(), &cells);
     }
 
     fn bw_row(&self, name: &str, row: Option<Bw>, compare: bool) {
-        let w = |i: usize| BW_COLS[i].len();
-        let mut s = format!(" {name:<NAME_W$}");
-        let Some(r) = row else {
-            for c in BW_COLS.iter().chain([&BW_RATIO]) {
-                s += &cell(c.len(), None, 0);
-            }
-            println!("{s}");
-            return;
-        };
-        s += &format!(
-            "{:>a$}{:>b$}",
-            r.bytes,
-            r.iterations,
-            a = w(0) + 2,
-            b = w(1) + 2
-        );
-        s += &cell(w(2), r.peak, 2);
-        s += &cell(w(3), Some(r.avg), 2);
-        s += &cell(w(4), r.msg_rate.map(|m| m / 1e6), 6);
-        let against = if compare {
-            self.bw.map(|p| p.avg)
-        } else {
-            None
-        };
-        s += &cell(BW_RATIO.len(), ratio(r.avg, against), 2);
-        println!("{s}");
+        let cells = row.map_or_else(Vec::new, |r| {
+            let against = self.bw.filter(|_| compare).map(|p| p.avg);
+            vec![
+                r.bytes.to_string(),
+                r.iterations.to_string(),
+                num(r.peak, 2),
+                num(Some(r.avg), 2),
+                num(r.msg_rate.map(|m| m / 1e6), 6),
+                num(ratio(r.avg, against), 2),
+            ]
+        });
+        print_row(name, &Self::bw_cols(), &cells);
     }
 }
