@@ -11,8 +11,8 @@ use hacserve_runtime::protocol::{
     decode_error, Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN,
 };
 use hacserve_runtime::transport::rdma::{
-    check_geometry, encode_imm, RdmaClient, RdmaClientConfig, DEFAULT_PORT, IMM_LEN_MASK,
-    MAX_DEPTH, MIN_SLOT_SIZE,
+    check_geometry, encode_imm, GeometryError, RdmaClient, RdmaClientConfig, DEFAULT_PORT,
+    IMM_LEN_MASK, MAX_DEPTH, MIN_SLOT_SIZE,
 };
 
 hacserve::cli_args! {
@@ -56,12 +56,13 @@ fn main() -> Result<()> {
         Some(s) => s,
         None => (want.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32,
     };
-    check_geometry(args.ring_depth, slot_size).with_context(|| {
-        format!(
-            "a request of {want} bytes in a slot of {slot_size} bytes, {} deep",
-            args.ring_depth
-        )
-    })?;
+    match check_geometry(args.ring_depth, slot_size) {
+        // The slot was derived from the request: say so, the user never named a size.
+        Err(e @ GeometryError::SlotSize(_)) if args.slot_size.is_none() => {
+            bail!("{e} (a request of {want} bytes needs a slot that large)")
+        }
+        checked => checked?,
+    }
     if want > slot_size as usize {
         bail!("a request of {want} bytes does not fit --slot-size {slot_size}");
     }

@@ -1,11 +1,13 @@
 //! Option groups and shared main bodies for the binaries.
 //!
-//! argh has no `#[argh(flatten)]`, so [`cli_args!`] writes each group's fields into the
-//! role's own `Args` struct (one flat argh struct, so `--help` lists every option as before)
-//! and adds one accessor per group that copies the values into the group's struct here
-//! (`args.server()` -> [`ServerArgs`]). Each group's fields, doc comments and defaults are
-//! written once, in the macro's `@group` arms; the same arm also defines the group struct
-//! below, so the two cannot drift.
+//! argh has no `#[argh(flatten)]`, so [`cli_args!`](crate::cli_args) writes each group's
+//! fields into the role's own `Args` struct (one flat argh struct, so `--help` lists every
+//! option as before) and adds one accessor per group that copies the values into the group's
+//! struct here (`args.server()` -> [`ServerArgs`]). Each group's fields, doc comments and
+//! defaults are written once, in the macro's `@group` arms; the same arm also defines the
+//! group struct below, so the two cannot drift. Types are bracketed in those arms
+//! (`debug: [bool]`) so that they reach argh as plain tokens: argh tells a switch by its type's
+//! spelling, which a `$ty:ty` fragment would hide.
 
 pub mod client;
 pub mod proxy;
@@ -75,7 +77,7 @@ macro_rules! cli_args {
         #[argh($($argh:tt)*)]
         $field:ident : [$($ty:tt)*],
     )* }) => {
-        #[doc = concat!("The `", stringify!($acc), "` option group (see [`cli_args!`]).")]
+        #[doc = concat!("The `", stringify!($acc), "` option group (see [`cli_args!`](crate::cli_args)).")]
         #[derive(Debug, Clone)]
         pub struct $gstruct {
             $($(#[doc = $doc])* pub $field: $($ty)*,)*
