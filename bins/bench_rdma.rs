@@ -474,7 +474,7 @@ fn main() -> Result<()> {
         args.host, n, args.warmup, args.server_poll_mode
     );
     println!("{line}");
-    table.lat_header();
+    Table::header(&Table::lat_cols());
     table.lat_row("ib_write_lat (perftest, RTT/2)", lat, false);
     table.lat_row("rdma_client echo RTT/2", Some(client_rtt.scaled(0.5)), true);
     table.lat_row("rdma_client echo RTT", Some(client_rtt), false);
@@ -483,7 +483,7 @@ fn main() -> Result<()> {
     let in_process = format!("in-process echo RTT (per {PING_BATCH})");
     table.lat_row(&in_process, Some(ping_rtt), false);
     println!("{line}");
-    table.bw_header();
+    Table::header(&Table::bw_cols());
     table.bw_row("ib_write_bw (perftest)", bw, false);
     table.bw_row("rdma_client echo, closed loop", Some(closed), true);
     let depth = args.depth;
@@ -584,22 +584,10 @@ impl Table {
         [&BW_COLS[..], &[BW_RATIO][..]].concat()
     }
 
-    fn lat_header(&self) {
-        let cols = Self::lat_cols();
-        print_row(
-            "",
-            &cols,
-            &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        );
-    }
-
-    fn bw_header(&self) {
-        let cols = Self::bw_cols();
-        print_row(
-            "",
-            &cols,
-            &cols.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        );
+    /// A section's header line: the column names in their columns.
+    fn header(cols: &[&str]) {
+        let names: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        print_row("", cols, &names);
     }
 
     /// `compare`: fill the row's ratio columns against perftest's row.
