@@ -17,6 +17,11 @@
 //!    same bytes back as well, which perftest's one-way stream does not; (c) the same stream
 //!    of sink requests (task 4: the payload is discarded, the reply is 128 bytes), the
 //!    one-way figure to compare with ib_write_bw.
+//!
+//! It prints one table in perftest's columns: a latency section (perftest's row, then ours
+//! as RTT/2 and as the full RTT; ours from every request's round trip in rdma_client's CSV)
+//! and a bandwidth section (`BW average[MB/sec]`, `MsgRate[Mpps]`), each of our rows with its
+//! ratio to perftest's row of the same section.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +34,7 @@ use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::protocol::{Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN};
+use hacserve_runtime::stats::read_csv;
 use hacserve_runtime::transport::rdma::{RdmaClient, RdmaClientConfig, DEFAULT_PORT};
 
 #[derive(FromArgs)]
@@ -70,12 +76,96 @@ struct Args {
     no_perftest: bool,
 }
 
-/// perftest's figures (µs, MiB/s).
-#[derive(Debug, Default, Clone, Copy)]
-struct Perf {
+/// One latency row of the table, in µs: perftest's columns.
+#[derive(Debug, Clone, Copy)]
+struct Lat {
+    bytes: usize,
+    iterations: usize,
+    min: f64,
+    max: f64,
     typical: f64,
     avg: f64,
-    bw_avg: f64,
+    stdev: f64,
+    p99: f64,
+    p999: f64,
+}
+
+impl Lat {
+    /// perftest's row: #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%.
+    fn from_perftest(row: &[f64]) -> Lat {
+        Lat {
+            bytes: row[0] as usize,
+            iterations: row[1] as usize,
+            min: row[2],
+            max: row[3],
+            typical: row[4],
+            avg: row[5],
+            stdev: row[6],
+            p99: row[7],
+            p999: row[8],
+        }
+    }
+
+    /// Order statistics of `us` (nearest rank, as the client's table); `avg` when the mean
+    /// is measured apart from the samples (the in-process echo's total over its count).
+    fn of(bytes: usize, iterations: usize, mut us: Vec<f64>, avg: Option<f64>) -> Result<Lat> {
+        if us.is_empty() {
+            bail!("no latency samples");
+        }
+        us.sort_by(f64::total_cmp);
+        let n = us.len();
+        let rank = |p: f64| us[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        let mean = us.iter().sum::<f64>() / n as f64;
+        let var = us.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+        Ok(Lat {
+            bytes,
+            iterations,
+            min: us[0],
+            max: us[n - 1],
+            typical: rank(0.50),
+            avg: avg.unwrap_or(mean),
+            stdev: var.sqrt(),
+            p99: rank(0.99),
+            p999: rank(0.999),
+        })
+    }
+
+    /// The same row scaled (RTT -> RTT/2: perftest reports half the ping-pong).
+    fn scaled(&self, k: f64) -> Lat {
+        Lat {
+            min: self.min * k,
+            max: self.max * k,
+            typical: self.typical * k,
+            avg: self.avg * k,
+            stdev: self.stdev * k,
+            p99: self.p99 * k,
+            p999: self.p999 * k,
+            ..*self
+        }
+    }
+}
+
+/// One bandwidth row: MiB/s (perftest's MB, 2^20) and messages per second.
+#[derive(Debug, Clone, Copy)]
+struct Bw {
+    bytes: usize,
+    iterations: usize,
+    peak: Option<f64>,
+    avg: f64,
+    msg_rate: Option<f64>,
+}
+
+impl Bw {
+    /// perftest's row: #bytes #iterations BW peak BW average MsgRate[Mpps].
+    fn from_perftest(row: &[f64]) -> Bw {
+        Bw {
+            bytes: row[0] as usize,
+            iterations: row[1] as usize,
+            peak: Some(row[2]),
+            avg: row[3],
+            msg_rate: Some(row[4] * 1e6),
+        }
+    }
 }
 
 /// Runs a perftest pair: the server without a host, then the client against `host`.
@@ -109,8 +199,9 @@ fn perftest(tool: &str, size: usize, n: usize, host: &str) -> Result<String> {
     bail!("{tool} client kept failing:\n{last}")
 }
 
-/// The numbers of the line after perftest's header line containing `marker`.
-fn perftest_row(out: &str, marker: &str) -> Result<Vec<f64>> {
+/// The numbers of the first line of at least `want` numbers after perftest's header line
+/// containing `marker`.
+fn perftest_row(out: &str, marker: &str, want: usize) -> Result<Vec<f64>> {
     let mut lines = out.lines().skip_while(|l| !l.contains(marker));
     lines.next();
     for l in lines {
@@ -118,11 +209,11 @@ fn perftest_row(out: &str, marker: &str) -> Result<Vec<f64>> {
             .split_whitespace()
             .filter_map(|t| t.parse().ok())
             .collect();
-        if nums.len() >= 5 {
+        if nums.len() >= want {
             return Ok(nums);
         }
     }
-    bail!("no result row after {marker:?} in perftest's output:\n{out}")
+    bail!("no result row of {want} numbers after {marker:?} in perftest's output:\n{out}")
 }
 
 fn start_server(args: &Args, bin_dir: &Path, port: u16, extra: &[&str]) -> Result<Child> {
@@ -160,14 +251,18 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Our closed-loop client's output: (p50 µs, mean µs, req/s).
-fn rdma_client(args: &Args, bin_dir: &Path, payload: usize, n: usize) -> Result<(f64, f64, f64)> {
+/// Our closed-loop client, echo of `payload` bytes: its per-request round trips (µs, from
+/// the CSV it writes with -s) and its req/s.
+fn rdma_client(args: &Args, bin_dir: &Path, payload: usize, n: usize) -> Result<(Vec<f64>, f64)> {
     let slot = (HEADER_LEN + payload).div_ceil(4096) * 4096;
+    let logs = std::env::temp_dir().join(format!("bench_rdma_{}", std::process::id()));
     let out = Command::new(bin_dir.join("rdma_client"))
         .args(["--host", &args.host, "-p", &args.port.to_string()])
         .args(["-t", "3", "--payload-size", &payload.to_string()])
         .args(["-r", &n.to_string(), "--warmup", &args.warmup.to_string()])
         .args(["--poll-mode", "busy", "--slot-size", &slot.to_string()])
+        .args(["--client-id", "97", "-s", "-f"])
+        .arg(&logs)
         .output()
         .context("running rdma_client")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -177,25 +272,21 @@ fn rdma_client(args: &Args, bin_dir: &Path, payload: usize, n: usize) -> Result<
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let row: Vec<f64> = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("end-to-end"))
-        .context("no end-to-end row")?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // count p50 p90 p99 p99.9 max mean
-    if row.len() < 7 {
-        bail!("short end-to-end row in:\n{text}");
-    }
     let rate = text
         .lines()
         .find_map(|l| l.strip_suffix(" req/s"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|t| t.parse().ok())
         .context("no req/s figure")?;
-    Ok((row[1], row[6], rate))
+    let csv = logs.join("client_97.csv");
+    let records = read_csv(&csv).with_context(|| format!("reading {}", csv.display()));
+    let _ = std::fs::remove_dir_all(&logs);
+    let rtts: Vec<f64> = records?
+        .iter()
+        .filter(|r| r.status == 0)
+        .map(|r| r.e2e_ns as f64 / 1e3)
+        .collect();
+    Ok((rtts, rate))
 }
 
 /// Pipelined stream from this process to `port`: (MiB/s of request payload, req/s). `task` is
@@ -269,8 +360,8 @@ const PING_BATCH: usize = 10;
 /// per batch of [`PING_BATCH`] round trips instead of per request: rdma_client reads the
 /// clock four times per request (its CSV timestamps), which costs ~2 us a read where the
 /// clocksource is not the TSC (the emulated testbed: HPET), and perftest reads the TSC.
-/// Returns (median, mean) round trip in µs.
-fn ping(args: &Args, port: u16) -> Result<(f64, f64)> {
+/// Returns the per-batch round trips and the mean round trip over the whole run, in µs.
+fn ping(args: &Args, port: u16) -> Result<(Vec<f64>, f64)> {
     let len = args.lat_size;
     let payload = len - HEADER_LEN;
     let mut c = RdmaClient::connect(
@@ -319,8 +410,7 @@ fn ping(args: &Args, port: u16) -> Result<(f64, f64)> {
         per_rtt.push(t.elapsed().as_secs_f64() * 1e6 / PING_BATCH as f64);
     }
     let mean = start.elapsed().as_secs_f64() * 1e6 / (batches * PING_BATCH) as f64;
-    per_rtt.sort_by(f64::total_cmp);
-    Ok((per_rtt[per_rtt.len() / 2], mean))
+    Ok((per_rtt, mean))
 }
 
 fn main() -> Result<()> {
@@ -337,19 +427,12 @@ fn main() -> Result<()> {
         bail!("--lat-size must exceed the {HEADER_LEN}-byte header");
     }
     let n = args.iterations;
-    let (mut lat, mut bw) = (Perf::default(), Perf::default());
+    let (mut lat, mut bw) = (None, None);
     if !args.no_perftest {
         let out = perftest("ib_write_lat", args.lat_size, n, &args.host)?;
-        let row = perftest_row(&out, "t_typical")?;
-        lat.typical = row[4];
-        lat.avg = row[5];
+        lat = Some(Lat::from_perftest(&perftest_row(&out, "t_typical", 9)?));
         let out = perftest("ib_write_bw", args.bw_size, n, &args.host)?;
-        let row = perftest_row(&out, "BW average")?;
-        bw.bw_avg = row[3];
-        println!(
-            "perftest: ib_write_lat typical {:.2} us avg {:.2} us (RTT/2); ib_write_bw {:.1} MiB/s",
-            lat.typical, lat.avg, bw.bw_avg
-        );
+        bw = Some(Bw::from_perftest(&perftest_row(&out, "BW average", 5)?));
     }
     let mut server = start_server(&args, &bin_dir, args.port, &[])?;
     let run = (|| -> Result<_> {
@@ -362,60 +445,177 @@ fn main() -> Result<()> {
         Ok((small, pinged, big, streamed, one_way))
     })();
     stop(&mut server);
-    let (
-        (p50, mean, _),
-        (ping_p50, ping_mean),
-        (_, _, big_rate),
-        (stream_mibs, stream_rate),
-        (oneway_mibs, oneway_rate),
-    ) = run?;
-    let closed_mibs = big_rate * args.bw_size as f64 / (1 << 20) as f64;
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let line = "-".repeat(100);
+    let ((small, _), (batches, ping_mean), (_, big_rate), streamed, one_way) = run?;
+    let client_rtt = Lat::of(args.lat_size, small.len(), small, None)?;
+    let ping_rtt = Lat::of(
+        args.lat_size,
+        batches.len() * PING_BATCH,
+        batches,
+        Some(ping_mean),
+    )?;
+    let ours_bw = |(mibs, rate): (f64, f64)| Bw {
+        bytes: args.bw_size,
+        iterations: n,
+        peak: None,
+        avg: mibs,
+        msg_rate: Some(rate),
+    };
+    let closed = ours_bw((big_rate * args.bw_size as f64 / (1 << 20) as f64, big_rate));
+    let both_ways = Bw {
+        avg: 2.0 * streamed.0,
+        msg_rate: None,
+        ..ours_bw(streamed)
+    };
+    let table = Table { lat, bw };
+    let line = "-".repeat(table.width());
     println!("{line}");
     println!(
         " bench_rdma on {} ({} iterations, {} warmup, rdma_server poll {})",
         args.host, n, args.warmup, args.server_poll_mode
     );
     println!("{line}");
+    Table::header(&Table::lat_cols());
+    table.lat_row("ib_write_lat (perftest, RTT/2)", lat, false);
+    table.lat_row("rdma_client echo RTT/2", Some(client_rtt.scaled(0.5)), true);
+    table.lat_row("rdma_client echo RTT", Some(client_rtt), false);
+    let in_process = format!("in-process echo RTT/2 (per {PING_BATCH})");
+    table.lat_row(&in_process, Some(ping_rtt.scaled(0.5)), true);
+    let in_process = format!("in-process echo RTT (per {PING_BATCH})");
+    table.lat_row(&in_process, Some(ping_rtt), false);
+    println!("{line}");
+    Table::header(&Table::bw_cols());
+    table.bw_row("ib_write_bw (perftest)", bw, false);
+    table.bw_row("rdma_client echo, closed loop", Some(closed), true);
+    let depth = args.depth;
+    table.bw_row(
+        &format!("echo stream, depth {depth}"),
+        Some(ours_bw(streamed)),
+        true,
+    );
+    table.bw_row(
+        &format!("  both directions, depth {depth}"),
+        Some(both_ways),
+        false,
+    );
+    let name = format!("sink stream (one-way), depth {depth}");
+    table.bw_row(&name, Some(ours_bw(one_way)), true);
+    println!("{line}");
     println!(
-        " latency, {} B        ours RTT p50 {:>8.2} us  mean {:>8.2} us | RTT/2 p50 {:>7.2} mean {:>7.2} | ib_write_lat typical {:>7.2} avg {:>7.2} us",
-        args.lat_size, p50, mean, p50 / 2.0, mean / 2.0, lat.typical, lat.avg
+        " ratio: our RTT/2 over ib_write_lat's (typical, avg; goal <= 1.10x), our MB/sec over ib_write_bw's (goal >= 0.90x)"
     );
     println!(
-        " latency ratio        p50/typical {:.2}x  mean/avg {:.2}x   (goal <= 1.10x)",
-        ratio(p50 / 2.0, lat.typical),
-        ratio(mean / 2.0, lat.avg)
+        " in-process rows: timed per {PING_BATCH} round trips, no client clock reads per request (like perftest's TSC); MB/sec = 2^20 bytes/s of request payload"
     );
     println!(
-        " latency, {} B        in-process echo, timed per {PING_BATCH} round trips: RTT median {:>7.2} us mean {:>7.2} us | RTT/2 {:>7.2} mean {:>7.2}",
-        args.lat_size, ping_p50, ping_mean, ping_p50 / 2.0, ping_mean / 2.0
-    );
-    println!(
-        " latency ratio        in-process median/typical {:.2}x  mean/avg {:.2}x   (no client clock reads per request, like perftest's TSC)",
-        ratio(ping_p50 / 2.0, lat.typical),
-        ratio(ping_mean / 2.0, lat.avg)
-    );
-    println!(
-        " bandwidth, {} B  closed loop {:>8.1} MiB/s ({:.0} req/s) | stream depth {} {:>8.1} MiB/s ({:.0} req/s) | ib_write_bw {:>8.1} MiB/s",
-        args.bw_size, closed_mibs, big_rate, args.depth, stream_mibs, stream_rate, bw.bw_avg
-    );
-    println!(
-        " bandwidth ratio      closed loop {:.2}x  stream {:.2}x   (goal >= 0.90x)",
-        ratio(closed_mibs, bw.bw_avg),
-        ratio(stream_mibs, bw.bw_avg)
-    );
-    println!(
-        " (an echo carries each payload back too: both directions together move {:.1} MiB/s streamed)",
-        2.0 * stream_mibs
-    );
-    println!(
-        " one-way stream depth {} {:>8.1} MiB/s ({:.0} req/s), ratio {:.2}x vs ib_write_bw (sink task: 128-byte replies)",
-        args.depth,
-        oneway_mibs,
-        oneway_rate,
-        ratio(oneway_mibs, bw.bw_avg)
+        " an echo carries each payload back too (both directions: twice the bytes); a sink's replies are 128 bytes"
     );
     println!("{line}");
     Ok(())
+}
+
+/// Width of the row names' column.
+const NAME_W: usize = 36;
+/// perftest's latency and bandwidth columns, each as wide as its header plus two.
+const LAT_COLS: [&str; 9] = [
+    "#bytes",
+    "#iterations",
+    "t_min[usec]",
+    "t_max[usec]",
+    "t_typical[usec]",
+    "t_avg[usec]",
+    "t_stdev[usec]",
+    "99% percentile[usec]",
+    "99.9% percentile[usec]",
+];
+const LAT_RATIOS: [&str; 2] = ["ratio typical", "ratio avg"];
+const BW_COLS: [&str; 5] = [
+    "#bytes",
+    "#iterations",
+    "BW peak[MB/sec]",
+    "BW average[MB/sec]",
+    "MsgRate[Mpps]",
+];
+const BW_RATIO: &str = "ratio";
+
+/// The one table: perftest's rows (the reference of each ratio) and ours, side by side.
+struct Table {
+    lat: Option<Lat>,
+    bw: Option<Bw>,
+}
+
+/// A figure with `decimals`, or `-` where there is none.
+fn num(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "-".to_string(),
+    }
+}
+
+fn ratio(a: f64, b: Option<f64>) -> Option<f64> {
+    b.filter(|&b| b > 0.0).map(|b| a / b)
+}
+
+/// A row: its name, then each cell right-aligned in its column (blank cells are `-`).
+fn print_row(name: &str, cols: &[&str], cells: &[String]) {
+    let mut s = format!(" {name:<NAME_W$}");
+    for (i, c) in cols.iter().enumerate() {
+        let v = cells.get(i).map_or("-", String::as_str);
+        s += &format!("{v:>w$}", w = c.len() + 2);
+    }
+    println!("{s}");
+}
+
+impl Table {
+    fn width(&self) -> usize {
+        let lat: usize = LAT_COLS
+            .iter()
+            .chain(&LAT_RATIOS)
+            .map(|c| c.len() + 2)
+            .sum();
+        let bw: usize = BW_COLS.iter().chain([&BW_RATIO]).map(|c| c.len() + 2).sum();
+        1 + NAME_W + lat.max(bw)
+    }
+
+    fn lat_cols() -> Vec<&'static str> {
+        [&LAT_COLS[..], &LAT_RATIOS[..]].concat()
+    }
+
+    fn bw_cols() -> Vec<&'static str> {
+        [&BW_COLS[..], &[BW_RATIO][..]].concat()
+    }
+
+    /// A section's header line: the column names in their columns.
+    fn header(cols: &[&str]) {
+        let names: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        print_row("", cols, &names);
+    }
+
+    /// `compare`: fill the row's ratio columns against perftest's row.
+    fn lat_row(&self, name: &str, row: Option<Lat>, compare: bool) {
+        let cells = row.map_or_else(Vec::new, |r| {
+            let mut c = vec![r.bytes.to_string(), r.iterations.to_string()];
+            let figures = [r.min, r.max, r.typical, r.avg, r.stdev, r.p99, r.p999];
+            c.extend(figures.map(|v| num(Some(v), 2)));
+            let p = self.lat.filter(|_| compare);
+            c.push(num(ratio(r.typical, p.map(|p| p.typical)), 2));
+            c.push(num(ratio(r.avg, p.map(|p| p.avg)), 2));
+            c
+        });
+        print_row(name, &Self::lat_cols(), &cells);
+    }
+
+    fn bw_row(&self, name: &str, row: Option<Bw>, compare: bool) {
+        let cells = row.map_or_else(Vec::new, |r| {
+            let against = self.bw.filter(|_| compare).map(|p| p.avg);
+            vec![
+                r.bytes.to_string(),
+                r.iterations.to_string(),
+                num(r.peak, 2),
+                num(Some(r.avg), 2),
+                num(r.msg_rate.map(|m| m / 1e6), 6),
+                num(ratio(r.avg, against), 2),
+            ]
+        });
+        print_row(name, &Self::bw_cols(), &cells);
+    }
 }

@@ -89,14 +89,7 @@ impl RdmaClient {
     /// Loads the RDMA libraries, resolves `host:port` and connects with rdma_cm.
     pub fn connect(host: &str, port: u16, cfg: RdmaClientConfig) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
-        if cfg.depth == 0 || cfg.depth > MAX_DEPTH {
-            return Err(rdma_err(format!("ring depth must be 1..={MAX_DEPTH}")));
-        }
-        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&cfg.slot_size) {
-            return Err(rdma_err(format!(
-                "slot size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes"
-            )));
-        }
+        check_geometry(cfg.depth, cfg.slot_size).map_err(|e| rdma_err(e.to_string()))?;
         let addr = resolve(host, port)?;
         let deadline = Instant::now() + cfg.timeout;
         let channel = EventChannel::new(rdma)?;

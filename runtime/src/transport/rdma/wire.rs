@@ -44,6 +44,28 @@ pub fn decode_imm(imm: u32) -> (u32, u32) {
     (imm >> IMM_LEN_BITS, imm & IMM_LEN_MASK)
 }
 
+/// A ring outside what the immediate's bits and the slot layout can carry. The one check of
+/// ring geometry: the CLIs, [`crate::transport::rdma::RdmaClient::connect`] and the handshake
+/// decode all call [`check_geometry`]; the texts name the options that set the two values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    #[error("--ring-depth must be 1..={MAX_DEPTH}, not {0}")]
+    Depth(u32),
+    #[error("--slot-size must be {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} bytes, not {0}")]
+    SlotSize(u32),
+}
+
+/// Checks a ring of `depth` slots of `slot_size` bytes against the wire format's limits.
+pub fn check_geometry(depth: u32, slot_size: u32) -> Result<(), GeometryError> {
+    if depth == 0 || depth > MAX_DEPTH {
+        return Err(GeometryError::Depth(depth));
+    }
+    if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&slot_size) {
+        return Err(GeometryError::SlotSize(slot_size));
+    }
+    Ok(())
+}
+
 /// Why a handshake was refused or could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -53,10 +75,9 @@ pub enum HandshakeError {
     BadMagic([u8; 4]),
     #[error("RDMA protocol version {0}, this build speaks {RDMA_PROTOCOL_VERSION}")]
     BadVersion(u16),
-    #[error("ring depth {0} outside 1..={MAX_DEPTH}")]
-    BadDepth(u32),
-    #[error("slot size {0} outside {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE}")]
-    BadSlotSize(u32),
+    /// The peer's ring: the message names the peer's option.
+    #[error("the peer's ring: {0}")]
+    BadGeometry(#[from] GeometryError),
     #[error("response slot of {got} bytes, at least {want} needed")]
     BadResponseSlot { got: u32, want: u32 },
     #[error(
@@ -98,12 +119,7 @@ fn check_head(b: &[u8], magic: [u8; 4], want: usize) -> Result<(), HandshakeErro
 }
 
 fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), HandshakeError> {
-    if depth == 0 || depth > MAX_DEPTH {
-        return Err(HandshakeError::BadDepth(depth));
-    }
-    if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&slot_size) {
-        return Err(HandshakeError::BadSlotSize(slot_size));
-    }
+    check_geometry(depth, slot_size)?;
     let want = response_slot_size(slot_size);
     if resp_slot < want || resp_slot > super::wire::IMM_LEN_MASK {
         return Err(HandshakeError::BadResponseSlot {
@@ -259,6 +275,21 @@ mod tests {
         assert_eq!(MAX_DEPTH, 256);
     }
 
+    #[test]
+    fn geometry_limits_and_messages() {
+        assert_eq!(check_geometry(1, MIN_SLOT_SIZE), Ok(()));
+        assert_eq!(check_geometry(MAX_DEPTH, MAX_SLOT_SIZE), Ok(()));
+        assert_eq!(check_geometry(0, 4096), Err(GeometryError::Depth(0)));
+        assert_eq!(check_geometry(257, 4096), Err(GeometryError::Depth(257)));
+        assert_eq!(check_geometry(4, 255), Err(GeometryError::SlotSize(255)));
+        let e = check_geometry(4, MAX_SLOT_SIZE + 1).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("--slot-size must be 256..=8388608 bytes"));
+        let e = check_geometry(0, 4096).unwrap_err();
+        assert!(e.to_string().starts_with("--ring-depth must be 1..=256"));
+    }
+
     fn req() -> ConnectRequest {
         ConnectRequest {
             client_id: 7,
@@ -318,8 +349,8 @@ mod tests {
             };
             let e = ConnectRequest::decode(&r.encode()).unwrap_err();
             let ok = match want {
-                "depth" => matches!(e, HandshakeError::BadDepth(_)),
-                "slot" => matches!(e, HandshakeError::BadSlotSize(_)),
+                "depth" => matches!(e, HandshakeError::BadGeometry(GeometryError::Depth(_))),
+                "slot" => matches!(e, HandshakeError::BadGeometry(GeometryError::SlotSize(_))),
                 _ => matches!(e, HandshakeError::BadResponseSlot { .. }),
             };
             assert!(ok, "{want}: {e}");

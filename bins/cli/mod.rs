@@ -1,0 +1,267 @@
+//! Option groups and shared main bodies for the binaries.
+//!
+//! argh has no `#[argh(flatten)]`, so [`cli_args!`](crate::cli_args) writes each group's
+//! fields into the role's own `Args` struct (one flat argh struct, so `--help` lists every
+//! option as before) and adds one accessor per group that copies the values into the group's
+//! struct here (`args.server()` -> [`ServerArgs`]). Each group's fields, doc comments and
+//! defaults are written once, in the macro's `@group` arms; the same arm also defines the
+//! group struct below, so the two cannot drift. Types are bracketed in those arms
+//! (`debug: [bool]`) so that they reach argh as plain tokens: argh tells a switch by its type's
+//! spelling, which a `$ty:ty` fragment would hide.
+
+pub mod client;
+pub mod proxy;
+pub mod server;
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use hacserve_runtime::protocol::Task;
+use hacserve_runtime::transport::rdma::check_geometry;
+use hacserve_runtime::{logging, signal};
+
+/// Emits `#[derive(FromArgs)] pub struct $name` with the role's own fields followed by the
+/// fields of every group named in brackets, and `impl $name { fn <group>(&self) -> Group }`.
+///
+/// Groups: `server` ([`ServerArgs`]: serving and backend options), `ring_limits`
+/// ([`RingLimits`]: the largest ring a listening RDMA side grants), `client`
+/// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]).
+#[macro_export]
+macro_rules! cli_args {
+    // Entry: a role's struct.
+    (
+        $(#[$meta:meta])*
+        struct $name:ident [$($group:ident),* $(,)?] { $($own:tt)* }
+    ) => {
+        $crate::cli_args!(@next [$(#[$meta])*] $name { $($own)* } [] $($group)*);
+    };
+    // Fetch the next group's fields (its `@group` arm calls back into `@collect`).
+    (@next $meta:tt $name:ident $own:tt [$($done:tt)*] $group:ident $($rest:ident)*) => {
+        $crate::cli_args!(@group $group [@collect $meta $name $own [$($rest)*] [$($done)*]]);
+    };
+    (@collect $meta:tt $name:ident $own:tt [$($rest:ident)*] [$($done:tt)*]
+        $acc:ident $gstruct:ident { $($fields:tt)* }) => {
+        $crate::cli_args!(@next $meta $name $own [$($done)* $acc $gstruct { $($fields)* }] $($rest)*);
+    };
+    // Every group fetched: the argh struct and the group accessors.
+    (@next [$($meta:tt)*] $name:ident { $($own:tt)* } [$(
+        $acc:ident $gstruct:ident { $(
+            $(#[doc = $doc:literal])*
+            #[argh($($argh:tt)*)]
+            $field:ident : [$($ty:tt)*],
+        )* }
+    )*]) => {
+        #[derive(::argh::FromArgs)]
+        $($meta)*
+        pub struct $name {
+            $($own)*
+            $($(
+                $(#[doc = $doc])*
+                #[argh($($argh)*)]
+                pub $field: $($ty)*,
+            )*)*
+        }
+
+        impl $name {
+            $(
+                /// This group's values.
+                pub fn $acc(&self) -> $crate::cli::$gstruct {
+                    $crate::cli::$gstruct { $($field: ::std::clone::Clone::clone(&self.$field),)* }
+                }
+            )*
+        }
+    };
+    // The group structs of this module.
+    (@define $acc:ident $gstruct:ident { $(
+        $(#[doc = $doc:literal])*
+        #[argh($($argh:tt)*)]
+        $field:ident : [$($ty:tt)*],
+    )* }) => {
+        #[doc = concat!("The `", stringify!($acc), "` option group (see [`cli_args!`](crate::cli_args)).")]
+        #[derive(Debug, Clone)]
+        pub struct $gstruct {
+            $($(#[doc = $doc])* pub $field: $($ty)*,)*
+        }
+    };
+
+    // ---- The groups: each option's one definition. ----
+    (@group server [$($k:tt)*]) => { $crate::cli_args!($($k)* server ServerArgs {
+        /// use debug (per-request log lines)
+        #[argh(switch, short = 'd')]
+        debug: [bool],
+        /// classes file (one ImageNet class name per line)
+        #[argh(option, default = "::std::path::PathBuf::from(\"models/imagenet_classes.txt\")")]
+        classes_file: [::std::path::PathBuf],
+        /// model file (ONNX)
+        #[argh(option, default = "::std::path::PathBuf::from(\"models/resnet50.onnx\")")]
+        engine_file: [::std::path::PathBuf],
+        /// engine contexts (each with its own CUDA stream and worker) per GPU; 0 = --workers
+        /// (GPU backend; the CPU backend ignores it)
+        #[argh(option, default = "0")]
+        streams: [u32],
+        /// number of worker threads, each with its own engine context
+        #[argh(option, default = "1")]
+        workers: [usize],
+        /// logs folder
+        #[argh(option, short = 'f', default = "::std::path::PathBuf::from(\"results\")")]
+        folder: [::std::path::PathBuf],
+        /// monitor interval in seconds (0 = off)
+        #[argh(option, short = 'i', default = "20")]
+        monitor_interval: [u64],
+        /// save logs (per-request CSV in the logs folder at exit)
+        #[argh(switch, short = 's')]
+        save_logs: [bool],
+        /// high priority clients: 1 = requests flagged priority jump the queue
+        #[argh(option, default = "0")]
+        priority_clients: [u8],
+        /// per-request log capacity (requests recorded for -s)
+        #[argh(option, default = "1000")]
+        total_requests: [usize],
+        /// requests queued per priority lane before new ones get Overloaded
+        #[argh(option, default = "1024")]
+        queue_depth: [usize],
+        /// busy (spin), block (sleep when idle), hybrid (receive loop spins, workers sleep until a
+        /// request is queued) or auto (busy with a core per thread, else hybrid with two cores)
+        #[argh(option, default = "String::from(\"auto\")")]
+        poll_mode: [String],
+        /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
+        /// every registered backend with the options it reads
+        #[argh(option, default = "String::from(\"cpu\")")]
+        backend: [String],
+        /// gpu backend precision: fp16 (NHWC, tensor cores), tf32 or fp32
+        #[argh(option, default = "String::from(\"fp16\")")]
+        precision: [String],
+        /// GPUs for the gpu backend, comma-separated (workers are spread over them round-robin,
+        /// each with its own engine context and stream)
+        #[argh(option, default = "String::from(\"0\")")]
+        gpus: [String],
+        /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
+        #[argh(option, default = "String::from(\"gpu\")")]
+        decode: [String],
+        /// GPU backend with GPU decode: JPEG requests ready together run as one batch of up to
+        /// this many (1 = off; a lone request never waits for company)
+        #[argh(option, default = "8")]
+        max_batch: [usize],
+        /// intra-op threads per worker for the CPU backend
+        #[argh(option, default = "1")]
+        threads: [usize],
+        /// do not pin threads to cores
+        #[argh(switch)]
+        no_pin: [bool],
+    }); };
+    (@group ring_limits [$($k:tt)*]) => { $crate::cli_args!($($k)* ring_limits RingLimits {
+        /// largest request slot a client may ask for, in bytes (bounds header + payload)
+        #[argh(option, default = "2 << 20")]
+        slot_size: [u32],
+        /// largest ring depth (requests in flight) a client may ask for
+        #[argh(option, default = "64")]
+        ring_depth: [u32],
+    }); };
+    (@group client [$($k:tt)*]) => { $crate::cli_args!($($k)* client ClientArgs {
+        /// server host
+        #[argh(option, default = "String::from(\"7.7.7.2\")")]
+        host: [String],
+        /// image (JPEG)
+        #[argh(option, short = 'i', default = "::std::path::PathBuf::from(\"models/grace_hopper.jpg\")")]
+        image: [::std::path::PathBuf],
+        /// use debug (a line per request)
+        #[argh(switch, short = 'd')]
+        debug: [bool],
+        /// total requests
+        #[argh(option, short = 'r', default = "1")]
+        requests: [usize],
+        /// client ID
+        #[argh(option, default = "0")]
+        client_id: [u32],
+        /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink
+        #[argh(option, short = 't', default = "::hacserve_runtime::protocol::Task::Infer", from_str_fn(::hacserve::cli::parse_task))]
+        task: [::hacserve_runtime::protocol::Task],
+        /// save logs (per-request CSV and JSON summary in the logs folder)
+        #[argh(switch, short = 's')]
+        save_logs: [bool],
+        /// logs folder
+        #[argh(option, short = 'f', default = "::std::path::PathBuf::from(\"results\")")]
+        folder: [::std::path::PathBuf],
+        /// model name (recorded in the summary; the server serves one model)
+        #[argh(option, default = "String::from(\"resnet50\")")]
+        model_name: [String],
+        /// requests sent first and not measured
+        #[argh(option, default = "0")]
+        warmup: [usize],
+        /// echo and sink tasks only: send this many zero bytes instead of the image
+        #[argh(option)]
+        payload_size: [Option<usize>],
+        /// ask for the high-priority lane
+        #[argh(switch)]
+        priority: [bool],
+        /// classes file, to print the top-1 class name
+        #[argh(option, default = "::std::path::PathBuf::from(\"models/imagenet_classes.txt\")")]
+        classes_file: [::std::path::PathBuf],
+    }); };
+    (@group proxy [$($k:tt)*]) => { $crate::cli_args!($($k)* proxy ProxyArgs {
+        /// backend RDMA server address
+        #[argh(option, default = "String::from(\"7.7.7.2\")")]
+        server_address: [String],
+        /// use debug (a line per request)
+        #[argh(switch, short = 'd')]
+        debug: [bool],
+        /// total requests (informational: the proxy forwards until stopped)
+        #[argh(option, short = 'r', default = "1000000")]
+        requests: [usize],
+        /// task (informational: the proxy forwards every task)
+        #[argh(option, short = 't', default = "3")]
+        task: [u32],
+        /// save logs (informational: the proxy keeps no per-request log)
+        #[argh(switch, short = 's')]
+        save_logs: [bool],
+        /// logs folder (informational)
+        #[argh(option, short = 'f', default = "::std::path::PathBuf::from(\"results\")")]
+        folder: [::std::path::PathBuf],
+        /// model name (informational)
+        #[argh(option, default = "String::from(\"resnet50\")")]
+        model_name: [String],
+        /// requests waiting for the forwarder (and for a free backend slot) before new ones
+        /// are answered Overloaded
+        #[argh(option, default = "1024")]
+        queue_depth: [usize],
+        /// busy (spin), block or auto
+        #[argh(option, default = "String::from(\"auto\")")]
+        poll_mode: [String],
+        /// address to bind
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        bind_address: [String],
+        /// backend connection timeout in ms
+        #[argh(option, default = "10000")]
+        timeout_ms: [u64],
+    }); };
+}
+
+cli_args!(@group server [@define]);
+cli_args!(@group ring_limits [@define]);
+cli_args!(@group client [@define]);
+cli_args!(@group proxy [@define]);
+
+impl RingLimits {
+    /// The wire format's limits ([`check_geometry`]).
+    pub fn check(&self) -> Result<()> {
+        Ok(check_geometry(self.ring_depth, self.slot_size)?)
+    }
+}
+
+/// What every role does first: logging at its level and the SIGINT/SIGTERM stop flag.
+pub fn init(debug: bool) {
+    logging::init(debug);
+    signal::install_stop_handler();
+}
+
+/// `-t`'s parser (numbers or names).
+pub fn parse_task(s: &str) -> Result<Task, String> {
+    Task::parse(s)
+}
+
+/// `--bind-address` of the RDMA listeners, which bind an IP, not a host name.
+pub fn bind_ip(bind_address: &str) -> Result<IpAddr> {
+    bind_address
+        .parse()
+        .with_context(|| format!("--bind-address {bind_address:?} is not an IP address"))
+}

@@ -1,0 +1,105 @@
+//! The proxies' main body: zmq_proxy and rdma_proxy differ in the inbound transport and in
+//! the backend's geometry options; both forward everything over an RDMA pool.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
+use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
+use hacserve_runtime::server::{LoopPolicy, ServerOptions};
+
+use super::ProxyArgs;
+
+/// The backend pool's shape: what differs between the two proxies' options.
+pub struct Backend {
+    pub port: u16,
+    pub connections: usize,
+    pub client_id_base: u32,
+    pub slot_size: u32,
+    pub depth: u32,
+}
+
+/// How a proxy's run ended.
+pub struct Stopped {
+    /// `<shares> | answered by the proxy: N`, the tail of both stop lines.
+    pub shares: String,
+    pub received: u64,
+    pub overloaded: u64,
+    pub report: ForwarderReport,
+    /// The receive loop's end: an error once the stop lines are printed.
+    pub result: Result<(), TransportError>,
+}
+
+impl ProxyArgs {
+    /// Logging, the stop handler and the poll mode (two spinning threads: the receive loop
+    /// and the forwarder).
+    pub fn prepare(&self) -> Result<PollMode> {
+        super::init(self.debug);
+        let _informational = (self.requests, self.task, self.save_logs, &self.folder);
+        PollMode::parse(&self.poll_mode, 2).map_err(anyhow::Error::msg)
+    }
+
+    fn pool(&self, b: &Backend, mode: PollMode) -> PoolConfig {
+        PoolConfig {
+            host: self.server_address.clone(),
+            port: b.port,
+            connections: b.connections,
+            client_id_base: b.client_id_base,
+            slot_size: b.slot_size,
+            depth: b.depth,
+            timeout: Duration::from_millis(self.timeout_ms),
+            mode,
+            queue_limit: self.queue_depth,
+        }
+    }
+}
+
+/// Connects the backend pool, then forwards everything `transport` receives until a stop.
+/// `monitor` names the role and how often the forwarder prints its shares; `backend_name`
+/// is what the error says could not be reached; `banner` is printed once forwarding starts.
+#[allow(clippy::too_many_arguments)] // each is one fact of the role; a struct would only rename them
+pub fn forward<T: ServerTransport>(
+    args: &ProxyArgs,
+    mode: PollMode,
+    backend: &Backend,
+    max_payload: usize,
+    transport: &mut T,
+    monitor: (&'static str, Duration),
+    backend_name: &str,
+    banner: impl FnOnce(&T) -> String,
+) -> Result<Stopped> {
+    let opts = ServerOptions {
+        workers: 1,
+        max_payload,
+        poll_mode: mode,
+        worker_poll_mode: mode,
+        queue_depth: args.queue_depth,
+        priority_clients: false,
+        priority_workers: 0,
+        monitor_interval: Duration::ZERO,
+        log_folder: None,
+        log_capacity: 0,
+        pin_threads: false,
+        debug: args.debug,
+        policy: LoopPolicy::ForwardAll,
+    };
+    // The backend first: without it the proxy is useless.
+    let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
+        .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
+    println!("{}", banner(transport));
+    let (served, report) = proxy.serve(transport, &opts);
+    let c = proxy.counters();
+    let stopped = Stopped {
+        shares: format!(
+            "{} | answered by the proxy: {}",
+            format_shares(&report.shares),
+            report.local_errors
+        ),
+        received: c.received.load(Relaxed),
+        overloaded: c.overloaded.load(Relaxed),
+        report,
+        result: served.result,
+    };
+    Ok(stopped)
+}

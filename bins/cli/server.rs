@@ -1,0 +1,115 @@
+//! The servers' main body: zmq_server and rdma_server differ only in the transport they
+//! build and a few words of their banner.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use hacserve_runtime::contract::{ServerPollMode, ServerTransport};
+use hacserve_runtime::engine::registry::BackendChoice;
+use hacserve_runtime::engine::BackendArgs;
+use hacserve_runtime::labels::Labels;
+use hacserve_runtime::pipeline::Pipeline;
+use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
+
+use super::ServerArgs;
+
+/// The choices made from the options before any transport exists.
+pub struct Serving {
+    pub backend: BackendChoice,
+    pub mode: ServerPollMode,
+}
+
+impl ServerArgs {
+    fn backend_args(&self) -> BackendArgs<'_> {
+        BackendArgs {
+            backend: &self.backend,
+            precision: &self.precision,
+            gpus: &self.gpus,
+            decode: &self.decode,
+            threads: self.threads,
+            workers: self.workers,
+            streams: self.streams,
+            max_batch: self.max_batch,
+        }
+    }
+
+    /// Logging, the stop handler, the backend and the poll mode; `None` after `--backend
+    /// help` printed the registry's list (not an error).
+    pub fn prepare(&self) -> Result<Option<Serving>> {
+        super::init(self.debug);
+        let backend = match BackendChoice::parse(&self.backend_args()) {
+            Err(e) if e.is_help() => {
+                println!("{e}");
+                return Ok(None);
+            }
+            chosen => chosen?,
+        };
+        let mode =
+            ServerPollMode::parse(&self.poll_mode, backend.workers).map_err(anyhow::Error::msg)?;
+        Ok(Some(Serving { backend, mode }))
+    }
+
+    /// The serving core's options: the one place they are built from the command line.
+    fn options(&self, s: &Serving, max_payload: usize) -> ServerOptions {
+        let priority_clients = self.priority_clients != 0;
+        ServerOptions {
+            workers: s.backend.workers,
+            max_payload,
+            poll_mode: s.mode.receive,
+            worker_poll_mode: s.mode.workers,
+            queue_depth: self.queue_depth,
+            priority_clients,
+            priority_workers: s.backend.priority_workers(priority_clients),
+            monitor_interval: Duration::from_secs(self.monitor_interval),
+            log_folder: self.save_logs.then(|| self.folder.clone()),
+            log_capacity: self.total_requests,
+            pin_threads: !self.no_pin,
+            debug: self.debug,
+            policy: LoopPolicy::AnswerWithoutEngine,
+        }
+    }
+}
+
+/// Loads the model into one pipeline per worker, starts the workers over `transport`, prints
+/// `<role> listening on <at> | model .. | backend .. | N workers | poll .. | <tail>`, serves
+/// until a stop and prints the stop report. `after_stop` runs once the report is written,
+/// before a serving error is returned (a transport's own stop lines).
+pub fn serve<T: ServerTransport>(
+    role: &str,
+    args: &ServerArgs,
+    s: &Serving,
+    max_payload: usize,
+    transport: &mut T,
+    (at, tail): (String, String),
+    after_stop: impl FnOnce(&T),
+) -> Result<()> {
+    let opts = args.options(s, max_payload);
+    let pipelines: Vec<Pipeline> = s
+        .backend
+        .sessions(&args.engine_file, opts.priority_clients)?
+        .into_iter()
+        .map(|session| Pipeline::new(session, max_payload))
+        .collect();
+    Labels::log_availability(&args.classes_file);
+    let mut threads = ServerThreads::start(&opts, transport, pipelines)
+        .context("starting worker and monitor threads")?;
+    println!(
+        "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail}",
+        args.engine_file.display(),
+        s.backend.describe(),
+        opts.workers,
+        s.mode.name(),
+    );
+    let served = threads.serve(transport, &opts);
+    threads
+        .report_stop(
+            role,
+            s.backend.gpus(),
+            opts.log_folder.as_deref(),
+            served.records,
+        )
+        .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
+    after_stop(transport);
+    served.result.context("serving")?;
+    Ok(())
+}
