@@ -10,6 +10,7 @@ use argh::FromArgs;
 use hacserve_runtime::balancer::{format_shares, Balancer};
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
 
@@ -47,6 +48,10 @@ struct Args {
     /// read its replies; counted per client)
     #[argh(option, default = "DEFAULT_REPLY_HWM")]
     reply_hwm: usize,
+    /// largest request payload the backends accept (default 16 MiB): a client frame over
+    /// four times that gets its connection dropped instead of being buffered
+    #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
+    max_payload: usize,
 }
 
 fn main() -> Result<()> {
@@ -83,8 +88,15 @@ fn main() -> Result<()> {
             args.local_port.to_string()
         }
     );
-    let mut balancer = Balancer::new(&ctx, &local, &backends, args.connections, args.reply_hwm)
-        .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
+    let mut balancer = Balancer::new(
+        &ctx,
+        &local,
+        &backends,
+        args.connections,
+        args.reply_hwm,
+        args.max_payload,
+    )
+    .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
     println!(
         "zmq_balancer listening on {} | model {} | backends {} x{} connections | poll {:?}",
         balancer.endpoint(),

@@ -95,7 +95,7 @@ fn flood_case(count: u64, payload: usize, server_args: &[&str]) -> (f64, u64) {
     let port = server.port;
     let mut good = good_client(port);
     slowest_round_trip(&mut good, 1, 0, 20);
-    let rss_before = server.rss_kib();
+    let rss_before = server.peak_rss_kib();
 
     let sent = Arc::new(AtomicU64::new(0));
     let flooder = {
@@ -111,14 +111,13 @@ fn flood_case(count: u64, payload: usize, server_args: &[&str]) -> (f64, u64) {
         assert!(Instant::now() < deadline, "the flood did not get through");
         slowest = slowest.max(slowest_round_trip(&mut good, 1, next, 5));
         next += 5;
-        peak_rss = peak_rss.max(server.rss_kib());
         std::thread::sleep(Duration::from_millis(10));
     }
     // Give the server time to take in the tail of the flood (up to the flooder's send
     // queue, 1000 requests), then measure again.
     std::thread::sleep(Duration::from_millis(1000));
     slowest = slowest.max(slowest_round_trip(&mut good, 1, next, 50));
-    peak_rss = peak_rss.max(server.rss_kib());
+    peak_rss = peak_rss.max(server.peak_rss_kib());
     assert!(server.alive());
     assert!(
         slowest < Duration::from_millis(100),
@@ -180,4 +179,54 @@ fn a_client_that_never_reads_large_replies_stalls_nobody_and_costs_bounded_memor
     let (growth_mib, dropped) = flood_case(2_000, 1 << 20, &["--reply-hwm", "64"]);
     assert!(dropped > 0);
     assert!(growth_mib < 256.0, "server grew by {growth_mib:.1} MiB");
+}
+
+#[test]
+fn an_oversized_frame_costs_its_sender_the_connection_not_the_balancers_memory() {
+    let model = model("resnet_tiny");
+    let backend = zmq_server(&model, &["--max-payload", "4096"]);
+    let backends = format!("127.0.0.1:{}", backend.port);
+    let mut balancer = Service::start(
+        env!("CARGO_BIN_EXE_zmq_balancer"),
+        &[
+            "--server-address",
+            &backends,
+            "--local-port",
+            "0",
+            "--bind-address",
+            "127.0.0.1",
+            "--poll-mode",
+            "block",
+            "-i",
+            "0",
+            "--max-payload",
+            "4096",
+        ],
+    );
+    let port = balancer.port;
+    let mut good = good_client(port);
+    slowest_round_trip(&mut good, 1, 0, 10);
+    let before = balancer.peak_rss_kib();
+    // 256 MiB in one frame: libzmq refuses it from its size field, before buffering it.
+    {
+        let ctx = Context::new().unwrap();
+        let s = ctx.socket(SocketType::Dealer).unwrap();
+        s.set_linger(0).unwrap();
+        s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        let huge = echo(FLOOD_CLIENT, 0, 256 << 20);
+        s.send(&huge, 0).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let slowest = slowest_round_trip(&mut good, 1, 10, 20);
+    let grown_mib = balancer.peak_rss_kib().saturating_sub(before) as f64 / 1024.0;
+    println!("balancer peak RSS {before} KiB, +{grown_mib:.1} MiB after a 256 MiB frame; good client slowest {slowest:?}");
+    assert!(balancer.alive());
+    assert!(
+        grown_mib < 32.0,
+        "the balancer buffered the frame: +{grown_mib:.1} MiB"
+    );
+    assert!(slowest < Duration::from_millis(100), "{slowest:?}");
+    let out = balancer.stop_within(Duration::from_secs(5)).join("\n");
+    assert!(out.contains("zmq_balancer stopped"), "{out}");
+    drop(backend);
 }

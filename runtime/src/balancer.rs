@@ -8,10 +8,11 @@ use hacserve_ffi::signal;
 use hacserve_ffi::zmq::{Context, Message, PollSet, PollTarget, Socket, SocketType};
 
 use crate::contract::{Backoff, PollMode, TransportError};
+use crate::protocol::RESPONSE_BODY_LEN;
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
 use crate::transport::slow_peers::SlowPeers;
 use crate::transport::zmq::envelope::{Envelope, Received};
-use crate::transport::zmq::DEFAULT_REPLY_HWM;
+use crate::transport::zmq::{hard_message_limit, DEFAULT_REPLY_HWM};
 
 /// The longest zmq_poll while idle in block mode (it returns on the first message).
 const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -53,18 +54,22 @@ impl Balancer {
     /// Binds the frontend on `local` ("tcp://0.0.0.0:5555") and opens `connections` DEALERs to
     /// each backend address ("host:port"). At most `reply_hwm` replies wait per client; the
     /// rest are dropped and counted (a client that does not read must not stall the others).
+    /// A frame far above `max_payload` (from a client, or a reply from a backend) drops the
+    /// connection that sent it instead of being buffered whole.
     pub fn new(
         ctx: &Context,
         local: &str,
         backends: &[String],
         connections: usize,
         reply_hwm: usize,
+        max_payload: usize,
     ) -> Result<Self, TransportError> {
         let frontend = ctx.socket(SocketType::Router)?;
         frontend.set_router_mandatory(true)?;
         let reply_hwm = reply_hwm.clamp(1, i32::MAX as usize);
         frontend.set_sndhwm(reply_hwm as i32)?;
         frontend.set_rcvhwm(DEFAULT_REPLY_HWM as i32)?;
+        frontend.set_max_msg_size(hard_message_limit(max_payload))?;
         frontend.bind(local)?;
         let endpoint = frontend.last_endpoint()?;
         let mut sockets = Vec::new();
@@ -73,6 +78,8 @@ impl Balancer {
             for _ in 0..connections.max(1) {
                 let s = ctx.socket(SocketType::Dealer)?;
                 s.set_hwm(BACKEND_HWM)?;
+                // An echo's reply is the payload plus the response body.
+                s.set_max_msg_size(hard_message_limit(max_payload + RESPONSE_BODY_LEN))?;
                 // Only route to connections that are up, so a dead backend is skipped.
                 s.set_immediate(true)?;
                 s.connect(&format!("tcp://{addr}"))?;

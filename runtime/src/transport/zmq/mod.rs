@@ -8,4 +8,4 @@ pub mod envelope;
 pub mod server;
 
 pub use client::ZmqClient;
-pub use server::{ZmqJob, ZmqReplySink, ZmqServer, DEFAULT_REPLY_HWM};
+pub use server::{hard_message_limit, ZmqJob, ZmqReplySink, ZmqServer, DEFAULT_REPLY_HWM};

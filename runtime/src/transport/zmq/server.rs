@@ -33,6 +33,13 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// After a stop: forward worker replies until none arrives for this long.
 const FLUSH_QUIET: Duration = Duration::from_millis(200);
 
+/// The frame size above which libzmq drops the connection that sent it, for a peer whose
+/// messages carry at most `max_payload` bytes of payload: frames between the two limits still
+/// arrive and get a typed `PayloadTooLarge` from whoever validates them.
+pub fn hard_message_limit(max_payload: usize) -> i64 {
+    (max_payload as i64 + HEADER_LEN as i64) * HARD_LIMIT_FACTOR + (1 << 20)
+}
+
 /// A request as received: its envelope and its one message frame.
 pub struct ZmqJob {
     envelope: Envelope,
@@ -94,8 +101,7 @@ impl ZmqServer {
         let hwm = reply_hwm.clamp(1, i32::MAX as usize) as i32;
         router.set_sndhwm(hwm)?;
         router.set_rcvhwm(REQUEST_HWM)?;
-        let hard = (max_payload as i64 + HEADER_LEN as i64) * HARD_LIMIT_FACTOR + (1 << 20);
-        router.set_max_msg_size(hard)?;
+        router.set_max_msg_size(hard_message_limit(max_payload))?;
         let endpoint = if port == 0 {
             format!("tcp://{addr}:*")
         } else {
