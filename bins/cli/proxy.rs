@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
-use hacserve_runtime::server::{LoopPolicy, ServerOptions};
+use hacserve_runtime::server::ServerOptions;
 
 use super::ProxyArgs;
 
@@ -69,21 +69,7 @@ pub fn forward<T: ServerTransport>(
     backend_name: &str,
     banner: impl FnOnce(&T) -> String,
 ) -> Result<Stopped> {
-    let opts = ServerOptions {
-        workers: 1,
-        max_payload,
-        poll_mode: mode,
-        worker_poll_mode: mode,
-        queue_depth: args.queue_depth,
-        priority_clients: false,
-        priority_workers: 0,
-        monitor_interval: Duration::ZERO,
-        log_folder: None,
-        log_capacity: 0,
-        pin_threads: false,
-        debug: args.debug,
-        policy: LoopPolicy::ForwardAll,
-    };
+    let opts = ServerOptions::forwarding(max_payload, mode, args.queue_depth, args.debug);
     // The backend first: without it the proxy is useless.
     let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;

@@ -45,3 +45,25 @@ pub struct ServerOptions {
     pub debug: bool,
     pub policy: LoopPolicy,
 }
+
+impl ServerOptions {
+    /// A forwarding role's options (a proxy): one worker (its forwarder), every request
+    /// queued untouched, no monitor, no request log, no pinning.
+    pub fn forwarding(max_payload: usize, mode: PollMode, queue_depth: usize, debug: bool) -> Self {
+        ServerOptions {
+            workers: 1,
+            max_payload,
+            poll_mode: mode,
+            worker_poll_mode: mode,
+            queue_depth,
+            priority_clients: false,
+            priority_workers: 0,
+            monitor_interval: Duration::ZERO,
+            log_folder: None,
+            log_capacity: 0,
+            pin_threads: false,
+            debug,
+            policy: LoopPolicy::ForwardAll,
+        }
+    }
+}

@@ -222,19 +222,8 @@ mod tests {
     #[test]
     fn a_panicking_engine_gets_internal_replies_and_the_worker_goes_on() {
         let opts = ServerOptions {
-            workers: 1,
-            max_payload: 1 << 24,
-            poll_mode: PollMode::Block,
-            worker_poll_mode: PollMode::Block,
-            queue_depth: 8,
-            priority_clients: false,
-            priority_workers: 0,
-            monitor_interval: Duration::ZERO,
-            log_folder: None,
-            log_capacity: 0,
-            pin_threads: false,
-            debug: false,
             policy: LoopPolicy::AnswerWithoutEngine,
+            ..ServerOptions::forwarding(1 << 24, PollMode::Block, 8, false)
         };
         let queue = Arc::new(WorkQueue::new(8, PollMode::Block));
         let (tx, rx) = mpsc::channel();
