@@ -1,0 +1,430 @@
+//! One request through the server: validate the header, run the task's stages (decode,
+//! preprocess, infer, top-5), write the reply. Owned by one worker; every buffer is allocated
+//! once in [`Pipeline::new`] and reused.
+
+use crate::clock::realtime_ns;
+use crate::contract::{Queued, ServerJob};
+use crate::engine::{DeviceImages, EngineError, InferenceEngine};
+use crate::preprocess::{Preprocessor, TENSOR_LEN};
+use crate::protocol::{ErrorCode, Header, ResponseBody, ServerTimestamps, Task, HEADER_LEN};
+
+mod triage;
+
+pub use triage::{answer_without_engine, top_k_softmax, Triage};
+use triage::{payload_if_echo, reject, write_response};
+
+/// What happened to a request; the reply is in the caller's buffer either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Answered { task: Task, top1: Option<u32> },
+    Rejected(ErrorCode),
+}
+
+pub struct Pipeline {
+    pre: Preprocessor,
+    engine: Box<dyn InferenceEngine>,
+    logits: Vec<f32>,
+    max_payload: usize,
+    /// Log text of the last rejection (for the server's log line), reused.
+    last_error: String,
+    /// Dynamic batching (engines whose [`InferenceEngine::max_batch`] > 1): the requests
+    /// staged into the batch, their logits, and each request's rejection text.
+    pending: Vec<Staged>,
+    batch_logits: Vec<f32>,
+    batch_errors: Vec<String>,
+}
+
+/// A JPEG inference staged into slot `pending[i]` of the batch input.
+struct Staged {
+    index: usize,
+    header: Header,
+    ts: ServerTimestamps,
+}
+
+pub use crate::preprocess::MAX_IMAGE_PIXELS;
+
+impl Pipeline {
+    pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
+        let classes = engine.num_classes();
+        let batch = engine.max_batch().max(1);
+        Pipeline {
+            pre: Preprocessor::new(MAX_IMAGE_PIXELS),
+            engine,
+            logits: vec![0.0; classes],
+            max_payload,
+            last_error: String::with_capacity(256),
+            pending: Vec::with_capacity(batch),
+            batch_logits: vec![0.0; batch * classes],
+            batch_errors: (0..batch).map(|_| String::with_capacity(256)).collect(),
+        }
+    }
+
+    /// Requests [`Self::handle_batch`] takes at once: the engine's dynamic batch (1 = none).
+    pub fn batch_capacity(&self) -> usize {
+        self.batch_errors.len()
+    }
+
+    /// Why request `i` of the last [`Self::handle_batch`] was rejected (empty if it was not).
+    pub fn batch_error(&self, i: usize) -> &str {
+        self.batch_errors.get(i).map_or("", String::as_str)
+    }
+
+    /// Handles requests that were ready together (at most [`Self::batch_capacity`]): JPEG
+    /// inferences are decoded and preprocessed one by one into the slots of the engine's
+    /// batch input (on the engine's device where it decodes there, else on the CPU) and run
+    /// as one batch; anything else goes through [`Self::handle`]. Reply `i` lands in
+    /// `outs[i]`, its outcome in `outcomes[i]`, a rejection's text in
+    /// [`Self::batch_error`]`(i)`. A request that fails (bad JPEG) is rejected alone; the
+    /// others still run.
+    pub fn handle_batch<J: ServerJob>(
+        &mut self,
+        jobs: &[Queued<J>],
+        outs: &mut [Vec<u8>],
+        outcomes: &mut [Outcome],
+    ) {
+        self.pending.clear();
+        let classes = self.logits.len();
+        let slots = self.engine.max_batch();
+        for (i, job) in jobs.iter().enumerate().take(self.batch_errors.len()) {
+            let (msg, received) = (job.message(), job.received_ns());
+            self.batch_errors[i].clear();
+            let slot = self.pending.len();
+            let staged = match batchable(job) {
+                Some(header) if slot < slots => {
+                    let mut ts = ServerTimestamps {
+                        received,
+                        started: realtime_ns(),
+                        ..Default::default()
+                    };
+                    let payload = &msg[HEADER_LEN..];
+                    let staged =
+                        stage_slot(&mut self.pre, self.engine.as_mut(), payload, slot, &mut ts);
+                    Some((header, ts, staged))
+                }
+                _ => None,
+            };
+            match staged {
+                Some((header, ts, Ok(true))) => self.pending.push(Staged {
+                    index: i,
+                    header,
+                    ts,
+                }),
+                Some((header, _, Err((code, text)))) => {
+                    outcomes[i] = reject(
+                        &header,
+                        code,
+                        &text,
+                        &mut outs[i],
+                        &mut self.batch_errors[i],
+                    );
+                }
+                // Not batchable, or refused by the device decoder: on its own.
+                None | Some((_, _, Ok(false))) => {
+                    outcomes[i] = self.handle(job, &mut outs[i]);
+                    self.batch_errors[i].push_str(&self.last_error);
+                }
+            }
+        }
+        let n = self.pending.len();
+        if n == 0 {
+            return;
+        }
+        let logits = &mut self.batch_logits[..n * classes];
+        let ran = self.engine.run_slots(n, logits);
+        let inferred = realtime_ns();
+        for (k, staged) in self.pending.iter_mut().enumerate() {
+            let i = staged.index;
+            match &ran {
+                Err(e) => {
+                    outcomes[i] = reject(
+                        &staged.header,
+                        ErrorCode::Internal,
+                        &e.to_string(),
+                        &mut outs[i],
+                        &mut self.batch_errors[i],
+                    );
+                }
+                Ok(()) => {
+                    let mut body = ResponseBody::default();
+                    top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
+                    staged.ts.inferred = inferred;
+                    body.timestamps = staged.ts;
+                    outcomes[i] = write_response(&staged.header, &mut body, &[], &mut outs[i]);
+                }
+            }
+        }
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Why the last request was rejected (empty after a success).
+    pub fn last_error(&self) -> &str {
+        &self.last_error
+    }
+
+    /// Handles one request the serving core queued; the reply message (header + body) is
+    /// written into `out`. Its header was validated once, in the receive loop; a job queued
+    /// without one (forwarded untouched) is validated here.
+    pub fn handle<J: ServerJob>(&mut self, job: &Queued<J>, out: &mut Vec<u8>) -> Outcome {
+        match job.header {
+            Some(header) => self.handle_valid(&header, job.message(), job.received_ns(), out),
+            None => self.handle_message(job.message(), job.received_ns(), out),
+        }
+    }
+
+    /// Handles one whole, not yet validated request message received at `received_ns`.
+    pub fn handle_message(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
+        let header = match answer_without_engine(
+            msg,
+            received_ns,
+            self.max_payload,
+            out,
+            &mut self.last_error,
+        ) {
+            Triage::Answered(outcome) => return outcome,
+            Triage::NeedsWorker(header) => header,
+        };
+        self.handle_valid(&header, msg, received_ns, out)
+    }
+
+    /// Runs the task of a request whose `header` was validated against `msg` (exactly
+    /// `payload_len` bytes follow it).
+    fn handle_valid(
+        &mut self,
+        header: &Header,
+        msg: &[u8],
+        received_ns: u64,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        self.last_error.clear();
+        let header = *header;
+        let started = realtime_ns();
+        let payload = &msg[HEADER_LEN..];
+        let mut ts = ServerTimestamps {
+            received: received_ns,
+            started,
+            ..Default::default()
+        };
+        let mut body = ResponseBody::default();
+        match header.task {
+            // Answered by answer_without_engine; kept for exhaustiveness.
+            Task::Echo | Task::Sink => {
+                ts.decoded = started;
+                ts.preprocessed = started;
+                ts.inferred = started;
+            }
+            Task::Infer | Task::Preprocess => {
+                let infer = header.task == Task::Infer;
+                let on_device = self
+                    .engine
+                    .device_images()
+                    .map(|device| device_stages(device, payload, infer, &mut ts, &mut self.logits));
+                let done = match on_device {
+                    Some(DeviceStages::Done(done)) => done,
+                    // An image the device decoder cannot take (CMYK, arithmetic coding, ...)
+                    // gets the CPU decoder's verdict, so every backend answers alike.
+                    Some(DeviceStages::Refused(why)) => {
+                        log::debug!(
+                            "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
+                            header.client_id,
+                            header.request_id
+                        );
+                        cpu_stages(
+                            &mut self.pre,
+                            self.engine.as_mut(),
+                            payload,
+                            infer,
+                            &mut ts,
+                            &mut self.logits,
+                        )
+                    }
+                    None => cpu_stages(
+                        &mut self.pre,
+                        self.engine.as_mut(),
+                        payload,
+                        infer,
+                        &mut ts,
+                        &mut self.logits,
+                    ),
+                };
+                if let Err((code, text)) = done {
+                    return self.reject(&header, code, &text, out);
+                }
+                if infer {
+                    top_k_softmax(&self.logits, &mut body);
+                }
+            }
+            Task::InferTensor => {
+                if let Err((code, text)) = load_tensor(self.engine.as_mut(), payload) {
+                    return self.reject(&header, code, &text, out);
+                }
+                ts.decoded = started;
+                ts.preprocessed = realtime_ns();
+                if let Err(e) = self.engine.run(&mut self.logits) {
+                    return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
+                }
+                ts.inferred = realtime_ns();
+                top_k_softmax(&self.logits, &mut body);
+            }
+        }
+        body.timestamps = ts;
+        write_response(&header, &mut body, payload_if_echo(&header, payload), out)
+    }
+
+    fn reject(
+        &mut self,
+        header: &Header,
+        code: ErrorCode,
+        text: &str,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        reject(header, code, text, out, &mut self.last_error)
+    }
+}
+
+/// The validated header of a JPEG inference request (what a batch takes); anything else
+/// goes through [`Pipeline::handle`].
+fn batchable<J>(job: &Queued<J>) -> Option<Header> {
+    job.header.filter(|h| h.task == Task::Infer)
+}
+
+/// A stage's failure: the error code for the sender and the text for both.
+type StageError = (ErrorCode, String);
+
+fn engine_error(e: EngineError) -> StageError {
+    match e {
+        EngineError::BadInput(text) => (ErrorCode::BadImage, text),
+        other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// Decode and preprocess on the CPU into the engine's input buffer, then (for Infer) run.
+fn cpu_stages(
+    pre: &mut Preprocessor,
+    engine: &mut dyn InferenceEngine,
+    jpeg: &[u8],
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
+) -> Result<(), StageError> {
+    pre.decode(jpeg)
+        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    ts.decoded = realtime_ns();
+    let input = engine.input_mut().map_err(engine_error)?;
+    pre.preprocess(input)
+        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    ts.preprocessed = realtime_ns();
+    ts.inferred = ts.preprocessed;
+    if infer {
+        engine.run(logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+    }
+    Ok(())
+}
+
+/// What the device stages did with an image.
+enum DeviceStages {
+    Done(Result<(), StageError>),
+    /// The device decoder refused the image (why): the CPU decoder has the last word.
+    Refused(String),
+}
+
+/// The same stages on the engine's device (nvJPEG and the preprocessing kernel).
+fn device_stages(
+    device: &mut dyn DeviceImages,
+    jpeg: &[u8],
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
+) -> DeviceStages {
+    match device.decode(jpeg) {
+        Ok(_) => {}
+        Err(EngineError::BadInput(why)) => return DeviceStages::Refused(why),
+        Err(e) => return DeviceStages::Done(Err(engine_error(e))),
+    }
+    DeviceStages::Done(device_rest(device, infer, ts, logits))
+}
+
+/// The device stages after a successful decode.
+fn device_rest(
+    device: &mut dyn DeviceImages,
+    infer: bool,
+    ts: &mut ServerTimestamps,
+    logits: &mut [f32],
+) -> Result<(), StageError> {
+    ts.decoded = realtime_ns();
+    device.preprocess().map_err(engine_error)?;
+    ts.preprocessed = realtime_ns();
+    ts.inferred = ts.preprocessed;
+    if infer {
+        device.run_preprocessed(logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+    }
+    Ok(())
+}
+
+/// Decode and preprocess of one JPEG into slot `slot` of the engine's batch input: on the
+/// engine's device where it decodes there, else on the CPU into the slot's host input.
+/// Ok(false): the device decoder refused the image; it is to be handled on its own (where
+/// the CPU decoder has the last word) rather than in this batch.
+fn stage_slot(
+    pre: &mut Preprocessor,
+    engine: &mut dyn InferenceEngine,
+    jpeg: &[u8],
+    slot: usize,
+    ts: &mut ServerTimestamps,
+) -> Result<bool, StageError> {
+    if let Some(device) = engine.device_images() {
+        match device.decode(jpeg) {
+            Ok(_) => {}
+            Err(EngineError::BadInput(_)) => return Ok(false),
+            Err(e) => return Err(engine_error(e)),
+        }
+        ts.decoded = realtime_ns();
+        device.preprocess_slot(slot).map_err(engine_error)?;
+    } else {
+        pre.decode(jpeg)
+            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        ts.decoded = realtime_ns();
+        let input = engine.slot_input_mut(slot).map_err(engine_error)?;
+        pre.preprocess(input)
+            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    }
+    ts.preprocessed = realtime_ns();
+    Ok(true)
+}
+
+/// Task 1's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
+fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
+    if payload.len() != TENSOR_LEN * 4 {
+        let text = format!(
+            "tensor payload is {} bytes, expected {} (1x3x224x224 f32 LE)",
+            payload.len(),
+            TENSOR_LEN * 4
+        );
+        return Err((ErrorCode::BadTensor, text));
+    }
+    let input = engine.input_mut().map_err(engine_error)?;
+    if input.len() != TENSOR_LEN {
+        let text = format!(
+            "the model takes {} input values, task 1 sends {TENSOR_LEN}",
+            input.len()
+        );
+        return Err((ErrorCode::Internal, text));
+    }
+    for (dst, src) in input.iter_mut().zip(payload.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+    if let Some(i) = input.iter().position(|v| !v.is_finite()) {
+        return Err((
+            ErrorCode::BadTensor,
+            format!("tensor value {i} is not finite"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
