@@ -256,9 +256,13 @@ pub struct RdmaServer {
     max_payload: usize,
     /// Request completions taken from the CQs, waiting for `next_request`.
     ready: VecDeque<RdmaJob>,
-    /// Receives to repost once the loop has answered or queued what they received: off the
-    /// reply's critical path (depth + 1 are posted, the spare takes a request in between).
-    repost: Vec<(Arc<ServerConn>, u64)>,
+    /// The receives of the jobs in `ready` (same order), reposted one by one once the loop
+    /// has answered or queued the job: off the reply's critical path, yet before the client's
+    /// next request needs one (depth + 1 are posted, the spare takes a request in between; a
+    /// client finding none would stall on RNR retries).
+    repost: VecDeque<(Arc<ServerConn>, u64)>,
+    /// Jobs handed to the loop whose receives are not reposted yet.
+    handed_out: usize,
     wcs: [WorkCompletion; 32],
     rounds: u64,
     dead: Vec<usize>,
@@ -293,7 +297,8 @@ impl RdmaServer {
             gpu_stream,
             max_payload,
             ready: VecDeque::with_capacity(256),
-            repost: Vec::with_capacity(256),
+            repost: VecDeque::with_capacity(256),
+            handed_out: 0,
             wcs: [WorkCompletion::default(); 32],
             rounds: 0,
             dead: Vec::with_capacity(16),
@@ -445,6 +450,22 @@ impl RdmaServer {
         Ok(())
     }
 
+    /// Reposts the receives of the jobs handed out so far.
+    fn repost_handed_out(&mut self) {
+        for _ in 0..std::mem::take(&mut self.handed_out) {
+            let Some((conn, wr_id)) = self.repost.pop_front() else {
+                break;
+            };
+            if !conn.alive.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Err(e) = conn.ep.post_recv_empty(wr_id) {
+                log::error!("client {}: reposting a receive: {e}", conn.client_id);
+                conn.alive.store(false, Ordering::Release);
+            }
+        }
+    }
+
     /// Closes connection `i` on the server's decision (the reason was logged already).
     fn drop_conn(&mut self, i: usize) {
         let c = self.conns.swap_remove(i);
@@ -504,15 +525,7 @@ impl ServerTransport for RdmaServer {
     }
 
     fn poll(&mut self, wait: Duration, counters: &Counters) -> Result<usize, TransportError> {
-        for (conn, wr_id) in self.repost.drain(..) {
-            if !conn.alive.load(Ordering::Acquire) {
-                continue;
-            }
-            if let Err(e) = conn.ep.post_recv_empty(wr_id) {
-                log::error!("client {}: reposting a receive: {e}", conn.client_id);
-                conn.alive.store(false, Ordering::Release);
-            }
-        }
+        self.repost_handed_out();
         self.rounds += 1;
         if self.rounds % CM_EVERY == 0 || self.conns.is_empty() || !wait.is_zero() {
             self.cm_events(0, self.max_payload)?;
@@ -555,7 +568,7 @@ impl ServerTransport for RdmaServer {
                 match Self::take_request(conn, wc) {
                     Ok(job) => {
                         self.ready.push_back(job);
-                        self.repost.push((conn.clone(), wc.wr_id()));
+                        self.repost.push_back((conn.clone(), wc.wr_id()));
                     }
                     Err(why) => {
                         log::warn!("client {}: {why}; disconnecting it", conn.client_id);
@@ -578,7 +591,13 @@ impl ServerTransport for RdmaServer {
     }
 
     fn next_request(&mut self, _: &Counters) -> Result<Option<RdmaJob>, TransportError> {
-        Ok(self.ready.pop_front())
+        // The job handed out before this call has been answered or queued by now.
+        self.repost_handed_out();
+        let job = self.ready.pop_front();
+        if job.is_some() {
+            self.handed_out += 1;
+        }
+        Ok(job)
     }
 
     fn answer<R>(
