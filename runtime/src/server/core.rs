@@ -134,7 +134,9 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
             let overload = &mut self.overload;
             let answered = transport.answer(rejected.job, |msg, out| {
                 overloaded_reply(msg, overload);
-                out.prepare(overload.len()).copy_from_slice(overload);
+                let room = out.prepare(overload.len());
+                let n = room.len();
+                room.copy_from_slice(&overload[..n]);
                 Some(())
             });
             match answered {

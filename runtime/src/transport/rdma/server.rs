@@ -86,7 +86,7 @@ impl ServerConn {
         &self,
         req: SlotToken,
         len: usize,
-        write: impl FnOnce(&[u8], &mut SlotWriter<'_>) -> Option<R>,
+        write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
     ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken> {
         let slot = req.slot();
         // Only the holder of the request slot stages into the staging slot of that index,
@@ -105,13 +105,10 @@ impl ServerConn {
                 (r, Some(w.len), head)
             }
             None => {
-                let r = write(
-                    request,
-                    &mut SlotWriter {
-                        buf: &mut [],
-                        len: 0,
-                    },
-                );
+                // Cannot happen (the request's token excludes every other stager): the reply
+                // is written aside so the outcome is known, and reported undeliverable.
+                let mut aside = Vec::new();
+                let r = write(request, &mut aside);
                 (r, None, [0; HEADER_LEN])
             }
         };
