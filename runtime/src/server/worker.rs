@@ -260,13 +260,18 @@ mod tests {
             assert_eq!(ErrorCode::from_u32(code), Some(ErrorCode::Internal));
             assert!(text.contains("engine bug"), "{text}");
         }
-        assert_eq!(
+        // The reply is sent before it is accounted: wait for the count.
+        let rejected = || {
             queue
                 .counters
                 .rejected
-                .load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let start = std::time::Instant::now();
+        while rejected() < 2 && start.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(rejected(), 2);
         // The worker is still alive; it is left parked (a stop is process-wide and would
         // reach the other tests of this binary).
         assert!(handles.iter().all(|h| !h.is_finished()));
