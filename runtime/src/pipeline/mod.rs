@@ -223,14 +223,16 @@ impl Pipeline {
                     .map(|device| device_stages(device, payload, infer, &mut ts, &mut self.logits));
                 let done = match on_device {
                     Some(DeviceStages::Done(done)) => done,
-                    // An image the device decoder cannot take (CMYK, arithmetic coding, ...)
-                    // gets the CPU decoder's verdict, so every backend answers alike.
-                    Some(DeviceStages::Refused(why)) => {
-                        log::debug!(
-                            "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
-                            header.client_id,
-                            header.request_id
-                        );
+                    other => {
+                        // An image the device decoder cannot take (CMYK, arithmetic coding,
+                        // ...) gets the CPU decoder's verdict, so every backend answers alike.
+                        if let Some(DeviceStages::Refused(why)) = other {
+                            log::debug!(
+                                "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
+                                header.client_id,
+                                header.request_id
+                            );
+                        }
                         cpu_stages(
                             &mut self.pre,
                             self.engine.as_mut(),
@@ -240,14 +242,6 @@ impl Pipeline {
                             &mut self.logits,
                         )
                     }
-                    None => cpu_stages(
-                        &mut self.pre,
-                        self.engine.as_mut(),
-                        payload,
-                        infer,
-                        &mut ts,
-                        &mut self.logits,
-                    ),
                 };
                 if let Err((code, text)) = done {
                     return self.reject(&header, code, &text, out);
