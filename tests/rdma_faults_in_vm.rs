@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::section;
+use common::{counter, section};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
@@ -23,16 +23,6 @@ const MULTI: &str = env!("CARGO_BIN_EXE_multi_client");
 const CLIENTS: usize = 4;
 const PER_CLIENT: usize = 50;
 const WARMUP: usize = 5;
-
-/// The value after `key ` in the counters line `rdma_server stopped: received N answered N ...`.
-fn counter(line: &str, key: &str) -> u64 {
-    let mut words = line.split_whitespace();
-    words
-        .find(|w| *w == key)
-        .and_then(|_| words.next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} count in {line:?}"))
-}
 
 /// The `exit status N` line the script prints at the top of a section.
 fn exit_status(text: &str) -> i32 {

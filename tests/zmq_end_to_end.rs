@@ -205,23 +205,7 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
     let a = zmq_server(&model, &[]);
     let b = zmq_server(&model, &[]);
     let backends = format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port);
-    let balancer = Service::start(
-        env!("CARGO_BIN_EXE_zmq_balancer"),
-        &[
-            "--server-address",
-            &backends,
-            "--local-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "-c",
-            "2",
-            "--poll-mode",
-            "block",
-            "-i",
-            "0",
-        ],
-    );
+    let balancer = zmq_balancer(&backends, &["-c", "2"]);
     let port = balancer.port;
     let threads: Vec<_> = (0..4u32)
         .map(|id| {

@@ -43,15 +43,6 @@ fn slowest_round_trip(c: &mut ZmqClient, client_id: u32, first: u64, n: u64) -> 
     slowest
 }
 
-/// The value after `key ` in a counters line.
-fn counter(line: &str, key: &str) -> u64 {
-    let rest = line
-        .split(&format!(" {key} "))
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    rest.split_whitespace().next().unwrap().parse().unwrap()
-}
-
 /// Floods `count` echo requests of `payload` bytes from one DEALER that never reads, then
 /// keeps the connection open until `sent` is set to u64::MAX.
 fn flood(port: u16, count: u64, payload: usize, sent: Arc<AtomicU64>) {
@@ -186,23 +177,7 @@ fn an_oversized_frame_costs_its_sender_the_connection_not_the_balancers_memory()
     let model = model("resnet_tiny");
     let backend = zmq_server(&model, &["--max-payload", "4096"]);
     let backends = format!("127.0.0.1:{}", backend.port);
-    let mut balancer = Service::start(
-        env!("CARGO_BIN_EXE_zmq_balancer"),
-        &[
-            "--server-address",
-            &backends,
-            "--local-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "--poll-mode",
-            "block",
-            "-i",
-            "0",
-            "--max-payload",
-            "4096",
-        ],
-    );
+    let mut balancer = zmq_balancer(&backends, &["--max-payload", "4096"]);
     let port = balancer.port;
     let mut good = good_client(port);
     slowest_round_trip(&mut good, 1, 0, 10);

@@ -512,6 +512,23 @@ impl<'a> PollSet<'a> {
     }
 }
 
+/// Waits until one of `sockets` is readable or `timeout_ms` passes, like a [`PollSet`] built
+/// for this one call, but with the items on the stack: for a loop that cannot keep a
+/// `PollSet` borrowing sockets it owns. Returns which sockets were readable.
+pub fn poll_readable<const N: usize>(sockets: [&Socket; N], timeout_ms: i64) -> Result<[bool; N]> {
+    let mut items = sockets.map(|s| sys::zmq_pollitem_t {
+        socket: s.raw,
+        fd: 0,
+        events: POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `items` holds N initialised poll items whose sockets are borrowed for the call.
+    check("zmq_poll", unsafe {
+        sys::zmq_poll(items.as_mut_ptr(), N as c_int, timeout_ms as _)
+    })?;
+    Ok(items.map(|i| i.revents & POLLIN != 0))
+}
+
 /// libzmq's version, e.g. (4, 3, 4).
 pub fn version() -> (i32, i32, i32) {
     let (mut a, mut b, mut c) = (0, 0, 0);

@@ -8,8 +8,7 @@ use hacserve_ffi::signal;
 use hacserve_ffi::zmq::{Context, Message, PollSet, PollTarget, Socket, SocketType};
 
 use crate::contract::{Backoff, PollMode, TransportError};
-use crate::protocol::RESPONSE_BODY_LEN;
-use crate::protocol::{encode_error, ErrorCode, Header, Task};
+use crate::protocol::{encode_error, header_bytes, ErrorCode, Header, Task, RESPONSE_BODY_LEN};
 use crate::transport::slow_peers::SlowPeers;
 use crate::transport::zmq::envelope::{Envelope, Received};
 use crate::transport::zmq::{hard_message_limit, DEFAULT_REPLY_HWM};
@@ -37,7 +36,6 @@ pub struct Balancer {
     outstanding: Vec<u64>,
     shares: Vec<BackendShare>,
     endpoint: String,
-    reply_hwm: usize,
     slow_peers: SlowPeers,
 }
 
@@ -100,8 +98,7 @@ impl Balancer {
                 })
                 .collect(),
             endpoint,
-            reply_hwm,
-            slow_peers: SlowPeers::new(),
+            slow_peers: SlowPeers::new(reply_hwm),
         })
     }
 
@@ -126,7 +123,6 @@ impl Balancer {
             backend_of,
             outstanding,
             shares,
-            reply_hwm,
             slow_peers,
             ..
         } = self;
@@ -159,12 +155,11 @@ impl Balancer {
                     progress = true;
                     outstanding[i] = outstanding[i].saturating_sub(1);
                     shares[backend_of[i]].answered += 1;
-                    let (client, _) = Header::salvage_ids(body.as_slice());
+                    let head = header_bytes(body.as_slice());
                     if let Err(e) = envelope.send_msg(frontend, &mut body) {
-                        if e.would_block() {
-                            slow_peers.record(envelope.peer(), client, *reply_hwm);
-                        } else {
-                            log::warn!("reply could not be delivered to its client: {e}");
+                        match slow_peers.failed_send(e, envelope.peer(), &head) {
+                            TransportError::PeerNotReading => {}
+                            e => log::warn!("reply could not be delivered to its client: {e}"),
                         }
                     }
                 }

@@ -280,6 +280,16 @@ impl Header {
         let request = if msg.len() >= 24 { u64_at(msg, 16) } else { 0 };
         (client, request)
     }
+
+    /// The flags word of a message whose header was not decoded (forwarded untouched); 0
+    /// when the header is incomplete.
+    pub fn salvage_flags(msg: &[u8]) -> u32 {
+        if msg.len() >= HEADER_LEN {
+            u32_at(msg, 28)
+        } else {
+            0
+        }
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -377,6 +387,15 @@ impl ResponseBody {
 
     /// Where the replied timestamp sits, so a transport can stamp it just before sending.
     pub const REPLIED_OFFSET: usize = 40;
+}
+
+/// A copy of a message's header bytes (zero-padded if it is shorter), kept for the
+/// accounting when the message itself is handed to the transport.
+pub fn header_bytes(msg: &[u8]) -> [u8; HEADER_LEN] {
+    let mut head = [0u8; HEADER_LEN];
+    let n = msg.len().min(HEADER_LEN);
+    head[..n].copy_from_slice(&msg[..n]);
+    head
 }
 
 /// (client_id, request_id, task) of an encoded message, for logs; zeros if it is too short.
@@ -513,6 +532,14 @@ mod tests {
         );
         assert_eq!(Header::salvage_ids(&good), (3, 77));
         assert_eq!(Header::salvage_ids(&good[..5]), (0, 0));
+        let mut flagged = good.clone();
+        flagged[28..32].copy_from_slice(&FLAG_PRIORITY.to_le_bytes());
+        assert_eq!(Header::salvage_flags(&flagged), FLAG_PRIORITY);
+        assert_eq!(
+            Header::salvage_flags(&flagged),
+            Header::decode(&flagged, 99).unwrap().0.flags
+        );
+        assert_eq!(Header::salvage_flags(&flagged[..HEADER_LEN - 1]), 0);
     }
 
     #[test]

@@ -175,6 +175,35 @@ pub fn zmq_server(model: &Path, extra: &[&str]) -> Service {
     Service::start(env!("CARGO_BIN_EXE_zmq_server"), &args)
 }
 
+/// A zmq_balancer on 127.0.0.1 (any port) in front of `backends` ("host:port,..."), block
+/// polling, no monitor, plus `extra` options.
+pub fn zmq_balancer(backends: &str, extra: &[&str]) -> Service {
+    let mut args = vec![
+        "--server-address",
+        backends,
+        "--local-port",
+        "0",
+        "--bind-address",
+        "127.0.0.1",
+        "--poll-mode",
+        "block",
+        "-i",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Service::start(env!("CARGO_BIN_EXE_zmq_balancer"), &args)
+}
+
+/// The value after `key ` in a counters line (`zmq_server stopped: received N answered N ...`).
+pub fn counter(line: &str, key: &str) -> u64 {
+    let mut words = line.split_whitespace();
+    words
+        .find(|w| *w == key)
+        .and_then(|_| words.next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} count in {line:?}"))
+}
+
 /// Runs a binary to completion; returns (success, stdout+stderr).
 pub fn run(bin: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(bin)

@@ -82,6 +82,29 @@ impl<'a> Ledger<'a> {
         }
     }
 
+    /// Counts a reply (`what`, whose header bytes are `reply`) the transport could not
+    /// deliver: dropped for a client that is not reading (counted and logged per client by
+    /// the transport), undeliverable otherwise (logged here).
+    pub fn undelivered(&self, e: TransportError, what: &str, reply: &[u8]) {
+        match e {
+            TransportError::PeerNotReading => {
+                self.counters
+                    .dropped_replies
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            e => {
+                self.counters
+                    .transport_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let (client_id, request_id, _) = ids_of(reply);
+                log::error!(
+                    "{}: {what} to client {client_id} request {request_id} failed: {e}",
+                    self.who
+                );
+            }
+        }
+    }
+
     /// Counts, samples, logs and records one finished request whose reply (or its header)
     /// is `reply` and whose send ended in `sent`.
     pub fn record(
@@ -108,20 +131,8 @@ impl<'a> Ledger<'a> {
                 );
             }
         }
-        match sent {
-            Ok(()) => {}
-            // Counted and logged per peer by the transport.
-            Err(TransportError::PeerNotReading) => {
-                self.counters
-                    .dropped_replies
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.counters
-                    .transport_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                log::error!("{who}: reply to client {client_id} request {request_id} failed: {e}");
-            }
+        if let Err(e) = sent {
+            self.undelivered(e, "reply", reply);
         }
         let probe = self.probe;
         probe.handled.fetch_add(1, Ordering::Relaxed);

@@ -120,11 +120,11 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
                 }
             }
         };
-        let priority = self.opts.priority_clients
-            && match &header {
-                Some(h) => h.flags & FLAG_PRIORITY != 0,
-                None => priority_bit(job.message()),
-            };
+        let flags = match &header {
+            Some(h) => h.flags,
+            None => Header::salvage_flags(job.message()),
+        };
+        let priority = self.opts.priority_clients && flags & FLAG_PRIORITY != 0;
         if let Err(rejected) = self.queue.push(Queued { job, header }, priority) {
             self.queue
                 .counters
@@ -139,26 +139,12 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
                 room.copy_from_slice(&overload[..n]);
                 Some(())
             });
-            match answered {
-                InLoop::Sent { sent: Ok(()), .. } => {}
-                InLoop::Sent {
-                    sent: Err(TransportError::PeerNotReading),
-                    ..
-                } => {
-                    self.queue
-                        .counters
-                        .dropped_replies
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                InLoop::Sent { sent: Err(e), .. } => {
-                    log::warn!("Overloaded reply could not be delivered: {e}");
-                    self.queue
-                        .counters
-                        .transport_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                // The writer always answers.
-                InLoop::Kept(_) => {}
+            // The writer always answers, so the job never comes back Kept.
+            if let InLoop::Sent {
+                head, sent: Err(e), ..
+            } = answered
+            {
+                self.ledger.undelivered(e, "Overloaded reply", &head);
             }
         }
     }
@@ -174,10 +160,4 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
                 .record(&head, received, outcome, &self.error_text, sent);
         }
     }
-}
-
-/// The priority flag of a message whose header was not decoded (forwarded untouched).
-fn priority_bit(msg: &[u8]) -> bool {
-    msg.len() >= HEADER_LEN
-        && u32::from_le_bytes([msg[28], msg[29], msg[30], msg[31]]) & FLAG_PRIORITY != 0
 }

@@ -6,6 +6,11 @@
 
 use std::collections::HashMap;
 
+use hacserve_ffi::zmq::ZmqError;
+
+use crate::contract::TransportError;
+use crate::protocol::Header;
+
 /// Peers tracked by name; drops of any further peers are counted together (a flood of
 /// fresh connections cannot grow this map without bound).
 const MAX_TRACKED_PEERS: usize = 1024;
@@ -15,6 +20,8 @@ const LOG_EVERY: u64 = 10_000;
 /// Per-peer counts of replies dropped because the peer's queue was full.
 #[derive(Debug, Default)]
 pub struct SlowPeers {
+    /// Replies a peer may have queued (the socket's send high-water mark), for the log.
+    bound: usize,
     per_peer: HashMap<Vec<u8>, PeerDrops>,
     untracked: u64,
     total: u64,
@@ -28,13 +35,30 @@ struct PeerDrops {
 }
 
 impl SlowPeers {
-    pub fn new() -> Self {
-        Self::default()
+    /// For a socket that queues at most `bound` replies per peer.
+    pub fn new(bound: usize) -> Self {
+        SlowPeers {
+            bound,
+            ..Self::default()
+        }
+    }
+
+    /// Turns a failed non-blocking send of a reply (whose header bytes are `reply_head`) to
+    /// `peer` into its typed error: a full queue (EAGAIN) is a peer not reading, recorded
+    /// against it; anything else (the peer is gone) is returned as it is.
+    pub fn failed_send(&mut self, e: ZmqError, peer: &[u8], reply_head: &[u8]) -> TransportError {
+        if e.would_block() {
+            let (client, _) = Header::salvage_ids(reply_head);
+            self.record(peer, client);
+            return TransportError::PeerNotReading;
+        }
+        e.into()
     }
 
     /// Counts one reply to `peer` (its routing id) dropped; logs the first and every
     /// [`LOG_EVERY`]th. Returns the peer's count so far (0 for an untracked peer).
-    pub fn record(&mut self, peer: &[u8], client_id: u32, bound: usize) -> u64 {
+    fn record(&mut self, peer: &[u8], client_id: u32) -> u64 {
+        let bound = self.bound;
         self.total += 1;
         if !self.per_peer.contains_key(peer) {
             if self.per_peer.len() >= MAX_TRACKED_PEERS {
@@ -109,11 +133,11 @@ mod tests {
 
     #[test]
     fn counts_per_peer_and_bounds_the_map() {
-        let mut s = SlowPeers::new();
+        let mut s = SlowPeers::new(8);
         assert_eq!(s.summary(4), None);
-        assert_eq!(s.record(b"\x00a", 1, 8), 1);
-        assert_eq!(s.record(b"\x00a", 1, 8), 2);
-        assert_eq!(s.record(b"\x00b", 2, 8), 1);
+        assert_eq!(s.record(b"\x00a", 1), 1);
+        assert_eq!(s.record(b"\x00a", 1), 2);
+        assert_eq!(s.record(b"\x00b", 2), 1);
         assert_eq!(s.total(), 3);
         assert_eq!(
             s.summary(4).unwrap(),
@@ -124,7 +148,7 @@ mod tests {
             "peer 0061 (client 1): 2; 1 more peers: 1"
         );
         for i in 0..(MAX_TRACKED_PEERS as u32 + 10) {
-            s.record(&i.to_le_bytes(), i, 8);
+            s.record(&i.to_le_bytes(), i);
         }
         assert_eq!(s.per_peer.len(), MAX_TRACKED_PEERS);
         assert_eq!(s.total(), 3 + MAX_TRACKED_PEERS as u64 + 10);

@@ -22,7 +22,7 @@ use super::wire::*;
 use super::{rdma_err, SlotWriter, WR_SEND};
 use crate::clock::realtime_ns;
 use crate::contract::{Counters, InLoop, ReplySink, ServerJob, ServerTransport, TransportError};
-use crate::protocol::{ReplyBuffer, HEADER_LEN};
+use crate::protocol::{header_bytes, ReplyBuffer, HEADER_LEN};
 
 /// Idle receive loop in block mode: empty rounds before it sleeps, and the sleep (no
 /// completion channel yet), longer while no client is connected.
@@ -98,11 +98,7 @@ impl ServerConn {
             Some(buf) => {
                 let mut w = SlotWriter { buf, len: 0 };
                 let r = write(request, &mut w);
-                let mut head = [0u8; HEADER_LEN];
-                if w.len >= HEADER_LEN {
-                    head.copy_from_slice(&w.buf[..HEADER_LEN]);
-                }
-                (r, Some(w.len), head)
+                (r, Some(w.len), header_bytes(w.bytes()))
             }
             None => {
                 // Cannot happen (the request's token excludes every other stager): the reply

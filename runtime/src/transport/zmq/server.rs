@@ -7,12 +7,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hacserve_ffi::zmq::{Context, Message, PollSet, PollTarget, Socket, SocketType};
+use hacserve_ffi::zmq::{poll_readable, Context, Message, Socket, SocketType};
 
 use super::envelope::{Envelope, Received};
 use crate::clock::realtime_ns;
 use crate::contract::{Counters, InLoop, ReplySink, ServerJob, ServerTransport, TransportError};
-use crate::protocol::{Header, ReplyBuffer, HEADER_LEN};
+use crate::protocol::{header_bytes, ReplyBuffer, HEADER_LEN};
 use crate::transport::slow_peers::SlowPeers;
 
 const REPLY_ENDPOINT: &str = "inproc://hacserve-replies";
@@ -77,13 +77,15 @@ pub struct ZmqServer {
     router: Socket,
     replies: Socket,
     endpoint: String,
-    reply_hwm: usize,
     slow_peers: SlowPeers,
     /// In-loop replies are encoded straight into this message and sent without a copy.
     reply: ZmqReply,
     /// Frame buffer for forwarding worker replies.
     scratch: Message,
-    poll_targets_ready: (bool, bool),
+    /// What the last poll found readable (both, when it did not wait): requests on the
+    /// ROUTER, worker replies on the PULL socket.
+    requests_ready: bool,
+    replies_ready: bool,
 }
 
 impl ZmqServer {
@@ -117,11 +119,11 @@ impl ZmqServer {
             router,
             replies,
             endpoint,
-            reply_hwm: hwm as usize,
-            slow_peers: SlowPeers::new(),
+            slow_peers: SlowPeers::new(hwm as usize),
             reply: ZmqReply(Message::new()),
             scratch: Message::new(),
-            poll_targets_ready: (true, true),
+            requests_ready: true,
+            replies_ready: true,
         })
     }
 
@@ -144,7 +146,6 @@ impl ZmqServer {
             &mut self.scratch,
             counters,
             &mut self.slow_peers,
-            self.reply_hwm,
         )? {
             n += 1;
         }
@@ -172,27 +173,25 @@ impl ServerTransport for ZmqServer {
 
     fn poll(&mut self, wait: Duration, counters: &Counters) -> Result<usize, TransportError> {
         if !wait.is_zero() {
-            let mut poll = PollSet::new(&[
-                PollTarget::Socket(&self.router),
-                PollTarget::Socket(&self.replies),
-            ]);
-            match poll.poll(wait.as_millis() as i64) {
-                Ok(_) => self.poll_targets_ready = (poll.readable(0), poll.readable(1)),
+            match poll_readable([&self.router, &self.replies], wait.as_millis() as i64) {
+                Ok([requests, replies]) => {
+                    (self.requests_ready, self.replies_ready) = (requests, replies)
+                }
                 Err(e) if e.interrupted() => return Ok(0),
                 Err(e) => return Err(e.into()),
             }
         } else {
             // Non-blocking receives cost no syscall in libzmq most of the time.
-            self.poll_targets_ready = (true, true);
+            (self.requests_ready, self.replies_ready) = (true, true);
         }
-        if self.poll_targets_ready.1 {
+        if self.replies_ready {
             return self.forward_replies(counters);
         }
         Ok(0)
     }
 
     fn next_request(&mut self, _: &Counters) -> Result<Option<ZmqJob>, TransportError> {
-        if !self.poll_targets_ready.0 {
+        if !self.requests_ready {
             return Ok(None);
         }
         let mut envelope = Envelope::new();
@@ -207,7 +206,7 @@ impl ServerTransport for ZmqServer {
                     }))
                 }
                 Received::Nothing => {
-                    self.poll_targets_ready.0 = false;
+                    self.requests_ready = false;
                     return Ok(None);
                 }
                 Received::Dropped => continue,
@@ -223,23 +222,12 @@ impl ServerTransport for ZmqServer {
         let Some(outcome) = write(job.payload.as_slice(), &mut self.reply) else {
             return InLoop::Kept(job);
         };
-        let mut head = [0u8; HEADER_LEN];
-        let bytes = self.reply.bytes();
-        let n = bytes.len().min(HEADER_LEN);
-        head[..n].copy_from_slice(&bytes[..n]);
-        // Sending empties the message: the header was kept above for the accounting.
+        // Sending empties the message: keep its header for the accounting.
+        let head = header_bytes(self.reply.bytes());
         let sent = job
             .envelope
             .send_msg(&self.router, &mut self.reply.0)
-            .map_err(|e| {
-                note_failed_send(
-                    e,
-                    job.envelope.peer(),
-                    &head,
-                    &mut self.slow_peers,
-                    self.reply_hwm,
-                )
-            });
+            .map_err(|e| self.slow_peers.failed_send(e, job.envelope.peer(), &head));
         InLoop::Sent {
             outcome,
             head,
@@ -252,33 +240,15 @@ impl ServerTransport for ZmqServer {
         // still be on the way through the inproc sockets.
         let mut forwarded = 0;
         loop {
-            let mut poll = PollSet::new(&[PollTarget::Socket(&self.replies)]);
-            match poll.poll(FLUSH_QUIET.as_millis() as i64) {
-                Ok(0) => return Ok(forwarded),
-                Ok(_) => {}
+            match poll_readable([&self.replies], FLUSH_QUIET.as_millis() as i64) {
+                Ok([false]) => return Ok(forwarded),
+                Ok([true]) => {}
                 Err(e) if e.interrupted() => continue,
                 Err(e) => return Err(e.into()),
             }
             forwarded += self.forward_replies(counters)?;
         }
     }
-}
-
-/// Turns a failed reply send into its typed error; a full per-peer queue (EAGAIN) is
-/// recorded against that peer.
-fn note_failed_send(
-    e: hacserve_ffi::zmq::ZmqError,
-    peer: &[u8],
-    reply_head: &[u8],
-    slow_peers: &mut SlowPeers,
-    reply_hwm: usize,
-) -> TransportError {
-    if e.would_block() {
-        let (client, _) = Header::salvage_ids(reply_head);
-        slow_peers.record(peer, client, reply_hwm);
-        return TransportError::PeerNotReading;
-    }
-    e.into()
 }
 
 /// Moves one worker reply (envelope + message) from the PULL socket to the ROUTER, without
@@ -289,7 +259,6 @@ fn forward_reply(
     frame: &mut Message,
     counters: &Counters,
     slow_peers: &mut SlowPeers,
-    reply_hwm: usize,
 ) -> Result<bool, TransportError> {
     let mut envelope = Envelope::new();
     match envelope.recv(replies, frame)? {
@@ -298,11 +267,9 @@ fn forward_reply(
         Received::Dropped => return Ok(true),
         Received::Message => {}
     }
-    let mut head = [0u8; HEADER_LEN];
-    let n = frame.len().min(HEADER_LEN);
-    head[..n].copy_from_slice(&frame.as_slice()[..n]);
+    let head = header_bytes(frame.as_slice());
     if let Err(e) = envelope.send_msg(router, frame) {
-        match note_failed_send(e, envelope.peer(), &head, slow_peers, reply_hwm) {
+        match slow_peers.failed_send(e, envelope.peer(), &head) {
             TransportError::PeerNotReading => {
                 counters.dropped_replies.fetch_add(1, Ordering::Relaxed);
             }
