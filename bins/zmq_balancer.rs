@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::balancer::{format_shares, Balancer};
+use hacserve_runtime::balancer::{format_counts, format_shares, Balancer, BalancerConfig};
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
@@ -52,6 +52,14 @@ struct Args {
     /// four times that gets its connection dropped instead of being buffered
     #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
     max_payload: usize,
+    /// deadline of each request in ms: a backend that has not answered by then gets its
+    /// client a Timeout error (a late answer is dropped)
+    #[argh(option, default = "10000")]
+    timeout_ms: u64,
+    /// requests in flight at once (sent to a backend or waiting for one); more are answered
+    /// Overloaded
+    #[argh(option, default = "8192")]
+    max_in_flight: usize,
 }
 
 fn main() -> Result<()> {
@@ -88,27 +96,37 @@ fn main() -> Result<()> {
             args.local_port.to_string()
         }
     );
-    let mut balancer = Balancer::new(
-        &ctx,
-        &local,
-        &backends,
-        args.connections,
-        args.reply_hwm,
-        args.max_payload,
-    )
-    .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
+    if args.timeout_ms == 0 {
+        bail!("--timeout-ms must be at least 1");
+    }
+    let cfg = BalancerConfig {
+        local: local.clone(),
+        backends: backends.clone(),
+        connections: args.connections,
+        reply_hwm: args.reply_hwm,
+        max_payload: args.max_payload,
+        timeout: Duration::from_millis(args.timeout_ms),
+        max_in_flight: args.max_in_flight,
+    };
+    let mut balancer = Balancer::new(&ctx, &cfg)
+        .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
     println!(
-        "zmq_balancer listening on {} | model {} | backends {} x{} connections | poll {:?}",
+        "zmq_balancer listening on {} | model {} | backends {} x{} connections | timeout {} ms | poll {:?}",
         balancer.endpoint(),
         args.model_name,
         backends.join(","),
         args.connections,
+        args.timeout_ms,
         mode
     );
-    let shares = balancer
+    let report = balancer
         .run(mode, Duration::from_secs(args.monitor_interval))
         .context("forwarding")?;
-    println!("zmq_balancer stopped: {}", format_shares(&shares));
+    println!(
+        "zmq_balancer stopped: {} | {}",
+        format_counts(&report.counts),
+        format_shares(&report.shares)
+    );
     if let Some(drops) = balancer.slow_peer_summary() {
         println!("zmq_balancer replies dropped, clients not reading: {drops}");
     }

@@ -239,8 +239,10 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
         .lines()
         .find(|l| l.contains("zmq_balancer stopped"))
         .unwrap();
+    assert_eq!(counter(line, "received"), 60, "{line}");
+    assert_eq!(counter(line, "answered"), 60, "{line}");
     let forwarded: Vec<u64> = line
-        .split("zmq_balancer stopped: ")
+        .split(" | ")
         .nth(1)
         .unwrap()
         .split("; ")

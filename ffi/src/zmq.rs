@@ -127,6 +127,41 @@ pub const DONTWAIT: i32 = sys::ZMQ_DONTWAIT as i32;
 pub const SNDMORE: i32 = sys::ZMQ_SNDMORE as i32;
 /// Poll events.
 pub const POLLIN: i16 = sys::ZMQ_POLLIN as i16;
+/// Connection events a socket monitor reports ([`Socket::monitor`]).
+pub const EVENT_CONNECTED: u32 = sys::ZMQ_EVENT_CONNECTED;
+pub const EVENT_DISCONNECTED: u32 = sys::ZMQ_EVENT_DISCONNECTED;
+pub const EVENT_HANDSHAKE_SUCCEEDED: u32 = sys::ZMQ_EVENT_HANDSHAKE_SUCCEEDED;
+
+/// One event from a socket monitor: libzmq sends a 6-byte frame (u16 event, u32 value, host
+/// byte order) and then the endpoint's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MonitorEvent {
+    pub event: u32,
+    pub value: u32,
+}
+
+impl MonitorEvent {
+    /// Reads one event from a PAIR socket connected to a monitor endpoint without waiting;
+    /// None when none is waiting (or the frame is not an event, which libzmq never sends).
+    pub fn read(pair: &Socket, scratch: &mut Message) -> Result<Option<MonitorEvent>> {
+        let more = match pair.recv_msg(scratch, DONTWAIT) {
+            Ok(more) => more,
+            Err(e) if e.would_block() || e.interrupted() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let event = match scratch.as_slice() {
+            [a, b, c, d, e, f] => Some(MonitorEvent {
+                event: u16::from_ne_bytes([*a, *b]) as u32,
+                value: u32::from_ne_bytes([*c, *d, *e, *f]),
+            }),
+            _ => None,
+        };
+        if more {
+            pair.drain_more(scratch)?;
+        }
+        Ok(event)
+    }
+}
 
 /// A libzmq socket, used by one thread at a time.
 pub struct Socket {
@@ -241,6 +276,34 @@ impl Socket {
     /// TCP_NODELAY is libzmq's default; this keeps the kernel from batching small replies.
     pub fn set_immediate(&self, on: bool) -> Result<()> {
         self.set_int(sys::ZMQ_IMMEDIATE as c_int, on as c_int)
+    }
+
+    /// Reconnection backoff after a lost or refused connection: the first retry after
+    /// `first_ms`, each later one twice as late, up to `max_ms` (libzmq does the retrying).
+    pub fn set_reconnect_backoff(&self, first_ms: i32, max_ms: i32) -> Result<()> {
+        self.set_int(sys::ZMQ_RECONNECT_IVL as c_int, first_ms)?;
+        self.set_int(sys::ZMQ_RECONNECT_IVL_MAX as c_int, max_ms)
+    }
+
+    /// ZMTP heartbeats: a PING every `interval_ms`; a connection that answers nothing for
+    /// `timeout_ms` is closed (a peer that is stopped or whose host vanished, which TCP alone
+    /// notices only after minutes).
+    pub fn set_heartbeat(&self, interval_ms: i32, timeout_ms: i32) -> Result<()> {
+        self.set_int(sys::ZMQ_HEARTBEAT_IVL as c_int, interval_ms)?;
+        self.set_int(sys::ZMQ_HEARTBEAT_TIMEOUT as c_int, timeout_ms)?;
+        // The peer may drop us after the same time without traffic from us.
+        self.set_int(sys::ZMQ_HEARTBEAT_TTL as c_int, timeout_ms)
+    }
+
+    /// Publishes this socket's connection events (`events`: a mask of `EVENT_*`) on an inproc
+    /// PAIR endpoint; read them with a PAIR socket connected there and [`MonitorEvent::read`].
+    pub fn monitor(&self, endpoint: &str, events: u32) -> Result<()> {
+        let c = endpoint_cstring(endpoint)?;
+        // SAFETY: self.raw is a live socket and c a NUL-terminated string for the call.
+        check("zmq_socket_monitor", unsafe {
+            sys::zmq_socket_monitor(self.raw, c.as_ptr(), events as c_int)
+        })
+        .map(|_| ())
     }
 
     /// The endpoint actually bound (resolves "tcp://127.0.0.1:*" to a port).

@@ -109,6 +109,11 @@ pub enum ErrorCode {
     BadTensor = 10,
     Overloaded = 11,
     Internal = 12,
+    /// A proxy or the balancer got no answer from its backend within its deadline.
+    Timeout = 13,
+    /// A proxy or the balancer has no live backend for the request, or lost the one it was
+    /// sent to before the answer came (it may or may not have been processed there).
+    Unavailable = 14,
 }
 
 impl ErrorCode {
@@ -127,6 +132,8 @@ impl ErrorCode {
             BadTensor,
             Overloaded,
             Internal,
+            Timeout,
+            Unavailable,
         ]
         .into_iter()
         .find(|c| *c as u32 == v)

@@ -157,10 +157,16 @@ impl Drop for Service {
 }
 
 pub fn zmq_server(model: &Path, extra: &[&str]) -> Service {
+    zmq_server_on(0, model, extra)
+}
+
+/// A zmq_server on a given port (0: any free one), e.g. a backend restarted where it was.
+pub fn zmq_server_on(port: u16, model: &Path, extra: &[&str]) -> Service {
     let model = model.to_str().unwrap().to_string();
+    let port = port.to_string();
     let mut args = vec![
         "--port",
-        "0",
+        &port,
         "--bind-address",
         "127.0.0.1",
         "--engine-file",

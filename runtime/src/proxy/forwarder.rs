@@ -20,10 +20,9 @@ const FORWARDER_SLEEP: Duration = Duration::from_micros(20);
 #[derive(Debug, Clone, Default)]
 pub struct ForwarderReport {
     pub shares: Vec<ConnShare>,
-    /// Requests the proxy answered itself (overload, no backend, too large, backend lost).
+    /// Requests the proxy answered itself (overload, no backend, too large, backend lost,
+    /// timed out).
     pub local_errors: u64,
-    /// Every backend connection was lost (the forwarder stopped the proxy).
-    pub backend_lost: bool,
 }
 
 /// A running proxy: the serving core's threads with the forwarder as their one worker.
@@ -125,7 +124,6 @@ fn forward<J: ServerJob, S: ReplySink<J>>(
         }
     };
     let mut idle = Backoff::new(cfg.mode, FORWARDER_SPINS, FORWARDER_SLEEP);
-    let mut backend_lost = false;
     let mut stopping: Option<Instant> = None;
     let mut last_report = Instant::now();
     loop {
@@ -147,22 +145,12 @@ fn forward<J: ServerJob, S: ReplySink<J>>(
             progress += 1;
             pool.submit(job, &mut reply);
         }
+        // A lost backend is reconnected by the pool; meanwhile it answers Unavailable.
         progress += pool.poll(&mut reply);
-        if pool.live_connections() == 0 {
-            log::error!("every RDMA connection to the backend is lost: stopping");
-            backend_lost = true;
-            signal::request_stop();
-            // Whatever is still queued gets an error reply from the pool (no backend).
-            while let Some(job) = queue.pop() {
-                pool.submit(job, &mut reply);
-            }
-            break;
-        }
         idle.pause(progress > 0);
     }
     ForwarderReport {
         shares: pool.shares().to_vec(),
         local_errors: pool.local_errors,
-        backend_lost,
     }
 }

@@ -7,13 +7,21 @@
 //! (connection, slot) and handed back with the reply bytes, so every reply reaches the client
 //! that sent the request. The message bytes pass through untouched: the protocol header's
 //! client and request ids are end-to-end.
+//!
+//! Faults: a request not answered within the timeout gets `Timeout` from the pool and its
+//! slot is kept (the backend may still write the late reply there) until the late reply
+//! comes; a connection whose every slot is so abandoned, or that fails, is closed, its
+//! requests in flight answered `Unavailable`, and it is reconnected in the background with
+//! backoff ([`RECONNECT_FIRST`] doubling up to [`RECONNECT_MAX`]). While no connection is
+//! up, requests are answered `Unavailable` at once: the proxy never stops for a lost backend.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::balancer::pick_least_outstanding;
+use crate::balancer::routing::pick_least_outstanding;
 use crate::contract::{ClientTransport, PollMode, Queued, ServerJob, TransportError};
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
 use crate::transport::rdma::{RdmaClient, RdmaClientConfig};
@@ -59,25 +67,58 @@ pub struct PoolConfig {
     pub queue_limit: usize,
 }
 
+/// The first reconnection attempt after a loss, then doubling up to the maximum.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Polls between two deadline checks (a clock read each).
+const DEADLINE_CHECK_POLLS: u64 = 256;
+
 /// Per-connection counts, printed at exit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnShare {
     pub forwarded: u64,
     pub answered: u64,
+    /// In flight when the connection was lost (answered `Unavailable`).
     pub failed: u64,
+    /// Answered `Timeout` by the pool.
+    pub timed_out: u64,
+    /// Replies that came after their request had timed out (dropped).
+    pub late: u64,
+    /// Times the connection was set up again after a loss.
+    pub reconnects: u64,
 }
 
 struct Pending<T> {
     token: T,
     client: u32,
     request: u64,
+    deadline: Instant,
+}
+
+/// One slot of one connection.
+enum Slot<T> {
+    Idle,
+    InFlight(Pending<T>),
+    /// Its request timed out and was answered; the backend may still write the reply here.
+    Abandoned,
+}
+
+/// A lost connection's way back.
+enum Reconnect {
+    Idle,
+    /// Next attempt at the instant, with the backoff after it.
+    At(Instant, Duration),
+    /// An attempt running on its own thread (set-up blocks up to the timeout).
+    Running(JoinHandle<Result<RdmaClient, TransportError>>, Duration),
 }
 
 /// N pipelined RDMA connections to one backend.
 pub struct RdmaPool<T> {
+    cfg: PoolConfig,
     conns: Vec<Option<RdmaClient>>,
     /// `pending[i][slot]`: the request in flight in connection i's slot.
-    pending: Vec<Vec<Option<Pending<T>>>>,
+    pending: Vec<Vec<Slot<T>>>,
+    reconnect: Vec<Reconnect>,
     waiting: VecDeque<T>,
     shares: Vec<ConnShare>,
     queue_limit: usize,
@@ -96,30 +137,21 @@ impl<T: ProxyRequest> RdmaPool<T> {
         let mut conns = Vec::with_capacity(cfg.connections);
         let mut pending = Vec::with_capacity(cfg.connections);
         for index in 0..cfg.connections.max(1) {
-            let c = RdmaClient::connect(
-                &cfg.host,
-                cfg.port,
-                RdmaClientConfig {
-                    client_id: cfg.client_id_base.wrapping_add(index as u32),
-                    slot_size: cfg.slot_size,
-                    depth: cfg.depth,
-                    timeout: cfg.timeout,
-                    mode: cfg.mode,
-                },
-            )
-            .map_err(|source| ProxyError::Connect {
+            let c = connect_one(cfg, index).map_err(|source| ProxyError::Connect {
                 index,
                 host: cfg.host.clone(),
                 port: cfg.port,
                 source,
             })?;
-            pending.push((0..c.depth()).map(|_| None).collect());
+            pending.push(idle_slots(&c));
             conns.push(Some(c));
         }
         let n = conns.len();
         Ok(RdmaPool {
+            cfg: cfg.clone(),
             conns,
             pending,
+            reconnect: (0..n).map(|_| Reconnect::Idle).collect(),
             waiting: VecDeque::new(),
             shares: vec![ConnShare::default(); n],
             queue_limit: cfg.queue_limit,
@@ -135,13 +167,13 @@ impl<T: ProxyRequest> RdmaPool<T> {
         &self.shares
     }
 
-    /// Requests in flight or waiting.
+    /// Requests in flight or waiting (abandoned slots are answered already).
     pub fn busy(&self) -> usize {
         self.waiting.len()
             + self
                 .pending
                 .iter()
-                .map(|p| p.iter().filter(|s| s.is_some()).count())
+                .map(|p| p.iter().filter(|s| matches!(s, Slot::InFlight(_))).count())
                 .sum::<usize>()
     }
 
@@ -164,7 +196,8 @@ impl<T: ProxyRequest> RdmaPool<T> {
     }
 
     /// Polls every connection once, hands replies to `reply` and sends waiting requests into
-    /// freed slots. Returns how many replies arrived (0: idle).
+    /// freed slots; now and then answers requests past their deadline and tends lost
+    /// connections. Returns how many replies arrived (0: idle).
     pub fn poll(&mut self, reply: &mut impl FnMut(T, &[u8])) -> usize {
         self.polls += 1;
         let check_cm = self.polls % 1024 == 0;
@@ -176,16 +209,17 @@ impl<T: ProxyRequest> RdmaPool<T> {
                     match conn.try_recv() {
                         Ok(Some((slot, bytes))) => {
                             got += 1;
-                            match self.pending[i]
+                            let state = self.pending[i]
                                 .get_mut(slot as usize)
-                                .and_then(Option::take)
-                            {
-                                Some(p) => {
+                                .map(|s| std::mem::replace(s, Slot::Idle));
+                            match state {
+                                Some(Slot::InFlight(p)) => {
                                     self.shares[i].answered += 1;
                                     reply(p.token, bytes);
                                 }
+                                Some(Slot::Abandoned) => self.shares[i].late += 1,
                                 // Cannot happen: try_recv checks the slot is in flight.
-                                None => log::error!("connection {i}: reply for idle slot {slot}"),
+                                _ => log::error!("connection {i}: reply for idle slot {slot}"),
                             }
                         }
                         Ok(None) => break,
@@ -205,28 +239,126 @@ impl<T: ProxyRequest> RdmaPool<T> {
                 self.fail_connection(i, &why, reply);
             }
         }
+        if self.polls % DEADLINE_CHECK_POLLS == 0 {
+            self.expire(Instant::now(), reply);
+            self.tend_reconnects();
+        }
         self.drain(reply);
         got
     }
 
-    /// Closes connection `i` and answers its requests in flight with `Internal` errors.
+    /// Answers `Timeout` to requests past their deadline; a connection left with only
+    /// abandoned slots has stopped answering and is closed (to be set up again).
+    fn expire(&mut self, now: Instant, reply: &mut impl FnMut(T, &[u8])) {
+        for i in 0..self.conns.len() {
+            let mut live = false;
+            for s in 0..self.pending[i].len() {
+                let expired = matches!(&self.pending[i][s], Slot::InFlight(p) if p.deadline <= now);
+                if expired {
+                    let Slot::InFlight(p) =
+                        std::mem::replace(&mut self.pending[i][s], Slot::Abandoned)
+                    else {
+                        continue;
+                    };
+                    self.shares[i].timed_out += 1;
+                    let text = format!(
+                        "no reply from the backend within {} ms",
+                        self.cfg.timeout.as_millis()
+                    );
+                    self.answer(p, ErrorCode::Timeout, &text, reply);
+                } else if !matches!(self.pending[i][s], Slot::Abandoned) {
+                    live = true;
+                }
+            }
+            if !live && self.conns[i].is_some() && !self.pending[i].is_empty() {
+                self.fail_connection(
+                    i,
+                    "every slot timed out: the backend stopped answering",
+                    reply,
+                );
+            }
+        }
+    }
+
+    /// Starts due reconnection attempts and takes back finished ones.
+    fn tend_reconnects(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.conns.len() {
+            let state = std::mem::replace(&mut self.reconnect[i], Reconnect::Idle);
+            self.reconnect[i] = match state {
+                Reconnect::At(when, backoff) if when <= now => {
+                    let cfg = self.cfg.clone();
+                    match std::thread::Builder::new()
+                        .name(format!("reconnect-{i}"))
+                        .spawn(move || connect_one(&cfg, i))
+                    {
+                        Ok(h) => Reconnect::Running(h, backoff),
+                        Err(e) => {
+                            log::error!("backend connection {i}: no thread to reconnect: {e}");
+                            Reconnect::At(now + backoff, next_backoff(backoff))
+                        }
+                    }
+                }
+                Reconnect::Running(h, backoff) if h.is_finished() => match h.join() {
+                    Ok(Ok(c)) => {
+                        log::info!("backend connection {i} set up again");
+                        self.shares[i].reconnects += 1;
+                        self.pending[i] = idle_slots(&c);
+                        self.conns[i] = Some(c);
+                        Reconnect::Idle
+                    }
+                    Ok(Err(e)) => {
+                        log::warn!(
+                            "backend connection {i}: reconnecting failed ({e}); next try in {} ms",
+                            backoff.as_millis()
+                        );
+                        Reconnect::At(now + backoff, next_backoff(backoff))
+                    }
+                    Err(_) => Reconnect::At(now + backoff, next_backoff(backoff)),
+                },
+                other => other,
+            };
+        }
+    }
+
+    /// Closes connection `i`, answers its requests in flight with `Unavailable` errors and
+    /// schedules its reconnection.
     fn fail_connection(&mut self, i: usize, why: &str, reply: &mut impl FnMut(T, &[u8])) {
         log::error!("backend connection {i} lost: {why}");
         self.conns[i] = None;
         let text = format!("the proxy lost its backend connection: {why}");
-        for p in self.pending[i].iter_mut().filter_map(Option::take) {
-            self.shares[i].failed += 1;
-            self.local_errors += 1;
-            encode_error(
-                &mut self.error_reply,
-                p.client,
-                p.request,
-                Task::Echo,
-                ErrorCode::Internal,
-                &text,
-            );
-            reply(p.token, &self.error_reply);
+        let slots = std::mem::take(&mut self.pending[i]);
+        for slot in slots {
+            if let Slot::InFlight(p) = slot {
+                self.shares[i].failed += 1;
+                self.answer(p, ErrorCode::Unavailable, &text, reply);
+            }
         }
+        if matches!(self.reconnect[i], Reconnect::Idle) {
+            self.reconnect[i] =
+                Reconnect::At(Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST * 2);
+        }
+    }
+
+    /// The pool's own answer to a request it had sent.
+    fn answer(
+        &mut self,
+        p: Pending<T>,
+        code: ErrorCode,
+        text: &str,
+        reply: &mut impl FnMut(T, &[u8]),
+    ) {
+        self.local_errors += 1;
+        log::warn!("client {} request {}: {text}", p.client, p.request);
+        encode_error(
+            &mut self.error_reply,
+            p.client,
+            p.request,
+            Task::Echo,
+            code,
+            text,
+        );
+        reply(p.token, &self.error_reply);
     }
 
     fn refuse(&mut self, req: T, code: ErrorCode, text: &str, reply: &mut impl FnMut(T, &[u8])) {
@@ -271,8 +403,8 @@ impl<T: ProxyRequest> RdmaPool<T> {
         if self.live_connections() == 0 {
             self.refuse(
                 req,
-                ErrorCode::Internal,
-                "the proxy has no backend connection left",
+                ErrorCode::Unavailable,
+                "the proxy has no backend connection up (reconnecting)",
                 reply,
             );
             return None;
@@ -302,10 +434,11 @@ impl<T: ProxyRequest> RdmaPool<T> {
         match conn.send(req.message()) {
             Ok(()) => {
                 self.shares[i].forwarded += 1;
-                self.pending[i][slot] = Some(Pending {
+                self.pending[i][slot] = Slot::InFlight(Pending {
                     token: req,
                     client,
                     request,
+                    deadline: Instant::now() + self.cfg.timeout,
                 });
                 None
             }
@@ -319,6 +452,28 @@ impl<T: ProxyRequest> RdmaPool<T> {
     }
 }
 
+fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportError> {
+    RdmaClient::connect(
+        &cfg.host,
+        cfg.port,
+        RdmaClientConfig {
+            client_id: cfg.client_id_base.wrapping_add(index as u32),
+            slot_size: cfg.slot_size,
+            depth: cfg.depth,
+            timeout: cfg.timeout,
+            mode: cfg.mode,
+        },
+    )
+}
+
+fn idle_slots<T>(c: &RdmaClient) -> Vec<Slot<T>> {
+    (0..c.depth()).map(|_| Slot::Idle).collect()
+}
+
+fn next_backoff(d: Duration) -> Duration {
+    (d * 2).min(RECONNECT_MAX)
+}
+
 /// One line of per-connection counts.
 pub fn format_shares(shares: &[ConnShare]) -> String {
     shares
@@ -326,8 +481,8 @@ pub fn format_shares(shares: &[ConnShare]) -> String {
         .enumerate()
         .map(|(i, s)| {
             format!(
-                "conn {i}: {} forwarded, {} answered, {} failed",
-                s.forwarded, s.answered, s.failed
+                "conn {i}: {} forwarded, {} answered, {} failed, {} timed out, {} late, {} reconnects",
+                s.forwarded, s.answered, s.failed, s.timed_out, s.late, s.reconnects
             )
         })
         .collect::<Vec<_>>()
