@@ -60,6 +60,10 @@ struct Args {
     /// Overloaded
     #[argh(option, default = "8192")]
     max_in_flight: usize,
+    /// requests in flight per backend connection (more wait in the balancer): keep it at or
+    /// below the backends' --reply-hwm, or a backend may drop replies to the balancer
+    #[argh(option, default = "DEFAULT_REPLY_HWM")]
+    backend_window: usize,
 }
 
 fn main() -> Result<()> {
@@ -107,6 +111,7 @@ fn main() -> Result<()> {
         max_payload: args.max_payload,
         timeout: Duration::from_millis(args.timeout_ms),
         max_in_flight: args.max_in_flight,
+        backend_window: args.backend_window,
     };
     let mut balancer = Balancer::new(&ctx, &cfg)
         .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;

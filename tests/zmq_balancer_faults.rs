@@ -319,3 +319,39 @@ fn requests_wait_for_a_backend_that_is_not_up_yet_and_get_unavailable_past_their
     assert_eq!(counter(&line, "unavailable"), 1, "{line}");
     assert_eq!(counter(&line, "answered"), 1, "{line}");
 }
+
+#[test]
+fn a_client_sends_its_request_again_to_a_restarted_server() {
+    // ResNet-50 on the CPU: a request takes long enough to be in flight when the server dies.
+    let model = model("resnet50");
+    let server = zmq_server(&model, &[]);
+    let port = server.port;
+    let ctx = Context::new().unwrap();
+    let mut c = ZmqClient::connect(
+        &ctx,
+        "127.0.0.1",
+        port,
+        Duration::from_secs(60),
+        PollMode::Block,
+        1 << 20,
+    )
+    .unwrap();
+    let jpeg = std::fs::read(image()).unwrap();
+    let mut m = vec![0u8; HEADER_LEN + jpeg.len()];
+    Header::request(Task::Infer, 5, 42, jpeg.len())
+        .encode((&mut m[..HEADER_LEN]).try_into().unwrap());
+    m[HEADER_LEN..].copy_from_slice(&jpeg);
+    // Warm the server (first inference builds its plan), then the request that meets the kill.
+    c.send(&m).unwrap();
+    c.recv().unwrap();
+    c.send(&m).unwrap();
+    thread::sleep(Duration::from_millis(30));
+    drop(server); // SIGKILL while it works on the request
+    let again = zmq_server_on(port, &model, &[]);
+    let (h, _) =
+        Header::decode(c.recv().expect("answered by the restarted server"), 1 << 20).unwrap();
+    assert_eq!((h.kind, h.request_id), (MessageKind::Response, 42));
+    assert_eq!(c.resends(), 1, "sent again once");
+    let line = stop_line(&again.stop(), "zmq_server");
+    assert_eq!(counter(&line, "answered"), 1, "{line}");
+}

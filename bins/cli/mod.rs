@@ -230,9 +230,13 @@ macro_rules! cli_args {
         /// address to bind
         #[argh(option, default = "String::from(\"0.0.0.0\")")]
         bind_address: [String],
-        /// backend connection timeout in ms
+        /// backend connection set-up timeout in ms
         #[argh(option, default = "10000")]
         timeout_ms: [u64],
+        /// each request's deadline in ms: a request the backend has not answered by then
+        /// gets a Timeout error from the proxy (its late answer is dropped)
+        #[argh(option, default = "10000")]
+        request_timeout_ms: [u64],
     }); };
 }
 

@@ -49,6 +49,7 @@ impl ProxyArgs {
             slot_size: b.slot_size,
             depth: b.depth,
             timeout: Duration::from_millis(self.timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
             mode,
             queue_limit: self.queue_depth,
         }

@@ -127,6 +127,15 @@ pub const DONTWAIT: i32 = sys::ZMQ_DONTWAIT as i32;
 pub const SNDMORE: i32 = sys::ZMQ_SNDMORE as i32;
 /// Poll events.
 pub const POLLIN: i16 = sys::ZMQ_POLLIN as i16;
+/// Whether this libzmq was built with a capability ("curve", "ipc", "draft", ...).
+pub fn has(capability: &str) -> bool {
+    let Ok(c) = CString::new(capability) else {
+        return false;
+    };
+    // SAFETY: c is a NUL-terminated string for the call; zmq_has only reads it.
+    unsafe { sys::zmq_has(c.as_ptr()) != 0 }
+}
+
 /// Connection events a socket monitor reports ([`Socket::monitor`]).
 pub const EVENT_CONNECTED: u32 = sys::ZMQ_EVENT_CONNECTED;
 pub const EVENT_DISCONNECTED: u32 = sys::ZMQ_EVENT_DISCONNECTED;
@@ -664,5 +673,49 @@ mod tests {
         assert_eq!(s.as_slice(), &data[..]);
         assert_eq!(t.as_slice(), &data[..]);
         assert!(version().0 >= 4);
+    }
+
+    /// docs/security.md says the static libzmq has no CURVE (zmq-sys builds it without
+    /// libsodium): this keeps that sentence true.
+    #[test]
+    fn the_static_libzmq_has_no_curve() {
+        assert!(has("ipc"), "zmq_has answers");
+        assert!(
+            !has("curve"),
+            "CURVE is built in now: update docs/security.md"
+        );
+    }
+
+    #[test]
+    fn a_monitor_reports_a_connection_and_its_loss() {
+        let ctx = Context::new().unwrap();
+        let server = ctx.socket(SocketType::Router).unwrap();
+        server.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = server.last_endpoint().unwrap();
+        let client = ctx.socket(SocketType::Dealer).unwrap();
+        client
+            .monitor(
+                "inproc://monitor-test",
+                EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED,
+            )
+            .unwrap();
+        let pair = ctx.socket(SocketType::Pair).unwrap();
+        pair.connect("inproc://monitor-test").unwrap();
+        client.connect(&endpoint).unwrap();
+        let mut scratch = Message::new();
+        let mut wait_for = |want: u32| {
+            for _ in 0..500 {
+                if let Some(ev) = MonitorEvent::read(&pair, &mut scratch).unwrap() {
+                    if ev.event == want {
+                        return;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("no event {want}");
+        };
+        wait_for(EVENT_HANDSHAKE_SUCCEEDED);
+        drop(server);
+        wait_for(EVENT_DISCONNECTED);
     }
 }

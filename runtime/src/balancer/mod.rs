@@ -61,6 +61,10 @@ pub struct BalancerConfig {
     pub timeout: Duration,
     /// Requests admitted at once (sent or waiting for a connection); more are `Overloaded`.
     pub max_in_flight: usize,
+    /// Requests in flight per backend connection; more wait in the FIFO. At or below the
+    /// backends' `--reply-hwm`, a backend never has to drop a reply to the balancer (which
+    /// is one peer to it, carrying many clients' replies).
+    pub backend_window: usize,
 }
 
 /// Per-backend counts.
@@ -134,6 +138,7 @@ struct State {
     counts: BalancerCounts,
     table: RequestTable,
     timeout: Duration,
+    window: u64,
     slow_peers: SlowPeers,
     /// Round-robin start for ties.
     next: usize,
@@ -191,6 +196,7 @@ impl Balancer {
             scratch: Vec::with_capacity(table.capacity()),
             table,
             timeout: cfg.timeout,
+            window: cfg.backend_window.max(1) as u64,
             slow_peers: SlowPeers::new(reply_hwm),
             next: 0,
             error_reply: Vec::with_capacity(512),
@@ -333,10 +339,14 @@ impl State {
     }
 
     /// Sends entry `i` on the least-loaded live connection that takes it; false when none
-    /// does (down, or its queue full).
+    /// does (down, its window full, or its queue full).
     fn try_send(&mut self, links: &Links, i: usize) -> bool {
         for (c, conn) in self.conns.iter().enumerate() {
-            self.load[c] = if conn.up { conn.outstanding } else { u64::MAX };
+            self.load[c] = if conn.up && conn.outstanding < self.window {
+                conn.outstanding
+            } else {
+                u64::MAX
+            };
         }
         for _ in 0..self.conns.len() {
             let Some(c) = pick_least_outstanding(&self.load, self.next) else {

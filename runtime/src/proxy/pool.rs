@@ -61,7 +61,10 @@ pub struct PoolConfig {
     pub client_id_base: u32,
     pub slot_size: u32,
     pub depth: u32,
+    /// Connection set-up timeout.
     pub timeout: Duration,
+    /// Each request's deadline, from its send.
+    pub request_timeout: Duration,
     pub mode: PollMode,
     /// Requests that may wait for a free slot before new ones are answered `Overloaded`.
     pub queue_limit: usize,
@@ -69,7 +72,7 @@ pub struct PoolConfig {
 
 /// The first reconnection attempt after a loss, then doubling up to the maximum.
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// Polls between two deadline checks (a clock read each).
 const DEADLINE_CHECK_POLLS: u64 = 256;
 
@@ -263,7 +266,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
                     self.shares[i].timed_out += 1;
                     let text = format!(
                         "no reply from the backend within {} ms",
-                        self.cfg.timeout.as_millis()
+                        self.cfg.request_timeout.as_millis()
                     );
                     self.answer(p, ErrorCode::Timeout, &text, reply);
                 } else if !matches!(self.pending[i][s], Slot::Abandoned) {
@@ -438,7 +441,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
                     token: req,
                     client,
                     request,
-                    deadline: Instant::now() + self.cfg.timeout,
+                    deadline: Instant::now() + self.cfg.request_timeout,
                 });
                 None
             }
