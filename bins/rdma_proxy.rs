@@ -91,10 +91,7 @@ fn main() -> Result<()> {
         )
         },
     )?;
-    println!(
-        "rdma_proxy stopped: received {} overloaded {} | {}",
-        stopped.received, stopped.overloaded, stopped.shares
-    );
+    println!("rdma_proxy stopped: {}", stopped.shares);
     stopped.result.context("serving")?;
     Ok(())
 }

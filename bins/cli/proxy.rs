@@ -1,7 +1,6 @@
 //! The proxies' main body: zmq_proxy and rdma_proxy differ in the inbound transport and in
 //! the backend's geometry options; both forward everything over an RDMA pool.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -22,10 +21,8 @@ pub struct Backend {
 
 /// How a proxy's run ended.
 pub struct Stopped {
-    /// `<shares> | answered by the proxy: N`, the tail of both stop lines.
+    /// `<counters> | <shares> | answered by the proxy: N`, the tail of both stop lines.
     pub shares: String,
-    pub received: u64,
-    pub overloaded: u64,
     pub report: ForwarderReport,
     /// The receive loop's end: an error once the stop lines are printed.
     pub result: Result<(), TransportError>,
@@ -76,15 +73,13 @@ pub fn forward<T: ServerTransport>(
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
     println!("{}", banner(transport));
     let (served, report) = proxy.serve(transport, &opts);
-    let c = proxy.counters();
     let stopped = Stopped {
         shares: format!(
-            "{} | answered by the proxy: {}",
+            "{} | {} | answered by the proxy: {}",
+            proxy.counters_summary(),
             format_shares(&report.shares),
             report.local_errors
         ),
-        received: c.received.load(Relaxed),
-        overloaded: c.overloaded.load(Relaxed),
         report,
         result: served.result,
     };

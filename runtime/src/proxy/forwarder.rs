@@ -1,5 +1,6 @@
 //! A proxy's forwarder thread and the proxy's run around it.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use hacserve_ffi::signal;
 
 use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool};
-use crate::contract::{Backoff, Queued, ReplySink, ServerJob, ServerTransport};
+use crate::contract::{Backoff, Queued, ReplySink, ServerJob, ServerTransport, TransportError};
 use crate::server::{ServeResult, ServerOptions, ServerThreads, WorkQueue};
 
 /// Idle forwarder in block mode: empty rounds before it sleeps, and the sleep (RDMA
@@ -86,9 +87,16 @@ impl<J: ServerJob> Proxy<J> {
         (served, report)
     }
 
-    /// The serving core's counters line ("received N answered N ...").
+    /// The serving core's counters.
     pub fn counters(&self) -> &crate::contract::Counters {
         &self.threads.queue.counters
+    }
+
+    /// The serving core's counters line ("received N answered N rejected N overloaded N
+    /// undeliverable N dropped N"): every received request is answered (by the backend or
+    /// the proxy itself) or overloaded.
+    pub fn counters_summary(&self) -> String {
+        self.threads.counters_summary()
     }
 }
 
@@ -118,9 +126,20 @@ fn forward<J: ServerJob, S: ReplySink<J>>(
             return ForwarderReport::default();
         }
     };
+    // Every reply sent inbound, the backend's or the pool's own, answers its request (the
+    // serving core counted it received); a failed delivery is counted as on a server.
+    let counters = &queue.counters;
     let mut reply = |q: Queued<J>, bytes: &[u8]| {
-        if let Err(e) = sink.reply(q.job, bytes) {
-            log::warn!("reply could not be delivered to its client: {e}");
+        counters.answered.fetch_add(1, Relaxed);
+        match sink.reply(q.job, bytes) {
+            Ok(()) => {}
+            Err(TransportError::PeerNotReading) => {
+                counters.dropped_replies.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                counters.transport_errors.fetch_add(1, Relaxed);
+                log::warn!("reply could not be delivered to its client: {e}");
+            }
         }
     };
     let mut idle = Backoff::new(cfg.mode, FORWARDER_SPINS, FORWARDER_SLEEP);
