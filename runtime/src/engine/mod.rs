@@ -131,6 +131,13 @@ pub trait DeviceImages {
     /// [`max_batch`](InferenceEngine::max_batch)) of the input
     /// [`run_slots`](InferenceEngine::run_slots) runs.
     fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError>;
+    /// Gives back what an image above the steady-state size made the decode buffers grow by
+    /// (called after each request; nothing to do when nothing grew).
+    fn release_growth(&mut self) {}
+    /// Device bytes the decode buffers hold now (the decoded image and the decoder's own).
+    fn decode_buffer_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// A loaded, optimised model from which per-worker sessions are made.

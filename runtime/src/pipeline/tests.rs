@@ -96,7 +96,11 @@ mod batch_tests {
             slots: [vec![0.0; TENSOR_LEN], vec![0.0; TENSOR_LEN]],
             batch_runs: std::sync::Arc::clone(&runs),
         };
-        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        let mut pipeline = Pipeline::new(
+            Box::new(engine),
+            1 << 24,
+            crate::preprocess::DEFAULT_MAX_IMAGE_PIXELS,
+        );
         assert_eq!(pipeline.batch_capacity(), 2);
         let jobs = [
             request(Task::Infer, 1, &jpeg),
@@ -237,7 +241,11 @@ mod fallback_tests {
             input: vec![0.0; TENSOR_LEN],
             refused: 0,
         };
-        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        let mut pipeline = Pipeline::new(
+            Box::new(engine),
+            1 << 24,
+            crate::preprocess::DEFAULT_MAX_IMAGE_PIXELS,
+        );
         let mut alone = Vec::new();
         let outcome = pipeline.handle(&infer(1, &jpeg), &mut alone);
         assert!(matches!(outcome, Outcome::Answered { top1: Some(_), .. }));
