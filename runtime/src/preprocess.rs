@@ -563,10 +563,9 @@ pub fn jpeg_dimensions(data: &[u8]) -> Option<(usize, usize)> {
     }
     let mut i = 2;
     loop {
-        // Markers may be preceded by 0xFF fill bytes.
-        if *data.get(i)? != 0xFF {
-            return None;
-        }
+        // Stray bytes before a marker are skipped, as decoders do; a marker may be preceded
+        // by 0xFF fill bytes.
+        i += data.get(i..)?.iter().position(|&b| b == 0xFF)?;
         while data.get(i) == Some(&0xFF) {
             i += 1;
         }
@@ -774,6 +773,11 @@ mod tests {
             assert_eq!(jpeg_dimensions(&jpeg[..cut]), None, "cut at {cut}");
         }
         assert_eq!(jpeg_dimensions(b"not a jpeg"), None);
+        // Stray bytes between segments are skipped, as the decoders do.
+        let mut stray = jpeg[..2].to_vec();
+        stray.extend_from_slice(&[0x00, 0x12]);
+        stray.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_dimensions(&stray), Some(decoded));
     }
 
     #[test]

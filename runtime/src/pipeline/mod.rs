@@ -5,7 +5,7 @@
 use crate::clock::realtime_ns;
 use crate::contract::{Queued, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
-use crate::preprocess::{jpeg_dimensions, Preprocessor, TENSOR_LEN};
+use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{ErrorCode, Header, ResponseBody, ServerTimestamps, Task, HEADER_LEN};
 
 mod triage;
@@ -49,13 +49,16 @@ impl Pipeline {
     /// A worker's pipeline over `engine`: payloads up to `max_payload` bytes, JPEGs up to
     /// `max_image_pixels` (w*h; at most [`MAX_IMAGE_PIXELS`]).
     pub fn new(
-        engine: Box<dyn InferenceEngine>,
+        mut engine: Box<dyn InferenceEngine>,
         max_payload: usize,
         max_image_pixels: usize,
     ) -> Pipeline {
         let classes = engine.num_classes();
         let batch = engine.max_batch().max(1);
         let max_image_pixels = max_image_pixels.min(MAX_IMAGE_PIXELS);
+        if let Some(device) = engine.device_images() {
+            device.limit_image_pixels(max_image_pixels);
+        }
         Pipeline {
             pre: Preprocessor::new(max_image_pixels),
             engine,
@@ -343,6 +346,16 @@ fn check_image_size(jpeg: &[u8], max_pixels: usize) -> Result<(), StageError> {
     }
 }
 
+/// The CPU decoder's verdicts: an image above the limit (seen from zune-jpeg's header parse
+/// where ours found no frame header) is `PayloadTooLarge` as from [`check_image_size`].
+fn preprocess_error(e: PreprocessError) -> StageError {
+    let code = match e {
+        PreprocessError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::BadImage,
+    };
+    (code, e.to_string())
+}
+
 /// Decode and preprocess on the CPU into the engine's input buffer, then (for Infer) run.
 fn cpu_stages(
     pre: &mut Preprocessor,
@@ -352,12 +365,10 @@ fn cpu_stages(
     ts: &mut ServerTimestamps,
     logits: &mut [f32],
 ) -> Result<(), StageError> {
-    pre.decode(jpeg)
-        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    pre.decode(jpeg).map_err(preprocess_error)?;
     ts.decoded = realtime_ns();
     let input = engine.input_mut().map_err(engine_error)?;
-    pre.preprocess(input)
-        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    pre.preprocess(input).map_err(preprocess_error)?;
     ts.preprocessed = realtime_ns();
     ts.inferred = ts.preprocessed;
     if infer {
@@ -428,12 +439,10 @@ fn stage_slot(
         ts.decoded = realtime_ns();
         device.preprocess_slot(slot).map_err(engine_error)?;
     } else {
-        pre.decode(jpeg)
-            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        pre.decode(jpeg).map_err(preprocess_error)?;
         ts.decoded = realtime_ns();
         let input = engine.slot_input_mut(slot).map_err(engine_error)?;
-        pre.preprocess(input)
-            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        pre.preprocess(input).map_err(preprocess_error)?;
     }
     ts.preprocessed = realtime_ns();
     Ok(true)

@@ -61,6 +61,8 @@ pub struct GpuImages {
     /// An image above the steady size went through the decoder since the last
     /// [`Self::release_growth`]: nvJPEG's own buffers grew with it.
     outsized: bool,
+    /// The largest image decoded (w*h): `--max-image-pixels`, never above [`MAX_IMAGE_PIXELS`].
+    max_pixels: usize,
 }
 
 impl GpuImages {
@@ -82,6 +84,7 @@ impl GpuImages {
             rgb,
             decoded: None,
             outsized: false,
+            max_pixels: MAX_IMAGE_PIXELS,
         };
         images.warm_up(stream)?;
         Ok(images)
@@ -92,6 +95,11 @@ impl GpuImages {
             .map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
         self.decoded = None;
         Ok(())
+    }
+
+    /// Images above `max_pixels` (w*h, at most [`MAX_IMAGE_PIXELS`]) are refused.
+    pub fn limit_pixels(&mut self, max_pixels: usize) {
+        self.max_pixels = max_pixels.min(MAX_IMAGE_PIXELS);
     }
 
     /// Device bytes of the decoded-image buffer now ([`STEADY_RGB_BYTES`] between requests
@@ -144,9 +152,10 @@ impl GpuImages {
         }
         let (width, height) = (w.max(0) as usize, h.max(0) as usize);
         let pixels = width.saturating_mul(height);
-        if pixels > MAX_IMAGE_PIXELS {
+        if pixels > self.max_pixels {
             return Err(EngineError::BadInput(format!(
-                "image of {width}x{height} exceeds the server's limit of {MAX_IMAGE_PIXELS} pixels"
+                "image of {width}x{height} exceeds the server's limit of {} pixels",
+                self.max_pixels
             )));
         }
         if pixels > STEADY_IMAGE_PIXELS {
@@ -277,6 +286,12 @@ impl DeviceImages for CudnnSession {
     /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
     /// runs) (on this session's stream, which
     /// decoded the image; the wait at the end orders it before the batch run).
+    fn limit_image_pixels(&mut self, max_pixels: usize) {
+        if let Some(images) = self.images.as_mut() {
+            images.limit_pixels(max_pixels);
+        }
+    }
+
     fn release_growth(&mut self) {
         let Some(images) = self.images.as_mut() else {
             return;
