@@ -120,8 +120,8 @@ macro_rules! cli_args {
         /// requests queued per priority lane before new ones get Overloaded
         #[argh(option, default = "1024")]
         queue_depth: [usize],
-        /// memory in MiB that requests accepted but not yet processed may hold, all clients together;
-        /// one past it gets Overloaded at once (default 256)
+        /// memory in MiB that requests accepted but not yet processed may hold, all clients
+        /// together; one past it gets Overloaded at once (default 256)
         #[argh(option, default = "::hacserve_runtime::server::DEFAULT_MAX_QUEUED_MIB")]
         max_queued_mib: [usize],
         /// largest image accepted, in pixels (width x height from the JPEG header, read before

@@ -61,7 +61,8 @@ pub struct GpuImages {
     /// An image above the steady size went through the decoder since the last
     /// [`Self::release_growth`]: nvJPEG's own buffers grew with it.
     outsized: bool,
-    /// The largest image decoded (w*h): `--max-image-pixels`, never above [`MAX_IMAGE_PIXELS`].
+    /// The largest image this session decodes (w*h): `--max-image-pixels`, at most
+    /// [`MAX_IMAGE_PIXELS`].
     max_pixels: usize,
 }
 
@@ -283,9 +284,6 @@ impl DeviceImages for CudnnSession {
         self.run_and_download(logits)
     }
 
-    /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
-    /// runs) (on this session's stream, which
-    /// decoded the image; the wait at the end orders it before the batch run).
     fn limit_image_pixels(&mut self, max_pixels: usize) {
         if let Some(images) = self.images.as_mut() {
             images.limit_pixels(max_pixels);
@@ -310,6 +308,9 @@ impl DeviceImages for CudnnSession {
         self.images.as_ref().map_or(0, GpuImages::buffer_bytes)
     }
 
+    /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
+    /// runs) (on this session's stream, which
+    /// decoded the image; the wait at the end orders it before the batch run).
     fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError> {
         let CudnnSession {
             handles,
