@@ -223,6 +223,10 @@ fn requests_past_the_queued_bytes_budget_get_overloaded_and_memory_stays_bounded
         .find(|l| l.starts_with("zmq_server stopped: "))
         .unwrap_or_else(|| panic!("no stop line: {out}"));
     assert_eq!(counter(stop, "over-budget"), overloaded, "{stop}");
+    assert!(
+        out.contains("(--max-queued-mib), no room for"),
+        "no log line for the budget: {out}"
+    );
     assert_eq!(counter(stop, "overloaded"), overloaded, "{stop}");
     assert_eq!(counter(stop, "received"), FLOOD + 2, "{stop}");
     assert_eq!(counter(stop, "answered"), answered + 2, "{stop}");

@@ -135,12 +135,16 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
                     "server queue is full, retry later"
                 }
                 Refusal::OverBudget => {
-                    counters.over_budget.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        "queued requests hold {} of {} bytes (--max-queued-mib), no room for {held} more: answering Overloaded",
-                        self.queue.queued_bytes(),
-                        self.queue.budget()
-                    );
+                    let n = counters.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+                    // A flood meets the budget once per request: a line for the first and
+                    // then every 1024th, so the log does not slow the loop that sheds it.
+                    if n == 1 || n % 1024 == 0 {
+                        log::warn!(
+                            "queued requests hold {} of {} bytes (--max-queued-mib), no room for {held} more: answering Overloaded ({n} so far)",
+                            self.queue.queued_bytes(),
+                            self.queue.budget()
+                        );
+                    }
                     "server's queued-request memory budget is full, retry later"
                 }
             };

@@ -109,6 +109,11 @@ impl GpuImages {
         self.rgb.len()
     }
 
+    /// Whether an image above the steady size left anything to release.
+    pub fn has_grown(&self) -> bool {
+        self.outsized || self.rgb.len() > STEADY_RGB_BYTES
+    }
+
     /// After an image above the steady size: the decoded-image buffer goes back to
     /// [`STEADY_RGB_BYTES`], and nvJPEG's decode state, whose internal host and device buffers
     /// grew with that image, is made anew (and warmed up on the sample image, so the next
@@ -291,7 +296,8 @@ impl DeviceImages for CudnnSession {
     }
 
     fn release_growth(&mut self) {
-        let Some(images) = self.images.as_mut() else {
+        // Called after every request: nothing, not even the context bind, unless it grew.
+        let Some(images) = self.images.as_mut().filter(|i| i.has_grown()) else {
             return;
         };
         let released = self
