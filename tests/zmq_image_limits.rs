@@ -231,3 +231,29 @@ fn requests_past_the_queued_bytes_budget_get_overloaded_and_memory_stays_bounded
     assert_eq!(counter(stop, "received"), FLOOD + 2, "{stop}");
     assert_eq!(counter(stop, "answered"), answered + 2, "{stop}");
 }
+
+#[test]
+fn limits_out_of_range_are_refused_at_start_with_a_message() {
+    let model = model("resnet_tiny");
+    let model = model.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--max-image-pixels", "0"],
+            "--max-image-pixels 0 is outside",
+        ),
+        (
+            vec!["--max-image-pixels", "67108865"],
+            "--max-image-pixels 67108865 is outside",
+        ),
+        (
+            vec!["--max-queued-mib", "8"],
+            "--max-queued-mib 8 is below one request of the largest payload",
+        ),
+    ] {
+        let mut all = vec!["--port", "0", "--engine-file", model, "-i", "0"];
+        all.extend_from_slice(&args);
+        let (ok, out) = run(env!("CARGO_BIN_EXE_zmq_server"), &all);
+        assert!(!ok && out.contains(want), "{args:?}: {out}");
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}
