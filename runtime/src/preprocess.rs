@@ -466,6 +466,9 @@ impl Preprocessor {
             self.decoded = None;
             self.rgb.truncate(self.steady_rgb);
             self.rgb.shrink_to_fit();
+            // What zune-jpeg freed (a progressive image's coefficients) below glibc's 32 MiB
+            // mmap cut-off may otherwise stay resident in this thread's arena.
+            hacserve_ffi::heap::release_free_memory();
         }
         self.resampler.release_growth();
     }
