@@ -310,3 +310,144 @@ fn same_answer(
         _ => assert_eq!(gpu, cpu, "{name}: the backends answer differently"),
     }
 }
+
+/// A request as a worker gets it: the message and its validated header.
+struct InProcessJob(Vec<u8>);
+
+impl hacserve_runtime::contract::ServerJob for InProcessJob {
+    fn message(&self) -> &[u8] {
+        &self.0
+    }
+    fn received_ns(&self) -> u64 {
+        0
+    }
+}
+
+fn queued(task: Task, id: u64, payload: &[u8]) -> hacserve_runtime::contract::Queued<InProcessJob> {
+    let msg = request(task, id, 0, payload);
+    let (header, _) = Header::decode(&msg, usize::MAX).unwrap();
+    hacserve_runtime::contract::Queued {
+        job: InProcessJob(msg),
+        header: Some(header),
+    }
+}
+
+#[test]
+fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
+    use hacserve_ffi::gpu::cuda::cu;
+    use hacserve_runtime::engine::registry::BackendChoice;
+    use hacserve_runtime::engine::BackendArgs;
+    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
+    use hacserve_runtime::preprocess::STEADY_IMAGE_PIXELS;
+    if !gpu_or_skip() {
+        return;
+    }
+    // One worker's pipeline over a GPU session, driven as worker_loop drives it: handle,
+    // (reply), release_growth.
+    let model = model("resnet50");
+    let args = BackendArgs {
+        backend: "gpu",
+        precision: "fp16",
+        gpus: "0",
+        decode: "gpu",
+        threads: 1,
+        workers: 1,
+        streams: 0,
+        max_batch: 1,
+    };
+    let backend = BackendChoice::parse(&args).unwrap();
+    let session = backend.sessions(&model, false).unwrap().pop().unwrap();
+    let mut pipeline = Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS);
+    let jpeg = std::fs::read(image()).unwrap();
+    let huge = generated_jpeg(8192, 8192, true);
+    let infer = |pipeline: &mut Pipeline, id: u64, jpeg: &[u8]| {
+        let mut out = Vec::new();
+        let outcome = pipeline.handle(&queued(Task::Infer, id, jpeg), &mut out);
+        assert!(
+            matches!(outcome, Outcome::Answered { .. }),
+            "request {id}: {outcome:?}: {}",
+            pipeline.last_error()
+        );
+        pipeline.release_growth();
+        let (h, body) = Header::decode(&out, usize::MAX).unwrap();
+        assert_eq!(h.kind, MessageKind::Response);
+        ResponseBody::decode(body).unwrap().classes
+    };
+    let want = infer(&mut pipeline, 0, &jpeg);
+    let steady = pipeline.decode_buffer_bytes().1;
+    assert_eq!(steady, 3 * STEADY_IMAGE_PIXELS);
+    let free_before = cu::result::mem_get_info().unwrap().0;
+
+    // The outsized image: decoded on the GPU into a buffer of its size ...
+    let mut out = Vec::new();
+    let outcome = pipeline.handle(&queued(Task::Infer, 1, &huge), &mut out);
+    assert!(
+        matches!(outcome, Outcome::Answered { .. }),
+        "{outcome:?}: {}",
+        pipeline.last_error()
+    );
+    let grown = pipeline.decode_buffer_bytes().1;
+    let free_during = cu::result::mem_get_info().unwrap().0;
+    // ... which goes back once its request is done, with nvJPEG's own buffers.
+    pipeline.release_growth();
+    let released = pipeline.decode_buffer_bytes().1;
+    let free_after = cu::result::mem_get_info().unwrap().0;
+    println!(
+        "GPU decode buffer {steady} B -> {grown} B for 8192x8192 -> {released} B after; device free {} -> {} -> {} MiB",
+        free_before >> 20,
+        free_during >> 20,
+        free_after >> 20
+    );
+    assert_eq!(grown, 3 * 8192 * 8192);
+    assert_eq!(released, steady);
+    assert!(
+        free_after + (32 << 20) >= free_before,
+        "device memory not given back: {} MiB free before, {} MiB after",
+        free_before >> 20,
+        free_after >> 20
+    );
+    // Ordinary images still get the same answer, and the buffer stays at its steady size.
+    for id in 2..5 {
+        assert_eq!(infer(&mut pipeline, id, &jpeg), want);
+        assert_eq!(pipeline.decode_buffer_bytes().1, steady);
+    }
+}
+
+#[test]
+fn gpu_server_refuses_an_image_over_the_limit_and_releases_an_allowed_outsized_one() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let jpeg = std::fs::read(image()).unwrap();
+    let huge = generated_jpeg(8192, 8192, true);
+    // The default limit (24 MP): refused from the header, the same answer as the CPU backend.
+    let server = zmq_server(&model, &["--backend", "gpu"]);
+    let mut c = zmq_connect(server.port);
+    assert_eq!(
+        answer_or_error(&mut c, &request(Task::Infer, 1, 0, &huge)),
+        Some(ErrorCode::PayloadTooLarge)
+    );
+    answer(&mut c, &request(Task::Infer, 2, 0, &jpeg));
+    drop(server);
+    // Allowed: decoded, answered, and the device buffer goes back after the reply.
+    let server = zmq_server(
+        &model,
+        &["--backend", "gpu", "--max-image-pixels", "67108864"],
+    );
+    let mut c = zmq_connect(server.port);
+    answer(&mut c, &request(Task::Infer, 3, 0, &huge));
+    let want = answer(&mut c, &request(Task::Infer, 4, 0, &jpeg)).classes;
+    assert_eq!(
+        answer(&mut c, &request(Task::Infer, 5, 0, &jpeg)).classes,
+        want
+    );
+    let out = server
+        .stop_within(std::time::Duration::from_secs(30))
+        .join("\n");
+    assert!(
+        out.contains("GPU decode buffer grows to 201326592 B"),
+        "{out}"
+    );
+    assert!(out.contains("GPU decode buffer back to"), "{out}");
+}

@@ -120,6 +120,15 @@ macro_rules! cli_args {
         /// requests queued per priority lane before new ones get Overloaded
         #[argh(option, default = "1024")]
         queue_depth: [usize],
+        /// memory in MiB that requests accepted but not yet processed may hold, all clients
+        /// together; one past it gets Overloaded at once (default 256)
+        #[argh(option, default = "::hacserve_runtime::server::DEFAULT_MAX_QUEUED_MIB")]
+        max_queued_mib: [usize],
+        /// largest image accepted, in pixels (width x height from the JPEG header, read before
+        /// decoding; default 24000000 = 6000x4000, at most 67108864 = 8192x8192); a larger one
+        /// gets PayloadTooLarge
+        #[argh(option, default = "::hacserve_runtime::preprocess::DEFAULT_MAX_IMAGE_PIXELS")]
+        max_image_pixels: [usize],
         /// busy (spin), block (sleep when idle), hybrid (receive loop spins, workers sleep until a
         /// request is queued) or auto (busy with a core per thread, else hybrid with two cores)
         #[argh(option, default = "String::from(\"auto\")")]

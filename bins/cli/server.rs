@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use hacserve_runtime::contract::{ServerPollMode, ServerTransport};
 use hacserve_runtime::engine::registry::BackendChoice;
 use hacserve_runtime::engine::BackendArgs;
 use hacserve_runtime::labels::Labels;
-use hacserve_runtime::pipeline::Pipeline;
+use hacserve_runtime::pipeline::{Pipeline, MAX_IMAGE_PIXELS};
+use hacserve_runtime::protocol::HEADER_LEN;
 use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 
 use super::ServerArgs;
@@ -37,6 +38,12 @@ impl ServerArgs {
     /// help` printed the registry's list (not an error).
     pub fn prepare(&self) -> Result<Option<Serving>> {
         super::init(self.debug);
+        if !(1..=MAX_IMAGE_PIXELS).contains(&self.max_image_pixels) {
+            bail!(
+                "--max-image-pixels {} is outside 1..={MAX_IMAGE_PIXELS} (8192x8192, the decoders' cap)",
+                self.max_image_pixels
+            );
+        }
         let backend = match BackendChoice::parse(&self.backend_args()) {
             Err(e) if e.is_help() => {
                 println!("{e}");
@@ -50,14 +57,23 @@ impl ServerArgs {
     }
 
     /// The serving core's options: the one place they are built from the command line.
-    fn options(&self, s: &Serving, max_payload: usize) -> ServerOptions {
+    fn options(&self, s: &Serving, max_payload: usize) -> Result<ServerOptions> {
         let priority_clients = self.priority_clients != 0;
-        ServerOptions {
+        let max_queued_bytes = self.max_queued_mib.saturating_mul(1 << 20);
+        // One request of the largest size must always fit, or it could never be served.
+        if max_queued_bytes < HEADER_LEN + max_payload {
+            bail!(
+                "--max-queued-mib {} is below one request of the largest payload ({max_payload} B): raise it or lower --max-payload",
+                self.max_queued_mib
+            );
+        }
+        Ok(ServerOptions {
             workers: s.backend.workers,
             max_payload,
             poll_mode: s.mode.receive,
             worker_poll_mode: s.mode.workers,
             queue_depth: self.queue_depth,
+            max_queued_bytes,
             priority_clients,
             priority_workers: s.backend.priority_workers(priority_clients),
             monitor_interval: Duration::from_secs(self.monitor_interval),
@@ -66,7 +82,7 @@ impl ServerArgs {
             pin_threads: !self.no_pin,
             debug: self.debug,
             policy: LoopPolicy::AnswerWithoutEngine,
-        }
+        })
     }
 }
 
@@ -83,22 +99,24 @@ pub fn serve<T: ServerTransport>(
     (at, tail): (String, String),
     after_stop: impl FnOnce(&T),
 ) -> Result<()> {
-    let opts = args.options(s, max_payload);
+    let opts = args.options(s, max_payload)?;
     let pipelines: Vec<Pipeline> = s
         .backend
         .sessions(&args.engine_file, opts.priority_clients)?
         .into_iter()
-        .map(|session| Pipeline::new(session, max_payload))
+        .map(|session| Pipeline::new(session, max_payload, args.max_image_pixels))
         .collect();
     Labels::log_availability(&args.classes_file);
     let mut threads = ServerThreads::start(&opts, transport, pipelines)
         .context("starting worker and monitor threads")?;
     println!(
-        "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail}",
+        "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail} | images up to {} px | queued requests up to {} MiB",
         args.engine_file.display(),
         s.backend.describe(),
         opts.workers,
         s.mode.name(),
+        args.max_image_pixels,
+        args.max_queued_mib,
     );
     let served = threads.serve(transport, &opts);
     threads

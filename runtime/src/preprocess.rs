@@ -23,9 +23,19 @@ use zune_jpeg::JpegDecoder;
 
 /// Side of the square model input.
 pub const INPUT_SIZE: usize = 224;
-/// The largest image the server decodes (w*h), on the CPU or the GPU, bounding the decoders'
-/// buffers.
+/// The most `--max-image-pixels` may be set to (w*h): the decoders' hard cap, on the CPU or
+/// the GPU (an 8192x8192 image: 201 MB of RGB alone).
 pub const MAX_IMAGE_PIXELS: usize = 8192 * 8192;
+/// `--max-image-pixels` by default: a 24-megapixel photo (6000x4000, the usual APS-C and
+/// full-frame camera size) is the largest that passes. ImageNet-class photos (about 500x375)
+/// and phone photos at their default 12 MP (4032x3024) are far below it. At the limit a worker
+/// holds at most 9 bytes a pixel while it decodes (216 MB, see docs/design.md), and only for
+/// that request.
+pub const DEFAULT_MAX_IMAGE_PIXELS: usize = 6000 * 4000;
+/// Images up to this size (w*h) are the steady state: decode buffers sized for them are kept
+/// between requests; growth beyond it is released once the request is done
+/// ([`Preprocessor::release_growth`]). A 12-megapixel photo (4000x3000): 36 MB of RGB.
+pub const STEADY_IMAGE_PIXELS: usize = 4000 * 3000;
 /// `Resize(256)`: the shorter image side after resizing.
 pub const RESIZE_SHORTER: usize = 256;
 /// Elements of one NCHW input tensor (batch 1).
@@ -197,9 +207,29 @@ pub struct Resampler {
     acc: Vec<i32>,
 }
 
+/// Scratch bytes of the horizontal pass an image of [`STEADY_IMAGE_PIXELS`] needs at most
+/// (its window's source rows, 224 output columns): kept; more is released after the image.
+/// A 4000x3000 image's window spans about 2630 source rows of 672 bytes.
+const STEADY_TMP_BYTES: usize = 4 << 20;
+
 impl Resampler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Gives back scratch beyond the steady size (see [`Preprocessor::release_growth`]).
+    pub fn release_growth(&mut self) {
+        if self.tmp.capacity() > STEADY_TMP_BYTES {
+            self.tmp = Vec::new();
+        }
+    }
+
+    /// Bytes of scratch held now.
+    pub fn buffer_bytes(&self) -> usize {
+        self.tmp.capacity()
+            + 4 * (self.acc.capacity()
+                + self.horiz.weights.capacity()
+                + self.vert.weights.capacity())
     }
 
     /// Writes `window` of the `dst_size` (width, height) resize of `src` (RGB8, HWC,
@@ -328,6 +358,9 @@ pub struct Preprocessor {
     max_pixels: usize,
     /// Last decoded image, RGB8 HWC; may be longer than the image (kept from a larger one).
     rgb: Vec<u8>,
+    /// The longest `rgb` an image of at most [`STEADY_IMAGE_PIXELS`] needed: what
+    /// [`Self::release_growth`] shrinks `rgb` back to after an outsized image.
+    steady_rgb: usize,
     decoded: Option<(usize, usize)>,
     resampler: Resampler,
     /// The 224x224 RGB8 crop before normalisation.
@@ -349,6 +382,7 @@ impl Preprocessor {
         Self {
             max_pixels,
             rgb: Vec::new(),
+            steady_rgb: 0,
             decoded: None,
             resampler: Resampler::new(),
             crop: vec![0; TENSOR_LEN],
@@ -398,7 +432,13 @@ impl Preprocessor {
         };
         let needed = pixels * 3;
         if self.rgb.len() < needed {
+            // Exactly what this image needs: growth is given back after it (release_growth),
+            // and an amortised doubling would only make that happen more often.
+            self.rgb.reserve_exact(needed - self.rgb.len());
             self.rgb.resize(needed, 0);
+        }
+        if pixels <= STEADY_IMAGE_PIXELS {
+            self.steady_rgb = self.steady_rgb.max(needed);
         }
         let buf = &mut self.rgb[..needed];
         let raw = &mut buf[..pixels * channels];
@@ -414,6 +454,29 @@ impl Preprocessor {
         }
         self.decoded = Some((width, height));
         Ok((width, height))
+    }
+
+    /// Gives back what an image above [`STEADY_IMAGE_PIXELS`] made the buffers grow by: the
+    /// RGB buffer returns to the largest steady-state image's size, the resampler's to its
+    /// own steady size. Nothing happens (no allocation, no syscall) when nothing grew, so the
+    /// worker calls it after every request. The decoded image is forgotten when its buffer
+    /// goes.
+    pub fn release_growth(&mut self) {
+        if self.rgb.capacity() > self.steady_rgb {
+            self.decoded = None;
+            self.rgb.truncate(self.steady_rgb);
+            self.rgb.shrink_to_fit();
+            // What zune-jpeg freed (a progressive image's coefficients) below glibc's 32 MiB
+            // mmap cut-off may otherwise stay resident in this thread's arena.
+            hacserve_ffi::heap::release_free_memory();
+        }
+        self.resampler.release_growth();
+    }
+
+    /// Bytes the buffers hold now (RGB image and resampler scratch): what one large image
+    /// costs until [`Self::release_growth`].
+    pub fn buffer_bytes(&self) -> usize {
+        self.rgb.capacity() + self.resampler.buffer_bytes()
     }
 
     /// The last successfully decoded image as (RGB8 HWC bytes, width, height).
@@ -489,6 +552,47 @@ impl Preprocessor {
                 max_pixels: self.max_pixels,
             }),
         }
+    }
+}
+
+/// (width, height) from a JPEG's frame header (SOFn), read before any pixel is decoded and
+/// before any decoder is involved, so every backend applies `--max-image-pixels` to the same
+/// number. Segments are skipped by their length (an EXIF thumbnail's own SOF does not count).
+/// None when the bytes are not a JPEG, end before a frame header, or declare the height
+/// later (a DNL marker): the decoder then gives its own verdict.
+pub fn jpeg_dimensions(data: &[u8]) -> Option<(usize, usize)> {
+    if data.get(..2) != Some(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut i = 2;
+    loop {
+        // Stray bytes before a marker are skipped, as decoders do; a marker may be preceded
+        // by 0xFF fill bytes.
+        i += data.get(i..)?.iter().position(|&b| b == 0xFF)?;
+        while data.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let marker = *data.get(i)?;
+        i += 1;
+        match marker {
+            // Stand-alone markers without a length.
+            0x01 | 0xD0..=0xD7 => continue,
+            // EOI or a scan before any frame header: no dimensions to be had here.
+            0xD9 | 0xDA => return None,
+            _ => {}
+        }
+        let len = usize::from(u16::from_be_bytes([*data.get(i)?, *data.get(i + 1)?]));
+        // SOF0-3, 5-7, 9-11, 13-15 (C4 is DHT, C8 reserved, CC is DAC).
+        if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            let frame = data.get(i + 2..i + 7)?;
+            let height = usize::from(u16::from_be_bytes([frame[1], frame[2]]));
+            let width = usize::from(u16::from_be_bytes([frame[3], frame[4]]));
+            return (height != 0).then_some((width, height));
+        }
+        if len < 2 {
+            return None;
+        }
+        i += len;
     }
 }
 
@@ -650,6 +754,68 @@ mod tests {
             p.decode(b"not a jpeg"),
             Err(PreprocessError::Decode(_))
         ));
+    }
+
+    #[test]
+    fn jpeg_dimensions_come_from_the_frame_header() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        let mut p = Preprocessor::new(1 << 26);
+        let decoded = p.decode(&jpeg).unwrap();
+        assert_eq!(jpeg_dimensions(&jpeg), Some(decoded));
+        // A segment that holds a fake frame header (as an EXIF thumbnail would) is skipped.
+        let mut fake = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x0B];
+        fake.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08, 0x7F, 0xFF, 0x7F, 0xFF]);
+        fake.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_dimensions(&fake), Some(decoded));
+        // Everything cut short or not a JPEG: no answer rather than a wrong one.
+        for cut in [0, 1, 2, 3, 10, 20] {
+            assert_eq!(jpeg_dimensions(&jpeg[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(jpeg_dimensions(b"not a jpeg"), None);
+        // Stray bytes between segments are skipped, as the decoders do.
+        let mut stray = jpeg[..2].to_vec();
+        stray.extend_from_slice(&[0x00, 0x12]);
+        stray.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_dimensions(&stray), Some(decoded));
+    }
+
+    #[test]
+    fn growth_beyond_the_steady_size_is_released() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        let mut p = Preprocessor::new(1 << 26);
+        let mut out = vec![0.0; TENSOR_LEN];
+        let (sw, sh) = p.decode(&jpeg).unwrap();
+        p.preprocess(&mut out).unwrap();
+        p.release_growth();
+        assert_eq!(p.rgb.capacity(), sw * sh * 3);
+        let steady = p.buffer_bytes();
+        // An image above the steady size through the same buffers (as a decode leaves them).
+        let (w, h) = (4800, 3000);
+        p.rgb.resize(w * h * 3, 0);
+        p.decoded = Some((w, h));
+        p.preprocess(&mut out).unwrap();
+        assert!(
+            p.buffer_bytes() > steady + w * h * 2,
+            "{}",
+            p.buffer_bytes()
+        );
+        p.release_growth();
+        assert_eq!(p.rgb.capacity(), sw * sh * 3);
+        assert!(p.buffer_bytes() <= steady + STEADY_TMP_BYTES);
+        assert!(p.decoded_rgb().is_none());
+        // The small image still works from the released buffers, and costs nothing more.
+        p.decode(&jpeg).unwrap();
+        p.preprocess(&mut out).unwrap();
+        p.release_growth();
+        assert_eq!(p.rgb.capacity(), sw * sh * 3);
     }
 
     #[test]

@@ -407,3 +407,57 @@ pub fn round_trip(
     let (h, body) = hacserve_runtime::protocol::Header::decode(buf, 64 << 20).unwrap();
     (h, body.to_vec())
 }
+
+/// A smooth synthetic picture, generated row by row (no pixel buffer of its own).
+struct Gradient {
+    width: u16,
+    height: u16,
+}
+
+impl jpeg_encoder::ImageBuffer for Gradient {
+    fn get_jpeg_color_type(&self) -> jpeg_encoder::JpegColorType {
+        jpeg_encoder::JpegColorType::Ycbcr
+    }
+    fn width(&self) -> u16 {
+        self.width
+    }
+    fn height(&self) -> u16 {
+        self.height
+    }
+    fn fill_buffers(&self, y: u16, buffers: &mut [Vec<u8>; 4]) {
+        let (w, h) = (u32::from(self.width), u32::from(self.height));
+        for x in 0..w {
+            let (x, y) = (x * 255 / w, u32::from(y) * 255 / h);
+            buffers[0].push(((x + y) / 2) as u8);
+            buffers[1].push(x as u8);
+            buffers[2].push((255 - y) as u8);
+        }
+    }
+}
+
+/// A `width`x`height` JPEG made at run time (4:2:0, quality 80), progressive or baseline:
+/// an 8192x8192 progressive one is 2.5 MB, a large image in a small request.
+pub fn generated_jpeg(width: u16, height: u16, progressive: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut out, 80);
+    encoder.set_progressive(progressive);
+    encoder
+        .encode_image(Gradient { width, height })
+        .expect("encoding the test JPEG");
+    out
+}
+
+/// A request message: header + payload.
+pub fn request_message(
+    task: hacserve_runtime::protocol::Task,
+    client_id: u32,
+    request_id: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    use hacserve_runtime::protocol::{Header, HEADER_LEN};
+    let mut head = [0u8; HEADER_LEN];
+    Header::request(task, client_id, request_id, payload.len()).encode(&mut head);
+    let mut m = head.to_vec();
+    m.extend_from_slice(payload);
+    m
+}

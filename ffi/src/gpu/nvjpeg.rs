@@ -23,6 +23,8 @@ pub enum NvJpegError {
         height: usize,
         capacity: usize,
     },
+    #[error("synchronising the CUDA context: {0}")]
+    Sync(String),
     #[error("JPEG is {width}x{height} with {components} components: not an RGB/gray image nvJPEG can decode here")]
     Unsupported {
         width: i32,
@@ -91,6 +93,26 @@ impl JpegDecoder {
     /// (components, width, height) of a JPEG, from its headers only.
     pub fn image_info(&self, jpeg: &[u8]) -> Result<(i32, i32, i32), NvJpegError> {
         image_info(self.api, self.handle, jpeg)
+    }
+
+    /// Replaces the decode state with a fresh one, releasing the host and device buffers
+    /// nvJPEG grew inside it for the largest image decoded so far. `ctx` is the context the
+    /// decoder was made in (current on this thread): it is synchronised first, so no decode
+    /// on any of its streams still uses the old state. On failure the old state stays.
+    pub fn reset_state(&mut self, ctx: &super::cuda::cu::CudaContext) -> Result<(), NvJpegError> {
+        ctx.synchronize()
+            .map_err(|e| NvJpegError::Sync(e.to_string()))?;
+        let mut state = std::ptr::null_mut();
+        // SAFETY: the handle is live; out-pointer to a local.
+        check("nvjpegJpegStateCreate", unsafe {
+            (self.api.state_create)(self.handle, &mut state)
+        })?;
+        let old = std::mem::replace(&mut self.state, state);
+        // SAFETY: `old` was created on this handle and is no longer reachable: `&mut self`
+        // rules out a decode starting with it, and the context synchronised above has no
+        // decode left that uses it.
+        unsafe { (self.api.state_destroy)(old) };
+        Ok(())
     }
 
     /// Decodes `jpeg` to interleaved RGB at device address `dst` (row pitch `pitch` bytes),

@@ -16,4 +16,9 @@ pub struct Counters {
     /// Replies dropped because their client was not reading them (its queue was full).
     pub dropped_replies: AtomicU64,
     pub in_queue: AtomicUsize,
+    /// Bytes the queued requests hold (their messages), bounded by `--max-queued-mib`.
+    pub queued_bytes: AtomicUsize,
+    /// Requests answered `Overloaded` because the queued bytes would have passed the budget
+    /// (also counted in `overloaded`).
+    pub over_budget: AtomicU64,
 }

@@ -17,6 +17,12 @@ pub trait ServerJob: Send + 'static {
     fn payload_limit(&self) -> Option<usize> {
         None
     }
+    /// Bytes this job keeps alive while it waits in the work queue, for the queued-bytes
+    /// budget: by default its message (ZeroMQ: the libzmq message it owns; RDMA: the part of
+    /// its ring slot in use, memory the ring has anyway).
+    fn held_bytes(&self) -> usize {
+        self.message().len()
+    }
     /// A message the transport announced longer than it can hold: why, for the
     /// `PayloadTooLarge` reply. `message` then has only the bytes that fit (enough for the
     /// ids). Only called on that rare path, so it may allocate.

@@ -131,6 +131,17 @@ pub trait DeviceImages {
     /// [`max_batch`](InferenceEngine::max_batch)) of the input
     /// [`run_slots`](InferenceEngine::run_slots) runs.
     fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError>;
+    /// The largest image (w*h) to decode (`--max-image-pixels`); above it `decode` refuses
+    /// with [`EngineError::BadInput`] (the pipeline checks the JPEG header first; this is the
+    /// decoder's own guard).
+    fn limit_image_pixels(&mut self, _max_pixels: usize) {}
+    /// Gives back what an image above the steady-state size made the decode buffers grow by
+    /// (called after each request; nothing to do when nothing grew).
+    fn release_growth(&mut self) {}
+    /// Device bytes the decode buffers hold now (the decoded image and the decoder's own).
+    fn decode_buffer_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// A loaded, optimised model from which per-worker sessions are made.

@@ -5,7 +5,7 @@
 use crate::clock::realtime_ns;
 use crate::contract::{Queued, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
-use crate::preprocess::{Preprocessor, TENSOR_LEN};
+use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{ErrorCode, Header, ResponseBody, ServerTimestamps, Task, HEADER_LEN};
 
 mod triage;
@@ -25,6 +25,8 @@ pub struct Pipeline {
     engine: Box<dyn InferenceEngine>,
     logits: Vec<f32>,
     max_payload: usize,
+    /// `--max-image-pixels`: checked from the JPEG's frame header before any decoder runs.
+    max_image_pixels: usize,
     /// Log text of the last rejection (for the server's log line), reused.
     last_error: String,
     /// Dynamic batching (engines whose [`InferenceEngine::max_batch`] > 1): the requests
@@ -41,17 +43,28 @@ struct Staged {
     ts: ServerTimestamps,
 }
 
-pub use crate::preprocess::MAX_IMAGE_PIXELS;
+pub use crate::preprocess::{DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS};
 
 impl Pipeline {
-    pub fn new(engine: Box<dyn InferenceEngine>, max_payload: usize) -> Pipeline {
+    /// A worker's pipeline over `engine`: payloads up to `max_payload` bytes, JPEGs up to
+    /// `max_image_pixels` (w*h; at most [`MAX_IMAGE_PIXELS`]).
+    pub fn new(
+        mut engine: Box<dyn InferenceEngine>,
+        max_payload: usize,
+        max_image_pixels: usize,
+    ) -> Pipeline {
         let classes = engine.num_classes();
         let batch = engine.max_batch().max(1);
+        let max_image_pixels = max_image_pixels.min(MAX_IMAGE_PIXELS);
+        if let Some(device) = engine.device_images() {
+            device.limit_image_pixels(max_image_pixels);
+        }
         Pipeline {
-            pre: Preprocessor::new(MAX_IMAGE_PIXELS),
+            pre: Preprocessor::new(max_image_pixels),
             engine,
             logits: vec![0.0; classes],
             max_payload,
+            max_image_pixels,
             last_error: String::with_capacity(256),
             pending: Vec::with_capacity(batch),
             batch_logits: vec![0.0; batch * classes],
@@ -97,8 +110,9 @@ impl Pipeline {
                         ..Default::default()
                     };
                     let payload = &msg[HEADER_LEN..];
-                    let staged =
-                        stage_slot(&mut self.pre, self.engine.as_mut(), payload, slot, &mut ts);
+                    let staged = check_image_size(payload, self.max_image_pixels).and_then(|()| {
+                        stage_slot(&mut self.pre, self.engine.as_mut(), payload, slot, &mut ts)
+                    });
                     Some((header, ts, staged))
                 }
                 _ => None,
@@ -159,6 +173,25 @@ impl Pipeline {
         self.max_payload
     }
 
+    /// After a request's reply has gone: gives back what an outsized image made the decode
+    /// buffers grow by (host and device), so one large image does not pin memory for the
+    /// life of the process. Costs nothing when nothing grew.
+    pub fn release_growth(&mut self) {
+        self.pre.release_growth();
+        if let Some(device) = self.engine.device_images() {
+            device.release_growth();
+        }
+    }
+
+    /// Bytes the decode buffers hold now: (host, device).
+    pub fn decode_buffer_bytes(&mut self) -> (usize, usize) {
+        let device = self
+            .engine
+            .device_images()
+            .map_or(0, |d| d.decode_buffer_bytes());
+        (self.pre.buffer_bytes(), device)
+    }
+
     /// Why the last request was rejected (empty after a success).
     pub fn last_error(&self) -> &str {
         &self.last_error
@@ -217,6 +250,9 @@ impl Pipeline {
             }
             Task::Infer | Task::Preprocess => {
                 let infer = header.task == Task::Infer;
+                if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
+                    return self.reject(&header, code, &text, out);
+                }
                 let on_device = self
                     .engine
                     .device_images()
@@ -294,6 +330,32 @@ fn engine_error(e: EngineError) -> StageError {
     }
 }
 
+/// `--max-image-pixels`, from the frame header before any decoder sees the image: the same
+/// check and the same answer on every backend. An image whose header cannot be read is left
+/// to the decoder's verdict (`BadImage`).
+fn check_image_size(jpeg: &[u8], max_pixels: usize) -> Result<(), StageError> {
+    match jpeg_dimensions(jpeg) {
+        Some((w, h)) if w.saturating_mul(h) > max_pixels => Err((
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "image is {w}x{h} = {} pixels, above this server's limit of {max_pixels} (--max-image-pixels)",
+                w * h
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The CPU decoder's verdicts: an image above the limit (seen from zune-jpeg's header parse
+/// where ours found no frame header) is `PayloadTooLarge` as from [`check_image_size`].
+fn preprocess_error(e: PreprocessError) -> StageError {
+    let code = match e {
+        PreprocessError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::BadImage,
+    };
+    (code, e.to_string())
+}
+
 /// Decode and preprocess on the CPU into the engine's input buffer, then (for Infer) run.
 fn cpu_stages(
     pre: &mut Preprocessor,
@@ -303,12 +365,10 @@ fn cpu_stages(
     ts: &mut ServerTimestamps,
     logits: &mut [f32],
 ) -> Result<(), StageError> {
-    pre.decode(jpeg)
-        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    pre.decode(jpeg).map_err(preprocess_error)?;
     ts.decoded = realtime_ns();
     let input = engine.input_mut().map_err(engine_error)?;
-    pre.preprocess(input)
-        .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+    pre.preprocess(input).map_err(preprocess_error)?;
     ts.preprocessed = realtime_ns();
     ts.inferred = ts.preprocessed;
     if infer {
@@ -379,12 +439,10 @@ fn stage_slot(
         ts.decoded = realtime_ns();
         device.preprocess_slot(slot).map_err(engine_error)?;
     } else {
-        pre.decode(jpeg)
-            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        pre.decode(jpeg).map_err(preprocess_error)?;
         ts.decoded = realtime_ns();
         let input = engine.slot_input_mut(slot).map_err(engine_error)?;
-        pre.preprocess(input)
-            .map_err(|e| (ErrorCode::BadImage, e.to_string()))?;
+        pre.preprocess(input).map_err(preprocess_error)?;
     }
     ts.preprocessed = realtime_ns();
     Ok(true)

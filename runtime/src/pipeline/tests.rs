@@ -85,6 +85,44 @@ mod batch_tests {
     }
 
     #[test]
+    fn an_image_over_the_limit_is_payload_too_large_alone_and_in_a_batch() {
+        let jpeg = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/grace_hopper.jpg"
+        ))
+        .unwrap();
+        let (w, h) = crate::preprocess::jpeg_dimensions(&jpeg).unwrap();
+        let engine = TwoSlots {
+            slots: [vec![0.0; TENSOR_LEN], vec![0.0; TENSOR_LEN]],
+            batch_runs: std::sync::Arc::default(),
+        };
+        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24, w * h - 1);
+        let mut out = Vec::new();
+        let alone = pipeline.handle(&request(Task::Infer, 1, &jpeg), &mut out);
+        assert_eq!(alone, Outcome::Rejected(ErrorCode::PayloadTooLarge));
+        assert!(
+            pipeline.last_error().contains(&format!("{w}x{h}")),
+            "{}",
+            pipeline.last_error()
+        );
+        let (head, body) = Header::decode(&out, usize::MAX).unwrap();
+        assert_eq!(head.kind, MessageKind::Error);
+        let (code, _) = crate::protocol::decode_error(body).unwrap();
+        assert_eq!(code, ErrorCode::PayloadTooLarge as u32);
+        let jobs = [
+            request(Task::Infer, 2, &jpeg),
+            request(Task::Preprocess, 3, &jpeg),
+        ];
+        let mut outs = vec![Vec::new(); 2];
+        let mut outcomes = [Outcome::Answered {
+            task: Task::Echo,
+            top1: None,
+        }; 2];
+        pipeline.handle_batch(&jobs, &mut outs, &mut outcomes);
+        assert_eq!(outcomes, [Outcome::Rejected(ErrorCode::PayloadTooLarge); 2]);
+    }
+
+    #[test]
     fn cpu_decoded_jpegs_run_as_one_batch() {
         let jpeg = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -96,7 +134,11 @@ mod batch_tests {
             slots: [vec![0.0; TENSOR_LEN], vec![0.0; TENSOR_LEN]],
             batch_runs: std::sync::Arc::clone(&runs),
         };
-        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        let mut pipeline = Pipeline::new(
+            Box::new(engine),
+            1 << 24,
+            crate::preprocess::DEFAULT_MAX_IMAGE_PIXELS,
+        );
         assert_eq!(pipeline.batch_capacity(), 2);
         let jobs = [
             request(Task::Infer, 1, &jpeg),
@@ -237,7 +279,11 @@ mod fallback_tests {
             input: vec![0.0; TENSOR_LEN],
             refused: 0,
         };
-        let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24);
+        let mut pipeline = Pipeline::new(
+            Box::new(engine),
+            1 << 24,
+            crate::preprocess::DEFAULT_MAX_IMAGE_PIXELS,
+        );
         let mut alone = Vec::new();
         let outcome = pipeline.handle(&infer(1, &jpeg), &mut alone);
         assert!(matches!(outcome, Outcome::Answered { top1: Some(_), .. }));

@@ -169,8 +169,8 @@ impl<'a> Ledger<'a> {
     }
 }
 
-/// The `Overloaded` reply for a request the queue had no room for.
-pub fn overloaded_reply(msg: &[u8], out: &mut Vec<u8>) {
+/// The `Overloaded` reply (`why`) for a request the queue had no room for.
+pub fn overloaded_reply(msg: &[u8], why: &str, out: &mut Vec<u8>) {
     let (client, request) = crate::protocol::Header::salvage_ids(msg);
     crate::protocol::encode_error(
         out,
@@ -178,7 +178,7 @@ pub fn overloaded_reply(msg: &[u8], out: &mut Vec<u8>) {
         request,
         crate::protocol::Task::Echo,
         ErrorCode::Overloaded,
-        "server queue is full, retry later",
+        why,
     );
 }
 

@@ -10,7 +10,7 @@ use hacserve_ffi::signal;
 
 use super::account::{overloaded_reply, Ledger, ServerRecord, WorkerProbe};
 use super::options::{LoopPolicy, ServerOptions};
-use super::queue::WorkQueue;
+use super::queue::{Refusal, WorkQueue};
 use crate::contract::{Backoff, InLoop, Queued, ServerJob, ServerTransport, TransportError};
 use crate::pipeline::{answer_without_engine, Outcome, Triage};
 use crate::protocol::{encode_error, ErrorCode, Header, Task, FLAG_PRIORITY, HEADER_LEN};
@@ -125,15 +125,32 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
             None => Header::salvage_flags(job.message()),
         };
         let priority = self.opts.priority_clients && flags & FLAG_PRIORITY != 0;
-        if let Err(rejected) = self.queue.push(Queued { job, header }, priority) {
-            self.queue
-                .counters
-                .overloaded
-                .fetch_add(1, Ordering::Relaxed);
-            log::warn!("queue full: answering Overloaded");
+        let held = job.held_bytes();
+        if let Err((rejected, why)) = self.queue.push_held(Queued { job, header }, held, priority) {
+            let counters = &self.queue.counters;
+            counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            let text = match why {
+                Refusal::Full => {
+                    log::warn!("queue full: answering Overloaded");
+                    "server queue is full, retry later"
+                }
+                Refusal::OverBudget => {
+                    let n = counters.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+                    // A flood meets the budget once per request: a line for the first and
+                    // then every 1024th, so the log does not slow the loop that sheds it.
+                    if n == 1 || n % 1024 == 0 {
+                        log::warn!(
+                            "queued requests hold {} of {} bytes (--max-queued-mib), no room for {held} more: answering Overloaded ({n} so far)",
+                            self.queue.queued_bytes(),
+                            self.queue.budget()
+                        );
+                    }
+                    "server's queued-request memory budget is full, retry later"
+                }
+            };
             let overload = &mut self.overload;
             let answered = transport.answer(rejected.job, |msg, out| {
-                overloaded_reply(msg, overload);
+                overloaded_reply(msg, text, overload);
                 let room = out.prepare(overload.len());
                 let n = room.len();
                 room.copy_from_slice(&overload[..n]);

@@ -13,6 +13,6 @@ pub mod threads;
 pub mod worker;
 
 pub use account::{ServerRecord, WorkerProbe};
-pub use options::{LoopPolicy, ServerOptions};
-pub use queue::WorkQueue;
+pub use options::{LoopPolicy, ServerOptions, DEFAULT_MAX_QUEUED_MIB};
+pub use queue::{Refusal, WorkQueue};
 pub use threads::{ServeResult, ServerThreads};

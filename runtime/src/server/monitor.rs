@@ -46,14 +46,16 @@ pub fn spawn_monitor<J: Send + 'static>(
                     c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
                 let s = Summary::of(&mut samples);
                 println!(
-                    "[monitor] {:>9.1} req/s  queue {:>4}  p50 {:>9.1} us  p99 {:>9.1} us  total {}  errors {}  overloaded {}  dropped {}",
+                    "[monitor] {:>9.1} req/s  queue {:>4} ({:.1} MiB)  p50 {:>9.1} us  p99 {:>9.1} us  total {}  errors {}  overloaded {} (over budget {})  dropped {}",
                     (answered - last_answered) as f64 / secs,
                     queue.depth(),
+                    queue.queued_bytes() as f64 / f64::from(1 << 20),
                     s.p50 as f64 / 1e3,
                     s.p99 as f64 / 1e3,
                     answered,
                     c.rejected.load(Ordering::Relaxed),
                     c.overloaded.load(Ordering::Relaxed),
+                    c.over_budget.load(Ordering::Relaxed),
                     c.dropped_replies.load(Ordering::Relaxed),
                 );
                 let _ = io::stdout().flush();

@@ -5,6 +5,13 @@ use std::time::Duration;
 
 use crate::contract::PollMode;
 
+/// `--max-queued-mib` by default: 256 MiB of requests accepted but not yet processed. With
+/// ordinary photos (ImageNet JPEGs average about 110 KB) both lanes at the default depth
+/// (2 x 1024) hold about 220 MiB, so the depth binds first; large requests are bounded here
+/// instead of at 2 x 1024 x `--max-payload` (32 GiB at the 16 MiB default). 445 queued
+/// 1x3x224x224 tensors (588 KiB each) also fit: seconds of work for any backend.
+pub const DEFAULT_MAX_QUEUED_MIB: usize = 256;
+
 /// What the receive loop does with a request before queueing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoopPolicy {
@@ -29,6 +36,9 @@ pub struct ServerOptions {
     pub worker_poll_mode: PollMode,
     /// Capacity of each of the two queues (normal and priority).
     pub queue_depth: usize,
+    /// Bytes the queued requests may hold, both lanes and every client together
+    /// (`--max-queued-mib`); a request past it is answered `Overloaded` at once.
+    pub max_queued_bytes: usize,
     /// Whether requests flagged priority use the priority queue.
     pub priority_clients: bool,
     /// With priority clients: workers 0..n take the priority lane first and the others the
@@ -56,6 +66,7 @@ impl ServerOptions {
             poll_mode: mode,
             worker_poll_mode: mode,
             queue_depth,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_MIB << 20,
             priority_clients: false,
             priority_workers: 0,
             monitor_interval: Duration::ZERO,

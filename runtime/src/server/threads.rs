@@ -55,7 +55,11 @@ impl<J: ServerJob> ServerThreads<J> {
                 .map_err(|e| io::Error::other(format!("creating a worker reply sink: {e}")))?;
             workers.push((p, sink));
         }
-        let queue = Arc::new(WorkQueue::new(opts.queue_depth, opts.worker_poll_mode));
+        let queue = Arc::new(WorkQueue::with_budget(
+            opts.queue_depth,
+            opts.worker_poll_mode,
+            opts.max_queued_bytes,
+        ));
         let probes: Vec<Arc<WorkerProbe>> = (0..=workers.len()).map(|_| Arc::default()).collect();
         let handles = spawn_workers(opts, queue.clone(), workers, probes[1..].to_vec())?;
         Self::around(opts, queue, probes, handles)
@@ -69,7 +73,11 @@ impl<J: ServerJob> ServerThreads<J> {
             Arc<WorkQueue<Queued<J>>>,
         ) -> io::Result<Vec<thread::JoinHandle<Vec<ServerRecord>>>>,
     ) -> io::Result<Self> {
-        let queue = Arc::new(WorkQueue::new(opts.queue_depth, opts.worker_poll_mode));
+        let queue = Arc::new(WorkQueue::with_budget(
+            opts.queue_depth,
+            opts.worker_poll_mode,
+            opts.max_queued_bytes,
+        ));
         let handles = spawn(queue.clone())?;
         queue.set_waiters(handles.iter().map(|h| h.thread().clone()).collect());
         let probes = (0..=handles.len()).map(|_| Arc::default()).collect();
@@ -199,13 +207,14 @@ impl<J: ServerJob> ServerThreads<J> {
     pub fn counters_summary(&self) -> String {
         let c = &self.queue.counters;
         format!(
-            "received {} answered {} rejected {} overloaded {} undeliverable {} dropped {}",
+            "received {} answered {} rejected {} overloaded {} undeliverable {} dropped {} over-budget {}",
             c.received.load(Ordering::Relaxed),
             c.answered.load(Ordering::Relaxed),
             c.rejected.load(Ordering::Relaxed),
             c.overloaded.load(Ordering::Relaxed),
             c.transport_errors.load(Ordering::Relaxed),
-            c.dropped_replies.load(Ordering::Relaxed)
+            c.dropped_replies.load(Ordering::Relaxed),
+            c.over_budget.load(Ordering::Relaxed)
         )
     }
 }

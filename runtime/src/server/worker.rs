@@ -126,6 +126,7 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
                 let sent = sink.reply(queued.job, &batch_replies[i]);
                 ledger.record(&batch_replies[i], received, batch_outcomes[i], why, sent);
             }
+            pipeline.release_growth();
             continue;
         }
         let received = job.received_ns();
@@ -142,6 +143,8 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
         let sent = sink.reply(job.job, &reply);
         let why = panicked.as_deref().unwrap_or(pipeline.last_error());
         ledger.record(&reply, received, outcome, why, sent);
+        // Off the reply's critical path: an outsized image's buffers go back now.
+        pipeline.release_growth();
     }
     ledger.log
 }
@@ -227,7 +230,11 @@ mod tests {
         };
         let queue = Arc::new(WorkQueue::new(8, PollMode::Block));
         let (tx, rx) = mpsc::channel();
-        let pipeline = Pipeline::new(Box::new(PanickingEngine(vec![0.0; TENSOR_LEN])), 1 << 24);
+        let pipeline = Pipeline::new(
+            Box::new(PanickingEngine(vec![0.0; TENSOR_LEN])),
+            1 << 24,
+            crate::preprocess::DEFAULT_MAX_IMAGE_PIXELS,
+        );
         let probes = vec![Arc::new(WorkerProbe::new())];
         let handles = spawn_workers(
             &opts,

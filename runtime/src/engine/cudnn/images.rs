@@ -18,11 +18,15 @@ use crate::engine::InferenceEngine;
 use crate::engine::{DeviceImages, EngineError};
 use crate::preprocess::{
     center_crop_offset, resized_size, INPUT_SIZE, MAX_IMAGE_PIXELS, MEAN, RESIZE_SHORTER, STD,
+    STEADY_IMAGE_PIXELS,
 };
 
-/// RGB bytes each session allocates at start (a 12-megapixel photo); larger images, up to
-/// [`MAX_IMAGE_PIXELS`], grow the buffer once (doubling), so steady traffic allocates nothing.
-const INITIAL_RGB_BYTES: usize = 3 * 4000 * 3000;
+/// RGB bytes each session allocates at start and keeps: a 12-megapixel photo
+/// ([`STEADY_IMAGE_PIXELS`]), so steady traffic allocates nothing. A larger image (up to the
+/// pipeline's `--max-image-pixels`, checked before decoding, and never above
+/// [`MAX_IMAGE_PIXELS`]) gets a buffer of exactly its size, given back after its request
+/// ([`GpuImages::release_growth`]).
+const STEADY_RGB_BYTES: usize = 3 * STEADY_IMAGE_PIXELS;
 
 /// Decoded once per session at start: nvJPEG allocates its host and device buffers on first
 /// use (2-4 ms on an H100), which would otherwise land on a client's first request to each
@@ -54,6 +58,12 @@ pub struct GpuImages {
     rgb: cu::CudaSlice<u8>,
     /// (width, height) of the image in `rgb`, once decoded.
     decoded: Option<(usize, usize)>,
+    /// An image above the steady size went through the decoder since the last
+    /// [`Self::release_growth`]: nvJPEG's own buffers grew with it.
+    outsized: bool,
+    /// The largest image this session decodes (w*h): `--max-image-pixels`, at most
+    /// [`MAX_IMAGE_PIXELS`].
+    max_pixels: usize,
 }
 
 impl GpuImages {
@@ -67,19 +77,66 @@ impl GpuImages {
         // (6.3-6.4 vs 10.6-15.9 ms in three runs), see ffi/tests/nvjpeg_gpu.rs.
         let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(nvjpeg_err)?;
         let rgb = stream
-            .alloc_zeros::<u8>(INITIAL_RGB_BYTES)
+            .alloc_zeros::<u8>(STEADY_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
         let mut images = GpuImages {
             kernels,
             decoder,
             rgb,
             decoded: None,
+            outsized: false,
+            max_pixels: MAX_IMAGE_PIXELS,
         };
-        images
-            .decode(WARMUP_JPEG, stream)
-            .map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
-        images.decoded = None;
+        images.warm_up(stream)?;
         Ok(images)
+    }
+
+    fn warm_up(&mut self, stream: &Arc<cu::CudaStream>) -> Result<(), EngineError> {
+        self.decode(WARMUP_JPEG, stream)
+            .map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
+        self.decoded = None;
+        Ok(())
+    }
+
+    /// Images above `max_pixels` (w*h, at most [`MAX_IMAGE_PIXELS`]) are refused.
+    pub fn limit_pixels(&mut self, max_pixels: usize) {
+        self.max_pixels = max_pixels.min(MAX_IMAGE_PIXELS);
+    }
+
+    /// Device bytes of the decoded-image buffer now ([`STEADY_RGB_BYTES`] between requests
+    /// once [`Self::release_growth`] ran; nvJPEG's internal buffers are not counted).
+    pub fn buffer_bytes(&self) -> usize {
+        self.rgb.len()
+    }
+
+    /// Whether an image above the steady size left anything to release.
+    pub fn has_grown(&self) -> bool {
+        self.outsized || self.rgb.len() > STEADY_RGB_BYTES
+    }
+
+    /// After an image above the steady size: the decoded-image buffer goes back to
+    /// [`STEADY_RGB_BYTES`], and nvJPEG's decode state, whose internal host and device buffers
+    /// grew with that image, is made anew (and warmed up on the sample image, so the next
+    /// request does not pay nvJPEG's first-use allocations). Nothing happens otherwise.
+    pub fn release_growth(&mut self, stream: &Arc<cu::CudaStream>) -> Result<(), EngineError> {
+        if self.rgb.len() > STEADY_RGB_BYTES {
+            self.decoded = None;
+            let steady = stream
+                .alloc_zeros::<u8>(STEADY_RGB_BYTES)
+                .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+            let grown = std::mem::replace(&mut self.rgb, steady);
+            drop(grown);
+            log::info!("GPU decode buffer back to {STEADY_RGB_BYTES} B");
+        }
+        if self.outsized {
+            self.outsized = false;
+            self.decoded = None;
+            self.decoder
+                .reset_state(stream.context())
+                .map_err(nvjpeg_err)?;
+            self.warm_up(stream)?;
+        }
+        Ok(())
     }
 
     /// Decodes `jpeg` into the RGB buffer on `stream` and waits, so the stage can be timed.
@@ -101,14 +158,20 @@ impl GpuImages {
         }
         let (width, height) = (w.max(0) as usize, h.max(0) as usize);
         let pixels = width.saturating_mul(height);
-        if pixels > MAX_IMAGE_PIXELS {
+        if pixels > self.max_pixels {
             return Err(EngineError::BadInput(format!(
-                "image of {width}x{height} exceeds the server's limit of {MAX_IMAGE_PIXELS} pixels"
+                "image of {width}x{height} exceeds the server's limit of {} pixels",
+                self.max_pixels
             )));
         }
+        if pixels > STEADY_IMAGE_PIXELS {
+            self.outsized = true;
+        }
         if 3 * pixels > self.rgb.len() {
-            let grown = (3 * pixels).next_power_of_two().min(3 * MAX_IMAGE_PIXELS);
-            log::info!("GPU decode buffer grows to {grown} B for a {width}x{height} image");
+            let grown = 3 * pixels;
+            log::info!(
+                "GPU decode buffer grows to {grown} B for a {width}x{height} image (until its reply)"
+            );
             self.rgb = stream
                 .alloc_zeros::<u8>(grown)
                 .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
@@ -224,6 +287,31 @@ impl DeviceImages for CudnnSession {
         self.check_logits(logits)?;
         self.handles.bind().map_err(run_err)?;
         self.run_and_download(logits)
+    }
+
+    fn limit_image_pixels(&mut self, max_pixels: usize) {
+        if let Some(images) = self.images.as_mut() {
+            images.limit_pixels(max_pixels);
+        }
+    }
+
+    fn release_growth(&mut self) {
+        // Called after every request: nothing, not even the context bind, unless it grew.
+        let Some(images) = self.images.as_mut().filter(|i| i.has_grown()) else {
+            return;
+        };
+        let released = self
+            .handles
+            .bind()
+            .map_err(run_err)
+            .and_then(|()| images.release_growth(self.handles.stream()));
+        if let Err(e) = released {
+            log::warn!("GPU decode buffers not released after an outsized image: {e}");
+        }
+    }
+
+    fn decode_buffer_bytes(&self) -> usize {
+        self.images.as_ref().map_or(0, GpuImages::buffer_bytes)
     }
 
     /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
