@@ -53,6 +53,10 @@ impl ZmqClient {
     ) -> Result<Self, TransportError> {
         let socket = ctx.socket(SocketType::Dealer)?;
         socket.set_sndtimeo(timeout.as_millis().min(i32::MAX as u128) as i32)?;
+        // A reply far over the limit costs the connection, not a buffer of its size (one
+        // moderately over it is still read and reported as ReplyTooLarge).
+        let hard = (max_reply as u64).saturating_mul(4).saturating_add(1 << 20);
+        socket.set_max_msg_size(hard.min(i64::MAX as u64) as i64)?;
         let endpoint = format!(
             "inproc://client-monitor-{}",
             MONITORS.fetch_add(1, Ordering::Relaxed)
