@@ -25,8 +25,9 @@ use hacserve_runtime::stats::read_csv;
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 
-/// Requests of each of the two streams that hold the connection limit.
-const STREAM: usize = 2000;
+/// Requests of each of the two streams that hold the connection limit: 25-40 s in the VM,
+/// long enough to outlast the refused client's start (seconds for a debug binary under TCG).
+const STREAM: usize = 15000;
 
 /// The `exit status N` line the script prints at the top of a section.
 fn exit_status(text: &str) -> i32 {

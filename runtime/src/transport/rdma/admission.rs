@@ -35,6 +35,16 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
+/// One connection's share for log lines: KiB below a MiB (a default client's rings are
+/// ~470 KiB), MiB with one decimal above.
+pub fn size_text(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{} KiB", kib(bytes))
+    } else {
+        format!("{:.1} MiB", mib(bytes))
+    }
+}
+
 impl Admission {
     pub fn new(max_connections: u32, budget_bytes: u64) -> Arc<Admission> {
         Arc::new(Admission {
@@ -113,9 +123,9 @@ impl Drop for Reservation {
         a.connections.fetch_sub(1, Ordering::AcqRel);
         a.pinned.fetch_sub(self.bytes, Ordering::AcqRel);
         log::info!(
-            "client {}: resources freed, {:.1} MiB pinned memory released (now {})",
+            "client {}: resources freed, {} pinned memory released (now {})",
             self.client_id,
-            mib(self.bytes),
+            size_text(self.bytes),
             a.usage()
         );
     }
@@ -158,5 +168,7 @@ mod tests {
         // 64 x 2 MiB: the request ring and the staging ring (96 bytes more per slot).
         assert_eq!(registered_bytes(64, 2 << 20), 64 * ((4 << 20) + 96));
         assert_eq!(registered_bytes(4, 65536), 4 * (2 * 65536 + 96));
+        assert_eq!(size_text(registered_bytes(4, 4096)), "33 KiB");
+        assert_eq!(size_text(registered_bytes(64, 2 << 20)), "256.0 MiB");
     }
 }

@@ -20,7 +20,7 @@ use hacserve_ffi::rdma::{
     SlotRing,
 };
 
-use super::admission::{registered_bytes, Admission, Reservation};
+use super::admission::{registered_bytes, size_text, Admission, Reservation};
 use super::server::{ServerConn, LANDING_BUF, STAGE_BUF};
 use super::wire::*;
 use crate::contract::{Refusal, TransportError};
@@ -137,12 +137,12 @@ impl Manager {
                 };
                 let (conn, setup) = self.pending.swap_remove(i);
                 log::info!(
-                    "client {} connected: {} slots x {} B, replies up to {} B sent inline, {:.1} MiB pinned, set up in {:.1} ms (now {})",
+                    "client {} connected: {} slots x {} B, replies up to {} B sent inline, {} pinned, set up in {:.1} ms (now {})",
                     conn.client_id(),
                     conn.depth(),
                     conn.slot_size(),
                     conn.max_inline(),
-                    conn.pinned_bytes() as f64 / (1 << 20) as f64,
+                    size_text(conn.pinned_bytes()),
                     setup.as_secs_f64() * 1e3,
                     self.admission.usage()
                 );
