@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use hacserve_runtime::contract::ClientTransport;
+use hacserve_runtime::contract::{ClientTransport, TransportError};
 use hacserve_runtime::protocol::{
     decode_error, Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN,
 };
@@ -38,6 +38,11 @@ hacserve::cli_args! {
         /// server to disconnect this client)
         #[argh(option)]
         bad_imm: Option<String>,
+        /// receives to post before connecting (default: one per slot). Fewer breaks the
+        /// protocol: the server's reply writes then wait for a receive that never comes (a
+        /// test of its --peer-timeout-ms)
+        #[argh(option)]
+        post_receives: Option<u32>,
     }
 }
 
@@ -73,8 +78,23 @@ fn main() -> Result<()> {
         timeout: Duration::from_millis(args.timeout_ms),
         mode,
     };
-    let mut transport = RdmaClient::connect(&client.host, args.port, cfg)
-        .with_context(|| format!("connecting to rdma://{}:{}", client.host, args.port))?;
+    let receives = args.post_receives.unwrap_or(args.ring_depth);
+    let mut transport =
+        match RdmaClient::connect_with_receives(&client.host, args.port, cfg, receives) {
+            Ok(t) => t,
+            Err(TransportError::Refused(why)) => {
+                // The server said why: print it as the one line a user needs.
+                eprintln!(
+                    "rdma_client {}: refused by rdma://{}:{}: {why}",
+                    client.client_id, client.host, args.port
+                );
+                std::process::exit(3);
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("connecting to rdma://{}:{}", client.host, args.port))
+            }
+        };
     println!(
         "rdma_client {} connected to {}:{} ({} slots x {} B)",
         client.client_id, client.host, args.port, args.ring_depth, slot_size

@@ -12,9 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use hacserve::cli::bind_ip;
 use hacserve::cli::proxy::{forward, Backend};
-use hacserve_runtime::transport::rdma::{
-    check_geometry, Addressing, RdmaServer, RdmaServerConfig, DEFAULT_PORT,
-};
+use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServer, DEFAULT_PORT};
 
 hacserve::cli_args! {
     /// RDMA Proxy: forwards RDMA requests to a backend rdma_server over RDMA.
@@ -59,12 +57,7 @@ fn main() -> Result<()> {
         slot_size: ring.slot_size,
         depth: args.target_ring_depth,
     };
-    let cfg = RdmaServerConfig {
-        max_slot_size: ring.slot_size,
-        max_depth: ring.ring_depth,
-        keep_alive: args.keep_alive != 0,
-        addressing: Addressing::Host,
-    };
+    let cfg = ring.server_config(args.keep_alive != 0, Addressing::Host);
     // Payload limits are the backend's business; the slot bounds what arrives.
     let max_payload = ring.slot_size as usize;
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)

@@ -10,7 +10,7 @@ use hacserve::cli::bind_ip;
 use hacserve::cli::server::serve;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 use hacserve_runtime::transport::rdma::{
-    check_available, Addressing, GpuRing, RdmaServer, RdmaServerConfig, DEFAULT_PORT,
+    check_available, Addressing, GpuRing, RdmaServer, DEFAULT_PORT,
 };
 
 hacserve::cli_args! {
@@ -66,22 +66,14 @@ fn main() -> Result<()> {
                 .with_context(listening)?,
         }),
     };
-    let cfg = RdmaServerConfig {
-        max_slot_size: ring.slot_size,
-        max_depth: ring.ring_depth,
-        keep_alive: args.keep_alive != 0,
-        addressing,
-    };
+    let cfg = ring.server_config(args.keep_alive != 0, addressing);
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let memory = match ring_gpu {
         None => "host memory".to_string(),
         Some(g) => format!("GPU memory (GPU {g}, GPUDirect RDMA)"),
     };
-    let banner = (
-        format!("{} | {memory}", rdma.addr()),
-        format!("slots up to {} x {} B", ring.ring_depth, ring.slot_size),
-    );
+    let banner = (format!("{} | {memory}", rdma.addr()), ring.describe());
     serve(
         "rdma_server",
         &server,

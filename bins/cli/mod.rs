@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
 use hacserve_runtime::protocol::Task;
-use hacserve_runtime::transport::rdma::check_geometry;
+use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServerConfig};
 use hacserve_runtime::{logging, signal};
 
 /// Emits `#[derive(FromArgs)] pub struct $name` with the role's own fields followed by the
@@ -165,6 +165,17 @@ macro_rules! cli_args {
         /// largest ring depth (requests in flight) a client may ask for
         #[argh(option, default = "64")]
         ring_depth: [u32],
+        /// connections held at once; more are refused with the reason (default 64)
+        #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_MAX_CONNECTIONS")]
+        max_connections: [u32],
+        /// memory all connections' rings may register (pin), in MiB; a connection beyond it is
+        /// refused with the reason (default 4096)
+        #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_MAX_PINNED_MIB")]
+        max_pinned_mib: [u64],
+        /// disconnect a client whose reply writes stay unacknowledged this long, in ms
+        /// (0 = never; default 1000)
+        #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_PEER_TIMEOUT_MS")]
+        peer_timeout_ms: [u64],
     }); };
     (@group client [$($k:tt)*]) => { $crate::cli_args!($($k)* client ClientArgs {
         /// server host
@@ -255,9 +266,42 @@ cli_args!(@group client [@define]);
 cli_args!(@group proxy [@define]);
 
 impl RingLimits {
-    /// The wire format's limits ([`check_geometry`]).
+    /// The wire format's limits ([`check_geometry`]) and the entry limits' ranges.
     pub fn check(&self) -> Result<()> {
-        Ok(check_geometry(self.ring_depth, self.slot_size)?)
+        check_geometry(self.ring_depth, self.slot_size)?;
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        if self.max_pinned_mib == 0 {
+            anyhow::bail!("--max-pinned-mib must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The listening side's configuration with these limits.
+    pub fn server_config(&self, keep_alive: bool, addressing: Addressing) -> RdmaServerConfig {
+        RdmaServerConfig {
+            max_slot_size: self.slot_size,
+            max_depth: self.ring_depth,
+            max_connections: self.max_connections,
+            max_pinned_bytes: self.max_pinned_mib.saturating_mul(1 << 20),
+            peer_timeout: (self.peer_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.peer_timeout_ms)),
+            keep_alive,
+            addressing,
+        }
+    }
+
+    /// "slots up to D x S B, N connections, M MiB pinned, peer timeout T ms": for banners.
+    pub fn describe(&self) -> String {
+        let timeout = match self.peer_timeout_ms {
+            0 => "no peer timeout".to_string(),
+            t => format!("peer timeout {t} ms"),
+        };
+        format!(
+            "slots up to {} x {} B, up to {} connections and {} MiB pinned, {timeout}",
+            self.ring_depth, self.slot_size, self.max_connections, self.max_pinned_mib
+        )
     }
 }
 

@@ -208,6 +208,47 @@ impl Drop for RegisteredBuf {
     }
 }
 
+/// Plain zeroed host memory, not registered: no NIC can reach it. The server copies each
+/// request out of its remote-writable landing ring into one of these before reading it.
+#[derive(Debug)]
+pub struct HostBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: plain memory owned by this value; its bytes are reached only through a ring.
+unsafe impl Send for HostBuf {}
+// SAFETY: as above; &self methods only read the immutable fields.
+unsafe impl Sync for HostBuf {}
+
+impl HostBuf {
+    /// `len` zeroed bytes, cache-line aligned; None when the allocation fails.
+    pub fn new(len: usize) -> Option<HostBuf> {
+        let layout = Layout::from_size_align(len.max(1), 64).ok()?;
+        // SAFETY: layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        Some(HostBuf { ptr, layout })
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new with this layout, freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+// SAFETY: our live allocation of layout.size() bytes at a fixed address until Drop; no
+// accessor outside the ring lends its bytes.
+unsafe impl super::ring::RingMemory for HostBuf {
+    fn base(&self) -> NonNull<u8> {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+}
+
 /// How device memory was registered with the NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceRegistration {

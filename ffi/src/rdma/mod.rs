@@ -20,6 +20,6 @@ pub mod verbs;
 
 pub use cm::{CmEvent, CmEventKind, CmId, EventChannel};
 pub use conn::{QpSizes, RcEndpoint, Rdma, RdmaError};
-pub use mem::RegisteredBuf;
+pub use mem::{HostBuf, RegisteredBuf};
 pub use ring::{RingError, RingMemory, SlotRing, SlotToken};
 pub use verbs::{AccessFlags, WcOpcode, WcStatus, WorkCompletion};

@@ -212,6 +212,20 @@ impl<M: RingMemory> SlotToken<M> {
         unsafe { std::slice::from_raw_parts(self.ptr(), self.ring.slot_size) }
     }
 
+    /// Copies the slot's first `dst.len()` bytes (at most the slot) into `dst`; returns how
+    /// many. For memory a peer can still RDMA-write (a server's landing ring): the copy is
+    /// what the reader validates and uses, and it no longer changes under it.
+    pub fn copy_out(&self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.ring.slot_size);
+        // SAFETY: the slot lies inside the memory (as for `bytes`) and `dst` is a distinct
+        // exclusive borrow of at least n bytes; this token excludes every Rust writer of the
+        // slot. A NIC write landing meanwhile changes bytes outside the abstract machine: the
+        // copy gets old or new values per byte (any u8 is valid), no reference to the racing
+        // bytes is ever formed.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(), dst.as_mut_ptr(), n) };
+        n
+    }
+
     /// The slot's bytes, for writing.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as for bytes; `&mut self` of the one token holding the flag makes the
@@ -230,47 +244,15 @@ impl<M: RingMemory> Drop for SlotToken<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::alloc::{self, Layout};
+    use crate::rdma::mem::HostBuf;
 
-    /// Plain zeroed host memory (no NIC, no registration): the ring logic without a device.
-    struct HostMem {
-        ptr: NonNull<u8>,
-        layout: Layout,
-    }
-
-    impl HostMem {
-        fn new(len: usize) -> HostMem {
-            let layout = Layout::from_size_align(len.max(1), 64).unwrap();
-            // SAFETY: non-zero size.
-            let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).unwrap();
-            HostMem { ptr, layout }
-        }
-    }
-
-    impl Drop for HostMem {
-        fn drop(&mut self) {
-            // SAFETY: allocated in new with this layout, freed once.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-        }
-    }
-
-    // SAFETY: owned plain memory; its bytes are reached only through the ring.
-    unsafe impl Send for HostMem {}
-    // SAFETY: as above.
-    unsafe impl Sync for HostMem {}
-
-    // SAFETY: our live allocation of layout.size() bytes at a fixed address until Drop.
-    unsafe impl RingMemory for HostMem {
-        fn base(&self) -> NonNull<u8> {
-            self.ptr
-        }
-        fn len(&self) -> usize {
-            self.layout.size()
-        }
-    }
-
-    fn ring(slot_size: usize, depth: u32) -> SlotRing<HostMem> {
-        SlotRing::new(HostMem::new(slot_size * depth as usize), slot_size, depth).unwrap()
+    fn ring(slot_size: usize, depth: u32) -> SlotRing<HostBuf> {
+        SlotRing::new(
+            HostBuf::new(slot_size * depth as usize).unwrap(),
+            slot_size,
+            depth,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -290,6 +272,20 @@ mod tests {
     }
 
     #[test]
+    fn copy_out_takes_at_most_the_slot() {
+        let r = ring(8, 2);
+        let mut t = r.claim(1).unwrap();
+        t.bytes_mut().copy_from_slice(b"abcdefgh");
+        let mut small = [0u8; 3];
+        assert_eq!(t.copy_out(&mut small), 3);
+        assert_eq!(&small, b"abc");
+        let mut big = [0u8; 12];
+        assert_eq!(t.copy_out(&mut big), 8);
+        assert_eq!(&big[..8], b"abcdefgh");
+        assert_eq!(&big[8..], &[0; 4]);
+    }
+
+    #[test]
     fn bounds() {
         let r = ring(64, 4);
         assert!(r.claim(4).is_none());
@@ -298,7 +294,7 @@ mod tests {
         assert_eq!(r.offset(3), Some(192));
         assert_eq!(r.offset(4), None);
         assert_eq!(
-            SlotRing::new(HostMem::new(255), 64, 4).unwrap_err(),
+            SlotRing::new(HostBuf::new(255).unwrap(), 64, 4).unwrap_err(),
             RingError::TooSmall {
                 slot_size: 64,
                 depth: 4,
@@ -306,18 +302,18 @@ mod tests {
             }
         );
         assert_eq!(
-            SlotRing::new(HostMem::new(64), 64, 0).unwrap_err(),
+            SlotRing::new(HostBuf::new(64).unwrap(), 64, 0).unwrap_err(),
             RingError::NoSlots
         );
         assert_eq!(
-            SlotRing::new(HostMem::new(64), usize::MAX, 2).unwrap_err(),
+            SlotRing::new(HostBuf::new(64).unwrap(), usize::MAX, 2).unwrap_err(),
             RingError::TooLarge {
                 slot_size: usize::MAX,
                 depth: 2
             }
         );
         // A longer buffer is fine: the ring uses its start.
-        let r = SlotRing::new(HostMem::new(1000), 64, 4).unwrap();
+        let r = SlotRing::new(HostBuf::new(1000).unwrap(), 64, 4).unwrap();
         assert_eq!(r.claim(3).unwrap().bytes().len(), 64);
     }
 

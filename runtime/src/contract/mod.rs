@@ -9,9 +9,11 @@
 pub mod counters;
 pub mod job;
 pub mod poll;
+pub mod refusal;
 pub mod transport;
 
 pub use counters::Counters;
 pub use job::{Queued, ReplySink, ServerJob};
 pub use poll::{Backoff, PollMode, ServerPollMode};
+pub use refusal::Refusal;
 pub use transport::{ClientTransport, InLoop, ServerTransport, TransportError};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::{Counters, ReplySink, ServerJob};
+use super::{Counters, Refusal, ReplySink, ServerJob};
 use crate::protocol::{ReplyBuffer, HEADER_LEN};
 
 #[derive(Debug, Error)]
@@ -24,6 +24,9 @@ pub enum TransportError {
     PeerNotReading,
     #[error(transparent)]
     Rdma(#[from] hacserve_ffi::rdma::RdmaError),
+    /// The server refused the connection, and said why.
+    #[error("the server refused the connection: {0}")]
+    Refused(Refusal),
 }
 
 /// A reply the receive loop wrote and sent itself, or the job given back untouched.

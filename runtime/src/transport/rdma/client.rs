@@ -71,7 +71,7 @@ fn wait_event(
         }
         if ev.kind == CmEventKind::Rejected {
             return Err(match decode_reject(&ev.private_data) {
-                Some(reason) => rdma_err(format!("the server refused the connection: {reason}")),
+                Some(reason) => TransportError::Refused(reason),
                 None => rdma_err(format!(
                     "connection rejected (status {}) while waiting for {what}: is rdma_server listening there?",
                     ev.status
@@ -86,8 +86,23 @@ fn wait_event(
 }
 
 impl RdmaClient {
-    /// Loads the RDMA libraries, resolves `host:port` and connects with rdma_cm.
+    /// Loads the RDMA libraries, resolves `host:port` and connects with rdma_cm. A server
+    /// that refuses the connection gives [`TransportError::Refused`] with its reason.
     pub fn connect(host: &str, port: u16, cfg: RdmaClientConfig) -> Result<Self, TransportError> {
+        let depth = cfg.depth;
+        Self::connect_with_receives(host, port, cfg, depth)
+    }
+
+    /// [`Self::connect`] posting `receives` receives before connecting instead of one per
+    /// slot. Fewer than the depth breaks the protocol: a reply finding no receive is
+    /// refused by this NIC (receiver not ready) and the server's write stays unacknowledged,
+    /// which is what tests of the server's `--peer-timeout-ms` need.
+    pub fn connect_with_receives(
+        host: &str,
+        port: u16,
+        cfg: RdmaClientConfig,
+        receives: u32,
+    ) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
         check_geometry(cfg.depth, cfg.slot_size).map_err(|e| rdma_err(e.to_string()))?;
         let addr = resolve(host, port)?;
@@ -126,7 +141,7 @@ impl RdmaClient {
             .map(|slot| ep.ring(RESP_BUF).claim(slot))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| rdma_err("response ring shorter than its depth"))?;
-        for i in 0..depth {
+        for i in 0..receives.min(depth) {
             ep.post_recv_empty(i as u64)?;
         }
         let req = ConnectRequest {

@@ -4,7 +4,9 @@
 //! [`server`]: the listening side the serving core drives; [`client`]: one connection's
 //! client end. The full description with a diagram is docs/rdma.md.
 
+pub mod admission;
 pub mod client;
+mod conn_manager;
 pub mod server;
 pub mod wire;
 
@@ -16,7 +18,10 @@ use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;
 
 pub use client::{RdmaClient, RdmaClientConfig};
-pub use server::{Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig};
+pub use server::{
+    Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PINNED_MIB, DEFAULT_PEER_TIMEOUT_MS,
+};
 pub use wire::*;
 
 /// Loads the RDMA libraries and looks for a device, so that a role can fail fast (and name

@@ -1,23 +1,30 @@
 //! The RDMA server transport, driven by the serving core: one receive loop owns every
-//! connection's completion queue and the rdma_cm event channel. A request completion names
-//! its slot and length in the immediate; [`RdmaServer`] checks both (a client breaking the
-//! ring rules is disconnected), claims the slot and hands the core an [`RdmaJob`] whose bytes
-//! stay in the ring slot. Replies are staged in the connection's staging slot of the same
-//! index and written into the client's response slot of that index, from the loop (echoes,
-//! rejections) or straight from a worker's [`RdmaReplySink`] (posting is thread-safe).
+//! established connection's completion queue; a connection-manager thread
+//! ([`super::conn_manager`]) sets connections up, hands them over and frees them. A request
+//! completion names its slot and length in the immediate; [`RdmaServer`] checks both (a
+//! client breaking the ring rules is disconnected), claims the slot, copies the request out
+//! of the remote-writable landing ring into the connection's private copy slot of that
+//! index and hands the core an [`RdmaJob`] that reads only the copy. Replies are staged in
+//! the connection's staging slot of the same index and written into the client's response
+//! slot of that index, from the loop (echoes, rejections) or straight from a worker's
+//! [`RdmaReplySink`] (posting is thread-safe). The loop also watches every connection's
+//! reply writes: one left unacknowledged beyond the peer timeout gets the client
+//! disconnected.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::rdma::{
-    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, SlotToken,
-    WcOpcode, WcStatus, WorkCompletion,
+    CmId, EventChannel, HostBuf, RcEndpoint, Rdma, SlotRing, SlotToken, WcOpcode, WcStatus,
+    WorkCompletion,
 };
 
+use super::admission::{Admission, Reservation};
+use super::conn_manager::{ConnManager, SetupRules};
 use super::wire::*;
 use super::{rdma_err, SlotWriter, WR_SEND};
 use crate::clock::realtime_ns;
@@ -29,20 +36,30 @@ use crate::protocol::{header_bytes, ReplyBuffer, HEADER_LEN};
 const IDLE_SPINS: u32 = 64;
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
 const IDLE_SLEEP_NO_CLIENT: Duration = Duration::from_millis(2);
-/// Rounds between two looks at the rdma_cm channel while busy.
-const CM_EVERY: u64 = 256;
+/// Rounds between two looks at the manager's hand-off queue while busy (a look is two
+/// atomic loads; every round while idle or without clients).
+const HANDOFF_EVERY: u64 = 64;
+/// Rounds between two liveness checks (one clock read each).
+const LIVENESS_EVERY: u64 = 1024;
 /// At shutdown: poll for the last replies' completions until quiet this long, at most
 /// SHUTDOWN_MAX, before disconnecting (a disconnect flushes sends still queued).
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(20);
 const SHUTDOWN_MAX: Duration = Duration::from_millis(500);
 
-const REQ_BUF: usize = 0;
-const STAGE_BUF: usize = 1;
+/// Registered buffers of a connection's endpoint: the reply staging ring, and with host
+/// addressing the landing ring clients write their requests into (with GPU addressing that
+/// ring is the endpoint's GPU buffer 0).
+pub(super) const STAGE_BUF: usize = 0;
+pub(super) const LANDING_BUF: usize = 1;
 
-/// One client's connection on the server: its QP, its request ring (remote-writable, only
-/// its own slots) and its reply staging ring (local only).
+/// One client's connection on the server: its QP, its landing ring (remote-writable, only
+/// its own slots), its private copy ring (server-owned, unregistered) and its reply staging
+/// ring (local only).
 pub struct ServerConn {
     ep: RcEndpoint,
+    /// Where each request is read from: slot i holds a copy of landing slot i, taken when the
+    /// request's completion arrived. Its token is the request's credit on the server side.
+    copy: SlotRing<HostBuf>,
     client_id: u32,
     slot_size: usize,
     depth: u32,
@@ -50,29 +67,106 @@ pub struct ServerConn {
     resp_addr: u64,
     resp_rkey: u32,
     alive: AtomicBool,
-    /// The ring is GPU buffer 0 of `ep`; host buffer REQ_BUF is its mirror.
+    /// The landing ring is GPU buffer 0 of `ep` (GPUDirect).
     gpu_ring: bool,
+    /// Reply writes posted (by the loop or a worker) and completed (counted by the loop): a
+    /// gap that does not shrink is a client not taking its replies.
+    replies_posted: AtomicU64,
+    replies_done: AtomicU64,
+    /// Declared last: given back after `ep` has freed the memory.
+    reservation: Reservation,
 }
 
 impl ServerConn {
-    /// With a ring in GPU memory: copies the first `len` bytes of the request slot `req`
-    /// holds into its host mirror, where [`Self::request`] reads them.
-    fn mirror_from_gpu(&self, req: &mut SlotToken, len: usize) -> Result<(), String> {
-        if !self.gpu_ring {
-            return Ok(());
+    pub(super) fn new(
+        ep: RcEndpoint,
+        copy: SlotRing<HostBuf>,
+        req: &ConnectRequest,
+        gpu_ring: bool,
+        reservation: Reservation,
+    ) -> ServerConn {
+        ServerConn {
+            ep,
+            copy,
+            client_id: req.client_id,
+            slot_size: req.slot_size as usize,
+            depth: req.depth,
+            resp_slot_size: req.resp_slot_size as usize,
+            resp_addr: req.resp_addr,
+            resp_rkey: req.resp_rkey,
+            alive: AtomicBool::new(true),
+            gpu_ring,
+            replies_posted: AtomicU64::new(0),
+            replies_done: AtomicU64::new(0),
+            reservation,
         }
-        let (slot, off) = (req.slot(), req.offset());
+    }
+
+    pub(super) fn handle(&self) -> usize {
+        self.ep.handle()
+    }
+    pub(super) fn client_id(&self) -> u32 {
+        self.client_id
+    }
+    pub(super) fn depth(&self) -> u32 {
+        self.depth
+    }
+    pub(super) fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+    pub(super) fn max_inline(&self) -> usize {
+        self.ep.max_inline()
+    }
+    pub(super) fn pinned_bytes(&self) -> u64 {
+        self.reservation.bytes()
+    }
+    pub(super) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection dead and disconnects it; true when it was alive (this call
+    /// closed it, so the caller logs why).
+    pub(super) fn close(&self) -> bool {
+        let was = self.alive.swap(false, Ordering::AcqRel);
+        if was {
+            let _ = self.ep.disconnect();
+        }
+        was
+    }
+
+    /// Reply writes posted whose completion has not been seen.
+    fn replies_unacknowledged(&self) -> u64 {
+        let posted = self.replies_posted.load(Ordering::Acquire);
+        posted.saturating_sub(self.replies_done.load(Ordering::Relaxed))
+    }
+
+    /// Copies the first `len` bytes of landing slot `slot` (host or GPU memory, which the
+    /// client can write) into the copy slot `req` holds: everything after this reads only
+    /// the copy.
+    fn copy_request(&self, req: &mut SlotToken<HostBuf>, len: usize) -> Result<(), String> {
+        let slot = req.slot();
         let dst = req
             .bytes_mut()
             .get_mut(..len)
-            .ok_or_else(|| format!("slot {slot} + {len} B outside the mirror"))?;
-        self.ep.gpu_buf(0).copy_to_host(off, dst)
+            .ok_or_else(|| format!("slot {slot} + {len} B outside the copy ring"))?;
+        if self.gpu_ring {
+            return self
+                .ep
+                .gpu_buf(0)
+                .copy_to_host(slot as usize * self.slot_size, dst);
+        }
+        // Only this loop claims landing slots: the claim cannot fail for a slot in range.
+        let landing = self
+            .ep
+            .ring(LANDING_BUF)
+            .claim(slot)
+            .ok_or_else(|| format!("landing slot {slot} unavailable"))?;
+        landing.copy_out(dst);
+        Ok(())
     }
 
-    /// The first `len` request bytes of the slot `req` holds (the client holds no credit for
-    /// it until its reply is written; one breaking the credit rule can only garble its own
-    /// request, which the pipeline validates like any other bytes).
-    fn request<'a>(&self, req: &'a SlotToken, len: usize) -> &'a [u8] {
+    /// The first `len` bytes of the request `req` holds (the server's copy).
+    fn request<'a>(&self, req: &'a SlotToken<HostBuf>, len: usize) -> &'a [u8] {
         req.bytes().get(..len).unwrap_or(&[])
     }
 
@@ -84,10 +178,10 @@ impl ServerConn {
     #[allow(clippy::type_complexity)]
     fn reply_with<R>(
         &self,
-        req: SlotToken,
+        req: SlotToken<HostBuf>,
         len: usize,
         write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
-    ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken> {
+    ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken<HostBuf>> {
         let slot = req.slot();
         // Only the holder of the request slot stages into the staging slot of that index,
         // and its previous reply was delivered before the client could send this request,
@@ -127,6 +221,8 @@ impl ServerConn {
         let imm = encode_imm(slot, len as u32)
             .ok_or_else(|| rdma_err(format!("reply of {len} bytes does not fit an immediate")))?;
         let remote = self.resp_addr + (slot as usize * self.resp_slot_size) as u64;
+        // Counted before the post, so that its completion never runs ahead of the count.
+        self.replies_posted.fetch_add(1, Ordering::AcqRel);
         self.ep
             .post_write_imm(
                 WR_SEND | slot as u64,
@@ -138,18 +234,19 @@ impl ServerConn {
                 imm,
             )
             .map_err(|e| {
+                self.replies_posted.fetch_sub(1, Ordering::AcqRel);
                 self.alive.store(false, Ordering::Release);
                 e.into()
             })
     }
 }
 
-/// A request waiting in its ring slot.
+/// A request, copied out of the client's ring into the connection's copy slot.
 pub struct RdmaJob {
     conn: Arc<ServerConn>,
-    /// Holds the request slot until the reply is staged (or the job is dropped, even by a
-    /// panicking worker).
-    req: SlotToken,
+    /// Holds the request's copy slot until the reply is staged (or the job is dropped, even
+    /// by a panicking worker): the client's credit for that slot, on the server side.
+    req: SlotToken<HostBuf>,
     /// Bytes of the slot that hold the request (at most the slot).
     len: u32,
     /// The length the immediate announced when it exceeded the slot.
@@ -201,6 +298,15 @@ pub struct RdmaServerConfig {
     pub max_slot_size: u32,
     /// Largest ring depth a client may ask for.
     pub max_depth: u32,
+    /// Connections held at once (set up, serving, or closed but not yet freed); more are
+    /// refused with the reason.
+    pub max_connections: u32,
+    /// Memory the connections' rings may register in all (see
+    /// [`super::admission::registered_bytes`]); a connection beyond it is refused.
+    pub max_pinned_bytes: u64,
+    /// A connection whose reply writes stay unacknowledged this long (without any
+    /// completing) is disconnected; None = never.
+    pub peer_timeout: Option<Duration>,
     /// Keep serving after the last client left (false: stop once every client that connected
     /// has disconnected).
     pub keep_alive: bool,
@@ -208,14 +314,19 @@ pub struct RdmaServerConfig {
     pub addressing: Addressing,
 }
 
+/// rdma_server's defaults for the entry limits (docs/rdma.md says why).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
+pub const DEFAULT_MAX_PINNED_MIB: u64 = 4096;
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 1000;
+
 /// Where the server places each client's request ring.
 #[derive(Debug, Clone, Default)]
 pub enum Addressing {
     #[default]
     Host,
     /// On this GPU: clients' RDMA writes land in device memory (registered through dma-buf,
-    /// else nvidia-peermem). The receive loop copies each request's bytes to a host mirror
-    /// of the slot for validation and the CPU-side stages.
+    /// else nvidia-peermem). The receive loop copies each request's bytes into the host copy
+    /// slot (as with host rings) for validation and the CPU-side stages.
     Gpu(GpuRing),
 }
 
@@ -233,20 +344,25 @@ impl std::fmt::Debug for GpuRing {
     }
 }
 
-/// The listening side: the rdma_cm listener and every client connection.
+/// A connection as the receive loop holds it, with its liveness state.
+struct LoopConn {
+    conn: Arc<ServerConn>,
+    /// Reply completions seen at the last liveness check.
+    last_done: u64,
+    /// Since when replies have been outstanding without one completing.
+    stalled_since: Option<Instant>,
+}
+
+/// The serving side: the established connections, polled by the receive loop, and the
+/// connection manager that sets them up.
 pub struct RdmaServer {
-    rdma: Rdma,
-    channel: Arc<EventChannel>,
-    _listener: CmId,
     addr: SocketAddr,
     cfg: RdmaServerConfig,
-    conns: Vec<Arc<ServerConn>>,
+    manager: ConnManager,
+    admission: Arc<Admission>,
+    conns: Vec<LoopConn>,
     /// Whether any client has connected (for keep-alive off).
     served_any: bool,
-    /// With [`Addressing::Gpu`]: the stream request rings are allocated and read on.
-    gpu_stream: Option<Arc<cu::CudaStream>>,
-    /// The payload limit announced to clients in the handshake.
-    max_payload: usize,
     /// Request completions taken from the CQs, waiting for `next_request`.
     ready: VecDeque<RdmaJob>,
     /// The receives of the jobs in `ready` (same order), reposted one by one once the loop
@@ -262,15 +378,16 @@ pub struct RdmaServer {
 }
 
 impl RdmaServer {
-    /// Loads the RDMA libraries, checks for a device and listens on `addr` (port 0 = any).
-    /// Clients are told `max_payload` (or their slot, if smaller) as their payload limit.
+    /// Loads the RDMA libraries, checks for a device, listens on `addr` (port 0 = any) and
+    /// starts the connection manager. Clients are told `max_payload` (or their slot, if
+    /// smaller) as their payload limit.
     pub fn listen(
         addr: SocketAddr,
         cfg: RdmaServerConfig,
         max_payload: usize,
     ) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
-        let gpu_stream = match &cfg.addressing {
+        let gpu_stream: Option<Arc<cu::CudaStream>> = match &cfg.addressing {
             Addressing::Host => None,
             Addressing::Gpu(ring) => Some(ring.stream.clone()),
         };
@@ -279,16 +396,29 @@ impl RdmaServer {
         let port = listener.listen(&addr, 64)?;
         let mut addr = addr;
         addr.set_port(port);
-        Ok(RdmaServer {
-            rdma,
-            channel,
-            _listener: listener,
-            addr,
-            cfg,
-            conns: Vec::new(),
-            served_any: false,
+        let admission = Admission::new(cfg.max_connections, cfg.max_pinned_bytes);
+        let rules = SetupRules {
+            max_slot_size: cfg.max_slot_size,
+            max_depth: cfg.max_depth,
             gpu_stream,
             max_payload,
+        };
+        let manager = ConnManager::start(
+            rdma,
+            channel,
+            listener,
+            rules,
+            admission.clone(),
+            cfg.max_connections,
+        )?;
+        let cap = cfg.max_connections.clamp(1, 1024) as usize;
+        Ok(RdmaServer {
+            addr,
+            cfg,
+            manager,
+            admission,
+            conns: Vec::with_capacity(cap),
+            served_any: false,
             ready: VecDeque::with_capacity(256),
             repost: VecDeque::with_capacity(256),
             handed_out: 0,
@@ -303,144 +433,74 @@ impl RdmaServer {
         self.addr
     }
 
-    /// Number of connected clients.
+    /// Number of clients the receive loop serves.
     pub fn clients(&self) -> usize {
         self.conns.len()
     }
 
-    fn accept(&mut self, ev: CmEvent, max_payload: usize) {
-        let Some(id) = ev.new_id else {
-            return;
-        };
-        let req = match ConnectRequest::decode(&ev.private_data) {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("connection refused: {e}");
-                let _ = id.reject(&encode_reject(&e.to_string()));
-                return;
-            }
-        };
-        if req.depth > self.cfg.max_depth || req.slot_size > self.cfg.max_slot_size {
-            let e = HandshakeError::TooLarge {
-                depth: req.depth,
-                slot_size: req.slot_size,
-                max_depth: self.cfg.max_depth,
-                max_slot: self.cfg.max_slot_size,
-            };
-            log::warn!("client {} refused: {e}", req.client_id);
-            let _ = id.reject(&encode_reject(&e.to_string()));
-            return;
-        }
-        match self.setup_conn(id, &req, max_payload) {
-            Ok(conn) => {
-                log::info!(
-                    "client {} connected: {} slots x {} B, replies up to {} B sent inline",
-                    req.client_id,
-                    req.depth,
-                    req.slot_size,
-                    conn.ep.max_inline()
-                );
-                self.conns.push(conn);
-                self.served_any = true;
-            }
-            Err(e) => log::error!("client {}: accepting failed: {e}", req.client_id),
+    /// "x of y connections, a of b MiB pinned".
+    pub fn usage(&self) -> String {
+        self.admission.usage()
+    }
+
+    /// Takes the connections the manager has established.
+    fn take_new_conns(&mut self) {
+        while let Some(conn) = self.manager.incoming.pop() {
+            self.conns.push(LoopConn {
+                conn,
+                last_done: 0,
+                stalled_since: None,
+            });
+            self.served_any = true;
         }
     }
 
-    fn setup_conn(
-        &self,
-        id: CmId,
-        req: &ConnectRequest,
-        max_payload: usize,
-    ) -> Result<Arc<ServerConn>, TransportError> {
-        let depth = req.depth;
-        // depth + 1 receives: a request consumes one until the loop has answered (or queued)
-        // it and reposted; its reply returns the client's credit, so one more request may
-        // arrive in between and needs the spare.
-        let sizes = QpSizes {
-            cq_entries: 3 * depth + 16,
-            max_send_wr: 2 * depth + 4,
-            max_recv_wr: depth + 1,
+    /// Marks every connection whose reply writes have been outstanding, none completing,
+    /// for longer than the peer timeout.
+    fn check_liveness(&mut self) {
+        let Some(timeout) = self.cfg.peer_timeout else {
+            return;
         };
-        let mut ep = RcEndpoint::create(self.rdma, id, sizes)?;
-        let slot_size = req.slot_size as usize;
-        let resp_slot_size = response_slot_size(req.slot_size) as usize;
-        let ring_len = depth as usize * slot_size;
-        // The client's ring: remote write only (no remote read), its own slots only. In GPU
-        // memory, the host buffer at REQ_BUF is only the local mirror.
-        let ring_access = AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE;
-        let (req_addr, req_rkey) = match &self.gpu_stream {
-            Some(stream) => {
-                let gpu = match ep.register_gpu(stream, ring_len, ring_access) {
-                    Ok(gpu) => gpu,
-                    Err(e) => {
-                        // The client learns why (the reject carries the text).
-                        let _ = ep.reject(&encode_reject(&e.to_string()));
-                        return Err(e.into());
-                    }
-                };
-                let ring = ep.gpu_buf(gpu);
-                log::info!(
-                    "client {}: request ring of {ring_len} B in GPU memory, registered via {:?}",
-                    req.client_id,
-                    ring.route()
+        let now = Instant::now();
+        for (i, lc) in self.conns.iter_mut().enumerate() {
+            let done = lc.conn.replies_done.load(Ordering::Relaxed);
+            let waiting = lc.conn.replies_unacknowledged();
+            if waiting == 0 || done != lc.last_done {
+                lc.last_done = done;
+                lc.stalled_since = None;
+                continue;
+            }
+            let since = *lc.stalled_since.get_or_insert(now);
+            let stalled = now.duration_since(since);
+            if stalled >= timeout && lc.conn.is_alive() {
+                log::warn!(
+                    "client {}: {waiting} replies unacknowledged for {} ms (--peer-timeout-ms {}): it is not taking its replies; disconnecting it",
+                    lc.conn.client_id,
+                    stalled.as_millis(),
+                    timeout.as_millis()
                 );
-                let addr_key = (ring.addr(), ring.rkey());
-                ep.register_ring(slot_size, depth, AccessFlags::LOCAL_WRITE)?;
-                addr_key
+                self.dead.push(i);
             }
-            None => {
-                ep.register_ring(slot_size, depth, ring_access)?;
-                (ep.buf(REQ_BUF).addr(), ep.buf(REQ_BUF).rkey())
-            }
-        };
-        let stage = ep.register_ring(resp_slot_size, depth, AccessFlags::LOCAL_WRITE)?;
-        debug_assert_eq!(stage, STAGE_BUF);
-        for i in 0..=depth {
-            ep.post_recv_empty(i as u64)?;
         }
-        let reply = AcceptReply {
-            slot_size: req.slot_size,
-            depth,
-            req_addr,
-            req_rkey,
-            max_payload: max_payload.min(slot_size - HEADER_LEN) as u32,
-        };
-        ep.accept(&reply.encode())?;
-        Ok(Arc::new(ServerConn {
-            ep,
-            client_id: req.client_id,
-            slot_size,
-            depth,
-            resp_slot_size,
-            resp_addr: req.resp_addr,
-            resp_rkey: req.resp_rkey,
-            alive: AtomicBool::new(true),
-            gpu_ring: self.gpu_stream.is_some(),
-        }))
     }
 
-    /// Handles pending CM events; `timeout_ms` as for [`EventChannel::next`].
-    fn cm_events(&mut self, timeout_ms: i32, max_payload: usize) -> Result<(), TransportError> {
-        let mut timeout = timeout_ms;
-        while let Some(ev) = self.channel.next(timeout)? {
-            timeout = 0;
-            match ev.kind {
-                CmEventKind::ConnectRequest => self.accept(ev, max_payload),
-                CmEventKind::Established => log::debug!("connection established"),
-                CmEventKind::Disconnected | CmEventKind::DeviceRemoval => {
-                    if let Some(i) = self.conns.iter().position(|c| c.ep.handle() == ev.id) {
-                        let c = self.conns.swap_remove(i);
-                        c.alive.store(false, Ordering::Release);
-                        let _ = c.ep.disconnect();
-                        log::info!("client {} disconnected", c.client_id);
-                    }
-                }
-                CmEventKind::TimewaitExit => {}
-                _ => log::debug!("CM event {} (status {})", ev.name, ev.status),
-            }
+    /// Removes connection `i` from the loop: disconnects it if it is still up (the server's
+    /// decision, whose reason was logged), counts the replies it never acknowledged as
+    /// undeliverable, and lets the manager free it once no job holds it.
+    fn retire(&mut self, i: usize, counters: &Counters) {
+        let lc = self.conns.swap_remove(i);
+        let c = &lc.conn;
+        if c.close() {
+            log::warn!("client {} disconnected by the server", c.client_id);
         }
-        Ok(())
+        let lost = c.replies_unacknowledged();
+        if lost > 0 {
+            counters.transport_errors.fetch_add(lost, Ordering::Relaxed);
+            log::warn!(
+                "client {}: {lost} replies posted but never acknowledged, counted undeliverable",
+                c.client_id
+            );
+        }
     }
 
     /// Reposts the receives of the jobs handed out so far.
@@ -459,14 +519,6 @@ impl RdmaServer {
         }
     }
 
-    /// Closes connection `i` on the server's decision (the reason was logged already).
-    fn drop_conn(&mut self, i: usize) {
-        let c = self.conns.swap_remove(i);
-        c.alive.store(false, Ordering::Release);
-        let _ = c.ep.disconnect();
-        log::warn!("client {} disconnected by the server", c.client_id);
-    }
-
     /// Turns one successful receive completion into a job; Err(reason) when the client
     /// broke the ring rules and must be disconnected.
     fn take_request(conn: &Arc<ServerConn>, wc: &WorkCompletion) -> Result<RdmaJob, String> {
@@ -478,22 +530,23 @@ impl RdmaServer {
                 conn.depth
             ));
         }
-        let Some(mut req) = conn.ep.ring(REQ_BUF).claim(slot) else {
+        let Some(mut req) = conn.copy.claim(slot) else {
             return Err(format!(
                 "request into slot {slot} while it is still being served (no credit)"
             ));
         };
-        let announced = len as usize;
-        let held = announced.min(conn.slot_size);
-        if let Err(e) = conn.mirror_from_gpu(&mut req, held) {
-            return Err(format!("reading slot {slot} from GPU memory failed ({e})"));
-        }
         // Beyond the slot the length cannot be right: only the header is read.
-        let oversize = announced > conn.slot_size;
+        let oversize = len as usize > conn.slot_size;
+        let held = if oversize { HEADER_LEN as u32 } else { len };
+        if let Err(e) = conn.copy_request(&mut req, held as usize) {
+            return Err(format!(
+                "copying the request out of slot {slot} failed ({e})"
+            ));
+        }
         Ok(RdmaJob {
             conn: conn.clone(),
             req,
-            len: if oversize { HEADER_LEN as u32 } else { len },
+            len: held,
             announced: oversize.then_some(len),
             received: realtime_ns(),
         })
@@ -520,15 +573,21 @@ impl ServerTransport for RdmaServer {
     fn poll(&mut self, wait: Duration, counters: &Counters) -> Result<usize, TransportError> {
         self.repost_handed_out();
         self.rounds += 1;
-        if self.rounds % CM_EVERY == 0 || self.conns.is_empty() || !wait.is_zero() {
-            self.cm_events(0, self.max_payload)?;
+        if self.rounds % HANDOFF_EVERY == 0 || self.conns.is_empty() || !wait.is_zero() {
+            self.take_new_conns();
         }
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
         let mut events = 0;
         self.dead.clear();
-        for (ci, conn) in self.conns.iter().enumerate() {
+        // Every LIVENESS_EVERY busy rounds, and after every idle sleep (where one clock
+        // read is nothing next to the sleep).
+        if self.rounds % LIVENESS_EVERY == 0 || !wait.is_zero() {
+            self.check_liveness();
+        }
+        for (ci, lc) in self.conns.iter().enumerate() {
+            let conn = &lc.conn;
             if !conn.alive.load(Ordering::Acquire) {
                 self.dead.push(ci);
                 continue;
@@ -556,7 +615,10 @@ impl ServerTransport for RdmaServer {
                     break;
                 }
                 if wc.opcode() != WcOpcode::RecvRdmaWithImm {
-                    continue; // a reply's send completion
+                    // A reply's write completed: the client took it. Only this loop counts.
+                    let done = conn.replies_done.load(Ordering::Relaxed);
+                    conn.replies_done.store(done + 1, Ordering::Relaxed);
+                    continue;
                 }
                 match Self::take_request(conn, wc) {
                     Ok(job) => {
@@ -576,7 +638,7 @@ impl ServerTransport for RdmaServer {
             dead.sort_unstable();
             dead.dedup();
             for &i in dead.iter().rev() {
-                self.drop_conn(i);
+                self.retire(i, counters);
             }
             self.dead = dead;
         }
@@ -637,8 +699,8 @@ impl ServerTransport for RdmaServer {
         let mut completed = 0;
         while start.elapsed() < SHUTDOWN_MAX && quiet_since.elapsed() < SHUTDOWN_QUIET {
             let mut n = 0;
-            for conn in &self.conns {
-                n += conn.ep.poll(&mut self.wcs).unwrap_or(0);
+            for lc in &self.conns {
+                n += lc.conn.ep.poll(&mut self.wcs).unwrap_or(0);
             }
             if n > 0 {
                 completed += n;
@@ -648,10 +710,13 @@ impl ServerTransport for RdmaServer {
             }
         }
         log::debug!("{completed} completions drained at shutdown");
-        for c in self.conns.drain(..) {
-            c.alive.store(false, Ordering::Release);
-            let _ = c.ep.disconnect();
+        for lc in self.conns.drain(..) {
+            lc.conn.close();
         }
+        self.ready.clear();
+        self.repost.clear();
+        // The manager frees what it still holds as it stops.
+        self.manager.stop();
         Ok(0)
     }
 }

@@ -1,6 +1,7 @@
 //! The byte layouts shared by both ends of the RDMA transport: immediates and the
 //! connection private data of the rdma_cm handshake (docs/rdma.md has the diagrams).
 
+use crate::contract::Refusal;
 use crate::protocol::RESPONSE_BODY_LEN;
 
 /// rdma_server's default port (the original system's).
@@ -25,8 +26,13 @@ pub const REJECT_MAGIC: [u8; 4] = *b"HCRJ";
 pub const CONNECT_LEN: usize = 36;
 /// Bytes of the accept reply (at most 196).
 pub const ACCEPT_LEN: usize = 32;
-/// Longest reject reason text (reject private data is at most 148 bytes).
-pub const MAX_REJECT_TEXT: usize = 136;
+/// Reject private data: at most 148 bytes over IB CM.
+pub const MAX_REJECT_LEN: usize = 148;
+/// The typed reason after the text: a u16 code and four u32 figures.
+pub const REJECT_TRAILER_LEN: usize = 18;
+/// Longest reject reason text: what is left of the 148 bytes after the 8-byte head and the
+/// trailer.
+pub const MAX_REJECT_TEXT: usize = MAX_REJECT_LEN - 8 - REJECT_TRAILER_LEN;
 
 /// The response slot size a client must offer for request slots of `slot_size`: room
 /// for the largest reply, an echo of a full slot.
@@ -80,15 +86,6 @@ pub enum HandshakeError {
     BadGeometry(#[from] GeometryError),
     #[error("response slot of {got} bytes, at least {want} needed")]
     BadResponseSlot { got: u32, want: u32 },
-    #[error(
-        "ring of {depth} x {slot_size} B exceeds the server's limits ({max_depth} x {max_slot} B)"
-    )]
-    TooLarge {
-        depth: u32,
-        slot_size: u32,
-        max_depth: u32,
-        max_slot: u32,
-    },
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -231,28 +228,85 @@ impl AcceptReply {
     }
 }
 
-/// Server -> client, in `rdma_reject`'s private data: magic `HCRJ`, version, a u16
-/// length, then that many bytes of UTF-8 reason.
-pub fn encode_reject(reason: &str) -> Vec<u8> {
-    let mut cut = reason.len().min(MAX_REJECT_TEXT);
-    while !reason.is_char_boundary(cut) {
+/// Server -> client, in `rdma_reject`'s private data: magic `HCRJ`, version, a u16 text
+/// length, that many bytes of UTF-8 reason (what a client of the first version prints: it
+/// reads no further), then the typed reason: a u16 code and four u32 figures (0 = none).
+/// IB CM pads private data with zeros, so code 0 means "text only".
+///
+/// | code | reason | figures |
+/// |---:|---|---|
+/// | 1 | bad handshake | (text) |
+/// | 2 | ring too large | depth, slot_size, max_depth, max_slot |
+/// | 3 | connection limit | max |
+/// | 4 | pinned-memory budget | need_kib, free_kib, budget_kib |
+/// | 5 | set-up failed | (text) |
+pub fn encode_reject(reason: &Refusal) -> Vec<u8> {
+    let text = reason.to_string();
+    let mut cut = text.len().min(MAX_REJECT_TEXT);
+    while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    let mut b = Vec::with_capacity(8 + cut);
+    let (code, figures) = match *reason {
+        Refusal::BadHandshake(_) => (1u16, [0; 4]),
+        Refusal::RingTooLarge {
+            depth,
+            slot_size,
+            max_depth,
+            max_slot,
+        } => (2, [depth, slot_size, max_depth, max_slot]),
+        Refusal::ConnectionLimit { max } => (3, [max, 0, 0, 0]),
+        Refusal::PinnedBudget {
+            need_kib,
+            free_kib,
+            budget_kib,
+        } => (4, [need_kib, free_kib, budget_kib, 0]),
+        Refusal::SetupFailed(_) => (5, [0; 4]),
+        Refusal::Other(_) => (0, [0; 4]),
+    };
+    let mut b = Vec::with_capacity(8 + cut + REJECT_TRAILER_LEN);
     b.extend_from_slice(&REJECT_MAGIC);
     b.extend_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
     b.extend_from_slice(&(cut as u16).to_le_bytes());
-    b.extend_from_slice(&reason.as_bytes()[..cut]);
+    b.extend_from_slice(&text.as_bytes()[..cut]);
+    b.extend_from_slice(&code.to_le_bytes());
+    for f in figures {
+        b.extend_from_slice(&f.to_le_bytes());
+    }
     b
 }
 
-/// The reason of a hacserve reject, if the private data is one.
-pub fn decode_reject(b: &[u8]) -> Option<String> {
+/// The reason of a hacserve reject, if the private data is one: typed when the trailer is
+/// there and its code known, else [`Refusal::Other`] with the text.
+pub fn decode_reject(b: &[u8]) -> Option<Refusal> {
     if b.len() < 8 || b[0..4] != REJECT_MAGIC {
         return None;
     }
     let n = (u16_at(b, 6) as usize).min(b.len() - 8);
-    Some(String::from_utf8_lossy(&b[8..8 + n]).into_owned())
+    let text = String::from_utf8_lossy(&b[8..8 + n]).into_owned();
+    let t = 8 + n;
+    if b.len() < t + REJECT_TRAILER_LEN {
+        return Some(Refusal::Other(text));
+    }
+    let f = |i: usize| u32_at(b, t + 2 + 4 * i);
+    // The text of a text-carrying reason is its Display: strip the prefix it adds back off.
+    let inner = |prefix: &str| text.strip_prefix(prefix).unwrap_or(&text).to_string();
+    Some(match u16_at(b, t) {
+        1 => Refusal::BadHandshake(inner("bad handshake: ")),
+        2 => Refusal::RingTooLarge {
+            depth: f(0),
+            slot_size: f(1),
+            max_depth: f(2),
+            max_slot: f(3),
+        },
+        3 => Refusal::ConnectionLimit { max: f(0) },
+        4 => Refusal::PinnedBudget {
+            need_kib: f(0),
+            free_kib: f(1),
+            budget_kib: f(2),
+        },
+        5 => Refusal::SetupFailed(inner("the server could not set the connection up: ")),
+        _ => Refusal::Other(text),
+    })
 }
 
 #[cfg(test)]
@@ -377,13 +431,58 @@ mod tests {
         assert_eq!(AcceptReply::decode(&padded), Ok(a));
         assert!(AcceptReply::decode(&req().encode()).is_err());
 
-        let r = encode_reject("ring too large");
+        let limit = Refusal::ConnectionLimit { max: 2 };
+        let r = encode_reject(&limit);
         assert_eq!(&r[0..4], b"HCRJ");
-        assert_eq!(decode_reject(&r).as_deref(), Some("ring too large"));
-        let long = "é".repeat(200);
+        assert!(r.len() <= MAX_REJECT_LEN);
+        assert_eq!(decode_reject(&r), Some(limit.clone()));
+        // A first-version client reads the length and the text only: the whole reason.
+        let n = u16::from_le_bytes([r[6], r[7]]) as usize;
+        assert_eq!(
+            std::str::from_utf8(&r[8..8 + n]).unwrap(),
+            limit.to_string()
+        );
+        // IB CM pads to 148 bytes with zeros.
+        let mut padded = r.clone();
+        padded.resize(MAX_REJECT_LEN, 0);
+        assert_eq!(decode_reject(&padded), Some(limit));
+        for reason in [
+            Refusal::BadHandshake("bad magic".into()),
+            Refusal::RingTooLarge {
+                depth: 128,
+                slot_size: 4 << 20,
+                max_depth: 64,
+                max_slot: 2 << 20,
+            },
+            Refusal::PinnedBudget {
+                need_kib: 262_200,
+                free_kib: 1024,
+                budget_kib: 4 << 20,
+            },
+            Refusal::SetupFailed("ibv_reg_mr: Cannot allocate memory".into()),
+        ] {
+            let r = encode_reject(&reason);
+            assert!(r.len() <= MAX_REJECT_LEN, "{reason}");
+            assert_eq!(decode_reject(&r), Some(reason));
+        }
+        // An older server's reject: text only (its zero padding reads as code 0).
+        let mut old = b"HCRJ\x01\x00\x0e\x00ring too large".to_vec();
+        assert_eq!(
+            decode_reject(&old),
+            Some(Refusal::Other("ring too large".into()))
+        );
+        old.resize(MAX_REJECT_LEN, 0);
+        assert_eq!(
+            decode_reject(&old),
+            Some(Refusal::Other("ring too large".into()))
+        );
+        let long = Refusal::SetupFailed("é".repeat(200));
         let r = encode_reject(&long);
-        assert!(r.len() <= 148);
-        assert!(decode_reject(&r).unwrap().chars().all(|c| c == 'é'));
+        assert!(r.len() <= MAX_REJECT_LEN);
+        match decode_reject(&r) {
+            Some(Refusal::SetupFailed(t)) => assert!(t.chars().all(|c| c == 'é'), "{t}"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(decode_reject(b"nothing here"), None);
         assert_eq!(decode_reject(&[]), None);
     }
