@@ -144,6 +144,7 @@ fn measure_ours(
         warmup: args.warmup,
         max_reply,
         debug: false,
+        reconnect_within: Duration::ZERO,
     };
     let run = run_closed_loop(&mut c, &opts, &vec![0u8; size]);
     if let Some(e) = run.failure {

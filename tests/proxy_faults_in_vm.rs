@@ -3,7 +3,9 @@
 //! restarted, then SIGSTOPped and resumed. Every request gets one answer (the backend's, or
 //! the proxy's own `Unavailable` while the backend is gone and `Timeout` for what the stopped
 //! backend held), no client ever waits past its own timeout, both proxies keep running and
-//! reconnect, and traffic is answered by the backend again at the end.
+//! reconnect, and traffic is answered by the backend again at the end. Last, a direct
+//! rdma_client whose server is SIGKILLed and restarted mid-run connects again and completes
+//! its run without an error.
 //!
 //! Without qemu or the testbed kernel it prints `SKIPPED proxy faults in VM: <reason>` to
 //! stderr and passes (HACSERVE_TESTBED_REQUIRED=1 turns the skip into a failure).
@@ -98,6 +100,17 @@ wait $ZL; wait $RL
 step() {{ name=$1; shift; "$@" >/tmp/$name.log 2>&1 || {{ fail=1; echo "FAILED: $name"; }}; echo "=== $name ==="; grep " requests, " /tmp/$name.log; }}
 step zmq_after $ZC --host 192.0.2.1 --port 5600 -t 3 -r 50 --client-id 11 --timeout-ms 8000
 step rdma_after $RC --host 192.0.2.1 -p 20080 -t 3 -r 50 --client-id 21 --timeout-ms 8000
+# A direct rdma_client across a server restart: it connects again and sends its request again.
+$RC --host 192.0.2.1 -t 0 -r 15 --client-id 30 --timeout-ms 20000 --reconnect-ms 30000 >/tmp/direct.log 2>&1 &
+DC=$!
+for i in $(seq 1 300); do grep -q "connected to" /tmp/direct.log && break; sleep 0.1; done
+sleep 2
+echo "fault: SIGKILL rdma_server under a direct client"; kill -KILL $SP; wait $SP 2>/dev/null
+sleep 1
+server server3
+wait_for /tmp/server3.log || fail=1
+wait $DC || {{ fail=1; echo "FAILED: direct client"; }}
+echo "=== direct ==="; grep -v " WARN " /tmp/direct.log; echo "resent after reconnecting: $(grep -c "reconnected, sending it again" /tmp/direct.log)"
 kill -0 $ZPP || {{ fail=1; echo "FAILED: zmq_proxy died"; }}
 kill -0 $RPP || {{ fail=1; echo "FAILED: rdma_proxy died"; }}
 kill -TERM $ZPP; wait $ZPP || {{ fail=1; echo "FAILED: zmq_proxy exit"; }}
@@ -107,7 +120,7 @@ echo "=== zloop ==="; cat /tmp/zloop.log
 echo "=== rloop ==="; cat /tmp/rloop.log
 echo "=== zproxy ==="; grep -v "^\[" /tmp/zproxy.log | grep -v " WARN " | tail -n 40
 echo "=== rproxy ==="; grep -v "^\[" /tmp/rproxy.log | grep -v " WARN " | tail -n 40
-echo "=== server ==="; grep -v " WARN " /tmp/server2.log | tail -n 20
+echo "=== server ==="; grep -v " WARN " /tmp/server3.log | tail -n 20
 echo "=== end ==="
 exit $fail
 "#,
@@ -125,6 +138,10 @@ exit $fail
     println!("zmq_proxy:\n{zproxy}\nrdma_proxy:\n{rproxy}");
     assert_eq!(run.status, Some(0), "script failed:\n{stdout}");
     assert!(!stdout.contains("panicked"), "a process panicked");
+    let direct = section(stdout, "direct");
+    println!("direct rdma_client across a restart:\n{direct}");
+    assert!(direct.contains("15 requests, 0 errors"), "{direct}");
+    assert!(direct.contains("resent after reconnecting: 1"), "{direct}");
     for (name, proxy, after) in [
         ("zloop", zproxy, "zmq_after"),
         ("rloop", rproxy, "rdma_after"),

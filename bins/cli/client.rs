@@ -48,6 +48,7 @@ impl ClientArgs {
             warmup: self.warmup,
             max_reply,
             debug: self.debug,
+            reconnect_within: std::time::Duration::from_millis(self.reconnect_ms),
         };
         let run = run_closed_loop(transport, &opts, payload);
         let label = format!(

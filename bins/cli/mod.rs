@@ -217,6 +217,11 @@ macro_rules! cli_args {
         /// classes file, to print the top-1 class name
         #[argh(option, default = "::std::path::PathBuf::from(\"models/imagenet_classes.txt\")")]
         classes_file: [::std::path::PathBuf],
+        /// after the server went away mid-run, how long to keep trying to connect again
+        /// before the run fails, in ms; the request is then sent again (0 = never; ZeroMQ
+        /// reconnects by itself)
+        #[argh(option, default = "10000")]
+        reconnect_ms: [u64],
     }); };
     (@group proxy [$($k:tt)*]) => { $crate::cli_args!($($k)* proxy ProxyArgs {
         /// backend RDMA server address

@@ -42,6 +42,9 @@ pub struct ClientOptions {
     pub warmup: usize,
     pub max_reply: usize,
     pub debug: bool,
+    /// How long to keep trying to connect again after the connection was lost (transports
+    /// that do it themselves, ZeroMQ, ignore it).
+    pub reconnect_within: Duration,
 }
 
 /// What a run produced: one record per measured request, the wall time, and the error that
@@ -134,9 +137,44 @@ fn one_request<T: ClientTransport>(
 ) -> Result<RequestRecord, ClientError> {
     let client_sent = realtime_ns();
     let t0 = Instant::now();
-    transport.send(message)?;
-    let reply = transport.recv()?;
-    let e2e_ns = t0.elapsed().as_nanos() as u64;
+    let mut reconnected = false;
+    loop {
+        let outcome = transport.send(message).and_then(|()| transport.recv());
+        match outcome {
+            Ok(reply) => {
+                let e2e_ns = t0.elapsed().as_nanos() as u64;
+                return record_of(reply, opts, message, header, client_sent, e2e_ns);
+            }
+            // A lost connection (a server that died) is set up again once, and the same
+            // request sent again: the restarted server answers it. Its time counts.
+            Err(e) if e.lost() && !reconnected && !opts.reconnect_within.is_zero() => {
+                log::warn!(
+                    "request {}: connection lost ({e}); connecting again",
+                    header.request_id
+                );
+                if !transport.reconnect(opts.reconnect_within)? {
+                    return Err(e.into());
+                }
+                log::warn!(
+                    "request {}: reconnected, sending it again",
+                    header.request_id
+                );
+                reconnected = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Checks one reply to the request in `message` and records it.
+fn record_of(
+    reply: &[u8],
+    opts: &ClientOptions,
+    message: &[u8],
+    header: Header,
+    client_sent: u64,
+    e2e_ns: u64,
+) -> Result<RequestRecord, ClientError> {
     let client_received = realtime_ns();
     let (h, body) = Header::decode(reply, opts.max_reply)?;
     if h.request_id != header.request_id {

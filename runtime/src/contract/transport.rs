@@ -91,4 +91,19 @@ pub trait ClientTransport {
     /// Receives one whole message and lends it until the next call: the bytes stay where the
     /// transport put them (a libzmq message, an RDMA ring slot), no copy.
     fn recv(&mut self) -> Result<&[u8], TransportError>;
+
+    /// Sets the connection up again after `lost` ended it (a restarted server), trying
+    /// for up to `within`; false when this transport does not (ZeroMQ reconnects by itself,
+    /// `lost` says false for its errors).
+    fn reconnect(&mut self, _within: Duration) -> Result<bool, TransportError> {
+        Ok(false)
+    }
+}
+
+impl TransportError {
+    /// The connection is gone (a fault the peer's restart can cure), as opposed to a slow
+    /// peer or a bad message.
+    pub fn lost(&self) -> bool {
+        matches!(self, TransportError::Rdma(_))
+    }
 }

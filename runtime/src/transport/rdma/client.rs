@@ -33,6 +33,10 @@ pub struct RdmaClientConfig {
 
 /// Client end: one RC connection, a registered send ring and response ring.
 pub struct RdmaClient {
+    /// Where it connected and how, to connect again ([`ClientTransport::reconnect`]).
+    host: String,
+    port: u16,
+    receives: u32,
     channel: Arc<EventChannel>,
     ep: RcEndpoint,
     cfg: RdmaClientConfig,
@@ -168,6 +172,9 @@ impl RdmaClient {
             )));
         }
         Ok(RdmaClient {
+            host: host.to_string(),
+            port,
+            receives,
             channel,
             ep,
             in_flight: (0..depth).map(|_| None).collect(),
@@ -406,6 +413,38 @@ impl ClientTransport for RdmaClient {
     fn recv(&mut self) -> Result<&[u8], TransportError> {
         let (slot, len) = self.wait_reply()?;
         self.response(slot, len)
+    }
+
+    /// Connects again with the same geometry (new rings, new queue pair), retrying with
+    /// backoff (100 ms doubling to 2 s) until `within` has passed; the old connection is
+    /// dropped once the new one is up.
+    fn reconnect(&mut self, within: Duration) -> Result<bool, TransportError> {
+        let deadline = Instant::now() + within;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match Self::connect_with_receives(
+                &self.host,
+                self.port,
+                self.cfg.clone(),
+                self.receives,
+            ) {
+                Ok(fresh) => {
+                    *self = fresh;
+                    return Ok(true);
+                }
+                Err(e) if Instant::now() + pause >= deadline => return Err(e),
+                Err(e) => {
+                    log::warn!(
+                        "reconnecting to {}:{} failed ({e}); next try in {} ms",
+                        self.host,
+                        self.port,
+                        pause.as_millis()
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 }
 
