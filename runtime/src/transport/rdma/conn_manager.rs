@@ -21,7 +21,7 @@ use hacserve_ffi::rdma::{
 };
 
 use super::admission::{registered_bytes, size_text, Admission, Reservation};
-use super::server::{ServerConn, LANDING_BUF, STAGE_BUF};
+use super::conn::{ServerConn, LANDING_BUF, STAGE_BUF};
 use super::wire::*;
 use crate::contract::{Refusal, TransportError};
 use crate::protocol::HEADER_LEN;

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod client;
+mod conn;
 mod conn_manager;
 pub mod server;
 pub mod wire;
