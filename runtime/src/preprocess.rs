@@ -652,6 +652,27 @@ mod tests {
         ));
     }
 
+    /// A JPEG (odd sampling factors) on which zune-jpeg 0.4.21 fails an assertion in its
+    /// upsampler, found by the jpeg fuzz target: the request gets a decode error and the
+    /// same preprocessor goes on decoding the next image.
+    #[test]
+    fn decoder_panic_costs_one_image() {
+        let hostile = include_bytes!("../../fuzz/regressions/jpeg/zune_upsample_assert.jpg");
+        let good = include_bytes!("../../fuzz/corpus/jpeg/baseline_420.jpg");
+        let mut p = Preprocessor::new(MAX_IMAGE_PIXELS);
+        let mut out = vec![0.0; TENSOR_LEN];
+        match p.decode(hostile) {
+            Err(PreprocessError::Decode(why)) => assert_eq!(why, "decoder panicked"),
+            other => panic!("want the decoder's panic as a decode error, got {other:?}"),
+        }
+        assert!(matches!(
+            p.preprocess(&mut out),
+            Err(PreprocessError::NotDecoded)
+        ));
+        assert_eq!(p.decode(good).unwrap(), (64, 75));
+        p.preprocess(&mut out).unwrap();
+    }
+
     #[test]
     fn constant_image_normalises_to_constant() {
         let mut p = Preprocessor::new(1 << 20);
