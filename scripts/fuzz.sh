@@ -7,7 +7,8 @@
 # Rust is enough: without the LLVM plugins afl.rs instruments with rustc's sanitizer
 # coverage). Builds fuzz/ (its own workspace) into fuzz/target, never into CARGO_TARGET_DIR:
 # instrumentation changes every crate. Seeds: fuzz/corpus/<target>/; findings:
-# fuzz/out/<target>/default/{crashes,hangs}/ (the folder is emptied at each run).
+# fuzz/out/<target>/default/{crashes,hangs}/ (the folder is emptied at each run, unless
+# FUZZ_RESUME=1: then afl-fuzz goes on from the previous run's queue and findings).
 # Exit status: 0 when the run found no crash, 1 when it did, 2 on a usage or setup error.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,13 +41,18 @@ echo "== building fuzz target $target (afl-instrumented, $CARGO_TARGET_DIR)" >&2
 (cd "$root/fuzz" && cargo afl build --release --bin "$target")
 
 out="$root/fuzz/out/$target"
-rm -rf "$out"
-mkdir -p "$out"
+input="$root/fuzz/corpus/$target"
+if [ "${FUZZ_RESUME:-0}" = 1 ] && [ -f "$out/default/fuzzer_stats" ]; then
+  input=-
+else
+  rm -rf "$out"
+  mkdir -p "$out"
+fi
 # No UI (logs instead), no CPU binding (shared machines), and no refusal when the
 # kernel hands core dumps to a helper: crashes are still seen by their signal.
 export AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
 echo "== afl-fuzz $target for ${seconds}s" >&2
-cargo afl fuzz -i "$root/fuzz/corpus/$target" -o "$out" -V "$seconds" "${limits[@]}" "$@" \
+cargo afl fuzz -i "$input" -o "$out" -V "$seconds" "${limits[@]}" "$@" \
   "$CARGO_TARGET_DIR/release/$target" >"$out/afl-fuzz.log" 2>&1 || {
   tail -30 "$out/afl-fuzz.log" >&2
   echo "afl-fuzz failed (log: $out/afl-fuzz.log)" >&2
@@ -59,9 +65,9 @@ crashes=$(stat saved_crashes)
 echo "target:     $target"
 echo "run time:   $(stat run_time) s"
 echo "execs:      $(stat execs_done)"
-echo "exec/s:     $(stat execs_per_sec)"
+echo "exec/s:     $(stat execs_per_sec) (whole run)"
 echo "corpus:     $(stat corpus_count) inputs ($(stat corpus_found) found, from $(ls "$root/fuzz/corpus/$target" | wc -l) seeds)"
-echo "coverage:   $(stat bitmap_cvg) of the map, stability $(stat stability)"
+echo "coverage:   $(stat edges_found) edges ($(stat bitmap_cvg) of the map), stability $(stat stability), $(stat cycles_done) queue cycles"
 echo "crashes:    $crashes"
 echo "hangs:      $(stat saved_hangs)"
 echo "findings:   $out/default/crashes $out/default/hangs"
