@@ -47,9 +47,12 @@ pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Pillow's fixed-point precision: 8 bits for the result, 2 spare for overflow, sign.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
-/// Largest side a JPEG header can declare; zune's own default cap (16384) is lifted so
-/// `max_pixels` alone decides, with our typed error.
-const JPEG_MAX_SIDE: usize = u16::MAX as usize;
+/// Largest side a JPEG header can declare, less 7; zune's own default cap (16384) is lifted
+/// so `max_pixels` alone decides, with our typed error. The 7: zune-jpeg 0.4 rounds a side
+/// up to whole 8-pixel blocks in u16 arithmetic, which overflows above 65528 (found by the
+/// jpeg fuzz target: a panic with overflow checks, a wrapped block count without), so such
+/// images get the decoder's size error instead.
+const JPEG_MAX_SIDE: usize = u16::MAX as usize - 7;
 
 #[derive(Debug, Error)]
 pub enum PreprocessError {
@@ -754,6 +757,40 @@ mod tests {
             p.decode(b"not a jpeg"),
             Err(PreprocessError::Decode(_))
         ));
+    }
+
+    /// A JPEG (odd sampling factors) on which zune-jpeg 0.4.21 fails an assertion in its
+    /// upsampler, found by the jpeg fuzz target: the request gets a decode error and the
+    /// same preprocessor goes on decoding the next image.
+    #[test]
+    fn decoder_panic_costs_one_image() {
+        let hostile = include_bytes!("../../fuzz/regressions/jpeg/zune_upsample_assert.jpg");
+        let good = include_bytes!("../../fuzz/corpus/jpeg/baseline_420.jpg");
+        let mut p = Preprocessor::new(MAX_IMAGE_PIXELS);
+        let mut out = vec![0.0; TENSOR_LEN];
+        match p.decode(hostile) {
+            Err(PreprocessError::Decode(why)) => assert_eq!(why, "decoder panicked"),
+            other => panic!("want the decoder's panic as a decode error, got {other:?}"),
+        }
+        assert!(matches!(
+            p.preprocess(&mut out),
+            Err(PreprocessError::NotDecoded)
+        ));
+        assert_eq!(p.decode(good).unwrap(), (64, 75));
+        p.preprocess(&mut out).unwrap();
+    }
+
+    /// A 65535x128 JPEG (fuzz/regressions/jpeg/): zune-jpeg's block count overflows at
+    /// that width; it is refused by the side limit before the decoder computes it.
+    #[test]
+    fn side_beyond_the_decoders_arithmetic_is_refused() {
+        let wide = include_bytes!("../../fuzz/regressions/jpeg/zune_width_overflow.jpg");
+        match Preprocessor::new(MAX_IMAGE_PIXELS).decode(wide) {
+            Err(PreprocessError::Decode(why)) => {
+                assert!(why.contains("width 65535 greater than"), "{why}")
+            }
+            other => panic!("want the decoder's size error, got {other:?}"),
+        }
     }
 
     #[test]

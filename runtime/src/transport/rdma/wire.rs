@@ -35,9 +35,10 @@ pub const REJECT_TRAILER_LEN: usize = 18;
 pub const MAX_REJECT_TEXT: usize = MAX_REJECT_LEN - 8 - REJECT_TRAILER_LEN;
 
 /// The response slot size a client must offer for request slots of `slot_size`: room
-/// for the largest reply, an echo of a full slot.
+/// for the largest reply, an echo of a full slot. Saturates: a slot size read off the wire
+/// may be anything (a saturated result fails every check against the immediate's bits).
 pub fn response_slot_size(slot_size: u32) -> u32 {
-    slot_size + RESPONSE_BODY_LEN as u32
+    slot_size.saturating_add(RESPONSE_BODY_LEN as u32)
 }
 
 /// Packs (slot, length) into an immediate; `None` if either does not fit its bits.
@@ -430,6 +431,18 @@ mod tests {
         padded.resize(196, 0);
         assert_eq!(AcceptReply::decode(&padded), Ok(a));
         assert!(AcceptReply::decode(&req().encode()).is_err());
+        // A slot size near u32::MAX from a hostile server is refused, not an overflow
+        // (found by the rdma_handshake fuzz target: fuzz/regressions/rdma_handshake/).
+        for slot_size in [u32::MAX, u32::MAX - RESPONSE_BODY_LEN as u32 + 1] {
+            let huge = AcceptReply { slot_size, ..a }.encode();
+            assert_eq!(
+                AcceptReply::decode(&huge),
+                Err(HandshakeError::BadGeometry(GeometryError::SlotSize(
+                    slot_size
+                )))
+            );
+        }
+        assert_eq!(response_slot_size(u32::MAX), u32::MAX);
 
         let limit = Refusal::ConnectionLimit { max: 2 };
         let r = encode_reject(&limit);
