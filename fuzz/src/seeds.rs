@@ -4,12 +4,13 @@
 //! write_generated_seeds`; the test `generated_seeds_are_committed` fails when the
 //! committed files differ from what this makes (a protocol change needs new seeds).
 
+use hacserve_runtime::contract::Refusal;
 use hacserve_runtime::protocol::{
     encode_error, ErrorCode, Header, MessageKind, ResponseBody, ServerTimestamps, Task,
     FLAG_PRIORITY, HEADER_LEN, RESPONSE_BODY_LEN,
 };
 use hacserve_runtime::transport::rdma::{
-    encode_reject, response_slot_size, AcceptReply, ConnectRequest, HandshakeError, MIN_SLOT_SIZE,
+    encode_reject, response_slot_size, AcceptReply, ConnectRequest, MIN_SLOT_SIZE,
 };
 
 /// (target, file name, bytes) of every generated seed.
@@ -128,7 +129,7 @@ fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
     };
     let mut accept_padded = accept.encode().to_vec();
     accept_padded.resize(196, 0);
-    let too_large = HandshakeError::TooLarge {
+    let too_large = Refusal::RingTooLarge {
         depth: 256,
         slot_size: slot,
         max_depth: 64,
@@ -141,10 +142,10 @@ fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
         ("connect_padded", padded),
         ("accept", accept.encode().to_vec()),
         ("accept_padded", accept_padded),
-        ("reject_too_large", encode_reject(&too_large.to_string())),
+        ("reject_too_large", encode_reject(&too_large)),
         (
             "reject_utf8",
-            encode_reject("anneau refusé: « trop grand »"),
+            encode_reject(&Refusal::Other("anneau refusé: « trop grand »".into())),
         ),
     ]
 }

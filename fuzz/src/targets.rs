@@ -4,6 +4,7 @@
 //! this code). A target panics (afl: a crash) when the code under test panics or when a
 //! property every answer must have does not hold; errors the code returns are normal.
 
+use hacserve_runtime::contract::Refusal;
 use hacserve_runtime::pipeline::{answer_without_engine, Outcome, Triage};
 use hacserve_runtime::preprocess::{Preprocessor, MAX_IMAGE_PIXELS, TENSOR_LEN};
 use hacserve_runtime::protocol::{
@@ -13,8 +14,8 @@ use hacserve_runtime::protocol::{
 use hacserve_runtime::server::account::overloaded_reply;
 use hacserve_runtime::transport::rdma::{
     check_geometry, decode_imm, decode_reject, encode_imm, encode_reject, response_slot_size,
-    AcceptReply, ConnectRequest, HandshakeError, ACCEPT_LEN, CONNECT_LEN, IMM_LEN_MASK,
-    MAX_REJECT_TEXT,
+    AcceptReply, ConnectRequest, ACCEPT_LEN, CONNECT_LEN, IMM_LEN_MASK, MAX_REJECT_TEXT,
+    REJECT_TRAILER_LEN,
 };
 
 /// The target names, as the binaries, the corpus folders and scripts/fuzz.sh spell them.
@@ -108,7 +109,7 @@ pub fn wire(state: &mut Wire, msg: &[u8]) {
             }
         }
     }
-    overloaded_reply(msg, &mut state.overload);
+    overloaded_reply(msg, "the server's queue is full", &mut state.overload);
     assert!(matches!(
         check_reply(&state.overload, salvaged),
         Reply::Error(c) if c == ErrorCode::Overloaded as u32
@@ -170,17 +171,17 @@ pub fn rdma_handshake(data: &[u8]) {
         assert!(req.resp_slot_size <= IMM_LEN_MASK);
         let too_large = req.depth > SERVER_MAX_DEPTH || req.slot_size > SERVER_MAX_SLOT;
         if too_large {
-            let e = HandshakeError::TooLarge {
+            let e = Refusal::RingTooLarge {
                 depth: req.depth,
                 slot_size: req.slot_size,
                 max_depth: SERVER_MAX_DEPTH,
                 max_slot: SERVER_MAX_SLOT,
             };
-            check_reject(&e.to_string());
+            check_reject(&e);
         }
     } else if let Err(e) = ConnectRequest::decode(data) {
         // The server sends the reason back in the reject.
-        check_reject(&e.to_string());
+        check_reject(&Refusal::BadHandshake(e.to_string()));
     }
     if let Ok(acc) = AcceptReply::decode(data) {
         let mut want = [0u8; ACCEPT_LEN];
@@ -202,12 +203,22 @@ pub fn rdma_handshake(data: &[u8]) {
 }
 
 /// A reason survives the reject's private data, cut to its limit at a char boundary.
-fn check_reject(reason: &str) {
+fn check_reject(reason: &Refusal) {
     let packed = encode_reject(reason);
-    assert!(packed.len() <= 8 + MAX_REJECT_TEXT);
+    assert!(packed.len() <= 8 + MAX_REJECT_TEXT + REJECT_TRAILER_LEN);
     let back = decode_reject(&packed).expect("own reject does not decode");
-    assert!(reason.starts_with(&back), "reject reason changed");
-    assert!(back.len() == reason.len() || reason.len() > MAX_REJECT_TEXT);
+    if back != *reason {
+        // Only a text cut at the limit may differ, and only by its end.
+        let (text, got) = (reason.to_string(), back.to_string());
+        assert!(
+            text.len() > MAX_REJECT_TEXT,
+            "reject reason changed: {reason:?} -> {back:?}"
+        );
+        assert!(
+            text.starts_with(&got),
+            "reject text changed: {text:?} -> {got:?}"
+        );
+    }
 }
 
 /// What the JPEG target reuses between inputs, as a CPU worker does: one preprocessor
