@@ -127,7 +127,7 @@ for n in recho rinfer zecho; do echo "=== $n ==="; cat /tmp/$n.log; done
 echo "=== hostile ==="; cat /tmp/hostile.log; echo "bad-length answers $(grep -c "bad length: server answered" /tmp/badimm.log)"; grep "FAILED" /tmp/badimm.log
 echo "=== zproxy ==="; grep "stopped" /tmp/zproxy.log
 echo "=== rproxy ==="; grep "stopped" /tmp/rproxy.log
-echo "=== server ==="; grep "stopped" /tmp/server.log
+echo "=== server ==="; grep "stopped" /tmp/server.log; echo "=== server_errors ==="; grep -E "ERROR|failed" /tmp/server.log | head -n 20; grep -E "ERROR|failed" /tmp/rproxy.log | head -n 20
 echo "=== end ==="
 exit $fail
 "#,

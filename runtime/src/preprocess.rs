@@ -402,6 +402,11 @@ impl Preprocessor {
     /// are converted by zune-jpeg. Truncated or corrupt data gives [`PreprocessError::Decode`].
     pub fn decode(&mut self, jpeg: &[u8]) -> Result<(usize, usize), PreprocessError> {
         self.decoded = None;
+        // The pixel limit first, from the frame header, whatever the decoder's own side
+        // limit (JPEG_MAX_SIDE) would say about a huge one.
+        if let Some((width, height)) = jpeg_dimensions(jpeg) {
+            self.check_size(width, height)?;
+        }
         let options = DecoderOptions::default()
             .jpeg_set_out_colorspace(ColorSpace::RGB)
             // Strict: a truncated stream is an error rather than a half-grey image.

@@ -37,7 +37,8 @@ use table::{Place, RequestTable};
 
 /// The longest zmq_poll while nothing is admitted (it returns on the first message).
 const IDLE_POLL: Duration = Duration::from_millis(100);
-/// The longest zmq_poll while requests are admitted: deadlines are checked this often.
+/// The longest zmq_poll while requests are admitted: deadlines are due-checked this often
+/// (a clock read; the table is scanned only once its earliest deadline has come).
 const DEADLINE_TICK: Duration = Duration::from_millis(5);
 /// After a stop: how long admitted requests may still be answered by their backends
 /// (bounded by their own deadlines too); the rest get `Unavailable`.
@@ -138,6 +139,9 @@ struct State {
     counts: BalancerCounts,
     table: RequestTable,
     timeout: Duration,
+    /// No entry's deadline comes before this: the table is scanned only from then on (all
+    /// deadlines are admission + timeout, so new entries never come earlier than old ones).
+    next_expiry: Option<Instant>,
     window: u64,
     slow_peers: SlowPeers,
     /// Round-robin start for ties.
@@ -196,6 +200,7 @@ impl Balancer {
             scratch: Vec::with_capacity(table.capacity()),
             table,
             timeout: cfg.timeout,
+            next_expiry: None,
             window: cfg.backend_window.max(1) as u64,
             slow_peers: SlowPeers::new(reply_hwm),
             next: 0,
@@ -312,6 +317,9 @@ impl State {
         self.counts.received += 1;
         let (client, request) = Header::salvage_ids(body.as_slice());
         let deadline = Instant::now() + self.timeout;
+        if self.next_expiry.is_none() {
+            self.next_expiry = Some(deadline);
+        }
         let Some(i) = self.table.admit(envelope, body, client, request, deadline) else {
             self.counts.overloaded += 1;
             log::warn!(
@@ -488,6 +496,10 @@ impl State {
     /// Answers every request past its deadline: `Timeout` if a backend has it,
     /// `Unavailable` if no connection could take it.
     fn expire(&mut self, links: &Links, now: Instant) {
+        match self.next_expiry {
+            Some(at) if at <= now => {}
+            _ => return,
+        }
         let mut expired = std::mem::take(&mut self.scratch);
         expired.clear();
         expired.extend(self.table.expired(now));
@@ -518,6 +530,7 @@ impl State {
             }
         }
         self.scratch = expired;
+        self.next_expiry = self.table.earliest_deadline();
     }
 
     /// Answers every admitted request with `code` (at the end of a stop).

@@ -177,6 +177,15 @@ impl RequestTable {
             .map(|(i, _)| i)
     }
 
+    /// The earliest deadline of an entry in use, if any.
+    pub fn earliest_deadline(&self) -> Option<Instant> {
+        self.entries
+            .iter()
+            .filter(|e| e.place != Place::Free)
+            .map(|e| e.deadline)
+            .min()
+    }
+
     /// Removes entry `i` from the waiting FIFO (an expired waiting request).
     pub fn unwait(&mut self, i: usize) {
         if let Some(pos) = self.waiting.iter().position(|&w| w as usize == i) {
@@ -243,6 +252,7 @@ mod tests {
         assert_eq!(t.sent_on(1).collect::<Vec<_>>(), vec![a]);
         let expired: Vec<_> = t.expired(now).collect();
         assert_eq!(expired, vec![a, c]);
+        assert_eq!(t.earliest_deadline(), Some(now));
         t.unwait(c);
         t.release(c);
         assert_eq!(t.pop_waiting(), Some(b));

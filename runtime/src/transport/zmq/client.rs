@@ -114,9 +114,11 @@ impl ZmqClient {
 
 impl ClientTransport for ZmqClient {
     fn send(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        // Events since the last request are looked at while this one is awaited: a loss
+        // seen then resends this request, which at worst makes a duplicate whose reply the
+        // request id filters out.
         self.request = Message::from_slice(msg)?;
         self.lost = false;
-        self.watch_connection()?;
         let mut copy = self.request.share()?;
         self.socket.send_msg(&mut copy, 0).map_err(|e| {
             if e.would_block() {
@@ -147,6 +149,8 @@ impl ClientTransport for ZmqClient {
                             let left = self.timeout.saturating_sub(start.elapsed());
                             let wait = (left.as_millis() as i64).clamp(1, EVENT_TICK_MS);
                             match poll_readable([&self.socket, &self.monitor], wait) {
+                                // Only a monitor event needs a look at the connection.
+                                Ok([_, false]) => continue,
                                 Ok(_) => {}
                                 Err(e) if e.interrupted() => {}
                                 Err(e) => return Err(e.into()),
