@@ -40,7 +40,8 @@ pub fn from_env<T: TopLevelCommand>() -> T {
     T::from_args(&[role], &strs).unwrap_or_else(|early_exit| {
         std::process::exit(match early_exit.status {
             Ok(()) => {
-                println!("{}", early_exit.output);
+                // The help text ends in a newline already; the extra line joins its options.
+                println!("{}", early_exit.output.trim_end());
                 println!("  --version         print the version and build stamp, then exit");
                 0
             }
