@@ -262,7 +262,7 @@ fn write_f32(path: &Path, values: &[f32]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }

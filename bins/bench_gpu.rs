@@ -402,7 +402,7 @@ fn goal(met: bool) -> &'static str {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     ensure!(
         args.iters > 0 && args.batch_iters > 0 && args.decode_iters > 0,
         "iteration counts must be at least 1"

@@ -414,7 +414,7 @@ fn ping(args: &Args, port: u16) -> Result<(Vec<f64>, f64)> {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()

@@ -44,7 +44,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     signal::install_stop_handler();
     if args.peer_server {
         return peer_server(&args.poll_mode);

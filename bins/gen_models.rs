@@ -36,7 +36,7 @@ fn write(path: &Path, model: &model_gen::ModelProto) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let (big, tiny) = match args.only.as_deref() {
         None => (true, true),
         Some("resnet50") => (true, false),

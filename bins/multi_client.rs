@@ -89,7 +89,7 @@ fn resolve_application(name: &str) -> PathBuf {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     logging::init(args.debug_mode);
     if args.clients == 0 {
         bail!("-c must be at least 1");

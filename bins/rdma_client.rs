@@ -47,7 +47,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let client = args.client();
     let mode = client.prepare(&args.poll_mode)?;
     if let Some(b) = &args.bad_imm {

@@ -40,7 +40,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let (proxy, ring) = (args.proxy(), args.ring_limits());
     let mode = proxy.prepare()?;
     if args.connections == 0 {

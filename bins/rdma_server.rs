@@ -35,7 +35,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let (server, ring) = (args.server(), args.ring_limits());
     ring.check()?;
     let Some(serving) = server.prepare()? else {

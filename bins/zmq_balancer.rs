@@ -67,7 +67,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     logging::init(args.debug);
     signal::install_stop_handler();
     let mode = PollMode::parse(&args.poll_mode, 1).map_err(anyhow::Error::msg)?;

@@ -26,7 +26,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let client = args.client();
     let mode = client.prepare(&args.poll_mode)?;
     let payload = client.payload()?;

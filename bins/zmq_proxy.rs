@@ -46,7 +46,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let proxy = args.proxy();
     let mode = proxy.prepare()?;
     if args.clients == 0 {

@@ -28,7 +28,7 @@ hacserve::cli_args! {
 }
 
 fn main() -> Result<()> {
-    let args: Args = argh::from_env();
+    let args: Args = hacserve::cli::version::from_env();
     let server = args.server();
     let Some(serving) = server.prepare()? else {
         return Ok(());

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod proxy;
 pub mod server;
+pub mod version;
 
 use std::net::IpAddr;
 
