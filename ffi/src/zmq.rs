@@ -108,6 +108,19 @@ impl Context {
         socket.set_int(sys::ZMQ_LINGER as c_int, 0)?;
         Ok(socket)
     }
+
+    /// Starts a monitor on `socket` for `events` (a mask of `EVENT_*`) on an inproc endpoint
+    /// of its own and returns the PAIR socket its events arrive on (read them with
+    /// [`MonitorEvent::read`]). Call it before `socket` connects, so no event is missed.
+    pub fn monitor(&self, socket: &Socket, events: u32) -> Result<Socket> {
+        static MONITORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MONITORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let endpoint = format!("inproc://hacserve-monitor-{n}");
+        socket.monitor(&endpoint, events)?;
+        let pair = self.socket(SocketType::Pair)?;
+        pair.connect(&endpoint)?;
+        Ok(pair)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -693,14 +706,9 @@ mod tests {
         server.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = server.last_endpoint().unwrap();
         let client = ctx.socket(SocketType::Dealer).unwrap();
-        client
-            .monitor(
-                "inproc://monitor-test",
-                EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED,
-            )
+        let pair = ctx
+            .monitor(&client, EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED)
             .unwrap();
-        let pair = ctx.socket(SocketType::Pair).unwrap();
-        pair.connect("inproc://monitor-test").unwrap();
         client.connect(&endpoint).unwrap();
         let mut scratch = Message::new();
         let mut wait_for = |want: u32| {

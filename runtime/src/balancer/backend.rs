@@ -7,8 +7,6 @@
 //! marks the connection down on the event, answers or resends what was in flight on it, and
 //! takes it back when the next handshake succeeds.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use hacserve_ffi::zmq::{
     Context, Message, MonitorEvent, Socket, SocketType, EVENT_CONNECTED, EVENT_DISCONNECTED,
     EVENT_HANDSHAKE_SUCCEEDED,
@@ -24,9 +22,6 @@ pub const RECONNECT_MAX_MS: i32 = 2_000;
 /// A PING this often; a connection silent this long is closed.
 pub const HEARTBEAT_IVL_MS: i32 = 500;
 pub const HEARTBEAT_TIMEOUT_MS: i32 = 2_000;
-
-/// Names monitor endpoints uniquely within the process (several balancers in one test).
-static MONITORS: AtomicU64 = AtomicU64::new(0);
 
 /// What the monitor reported since the last look.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,16 +48,10 @@ pub fn open(
     socket.set_immediate(true)?;
     socket.set_reconnect_backoff(RECONNECT_FIRST_MS, RECONNECT_MAX_MS)?;
     socket.set_heartbeat(HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS)?;
-    let endpoint = format!(
-        "inproc://balancer-monitor-{}",
-        MONITORS.fetch_add(1, Ordering::Relaxed)
-    );
-    socket.monitor(
-        &endpoint,
+    let monitor = ctx.monitor(
+        &socket,
         EVENT_CONNECTED | EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED,
     )?;
-    let monitor = ctx.socket(SocketType::Pair)?;
-    monitor.connect(&endpoint)?;
     socket.connect(&format!("tcp://{addr}"))?;
     Ok((socket, monitor))
 }

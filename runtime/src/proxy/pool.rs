@@ -12,8 +12,8 @@
 //! slot is kept (the backend may still write the late reply there) until the late reply
 //! comes; a connection whose every slot is so abandoned, or that fails, is closed, its
 //! requests in flight answered `Unavailable`, and it is reconnected in the background with
-//! backoff ([`RECONNECT_FIRST`] doubling up to [`RECONNECT_MAX`]). While no connection is
-//! up, requests are answered `Unavailable` at once: the proxy never stops for a lost backend.
+//! rdma_client's backoff ([`RECONNECT_FIRST`], doubling). While no connection is up,
+//! requests are answered `Unavailable` at once: the proxy never stops for a lost backend.
 
 use std::collections::VecDeque;
 use std::thread::JoinHandle;
@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::balancer::routing::pick_least_outstanding;
 use crate::contract::{ClientTransport, PollMode, Queued, ServerJob, TransportError};
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
+use crate::transport::rdma::client::{next_reconnect_pause, RECONNECT_FIRST};
 use crate::transport::rdma::{RdmaClient, RdmaClientConfig};
 
 #[derive(Debug, Error)]
@@ -70,9 +71,6 @@ pub struct PoolConfig {
     pub queue_limit: usize,
 }
 
-/// The first reconnection attempt after a loss, then doubling up to the maximum.
-pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// Polls between two deadline checks (a clock read each).
 const DEADLINE_CHECK_POLLS: u64 = 256;
 
@@ -298,7 +296,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
                         Ok(h) => Reconnect::Running(h, backoff),
                         Err(e) => {
                             log::error!("backend connection {i}: no thread to reconnect: {e}");
-                            Reconnect::At(now + backoff, next_backoff(backoff))
+                            Reconnect::At(now + backoff, next_reconnect_pause(backoff))
                         }
                     }
                 }
@@ -315,9 +313,9 @@ impl<T: ProxyRequest> RdmaPool<T> {
                             "backend connection {i}: reconnecting failed ({e}); next try in {} ms",
                             backoff.as_millis()
                         );
-                        Reconnect::At(now + backoff, next_backoff(backoff))
+                        Reconnect::At(now + backoff, next_reconnect_pause(backoff))
                     }
-                    Err(_) => Reconnect::At(now + backoff, next_backoff(backoff)),
+                    Err(_) => Reconnect::At(now + backoff, next_reconnect_pause(backoff)),
                 },
                 other => other,
             };
@@ -338,8 +336,10 @@ impl<T: ProxyRequest> RdmaPool<T> {
             }
         }
         if matches!(self.reconnect[i], Reconnect::Idle) {
-            self.reconnect[i] =
-                Reconnect::At(Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST * 2);
+            self.reconnect[i] = Reconnect::At(
+                Instant::now() + RECONNECT_FIRST,
+                next_reconnect_pause(RECONNECT_FIRST),
+            );
         }
     }
 
@@ -471,10 +471,6 @@ fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportEr
 
 fn idle_slots<T>(c: &RdmaClient) -> Vec<Slot<T>> {
     (0..c.depth()).map(|_| Slot::Idle).collect()
-}
-
-fn next_backoff(d: Duration) -> Duration {
-    (d * 2).min(RECONNECT_MAX)
 }
 
 /// One line of per-connection counts.

@@ -31,6 +31,16 @@ pub struct RdmaClientConfig {
     pub mode: PollMode,
 }
 
+/// Pause before the first attempt to connect again after a loss (rdma_client, the proxies'
+/// pool), doubling after each failed attempt up to [`RECONNECT_MAX`].
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// The pause after `pause` in the reconnection backoff.
+pub fn next_reconnect_pause(pause: Duration) -> Duration {
+    (pause * 2).min(RECONNECT_MAX)
+}
+
 /// Client end: one RC connection, a registered send ring and response ring.
 pub struct RdmaClient {
     /// Where it connected and how, to connect again ([`ClientTransport::reconnect`]).
@@ -416,11 +426,11 @@ impl ClientTransport for RdmaClient {
     }
 
     /// Connects again with the same geometry (new rings, new queue pair), retrying with
-    /// backoff (100 ms doubling to 2 s) until `within` has passed; the old connection is
+    /// backoff ([`RECONNECT_FIRST`] doubling to [`RECONNECT_MAX`]) until `within` has passed; the old connection is
     /// dropped once the new one is up.
     fn reconnect(&mut self, within: Duration) -> Result<bool, TransportError> {
         let deadline = Instant::now() + within;
-        let mut pause = Duration::from_millis(100);
+        let mut pause = RECONNECT_FIRST;
         loop {
             match Self::connect_with_receives(
                 &self.host,
@@ -441,7 +451,7 @@ impl ClientTransport for RdmaClient {
                         pause.as_millis()
                     );
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(2));
+                    pause = next_reconnect_pause(pause);
                 }
             }
         }

@@ -8,7 +8,6 @@
 //! recognised by its request id and dropped). The request is kept as a libzmq message and
 //! sent as a shared reference, so keeping it costs no copy beyond the one `zmq_send` made.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::signal;
@@ -19,8 +18,6 @@ use hacserve_ffi::zmq::{
 
 use crate::contract::{ClientTransport, PollMode, TransportError};
 
-/// Names monitor endpoints uniquely within the process.
-static MONITORS: AtomicU64 = AtomicU64::new(0);
 /// Longest single wait in block mode between looks at the connection's events.
 const EVENT_TICK_MS: i64 = 50;
 /// Spins between looks at the connection's events in busy mode.
@@ -57,13 +54,7 @@ impl ZmqClient {
         // moderately over it is still read and reported as ReplyTooLarge).
         let hard = (max_reply as u64).saturating_mul(4).saturating_add(1 << 20);
         socket.set_max_msg_size(hard.min(i64::MAX as u64) as i64)?;
-        let endpoint = format!(
-            "inproc://client-monitor-{}",
-            MONITORS.fetch_add(1, Ordering::Relaxed)
-        );
-        socket.monitor(&endpoint, EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED)?;
-        let monitor = ctx.socket(SocketType::Pair)?;
-        monitor.connect(&endpoint)?;
+        let monitor = ctx.monitor(&socket, EVENT_HANDSHAKE_SUCCEEDED | EVENT_DISCONNECTED)?;
         socket.connect(&format!("tcp://{host}:{port}"))?;
         Ok(ZmqClient {
             socket,
