@@ -12,45 +12,13 @@
 
 mod common;
 
-use common::section;
+use common::{client_totals, proxy_share_sum, section, stop_line_in};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const RCLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 const ZCLIENT: &str = env!("CARGO_BIN_EXE_zmq_client");
 const ZPROXY: &str = env!("CARGO_BIN_EXE_zmq_proxy");
 const RPROXY: &str = env!("CARGO_BIN_EXE_rdma_proxy");
-
-/// (requests, errors) summed over a loop's client runs: their " ...: N requests, E errors,"
-/// table lines.
-fn totals(text: &str) -> (u64, u64, usize) {
-    let mut runs = 0;
-    let (mut requests, mut errors) = (0, 0);
-    for l in text.lines().filter(|l| l.contains(" requests, ")) {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == "requests,").unwrap();
-        requests += words[at - 1].parse::<u64>().unwrap();
-        errors += words[at + 1].parse::<u64>().unwrap();
-        runs += 1;
-    }
-    (requests, errors, runs)
-}
-
-/// The value before `what` in a proxy's per-connection shares ("conn 0: 5 forwarded, ...").
-fn share_sum(text: &str, what: &str) -> u64 {
-    let line = text
-        .lines()
-        .find(|l| l.contains(" stopped: "))
-        .unwrap_or_else(|| panic!("no stop line in:\n{text}"));
-    let words: Vec<&str> = line
-        .split([' ', ',', ';'])
-        .filter(|w| !w.is_empty())
-        .collect();
-    words
-        .windows(2)
-        .filter(|w| w[1] == what)
-        .map(|w| w[0].parse::<u64>().unwrap())
-        .sum()
-}
 
 #[test]
 fn proxies_survive_a_killed_and_a_stopped_backend_in_the_vm() {
@@ -142,17 +110,17 @@ exit $fail
     println!("direct rdma_client across a restart:\n{direct}");
     assert!(direct.contains("15 requests, 0 errors"), "{direct}");
     assert!(direct.contains("resent after reconnecting: 1"), "{direct}");
-    for (name, proxy, after) in [
-        ("zloop", zproxy, "zmq_after"),
-        ("rloop", rproxy, "rdma_after"),
+    for (name, proxy, role, after) in [
+        ("zloop", zproxy, "zmq_proxy", "zmq_after"),
+        ("rloop", rproxy, "rdma_proxy", "rdma_after"),
     ] {
         let all = section(stdout, name);
         assert!(
             !all.contains("RUN FAILED") && !all.contains("run stopped"),
             "{name}: a client waited past its timeout:\n{all}"
         );
-        let (requests, errors, runs) = totals(all);
-        let (after_requests, after_errors, _) = totals(section(stdout, after));
+        let (runs, requests, errors) = client_totals(all);
+        let (_, after_requests, after_errors) = client_totals(section(stdout, after));
         println!("{name}: {runs} runs, {requests} requests, {errors} errors during the faults; after them: {after_requests} requests, {after_errors} errors");
         assert!(errors > 0, "{name}: the faults cost no request? {all}");
         assert_eq!(
@@ -163,11 +131,11 @@ exit $fail
         // Each proxy answered the errors itself, and every one it answered reached a client.
         assert!(proxy.contains("stopped"), "{proxy}");
         assert!(
-            share_sum(proxy, "reconnects") >= 2,
+            proxy_share_sum(stop_line_in(proxy, role), "reconnects") >= 2,
             "{name}: reconnected: {proxy}"
         );
         assert!(
-            share_sum(proxy, "timed") >= 1,
+            proxy_share_sum(stop_line_in(proxy, role), "timed") >= 1,
             "{name}: the stopped backend's requests timed out: {proxy}"
         );
     }

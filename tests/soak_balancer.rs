@@ -16,10 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hacserve_runtime::contract::{ClientTransport, PollMode};
+use hacserve_runtime::contract::ClientTransport;
 use hacserve_runtime::libzmq::{Context, SocketType};
 use hacserve_runtime::protocol::*;
-use hacserve_runtime::transport::zmq::ZmqClient;
 
 #[derive(Debug, Default, Clone)]
 struct Tally {
@@ -58,16 +57,7 @@ fn code_name(code: u32) -> String {
 /// A well-behaved closed-loop client: echoes of sizes cycling 16 B .. 64 KiB, or inference
 /// of the test photo. Fails the test on a reply that does not come within 10 s.
 fn good_client(port: u16, id: u32, infer: bool, stop: Arc<AtomicBool>) -> Tally {
-    let ctx = Context::new().unwrap();
-    let mut c = ZmqClient::connect(
-        &ctx,
-        "127.0.0.1",
-        port,
-        Duration::from_secs(10),
-        PollMode::Block,
-        1 << 20,
-    )
-    .unwrap();
+    let mut c = zmq_connect_with(port, Duration::from_secs(10), 1 << 20);
     let jpeg = std::fs::read(image()).unwrap();
     let sizes = [16usize, 1024, 16 << 10, 64 << 10];
     let mut t = Tally::default();
@@ -106,16 +96,7 @@ fn good_client(port: u16, id: u32, infer: bool, stop: Arc<AtomicBool>) -> Tally 
 
 /// Malformed requests (bad magic, truncated, unknown task), each answered with its error.
 fn malformed_client(port: u16, stop: Arc<AtomicBool>) -> Tally {
-    let ctx = Context::new().unwrap();
-    let mut c = ZmqClient::connect(
-        &ctx,
-        "127.0.0.1",
-        port,
-        Duration::from_secs(10),
-        PollMode::Block,
-        1 << 20,
-    )
-    .unwrap();
+    let mut c = zmq_connect_with(port, Duration::from_secs(10), 1 << 20);
     let mut t = Tally::default();
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -165,13 +146,6 @@ fn oversized(port: u16) {
     s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
     s.send(&vec![0u8; 16 << 20], 0).unwrap();
     thread::sleep(Duration::from_millis(500));
-}
-
-fn stop_line(out: &[String], role: &str) -> String {
-    out.iter()
-        .find(|l| l.contains(&format!("{role} stopped")))
-        .unwrap_or_else(|| panic!("no stop line: {out:#?}"))
-        .clone()
 }
 
 #[test]

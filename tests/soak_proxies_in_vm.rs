@@ -13,46 +13,13 @@
 
 mod common;
 
-use common::{counter, section};
+use common::{client_totals, counter, proxy_share_sum, section, stop_line_in};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const RCLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
 const ZCLIENT: &str = env!("CARGO_BIN_EXE_zmq_client");
 const ZPROXY: &str = env!("CARGO_BIN_EXE_zmq_proxy");
 const RPROXY: &str = env!("CARGO_BIN_EXE_rdma_proxy");
-
-/// (runs, requests, errors) over a loop's " ...: N requests, E errors," table lines.
-fn totals(text: &str) -> (u64, u64, u64) {
-    let (mut runs, mut requests, mut errors) = (0, 0, 0);
-    for l in text.lines().filter(|l| l.contains(" requests, ")) {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == "requests,").unwrap();
-        requests += words[at - 1].parse::<u64>().unwrap();
-        errors += words[at + 1].parse::<u64>().unwrap();
-        runs += 1;
-    }
-    (runs, requests, errors)
-}
-
-/// The sum over connections of the count before `what` in a proxy's shares.
-fn shares(line: &str, what: &str) -> u64 {
-    let part = line.split(" | ").nth(1).unwrap_or("");
-    let words: Vec<&str> = part
-        .split([' ', ',', ';'])
-        .filter(|w| !w.is_empty())
-        .collect();
-    words
-        .windows(2)
-        .filter(|w| w[1] == what)
-        .map(|w| w[0].parse::<u64>().unwrap())
-        .sum()
-}
-
-fn stop_line<'a>(text: &'a str, role: &str) -> &'a str {
-    text.lines()
-        .find(|l| l.contains(&format!("{role} stopped: ")))
-        .unwrap_or_else(|| panic!("no {role} stop line in:\n{text}"))
-}
 
 /// "pid-name rss0 rss1" lines: resident KiB after warm-up and at the end.
 fn rss(text: &str, name: &str) -> (u64, u64) {
@@ -144,9 +111,9 @@ exit $fail
     let out = &run.stdout;
     assert_eq!(run.status, Some(0), "script failed:\n{out}");
     assert!(!out.contains("panicked"), "a process panicked");
-    let z = stop_line(section(out, "zproxy"), "zmq_proxy").to_string();
-    let r = stop_line(section(out, "rproxy"), "rdma_proxy").to_string();
-    let s = stop_line(section(out, "server"), "rdma_server").to_string();
+    let z = stop_line_in(section(out, "zproxy"), "zmq_proxy").to_string();
+    let r = stop_line_in(section(out, "rproxy"), "rdma_proxy").to_string();
+    let s = stop_line_in(section(out, "server"), "rdma_server").to_string();
     let rss_text = section(out, "rss");
     let hostile = section(out, "hostile");
 
@@ -158,7 +125,7 @@ exit $fail
     let mut good = 0;
     for name in ["recho", "rinfer", "zecho"] {
         let text = section(out, name);
-        let (runs, requests, errors) = totals(text);
+        let (runs, requests, errors) = client_totals(text);
         let lost = text.matches("RUN FAILED").count() + text.matches("run stopped").count();
         println!("{name:<28} {runs:>6} {requests:>9} {errors:>8} {lost:>5}");
         assert!(runs > 0, "{name} never finished a run");
@@ -183,8 +150,10 @@ exit $fail
         );
         // What it forwarded came back, failed with its connection or timed out.
         assert_eq!(
-            shares(line, "forwarded"),
-            shares(line, "answered") + shares(line, "failed") + shares(line, "timed"),
+            proxy_share_sum(line, "forwarded"),
+            proxy_share_sum(line, "answered")
+                + proxy_share_sum(line, "failed")
+                + proxy_share_sum(line, "timed"),
             "{name}: {line}"
         );
     }
@@ -192,7 +161,7 @@ exit $fail
     let server_received = counter(&s, "received");
     assert_eq!(
         server_received,
-        shares(&z, "forwarded") + shares(&r, "forwarded"),
+        proxy_share_sum(&z, "forwarded") + proxy_share_sum(&r, "forwarded"),
         "{s}"
     );
     assert_eq!(

@@ -11,10 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hacserve_runtime::contract::{ClientTransport, PollMode};
-use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::contract::ClientTransport;
 use hacserve_runtime::protocol::*;
-use hacserve_runtime::transport::zmq::ZmqClient;
 
 /// What a client saw.
 #[derive(Debug, Default, Clone)]
@@ -53,9 +51,7 @@ fn echo(client_id: u32, request_id: u64) -> Vec<u8> {
 /// Closed-loop echo requests until `stop`; every request must get its own answer within
 /// `patience` (a client-side timeout is a hang: the test fails).
 fn client(port: u16, id: u32, stop: Arc<AtomicBool>, patience: Duration) -> Outcomes {
-    let ctx = Context::new().unwrap();
-    let mut c =
-        ZmqClient::connect(&ctx, "127.0.0.1", port, patience, PollMode::Block, 1 << 20).unwrap();
+    let mut c = zmq_connect_with(port, patience, 1 << 20);
     let mut o = Outcomes::default();
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -107,13 +103,6 @@ fn join(handles: Vec<thread::JoinHandle<Outcomes>>) -> Outcomes {
         all.merge(&h.join().unwrap());
     }
     all
-}
-
-fn stop_line(out: &[String], role: &str) -> String {
-    out.iter()
-        .find(|l| l.contains(&format!("{role} stopped")))
-        .unwrap_or_else(|| panic!("no stop line: {out:#?}"))
-        .clone()
 }
 
 /// `<address>: N forwarded ..., N answered, ...` for one backend in the balancer's line.
@@ -202,23 +191,7 @@ fn a_hung_backend_times_out_its_requests_and_loses_its_traffic() {
     let timeout = Duration::from_millis(1000);
     // Its shares every second, to see the backend taken back after it resumes.
     let backends = format!("{a_addr},{b_addr}");
-    let balancer = Service::start(
-        env!("CARGO_BIN_EXE_zmq_balancer"),
-        &[
-            "--server-address",
-            &backends,
-            "--local-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "--poll-mode",
-            "block",
-            "-i",
-            "1",
-            "--timeout-ms",
-            "1000",
-        ],
-    );
+    let balancer = zmq_balancer_reporting(&backends, 1, &["--timeout-ms", "1000"]);
     let stop = Arc::new(AtomicBool::new(false));
     let handles = clients(balancer.port, 4, &stop, Duration::from_secs(10));
     thread::sleep(Duration::from_millis(500));
@@ -282,16 +255,7 @@ fn requests_wait_for_a_backend_that_is_not_up_yet_and_get_unavailable_past_their
     let addr = format!("127.0.0.1:{port}");
     // Longer than libzmq's longest reconnection pause (2 s) plus a server's start.
     let balancer = zmq_balancer(&addr, &["--timeout-ms", "4000"]);
-    let ctx = Context::new().unwrap();
-    let mut c = ZmqClient::connect(
-        &ctx,
-        "127.0.0.1",
-        balancer.port,
-        Duration::from_secs(10),
-        PollMode::Block,
-        1 << 20,
-    )
-    .unwrap();
+    let mut c = zmq_connect_with(balancer.port, Duration::from_secs(10), 1 << 20);
     // No backend at all: the request waits its whole deadline, then Unavailable.
     let start = Instant::now();
     c.send(&echo(1, 0)).unwrap();
@@ -326,16 +290,7 @@ fn a_client_sends_its_request_again_to_a_restarted_server() {
     let model = model("resnet50");
     let server = zmq_server(&model, &[]);
     let port = server.port;
-    let ctx = Context::new().unwrap();
-    let mut c = ZmqClient::connect(
-        &ctx,
-        "127.0.0.1",
-        port,
-        Duration::from_secs(60),
-        PollMode::Block,
-        1 << 20,
-    )
-    .unwrap();
+    let mut c = zmq_connect_with(port, Duration::from_secs(60), 1 << 20);
     let jpeg = std::fs::read(image()).unwrap();
     let mut m = vec![0u8; HEADER_LEN + jpeg.len()];
     Header::request(Task::Infer, 5, 42, jpeg.len())

@@ -184,6 +184,12 @@ pub fn zmq_server_on(port: u16, model: &Path, extra: &[&str]) -> Service {
 /// A zmq_balancer on 127.0.0.1 (any port) in front of `backends` ("host:port,..."), block
 /// polling, no monitor, plus `extra` options.
 pub fn zmq_balancer(backends: &str, extra: &[&str]) -> Service {
+    zmq_balancer_reporting(backends, 0, extra)
+}
+
+/// A zmq_balancer that prints its backends' shares every `monitor_secs` (0: only at exit).
+pub fn zmq_balancer_reporting(backends: &str, monitor_secs: u64, extra: &[&str]) -> Service {
+    let monitor = monitor_secs.to_string();
     let mut args = vec![
         "--server-address",
         backends,
@@ -194,7 +200,7 @@ pub fn zmq_balancer(backends: &str, extra: &[&str]) -> Service {
         "--poll-mode",
         "block",
         "-i",
-        "0",
+        &monitor,
     ];
     args.extend_from_slice(extra);
     Service::start(env!("CARGO_BIN_EXE_zmq_balancer"), &args)
@@ -384,16 +390,69 @@ pub fn cpu_top5(model: &Path) -> [u32; 5] {
 
 /// A ZeroMQ client of a server on 127.0.0.1:`port` (60 s timeout, blocking polls).
 pub fn zmq_connect(port: u16) -> hacserve_runtime::transport::zmq::ZmqClient {
+    zmq_connect_with(port, Duration::from_secs(60), 64 << 20)
+}
+
+/// A blocking ZeroMQ client of 127.0.0.1:`port` that waits `patience` for each reply.
+pub fn zmq_connect_with(
+    port: u16,
+    patience: Duration,
+    max_reply: usize,
+) -> hacserve_runtime::transport::zmq::ZmqClient {
     let ctx = hacserve_runtime::libzmq::Context::new().unwrap();
     hacserve_runtime::transport::zmq::ZmqClient::connect(
         &ctx,
         "127.0.0.1",
         port,
-        Duration::from_secs(60),
+        patience,
         hacserve_runtime::contract::PollMode::Block,
-        64 << 20,
+        max_reply,
     )
     .unwrap()
+}
+
+/// A role's stop line (`<role> stopped: ...`) among a process's output lines.
+pub fn stop_line(out: &[String], role: &str) -> String {
+    out.iter()
+        .find(|l| l.contains(&format!("{role} stopped")))
+        .unwrap_or_else(|| panic!("no {role} stop line: {out:#?}"))
+        .clone()
+}
+
+/// The same in a block of text (a section of a VM run's output).
+pub fn stop_line_in<'a>(text: &'a str, role: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains(&format!("{role} stopped: ")))
+        .unwrap_or_else(|| panic!("no {role} stop line in:\n{text}"))
+}
+
+/// (runs, requests, errors) summed over client runs' table lines
+/// (" <label>: N requests, E errors, ...").
+pub fn client_totals(text: &str) -> (u64, u64, u64) {
+    let (mut runs, mut requests, mut errors) = (0, 0, 0);
+    for l in text.lines().filter(|l| l.contains(" requests, ")) {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "requests,").unwrap();
+        requests += words[at - 1].parse::<u64>().unwrap();
+        errors += words[at + 1].parse::<u64>().unwrap();
+        runs += 1;
+    }
+    (runs, requests, errors)
+}
+
+/// The sum over a proxy's backend connections of the count before `what` in its stop line's
+/// shares ("<counters> | conn 0: 5 forwarded, 5 answered, ...; conn 1: ... | ...").
+pub fn proxy_share_sum(line: &str, what: &str) -> u64 {
+    let part = line.split(" | ").nth(1).unwrap_or("");
+    let words: Vec<&str> = part
+        .split([' ', ',', ';'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    words
+        .windows(2)
+        .filter(|w| w[1] == what)
+        .map(|w| w[0].parse::<u64>().unwrap())
+        .sum()
 }
 
 /// Sends one message and returns the reply's header and body.
