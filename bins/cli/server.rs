@@ -119,15 +119,51 @@ pub fn serve<T: ServerTransport>(
         args.max_queued_mib,
     );
     let served = threads.serve(transport, &opts);
+    // As the original: `<folder>_<total clients>` when the clients declared their number.
+    let log_folder = opts
+        .log_folder
+        .as_deref()
+        .map(|f| folder_for_run(f, transport.declared_total_clients()));
     threads
         .report_stop(
             role,
             s.backend.gpus(),
-            opts.log_folder.as_deref(),
+            log_folder.as_deref(),
             served.records,
         )
         .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
     after_stop(transport);
     served.result.context("serving")?;
     Ok(())
+}
+
+/// The server's log folder for a run of `total_clients` declared clients: `<folder>_<N>`
+/// (the original's naming), or `folder` itself when none was declared.
+fn folder_for_run(folder: &std::path::Path, total_clients: Option<u32>) -> std::path::PathBuf {
+    match total_clients {
+        Some(n) => {
+            let mut name = folder.as_os_str().to_os_string();
+            name.push(format!("_{n}"));
+            name.into()
+        }
+        None => folder.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folder_for_run;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn log_folder_carries_the_declared_client_count() {
+        assert_eq!(
+            folder_for_run(Path::new("results/run"), Some(8)),
+            PathBuf::from("results/run_8")
+        );
+        assert_eq!(
+            folder_for_run(Path::new("results"), None),
+            PathBuf::from("results")
+        );
+    }
 }
