@@ -10,7 +10,9 @@
 //! spelling, which a `$ty:ty` fragment would hide.
 
 pub mod client;
+pub mod load;
 pub mod proxy;
+pub mod results;
 pub mod server;
 pub mod version;
 
@@ -158,6 +160,15 @@ macro_rules! cli_args {
         /// do not pin threads to cores
         #[argh(switch)]
         no_pin: [bool],
+        /// resources sample period in ms (resources.csv with -s; the metrics endpoint)
+        #[argh(option, default = "20")]
+        sample_ms: [u64],
+        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
+        #[argh(option)]
+        metrics_port: [Option<u16>],
+        /// address the metrics endpoint binds
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        metrics_address: [String],
     }); };
     (@group ring_limits [$($k:tt)*]) => { $crate::cli_args!($($k)* ring_limits RingLimits {
         /// largest request slot a client may ask for, in bytes (bounds header + payload)
@@ -263,6 +274,15 @@ macro_rules! cli_args {
         /// gets a Timeout error from the proxy (its late answer is dropped)
         #[argh(option, default = "10000")]
         request_timeout_ms: [u64],
+        /// resources sample period in ms (the metrics endpoint's resources)
+        #[argh(option, default = "20")]
+        sample_ms: [u64],
+        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
+        #[argh(option)]
+        metrics_port: [Option<u16>],
+        /// address the metrics endpoint binds
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        metrics_address: [String],
     }); };
 }
 

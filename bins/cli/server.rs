@@ -1,6 +1,7 @@
 //! The servers' main body: zmq_server and rdma_server differ only in the transport they
 //! build and a few words of their banner.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -8,11 +9,22 @@ use hacserve_runtime::contract::{ServerPollMode, ServerTransport};
 use hacserve_runtime::engine::registry::BackendChoice;
 use hacserve_runtime::engine::BackendArgs;
 use hacserve_runtime::labels::Labels;
+use hacserve_runtime::metrics::{render_counters, render_resources, serve_metrics};
 use hacserve_runtime::pipeline::{Pipeline, MAX_IMAGE_PIXELS};
-use hacserve_runtime::protocol::HEADER_LEN;
+use hacserve_runtime::protocol::{Task, HEADER_LEN};
 use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 
+use super::results::{run_info, Recording};
 use super::ServerArgs;
+
+/// The inbound transport a role's name says (zmq_server: zmq, rdma_server: rdma).
+pub fn transport_name(role: &str) -> &'static str {
+    if role.starts_with("rdma") {
+        "rdma"
+    } else {
+        "zmq"
+    }
+}
 
 /// The choices made from the options before any transport exists.
 pub struct Serving {
@@ -109,6 +121,29 @@ pub fn serve<T: ServerTransport>(
     Labels::log_availability(&args.classes_file);
     let mut threads = ServerThreads::start(&opts, transport, pipelines)
         .context("starting worker and monitor threads")?;
+    let recording = Recording::start(
+        opts.log_folder.as_deref(),
+        Duration::from_millis(args.sample_ms),
+        args.metrics_port.is_some(),
+    )?;
+    if let Some(port) = args.metrics_port {
+        let queue = threads.queue.clone();
+        let latest = recording.sampler.as_ref().map(|s| s.latest());
+        queue.counters.timed.store(true, Ordering::Relaxed);
+        let at = serve_metrics(&args.metrics_address, port, move |out| {
+            render_counters(out, &queue.counters, |t| Task::from_u8(t).map(Task::name));
+            if let Some(l) = &latest {
+                render_resources(out, l);
+            }
+        })
+        .with_context(|| {
+            format!(
+                "binding the metrics endpoint {}:{port}",
+                args.metrics_address
+            )
+        })?;
+        println!("{role} metrics on http://{}/metrics", at.addr);
+    }
     println!(
         "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail} | images up to {} px | queued requests up to {} MiB",
         args.engine_file.display(),
@@ -119,6 +154,15 @@ pub fn serve<T: ServerTransport>(
         args.max_queued_mib,
     );
     let served = threads.serve(transport, &opts);
+    let c = &threads.queue.counters;
+    let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
+    let mut info = run_info(role, transport_name(role));
+    info.model = Some(args.engine_file.display().to_string());
+    info.backend = Some(s.backend.describe());
+    info.precision = (args.backend != "cpu").then(|| args.precision.clone());
+    info.hosts = vec![at.clone()];
+    info.files = vec![("server_requests.csv".into(), 1)];
+    recording.finish(role, Some(finished), opts.log_folder.as_deref(), info)?;
     threads
         .report_stop(
             role,

@@ -120,12 +120,16 @@ impl<'a> Ledger<'a> {
         match outcome {
             Outcome::Answered { .. } => {
                 self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                self.counters.answered_by_task[usize::from(task) & 7]
+                    .fetch_add(1, Ordering::Relaxed);
                 if self.debug {
                     log::debug!("{who}: client {client_id} request {request_id} {outcome:?}");
                 }
             }
             Outcome::Rejected(code) => {
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.counters.rejected_by_code[(code as usize).min(31)]
+                    .fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "{who}: rejected client {client_id} request {request_id}: {code:?}: {error_text}"
                 );
@@ -138,12 +142,21 @@ impl<'a> Ledger<'a> {
         probe.handled.fetch_add(1, Ordering::Relaxed);
         let sampled = probe.sampled.load(Ordering::Relaxed);
         let logged = self.log.len() < self.log.capacity();
-        if !sampled && !logged {
+        let timed = self.counters.timed.load(Ordering::Relaxed);
+        if !sampled && !logged && !timed {
             // Nobody reads the finish time: skip the clock (a syscall where the clocksource
             // is not the TSC, e.g. ~2 us in the emulated testbed).
             return;
         }
         let finished = realtime_ns();
+        if timed {
+            let ns = finished.saturating_sub(received);
+            self.counters.latency_buckets[crate::metrics::latency_bucket(ns)]
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .latency_sum_ns
+                .fetch_add(ns, Ordering::Relaxed);
+        }
         if sampled
             && probe
                 .latencies

@@ -1,0 +1,369 @@
+//! `--metrics-port`: Prometheus text over a tiny blocking HTTP responder on its own thread,
+//! off the hot path (it reads relaxed atomics the roles keep anyway). `GET /metrics` (or
+//! `/`) answers the role's figures; anything else 404. One connection at a time, each with
+//! a 1 s read timeout, so a stuck scraper costs a second, never the serving threads.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Duration;
+
+use hacserve_ffi::signal;
+
+use crate::contract::Counters;
+use crate::resources::Latest;
+
+/// Upper bounds (µs) of the receive-to-reply histogram buckets (`+Inf` follows).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    10_000_000,
+];
+
+/// The index of the bucket a latency of `ns` falls in (the last is +Inf).
+pub fn latency_bucket(ns: u64) -> usize {
+    let us = ns / 1000;
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|&b| us <= b)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}
+
+/// The endpoint's address once bound (port 0 picks a free one).
+pub struct MetricsEndpoint {
+    pub addr: SocketAddr,
+}
+
+/// Binds `bind:port` and answers scrapes with `render`'s text until a stop is requested.
+pub fn serve_metrics(
+    bind: &str,
+    port: u16,
+    render: impl Fn(&mut String) + Send + 'static,
+) -> io::Result<MetricsEndpoint> {
+    let listener = TcpListener::bind((bind, port))?;
+    let addr = listener.local_addr()?;
+    // Non-blocking accept with a short sleep: the thread notices a stop within 50 ms.
+    listener.set_nonblocking(true)?;
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let mut body = String::with_capacity(16 << 10);
+            while !signal::stop_requested() {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        body.clear();
+                        if let Err(e) = answer(stream, &render, &mut body) {
+                            log::debug!("metrics: scrape failed: {e}");
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => {
+                        log::warn!("metrics: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })?;
+    Ok(MetricsEndpoint { addr })
+}
+
+fn answer(
+    mut stream: TcpStream,
+    render: &impl Fn(&mut String),
+    body: &mut String,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        let k = stream.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let path = request
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split_whitespace().next());
+    let (status, content) = match path {
+        Some("/metrics") | Some("/") => {
+            render(body);
+            ("200 OK", body.as_str())
+        }
+        _ => ("404 Not Found", "not found: GET /metrics\n"),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{content}",
+        content.len()
+    )?;
+    stream.flush()
+}
+
+/// `# HELP` / `# TYPE` lines of one metric.
+pub fn describe(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One sample line: `name{labels} value`.
+pub fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// The process's resources from its sampler (CPU seconds, RSS, GPU when NVML loaded).
+pub fn render_resources(out: &mut String, latest: &Latest) {
+    let user = latest.cpu_user_us.load(Ordering::Relaxed) as f64 / 1e6;
+    let system = latest.cpu_system_us.load(Ordering::Relaxed) as f64 / 1e6;
+    describe(
+        out,
+        "hacserve_cpu_seconds_total",
+        "counter",
+        "CPU time of this process",
+    );
+    sample(out, "hacserve_cpu_seconds_total", "mode=\"user\"", user);
+    sample(out, "hacserve_cpu_seconds_total", "mode=\"system\"", system);
+    describe(
+        out,
+        "hacserve_resident_memory_bytes",
+        "gauge",
+        "resident set size",
+    );
+    sample(
+        out,
+        "hacserve_resident_memory_bytes",
+        "",
+        latest.rss_bytes.load(Ordering::Relaxed),
+    );
+    let gpu_mem = latest.gpu_memory_used_bytes.load(Ordering::Relaxed);
+    if gpu_mem != u64::MAX {
+        describe(
+            out,
+            "hacserve_gpu_memory_used_bytes",
+            "gauge",
+            "device memory in use, all GPUs",
+        );
+        sample(out, "hacserve_gpu_memory_used_bytes", "", gpu_mem);
+        describe(
+            out,
+            "hacserve_gpu_utilization_percent",
+            "gauge",
+            "busiest GPU's utilisation",
+        );
+        sample(
+            out,
+            "hacserve_gpu_utilization_percent",
+            "",
+            latest.gpu_utilization_percent.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// A serving core's counters: requests by outcome, answers by task, rejections by code,
+/// queue depth and bytes, requests in flight, the receive-to-reply histogram.
+pub fn render_counters(
+    out: &mut String,
+    c: &Counters,
+    task_name: impl Fn(u8) -> Option<&'static str>,
+) {
+    let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    describe(
+        out,
+        "hacserve_requests_total",
+        "counter",
+        "requests received, by outcome",
+    );
+    let received = r(&c.received);
+    let answered = r(&c.answered);
+    let rejected = r(&c.rejected);
+    let overloaded = r(&c.overloaded);
+    sample(
+        out,
+        "hacserve_requests_total",
+        "outcome=\"received\"",
+        received,
+    );
+    sample(
+        out,
+        "hacserve_requests_total",
+        "outcome=\"answered\"",
+        answered,
+    );
+    sample(
+        out,
+        "hacserve_requests_total",
+        "outcome=\"rejected\"",
+        rejected,
+    );
+    sample(
+        out,
+        "hacserve_requests_total",
+        "outcome=\"overloaded\"",
+        overloaded,
+    );
+    describe(
+        out,
+        "hacserve_answered_total",
+        "counter",
+        "requests answered, by task",
+    );
+    for (t, n) in c.answered_by_task.iter().enumerate() {
+        let n = r(n);
+        if n > 0 {
+            let name = task_name(t as u8).unwrap_or("unknown");
+            sample(
+                out,
+                "hacserve_answered_total",
+                &format!("task=\"{name}\""),
+                n,
+            );
+        }
+    }
+    describe(
+        out,
+        "hacserve_errors_total",
+        "counter",
+        "error replies, by protocol error code",
+    );
+    for (code, n) in c.rejected_by_code.iter().enumerate() {
+        let n = r(n);
+        if n > 0 {
+            sample(out, "hacserve_errors_total", &format!("code=\"{code}\""), n);
+        }
+    }
+    if overloaded > 0 {
+        sample(
+            out,
+            "hacserve_errors_total",
+            "code=\"11\",where=\"queue\"",
+            overloaded,
+        );
+    }
+    describe(
+        out,
+        "hacserve_queue_depth",
+        "gauge",
+        "requests waiting for a worker",
+    );
+    sample(
+        out,
+        "hacserve_queue_depth",
+        "",
+        c.in_queue.load(Ordering::Relaxed),
+    );
+    describe(
+        out,
+        "hacserve_queued_bytes",
+        "gauge",
+        "bytes the queued requests hold",
+    );
+    sample(
+        out,
+        "hacserve_queued_bytes",
+        "",
+        c.queued_bytes.load(Ordering::Relaxed),
+    );
+    describe(
+        out,
+        "hacserve_in_flight",
+        "gauge",
+        "requests received and not yet finished",
+    );
+    sample(
+        out,
+        "hacserve_in_flight",
+        "",
+        received.saturating_sub(answered + rejected + overloaded),
+    );
+    describe(
+        out,
+        "hacserve_dropped_replies_total",
+        "counter",
+        "replies dropped, client not reading",
+    );
+    sample(
+        out,
+        "hacserve_dropped_replies_total",
+        "",
+        r(&c.dropped_replies),
+    );
+    let name = "hacserve_server_latency_seconds";
+    describe(
+        out,
+        name,
+        "histogram",
+        "receive to reply of finished requests",
+    );
+    let mut cumulative = 0u64;
+    for (i, b) in c.latency_buckets.iter().enumerate() {
+        cumulative += r(b);
+        let le = match LATENCY_BUCKETS_US.get(i) {
+            Some(us) => format!("{}", *us as f64 / 1e6),
+            None => "+Inf".into(),
+        };
+        sample(
+            out,
+            &format!("{name}_bucket"),
+            &format!("le=\"{le}\""),
+            cumulative,
+        );
+    }
+    sample(
+        out,
+        &format!("{name}_sum"),
+        "",
+        r(&c.latency_sum_ns) as f64 / 1e9,
+    );
+    sample(out, &format!("{name}_count"), "", cumulative);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_every_latency() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(50_000), 0);
+        assert_eq!(latency_bucket(50_001_000), 1);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS_US.len());
+    }
+
+    #[test]
+    fn counters_render_as_prometheus_text() {
+        let c = Counters::default();
+        c.received.store(5, Ordering::Relaxed);
+        c.answered.store(3, Ordering::Relaxed);
+        c.answered_by_task[3].store(3, Ordering::Relaxed);
+        c.latency_buckets[2].store(3, Ordering::Relaxed);
+        let mut out = String::new();
+        render_counters(&mut out, &c, |t| (t == 3).then_some("echo"));
+        assert!(
+            out.contains("hacserve_answered_total{task=\"echo\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("hacserve_in_flight 2\n"), "{out}");
+        assert!(
+            out.contains("hacserve_server_latency_seconds_bucket{le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hacserve_server_latency_seconds_bucket{le=\"0.0001\"} 0\n"),
+            "{out}"
+        );
+    }
+}
