@@ -23,10 +23,9 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
 
 /// The index of the bucket a latency of `ns` falls in (the last is +Inf).
 pub fn latency_bucket(ns: u64) -> usize {
-    let us = ns / 1000;
     LATENCY_BUCKETS_US
         .iter()
-        .position(|&b| us <= b)
+        .position(|&b| ns <= b * 1000)
         .unwrap_or(LATENCY_BUCKETS_US.len())
 }
 
@@ -339,7 +338,8 @@ mod tests {
     fn buckets_cover_every_latency() {
         assert_eq!(latency_bucket(0), 0);
         assert_eq!(latency_bucket(50_000), 0);
-        assert_eq!(latency_bucket(50_001_000), 1);
+        assert_eq!(latency_bucket(50_001), 1);
+        assert_eq!(latency_bucket(50_001_000), 10);
         assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS_US.len());
     }
 
