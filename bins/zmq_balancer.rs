@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
+use hacserve::cli::results::{run_info, Recording};
 use hacserve_runtime::balancer::{format_counts, format_shares, Balancer, BalancerConfig};
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::metrics::{render_balancer, render_resources, serve_metrics};
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
@@ -64,6 +66,21 @@ struct Args {
     /// below the backends' --reply-hwm, or a backend may drop replies to the balancer
     #[argh(option, default = "DEFAULT_REPLY_HWM")]
     backend_window: usize,
+    /// resources sample period in ms (resources.csv with -s; the metrics endpoint)
+    #[argh(option, default = "20")]
+    sample_ms: u64,
+    /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
+    #[argh(option)]
+    metrics_port: Option<u16>,
+    /// address the metrics endpoint binds
+    #[argh(option, default = "String::from(\"0.0.0.0\")")]
+    metrics_address: String,
+    /// save resources.csv and run.json into the logs folder
+    #[argh(switch, short = 's')]
+    save_logs: bool,
+    /// logs folder
+    #[argh(option, short = 'f', default = "std::path::PathBuf::from(\"results\")")]
+    folder: std::path::PathBuf,
 }
 
 fn main() -> Result<()> {
@@ -115,6 +132,29 @@ fn main() -> Result<()> {
     };
     let mut balancer = Balancer::new(&ctx, &cfg)
         .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
+    let folder = args.save_logs.then_some(args.folder.as_path());
+    let recording = Recording::start(
+        folder,
+        Duration::from_millis(args.sample_ms),
+        args.metrics_port.is_some(),
+    )?;
+    if let Some(port) = args.metrics_port {
+        let live = balancer.live();
+        let latest = recording.sampler.as_ref().map(|s| s.latest());
+        let at = serve_metrics(&args.metrics_address, port, move |out| {
+            render_balancer(out, &live);
+            if let Some(l) = &latest {
+                render_resources(out, l);
+            }
+        })
+        .with_context(|| {
+            format!(
+                "binding the metrics endpoint {}:{port}",
+                args.metrics_address
+            )
+        })?;
+        println!("zmq_balancer metrics on http://{}/metrics", at.addr);
+    }
     println!(
         "zmq_balancer listening on {} | model {} | backends {} x{} connections | timeout {} ms | poll {:?}",
         balancer.endpoint(),
@@ -127,6 +167,14 @@ fn main() -> Result<()> {
     let report = balancer
         .run(mode, Duration::from_secs(args.monitor_interval))
         .context("forwarding")?;
+    let mut info = run_info("zmq_balancer", "zmq");
+    info.model = Some(args.model_name.clone());
+    info.hosts = std::iter::once(balancer.endpoint().to_string())
+        .chain(backends.iter().cloned())
+        .collect();
+    let c = &report.counts;
+    let finished = c.answered + c.timed_out + c.unavailable + c.overloaded;
+    recording.finish("zmq_balancer", Some(finished), folder, info)?;
     println!(
         "zmq_balancer stopped: {} | {}",
         format_counts(&report.counts),

@@ -298,3 +298,57 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
         .unwrap()
         .contains("\"role\": \"zmq_server\""));
 }
+
+#[test]
+fn the_balancer_serves_its_counts_as_metrics() {
+    let server = zmq_server(&model("resnet_tiny"), &[]);
+    let backend = format!("127.0.0.1:{}", server.port);
+    let balancer = common::zmq_balancer(
+        &backend,
+        &["--metrics-port", "0", "--metrics-address", "127.0.0.1"],
+    );
+    let line = balancer
+        .output
+        .iter()
+        .find(|l| l.contains("metrics on http://"))
+        .unwrap_or_else(|| panic!("{:#?}", balancer.output));
+    let metrics_port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
+        .unwrap();
+    let load = temp_dir("load-metrics-balancer");
+    multi_client(
+        balancer.port,
+        &load,
+        &[
+            "-t",
+            "3",
+            "--payload-size",
+            "16",
+            "-c",
+            "2",
+            "--concurrency-range",
+            "2",
+            "--measurement-request-count",
+            "100",
+            "--max-trials",
+            "3",
+            "--stability-percentage",
+            "1000000",
+        ],
+    );
+    let reply = scrape(metrics_port, "/metrics");
+    let body = reply.split_once("\r\n\r\n").unwrap().1;
+    let m = parse_metrics(body);
+    let received = m["hacserve_requests_total{outcome=\"received\"}"];
+    assert!(received >= 300.0, "{body}");
+    assert_eq!(
+        m["hacserve_requests_total{outcome=\"answered\"}"], received,
+        "{body}"
+    );
+    assert_eq!(m["hacserve_in_flight"], 0.0, "{body}");
+    assert!(m.contains_key("hacserve_resident_memory_bytes"), "{body}");
+    balancer.stop();
+    server.stop();
+}

@@ -1,13 +1,17 @@
 //! The proxies' main body: zmq_proxy and rdma_proxy differ in the inbound transport and in
 //! the backend's geometry options; both forward everything over an RDMA pool.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
+use hacserve_runtime::metrics::{render_counters, render_resources, serve_metrics};
+use hacserve_runtime::protocol::Task;
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
 
+use super::results::{run_info, Recording};
 use super::ProxyArgs;
 
 /// The backend pool's shape: what differs between the two proxies' options.
@@ -71,8 +75,35 @@ pub fn forward<T: ServerTransport>(
     // The backend first: without it the proxy is useless.
     let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
+    let role = monitor.0;
+    let recording = Recording::start(
+        None,
+        Duration::from_millis(args.sample_ms),
+        args.metrics_port.is_some(),
+    )?;
+    if let Some(port) = args.metrics_port {
+        let queue = proxy.shared_queue();
+        let latest = recording.sampler.as_ref().map(|s| s.latest());
+        queue.counters.timed.store(true, Ordering::Relaxed);
+        let at = serve_metrics(&args.metrics_address, port, move |out| {
+            render_counters(out, &queue.counters, |t| Task::from_u8(t).map(Task::name));
+            if let Some(l) = &latest {
+                render_resources(out, l);
+            }
+        })
+        .map_err(|e| {
+            anyhow!(
+                "binding the metrics endpoint {}:{port}: {e}",
+                args.metrics_address
+            )
+        })?;
+        println!("{role} metrics on http://{}/metrics", at.addr);
+    }
     println!("{}", banner(transport));
     let (served, report) = proxy.serve(transport, &opts);
+    let c = proxy.counters();
+    let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
+    recording.finish(role, Some(finished), None, run_info(role, "rdma"))?;
     let stopped = Stopped {
         shares: format!(
             "{} | {} | answered by the proxy: {}",

@@ -330,6 +330,78 @@ pub fn render_counters(
     sample(out, &format!("{name}_count"), "", cumulative);
 }
 
+/// The balancer's counts as its loop last published them.
+pub fn render_balancer(out: &mut String, c: &crate::balancer::LiveCounts) {
+    let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    describe(
+        out,
+        "hacserve_requests_total",
+        "counter",
+        "requests received, by outcome",
+    );
+    for (outcome, v) in [
+        ("received", &c.received),
+        ("answered", &c.answered),
+        ("timeout", &c.timed_out),
+        ("unavailable", &c.unavailable),
+        ("overloaded", &c.overloaded),
+    ] {
+        sample(
+            out,
+            "hacserve_requests_total",
+            &format!("outcome=\"{outcome}\""),
+            r(v),
+        );
+    }
+    describe(
+        out,
+        "hacserve_errors_total",
+        "counter",
+        "error replies, by protocol error code",
+    );
+    sample(
+        out,
+        "hacserve_errors_total",
+        "code=\"11\"",
+        r(&c.overloaded),
+    );
+    sample(out, "hacserve_errors_total", "code=\"13\"", r(&c.timed_out));
+    sample(
+        out,
+        "hacserve_errors_total",
+        "code=\"14\"",
+        r(&c.unavailable),
+    );
+    describe(
+        out,
+        "hacserve_resent_total",
+        "counter",
+        "requests sent again after a lost backend",
+    );
+    sample(out, "hacserve_resent_total", "", r(&c.resent));
+    describe(
+        out,
+        "hacserve_late_replies_total",
+        "counter",
+        "backend replies after the deadline",
+    );
+    sample(out, "hacserve_late_replies_total", "", r(&c.late));
+    describe(
+        out,
+        "hacserve_in_flight",
+        "gauge",
+        "requests admitted and not answered yet",
+    );
+    sample(out, "hacserve_in_flight", "", r(&c.in_flight));
+    describe(
+        out,
+        "hacserve_queue_depth",
+        "gauge",
+        "requests waiting for a backend connection",
+    );
+    sample(out, "hacserve_queue_depth", "", r(&c.waiting));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
