@@ -12,22 +12,9 @@ use std::time::Duration;
 
 use hacserve_ffi::signal;
 
+pub use crate::contract::counters::{latency_bucket, LATENCY_BUCKETS_US};
 use crate::contract::Counters;
 use crate::resources::Latest;
-
-/// Upper bounds (µs) of the receive-to-reply histogram buckets (`+Inf` follows).
-pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
-    10_000_000,
-];
-
-/// The index of the bucket a latency of `ns` falls in (the last is +Inf).
-pub fn latency_bucket(ns: u64) -> usize {
-    LATENCY_BUCKETS_US
-        .iter()
-        .position(|&b| ns <= b * 1000)
-        .unwrap_or(LATENCY_BUCKETS_US.len())
-}
 
 /// The endpoint's address once bound (port 0 picks a free one).
 pub struct MetricsEndpoint {

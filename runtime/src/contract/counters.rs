@@ -32,3 +32,17 @@ pub struct Counters {
     pub latency_buckets: [AtomicU64; 15],
     pub latency_sum_ns: AtomicU64,
 }
+
+/// Upper bounds (µs) of the receive-to-reply histogram buckets (`+Inf` follows).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    10_000_000,
+];
+
+/// The index of the bucket a latency of `ns` falls in (the last is +Inf).
+pub fn latency_bucket(ns: u64) -> usize {
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|&b| ns <= b * 1000)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}

@@ -21,6 +21,8 @@ use crate::stats::RequestRecord;
 
 /// Low bits of a request id: the slot it occupies on its connection (so depth <= 65536).
 const SLOT_BITS: u32 = 16;
+/// The open loop's longest sleep when its next send is due in under 1 ms (block mode).
+const SHORT_SLEEP_NS: u64 = 50_000;
 /// How often the threads look for requests past their timeout.
 const TIMEOUT_SCAN_NS: u64 = 100_000_000;
 
@@ -296,11 +298,16 @@ pub fn drive(
                 continue;
             }
             // Sleep in poll until a reply, the next due send or 1 ms (a window may end).
+            // zmq_poll counts in ms: a send due sooner is waited for in short sleeps, so a
+            // reply arriving meanwhile is read at most ~SHORT_SLEEP (+ timer slack) late;
+            // --poll-mode busy spins instead.
             let wait_ms = match &schedule {
                 Some(s) if drain_until.is_none() => {
                     let left = s.next().saturating_sub(now_ns(shared.origin));
                     if left < 1_000_000 {
-                        std::hint::spin_loop();
+                        std::thread::sleep(std::time::Duration::from_nanos(
+                            left.min(SHORT_SLEEP_NS),
+                        ));
                         0
                     } else {
                         1

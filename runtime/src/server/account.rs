@@ -151,7 +151,7 @@ impl<'a> Ledger<'a> {
         let finished = realtime_ns();
         if timed {
             let ns = finished.saturating_sub(received);
-            self.counters.latency_buckets[crate::metrics::latency_bucket(ns)]
+            self.counters.latency_buckets[crate::contract::counters::latency_bucket(ns)]
                 .fetch_add(1, Ordering::Relaxed);
             self.counters
                 .latency_sum_ns
