@@ -117,7 +117,6 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         args.connections,
         args.depth,
         task,
-        false,
         &payload,
     )
     .with_context(|| format!("connecting to tcp://{}:{}", args.host, args.port))?;

@@ -88,7 +88,8 @@ fn api() -> Result<Api, NvmlError> {
         // nvmlDeviceGetHandleByIndex_v2(unsigned, nvmlDevice_t*),
         // nvmlDeviceGetMemoryInfo(nvmlDevice_t, nvmlMemory_t*),
         // nvmlDeviceGetUtilizationRates(nvmlDevice_t, nvmlUtilization_t*),
-        // nvmlDeviceGetName(nvmlDevice_t, char*, unsigned)); the library is never closed.
+        // nvmlDeviceGetName(nvmlDevice_t, char*, unsigned)); a Library is never closed, so
+        // the pointers stay valid.
         unsafe {
             Ok(Api {
                 init: lib.sym("nvmlInit_v2", None)?,
@@ -99,11 +100,6 @@ fn api() -> Result<Api, NvmlError> {
                 name: lib.sym("nvmlDeviceGetName", None)?,
             })
         }
-        .map(|api| {
-            // Leaked on purpose: function pointers from it stay valid for the process.
-            std::mem::forget(lib);
-            api
-        })
     })
     .clone()
     .map_err(NvmlError::from)

@@ -14,9 +14,7 @@ use super::plan::{Distribution, Schedule};
 use super::window::{WindowStats, ERROR_SLOTS, NO_REPLY, OTHER_ERROR};
 use super::{LoadError, LATE_AFTER_NS};
 use crate::clock::realtime_ns;
-use crate::protocol::{
-    decode_error, Header, MessageKind, ResponseBody, Task, FLAG_PRIORITY, HEADER_LEN,
-};
+use crate::protocol::{decode_error, Header, MessageKind, ResponseBody, Task, HEADER_LEN};
 use crate::stats::RequestRecord;
 
 /// Low bits of a request id: the slot it occupies on its connection (so depth <= 65536).
@@ -71,7 +69,6 @@ impl Connections {
         n: usize,
         depth: usize,
         task: Task,
-        priority: bool,
         payload: &[u8],
     ) -> Result<Connections, LoadError> {
         if depth == 0 || depth > 1 << SLOT_BITS {
@@ -92,11 +89,7 @@ impl Connections {
             let mut message = vec![0u8; HEADER_LEN + payload.len()];
             message[HEADER_LEN..].copy_from_slice(payload);
             let mut h = [0u8; HEADER_LEN];
-            let mut header = Header::request(task, i as u32, 0, payload.len());
-            if priority {
-                header.flags |= FLAG_PRIORITY;
-            }
-            header.encode(&mut h);
+            Header::request(task, i as u32, 0, payload.len()).encode(&mut h);
             message[..HEADER_LEN].copy_from_slice(&h);
             states.push(ConnState {
                 client_id: i as u32,
