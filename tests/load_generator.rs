@@ -187,6 +187,19 @@ fn the_open_loop_counts_latency_from_the_intended_send_time() {
     server.stop();
 }
 
+/// The port of the `<role> metrics on http://ADDR:PORT/metrics` line a role printed.
+fn metrics_port(service: &common::Service) -> u16 {
+    let line = service
+        .output
+        .iter()
+        .find(|l| l.contains("metrics on http://"))
+        .unwrap_or_else(|| panic!("{:#?}", service.output));
+    line.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
 fn scrape(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -225,16 +238,7 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
             folder.to_str().unwrap(),
         ],
     );
-    let line = server
-        .output
-        .iter()
-        .find(|l| l.contains("metrics on http://"))
-        .unwrap_or_else(|| panic!("{:#?}", server.output));
-    let metrics_port: u16 = line
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
-        .unwrap();
+    let metrics_port = metrics_port(&server);
     let load = temp_dir("load-metrics-client");
     multi_client(
         server.port,
@@ -307,16 +311,7 @@ fn the_balancer_serves_its_counts_as_metrics() {
         &backend,
         &["--metrics-port", "0", "--metrics-address", "127.0.0.1"],
     );
-    let line = balancer
-        .output
-        .iter()
-        .find(|l| l.contains("metrics on http://"))
-        .unwrap_or_else(|| panic!("{:#?}", balancer.output));
-    let metrics_port: u16 = line
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches("/metrics").parse().ok())
-        .unwrap();
+    let metrics_port = metrics_port(&balancer);
     let load = temp_dir("load-metrics-balancer");
     multi_client(
         balancer.port,

@@ -28,7 +28,8 @@ use hacserve_runtime::{logging, signal};
 ///
 /// Groups: `server` ([`ServerArgs`]: serving and backend options), `ring_limits`
 /// ([`RingLimits`]: the largest ring a listening RDMA side grants), `client`
-/// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]).
+/// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]), `metrics` ([`MetricsArgs`]: the resources
+/// sampler and `--metrics-port`).
 #[macro_export]
 macro_rules! cli_args {
     // Entry: a role's struct.
@@ -160,15 +161,6 @@ macro_rules! cli_args {
         /// do not pin threads to cores
         #[argh(switch)]
         no_pin: [bool],
-        /// resources sample period in ms (resources.csv with -s; the metrics endpoint)
-        #[argh(option, default = "20")]
-        sample_ms: [u64],
-        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
-        #[argh(option)]
-        metrics_port: [Option<u16>],
-        /// address the metrics endpoint binds
-        #[argh(option, default = "String::from(\"0.0.0.0\")")]
-        metrics_address: [String],
     }); };
     (@group ring_limits [$($k:tt)*]) => { $crate::cli_args!($($k)* ring_limits RingLimits {
         /// largest request slot a client may ask for, in bytes (bounds header + payload)
@@ -235,6 +227,17 @@ macro_rules! cli_args {
         #[argh(option, default = "10000")]
         reconnect_ms: [u64],
     }); };
+    (@group metrics [$($k:tt)*]) => { $crate::cli_args!($($k)* metrics MetricsArgs {
+        /// resources sample period in ms (resources.csv with -s; the metrics endpoint)
+        #[argh(option, default = "20")]
+        sample_ms: [u64],
+        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
+        #[argh(option)]
+        metrics_port: [Option<u16>],
+        /// address the metrics endpoint binds
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        metrics_address: [String],
+    }); };
     (@group proxy [$($k:tt)*]) => { $crate::cli_args!($($k)* proxy ProxyArgs {
         /// backend RDMA server address
         #[argh(option, default = "String::from(\"7.7.7.2\")")]
@@ -274,15 +277,6 @@ macro_rules! cli_args {
         /// gets a Timeout error from the proxy (its late answer is dropped)
         #[argh(option, default = "10000")]
         request_timeout_ms: [u64],
-        /// resources sample period in ms (the metrics endpoint's resources)
-        #[argh(option, default = "20")]
-        sample_ms: [u64],
-        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
-        #[argh(option)]
-        metrics_port: [Option<u16>],
-        /// address the metrics endpoint binds
-        #[argh(option, default = "String::from(\"0.0.0.0\")")]
-        metrics_address: [String],
     }); };
 }
 
@@ -290,6 +284,7 @@ cli_args!(@group server [@define]);
 cli_args!(@group ring_limits [@define]);
 cli_args!(@group client [@define]);
 cli_args!(@group proxy [@define]);
+cli_args!(@group metrics [@define]);
 
 impl RingLimits {
     /// The wire format's limits ([`check_geometry`]) and the entry limits' ranges.

@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
-use hacserve_runtime::metrics::{render_counters, render_resources, serve_metrics};
-use hacserve_runtime::protocol::Task;
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
 
-use super::results::{run_info, Recording};
-use super::ProxyArgs;
+use super::results::run_info;
+use super::{MetricsArgs, ProxyArgs};
 
 /// The backend pool's shape: what differs between the two proxies' options.
 pub struct Backend {
@@ -63,6 +61,7 @@ impl ProxyArgs {
 #[allow(clippy::too_many_arguments)] // each is one fact of the role; a struct would only rename them
 pub fn forward<T: ServerTransport>(
     args: &ProxyArgs,
+    metrics: &MetricsArgs,
     mode: PollMode,
     backend: &Backend,
     max_payload: usize,
@@ -76,29 +75,8 @@ pub fn forward<T: ServerTransport>(
     let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
     let role = monitor.0;
-    let recording = Recording::start(
-        None,
-        Duration::from_millis(args.sample_ms),
-        args.metrics_port.is_some(),
-    )?;
-    if let Some(port) = args.metrics_port {
-        let queue = proxy.shared_queue();
-        let latest = recording.sampler.as_ref().map(|s| s.latest());
-        queue.counters.timed.store(true, Ordering::Relaxed);
-        let at = serve_metrics(&args.metrics_address, port, move |out| {
-            render_counters(out, &queue.counters, |t| Task::from_u8(t).map(Task::name));
-            if let Some(l) = &latest {
-                render_resources(out, l);
-            }
-        })
-        .map_err(|e| {
-            anyhow!(
-                "binding the metrics endpoint {}:{port}: {e}",
-                args.metrics_address
-            )
-        })?;
-        println!("{role} metrics on http://{}/metrics", at.addr);
-    }
+    let recording = metrics.recording(None)?;
+    recording.serve_counters(role, metrics, proxy.shared_queue())?;
     println!("{}", banner(transport));
     let (served, report) = proxy.serve(transport, &opts);
     let c = proxy.counters();

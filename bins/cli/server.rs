@@ -9,13 +9,12 @@ use hacserve_runtime::contract::{ServerPollMode, ServerTransport};
 use hacserve_runtime::engine::registry::BackendChoice;
 use hacserve_runtime::engine::BackendArgs;
 use hacserve_runtime::labels::Labels;
-use hacserve_runtime::metrics::{render_counters, render_resources, serve_metrics};
 use hacserve_runtime::pipeline::{Pipeline, MAX_IMAGE_PIXELS};
-use hacserve_runtime::protocol::{Task, HEADER_LEN};
+use hacserve_runtime::protocol::HEADER_LEN;
 use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 
-use super::results::{run_info, Recording};
-use super::ServerArgs;
+use super::results::run_info;
+use super::{MetricsArgs, ServerArgs};
 
 /// The inbound transport a role's name says (zmq_server: zmq, rdma_server: rdma).
 pub fn transport_name(role: &str) -> &'static str {
@@ -102,9 +101,11 @@ impl ServerArgs {
 /// `<role> listening on <at> | model .. | backend .. | N workers | poll .. | <tail>`, serves
 /// until a stop and prints the stop report. `after_stop` runs once the report is written,
 /// before a serving error is returned (a transport's own stop lines).
+#[allow(clippy::too_many_arguments)] // each is one fact of the role; a struct would only rename them
 pub fn serve<T: ServerTransport>(
     role: &str,
     args: &ServerArgs,
+    metrics: &MetricsArgs,
     s: &Serving,
     max_payload: usize,
     transport: &mut T,
@@ -121,29 +122,8 @@ pub fn serve<T: ServerTransport>(
     Labels::log_availability(&args.classes_file);
     let mut threads = ServerThreads::start(&opts, transport, pipelines)
         .context("starting worker and monitor threads")?;
-    let recording = Recording::start(
-        opts.log_folder.as_deref(),
-        Duration::from_millis(args.sample_ms),
-        args.metrics_port.is_some(),
-    )?;
-    if let Some(port) = args.metrics_port {
-        let queue = threads.queue.clone();
-        let latest = recording.sampler.as_ref().map(|s| s.latest());
-        queue.counters.timed.store(true, Ordering::Relaxed);
-        let at = serve_metrics(&args.metrics_address, port, move |out| {
-            render_counters(out, &queue.counters, |t| Task::from_u8(t).map(Task::name));
-            if let Some(l) = &latest {
-                render_resources(out, l);
-            }
-        })
-        .with_context(|| {
-            format!(
-                "binding the metrics endpoint {}:{port}",
-                args.metrics_address
-            )
-        })?;
-        println!("{role} metrics on http://{}/metrics", at.addr);
-    }
+    let recording = metrics.recording(opts.log_folder.as_deref())?;
+    recording.serve_counters(role, metrics, threads.queue.clone())?;
     println!(
         "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail} | images up to {} px | queued requests up to {} MiB",
         args.engine_file.display(),

@@ -10,6 +10,7 @@ use std::path::Path;
 use super::driver::RequestLog;
 use super::sweep::LevelResult;
 use super::window::{error_name, WindowStats, ERROR_SLOTS, LOAD_STAGES};
+use crate::stats::{write_fields, CSV_HEADER};
 
 /// Version of `load_summary.csv`'s columns.
 pub const SUMMARY_SCHEMA: u32 = 1;
@@ -18,7 +19,8 @@ pub const REQUESTS_SCHEMA: u32 = 2;
 
 pub const SUMMARY_HEADER: &str = "schema,level_kind,level,stable,trials,window_secs,requests,errors,throughput_rps,late_sends,stale,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,avg_us,send_lag_us,client_to_server_us,queue_us,decode_us,preprocess_us,infer_us,reply_us,client_cpu_s_per_1000,server_cpu_s_per_1000,errors_by_code";
 
-pub const REQUESTS_HEADER: &str = "client_id,request_id,task,status,client_sent_ns,server_received_ns,server_started_ns,server_decoded_ns,server_preprocessed_ns,server_inferred_ns,server_replied_ns,client_received_ns,e2e_ns,top1,level,send_lag_ns";
+/// The columns after [`CSV_HEADER`]'s in requests.csv.
+pub const REQUESTS_EXTRA_COLUMNS: &str = "level,send_lag_ns";
 
 const US: f64 = 1e3;
 
@@ -204,30 +206,12 @@ pub fn write_summary_csv(path: &Path, levels: &[LevelResult]) -> io::Result<()> 
 /// The per-request CSV (schema [`REQUESTS_SCHEMA`]); `levels[i]` names level index i.
 pub fn write_requests_csv(path: &Path, logs: &[RequestLog], levels: &[f64]) -> io::Result<()> {
     let mut w = io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(w, "{REQUESTS_HEADER}")?;
+    writeln!(w, "{CSV_HEADER},{REQUESTS_EXTRA_COLUMNS}")?;
     for log in logs {
         for (level, r, lag) in &log.rows {
-            let s = &r.server;
-            writeln!(
-                w,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                r.client_id,
-                r.request_id,
-                r.task,
-                r.status,
-                r.client_sent,
-                s.received,
-                s.started,
-                s.decoded,
-                s.preprocessed,
-                s.inferred,
-                s.replied,
-                r.client_received,
-                r.e2e_ns,
-                r.top1,
-                levels.get(*level as usize).copied().unwrap_or(0.0),
-                lag
-            )?;
+            write_fields(&mut w, r)?;
+            let level = levels.get(*level as usize).copied().unwrap_or(0.0);
+            writeln!(w, ",{level},{lag}")?;
         }
     }
     w.flush()
