@@ -104,6 +104,11 @@ struct Args {
     /// in-process: do not pin the sending threads
     #[argh(switch)]
     no_pin: bool,
+    /// in-process: the core the first sending thread is pinned to (the next ones follow);
+    /// on the server's host, keep them off the server's pinned cores (its receive loop
+    /// takes core 0)
+    #[argh(option, default = "0")]
+    first_core: usize,
     /// in-process with -s: per-request rows kept (all levels; default 200000)
     #[argh(option, default = "200000")]
     log_capacity: usize,
@@ -154,6 +159,7 @@ impl Args {
             payload_size: self.payload_size,
             server_pid: self.server_pid,
             pin: !self.no_pin,
+            first_core: self.first_core,
             log_capacity: self.log_capacity,
             sample_ms: self.sample_ms,
         }

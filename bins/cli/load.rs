@@ -49,6 +49,7 @@ pub struct LoadArgs {
     pub payload_size: Option<usize>,
     pub server_pid: Option<u32>,
     pub pin: bool,
+    pub first_core: usize,
     pub log_capacity: usize,
     pub sample_ms: u64,
 }
@@ -142,7 +143,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         timeout,
         busy_poll,
         pin: args.pin,
-        first_core: 0,
+        first_core: args.first_core,
         max_reply,
         server_pid: args.server_pid,
         log_rows_per_thread: if args.save_logs {
