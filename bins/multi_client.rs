@@ -34,7 +34,7 @@ struct Args {
     /// task (passed to each client's -t; in-process: the task sent)
     #[argh(option, short = 't')]
     task: String,
-    /// requests per client
+    /// requests per client (process-per-client mode; in-process runs count windows)
     #[argh(option, short = 'r', default = "100")]
     requests: usize,
     /// keep each client's per-request CSV and output (always written, deleted otherwise)
@@ -189,6 +189,9 @@ fn main() -> Result<()> {
         bail!("-c must be at least 1");
     }
     if args.concurrency_range.is_some() || args.request_rate_range.is_some() {
+        if args.mode != "single" {
+            bail!("-m {} is the process-per-client mode; the in-process ranges (--concurrency-range, --request-rate-range) replace it", args.mode);
+        }
         return hacserve::cli::load::run(&args.load_args());
     }
     let app = resolve_application(&args.application_name);
