@@ -72,6 +72,12 @@ pub struct SweepResult {
 /// Runs every level over `conns`, one after another.
 pub fn sweep(conns: &mut Connections, opts: &SweepOptions) -> Result<SweepResult, LoadError> {
     let threads = opts.threads.clamp(1, conns.sockets.len().max(1));
+    // Every level is checked before the first runs: a sweep does not die half-way.
+    for level in &opts.levels {
+        if let Level::Concurrency(c) = *level {
+            spread(c, conns.sockets.len(), opts.depth)?;
+        }
+    }
     let mut logs: Vec<RequestLog> = (0..threads)
         .map(|_| RequestLog::with_capacity(opts.log_rows_per_thread))
         .collect();
