@@ -260,17 +260,48 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
             "1000000",
         ],
     );
+    // A few inferences, answered by the worker: the stage histograms' source.
+    multi_client(
+        server.port,
+        &load,
+        &[
+            "-t",
+            "0",
+            "-c",
+            "1",
+            "--concurrency-range",
+            "1",
+            "--measurement-request-count",
+            "5",
+            "--max-trials",
+            "3",
+            "--stability-percentage",
+            "1000000",
+        ],
+    );
     let reply = scrape(metrics_port, "/metrics");
     let (head, body) = reply.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let m = parse_metrics(body);
     let echoes = m["hacserve_answered_total{task=\"echo\"}"];
     assert!(echoes >= 900.0, "{body}");
-    assert_eq!(m["hacserve_requests_total{outcome=\"received\"}"], echoes);
-    assert_eq!(m["hacserve_server_latency_seconds_count"], echoes);
+    let inferred = m["hacserve_answered_total{task=\"infer\"}"];
+    assert!(inferred >= 15.0, "{body}");
+    let all = echoes + inferred;
+    assert_eq!(m["hacserve_requests_total{outcome=\"received\"}"], all);
+    assert_eq!(m["hacserve_server_latency_seconds_count"], all);
     assert_eq!(
         m["hacserve_server_latency_seconds_bucket{le=\"+Inf\"}"],
-        echoes
+        all
+    );
+    // Stage histograms count the worker's answers only (echoes skip the workers).
+    for stage in ["queue", "decode", "preprocess", "infer"] {
+        let count = m[&format!("hacserve_stage_seconds_count{{stage=\"{stage}\"}}")];
+        assert_eq!(count, inferred, "{stage}: {body}");
+    }
+    assert!(
+        m["hacserve_stage_seconds_sum{stage=\"infer\"}"] > 0.0,
+        "{body}"
     );
     assert_eq!(m["hacserve_in_flight"], 0.0);
     assert!(m["hacserve_cpu_seconds_total{mode=\"user\"}"] > 0.0);

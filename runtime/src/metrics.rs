@@ -6,12 +6,13 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
 use hacserve_ffi::signal;
 
+use crate::contract::counters::SERVER_STAGES;
 pub use crate::contract::counters::{latency_bucket, LATENCY_BUCKETS_US};
 use crate::contract::Counters;
 use crate::resources::Latest;
@@ -294,9 +295,32 @@ pub fn render_counters(
         "histogram",
         "receive to reply of finished requests",
     );
+    histogram(out, name, "", &c.latency_buckets, r(&c.latency_sum_ns));
+    let name = "hacserve_stage_seconds";
+    describe(
+        out,
+        name,
+        "histogram",
+        "server stages of the requests a worker answered",
+    );
+    for (k, stage) in SERVER_STAGES.iter().enumerate() {
+        let labels = format!("stage=\"{stage}\",");
+        histogram(
+            out,
+            name,
+            &labels,
+            &c.stage_buckets[k],
+            r(&c.stage_sum_ns[k]),
+        );
+    }
+}
+
+/// One histogram's `_bucket` (cumulative, `le` in seconds), `_sum` and `_count` lines;
+/// `labels` is empty or ends in a comma.
+fn histogram(out: &mut String, name: &str, labels: &str, buckets: &[AtomicU64; 15], sum_ns: u64) {
     let mut cumulative = 0u64;
-    for (i, b) in c.latency_buckets.iter().enumerate() {
-        cumulative += r(b);
+    for (i, b) in buckets.iter().enumerate() {
+        cumulative += b.load(Ordering::Relaxed);
         let le = match LATENCY_BUCKETS_US.get(i) {
             Some(us) => format!("{}", *us as f64 / 1e6),
             None => "+Inf".into(),
@@ -304,17 +328,13 @@ pub fn render_counters(
         sample(
             out,
             &format!("{name}_bucket"),
-            &format!("le=\"{le}\""),
+            &format!("{labels}le=\"{le}\""),
             cumulative,
         );
     }
-    sample(
-        out,
-        &format!("{name}_sum"),
-        "",
-        r(&c.latency_sum_ns) as f64 / 1e9,
-    );
-    sample(out, &format!("{name}_count"), "", cumulative);
+    let labels = labels.trim_end_matches(',');
+    sample(out, &format!("{name}_sum"), labels, sum_ns as f64 / 1e9);
+    sample(out, &format!("{name}_count"), labels, cumulative);
 }
 
 /// The balancer's counts as its loop last published them.

@@ -31,7 +31,13 @@ pub struct Counters {
     /// Receive-to-reply histogram (`metrics::LATENCY_BUCKETS_US`, then +Inf) and its sum.
     pub latency_buckets: [AtomicU64; 15],
     pub latency_sum_ns: AtomicU64,
+    /// The same per server stage ([`SERVER_STAGES`]), from a worker's reply timestamps.
+    pub stage_buckets: [[AtomicU64; 15]; 4],
+    pub stage_sum_ns: [AtomicU64; 4],
 }
+
+/// The server stages the metrics histogram splits (docs/protocol.md, "Response body").
+pub const SERVER_STAGES: [&str; 4] = ["queue", "decode", "preprocess", "infer"];
 
 /// Upper bounds (µs) of the receive-to-reply histogram buckets (`+Inf` follows).
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
