@@ -5,7 +5,7 @@
 # resources.csv; docs/results.md) under OUT, with the server's own resources.csv beside them.
 #
 #   scripts/sweep_loopback.sh [OUT]                 # default results/sweep-<UTC time>
-#   TASK=3 PAYLOAD=1024 CONCURRENCY=1:64:16 RATES=1000:5000:2000 scripts/sweep_loopback.sh
+#   TASK=6 PAYLOAD=1024 CONCURRENCY=1:64:16 RATES=1000:5000:2000 scripts/sweep_loopback.sh
 #
 # BIN=target/debug skips the release build (binaries already built there).
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-results/sweep-$(date -u +%Y%m%dT%H%M%SZ)}
 BIN=${BIN:-}
 MODEL=${MODEL:-models/resnet50.onnx}
-TASK=${TASK:-0}
+TASK=${TASK:-4}
 PAYLOAD=${PAYLOAD:-}
 CONNECTIONS=${CONNECTIONS:-64}
 CONCURRENCY=${CONCURRENCY:-1:64:21}

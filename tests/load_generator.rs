@@ -56,7 +56,7 @@ fn a_concurrency_sweep_reports_every_level_stable_or_not() {
     let server = zmq_server(&model("resnet_tiny"), &[]);
     let common = [
         "-t",
-        "3",
+        "6",
         "--payload-size",
         "64",
         "-c",
@@ -137,7 +137,7 @@ fn the_open_loop_counts_latency_from_the_intended_send_time() {
         &folder,
         &[
             "-t",
-            "0",
+            "4",
             "-c",
             "1",
             "--depth",
@@ -245,7 +245,7 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
         &load,
         &[
             "-t",
-            "3",
+            "6",
             "--payload-size",
             "16",
             "-c",
@@ -266,7 +266,7 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
         &load,
         &[
             "-t",
-            "0",
+            "4",
             "-c",
             "1",
             "--concurrency-range",
@@ -285,7 +285,7 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
     let m = parse_metrics(body);
     let echoes = m["hacserve_answered_total{task=\"echo\"}"];
     assert!(echoes >= 900.0, "{body}");
-    let inferred = m["hacserve_answered_total{task=\"infer\"}"];
+    let inferred = m["hacserve_answered_total{task=\"jpeg\"}"];
     assert!(inferred >= 15.0, "{body}");
     let all = echoes + inferred;
     assert_eq!(m["hacserve_requests_total{outcome=\"received\"}"], all);
@@ -349,7 +349,7 @@ fn the_balancer_serves_its_counts_as_metrics() {
         &load,
         &[
             "-t",
-            "3",
+            "6",
             "--payload-size",
             "16",
             "-c",

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use hacserve_runtime::client::prepare_payload;
+use hacserve_runtime::client::{prepare_payloads, RequestPayload};
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::load::output::{
     level_table, summary_table, write_requests_csv, write_summary_csv, REQUESTS_SCHEMA,
@@ -16,7 +16,7 @@ use hacserve_runtime::load::{
     concurrency_levels, rate_levels, sweep, Connections, Distribution, Level, SweepOptions,
     WindowRule,
 };
-use hacserve_runtime::protocol::{Task, HEADER_LEN, RESPONSE_BODY_LEN};
+use hacserve_runtime::protocol::{Task, Workload, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::resources::self_process;
 use hacserve_runtime::signal;
 
@@ -66,8 +66,13 @@ impl LoadArgs {
         Ok(levels)
     }
 
-    fn payload(&self, task: Task) -> Result<Vec<u8>> {
-        if self.payload_size.is_some() && task != Task::Echo && task != Task::Sink {
+    fn payloads(&self, workload: Workload) -> Result<Vec<RequestPayload>> {
+        if self.payload_size.is_some()
+            && workload
+                .tasks()
+                .iter()
+                .any(|t| !matches!(t, Task::Echo | Task::Sink))
+        {
             bail!("--payload-size applies to the echo and sink tasks only");
         }
         let image = match (&self.payload_size, &self.image) {
@@ -79,8 +84,8 @@ impl LoadArgs {
                 std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))?
             }
         };
-        prepare_payload(task, &image, self.payload_size)
-            .with_context(|| format!("preparing the {} payload", task.name()))
+        prepare_payloads(workload, &image, self.payload_size)
+            .with_context(|| format!("preparing the {} payloads", workload.name()))
     }
 }
 
@@ -97,7 +102,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             "-a {app}: the in-process load generator speaks ZeroMQ only so far; use -a zmq_client, or -m single|range for process-per-client {app} runs"
         );
     }
-    let task = Task::parse(&args.task).map_err(anyhow::Error::msg)?;
+    let workload = Workload::parse(&args.task).map_err(anyhow::Error::msg)?;
     let levels = args.levels()?;
     let distribution = Distribution::parse(&args.request_distribution)?;
     if args.max_trials == 0 {
@@ -108,8 +113,10 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         "block" => false,
         other => bail!("--poll-mode must be busy or block, not {other:?}"),
     };
-    let payload = args.payload(task)?;
-    let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + payload.len() + 4096;
+    let payloads = args.payloads(workload)?;
+    let largest = payloads.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
+    // Echoes carry the payload back; FLAG_LOGITS replies are not asked for.
+    let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + largest + 4096;
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     let mut conns = Connections::zmq(
         &ctx,
@@ -117,8 +124,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         args.port,
         args.connections,
         args.depth,
-        task,
-        &payload,
+        &payloads,
     )
     .with_context(|| format!("connecting to tcp://{}:{}", args.host, args.port))?;
     let threads = args.threads.clamp(1, args.connections);
@@ -154,11 +160,11 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         progress: true,
     };
     println!(
-        "multi_client in-process -> tcp://{}:{} task {} ({} B payload) model {}: {} connections x depth {}, {} threads, {} levels, windows {}, stability {}% over 3, at most {} trials",
+        "multi_client in-process -> tcp://{}:{} task {} ({} B payload at most) model {}: {} connections x depth {}, {} threads, {} levels, windows {}, stability {}% over 3, at most {} trials",
         args.host,
         args.port,
-        task.name(),
-        payload.len(),
+        workload.name(),
+        largest,
         args.model_name,
         args.connections,
         args.depth,
@@ -189,8 +195,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         finished,
     );
     let mut info = run_info("multi_client", "zmq");
-    info.task = Some(task.name().into());
-    info.payload_bytes = Some(payload.len());
+    info.task = Some(workload.name().into());
+    info.payload_bytes = Some(largest);
     info.model = Some(args.model_name.clone());
     info.hosts = vec![format!("{}:{}", args.host, args.port)];
     info.files = vec![

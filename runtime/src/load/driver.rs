@@ -13,8 +13,9 @@ use hacserve_ffi::zmq::{Context, PollSet, PollTarget, Socket, SocketType, DONTWA
 use super::plan::{Distribution, Schedule};
 use super::window::{WindowStats, ERROR_SLOTS, NO_REPLY, OTHER_ERROR};
 use super::{LoadError, LATE_AFTER_NS};
+use crate::client::RequestPayload;
 use crate::clock::realtime_ns;
-use crate::protocol::{decode_error, Header, MessageKind, ResponseBody, Task, HEADER_LEN};
+use crate::protocol::{decode_error, Header, MessageKind, ResponseBody, HEADER_LEN};
 use crate::stats::RequestRecord;
 
 /// Low bits of a request id: the slot it occupies on its connection (so depth <= 65536).
@@ -39,7 +40,8 @@ struct Slot {
 /// sockets while the state changes).
 pub struct ConnState {
     client_id: u32,
-    message: Vec<u8>,
+    /// The requests, encoded once (one per task; a mixture's in rotation order).
+    messages: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     seq: u64,
@@ -68,14 +70,16 @@ impl Connections {
         port: u16,
         n: usize,
         depth: usize,
-        task: Task,
-        payload: &[u8],
+        payloads: &[RequestPayload],
     ) -> Result<Connections, LoadError> {
         if depth == 0 || depth > 1 << SLOT_BITS {
             return Err(LoadError::Config(format!(
                 "--depth must be 1..={}",
                 1 << SLOT_BITS
             )));
+        }
+        if payloads.is_empty() {
+            return Err(LoadError::Config("no request payload".into()));
         }
         let mut sockets = Vec::with_capacity(n);
         let mut states = Vec::with_capacity(n);
@@ -86,14 +90,21 @@ impl Connections {
             s.set_linger(0)?;
             s.connect(&format!("tcp://{host}:{port}"))?;
             sockets.push(s);
-            let mut message = vec![0u8; HEADER_LEN + payload.len()];
-            message[HEADER_LEN..].copy_from_slice(payload);
-            let mut h = [0u8; HEADER_LEN];
-            Header::request(task, i as u32, 0, payload.len()).encode(&mut h);
-            message[..HEADER_LEN].copy_from_slice(&h);
+            // One encoded request per task (a mixture rotates through them).
+            let messages = payloads
+                .iter()
+                .map(|p| {
+                    let mut message = vec![0u8; HEADER_LEN + p.bytes.len()];
+                    message[HEADER_LEN..].copy_from_slice(&p.bytes);
+                    let mut h = [0u8; HEADER_LEN];
+                    Header::request(p.task, i as u32, 0, p.bytes.len()).encode(&mut h);
+                    message[..HEADER_LEN].copy_from_slice(&h);
+                    message
+                })
+                .collect();
             states.push(ConnState {
                 client_id: i as u32,
-                message,
+                messages,
                 slots: vec![Slot::default(); depth],
                 free: (0..depth as u32).rev().collect(),
                 seq: 0,
@@ -331,9 +342,11 @@ fn send(
     };
     state.seq += 1;
     let id = (state.seq << SLOT_BITS) | u64::from(slot);
-    state.message[16..24].copy_from_slice(&id.to_le_bytes());
+    let n = state.messages.len();
+    let message = &mut state.messages[(state.seq as usize) % n];
+    message[16..24].copy_from_slice(&id.to_le_bytes());
     let sent_real = realtime_ns();
-    match socket.send(&state.message, DONTWAIT) {
+    match socket.send(message, DONTWAIT) {
         Ok(()) => {}
         Err(e) if e.would_block() || e.interrupted() => {
             state.free.push(slot);

@@ -6,12 +6,14 @@ use crate::clock::realtime_ns;
 use crate::contract::{Queued, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
 use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
-use crate::protocol::{ErrorCode, Header, ResponseBody, ServerTimestamps, Task, HEADER_LEN};
+use crate::protocol::{
+    ErrorCode, Header, RawImage, RawImageError, ResponseBody, ServerTimestamps, Task, HEADER_LEN,
+};
 
 mod triage;
 
-pub use triage::{answer_without_engine, top_k_softmax, Triage};
-use triage::{payload_if_echo, reject, write_response};
+pub use triage::{answer_without_engine, top_k_softmax, Tail, Triage};
+use triage::{logits_if_asked, reject, write_response};
 
 /// What happened to a request; the reply is in the caller's buffer either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +165,9 @@ impl Pipeline {
                     top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
                     staged.ts.inferred = inferred;
                     body.timestamps = staged.ts;
-                    outcomes[i] = write_response(&staged.header, &mut body, &[], &mut outs[i]);
+                    let logits = &logits[k * classes..(k + 1) * classes];
+                    let tail = logits_if_asked(&staged.header, logits);
+                    outcomes[i] = write_response(&staged.header, &mut body, tail, &mut outs[i]);
                 }
             }
         }
@@ -241,66 +245,118 @@ impl Pipeline {
             ..Default::default()
         };
         let mut body = ResponseBody::default();
-        match header.task {
+        let stages = match header.task {
             // Answered by answer_without_engine; kept for exhaustiveness.
-            Task::Echo | Task::Sink => {
+            Task::Ping | Task::Echo | Task::Sink => {
                 ts.decoded = started;
                 ts.preprocessed = started;
                 ts.inferred = started;
-            }
-            Task::Infer | Task::Preprocess => {
-                let infer = header.task == Task::Infer;
-                if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
-                    return self.reject(&header, code, &text, out);
-                }
-                let on_device = self
-                    .engine
-                    .device_images()
-                    .map(|device| device_stages(device, payload, infer, &mut ts, &mut self.logits));
-                let done = match on_device {
-                    Some(DeviceStages::Done(done)) => done,
-                    other => {
-                        // An image the device decoder cannot take (CMYK, arithmetic coding,
-                        // ...) gets the CPU decoder's verdict, so every backend answers alike.
-                        if let Some(DeviceStages::Refused(why)) = other {
-                            log::debug!(
-                                "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
-                                header.client_id,
-                                header.request_id
-                            );
-                        }
-                        cpu_stages(
-                            &mut self.pre,
-                            self.engine.as_mut(),
-                            payload,
-                            infer,
-                            &mut ts,
-                            &mut self.logits,
-                        )
-                    }
+                let echo = if header.task == Task::Echo {
+                    payload
+                } else {
+                    &[]
                 };
-                if let Err((code, text)) = done {
-                    return self.reject(&header, code, &text, out);
-                }
-                if infer {
-                    top_k_softmax(&self.logits, &mut body);
-                }
+                body.timestamps = ts;
+                return write_response(&header, &mut body, Tail::Echo(echo), out);
             }
-            Task::InferTensor => {
-                if let Err((code, text)) = load_tensor(self.engine.as_mut(), payload) {
-                    return self.reject(&header, code, &text, out);
-                }
-                ts.decoded = started;
-                ts.preprocessed = realtime_ns();
-                if let Err(e) = self.engine.run(&mut self.logits) {
-                    return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
-                }
-                ts.inferred = realtime_ns();
-                top_k_softmax(&self.logits, &mut body);
-            }
+            Task::Jpeg | Task::Preprocess => self.jpeg_stages(&header, payload, &mut ts),
+            Task::Raw => self.raw_stages(payload, &mut ts),
+            Task::Processed => self.processed_stages(payload, &mut ts),
+        };
+        if let Err((code, text)) = stages {
+            return self.reject(&header, code, &text, out);
         }
         body.timestamps = ts;
-        write_response(&header, &mut body, payload_if_echo(&header, payload), out)
+        if !header.task.infers() {
+            return write_response(&header, &mut body, Tail::Echo(&[]), out);
+        }
+        top_k_softmax(&self.logits, &mut body);
+        let tail = logits_if_asked(&header, &self.logits);
+        write_response(&header, &mut body, tail, out)
+    }
+
+    /// Task jpeg (decode, preprocess, infer) and preprocess (the same without inference):
+    /// on the engine's device where it decodes there, else on the CPU.
+    fn jpeg_stages(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        ts: &mut ServerTimestamps,
+    ) -> Result<(), StageError> {
+        let infer = header.task == Task::Jpeg;
+        check_image_size(payload, self.max_image_pixels)?;
+        let on_device = self
+            .engine
+            .device_images()
+            .map(|device| device_stages(device, payload, infer, ts, &mut self.logits));
+        match on_device {
+            Some(DeviceStages::Done(done)) => done,
+            other => {
+                // An image the device decoder cannot take (CMYK, arithmetic coding, ...)
+                // gets the CPU decoder's verdict, so every backend answers alike.
+                if let Some(DeviceStages::Refused(why)) = other {
+                    log::debug!(
+                        "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
+                        header.client_id,
+                        header.request_id
+                    );
+                }
+                cpu_stages(
+                    &mut self.pre,
+                    self.engine.as_mut(),
+                    payload,
+                    infer,
+                    ts,
+                    &mut self.logits,
+                )
+            }
+        }
+    }
+
+    /// Task raw: the client decoded the image; resize, crop and normalise its BGR pixels
+    /// (on the engine's device where it takes them, else on the CPU), then infer.
+    fn raw_stages(&mut self, payload: &[u8], ts: &mut ServerTimestamps) -> Result<(), StageError> {
+        let raw = RawImage::parse(payload, self.max_image_pixels).map_err(raw_error)?;
+        ts.decoded = ts.started;
+        let on_device = match self.engine.device_images() {
+            Some(device) => device
+                .preprocess_bgr(raw.width, raw.height, raw.bgr, None)
+                .map_err(engine_error)?,
+            None => false,
+        };
+        if on_device {
+            ts.preprocessed = realtime_ns();
+            let device = self
+                .engine
+                .device_images()
+                .ok_or_else(|| (ErrorCode::Internal, "device images went away".to_string()))?;
+            device
+                .run_preprocessed(&mut self.logits)
+                .map_err(engine_error)?;
+        } else {
+            let input = self.engine.input_mut().map_err(engine_error)?;
+            self.pre
+                .preprocess_bgr(raw.bgr, raw.width, raw.height, input)
+                .map_err(preprocess_error)?;
+            ts.preprocessed = realtime_ns();
+            self.engine.run(&mut self.logits).map_err(engine_error)?;
+        }
+        ts.inferred = realtime_ns();
+        Ok(())
+    }
+
+    /// Task processed: the client's tensor straight into the engine's input, then infer.
+    fn processed_stages(
+        &mut self,
+        payload: &[u8],
+        ts: &mut ServerTimestamps,
+    ) -> Result<(), StageError> {
+        load_tensor(self.engine.as_mut(), payload)?;
+        ts.decoded = ts.started;
+        ts.preprocessed = realtime_ns();
+        self.engine.run(&mut self.logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+        Ok(())
     }
 
     fn reject(
@@ -317,7 +373,7 @@ impl Pipeline {
 /// The validated header of a JPEG inference request (what a batch takes); anything else
 /// goes through [`Pipeline::handle`].
 fn batchable<J>(job: &Queued<J>) -> Option<Header> {
-    job.header.filter(|h| h.task == Task::Infer)
+    job.header.filter(|h| h.task == Task::Jpeg)
 }
 
 /// A stage's failure: the error code for the sender and the text for both.
@@ -327,6 +383,18 @@ fn engine_error(e: EngineError) -> StageError {
     match e {
         EngineError::BadInput(text) => (ErrorCode::BadImage, text),
         other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// A raw payload's refusal: too many pixels is `PayloadTooLarge` (as for a JPEG), the rest
+/// `BadImage`.
+fn raw_error(e: RawImageError) -> StageError {
+    match e {
+        RawImageError::TooLarge { .. } => (
+            ErrorCode::PayloadTooLarge,
+            format!("{e} (--max-image-pixels)"),
+        ),
+        other => (ErrorCode::BadImage, other.to_string()),
     }
 }
 
@@ -448,7 +516,7 @@ fn stage_slot(
     Ok(true)
 }
 
-/// Task 1's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
+/// Task processed's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
 fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
     if payload.len() != TENSOR_LEN * 4 {
         let text = format!(
@@ -461,7 +529,7 @@ fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), S
     let input = engine.input_mut().map_err(engine_error)?;
     if input.len() != TENSOR_LEN {
         let text = format!(
-            "the model takes {} input values, task 1 sends {TENSOR_LEN}",
+            "the model takes {} input values, task processed sends {TENSOR_LEN}",
             input.len()
         );
         return Err((ErrorCode::Internal, text));
