@@ -187,6 +187,31 @@ fn the_open_loop_counts_latency_from_the_intended_send_time() {
     server.stop();
 }
 
+/// Three windows of `count` 16-byte echoes at concurrency 2 over `connections`, stable at
+/// the third.
+fn echo_load(service: &common::Service, folder: &Path, connections: &str, count: &str) {
+    multi_client(
+        service.port,
+        folder,
+        &[
+            "-t",
+            "6",
+            "--payload-size",
+            "16",
+            "-c",
+            connections,
+            "--concurrency-range",
+            "2",
+            "--measurement-request-count",
+            count,
+            "--max-trials",
+            "3",
+            "--stability-percentage",
+            "1000000",
+        ],
+    );
+}
+
 /// The port of the `<role> metrics on http://ADDR:PORT/metrics` line a role printed.
 fn metrics_port(service: &common::Service) -> u16 {
     let line = service
@@ -240,26 +265,7 @@ fn the_metrics_endpoint_and_resources_csv_of_a_server() {
     );
     let metrics_port = metrics_port(&server);
     let load = temp_dir("load-metrics-client");
-    multi_client(
-        server.port,
-        &load,
-        &[
-            "-t",
-            "6",
-            "--payload-size",
-            "16",
-            "-c",
-            "1",
-            "--concurrency-range",
-            "2",
-            "--measurement-request-count",
-            "300",
-            "--max-trials",
-            "3",
-            "--stability-percentage",
-            "1000000",
-        ],
-    );
+    echo_load(&server, &load, "1", "300");
     // A few inferences, answered by the worker: the stage histograms' source.
     multi_client(
         server.port,
@@ -344,26 +350,7 @@ fn the_balancer_serves_its_counts_as_metrics() {
     );
     let metrics_port = metrics_port(&balancer);
     let load = temp_dir("load-metrics-balancer");
-    multi_client(
-        balancer.port,
-        &load,
-        &[
-            "-t",
-            "6",
-            "--payload-size",
-            "16",
-            "-c",
-            "2",
-            "--concurrency-range",
-            "2",
-            "--measurement-request-count",
-            "100",
-            "--max-trials",
-            "3",
-            "--stability-percentage",
-            "1000000",
-        ],
-    );
+    echo_load(&balancer, &load, "2", "100");
     let reply = scrape(metrics_port, "/metrics");
     let body = reply.split_once("\r\n\r\n").unwrap().1;
     let m = parse_metrics(body);

@@ -208,30 +208,18 @@ pub fn render_counters(
         "counter",
         "requests answered, by task",
     );
-    for (t, n) in c.answered_by_task.iter().enumerate() {
-        let n = r(n);
-        if n > 0 {
-            let name = task_name(t as u8).unwrap_or("unknown");
-            sample(
-                out,
-                "hacserve_answered_total",
-                &format!("task=\"{name}\""),
-                n,
-            );
-        }
-    }
+    nonzero(out, "hacserve_answered_total", &c.answered_by_task, |t| {
+        format!("task=\"{}\"", task_name(t as u8).unwrap_or("unknown"))
+    });
     describe(
         out,
         "hacserve_errors_total",
         "counter",
         "error replies, by protocol error code",
     );
-    for (code, n) in c.rejected_by_code.iter().enumerate() {
-        let n = r(n);
-        if n > 0 {
-            sample(out, "hacserve_errors_total", &format!("code=\"{code}\""), n);
-        }
-    }
+    nonzero(out, "hacserve_errors_total", &c.rejected_by_code, |code| {
+        format!("code=\"{code}\"")
+    });
     if overloaded > 0 {
         sample(
             out,
@@ -312,6 +300,16 @@ pub fn render_counters(
             &c.stage_buckets[k],
             r(&c.stage_sum_ns[k]),
         );
+    }
+}
+
+/// One sample per non-zero counter of `values`, labelled by `label(index)`.
+fn nonzero(out: &mut String, name: &str, values: &[AtomicU64], label: impl Fn(usize) -> String) {
+    for (i, v) in values.iter().enumerate() {
+        let n = v.load(Ordering::Relaxed);
+        if n > 0 {
+            sample(out, name, &label(i), n);
+        }
     }
 }
 
