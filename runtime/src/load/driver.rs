@@ -305,8 +305,11 @@ pub fn drive(
             // zmq_poll counts in ms: a send due sooner is waited for in short sleeps, so a
             // reply arriving meanwhile is read at most ~SHORT_SLEEP (+ timer slack) late;
             // --poll-mode busy spins instead.
+            // With every slot taken only a reply can change anything: wait for one in poll
+            // (an overdue send must not turn this into a spin).
+            let slot_free = states.iter().any(|s| !s.free.is_empty());
             let wait_ms = match &schedule {
-                Some(s) if drain_until.is_none() => {
+                Some(s) if drain_until.is_none() && slot_free => {
                     let left = s.next().saturating_sub(now_ns(shared.origin));
                     if left < 1_000_000 {
                         std::thread::sleep(std::time::Duration::from_nanos(
