@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(ConnectRequest::decode(&padded), Ok(req()));
         assert_eq!(
             ConnectRequest::decode(&b[..20]),
-            Err(HandshakeError::Short { got: 20, want: 36 })
+            Err(HandshakeError::Short { got: 20, want: 40 })
         );
         let mut bad = b;
         bad[0] = b'X';
