@@ -228,6 +228,17 @@ impl Header {
 
     /// Parses and validates a whole message (header + payload); returns the header and payload.
     pub fn decode(msg: &[u8], max_payload: usize) -> Result<(Header, &[u8]), ProtocolError> {
+        Self::decode_with_resident(msg, 0, max_payload)
+    }
+
+    /// As [`Self::decode`] for a message whose last `resident` payload bytes are held
+    /// elsewhere (GPU memory): `msg` has the header and the payload's first part (usually
+    /// nothing), and the header must announce exactly both parts.
+    pub fn decode_with_resident(
+        msg: &[u8],
+        resident: usize,
+        max_payload: usize,
+    ) -> Result<(Header, &[u8]), ProtocolError> {
         if msg.len() < HEADER_LEN {
             return Err(ProtocolError::Truncated {
                 got: msg.len(),
@@ -257,16 +268,15 @@ impl Header {
             });
         }
         let body = &msg[HEADER_LEN..];
-        if body.len() < len {
+        let have = body.len() + resident;
+        if have < len {
             return Err(ProtocolError::Truncated {
-                got: msg.len(),
+                got: HEADER_LEN + have,
                 want: HEADER_LEN + len,
             });
         }
-        if body.len() > len {
-            return Err(ProtocolError::TrailingBytes {
-                extra: body.len() - len,
-            });
+        if have > len {
+            return Err(ProtocolError::TrailingBytes { extra: have - len });
         }
         let header = Header {
             kind,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
 use hacserve_ffi::gpu::preprocess::{Geometry, GpuPreprocessor};
+use hacserve_ffi::gpu::resident::DeviceSpan;
 
 use super::run_err;
 use super::session::CudnnSession;
@@ -208,6 +209,29 @@ impl GpuImages {
     }
 }
 
+impl GpuImages {
+    /// Resize, centre crop and normalise of `width` x `height` packed BGR8 `pixels` lying in
+    /// device memory (the raw task) into `out`, on `stream`, then waits. Nothing is decoded:
+    /// the decoded-image buffer is left alone.
+    pub fn preprocess_bgr_into(
+        &self,
+        stream: &Arc<cu::CudaStream>,
+        width: usize,
+        height: usize,
+        pixels: DeviceSpan<'_>,
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), EngineError> {
+        let geometry = imagenet_geometry(width, height);
+        self.kernels
+            .kernel
+            .launch_bgr(stream, pixels, &geometry, out)
+            .map_err(|e| EngineError::BadInput(format!("raw pixels: {e}")))?;
+        stream
+            .synchronize()
+            .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
+    }
+}
+
 /// Where the CPU path's `Resize(256)` + centre crop 224 + ImageNet normalisation put a
 /// `w`x`h` image (packed RGB), for the preprocessing kernel.
 pub fn imagenet_geometry(w: usize, h: usize) -> Geometry {
@@ -349,7 +373,7 @@ impl DeviceImages for CudnnSession {
 
 /// Image `slot` of `count` of a session's f32 NCHW input: the FP16 staging buffer, or the
 /// FP32 input tensor.
-fn input_slot<'a>(
+pub(super) fn input_slot<'a>(
     staging: &'a mut Option<cu::CudaSlice<f32>>,
     buffers: &'a mut [Option<DevBuf>],
     slot: usize,
