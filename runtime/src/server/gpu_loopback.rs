@@ -12,7 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hacserve_ffi::gpu::cuda::cu::CudaStream;
+use hacserve_ffi::gpu::ops::{GpuDevice, Handles};
 use hacserve_ffi::signal;
+
+pub use hacserve_ffi::gpu::transfer::{moved, Transfers};
 
 use super::options::{LoopPolicy, ServerOptions};
 use super::threads::ServerThreads;
@@ -128,5 +131,48 @@ impl GpuLoopback {
             .take()
             .and_then(|t| t.join().ok())
             .unwrap_or_default()
+    }
+}
+
+/// A stream on GPU `ordinal` for the loopback ring's memory.
+pub fn ring_stream(ordinal: usize) -> Result<Arc<CudaStream>, String> {
+    hacserve_ffi::gpu::cuda::driver(ordinal)
+        .and_then(|ctx| Ok(ctx.new_stream()?))
+        .map_err(|e| e.to_string())
+}
+
+/// The upload a host-ring request costs the engine: `bytes` from page-locked memory into a
+/// device buffer on a stream of its own, timed per call (the figure the GPU-resident path
+/// avoids).
+pub struct UploadProbe {
+    handles: Handles,
+    pinned: hacserve_ffi::gpu::cuda::cu::PinnedHostSlice<f32>,
+    dst: hacserve_ffi::gpu::cuda::cu::CudaSlice<f32>,
+    _device: GpuDevice,
+}
+
+impl UploadProbe {
+    pub fn new(ordinal: usize, bytes: usize) -> Result<UploadProbe, String> {
+        let device = GpuDevice::open(ordinal).map_err(|e| e.to_string())?;
+        let handles = device.handles().map_err(|e| e.to_string())?;
+        let floats = bytes.div_ceil(4);
+        let pinned = handles.pinned_zeros(floats).map_err(|e| e.to_string())?;
+        let dst = handles.zeros::<f32>(floats).map_err(|e| e.to_string())?;
+        Ok(UploadProbe {
+            handles,
+            pinned,
+            dst,
+            _device: device,
+        })
+    }
+
+    /// One upload, waited for.
+    pub fn time(&mut self) -> Result<Duration, String> {
+        let start = std::time::Instant::now();
+        self.handles
+            .upload(&self.pinned, &mut self.dst)
+            .and_then(|()| self.handles.synchronize())
+            .map_err(|e| e.to_string())?;
+        Ok(start.elapsed())
     }
 }
