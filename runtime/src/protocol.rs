@@ -494,6 +494,26 @@ mod tests {
     }
 
     #[test]
+    fn a_resident_payload_counts_towards_the_announced_length() {
+        let msg = request(b"abc");
+        let head = &msg[..HEADER_LEN];
+        let (h, p) = Header::decode_with_resident(head, 3, 16).unwrap();
+        assert_eq!((h.payload_len, p.len()), (3, 0));
+        assert!(matches!(
+            Header::decode_with_resident(head, 2, 16),
+            Err(ProtocolError::Truncated { got: 34, want: 35 })
+        ));
+        assert_eq!(
+            Header::decode_with_resident(head, 4, 16),
+            Err(ProtocolError::TrailingBytes { extra: 1 })
+        );
+        assert!(matches!(
+            Header::decode_with_resident(head, 3, 2),
+            Err(ProtocolError::PayloadTooLarge { .. })
+        ));
+    }
+
+    #[test]
     fn header_round_trip_and_layout() {
         let msg = request(b"abc");
         assert_eq!(&msg[0..4], b"HACS");

@@ -161,6 +161,16 @@ impl<'a> DeviceSpan<'a> {
         })
     }
 
+    /// The first `len` bytes of `slice` (allocated on `stream`'s context), if it has them.
+    pub fn of(
+        slice: &'a cu::CudaSlice<u8>,
+        stream: &Arc<cu::CudaStream>,
+        len: usize,
+    ) -> Option<DeviceSpan<'a>> {
+        let (ptr, _sync) = slice.device_ptr(stream);
+        DeviceSpan::within(ptr, slice.len(), 0, len)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

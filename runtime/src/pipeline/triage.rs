@@ -208,6 +208,42 @@ mod tests {
 }
 
 #[cfg(test)]
+mod resident_tests {
+    use super::*;
+
+    #[test]
+    fn a_resident_reply_holds_header_and_timestamps_and_announces_the_whole_body() {
+        let header = Header::request(Task::InferTensor, 7, 42, 602_112);
+        let mut ts = ServerTimestamps {
+            received: 1,
+            started: 2,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let outcome = write_resident_response(&header, &mut ts, TOP5_BYTES, &mut out);
+        assert!(matches!(
+            outcome,
+            Outcome::Answered {
+                task: Task::InferTensor,
+                top1: None
+            }
+        ));
+        assert_eq!(out.len(), HEADER_LEN + RESPONSE_BODY_LEN - TOP5_BYTES);
+        // The device part completes the body: a full reply once appended.
+        let mut top5 = [0u8; TOP5_BYTES];
+        top5[0..4].copy_from_slice(&5u32.to_le_bytes());
+        top5[8..12].copy_from_slice(&281u32.to_le_bytes());
+        out.extend_from_slice(&top5);
+        let (h, body) = Header::decode(&out, usize::MAX).unwrap();
+        assert_eq!((h.kind, h.request_id), (MessageKind::Response, 42));
+        let body = ResponseBody::decode(body).unwrap();
+        assert_eq!((body.top_k, body.classes[0]), (5, 281));
+        assert_eq!((body.timestamps.received, body.timestamps.started), (1, 2));
+        assert!(body.timestamps.replied >= ts.started);
+    }
+}
+
+#[cfg(test)]
 mod sink_tests {
     use super::*;
 

@@ -10,6 +10,7 @@ use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
 use hacserve_ffi::gpu::preprocess::{Geometry, GpuPreprocessor};
 use hacserve_ffi::gpu::resident::DeviceSpan;
+use hacserve_ffi::gpu::transfer::Mover;
 
 use super::run_err;
 use super::session::CudnnSession;
@@ -210,6 +211,38 @@ impl GpuImages {
 }
 
 impl GpuImages {
+    /// The raw task on the host path: uploads `width` x `height` packed BGR8 `pixels` into
+    /// the decoded-image buffer (grown for an image above the steady size, given back after
+    /// its request as for a decode), then [`Self::preprocess_bgr_into`].
+    pub fn preprocess_bgr_host(
+        &mut self,
+        stream: &Arc<cu::CudaStream>,
+        width: usize,
+        height: usize,
+        pixels: &[u8],
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), EngineError> {
+        self.decoded = None;
+        let want = width.saturating_mul(height).saturating_mul(3);
+        if want != pixels.len() || width.saturating_mul(height) > self.max_pixels {
+            return Err(EngineError::BadInput(format!(
+                "{width}x{height} BGR pixels: {} bytes given (at most {} pixels)",
+                pixels.len(),
+                self.max_pixels
+            )));
+        }
+        if want > self.rgb.len() {
+            self.rgb = stream
+                .alloc_zeros::<u8>(want)
+                .map_err(|e| EngineError::Run(format!("pixel buffer: {e}")))?;
+        }
+        let span = DeviceSpan::of(&self.rgb, stream, want)
+            .ok_or_else(|| EngineError::Run("pixel buffer too small".into()))?;
+        span.copy_from_host(stream, pixels, Mover::Server)
+            .map_err(|e| EngineError::Run(format!("pixel upload: {e}")))?;
+        self.preprocess_bgr_into(stream, width, height, span, out)
+    }
+
     /// Resize, centre crop and normalise of `width` x `height` packed BGR8 `pixels` lying in
     /// device memory (the raw task) into `out`, on `stream`, then waits. Nothing is decoded:
     /// the decoded-image buffer is left alone.

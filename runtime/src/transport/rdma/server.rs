@@ -259,6 +259,10 @@ impl RdmaServer {
             .admit(client_id, registered_bytes(depth, req.slot_size))
             .map_err(TransportError::Refused)?;
         let conn = gpu_conn(Box::new(ring), &req, reservation)?;
+        // depth + 1 receives, as the connection manager posts them for verbs.
+        for i in 0..=depth {
+            conn.rearm(i as u64)?;
+        }
         let incoming = Arc::new(ArrayQueue::new(1));
         let _ = incoming.push(Arc::new(conn));
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
