@@ -24,6 +24,7 @@ use super::transfer::{count_d2h, count_h2d, Mover};
 pub const TOP5_BYTES: usize = 48;
 
 const KERNELS: &str = r#"
+#define NEG_INF __int_as_float(0xff800000)
 // src: n f32 little-endian values at any alignment (a request slot's payload). dst: n f32.
 // *bad (zeroed before the launch) ends as n - i for the first non-finite value i, 0 if none.
 extern "C" __global__ void f32_from_le_bytes(
@@ -40,9 +41,9 @@ extern "C" __global__ void f32_from_le_bytes(
             u = (unsigned int)p[0] | ((unsigned int)p[1] << 8) | ((unsigned int)p[2] << 16)
                 | ((unsigned int)p[3] << 24);
         }
-        float v = __uint_as_float(u);
-        if (!isfinite(v)) atomicMax(bad, (unsigned int)(n - i));
-        dst[i] = v;
+        // Exponent all ones: infinity or NaN (NVRTC has no <cmath> for isfinite).
+        if ((u & 0x7f800000u) == 0x7f800000u) atomicMax(bad, (unsigned int)(n - i));
+        dst[i] = __uint_as_float(u);
     }
 }
 
@@ -57,7 +58,7 @@ extern "C" __global__ void top5_reply(const float* __restrict__ logits, int n,
     __shared__ int idx[256];
     __shared__ int chosen[5];
     int t = threadIdx.x;
-    float m = -INFINITY;
+    float m = NEG_INF;
     for (int i = t; i < n; i += 256) m = fmaxf(m, logits[i]);
     val[t] = m;
     __syncthreads();
@@ -79,7 +80,7 @@ extern "C" __global__ void top5_reply(const float* __restrict__ logits, int n,
     __syncthreads();
     int k = n < 5 ? n : 5;
     for (int r = 0; r < k; ++r) {
-        float best = -INFINITY;
+        float best = NEG_INF;
         int at = 0x7fffffff;
         for (int i = t; i < n; i += 256) {
             bool taken = false;
