@@ -258,7 +258,7 @@ fn rdma_client(args: &Args, bin_dir: &Path, payload: usize, n: usize) -> Result<
     let logs = std::env::temp_dir().join(format!("bench_rdma_{}", std::process::id()));
     let out = Command::new(bin_dir.join("rdma_client"))
         .args(["--host", &args.host, "-p", &args.port.to_string()])
-        .args(["-t", "3", "--payload-size", &payload.to_string()])
+        .args(["-t", "echo", "--payload-size", &payload.to_string()])
         .args(["-r", &n.to_string(), "--warmup", &args.warmup.to_string()])
         .args(["--poll-mode", "busy", "--slot-size", &slot.to_string()])
         .args(["--client-id", "97", "-s", "-f"])

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use argh::FromArgs;
-use hacserve_runtime::client::{run_closed_loop, ClientOptions};
+use hacserve_runtime::client::{run_closed_loop, ClientOptions, RequestPayload};
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::{Context, Message, SocketType};
 use hacserve_runtime::model_gen;
@@ -138,7 +138,7 @@ fn measure_ours(
     )?;
     let opts = ClientOptions {
         client_id: 1,
-        task: Task::Echo,
+        logits: false,
         requests: args.iters,
         priority: false,
         warmup: args.warmup,
@@ -146,7 +146,11 @@ fn measure_ours(
         debug: false,
         reconnect_within: Duration::ZERO,
     };
-    let run = run_closed_loop(&mut c, &opts, &vec![0u8; size]);
+    let echo = [RequestPayload {
+        task: Task::Echo,
+        bytes: vec![0u8; size],
+    }];
+    let run = run_closed_loop(&mut c, &opts, &echo);
     if let Some(e) = run.failure {
         bail!("hacserve echo failed: {e}");
     }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
 use hacserve_runtime::logging;
+use hacserve_runtime::protocol::Workload;
 use hacserve_runtime::stats::{read_csv, Report};
 
 #[derive(FromArgs)]
@@ -28,8 +29,9 @@ struct Args {
     /// or a path)
     #[argh(option, short = 'a', default = "String::from(\"zmq_client\")")]
     application_name: String,
-    /// task (passed to each client's -t)
-    #[argh(option, short = 't')]
+    /// task (passed to each client's -t): 0|ping, 1|raw, 2|processed, 3|mixture, 4|jpeg,
+    /// 5|preprocess, 6|echo, 7|sink
+    #[argh(option, short = 't', from_str_fn(parse_task))]
     task: String,
     /// requests per client
     #[argh(option, short = 'r', default = "100")]
@@ -55,6 +57,11 @@ struct Args {
     /// unmeasured requests each client sends first
     #[argh(option, default = "0")]
     warmup: usize,
+}
+
+/// `-t`, checked here so that a bad task fails once, not in every client.
+fn parse_task(s: &str) -> Result<String, String> {
+    Workload::parse(s).map(|_| s.to_string())
 }
 
 /// Concurrency levels for a mode: `single` -> [n]; `range` -> 1, 2, 4, ... and n itself.

@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hacserve_runtime::contract::{ClientTransport, TransportError};
-use hacserve_runtime::protocol::{
-    decode_error, Header, MessageKind, Task, HEADER_LEN, RESPONSE_BODY_LEN,
-};
+use hacserve_runtime::protocol::{decode_error, Header, MessageKind, Task, HEADER_LEN};
 use hacserve_runtime::transport::rdma::{
-    check_geometry, encode_imm, GeometryError, RdmaClient, RdmaClientConfig, DEFAULT_PORT,
-    IMM_LEN_MASK, MAX_DEPTH, MIN_SLOT_SIZE,
+    check_geometry, encode_imm, response_slot_size, GeometryError, RdmaClient, RdmaClientConfig,
+    DEFAULT_PORT, IMM_LEN_MASK, MAX_DEPTH, MIN_SLOT_SIZE,
 };
 
 hacserve::cli_args! {
@@ -55,8 +53,8 @@ fn main() -> Result<()> {
             bail!("--bad-imm must be \"length\" or \"slot\", not {b:?}");
         }
     }
-    let payload = client.payload()?;
-    let want = HEADER_LEN + payload.len();
+    let payloads = client.payloads()?;
+    let want = hacserve::cli::ClientArgs::longest_request(&payloads);
     let slot_size = match args.slot_size {
         Some(s) => s,
         None => (want.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32,
@@ -99,12 +97,12 @@ fn main() -> Result<()> {
         "rdma_client {} connected to {}:{} ({} slots x {} B)",
         client.client_id, client.host, args.port, args.ring_depth, slot_size
     );
-    let max_reply = slot_size as usize + RESPONSE_BODY_LEN;
+    let max_reply = response_slot_size(slot_size) as usize;
     client.run(
         "rdma_client",
         args.port,
         &mut transport,
-        &payload,
+        &payloads,
         max_reply,
     )?;
     if let Some(kind) = &args.bad_imm {

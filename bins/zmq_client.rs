@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use hacserve_runtime::libzmq::Context;
-use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, RESPONSE_BODY_LEN};
+use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, LOGITS_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::transport::zmq::ZmqClient;
 
 hacserve::cli_args! {
@@ -29,9 +29,10 @@ fn main() -> Result<()> {
     let args: Args = hacserve::cli::version::from_env();
     let client = args.client();
     let mode = client.prepare(&args.poll_mode)?;
-    let payload = client.payload()?;
+    let payloads = client.payloads()?;
+    let longest = hacserve::cli::ClientArgs::longest_request(&payloads);
     let ctx = Context::new().context("creating the ZeroMQ context")?;
-    let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + payload.len().max(DEFAULT_MAX_PAYLOAD);
+    let max_reply = RESPONSE_BODY_LEN + LOGITS_LEN + longest.max(HEADER_LEN + DEFAULT_MAX_PAYLOAD);
     let mut transport = ZmqClient::connect(
         &ctx,
         &client.host,
@@ -41,5 +42,11 @@ fn main() -> Result<()> {
         max_reply,
     )
     .with_context(|| format!("connecting to tcp://{}:{}", client.host, args.port))?;
-    client.run("zmq_client", args.port, &mut transport, &payload, max_reply)
+    client.run(
+        "zmq_client",
+        args.port,
+        &mut transport,
+        &payloads,
+        max_reply,
+    )
 }

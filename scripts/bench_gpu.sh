@@ -6,7 +6,7 @@
 #   3. scripts/torch_peer.py bench:     PyTorch fp16 CUDA-graph batch 1 / batch 32, decode_jpeg
 #   4. bench_gpu:                       our figures vs 3., goals, FP32/FP16 agreement with PyTorch
 #   5. zmq_server --backend gpu (fp16, CUDA graph, nvJPEG decode) over loopback, multi_client at
-#      1, 8 and 32 clients, task 0 (JPEG infer of the JPEG from 1.), dynamic batching off and on
+#      1, 8 and 32 clients, task 4 (jpeg: infer of the JPEG from 1.), dynamic batching off and on
 #   6. bench_gpudirect:                 rdma_server's -a 0 (host ring + upload) vs -a 1 (GPU-resident)
 #      server time per request, through the loopback ring source (no NIC needed), when built
 # Everything lands in OUT_DIR; the combined table is printed at the end (and OUT_DIR/summary.txt).
@@ -83,9 +83,9 @@ for mb in $MAX_BATCHES; do
   done
   if [ "$up" -eq 1 ]; then
     for c in $LEVELS; do
-      echo "--- max batch $mb, $c client(s) x $REQUESTS requests, task 0 (JPEG infer)"
+      echo "--- max batch $mb, $c client(s) x $REQUESTS requests, task 4 (jpeg infer)"
       tag=mb${mb}_clients_$c
-      "$bin/multi_client" --host 127.0.0.1 -p "$PORT" -c "$c" -t 0 -r "$REQUESTS" --warmup 20 -m single \
+      "$bin/multi_client" --host 127.0.0.1 -p "$PORT" -c "$c" -t jpeg -r "$REQUESTS" --warmup 20 -m single \
         -i "$jpeg" -f "$e2e/$tag" > "$e2e/$tag.txt" 2>&1 || notes+=("multi_client -c $c (max batch $mb) failed (see $e2e/$tag.txt)")
       tail -4 "$e2e/$tag.txt"
       csv=$e2e/$tag/multi_client_summary.csv
@@ -122,7 +122,7 @@ fi
   fi
   echo
   echo "end to end: zmq_server --backend gpu --precision fp16 --decode gpu, $WORKERS workers, loopback,"
-  echo "task 0 (JPEG infer of $(basename "$jpeg")), $REQUESTS requests per client after 20 warm-up"
+  echo "task 4 (jpeg infer of $(basename "$jpeg")), $REQUESTS requests per client after 20 warm-up"
   echo " max batch  clients  requests  errors       req/s    p50[ms]    p90[ms]    p99[ms]"
   for r in ${rows[@]+"${rows[@]}"}; do echo "$r"; done
   if [ -f "$out/bench_gpudirect.txt" ]; then

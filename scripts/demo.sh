@@ -15,4 +15,4 @@ SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 sleep 2
 ./target/release/zmq_client --host 127.0.0.1 --port "$PORT" -i models/grace_hopper.jpg \
-  -t 0 --warmup 3 -r "$REQUESTS" -s -f results/demo
+  -t jpeg --warmup 3 -r "$REQUESTS" -s -f results/demo

@@ -47,7 +47,7 @@ fn gpu_backend_answers_like_the_cpu_backend() {
     let model = model("resnet50");
     let want = cpu_top5(&model);
     let jpeg = std::fs::read(image()).unwrap();
-    let tensor = hacserve_runtime::client::prepare_payload(Task::InferTensor, &jpeg, None).unwrap();
+    let tensor = hacserve_runtime::client::prepare_payload(Task::Processed, &jpeg, None).unwrap();
     for (label, extra, exact_top5) in [
         ("fp16, nvJPEG", vec!["--backend", "gpu"], false),
         (
@@ -70,9 +70,9 @@ fn gpu_backend_answers_like_the_cpu_backend() {
     ] {
         let server = zmq_server(&model, &extra);
         let mut c = zmq_connect(server.port);
-        let by_jpeg = answer(&mut c, &request(Task::Infer, 1, 0, &jpeg));
-        let by_tensor = answer(&mut c, &request(Task::InferTensor, 2, 0, &tensor));
-        let priority = answer(&mut c, &request(Task::Infer, 3, FLAG_PRIORITY, &jpeg));
+        let by_jpeg = answer(&mut c, &request(Task::Jpeg, 1, 0, &jpeg));
+        let by_tensor = answer(&mut c, &request(Task::Processed, 2, 0, &tensor));
+        let priority = answer(&mut c, &request(Task::Jpeg, 3, FLAG_PRIORITY, &jpeg));
         println!(
             "{label}: top-5 by JPEG {:?} by tensor {:?} priority {:?} (CPU backend {want:?}); \
              stages decode {} us preprocess {} us infer {} us",
@@ -105,7 +105,7 @@ fn gpu_backend_answers_like_the_cpu_backend() {
         assert_eq!(pre.top_k, 0);
         assert!(pre.timestamps.preprocessed > pre.timestamps.decoded);
         // A truncated JPEG is the sender's error; the next request is still served.
-        let (h, body) = round_trip(&mut c, &request(Task::Infer, 5, 0, &jpeg[..jpeg.len() / 3]));
+        let (h, body) = round_trip(&mut c, &request(Task::Jpeg, 5, 0, &jpeg[..jpeg.len() / 3]));
         assert_eq!(
             h.kind,
             MessageKind::Error,
@@ -117,9 +117,9 @@ fn gpu_backend_answers_like_the_cpu_backend() {
             Some(ErrorCode::BadImage),
             "{text}"
         );
-        let garbage = answer_or_error(&mut c, &request(Task::Infer, 6, 0, &[0x42u8; 4096]));
+        let garbage = answer_or_error(&mut c, &request(Task::Jpeg, 6, 0, &[0x42u8; 4096]));
         assert_eq!(garbage, Some(ErrorCode::BadImage), "{label}: garbage JPEG");
-        let again = answer(&mut c, &request(Task::Infer, 7, 0, &jpeg));
+        let again = answer(&mut c, &request(Task::Jpeg, 7, 0, &jpeg));
         assert_eq!(again.classes, by_jpeg.classes, "{label}: after bad input");
         let lines = server.stop();
         let banner = lines
@@ -161,7 +161,7 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
     let port = server.port;
     let lone = {
         let mut c = zmq_connect(port);
-        answer(&mut c, &request(Task::Infer, 1, 0, &jpeg))
+        answer(&mut c, &request(Task::Jpeg, 1, 0, &jpeg))
     };
     let clients: Vec<_> = (0..8u64)
         .map(|client| {
@@ -175,12 +175,12 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
                     if client == 7 && r % 10 == 0 {
                         let code = answer_or_error(
                             &mut c,
-                            &request(Task::Infer, id, 0, &jpeg[..jpeg.len() / 2]),
+                            &request(Task::Jpeg, id, 0, &jpeg[..jpeg.len() / 2]),
                         );
                         assert_eq!(code, Some(ErrorCode::BadImage), "request {id}");
                         continue;
                     }
-                    got.push(answer(&mut c, &request(Task::Infer, id, 0, &jpeg)));
+                    got.push(answer(&mut c, &request(Task::Jpeg, id, 0, &jpeg)));
                 }
                 got
             })
@@ -224,7 +224,7 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
 
 /// What a server made of one image: the top-5 of a response, or the error code.
 fn verdict(c: &mut ZmqClient, id: u64, jpeg: &[u8]) -> Result<[u32; 5], Option<ErrorCode>> {
-    let (h, body) = round_trip(c, &request(Task::Infer, id, 0, jpeg));
+    let (h, body) = round_trip(c, &request(Task::Jpeg, id, 0, jpeg));
     match h.kind {
         MessageKind::Response => Ok(ResponseBody::decode(&body).unwrap().classes),
         _ => Err(decode_error(&body)
@@ -362,7 +362,7 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
     let huge = generated_jpeg(8192, 8192, true);
     let infer = |pipeline: &mut Pipeline, id: u64, jpeg: &[u8]| {
         let mut out = Vec::new();
-        let outcome = pipeline.handle(&queued(Task::Infer, id, jpeg), &mut out);
+        let outcome = pipeline.handle(&queued(Task::Jpeg, id, jpeg), &mut out);
         assert!(
             matches!(outcome, Outcome::Answered { .. }),
             "request {id}: {outcome:?}: {}",
@@ -380,7 +380,7 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
 
     // The outsized image: decoded on the GPU into a buffer of its size ...
     let mut out = Vec::new();
-    let outcome = pipeline.handle(&queued(Task::Infer, 1, &huge), &mut out);
+    let outcome = pipeline.handle(&queued(Task::Jpeg, 1, &huge), &mut out);
     assert!(
         matches!(outcome, Outcome::Answered { .. }),
         "{outcome:?}: {}",
@@ -425,10 +425,10 @@ fn gpu_server_refuses_an_image_over_the_limit_and_releases_an_allowed_outsized_o
     let server = zmq_server(&model, &["--backend", "gpu"]);
     let mut c = zmq_connect(server.port);
     assert_eq!(
-        answer_or_error(&mut c, &request(Task::Infer, 1, 0, &huge)),
+        answer_or_error(&mut c, &request(Task::Jpeg, 1, 0, &huge)),
         Some(ErrorCode::PayloadTooLarge)
     );
-    answer(&mut c, &request(Task::Infer, 2, 0, &jpeg));
+    answer(&mut c, &request(Task::Jpeg, 2, 0, &jpeg));
     drop(server);
     // Allowed: decoded, answered, and the device buffer goes back after the reply.
     let server = zmq_server(
@@ -436,10 +436,10 @@ fn gpu_server_refuses_an_image_over_the_limit_and_releases_an_allowed_outsized_o
         &["--backend", "gpu", "--max-image-pixels", "67108864"],
     );
     let mut c = zmq_connect(server.port);
-    answer(&mut c, &request(Task::Infer, 3, 0, &huge));
-    let want = answer(&mut c, &request(Task::Infer, 4, 0, &jpeg)).classes;
+    answer(&mut c, &request(Task::Jpeg, 3, 0, &huge));
+    let want = answer(&mut c, &request(Task::Jpeg, 4, 0, &jpeg)).classes;
     assert_eq!(
-        answer(&mut c, &request(Task::Infer, 5, 0, &jpeg)).classes,
+        answer(&mut c, &request(Task::Jpeg, 5, 0, &jpeg)).classes,
         want
     );
     let out = server

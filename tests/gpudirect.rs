@@ -160,12 +160,12 @@ fn gpudirect_ring_serves_echo_and_inference() {
             requests.into(),
         ]
     };
-    let echo: Vec<String> = host_args("3", "100");
+    let echo: Vec<String> = host_args("echo", "100");
     let echo: Vec<&str> = echo.iter().map(String::as_str).collect();
     let (ok, out) = common::run(CLIENT, &echo);
     assert!(ok, "echo through the GPU ring failed: {out}");
     assert!(out.contains("100 requests, 0 errors"), "{out}");
-    let infer: Vec<String> = host_args("0", "5");
+    let infer: Vec<String> = host_args("jpeg", "5");
     let infer: Vec<&str> = infer.iter().map(String::as_str).collect();
     let (ok, out) = common::run(CLIENT, &infer);
     assert!(ok, "inference through the GPU ring failed: {out}");

@@ -40,8 +40,14 @@ fn gpu_or_skip() -> bool {
 }
 
 fn request(task: Task, id: u64, payload: &[u8]) -> Vec<u8> {
+    with_flags(task, id, 0, payload)
+}
+
+fn with_flags(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut header = Header::request(task, 7, id, payload.len());
+    header.flags = flags;
     let mut h = [0u8; HEADER_LEN];
-    Header::request(task, 7, id, payload.len()).encode(&mut h);
+    header.encode(&mut h);
     let mut m = h.to_vec();
     m.extend_from_slice(payload);
     m
@@ -51,7 +57,8 @@ fn request(task: Task, id: u64, payload: &[u8]) -> Vec<u8> {
 /// scores) for an answer, the code and text for an error, the payload for an echo.
 #[derive(Debug)]
 enum Answer {
-    Top5(u32, [u32; 5], [f32; 5]),
+    /// top-k, classes, scores, and the logits when asked for.
+    Top5(u32, [u32; 5], [f32; 5], Vec<f32>),
     Error(u32, String),
     Bytes(Vec<u8>),
 }
@@ -59,12 +66,16 @@ enum Answer {
 fn answer(reply: &[u8]) -> (Header, Answer) {
     let (h, body) = Header::decode(reply, usize::MAX).expect("a valid reply");
     let a = match h.kind {
-        MessageKind::Response if h.task == Task::Echo => {
-            Answer::Bytes(body[RESPONSE_BODY_LEN..].to_vec())
+        MessageKind::Response if !h.task.infers() => {
+            Answer::Bytes(body[RESPONSE_BODY_LEN.min(body.len())..].to_vec())
         }
         MessageKind::Response => {
             let b = ResponseBody::decode(body).unwrap();
-            Answer::Top5(b.top_k, b.classes, b.scores)
+            let logits = body[RESPONSE_BODY_LEN..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Answer::Top5(b.top_k, b.classes, b.scores, logits)
         }
         _ => {
             let (code, text) = decode_error(body).unwrap();
@@ -76,8 +87,10 @@ fn answer(reply: &[u8]) -> (Header, Answer) {
 
 fn same(label: &str, host: &Answer, gpu: &Answer) {
     match (host, gpu) {
-        (Answer::Top5(hk, hc, hs), Answer::Top5(gk, gc, gs)) => {
+        (Answer::Top5(hk, hc, hs, hl), Answer::Top5(gk, gc, gs, gl)) => {
             assert_eq!((hk, hc), (gk, gc), "{label}: top-5 classes differ");
+            // The same input tensor through the same graph: the same logits, bit for bit.
+            assert!(hl == gl, "{label}: logits differ");
             for (a, b) in hs.iter().zip(gs) {
                 // Softmax on the device: the same order of operations but for the sum's
                 // (a tree, not a loop) and expf's last bits.
@@ -117,30 +130,46 @@ fn gpu_ring_answers_like_the_host_path_and_keeps_payloads_on_the_gpu() {
     let server = GpuLoopback::start(vec![pipeline()], &stream, 0, DEPTH, SLOT).unwrap();
 
     let jpeg = std::fs::read(common::image()).unwrap();
-    let tensor = hacserve_runtime::client::prepare_payload(Task::InferTensor, &jpeg, None).unwrap();
+    let tensor = hacserve_runtime::client::prepare_payload(Task::Processed, &jpeg, None).unwrap();
+    // The original's workload sizes: a 500x546 image, raw 819 KB.
+    let original = std::fs::read(common::repo().join("models/grace_hopper_500x546.jpg")).unwrap();
+    let raw = hacserve_runtime::client::prepare_payload(Task::Raw, &original, None).unwrap();
     let mut not_finite = tensor.clone();
     not_finite[4 * 1234..4 * 1235].copy_from_slice(&f32::NAN.to_le_bytes());
     let echo: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
     // (label, request, payload bytes the server may not move)
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("ping", request(Task::Ping, 10, &[]), true),
+        ("raw (BGR pixels)", request(Task::Raw, 11, &raw), true),
+        (
+            "raw, logits",
+            with_flags(Task::Raw, 12, FLAG_LOGITS, &raw),
+            true,
+        ),
+        ("raw, short", request(Task::Raw, 13, &raw[..1000]), true),
+        (
+            "processed, logits",
+            with_flags(Task::Processed, 14, FLAG_LOGITS, &tensor),
+            true,
+        ),
         (
             "processed (tensor)",
-            request(Task::InferTensor, 1, &tensor),
+            request(Task::Processed, 1, &tensor),
             true,
         ),
         (
             "processed, non-finite",
-            request(Task::InferTensor, 2, &not_finite),
+            request(Task::Processed, 2, &not_finite),
             true,
         ),
         (
             "processed, short",
-            request(Task::InferTensor, 3, &tensor[..1000]),
+            request(Task::Processed, 3, &tensor[..1000]),
             true,
         ),
-        ("jpeg", request(Task::Infer, 4, &jpeg), false),
-        ("jpeg, not a JPEG", request(Task::Infer, 5, &echo), false),
-        ("echo (ping)", request(Task::Echo, 6, &echo), false),
+        ("jpeg", request(Task::Jpeg, 4, &jpeg), false),
+        ("jpeg, not a JPEG", request(Task::Jpeg, 5, &echo), false),
+        ("echo", request(Task::Echo, 6, &echo), false),
         ("sink", request(Task::Sink, 7, &echo), true),
     ];
     let (mut host_out, mut gpu_out) = (Vec::new(), Vec::new());
@@ -170,13 +199,14 @@ fn gpu_ring_answers_like_the_host_path_and_keeps_payloads_on_the_gpu() {
             }
             if round == 2 {
                 table.push(format!(
-                    "{label:24} payload {payload:7} B | server H2D {:7} B, D2H {:7} B | NIC stand-in H2D {:7} B, D2H {:5} B | {}",
+                    "{label:22} payload {payload:7} B | server H2D {:7} B, D2H {:7} B | NIC stand-in H2D {:7} B, D2H {:5} B | {}",
                     d.server_h2d,
                     d.server_d2h,
                     d.nic_h2d,
                     d.nic_d2h,
                     match &gpu_answer {
-                        Answer::Top5(_, c, _) => format!("top-1 {}", c[0]),
+                        Answer::Top5(_, c, _, l) if l.is_empty() => format!("top-1 {}", c[0]),
+                        Answer::Top5(_, c, _, l) => format!("top-1 {}, {} logits", c[0], l.len()),
                         Answer::Error(code, _) => format!("error {code}"),
                         Answer::Bytes(b) => format!("{} B echoed", b.len()),
                     }

@@ -48,9 +48,9 @@ $RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0
 RPP=$!
 wait_for /tmp/zproxy.log || fail=1
 wait_for /tmp/rproxy.log || fail=1
-loop_of zloop $ZC --host 192.0.2.1 --port 5600 -t 3 -r 200 --client-id 10 --timeout-ms 8000 &
+loop_of zloop $ZC --host 192.0.2.1 --port 5600 -t echo -r 200 --client-id 10 --timeout-ms 8000 &
 ZL=$!
-loop_of rloop $RC --host 192.0.2.1 -p 20080 -t 3 -r 200 --client-id 20 --timeout-ms 8000 &
+loop_of rloop $RC --host 192.0.2.1 -p 20080 -t echo -r 200 --client-id 20 --timeout-ms 8000 &
 RL=$!
 sleep 6
 echo "fault: SIGKILL rdma_server"; kill -KILL $SP; wait $SP 2>/dev/null
@@ -66,10 +66,10 @@ touch /tmp/stop
 wait $ZL; wait $RL
 # After the faults: both proxies answer everything from the backend again.
 step() {{ name=$1; shift; "$@" >/tmp/$name.log 2>&1 || {{ fail=1; echo "FAILED: $name"; }}; echo "=== $name ==="; grep " requests, " /tmp/$name.log; }}
-step zmq_after $ZC --host 192.0.2.1 --port 5600 -t 3 -r 50 --client-id 11 --timeout-ms 8000
-step rdma_after $RC --host 192.0.2.1 -p 20080 -t 3 -r 50 --client-id 21 --timeout-ms 8000
+step zmq_after $ZC --host 192.0.2.1 --port 5600 -t echo -r 50 --client-id 11 --timeout-ms 8000
+step rdma_after $RC --host 192.0.2.1 -p 20080 -t echo -r 50 --client-id 21 --timeout-ms 8000
 # A direct rdma_client across a server restart: it connects again and sends its request again.
-$RC --host 192.0.2.1 -t 0 -r 15 --client-id 30 --timeout-ms 20000 --reconnect-ms 30000 >/tmp/direct.log 2>&1 &
+$RC --host 192.0.2.1 -t jpeg -r 15 --client-id 30 --timeout-ms 20000 --reconnect-ms 30000 >/tmp/direct.log 2>&1 &
 DC=$!
 for i in $(seq 1 300); do grep -q "connected to" /tmp/direct.log && break; sleep 0.1; done
 sleep 2

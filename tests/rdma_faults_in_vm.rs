@@ -61,7 +61,7 @@ SP=$!
 wait_for /tmp/server.log "listening on" || fail=1
 # The first answer, then 0.2 s into the next inference (~3 s each in the VM): killed while the
 # server's worker holds one of its requests.
-$C --host 192.0.2.1 -t 0 -r 1000 --client-id 7 --timeout-ms 120000 -d >/tmp/killed_infer.log 2>&1 &
+$C --host 192.0.2.1 -t jpeg -r 1000 --client-id 7 --timeout-ms 120000 -d >/tmp/killed_infer.log 2>&1 &
 K=$!
 wait_for /tmp/killed_infer.log "request 0: status" || fail=1
 sleep 0.2
@@ -69,14 +69,14 @@ kill -KILL $K; wait $K; rc=$?
 echo "=== killed_infer ==="; echo "exit status $rc"; cat /tmp/killed_infer.log
 alive "killed_infer"
 # An echo stream of 1 MB payloads, killed after its 21st answer.
-$C --host 192.0.2.1 -t 3 --payload-size 1000000 -r 1000000 --client-id 9 --timeout-ms 20000 -d >/tmp/killed_echo.log 2>&1 &
+$C --host 192.0.2.1 -t echo --payload-size 1000000 -r 1000000 --client-id 9 --timeout-ms 20000 -d >/tmp/killed_echo.log 2>&1 &
 K=$!
 wait_for /tmp/killed_echo.log "request 20: status" || fail=1
 kill -KILL $K; wait $K; rc=$?
 echo "=== killed_echo ==="; echo "exit status $rc"; cat /tmp/killed_echo.log
 alive "killed_echo"
-step after_kill $C --host 192.0.2.1 -t 0 -r 2 --client-id 8 --timeout-ms 120000
-step multi $MC -a $C -c {clients} -t 3 -r {per_client} --warmup {warmup} --host 192.0.2.1 -p 20079 -f /tmp/mc
+step after_kill $C --host 192.0.2.1 -t jpeg -r 2 --client-id 8 --timeout-ms 120000
+step multi $MC -a $C -c {clients} -t echo -r {per_client} --warmup {warmup} --host 192.0.2.1 -p 20079 -f /tmp/mc
 cp /tmp/mc/multi_client_summary.csv "$HACSERVE_TESTBED_OUT/" || fail=1
 alive "multi"
 kill -TERM $SP; wait $SP; rc=$?

@@ -26,9 +26,9 @@ fail=0
 $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin --workers 2 >/tmp/server.log 2>&1 &
 SP=$!
 for i in $(seq 1 150); do grep -q "listening on" /tmp/server.log && break; sleep 0.2; done
-$C --host 192.0.2.1 -t 0 -r 4 -i {big} --client-id 1 --timeout-ms 60000 >/tmp/big.log 2>&1 &
+$C --host 192.0.2.1 -t jpeg -r 4 -i {big} --client-id 1 --timeout-ms 60000 >/tmp/big.log 2>&1 &
 BP=$!
-$C --host 192.0.2.1 -t 0 -r 6 --client-id 2 --timeout-ms 120000 || fail=1
+$C --host 192.0.2.1 -t jpeg -r 6 --client-id 2 --timeout-ms 120000 || fail=1
 wait $BP
 echo "BIG CLIENT:"; cat /tmp/big.log
 kill -TERM $SP

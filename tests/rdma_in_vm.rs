@@ -1,6 +1,6 @@
 //! rdma_server + rdma_client end to end, over real RDMA (Soft-RoCE) inside the qemu testbed
-//! (tests/testbed/), in ONE VM boot: echo (-t 3, 200 requests), full inference with the tiny
-//! model (-t 0, 3 requests), a bad length in the immediate (error reply), a bad slot (that
+//! (tests/testbed/), in ONE VM boot: echo (-t echo, 200 requests), full inference with the tiny
+//! model (-t jpeg, 3 requests), a bad length in the immediate (error reply), a bad slot (that
 //! client alone disconnected), then a client that still gets served and two concurrent ones.
 //!
 //! Without qemu or the testbed kernel it prints `SKIPPED rdma in VM: <reason>` to stderr and
@@ -29,7 +29,7 @@ fn without_rdma_both_binaries_fail_cleanly() {
     }
     for (bin, args) in [
         (SERVER, vec!["-i", "0", "--no-pin"]),
-        (CLIENT, vec!["--host", "127.0.0.1", "-t", "3", "-r", "1"]),
+        (CLIENT, vec!["--host", "127.0.0.1", "-t", "echo", "-r", "1"]),
     ] {
         let out = Command::new(bin)
             .args(&args)
@@ -63,14 +63,14 @@ $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pi
 SP=$!
 for i in $(seq 1 150); do grep -q "listening on" /tmp/server.log && break; sleep 0.2; done
 cat /tmp/server.log
-$C --host 192.0.2.1 -t 3 -r 200 --timeout-ms 20000 --client-id 0 || fail=1; echo "STEP echo done"
-$C --host 192.0.2.1 -t 0 -r 3 --timeout-ms 120000 --client-id 1 || fail=1; echo "STEP infer done"
-$C --host 192.0.2.1 -t 3 -r 2 --client-id 2 --bad-imm length --timeout-ms 20000 || fail=1; echo "STEP bad-length done"
-$C --host 192.0.2.1 -t 3 -r 2 --client-id 3 --bad-imm slot --timeout-ms 20000 || fail=1; echo "STEP bad-slot done"
-$C --host 192.0.2.1 -t 3 -r 5 --client-id 4 --timeout-ms 20000 || fail=1; echo "STEP after done"
-$C --host 192.0.2.1 -t 3 -r 50 --client-id 5 --timeout-ms 20000 >/tmp/c5.log 2>&1 &
+$C --host 192.0.2.1 -t echo -r 200 --timeout-ms 20000 --client-id 0 || fail=1; echo "STEP echo done"
+$C --host 192.0.2.1 -t jpeg -r 3 --timeout-ms 120000 --client-id 1 || fail=1; echo "STEP infer done"
+$C --host 192.0.2.1 -t echo -r 2 --client-id 2 --bad-imm length --timeout-ms 20000 || fail=1; echo "STEP bad-length done"
+$C --host 192.0.2.1 -t echo -r 2 --client-id 3 --bad-imm slot --timeout-ms 20000 || fail=1; echo "STEP bad-slot done"
+$C --host 192.0.2.1 -t echo -r 5 --client-id 4 --timeout-ms 20000 || fail=1; echo "STEP after done"
+$C --host 192.0.2.1 -t echo -r 50 --client-id 5 --timeout-ms 20000 >/tmp/c5.log 2>&1 &
 C5=$!
-$C --host 192.0.2.1 -t 3 -r 50 --client-id 6 --timeout-ms 20000 || fail=1
+$C --host 192.0.2.1 -t echo -r 50 --client-id 6 --timeout-ms 20000 || fail=1
 wait $C5 || fail=1
 cat /tmp/c5.log; echo "STEP concurrent done"
 kill -TERM $SP

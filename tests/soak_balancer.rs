@@ -64,7 +64,7 @@ fn good_client(port: u16, id: u32, infer: bool, stop: Arc<AtomicBool>) -> Tally 
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let (task, payload) = if infer {
-            (Task::Infer, jpeg.clone())
+            (Task::Jpeg, jpeg.clone())
         } else {
             let n = sizes[i as usize % sizes.len()];
             (Task::Echo, vec![(id as u8).wrapping_add(i as u8); n])

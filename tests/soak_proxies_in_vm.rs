@@ -66,17 +66,17 @@ $RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0
 RPP=$!
 wait_for /tmp/zproxy.log || fail=1
 wait_for /tmp/rproxy.log || fail=1
-loop_of recho $RC --host 192.0.2.1 -p 20080 -t 3 -r 500 --client-id 20 --timeout-ms 20000 &
+loop_of recho $RC --host 192.0.2.1 -p 20080 -t echo -r 500 --client-id 20 --timeout-ms 20000 &
 L1=$!
-loop_of rinfer $RC --host 192.0.2.1 -p 20080 -t 0 -r 5 --client-id 21 --timeout-ms 60000 &
+loop_of rinfer $RC --host 192.0.2.1 -p 20080 -t jpeg -r 5 --client-id 21 --timeout-ms 60000 &
 L2=$!
-loop_of zecho $ZC --host 192.0.2.1 --port 5600 -t 3 -r 500 --client-id 10 --timeout-ms 20000 &
+loop_of zecho $ZC --host 192.0.2.1 --port 5600 -t echo -r 500 --client-id 10 --timeout-ms 20000 &
 L3=$!
 # Hostile: a client killed mid-stream, and one whose last request lies about its length.
 hostile() {{ n=0; while [ ! -f /tmp/stop ]; do
-  $RC --host 192.0.2.1 -p 20080 -t 3 -r 1000000 --client-id $((100 + n)) --timeout-ms 20000 >/dev/null 2>&1 & K=$!
+  $RC --host 192.0.2.1 -p 20080 -t echo -r 1000000 --client-id $((100 + n)) --timeout-ms 20000 >/dev/null 2>&1 & K=$!
   sleep 1.5; kill -KILL $K 2>/dev/null; wait $K 2>/dev/null
-  $RC --host 192.0.2.1 -p 20080 -t 3 -r 20 --client-id $((200 + n)) --bad-imm length --timeout-ms 20000 >>/tmp/badimm.log 2>&1 || echo "BADIMM FAILED" >>/tmp/badimm.log
+  $RC --host 192.0.2.1 -p 20080 -t echo -r 20 --client-id $((200 + n)) --bad-imm length --timeout-ms 20000 >>/tmp/badimm.log 2>&1 || echo "BADIMM FAILED" >>/tmp/badimm.log
   n=$((n + 1)); done; echo "hostile rounds $n" >>/tmp/hostile.log; }}
 hostile &
 H=$!

@@ -293,7 +293,7 @@ fn a_client_sends_its_request_again_to_a_restarted_server() {
     let mut c = zmq_connect_with(port, Duration::from_secs(60), 1 << 20);
     let jpeg = std::fs::read(image()).unwrap();
     let mut m = vec![0u8; HEADER_LEN + jpeg.len()];
-    Header::request(Task::Infer, 5, 42, jpeg.len())
+    Header::request(Task::Jpeg, 5, 42, jpeg.len())
         .encode((&mut m[..HEADER_LEN]).try_into().unwrap());
     m[HEADER_LEN..].copy_from_slice(&jpeg);
     // Warm the server (first inference builds its plan), then the request that meets the kill.

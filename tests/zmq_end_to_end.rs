@@ -38,7 +38,7 @@ fn client_and_server_with_resnet50_give_the_in_process_answer() {
             "-r",
             "3",
             "-t",
-            "0",
+            "jpeg",
             "-s",
             "-f",
             logs.to_str().unwrap(),
@@ -92,7 +92,7 @@ fn every_task_over_the_tiny_model() {
     let jpeg = std::fs::read(image()).unwrap();
     let want = cpu_top5(&model);
 
-    let (h, body) = round_trip(&mut c, &request(Task::Infer, 1, 10, &jpeg));
+    let (h, body) = round_trip(&mut c, &request(Task::Jpeg, 1, 10, &jpeg));
     assert_eq!(
         (h.kind, h.client_id, h.request_id),
         (MessageKind::Response, 1, 10)
@@ -103,9 +103,9 @@ fn every_task_over_the_tiny_model() {
     assert!(full.scores[0] > 0.0 && total <= 1.0 + 1e-5);
 
     // The same tensor preprocessed by the client gives the same answer.
-    let tensor = hacserve_runtime::client::prepare_payload(Task::InferTensor, &jpeg, None).unwrap();
+    let tensor = hacserve_runtime::client::prepare_payload(Task::Processed, &jpeg, None).unwrap();
     assert_eq!(tensor.len(), TENSOR_LEN * 4);
-    let (h, body) = round_trip(&mut c, &request(Task::InferTensor, 1, 11, &tensor));
+    let (h, body) = round_trip(&mut c, &request(Task::Processed, 1, 11, &tensor));
     assert_eq!(h.kind, MessageKind::Response);
     let by_tensor = ResponseBody::decode(&body).unwrap();
     assert_eq!(by_tensor.classes, full.classes);
@@ -130,7 +130,7 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     let mut server = zmq_server(&model, &["--max-payload", "100000"]);
     let mut c = zmq_connect(server.port);
     let jpeg = std::fs::read(image()).unwrap();
-    let good = request(Task::Infer, 2, 1, &jpeg);
+    let good = request(Task::Jpeg, 2, 1, &jpeg);
 
     let expect_error = |c: &mut ZmqClient, msg: &[u8], code: ErrorCode| {
         let (h, body) = round_trip(c, msg);
@@ -163,7 +163,7 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
     );
     expect_error(
         &mut c,
-        &request(Task::Infer, 2, 6, &jpeg[..jpeg.len() / 3]),
+        &request(Task::Jpeg, 2, 6, &jpeg[..jpeg.len() / 3]),
         ErrorCode::BadImage,
     );
     let garbage: Vec<u8> = (0..4096u32)
@@ -171,12 +171,12 @@ fn malformed_requests_get_typed_errors_and_the_server_keeps_serving() {
         .collect();
     expect_error(
         &mut c,
-        &request(Task::Infer, 2, 7, &garbage),
+        &request(Task::Jpeg, 2, 7, &garbage),
         ErrorCode::BadImage,
     );
     expect_error(
         &mut c,
-        &request(Task::InferTensor, 2, 8, &[0u8; 12]),
+        &request(Task::Processed, 2, 8, &[0u8; 12]),
         ErrorCode::BadTensor,
     );
     let mut m = request(Task::Echo, 2, 9, b"x");
@@ -213,7 +213,7 @@ fn balancer_spreads_over_two_backends_and_every_reply_reaches_its_client() {
                 let mut c = zmq_connect(port);
                 let jpeg = std::fs::read(image()).unwrap();
                 for i in 0..15u64 {
-                    let task = if i % 3 == 0 { Task::Infer } else { Task::Echo };
+                    let task = if i % 3 == 0 { Task::Jpeg } else { Task::Echo };
                     let payload = if task == Task::Echo {
                         id.to_le_bytes().to_vec()
                     } else {
@@ -295,7 +295,7 @@ fn multi_client_merges_concurrent_clients() {
             "-c",
             "3",
             "-t",
-            "3",
+            "echo",
             "-r",
             "40",
             "-m",
@@ -346,7 +346,14 @@ fn binaries_reject_bad_options_with_a_message() {
     assert!(!out.contains("panicked"), "{out}");
     let (ok, out) = run(
         env!("CARGO_BIN_EXE_zmq_client"),
-        &["-i", "/nonexistent.jpg", "--host", "127.0.0.1"],
+        &[
+            "-t",
+            "jpeg",
+            "-i",
+            "/nonexistent.jpg",
+            "--host",
+            "127.0.0.1",
+        ],
     );
     assert!(
         !ok && out.contains("/nonexistent.jpg") && !out.contains("panicked"),
@@ -366,7 +373,7 @@ fn a_full_queue_answers_overloaded_and_loses_nothing() {
                 let jpeg = std::fs::read(image()).unwrap();
                 let mut overloaded = 0;
                 for i in 0..3u64 {
-                    let (h, body) = round_trip(&mut c, &request(Task::Infer, id, i, &jpeg));
+                    let (h, body) = round_trip(&mut c, &request(Task::Jpeg, id, i, &jpeg));
                     assert_eq!((h.client_id, h.request_id), (id, i));
                     if h.kind == MessageKind::Error {
                         let (code, _) = decode_error(&body).unwrap();
@@ -411,7 +418,7 @@ fn requests_accepted_before_a_stop_are_still_answered() {
                 )
                 .unwrap();
                 let jpeg = std::fs::read(image()).unwrap();
-                c.send(&request(Task::Infer, id, 0, &jpeg)).unwrap();
+                c.send(&request(Task::Jpeg, id, 0, &jpeg)).unwrap();
                 let reply = c.recv().map(|r| Header::decode(r, 1 << 20).unwrap().0);
                 reply.map(|h| (h.kind, h.client_id))
             })

@@ -56,7 +56,7 @@ fn an_image_over_the_default_limit_is_refused_from_its_header_while_others_are_s
     let mut good = client(port, Duration::from_secs(60));
     let (kind, _, top1) = ask(
         &mut good,
-        &request_message(Task::Infer, GOOD_CLIENT, 0, &jpeg),
+        &request_message(Task::Jpeg, GOOD_CLIENT, 0, &jpeg),
     );
     assert_eq!(kind, MessageKind::Response);
     let baseline = server.peak_rss_kib();
@@ -65,7 +65,7 @@ fn an_image_over_the_default_limit_is_refused_from_its_header_while_others_are_s
     let big = std::thread::spawn(move || {
         let mut c = client(port, Duration::from_secs(60));
         (0..10)
-            .map(|i| ask(&mut c, &request_message(Task::Infer, BIG_CLIENT, i, &huge)))
+            .map(|i| ask(&mut c, &request_message(Task::Jpeg, BIG_CLIENT, i, &huge)))
             .collect::<Vec<_>>()
     });
     // Meanwhile the good client's every request is answered, and promptly.
@@ -74,7 +74,7 @@ fn an_image_over_the_default_limit_is_refused_from_its_header_while_others_are_s
         let start = Instant::now();
         let answer = ask(
             &mut good,
-            &request_message(Task::Infer, GOOD_CLIENT, i, &jpeg),
+            &request_message(Task::Jpeg, GOOD_CLIENT, i, &jpeg),
         );
         slowest = slowest.max(start.elapsed());
         assert_eq!(
@@ -120,18 +120,18 @@ fn decode_buffers_shrink_back_after_the_largest_allowed_image() {
     let mut c = client(server.port, Duration::from_secs(120));
     for i in 0..5 {
         assert_eq!(
-            ask(&mut c, &request_message(Task::Infer, GOOD_CLIENT, i, &jpeg)).0,
+            ask(&mut c, &request_message(Task::Jpeg, GOOD_CLIENT, i, &jpeg)).0,
             MessageKind::Response
         );
     }
     let baseline = server.rss_kib();
     let huge = huge_progressive();
-    let (kind, _, text) = ask(&mut c, &request_message(Task::Infer, BIG_CLIENT, 0, &huge));
+    let (kind, _, text) = ask(&mut c, &request_message(Task::Jpeg, BIG_CLIENT, 0, &huge));
     assert_eq!(kind, MessageKind::Response, "{text}");
     let peak = server.peak_rss_kib();
     for i in 5..10 {
         assert_eq!(
-            ask(&mut c, &request_message(Task::Infer, GOOD_CLIENT, i, &jpeg)).0,
+            ask(&mut c, &request_message(Task::Jpeg, GOOD_CLIENT, i, &jpeg)).0,
             MessageKind::Response
         );
     }
@@ -170,7 +170,7 @@ fn requests_past_the_queued_bytes_budget_get_overloaded_and_memory_stays_bounded
     let mut good = client(port, Duration::from_secs(120));
     let (kind, _, text) = ask(
         &mut good,
-        &request_message(Task::InferTensor, GOOD_CLIENT, 0, &tensor),
+        &request_message(Task::Processed, GOOD_CLIENT, 0, &tensor),
     );
     assert_eq!(kind, MessageKind::Response, "{text}");
     let baseline = server.peak_rss_kib();
@@ -181,7 +181,7 @@ fn requests_past_the_queued_bytes_budget_get_overloaded_and_memory_stays_bounded
     let mut flooder = client(port, Duration::from_secs(120));
     for i in 0..FLOOD {
         flooder
-            .send(&request_message(Task::InferTensor, BIG_CLIENT, i, &tensor))
+            .send(&request_message(Task::Processed, BIG_CLIENT, i, &tensor))
             .unwrap();
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -214,7 +214,7 @@ fn requests_past_the_queued_bytes_budget_get_overloaded_and_memory_stays_bounded
     // The good client is still served.
     let (kind, _, text) = ask(
         &mut good,
-        &request_message(Task::InferTensor, GOOD_CLIENT, 1, &tensor),
+        &request_message(Task::Processed, GOOD_CLIENT, 1, &tensor),
     );
     assert_eq!(kind, MessageKind::Response, "{text}");
     let out = server.stop_within(Duration::from_secs(10)).join("\n");

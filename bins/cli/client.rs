@@ -2,9 +2,11 @@
 //! rdma_client's ring geometry and fault injection).
 
 use anyhow::{bail, Context as _, Result};
-use hacserve_runtime::client::{prepare_payload, report_run, run_closed_loop, ClientOptions};
+use hacserve_runtime::client::{
+    prepare_payloads, report_run, run_closed_loop, ClientOptions, RequestPayload,
+};
 use hacserve_runtime::contract::{ClientTransport, PollMode};
-use hacserve_runtime::protocol::Task;
+use hacserve_runtime::protocol::{Task, Workload, HEADER_LEN};
 
 use super::ClientArgs;
 
@@ -15,19 +17,31 @@ impl ClientArgs {
         PollMode::parse(poll_mode, 1).map_err(anyhow::Error::msg)
     }
 
-    /// The request payload: the image prepared for the task, or `--payload-size` zeros.
-    pub fn payload(&self) -> Result<Vec<u8>> {
-        if self.payload_size.is_some() && self.task != Task::Echo && self.task != Task::Sink {
-            bail!("--payload-size applies to the echo and sink tasks (-t 3, -t 4) only");
+    /// The request payloads: the image prepared for each task the workload sends (one, or
+    /// a mixture's three), or `--payload-size` zeros.
+    pub fn payloads(&self) -> Result<Vec<RequestPayload>> {
+        let transport_only = matches!(
+            self.task,
+            Workload::Single(Task::Echo) | Workload::Single(Task::Sink)
+        );
+        if self.payload_size.is_some() && !transport_only {
+            bail!("--payload-size applies to the echo and sink tasks (-t 6, -t 7) only");
         }
-        let image = if self.payload_size.is_some() {
-            Vec::new()
-        } else {
+        let needs_image =
+            self.payload_size.is_none() && self.task.tasks().iter().any(|t| *t != Task::Ping);
+        let image = if needs_image {
             std::fs::read(&self.image)
                 .with_context(|| format!("reading image {}", self.image.display()))?
+        } else {
+            Vec::new()
         };
-        prepare_payload(self.task, &image, self.payload_size)
+        prepare_payloads(self.task, &image, self.payload_size)
             .with_context(|| format!("preparing the {} payload", self.task.name()))
+    }
+
+    /// The longest request message the payloads make (header included).
+    pub fn longest_request(payloads: &[RequestPayload]) -> usize {
+        HEADER_LEN + payloads.iter().map(|p| p.bytes.len()).max().unwrap_or(0)
     }
 
     /// Sends the closed-loop run over `transport`, prints the table (and with -s writes the
@@ -37,12 +51,12 @@ impl ClientArgs {
         role: &str,
         port: u16,
         transport: &mut T,
-        payload: &[u8],
+        payloads: &[RequestPayload],
         max_reply: usize,
     ) -> Result<()> {
         let opts = ClientOptions {
             client_id: self.client_id,
-            task: self.task,
+            logits: self.logits,
             requests: self.requests,
             priority: self.priority,
             warmup: self.warmup,
@@ -50,13 +64,14 @@ impl ClientArgs {
             debug: self.debug,
             reconnect_within: std::time::Duration::from_millis(self.reconnect_ms),
         };
-        let run = run_closed_loop(transport, &opts, payload);
+        let run = run_closed_loop(transport, &opts, payloads);
+        let sizes: Vec<String> = payloads.iter().map(|p| p.bytes.len().to_string()).collect();
         let label = format!(
             "{role} {} -> {}:{port} task {} ({} B payload) model {}",
             self.client_id,
             self.host,
             self.task.name(),
-            payload.len(),
+            sizes.join("/"),
             self.model_name
         );
         report_run(

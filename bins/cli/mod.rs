@@ -17,7 +17,7 @@ pub mod version;
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
-use hacserve_runtime::protocol::Task;
+use hacserve_runtime::protocol::Workload;
 use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServerConfig};
 use hacserve_runtime::{logging, signal};
 
@@ -182,8 +182,8 @@ macro_rules! cli_args {
         /// server host
         #[argh(option, default = "String::from(\"7.7.7.2\")")]
         host: [String],
-        /// image (JPEG)
-        #[argh(option, short = 'i', default = "::std::path::PathBuf::from(\"models/grace_hopper.jpg\")")]
+        /// image (JPEG; raw and processed decode it once, before the run)
+        #[argh(option, short = 'i', default = "::std::path::PathBuf::from(\"models/grace_hopper_500x546.jpg\")")]
         image: [::std::path::PathBuf],
         /// use debug (a line per request)
         #[argh(switch, short = 'd')]
@@ -194,9 +194,15 @@ macro_rules! cli_args {
         /// client ID
         #[argh(option, default = "0")]
         client_id: [u32],
-        /// task: 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink
-        #[argh(option, short = 't', default = "::hacserve_runtime::protocol::Task::Infer", from_str_fn(::hacserve::cli::parse_task))]
-        task: [::hacserve_runtime::protocol::Task],
+        /// task, as the original numbers them: 0|ping, 1|raw (client-decoded BGR pixels),
+        /// 2|processed (client-preprocessed f32 tensor), 3|mixture (ping, raw, processed in
+        /// turn); then 4|jpeg, 5|preprocess, 6|echo, 7|sink
+        #[argh(option, short = 't', default = "::hacserve_runtime::protocol::Workload::Single(::hacserve_runtime::protocol::Task::Ping)", from_str_fn(::hacserve::cli::parse_task))]
+        task: [::hacserve_runtime::protocol::Workload],
+        /// ask for the 1000 logits in each inference's reply (4000 B, as the original
+        /// replies) instead of the top-5 alone
+        #[argh(switch)]
+        logits: [bool],
         /// save logs (per-request CSV and JSON summary in the logs folder)
         #[argh(switch, short = 's')]
         save_logs: [bool],
@@ -234,9 +240,10 @@ macro_rules! cli_args {
         /// total requests (informational: the proxy forwards until stopped)
         #[argh(option, short = 'r', default = "1000000")]
         requests: [usize],
-        /// task (informational: the proxy forwards every task)
-        #[argh(option, short = 't', default = "3")]
-        task: [u32],
+        /// task (informational: the proxy forwards every task, as with the original's
+        /// default 3, mixture)
+        #[argh(option, short = 't', default = "::hacserve_runtime::protocol::Workload::Mixture", from_str_fn(::hacserve::cli::parse_task))]
+        task: [::hacserve_runtime::protocol::Workload],
         /// save logs (informational: the proxy keeps no per-request log)
         #[argh(switch, short = 's')]
         save_logs: [bool],
@@ -318,8 +325,8 @@ pub fn init(debug: bool) {
 }
 
 /// `-t`'s parser (numbers or names).
-pub fn parse_task(s: &str) -> Result<Task, String> {
-    Task::parse(s)
+pub fn parse_task(s: &str) -> Result<Workload, String> {
+    Workload::parse(s)
 }
 
 /// `--bind-address` of the RDMA listeners, which bind an IP, not a host name.

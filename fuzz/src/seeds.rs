@@ -6,8 +6,8 @@
 
 use hacserve_runtime::contract::Refusal;
 use hacserve_runtime::protocol::{
-    encode_error, ErrorCode, Header, MessageKind, ResponseBody, ServerTimestamps, Task,
-    FLAG_PRIORITY, HEADER_LEN, RESPONSE_BODY_LEN,
+    encode_error, ErrorCode, Header, MessageKind, RawImage, ResponseBody, ServerTimestamps, Task,
+    FLAG_LOGITS, FLAG_PRIORITY, HEADER_LEN, RESPONSE_BODY_LEN,
 };
 use hacserve_runtime::transport::rdma::{
     encode_reject, response_slot_size, AcceptReply, ConnectRequest, MIN_SLOT_SIZE,
@@ -39,7 +39,7 @@ fn wire() -> Vec<(&'static str, Vec<u8>)> {
     let echo: Vec<u8> = (0..48u8).collect();
     let req = |task, payload: &[u8]| Header::request(task, 7, 1001, payload.len());
     let mut seeds = vec![
-        ("infer_jpeg", message(req(Task::Infer, jpeg), jpeg)),
+        ("infer_jpeg", message(req(Task::Jpeg, jpeg), jpeg)),
         (
             "preprocess_jpeg",
             message(req(Task::Preprocess, jpeg), jpeg),
@@ -47,16 +47,23 @@ fn wire() -> Vec<(&'static str, Vec<u8>)> {
         // The right tensor is 602,112 bytes: a short one keeps the seed small.
         (
             "infer_tensor_short",
-            message(req(Task::InferTensor, &[0; 64]), &[0; 64]),
+            message(req(Task::Processed, &[0; 64]), &[0; 64]),
         ),
         ("echo", message(req(Task::Echo, &echo), &echo)),
         ("echo_empty", message(req(Task::Echo, &[]), &[])),
         ("sink", message(req(Task::Sink, &echo), &echo)),
+        ("ping", message(req(Task::Ping, &[]), &[])),
     ];
+    // A 4x3 raw image (width, height, BGR pixels), and the same asking for logits.
+    let raw = RawImage::encode(4, 3, &[90; 36]);
+    seeds.push(("raw_4x3", message(req(Task::Raw, &raw), &raw)));
+    let mut logits = req(Task::Raw, &raw);
+    logits.flags = FLAG_LOGITS;
+    seeds.push(("raw_4x3_logits", message(logits, &raw)));
     let mut priority = req(Task::Echo, &echo);
     priority.flags = FLAG_PRIORITY;
     seeds.push(("echo_priority", message(priority, &echo)));
-    let mut other_model = req(Task::Infer, jpeg);
+    let mut other_model = req(Task::Jpeg, jpeg);
     other_model.model_id = 3;
     seeds.push(("infer_unknown_model", message(other_model, jpeg)));
     // Declares more than it carries, and less.
@@ -82,14 +89,14 @@ fn wire() -> Vec<(&'static str, Vec<u8>)> {
     };
     let mut encoded = [0u8; RESPONSE_BODY_LEN];
     body.encode(&mut encoded);
-    let reply = req(Task::Infer, &[]).reply(MessageKind::Response, RESPONSE_BODY_LEN);
+    let reply = req(Task::Jpeg, &[]).reply(MessageKind::Response, RESPONSE_BODY_LEN);
     seeds.push(("response", message(reply, &encoded)));
     let mut error = Vec::new();
     encode_error(
         &mut error,
         7,
         1001,
-        Task::Infer,
+        Task::Jpeg,
         ErrorCode::BadImage,
         "JPEG decode failed",
     );

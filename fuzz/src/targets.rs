@@ -90,7 +90,7 @@ pub fn wire(state: &mut Wire, msg: &[u8]) {
                 let (want, _) = Header::decode(msg, max_payload).expect("queued but invalid");
                 assert_eq!(header, want);
                 assert_eq!(header.kind, MessageKind::Request);
-                assert!(!matches!(header.task, Task::Echo | Task::Sink));
+                assert!(header.task.needs_engine());
             }
             Triage::Answered(outcome) => {
                 let reply = check_reply(&state.out, salvaged);
@@ -100,7 +100,7 @@ pub fn wire(state: &mut Wire, msg: &[u8]) {
                         assert!(!state.error_text.is_empty(), "rejection without a reason");
                     }
                     (Outcome::Answered { task, top1 }, Reply::Response(len)) => {
-                        assert!(matches!(task, Task::Echo | Task::Sink));
+                        assert!(!task.needs_engine());
                         assert_eq!(top1, None);
                         let (_, payload) = decoded.as_ref().expect("answered but invalid");
                         let echoed = if task == Task::Echo { payload.len() } else { 0 };

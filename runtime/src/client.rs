@@ -9,10 +9,10 @@ use thiserror::Error;
 use crate::clock::realtime_ns;
 use crate::contract::{ClientTransport, TransportError};
 use crate::labels::Labels;
-use crate::preprocess::{PreprocessError, Preprocessor, TENSOR_LEN};
+use crate::preprocess::{swap_red_blue, PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{
-    decode_error, Header, MessageKind, ProtocolError, ResponseBody, Task, FLAG_PRIORITY,
-    HEADER_LEN, RESPONSE_BODY_LEN,
+    decode_error, Header, MessageKind, ProtocolError, RawImage, ResponseBody, Task, Workload,
+    FLAG_LOGITS, FLAG_PRIORITY, HEADER_LEN, LOGITS_LEN, RESPONSE_BODY_LEN,
 };
 use crate::stats::{write_csv, Report, RequestRecord};
 
@@ -26,8 +26,12 @@ pub enum ClientError {
     Mismatch { want: u64, got: u64 },
     #[error("reply kind {0:?} where a response was expected")]
     UnexpectedKind(MessageKind),
-    #[error("echo reply carries {got} bytes, {want} were sent")]
-    EchoLength { want: usize, got: usize },
+    #[error("{task} reply carries {got} bytes after its body, {want} expected")]
+    ReplyLength {
+        task: &'static str,
+        want: usize,
+        got: usize,
+    },
     #[error("cannot preprocess the image locally: {0}")]
     Preprocess(#[from] PreprocessError),
 }
@@ -35,7 +39,8 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub client_id: u32,
-    pub task: Task,
+    /// Ask for the logits in every inference's reply ([`FLAG_LOGITS`]).
+    pub logits: bool,
     pub requests: usize,
     pub priority: bool,
     /// Requests sent before measuring (their records are not kept).
@@ -55,21 +60,37 @@ pub struct ClientRun {
     pub failure: Option<ClientError>,
 }
 
-/// Builds the request payload for `task` from an image file's bytes: the JPEG itself, the
-/// locally preprocessed tensor (f32 LE, NCHW) for `InferTensor`, or `echo_size` zero bytes
-/// for an echo or a sink when a size is given.
+/// One task's request payload, built once before the run.
+#[derive(Debug, Clone)]
+pub struct RequestPayload {
+    pub task: Task,
+    pub bytes: Vec<u8>,
+}
+
+/// Builds the request payload for `task` from an image file's bytes: nothing for a ping,
+/// the JPEG itself, the pixels the client decoded ([`RawImage`], BGR) for raw, the locally
+/// preprocessed tensor (f32 LE, NCHW) for processed, or `echo_size` zero bytes for an echo
+/// or a sink when a size is given. The decoding happens here, before any timing, as the
+/// original client decodes its image once with OpenCV.
 pub fn prepare_payload(
     task: Task,
     image: &[u8],
     echo_size: Option<usize>,
 ) -> Result<Vec<u8>, ClientError> {
     Ok(match task {
-        Task::Infer | Task::Preprocess => image.to_vec(),
+        Task::Ping => Vec::new(),
+        Task::Jpeg | Task::Preprocess => image.to_vec(),
         Task::Echo | Task::Sink => match echo_size {
             Some(n) => vec![0u8; n],
             None => image.to_vec(),
         },
-        Task::InferTensor => {
+        Task::Raw => {
+            let mut pre = Preprocessor::new(crate::pipeline::MAX_IMAGE_PIXELS);
+            pre.decode(image)?;
+            let (rgb, width, height) = pre.decoded_rgb().ok_or(PreprocessError::NotDecoded)?;
+            RawImage::encode(width, height, &swap_red_blue(rgb))
+        }
+        Task::Processed => {
             let mut pre = Preprocessor::new(crate::pipeline::MAX_IMAGE_PIXELS);
             pre.decode(image)?;
             let mut tensor = vec![0f32; TENSOR_LEN];
@@ -79,14 +100,37 @@ pub fn prepare_payload(
     })
 }
 
-/// Sends `opts.requests` requests one after another and records each reply.
+/// The payloads of every task `workload` sends, in its rotation order.
+pub fn prepare_payloads(
+    workload: Workload,
+    image: &[u8],
+    echo_size: Option<usize>,
+) -> Result<Vec<RequestPayload>, ClientError> {
+    workload
+        .tasks()
+        .iter()
+        .map(|&task| {
+            prepare_payload(task, image, echo_size).map(|bytes| RequestPayload { task, bytes })
+        })
+        .collect()
+}
+
+/// Sends `opts.requests` requests one after another and records each reply; request `i`
+/// carries `payloads[i % payloads.len()]` (one payload, or a mixture's rotation).
 pub fn run_closed_loop<T: ClientTransport>(
     transport: &mut T,
     opts: &ClientOptions,
-    payload: &[u8],
+    payloads: &[RequestPayload],
 ) -> ClientRun {
-    let mut message = vec![0u8; HEADER_LEN + payload.len()];
-    message[HEADER_LEN..].copy_from_slice(payload);
+    // One message per task, built once: each request rewrites only its header.
+    let mut messages: Vec<(Task, Vec<u8>)> = payloads
+        .iter()
+        .map(|p| {
+            let mut m = vec![0u8; HEADER_LEN + p.bytes.len()];
+            m[HEADER_LEN..].copy_from_slice(&p.bytes);
+            (p.task, m)
+        })
+        .collect();
     let mut records = Vec::with_capacity(opts.requests);
     let mut failure = None;
     let total = opts.warmup + opts.requests;
@@ -95,14 +139,21 @@ pub fn run_closed_loop<T: ClientTransport>(
         if i == opts.warmup {
             start = Instant::now();
         }
-        let mut header = Header::request(opts.task, opts.client_id, i as u64, payload.len());
+        let Some((task, message)) = messages.get_mut(i % payloads.len().max(1)) else {
+            break;
+        };
+        let payload_len = message.len() - HEADER_LEN;
+        let mut header = Header::request(*task, opts.client_id, i as u64, payload_len);
         if opts.priority {
             header.flags |= FLAG_PRIORITY;
+        }
+        if opts.logits && task.infers() {
+            header.flags |= FLAG_LOGITS;
         }
         let mut h = [0u8; HEADER_LEN];
         header.encode(&mut h);
         message[..HEADER_LEN].copy_from_slice(&h);
-        match one_request(transport, opts, &message, header) {
+        match one_request(transport, opts, message, header) {
             Ok(record) => {
                 if opts.debug {
                     log::debug!(
@@ -196,17 +247,20 @@ fn record_of(
     match h.kind {
         MessageKind::Response => {
             let r = ResponseBody::decode(body)?;
-            if header.task == Task::Echo || header.task == Task::Sink {
-                // An echo carries the payload back, a sink nothing after the body.
-                let want = if header.task == Task::Echo {
-                    message.len() - HEADER_LEN
-                } else {
-                    0
-                };
-                let got = body.len() - RESPONSE_BODY_LEN;
-                if want != got {
-                    return Err(ClientError::EchoLength { want, got });
-                }
+            // An echo carries the payload back, an inference asked for them its logits,
+            // everything else nothing after the body.
+            let want = match header.task {
+                Task::Echo => message.len() - HEADER_LEN,
+                t if t.infers() && header.flags & FLAG_LOGITS != 0 => LOGITS_LEN,
+                _ => 0,
+            };
+            let got = body.len() - RESPONSE_BODY_LEN;
+            if want != got {
+                return Err(ClientError::ReplyLength {
+                    task: header.task.name(),
+                    want,
+                    got,
+                });
             }
             record.server = r.timestamps;
             if r.top_k > 0 {

@@ -520,6 +520,22 @@ impl Preprocessor {
         Ok(())
     }
 
+    /// Same as [`Self::preprocess_rgb`] for BGR8 HWC pixels (the raw task's, as OpenCV
+    /// decodes): the resampling treats each channel alike, so only the normalisation swaps
+    /// them, and the tensor equals the RGB path's for the same pixels bit for bit.
+    pub fn preprocess_bgr(
+        &mut self,
+        bgr: &[u8],
+        width: usize,
+        height: usize,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
+        check_out_len(out)?;
+        self.resize_crop_rgb(bgr, width, height)?;
+        normalize_swapped_into(&self.lut, &self.crop, out);
+        Ok(())
+    }
+
     /// `Resize(256)` + `CenterCrop(224)` of an RGB8 HWC image; returns the 224x224 RGB8
     /// HWC crop (before `ToTensor`/`Normalize`), valid until the next call.
     pub fn resize_crop_rgb(
@@ -698,9 +714,43 @@ fn normalize_into(lut: &[[f32; 256]; 3], crop: &[u8], out: &mut [f32]) {
     }
 }
 
+/// [`normalize_into`] of a BGR crop: byte 0 of each pixel is blue.
+fn normalize_swapped_into(lut: &[[f32; 256]; 3], crop: &[u8], out: &mut [f32]) {
+    const PLANE: usize = INPUT_SIZE * INPUT_SIZE;
+    let (r, rest) = out.split_at_mut(PLANE);
+    let (g, b) = rest.split_at_mut(PLANE);
+    for (i, px) in crop.chunks_exact(3).enumerate() {
+        r[i] = lut[0][usize::from(px[2])];
+        g[i] = lut[1][usize::from(px[1])];
+        b[i] = lut[2][usize::from(px[0])];
+    }
+}
+
+/// RGB8 pixels as BGR8 (the raw task's channel order), or back: the same swap.
+pub fn swap_red_blue(pixels: &[u8]) -> Vec<u8> {
+    let mut out = pixels.to_vec();
+    for px in out.chunks_exact_mut(3) {
+        px.swap(0, 2);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bgr_pixels_give_the_rgb_tensor() {
+        let (w, h) = (37, 29);
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let mut pre = Preprocessor::new(1 << 20);
+        let mut from_rgb = vec![0f32; TENSOR_LEN];
+        pre.preprocess_rgb(&rgb, w, h, &mut from_rgb).unwrap();
+        let mut from_bgr = vec![f32::NAN; TENSOR_LEN];
+        pre.preprocess_bgr(&swap_red_blue(&rgb), w, h, &mut from_bgr)
+            .unwrap();
+        assert_eq!(from_rgb, from_bgr);
+    }
 
     #[test]
     fn resized_size_follows_torchvision() {

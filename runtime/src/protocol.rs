@@ -1,11 +1,13 @@
-//! Wire protocol v1: a fixed 32-byte little-endian header followed by the payload.
+//! Wire protocol v2: a fixed 32-byte little-endian header followed by the payload.
 //! Transport-neutral: the same bytes travel as one ZeroMQ frame or in one RDMA ring slot.
 //! `docs/protocol.md` is the normative description; the constants here are its source.
 
 use thiserror::Error;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"HACS");
-pub const VERSION: u16 = 1;
+/// Version 2 renumbered the tasks to the original's (0 ping, 1 raw, 2 processed) and added
+/// [`FLAG_LOGITS`]; a version 1 peer is answered `BadVersion`.
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 /// Default upper bound on a request payload; servers make it configurable.
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
@@ -19,7 +21,14 @@ pub const MAX_ERROR_TEXT: usize = 200;
 
 /// Flag bit: the client asks for the high-priority lane (honoured when the server allows it).
 pub const FLAG_PRIORITY: u32 = 1;
-const KNOWN_FLAGS: u32 = FLAG_PRIORITY;
+/// Flag bit: the reply to an inference carries the model's logits ([`LOGITS_LEN`] bytes,
+/// f32 LE) after the fixed body, as the original replies (its reply is the 4000 B of logits).
+pub const FLAG_LOGITS: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_PRIORITY | FLAG_LOGITS;
+/// Classes of the models served (ImageNet): the logits a [`FLAG_LOGITS`] reply carries.
+pub const NUM_CLASSES: usize = 1000;
+/// Bytes of the logits a [`FLAG_LOGITS`] reply appends.
+pub const LOGITS_LEN: usize = NUM_CLASSES * 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -40,27 +49,39 @@ impl MessageKind {
     }
 }
 
-/// What the server does with a request (`-t/--task`).
+/// What the server does with a request: the task byte of the header. 0-2 are the
+/// original system's tasks with its numbers (3, its MIXTURE, is a client mode that sends
+/// each request with one of 0-2, never a task on the wire: see [`Workload`]); ours follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Task {
+    /// Header only in; the fixed response body (timestamps, no classes) out at once.
+    Ping = 0,
+    /// Client-decoded pixels in ([`RawImage`]: width, height, BGR bytes): resize, crop,
+    /// normalise, infer; top-5 out.
+    Raw = 1,
+    /// Client-preprocessed tensor in (1x3x224x224 f32 LE, NCHW): infer only; top-5 out.
+    Processed = 2,
     /// JPEG in: decode + preprocess + infer, top-5 out.
-    Infer = 0,
-    /// Client-preprocessed tensor in (1x3x224x224 f32 LE, NCHW): infer only.
-    InferTensor = 1,
+    Jpeg = 4,
     /// JPEG in: decode + preprocess only (no inference); timestamps out.
-    Preprocess = 2,
+    Preprocess = 5,
     /// Transport only: the server answers at once with the payload echoed back.
-    Echo = 3,
+    Echo = 6,
     /// Transport only, one way: the server accepts the payload, discards it and answers at
     /// once with the response body alone (a bandwidth test whose replies stay small).
-    Sink = 4,
+    Sink = 7,
 }
 
+/// The task number the original system calls MIXTURE: a client mode, not a wire task.
+pub const MIXTURE_NUMBER: u8 = 3;
+
 impl Task {
-    pub const ALL: [Task; 5] = [
-        Task::Infer,
-        Task::InferTensor,
+    pub const ALL: [Task; 7] = [
+        Task::Ping,
+        Task::Raw,
+        Task::Processed,
+        Task::Jpeg,
         Task::Preprocess,
         Task::Echo,
         Task::Sink,
@@ -70,25 +91,91 @@ impl Task {
         Self::ALL.into_iter().find(|t| *t as u8 == v)
     }
 
-    /// Parses a task given as its number (as the original's `-t`) or its name.
-    pub fn parse(s: &str) -> Result<Task, String> {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Ping => "ping",
+            Task::Raw => "raw",
+            Task::Processed => "processed",
+            Task::Jpeg => "jpeg",
+            Task::Preprocess => "preprocess",
+            Task::Echo => "echo",
+            Task::Sink => "sink",
+        }
+    }
+
+    /// Tasks answered by the transport's receive loop itself, without an engine.
+    pub fn needs_engine(self) -> bool {
+        !matches!(self, Task::Ping | Task::Echo | Task::Sink)
+    }
+
+    /// Tasks whose reply carries classes (and, with [`FLAG_LOGITS`], the logits).
+    pub fn infers(self) -> bool {
+        matches!(self, Task::Raw | Task::Processed | Task::Jpeg)
+    }
+}
+
+/// What `-t` names: one task for every request, or the original's MIXTURE (3), which
+/// rotates through ping, raw and processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Single(Task),
+    Mixture,
+}
+
+/// The tasks [`Workload::Mixture`] rotates through, in order (the original's 0, 1, 2).
+pub const MIXTURE_TASKS: [Task; 3] = [Task::Ping, Task::Raw, Task::Processed];
+
+/// `-t`'s accepted spellings, for error messages and `--help`.
+pub const TASK_CHOICES: &str =
+    "0|ping, 1|raw, 2|processed, 3|mixture, 4|jpeg, 5|preprocess, 6|echo, 7|sink";
+
+impl Workload {
+    /// Parses `-t`: a number (the original's 0-3, ours after) or a name. The names of
+    /// protocol v1 are refused with the new spelling, since their numbers now mean
+    /// other tasks.
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        let s = s.trim();
+        if s == "mixture" || s == MIXTURE_NUMBER.to_string() {
+            return Ok(Workload::Mixture);
+        }
         let by_number = s.parse::<u8>().ok().and_then(Task::from_u8);
-        by_number
-            .or_else(|| Task::ALL.into_iter().find(|t| t.name() == s))
-            .ok_or_else(|| {
-                format!(
-                    "unknown task {s:?}: use 0|infer, 1|infer-tensor, 2|preprocess, 3|echo, 4|sink"
-                )
-            })
+        if let Some(t) = by_number.or_else(|| Task::ALL.into_iter().find(|t| t.name() == s)) {
+            return Ok(Workload::Single(t));
+        }
+        let renamed = match s {
+            "infer" => Some("4|jpeg (task 0 is now ping, as in the original)"),
+            "infer-tensor" => Some("2|processed (task 1 is now raw, as in the original)"),
+            _ => None,
+        };
+        Err(match renamed {
+            Some(new) => format!("task {s:?} was renamed: use {new}"),
+            None => format!("unknown task {s:?}: use {TASK_CHOICES}"),
+        })
     }
 
     pub fn name(self) -> &'static str {
         match self {
-            Task::Infer => "infer",
-            Task::InferTensor => "infer-tensor",
-            Task::Preprocess => "preprocess",
-            Task::Echo => "echo",
-            Task::Sink => "sink",
+            Workload::Single(t) => t.name(),
+            Workload::Mixture => "mixture",
+        }
+    }
+
+    /// The task of request number `i` (mixture: ping, raw, processed, ping, ...).
+    pub fn task_of(self, i: usize) -> Task {
+        match self {
+            Workload::Single(t) => t,
+            Workload::Mixture => MIXTURE_TASKS[i % MIXTURE_TASKS.len()],
+        }
+    }
+
+    /// The distinct tasks this workload sends.
+    pub fn tasks(self) -> &'static [Task] {
+        match self {
+            Workload::Single(t) => {
+                let i = Task::ALL.iter().position(|x| *x == t).unwrap_or(0);
+                &Task::ALL[i..i + 1]
+            }
+            Workload::Mixture => &MIXTURE_TASKS,
         }
     }
 }
@@ -149,7 +236,7 @@ pub enum ProtocolError {
     BadVersion(u16),
     #[error("unknown message kind {0}")]
     BadKind(u8),
-    #[error("unknown task {0}")]
+    #[error("{}", bad_task_text(*.0))]
     BadTask(u8),
     #[error("message truncated: {got} bytes, {want} expected")]
     Truncated { got: usize, want: usize },
@@ -176,6 +263,107 @@ impl ProtocolError {
             ProtocolError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             ProtocolError::BadFlags(_) => ErrorCode::BadFlags,
         }
+    }
+}
+
+fn bad_task_text(task: u8) -> String {
+    if task == MIXTURE_NUMBER {
+        "task 3 (mixture) is a client mode, not a request's task: send each request as 0 (ping), 1 (raw) or 2 (processed)".into()
+    } else {
+        format!("unknown task {task}: tasks are {TASK_CHOICES} (3 only as a client mode)")
+    }
+}
+
+/// The payload of a [`Task::Raw`] request, as the original sends it: width and height
+/// (u64 LE each), then `width * height * 3` bytes of pixels, BGR, interleaved, row by row
+/// (OpenCV's `Mat` of the client-decoded image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawImage<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub bgr: &'a [u8],
+}
+
+/// Bytes before a raw image's pixels.
+pub const RAW_HEADER_LEN: usize = 16;
+
+/// Why a raw payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RawImageError {
+    #[error("raw payload of {0} bytes is shorter than its 16-byte width and height")]
+    NoDimensions(usize),
+    #[error("raw image of {width}x{height} has an empty side")]
+    Empty { width: u64, height: u64 },
+    #[error("raw image of {width}x{height} is above the limit of {max} pixels")]
+    TooLarge { width: u64, height: u64, max: usize },
+    #[error(
+        "raw image of {width}x{height} needs {want} pixel bytes (BGR), the payload carries {got}"
+    )]
+    Length {
+        width: usize,
+        height: usize,
+        want: usize,
+        got: usize,
+    },
+}
+
+impl<'a> RawImage<'a> {
+    /// Parses and checks a raw payload: pixels exactly `width * height * 3`, at most
+    /// `max_pixels` pixels (checked before the product is used, so it cannot overflow).
+    pub fn parse(payload: &'a [u8], max_pixels: usize) -> Result<Self, RawImageError> {
+        let (width, height) = Self::check_dims(payload, payload.len(), max_pixels)?;
+        let bgr = &payload[RAW_HEADER_LEN..];
+        Ok(RawImage { width, height, bgr })
+    }
+
+    /// The checks of [`Self::parse`] from the payload's first bytes (`head`, at least the
+    /// 16 of width and height when the payload has them) and its length alone, for a payload
+    /// whose pixels stay elsewhere (GPU memory): (width, height).
+    pub fn check_dims(
+        head: &[u8],
+        payload_len: usize,
+        max_pixels: usize,
+    ) -> Result<(usize, usize), RawImageError> {
+        if payload_len < RAW_HEADER_LEN || head.len() < RAW_HEADER_LEN {
+            return Err(RawImageError::NoDimensions(payload_len));
+        }
+        let (width, height) = (u64_at(head, 0), u64_at(head, 8));
+        if width == 0 || height == 0 {
+            return Err(RawImageError::Empty { width, height });
+        }
+        let too_large = RawImageError::TooLarge {
+            width,
+            height,
+            max: max_pixels,
+        };
+        let pixels = width
+            .checked_mul(height)
+            .filter(|p| *p <= max_pixels as u64)
+            .ok_or_else(|| too_large.clone())?;
+        let want = usize::try_from(pixels)
+            .ok()
+            .and_then(|p| p.checked_mul(3))
+            .ok_or(too_large)?;
+        let (width, height) = (width as usize, height as usize);
+        let got = payload_len - RAW_HEADER_LEN;
+        if got != want {
+            return Err(RawImageError::Length {
+                width,
+                height,
+                want,
+                got,
+            });
+        }
+        Ok((width, height))
+    }
+
+    /// The payload for `width x height` BGR pixels.
+    pub fn encode(width: usize, height: usize, bgr: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RAW_HEADER_LEN + bgr.len());
+        out.extend_from_slice(&(width as u64).to_le_bytes());
+        out.extend_from_slice(&(height as u64).to_le_bytes());
+        out.extend_from_slice(bgr);
+        out
     }
 }
 
@@ -487,7 +675,7 @@ mod tests {
 
     fn request(payload: &[u8]) -> Vec<u8> {
         let mut h = [0u8; HEADER_LEN];
-        Header::request(Task::Infer, 3, 77, payload.len()).encode(&mut h);
+        Header::request(Task::Jpeg, 3, 77, payload.len()).encode(&mut h);
         let mut v = h.to_vec();
         v.extend_from_slice(payload);
         v
@@ -517,10 +705,10 @@ mod tests {
     fn header_round_trip_and_layout() {
         let msg = request(b"abc");
         assert_eq!(&msg[0..4], b"HACS");
-        assert_eq!(&msg[4..6], &[1, 0]);
+        assert_eq!(&msg[4..6], &[2, 0]);
         let (h, p) = Header::decode(&msg, 16).unwrap();
         assert_eq!(h.kind, MessageKind::Request);
-        assert_eq!(h.task, Task::Infer);
+        assert_eq!(h.task, Task::Jpeg);
         assert_eq!((h.client_id, h.request_id, h.payload_len), (3, 77, 3));
         assert_eq!(p, b"abc");
     }
@@ -535,18 +723,30 @@ mod tests {
             Err(ProtocolError::BadMagic(_))
         ));
         let mut m = good.clone();
-        m[4] = 2;
-        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadVersion(2)));
+        m[4] = 1;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadVersion(1)));
         let mut m = good.clone();
         m[6] = 9;
         assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadKind(9)));
         let mut m = good.clone();
-        m[7] = 5;
-        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadTask(5)));
+        m[7] = 8;
+        assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadTask(8)));
+        m[7] = MIXTURE_NUMBER;
+        let e = Header::decode(&m, 99).unwrap_err();
+        assert_eq!(e, ProtocolError::BadTask(3));
+        assert!(e.to_string().contains("client mode"), "{e}");
+        for (byte, task) in [
+            (0, Task::Ping),
+            (1, Task::Raw),
+            (2, Task::Processed),
+            (7, Task::Sink),
+        ] {
+            m[7] = byte;
+            assert_eq!(Header::decode(&m, 99).unwrap().0.task, task);
+        }
         let mut m = good.clone();
-        m[7] = 4;
-        assert_eq!(Header::decode(&m, 99).unwrap().0.task, Task::Sink);
-        let mut m = good.clone();
+        m[28] = FLAG_LOGITS as u8;
+        assert_eq!(Header::decode(&m, 99).unwrap().0.flags, FLAG_LOGITS);
         m[28] = 0x80;
         assert_eq!(Header::decode(&m, 99), Err(ProtocolError::BadFlags(0x80)));
         assert_eq!(
@@ -612,5 +812,66 @@ mod tests {
         let (code, text) = decode_error(p).unwrap();
         assert_eq!(ErrorCode::from_u32(code), Some(ErrorCode::BadImage));
         assert!(text.len() <= MAX_ERROR_TEXT && text.starts_with('é'));
+    }
+
+    #[test]
+    fn task_numbers_are_the_originals_and_old_names_are_refused() {
+        assert_eq!(Workload::parse("0"), Ok(Workload::Single(Task::Ping)));
+        assert_eq!(Workload::parse("1"), Ok(Workload::Single(Task::Raw)));
+        assert_eq!(Workload::parse("2"), Ok(Workload::Single(Task::Processed)));
+        assert_eq!(Workload::parse("3"), Ok(Workload::Mixture));
+        assert_eq!(Workload::parse("mixture"), Ok(Workload::Mixture));
+        for t in Task::ALL {
+            assert_eq!(Workload::parse(t.name()), Ok(Workload::Single(t)));
+            assert_eq!(
+                Workload::parse(&(t as u8).to_string()),
+                Ok(Workload::Single(t))
+            );
+        }
+        let e = Workload::parse("infer").unwrap_err();
+        assert!(e.contains("4|jpeg"), "{e}");
+        let e = Workload::parse("infer-tensor").unwrap_err();
+        assert!(e.contains("2|processed"), "{e}");
+        let e = Workload::parse("9").unwrap_err();
+        assert!(e.contains("0|ping") && e.contains("7|sink"), "{e}");
+        let m = Workload::Mixture;
+        let seq: Vec<Task> = (0..4).map(|i| m.task_of(i)).collect();
+        assert_eq!(seq, [Task::Ping, Task::Raw, Task::Processed, Task::Ping]);
+        assert_eq!(Workload::Single(Task::Echo).tasks(), &[Task::Echo]);
+    }
+
+    #[test]
+    fn raw_payload_is_checked_before_its_size_is_trusted() {
+        let bgr = vec![7u8; 4 * 3 * 3];
+        let payload = RawImage::encode(4, 3, &bgr);
+        assert_eq!(payload.len(), RAW_HEADER_LEN + 36);
+        let raw = RawImage::parse(&payload, 100).unwrap();
+        assert_eq!((raw.width, raw.height, raw.bgr.len()), (4, 3, 36));
+        assert_eq!(
+            RawImage::parse(&payload[..15], 100),
+            Err(RawImageError::NoDimensions(15))
+        );
+        assert!(matches!(
+            RawImage::parse(&payload[..payload.len() - 1], 100),
+            Err(RawImageError::Length {
+                want: 36,
+                got: 35,
+                ..
+            })
+        ));
+        assert!(matches!(
+            RawImage::parse(&payload, 11),
+            Err(RawImageError::TooLarge { .. })
+        ));
+        let huge = RawImage::encode(usize::MAX, 3, &[]);
+        assert!(matches!(
+            RawImage::parse(&huge, usize::MAX),
+            Err(RawImageError::TooLarge { .. })
+        ));
+        let empty = RawImage::encode(0, 3, &[]);
+        assert!(matches!(
+            RawImage::parse(&empty, 100),
+            Err(RawImageError::Empty { .. })
+        ));
     }
 }

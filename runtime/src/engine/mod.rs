@@ -169,6 +169,19 @@ pub trait DeviceImages {
     /// [`max_batch`](InferenceEngine::max_batch)) of the input
     /// [`run_slots`](InferenceEngine::run_slots) runs.
     fn preprocess_slot(&mut self, slot: usize) -> Result<(), EngineError>;
+    /// The raw task's stages on the device: resizes, crops and normalises `width x height`
+    /// BGR8 HWC pixels (host memory) into the engine's device input (slot `slot` of the
+    /// batch input when given), as [`preprocess`](Self::preprocess) does after a decode.
+    /// Ok(false): this device does not take raw pixels, and the CPU does it instead.
+    fn preprocess_bgr(
+        &mut self,
+        _width: usize,
+        _height: usize,
+        _bgr: &[u8],
+        _slot: Option<usize>,
+    ) -> Result<bool, EngineError> {
+        Ok(false)
+    }
     /// The largest image (w*h) to decode (`--max-image-pixels`); above it `decode` refuses
     /// with [`EngineError::BadInput`] (the pipeline checks the JPEG header first; this is the
     /// decoder's own guard).

@@ -9,12 +9,15 @@ use hacserve_ffi::gpu::transfer::Mover;
 use crate::contract::{Queued, Resident, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
 use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
-use crate::protocol::{ErrorCode, Header, ResponseBody, ServerTimestamps, Task, HEADER_LEN};
+use crate::protocol::{
+    ErrorCode, Header, RawImage, RawImageError, ResponseBody, ServerTimestamps, Task, FLAG_LOGITS,
+    HEADER_LEN, RAW_HEADER_LEN,
+};
 
 mod triage;
 
-pub use triage::{answer_without_engine, top_k_softmax, Triage};
-use triage::{payload_if_echo, reject, write_resident_response, write_response};
+pub use triage::{answer_without_engine, top_k_softmax, Tail, Triage};
+use triage::{logits_if_asked, reject, write_resident_response, write_response};
 
 /// What happened to a request; the reply is in the caller's buffer either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +174,9 @@ impl Pipeline {
                     top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
                     staged.ts.inferred = inferred;
                     body.timestamps = staged.ts;
-                    outcomes[i] = write_response(&staged.header, &mut body, &[], &mut outs[i]);
+                    let logits = &logits[k * classes..(k + 1) * classes];
+                    let tail = logits_if_asked(&staged.header, logits);
+                    outcomes[i] = write_response(&staged.header, &mut body, tail, &mut outs[i]);
                 }
             }
         }
@@ -241,12 +246,18 @@ impl Pipeline {
             started,
             ..Default::default()
         };
-        let Some(reply) = resident.reply.sub(0, TOP5_BYTES) else {
-            let text = "device reply slot too small";
-            return self.reject(header, ErrorCode::Internal, text, out);
+        // The device part of the reply: the top-5, and the logits when asked (FLAG_LOGITS).
+        let logits = header.flags & FLAG_LOGITS != 0;
+        let device_len = TOP5_BYTES + if logits { 4 * self.logits.len() } else { 0 };
+        let Some(reply) = resident.reply.sub(0, device_len) else {
+            let text = format!(
+                "the {}-byte device reply slot cannot hold a {device_len}-byte reply",
+                resident.reply.len()
+            );
+            return self.reject(header, ErrorCode::Internal, &text, out);
         };
         match header.task {
-            Task::InferTensor if self.engine.resident_requests().is_some() => {
+            Task::Processed if self.engine.resident_requests().is_some() => {
                 if let Err((code, text)) =
                     check_tensor(self.engine.as_mut(), resident.payload.len())
                 {
@@ -254,7 +265,7 @@ impl Pipeline {
                 }
                 ts.decoded = started;
                 let ran = match self.engine.resident_requests() {
-                    Some(device) => device.infer_resident_tensor(resident.payload, reply, false),
+                    Some(device) => device.infer_resident_tensor(resident.payload, reply, logits),
                     None => Err(EngineError::Run("no device input".into())),
                 };
                 match ran {
@@ -266,9 +277,12 @@ impl Pipeline {
                 }
                 ts.preprocessed = realtime_ns();
                 ts.inferred = ts.preprocessed;
-                return write_resident_response(header, &mut ts, TOP5_BYTES, out);
+                return write_resident_response(header, &mut ts, device_len, out);
             }
-            Task::Infer
+            Task::Raw if self.engine.resident_requests().is_some() => {
+                return self.resident_raw(header, resident, reply, &mut ts, out);
+            }
+            Task::Jpeg
                 if self.engine.resident_requests().is_some()
                     && self.engine.device_images().is_some() =>
             {
@@ -291,6 +305,68 @@ impl Pipeline {
         };
         self.resident_copy = copy;
         outcome
+    }
+
+    /// Raw inference of a GPU-resident request: only the 16-byte width and height come to
+    /// the host; the kernel reads the BGR pixels in the GPU slot, the model runs and the
+    /// top-5 (and logits when asked) go into `reply`.
+    fn resident_raw(
+        &mut self,
+        header: &Header,
+        resident: Resident<'_>,
+        reply: hacserve_ffi::gpu::resident::DeviceSpan<'_>,
+        ts: &mut ServerTimestamps,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let mut dims = [0u8; RAW_HEADER_LEN];
+        let read = match resident.payload.sub(0, RAW_HEADER_LEN) {
+            Some(span) => span
+                .copy_to_host(resident.stream, &mut dims, Mover::Server)
+                .map_err(|e| {
+                    (
+                        ErrorCode::Internal,
+                        format!("reading the raw image's size: {e}"),
+                    )
+                }),
+            None => Err(raw_error(RawImageError::NoDimensions(
+                resident.payload.len(),
+            ))),
+        };
+        // The same checks as the host path's, on the size and the length the header gave.
+        let parsed = read.and_then(|()| {
+            RawImage::check_dims(&dims, resident.payload.len(), self.max_image_pixels)
+                .map_err(raw_error)
+        });
+        let (width, height) = match parsed {
+            Ok(wh) => wh,
+            Err((code, text)) => return self.reject(header, code, &text, out),
+        };
+        let Some(pixels) = resident
+            .payload
+            .sub(RAW_HEADER_LEN, resident.payload.len() - RAW_HEADER_LEN)
+        else {
+            return self.reject(
+                header,
+                ErrorCode::Internal,
+                "raw pixels outside the slot",
+                out,
+            );
+        };
+        ts.decoded = ts.started;
+        let logits = header.flags & FLAG_LOGITS != 0;
+        let ran = match self.engine.resident_requests() {
+            Some(device) => device
+                .preprocess_resident_bgr(width, height, pixels)
+                .map(|()| ts.preprocessed = realtime_ns())
+                .and_then(|()| device.run_preprocessed_into(reply, logits)),
+            None => Err(EngineError::Run("no device input".into())),
+        };
+        if let Err(e) = ran {
+            let (code, text) = engine_error(e);
+            return self.reject(header, code, &text, out);
+        }
+        ts.inferred = realtime_ns();
+        write_resident_response(header, ts, reply.len(), out)
     }
 
     /// JPEG inference of a GPU-resident request whose bytes `msg` were copied to the host:
@@ -317,8 +393,9 @@ impl Pipeline {
             DeviceStages::Done(Err((code, text))) => return self.reject(header, code, &text, out),
             DeviceStages::Refused(_) => return self.handle_valid(header, msg, ts.received, out),
         }
+        let logits = header.flags & FLAG_LOGITS != 0;
         let ran = match self.engine.resident_requests() {
-            Some(device) => device.run_preprocessed_into(reply, false),
+            Some(device) => device.run_preprocessed_into(reply, logits),
             None => Err(EngineError::Run("no device input".into())),
         };
         if let Err(e) = ran {
@@ -326,7 +403,7 @@ impl Pipeline {
             return self.reject(header, code, &text, out);
         }
         ts.inferred = realtime_ns();
-        write_resident_response(header, ts, TOP5_BYTES, out)
+        write_resident_response(header, ts, reply.len(), out)
     }
 
     /// Handles one whole, not yet validated request message received at `received_ns`.
@@ -364,66 +441,118 @@ impl Pipeline {
             ..Default::default()
         };
         let mut body = ResponseBody::default();
-        match header.task {
+        let stages = match header.task {
             // Answered by answer_without_engine; kept for exhaustiveness.
-            Task::Echo | Task::Sink => {
+            Task::Ping | Task::Echo | Task::Sink => {
                 ts.decoded = started;
                 ts.preprocessed = started;
                 ts.inferred = started;
-            }
-            Task::Infer | Task::Preprocess => {
-                let infer = header.task == Task::Infer;
-                if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
-                    return self.reject(&header, code, &text, out);
-                }
-                let on_device = self
-                    .engine
-                    .device_images()
-                    .map(|device| device_stages(device, payload, infer, &mut ts, &mut self.logits));
-                let done = match on_device {
-                    Some(DeviceStages::Done(done)) => done,
-                    other => {
-                        // An image the device decoder cannot take (CMYK, arithmetic coding,
-                        // ...) gets the CPU decoder's verdict, so every backend answers alike.
-                        if let Some(DeviceStages::Refused(why)) = other {
-                            log::debug!(
-                                "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
-                                header.client_id,
-                                header.request_id
-                            );
-                        }
-                        cpu_stages(
-                            &mut self.pre,
-                            self.engine.as_mut(),
-                            payload,
-                            infer,
-                            &mut ts,
-                            &mut self.logits,
-                        )
-                    }
+                let echo = if header.task == Task::Echo {
+                    payload
+                } else {
+                    &[]
                 };
-                if let Err((code, text)) = done {
-                    return self.reject(&header, code, &text, out);
-                }
-                if infer {
-                    top_k_softmax(&self.logits, &mut body);
-                }
+                body.timestamps = ts;
+                return write_response(&header, &mut body, Tail::Echo(echo), out);
             }
-            Task::InferTensor => {
-                if let Err((code, text)) = load_tensor(self.engine.as_mut(), payload) {
-                    return self.reject(&header, code, &text, out);
-                }
-                ts.decoded = started;
-                ts.preprocessed = realtime_ns();
-                if let Err(e) = self.engine.run(&mut self.logits) {
-                    return self.reject(&header, ErrorCode::Internal, &e.to_string(), out);
-                }
-                ts.inferred = realtime_ns();
-                top_k_softmax(&self.logits, &mut body);
-            }
+            Task::Jpeg | Task::Preprocess => self.jpeg_stages(&header, payload, &mut ts),
+            Task::Raw => self.raw_stages(payload, &mut ts),
+            Task::Processed => self.processed_stages(payload, &mut ts),
+        };
+        if let Err((code, text)) = stages {
+            return self.reject(&header, code, &text, out);
         }
         body.timestamps = ts;
-        write_response(&header, &mut body, payload_if_echo(&header, payload), out)
+        if !header.task.infers() {
+            return write_response(&header, &mut body, Tail::Echo(&[]), out);
+        }
+        top_k_softmax(&self.logits, &mut body);
+        let tail = logits_if_asked(&header, &self.logits);
+        write_response(&header, &mut body, tail, out)
+    }
+
+    /// Task jpeg (decode, preprocess, infer) and preprocess (the same without inference):
+    /// on the engine's device where it decodes there, else on the CPU.
+    fn jpeg_stages(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        ts: &mut ServerTimestamps,
+    ) -> Result<(), StageError> {
+        let infer = header.task == Task::Jpeg;
+        check_image_size(payload, self.max_image_pixels)?;
+        let on_device = self
+            .engine
+            .device_images()
+            .map(|device| device_stages(device, payload, infer, ts, &mut self.logits));
+        match on_device {
+            Some(DeviceStages::Done(done)) => done,
+            other => {
+                // An image the device decoder cannot take (CMYK, arithmetic coding, ...)
+                // gets the CPU decoder's verdict, so every backend answers alike.
+                if let Some(DeviceStages::Refused(why)) = other {
+                    log::debug!(
+                        "client {} request {}: device decoder refused the image ({why}); decoding it on the CPU",
+                        header.client_id,
+                        header.request_id
+                    );
+                }
+                cpu_stages(
+                    &mut self.pre,
+                    self.engine.as_mut(),
+                    payload,
+                    infer,
+                    ts,
+                    &mut self.logits,
+                )
+            }
+        }
+    }
+
+    /// Task raw: the client decoded the image; resize, crop and normalise its BGR pixels
+    /// (on the engine's device where it takes them, else on the CPU), then infer.
+    fn raw_stages(&mut self, payload: &[u8], ts: &mut ServerTimestamps) -> Result<(), StageError> {
+        let raw = RawImage::parse(payload, self.max_image_pixels).map_err(raw_error)?;
+        ts.decoded = ts.started;
+        let on_device = match self.engine.device_images() {
+            Some(device) => device
+                .preprocess_bgr(raw.width, raw.height, raw.bgr, None)
+                .map_err(engine_error)?,
+            None => false,
+        };
+        if on_device {
+            ts.preprocessed = realtime_ns();
+            let device = self
+                .engine
+                .device_images()
+                .ok_or_else(|| (ErrorCode::Internal, "device images went away".to_string()))?;
+            device
+                .run_preprocessed(&mut self.logits)
+                .map_err(engine_error)?;
+        } else {
+            let input = self.engine.input_mut().map_err(engine_error)?;
+            self.pre
+                .preprocess_bgr(raw.bgr, raw.width, raw.height, input)
+                .map_err(preprocess_error)?;
+            ts.preprocessed = realtime_ns();
+            self.engine.run(&mut self.logits).map_err(engine_error)?;
+        }
+        ts.inferred = realtime_ns();
+        Ok(())
+    }
+
+    /// Task processed: the client's tensor straight into the engine's input, then infer.
+    fn processed_stages(
+        &mut self,
+        payload: &[u8],
+        ts: &mut ServerTimestamps,
+    ) -> Result<(), StageError> {
+        load_tensor(self.engine.as_mut(), payload)?;
+        ts.decoded = ts.started;
+        ts.preprocessed = realtime_ns();
+        self.engine.run(&mut self.logits).map_err(engine_error)?;
+        ts.inferred = realtime_ns();
+        Ok(())
     }
 
     fn reject(
@@ -441,7 +570,7 @@ impl Pipeline {
 /// goes through [`Pipeline::handle`].
 fn batchable<J: ServerJob>(job: &Queued<J>) -> Option<Header> {
     job.header
-        .filter(|h| h.task == Task::Infer && job.job.resident().is_none())
+        .filter(|h| h.task == Task::Jpeg && job.job.resident().is_none())
 }
 
 /// A stage's failure: the error code for the sender and the text for both.
@@ -451,6 +580,18 @@ fn engine_error(e: EngineError) -> StageError {
     match e {
         EngineError::BadInput(text) => (ErrorCode::BadImage, text),
         other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// A raw payload's refusal: too many pixels is `PayloadTooLarge` (as for a JPEG), the rest
+/// `BadImage`.
+fn raw_error(e: RawImageError) -> StageError {
+    match e {
+        RawImageError::TooLarge { .. } => (
+            ErrorCode::PayloadTooLarge,
+            format!("{e} (--max-image-pixels)"),
+        ),
+        other => (ErrorCode::BadImage, other.to_string()),
     }
 }
 
@@ -583,7 +724,8 @@ fn check_tensor(engine: &mut dyn InferenceEngine, payload_len: usize) -> Result<
     }
     let values: usize = engine.input_shape()[1..].iter().product();
     if values != TENSOR_LEN {
-        let text = format!("the model takes {values} input values, task 1 sends {TENSOR_LEN}");
+        let text =
+            format!("the model takes {values} input values, task processed sends {TENSOR_LEN}");
         return Err((ErrorCode::Internal, text));
     }
     Ok(())
@@ -605,13 +747,13 @@ fn copy_resident(copy: &mut Vec<u8>, head: &[u8], resident: &Resident<'_>) -> Re
         .map_err(|e| format!("copying the request out of GPU memory: {e}"))
 }
 
-/// Task 1's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
+/// Task processed's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
 fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
     check_tensor(engine, payload.len())?;
     let input = engine.input_mut().map_err(engine_error)?;
     if input.len() != TENSOR_LEN {
         let text = format!(
-            "the model takes {} input values, task 1 sends {TENSOR_LEN}",
+            "the model takes {} input values, task processed sends {TENSOR_LEN}",
             input.len()
         );
         return Err((ErrorCode::Internal, text));

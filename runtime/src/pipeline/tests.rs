@@ -98,7 +98,7 @@ mod batch_tests {
         };
         let mut pipeline = Pipeline::new(Box::new(engine), 1 << 24, w * h - 1);
         let mut out = Vec::new();
-        let alone = pipeline.handle(&request(Task::Infer, 1, &jpeg), &mut out);
+        let alone = pipeline.handle(&request(Task::Jpeg, 1, &jpeg), &mut out);
         assert_eq!(alone, Outcome::Rejected(ErrorCode::PayloadTooLarge));
         assert!(
             pipeline.last_error().contains(&format!("{w}x{h}")),
@@ -110,7 +110,7 @@ mod batch_tests {
         let (code, _) = crate::protocol::decode_error(body).unwrap();
         assert_eq!(code, ErrorCode::PayloadTooLarge as u32);
         let jobs = [
-            request(Task::Infer, 2, &jpeg),
+            request(Task::Jpeg, 2, &jpeg),
             request(Task::Preprocess, 3, &jpeg),
         ];
         let mut outs = vec![Vec::new(); 2];
@@ -141,9 +141,9 @@ mod batch_tests {
         );
         assert_eq!(pipeline.batch_capacity(), 2);
         let jobs = [
-            request(Task::Infer, 1, &jpeg),
-            request(Task::Infer, 2, b"not a jpeg"),
-            request(Task::Infer, 3, &jpeg),
+            request(Task::Jpeg, 1, &jpeg),
+            request(Task::Jpeg, 2, b"not a jpeg"),
+            request(Task::Jpeg, 3, &jpeg),
         ];
         let mut outs = vec![Vec::new(); 2];
         let mut outcomes = [Outcome::Rejected(ErrorCode::Internal); 2];
@@ -243,7 +243,7 @@ mod fallback_tests {
 
     fn infer(request_id: u64, jpeg: &[u8]) -> Queued<Job> {
         let mut h = [0u8; HEADER_LEN];
-        let header = Header::request(Task::Infer, 3, request_id, jpeg.len());
+        let header = Header::request(Task::Jpeg, 3, request_id, jpeg.len());
         header.encode(&mut h);
         let mut m = h.to_vec();
         m.extend_from_slice(jpeg);

@@ -1,4 +1,4 @@
-//! The answers that need no engine (validation errors, echo, sink), shared by the serving
+//! The answers that need no engine (validation errors, ping, echo, sink), shared by the serving
 //! core's receive loop and the workers, and the reply writers both use.
 
 use hacserve_ffi::gpu::resident::TOP5_BYTES;
@@ -7,7 +7,7 @@ use super::Outcome;
 use crate::clock::realtime_ns;
 use crate::protocol::{
     encode_error, ErrorCode, Header, MessageKind, ProtocolError, ReplyBuffer, ResponseBody,
-    ServerTimestamps, Task, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
+    ServerTimestamps, Task, FLAG_LOGITS, HEADER_LEN, RESPONSE_BODY_LEN, TOP_K,
 };
 
 /// What a request needs: answered already (rejected, or an echo), or a worker with an engine.
@@ -57,7 +57,7 @@ pub fn answer_without_engine<B: ReplyBuffer + ?Sized>(
             error_text,
         ));
     }
-    if header.task != Task::Echo && header.task != Task::Sink {
+    if header.task.needs_engine() {
         return Triage::NeedsWorker(header);
     }
     let now = realtime_ns();
@@ -72,21 +72,14 @@ pub fn answer_without_engine<B: ReplyBuffer + ?Sized>(
         },
         ..Default::default()
     };
-    // Sink: the payload was received whole and validated; only the body goes back.
+    // Ping and sink: the payload (none for a ping) was received whole and validated; only
+    // the body goes back.
     let echo = if header.task == Task::Echo {
         payload
     } else {
         &[]
     };
-    Triage::Answered(write_response(&header, &mut body, echo, out))
-}
-
-pub(super) fn payload_if_echo<'a>(header: &Header, payload: &'a [u8]) -> &'a [u8] {
-    if header.task == Task::Echo {
-        payload
-    } else {
-        &[]
-    }
+    Triage::Answered(write_response(&header, &mut body, Tail::Echo(echo), out))
 }
 
 pub(super) fn reject<B: ReplyBuffer + ?Sized>(
@@ -109,15 +102,42 @@ pub(super) fn reject<B: ReplyBuffer + ?Sized>(
     Outcome::Rejected(code)
 }
 
-/// Writes header + body (+ echoed bytes) into `out`, stamping `replied` last.
+/// What follows the fixed response body.
+#[derive(Clone, Copy)]
+pub enum Tail<'a> {
+    /// An echo's payload (empty for every other task).
+    Echo(&'a [u8]),
+    /// The logits, for an inference whose request set [`FLAG_LOGITS`].
+    Logits(&'a [f32]),
+}
+
+impl Tail<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Tail::Echo(b) => b.len(),
+            Tail::Logits(l) => l.len() * 4,
+        }
+    }
+}
+
+/// The tail an inference's reply carries: its logits when the request asked for them.
+pub(super) fn logits_if_asked<'a>(header: &Header, logits: &'a [f32]) -> Tail<'a> {
+    if header.flags & FLAG_LOGITS != 0 {
+        Tail::Logits(logits)
+    } else {
+        Tail::Echo(&[])
+    }
+}
+
+/// Writes header + body (+ echoed bytes or logits) into `out`, stamping `replied` last.
 pub(super) fn write_response<B: ReplyBuffer + ?Sized>(
     header: &Header,
     body: &mut ResponseBody,
-    echo: &[u8],
+    tail: Tail<'_>,
     out: &mut B,
 ) -> Outcome {
     body.timestamps.replied = realtime_ns();
-    let reply_len = RESPONSE_BODY_LEN + echo.len();
+    let reply_len = RESPONSE_BODY_LEN + tail.len();
     let out = out.prepare(HEADER_LEN + reply_len);
     let mut h = [0u8; HEADER_LEN];
     header
@@ -125,7 +145,15 @@ pub(super) fn write_response<B: ReplyBuffer + ?Sized>(
         .encode(&mut h);
     out[..HEADER_LEN].copy_from_slice(&h);
     body.encode(&mut out[HEADER_LEN..]);
-    out[HEADER_LEN + RESPONSE_BODY_LEN..].copy_from_slice(echo);
+    let rest = &mut out[HEADER_LEN + RESPONSE_BODY_LEN..];
+    match tail {
+        Tail::Echo(bytes) => rest.copy_from_slice(bytes),
+        Tail::Logits(logits) => {
+            for (dst, l) in rest.chunks_exact_mut(4).zip(logits) {
+                dst.copy_from_slice(&l.to_le_bytes());
+            }
+        }
+    }
     Outcome::Answered {
         task: header.task,
         top1: (body.top_k > 0).then_some(body.classes[0]),
@@ -213,7 +241,7 @@ mod resident_tests {
 
     #[test]
     fn a_resident_reply_holds_header_and_timestamps_and_announces_the_whole_body() {
-        let header = Header::request(Task::InferTensor, 7, 42, 602_112);
+        let header = Header::request(Task::Processed, 7, 42, 602_112);
         let mut ts = ServerTimestamps {
             received: 1,
             started: 2,
@@ -224,7 +252,7 @@ mod resident_tests {
         assert!(matches!(
             outcome,
             Outcome::Answered {
-                task: Task::InferTensor,
+                task: Task::Processed,
                 top1: None
             }
         ));

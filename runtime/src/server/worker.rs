@@ -246,7 +246,7 @@ mod tests {
         let payload = vec![0u8; TENSOR_LEN * 4];
         for id in 0..2u64 {
             let mut head = [0u8; HEADER_LEN];
-            let header = Header::request(Task::InferTensor, 5, id, payload.len());
+            let header = Header::request(Task::Processed, 5, id, payload.len());
             header.encode(&mut head);
             let mut msg = head.to_vec();
             msg.extend_from_slice(&payload);

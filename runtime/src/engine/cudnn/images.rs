@@ -371,6 +371,55 @@ impl DeviceImages for CudnnSession {
         self.images.as_ref().map_or(0, GpuImages::buffer_bytes)
     }
 
+    /// The raw task on the host path: the pixels are uploaded into the decode buffer (one
+    /// H2D copy of the pixels, counted) and preprocessed by the kernel's BGR variant, into the
+    /// input `run_preprocessed` (or, with a slot, `run_slots`) runs.
+    fn preprocess_bgr(
+        &mut self,
+        width: usize,
+        height: usize,
+        bgr: &[u8],
+        slot: Option<usize>,
+    ) -> Result<bool, EngineError> {
+        if self.images.is_none() {
+            return Ok(false);
+        }
+        self.handles.bind().map_err(run_err)?;
+        let CudnnSession {
+            handles,
+            images,
+            staging,
+            buffers,
+            batched,
+            device_slots,
+            ..
+        } = self;
+        let Some(images) = images.as_mut() else {
+            return Ok(false);
+        };
+        match (slot, batched.as_mut()) {
+            (Some(slot), Some(batched)) => {
+                let count = batched.batch;
+                let mut out = input_slot(&mut batched.staging, &mut batched.buffers, slot, count)?;
+                images.preprocess_bgr_host(handles.stream(), width, height, bgr, &mut out)?;
+                *device_slots |= 1 << slot;
+            }
+            (slot, _) => {
+                if slot.unwrap_or(0) != 0 {
+                    return Err(EngineError::Run(format!(
+                        "slot {slot:?} without a batch context"
+                    )));
+                }
+                let mut out = input_slot(staging, buffers, 0, 1)?;
+                images.preprocess_bgr_host(handles.stream(), width, height, bgr, &mut out)?;
+                if slot.is_some() {
+                    *device_slots |= 1;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
     /// runs) (on this session's stream, which
     /// decoded the image; the wait at the end orders it before the batch run).

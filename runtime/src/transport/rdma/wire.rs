@@ -2,12 +2,12 @@
 //! connection private data of the rdma_cm handshake (docs/rdma.md has the diagrams).
 
 use crate::contract::Refusal;
-use crate::protocol::RESPONSE_BODY_LEN;
+use crate::protocol::{HEADER_LEN, LOGITS_LEN, RESPONSE_BODY_LEN};
 
 /// rdma_server's default port (the original system's).
 pub const DEFAULT_PORT: u16 = 20079;
 /// Version of the RDMA handshake (private data) and ring protocol.
-pub const RDMA_PROTOCOL_VERSION: u16 = 1;
+pub const RDMA_PROTOCOL_VERSION: u16 = 2;
 /// Immediate: slot index in the top 8 bits, message length in the low 24.
 pub const IMM_LEN_BITS: u32 = 24;
 pub const IMM_LEN_MASK: u32 = (1 << IMM_LEN_BITS) - 1;
@@ -35,10 +35,15 @@ pub const REJECT_TRAILER_LEN: usize = 18;
 pub const MAX_REJECT_TEXT: usize = MAX_REJECT_LEN - 8 - REJECT_TRAILER_LEN;
 
 /// The response slot size a client must offer for request slots of `slot_size`: room
-/// for the largest reply, an echo of a full slot. Saturates: a slot size read off the wire
+/// for the largest reply, an echo of a full slot or an inference with its logits. Saturates: a slot size read off the wire
 /// may be anything (a saturated result fails every check against the immediate's bits).
 pub fn response_slot_size(slot_size: u32) -> u32 {
-    slot_size.saturating_add(RESPONSE_BODY_LEN as u32)
+    // Room for the longest non-echo reply too: an inference's with its logits
+    // (FLAG_LOGITS), whatever the request's own size.
+    let logits_reply = (HEADER_LEN + RESPONSE_BODY_LEN + LOGITS_LEN) as u32;
+    slot_size
+        .saturating_add(RESPONSE_BODY_LEN as u32)
+        .max(logits_reply)
 }
 
 /// Packs (slot, length) into an immediate; `None` if either does not fit its bits.
@@ -133,7 +138,7 @@ fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), Handshak
 /// | off | size | field |
 /// |----:|----:|---|
 /// | 0 | 4 | magic `HCRQ` |
-/// | 4 | 2 | version (1) |
+/// | 4 | 2 | version (2) |
 /// | 6 | 2 | flags (0) |
 /// | 8 | 4 | client_id |
 /// | 12 | 4 | slot_size (request slot bytes) |
@@ -186,7 +191,7 @@ impl ConnectRequest {
 /// | off | size | field |
 /// |----:|----:|---|
 /// | 0 | 4 | magic `HCRA` |
-/// | 4 | 2 | version (1) |
+/// | 4 | 2 | version (2) |
 /// | 6 | 2 | flags (0) |
 /// | 8 | 4 | slot_size (granted; = requested) |
 /// | 12 | 4 | depth (granted; = requested) |
@@ -362,7 +367,7 @@ mod tests {
         assert_eq!(b.len(), CONNECT_LEN);
         const { assert!(CONNECT_LEN <= 56, "IB CM REQ private data limit") };
         assert_eq!(&b[0..4], b"HCRQ");
-        assert_eq!(&b[4..6], &[1, 0]);
+        assert_eq!(&b[4..6], &[2, 0]);
         assert_eq!(&b[8..12], &7u32.to_le_bytes());
         assert_eq!(&b[12..16], &65536u32.to_le_bytes());
         assert_eq!(&b[16..20], &16u32.to_le_bytes());
@@ -384,10 +389,10 @@ mod tests {
             Err(HandshakeError::BadMagic(_))
         ));
         let mut bad = b;
-        bad[4] = 2;
+        bad[4] = 1;
         assert_eq!(
             ConnectRequest::decode(&bad),
-            Err(HandshakeError::BadVersion(2))
+            Err(HandshakeError::BadVersion(1))
         );
         for (depth, slot, resp, want) in [
             (0, 65536, response_slot_size(65536), "depth"),
