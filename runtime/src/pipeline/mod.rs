@@ -361,12 +361,25 @@ impl Pipeline {
                 .and_then(|()| device.run_preprocessed_into(reply, logits)),
             None => Err(EngineError::Run("no device input".into())),
         };
+        self.resident_answer(header, ran, reply.len(), ts, out)
+    }
+
+    /// The reply of a GPU-resident inference that `ran` (its device part, `device_len`
+    /// bytes, written into the device reply slot), or its rejection.
+    fn resident_answer(
+        &mut self,
+        header: &Header,
+        ran: Result<(), EngineError>,
+        device_len: usize,
+        ts: &mut ServerTimestamps,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         if let Err(e) = ran {
             let (code, text) = engine_error(e);
             return self.reject(header, code, &text, out);
         }
         ts.inferred = realtime_ns();
-        write_resident_response(header, ts, reply.len(), out)
+        write_resident_response(header, ts, device_len, out)
     }
 
     /// JPEG inference of a GPU-resident request whose bytes `msg` were copied to the host:
@@ -398,12 +411,7 @@ impl Pipeline {
             Some(device) => device.run_preprocessed_into(reply, logits),
             None => Err(EngineError::Run("no device input".into())),
         };
-        if let Err(e) = ran {
-            let (code, text) = engine_error(e);
-            return self.reject(header, code, &text, out);
-        }
-        ts.inferred = realtime_ns();
-        write_resident_response(header, ts, reply.len(), out)
+        self.resident_answer(header, ran, reply.len(), ts, out)
     }
 
     /// Handles one whole, not yet validated request message received at `received_ns`.

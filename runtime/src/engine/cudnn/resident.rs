@@ -24,13 +24,7 @@ impl CudnnSession {
             .clone()
             .ok_or_else(|| EngineError::Run("session without the GPU-ring kernels".into()))?;
         self.run_all_layers()?;
-        let out = self
-            .buffers
-            .get(self.output)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| EngineError::Run("output buffer missing".to_string()))?
-            .f32s()
-            .map_err(run_err)?;
+        let out = self.logits_buffer()?;
         kernels
             .top5_reply(self.handles.stream(), out, self.num_classes, reply, logits)
             .map_err(resident_err)

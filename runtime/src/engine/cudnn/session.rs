@@ -473,14 +473,18 @@ impl CudnnSession {
     /// Queues the layers behind whatever filled the input, then waits for the logits.
     pub(super) fn run_and_download(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
         self.run_all()?;
-        let out = self
-            .buffers
+        let out = self.logits_buffer()?;
+        self.handles.download(out, logits).map_err(run_err)
+    }
+
+    /// The device buffer the model's logits land in.
+    pub(super) fn logits_buffer(&self) -> Result<&cu::CudaSlice<f32>, EngineError> {
+        self.buffers
             .get(self.output)
             .and_then(Option::as_ref)
             .ok_or_else(|| EngineError::Run("output buffer missing".to_string()))?
             .f32s()
-            .map_err(run_err)?;
-        self.handles.download(out, logits).map_err(run_err)
+            .map_err(run_err)
     }
 
     /// Whether this session's stream has the context's highest priority.

@@ -300,12 +300,8 @@ impl ServerConn {
                 self.resp_slot_size
             )));
         }
-        let imm = encode_imm(slot, total as u32)
-            .ok_or_else(|| rdma_err(format!("reply of {total} bytes does not fit an immediate")))?;
-        let remote = self.resp_addr + (slot as usize * self.resp_slot_size) as u64;
-        self.replies_posted.fetch_add(1, Ordering::AcqRel);
-        source
-            .post_reply(
+        self.post_counted(slot, total, |remote, imm| {
+            source.post_reply(
                 WR_SEND | slot as u64,
                 slot,
                 staged,
@@ -314,11 +310,7 @@ impl ServerConn {
                 self.resp_rkey,
                 imm,
             )
-            .map_err(|e| {
-                self.replies_posted.fetch_sub(1, Ordering::AcqRel);
-                self.alive.store(false, Ordering::Release);
-                e.into()
-            })
+        })
     }
 
     pub(super) fn post_reply(
@@ -327,27 +319,40 @@ impl ServerConn {
         off: usize,
         len: usize,
     ) -> Result<(), TransportError> {
+        let Link::Host(ep) = &self.link else {
+            return Err(rdma_err("host reply on a GPU-ring connection"));
+        };
+        self.post_counted(slot, len, |remote, imm| {
+            ep.post_write_imm(
+                WR_SEND | slot as u64,
+                STAGE_BUF,
+                off,
+                len,
+                remote,
+                self.resp_rkey,
+                imm,
+            )
+        })
+    }
+
+    /// Posts a `len`-byte reply into the client's response slot `slot` with `post` (given
+    /// the remote address and the immediate), counted in `replies_posted`; a failed post
+    /// marks the connection dead.
+    fn post_counted(
+        &self,
+        slot: u32,
+        len: usize,
+        post: impl FnOnce(u64, u32) -> Result<(), RdmaError>,
+    ) -> Result<(), TransportError> {
         if !self.alive.load(Ordering::Acquire) {
             return Err(rdma_err(format!("client {} disconnected", self.client_id)));
         }
         let imm = encode_imm(slot, len as u32)
             .ok_or_else(|| rdma_err(format!("reply of {len} bytes does not fit an immediate")))?;
         let remote = self.resp_addr + (slot as usize * self.resp_slot_size) as u64;
-        let Link::Host(ep) = &self.link else {
-            return Err(rdma_err("host reply on a GPU-ring connection"));
-        };
         // Counted before the post, so that its completion never runs ahead of the count.
         self.replies_posted.fetch_add(1, Ordering::AcqRel);
-        ep.post_write_imm(
-            WR_SEND | slot as u64,
-            STAGE_BUF,
-            off,
-            len,
-            remote,
-            self.resp_rkey,
-            imm,
-        )
-        .map_err(|e| {
+        post(remote, imm).map_err(|e| {
             self.replies_posted.fetch_sub(1, Ordering::AcqRel);
             self.alive.store(false, Ordering::Release);
             e.into()
