@@ -40,17 +40,11 @@ fn gpu_or_skip() -> bool {
 }
 
 fn request(task: Task, id: u64, payload: &[u8]) -> Vec<u8> {
-    with_flags(task, id, 0, payload)
+    common::request_message(task, 7, id, payload)
 }
 
 fn with_flags(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
-    let mut header = Header::request(task, 7, id, payload.len());
-    header.flags = flags;
-    let mut h = [0u8; HEADER_LEN];
-    header.encode(&mut h);
-    let mut m = h.to_vec();
-    m.extend_from_slice(payload);
-    m
+    common::request_message_with_flags(task, 7, id, flags, payload)
 }
 
 /// What a reply says, timestamps left out: (kind, task, request id, top-k, classes,
