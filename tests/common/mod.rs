@@ -29,7 +29,10 @@ pub fn model(name: &str) -> PathBuf {
             "resnet_tiny" => model_gen::tiny_resnet(50),
             other => panic!("no generator for {other}"),
         };
-        let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+        // Per thread, not only per process: two tests of one binary may both generate it
+        // (the second's rename found the first's file gone).
+        let thread = format!("{:?}", std::thread::current().id()).replace(['(', ')'], "");
+        let tmp = dir.join(format!("{name}.{}.{thread}.tmp", std::process::id()));
         model_gen::write_model(&proto, &tmp).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
     }

@@ -182,6 +182,7 @@ impl ServerConn {
             Link::Gpu { source, .. } => {
                 let head = len.min(HEADER_LEN);
                 copy_from_gpu(source.as_ref(), req, 0, head)?;
+                // Byte 7 of the header is the task (protocol.rs, Header::encode).
                 let echo = head == HEADER_LEN && req.bytes()[7] == Task::Echo as u8;
                 if echo || len < HEADER_LEN {
                     copy_from_gpu(source.as_ref(), req, head, len - head)?;
@@ -288,6 +289,7 @@ impl ServerConn {
         if !self.alive.load(Ordering::Acquire) {
             return Err(rdma_err(format!("client {} disconnected", self.client_id)));
         }
+        // Bytes 24..28 of our own reply header: the body length it announces.
         let announced = match staged.get(24..28) {
             Some(b) => HEADER_LEN + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
             None => staged.len(),

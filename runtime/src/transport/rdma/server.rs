@@ -4,7 +4,8 @@
 //! completion names its slot and length in the immediate; [`RdmaServer`] checks both (a
 //! client breaking the ring rules is disconnected), claims the slot, copies the request out
 //! of the remote-writable landing ring into the connection's private copy slot of that
-//! index and hands the core an [`RdmaJob`] that reads only the copy. Replies are staged in
+//! index (with a GPU ring only its header: the payload stays in GPU memory, see
+//! [`super::gpu_ring`]) and hands the core an [`RdmaJob`] that reads only the copy. Replies are staged in
 //! the connection's staging slot of the same index and written into the client's response
 //! slot of that index, from the loop (echoes, rejections) or straight from a worker's
 //! [`RdmaReplySink`] (posting is thread-safe). The loop also watches every connection's
@@ -143,8 +144,9 @@ pub enum Addressing {
     #[default]
     Host,
     /// On this GPU: clients' RDMA writes land in device memory (registered through dma-buf,
-    /// else nvidia-peermem). The receive loop copies each request's bytes into the host copy
-    /// slot (as with host rings) for validation and the CPU-side stages.
+    /// else nvidia-peermem). The receive loop copies only each request's header into the
+    /// host copy slot; the payload stays in GPU memory for the engine ([`Resident`]) and the
+    /// reply's body goes out from a device reply ring.
     Gpu(GpuRing),
 }
 
