@@ -306,6 +306,7 @@ fn stream(args: &Args, port: u16, task: Task) -> Result<(f64, f64)> {
             depth: args.depth,
             timeout: Duration::from_secs(20),
             mode: PollMode::Busy,
+            total_clients: 1,
         },
     )
     .context("connecting the stream client")?;
@@ -373,6 +374,7 @@ fn ping(args: &Args, port: u16) -> Result<(Vec<f64>, f64)> {
             depth: 1,
             timeout: Duration::from_secs(20),
             mode: PollMode::Busy,
+            total_clients: 1,
         },
     )
     .context("connecting the ping client")?;

@@ -1,5 +1,7 @@
 //! multi_client: runs N client processes at once against one host and merges their
-//! per-request logs into one summary per concurrency level (the original's multi-client.py).
+//! per-request logs into one summary per concurrency level (the original's multi-client.py,
+//! `-m single|range`), or, with `--concurrency-range` / `--request-rate-range`, drives the
+//! load itself from this process (perf_analyzer-style sweeps, bins/cli/load.rs).
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use argh::FromArgs;
+use hacserve::cli::load::LoadArgs;
 use hacserve_runtime::logging;
 use hacserve_runtime::protocol::Workload;
 use hacserve_runtime::stats::{read_csv, Report};
@@ -22,18 +25,18 @@ struct Args {
     /// host port
     #[argh(option, short = 'p', default = "5555")]
     port: u16,
-    /// number of clients
+    /// number of clients (in-process: ZeroMQ connections)
     #[argh(option, short = 'c', default = "1")]
     clients: usize,
     /// client application: zmq_client or rdma_client (a name next to this binary, on PATH,
     /// or a path)
     #[argh(option, short = 'a', default = "String::from(\"zmq_client\")")]
     application_name: String,
-    /// task (passed to each client's -t): 0|ping, 1|raw, 2|processed, 3|mixture, 4|jpeg,
-    /// 5|preprocess, 6|echo, 7|sink
+    /// task (passed to each client's -t; in-process: the task sent): 0|ping, 1|raw,
+    /// 2|processed, 3|mixture, 4|jpeg, 5|preprocess, 6|echo, 7|sink
     #[argh(option, short = 't', from_str_fn(parse_task))]
     task: String,
-    /// requests per client
+    /// requests per client (process-per-client mode; in-process runs count windows)
     #[argh(option, short = 'r', default = "100")]
     requests: usize,
     /// keep each client's per-request CSV and output (always written, deleted otherwise)
@@ -54,9 +57,66 @@ struct Args {
     /// image each client sends (default: the client's own default)
     #[argh(option, short = 'i')]
     image: Option<PathBuf>,
-    /// unmeasured requests each client sends first
+    /// unmeasured requests each client sends first (in-process: per level, before its
+    /// first window)
     #[argh(option, default = "0")]
     warmup: usize,
+    /// in-process closed loop: requests outstanding, start:end:step (-c connections share
+    /// them, each up to --depth)
+    #[argh(option)]
+    concurrency_range: Option<String>,
+    /// in-process open loop: requests per second, start:end:step
+    #[argh(option)]
+    request_rate_range: Option<String>,
+    /// open loop arrivals: constant or poisson
+    #[argh(option, default = "String::from(\"constant\")")]
+    request_distribution: String,
+    /// window length in ms (in-process; default 5000)
+    #[argh(option, default = "5000")]
+    measurement_interval: u64,
+    /// windows of this many finished requests instead of --measurement-interval
+    #[argh(option)]
+    measurement_request_count: Option<u64>,
+    /// a level is stable when the last three windows' throughput and mean latency are each
+    /// within this many percent (max/min); default 10
+    #[argh(option, default = "10.0")]
+    stability_percentage: f64,
+    /// windows measured per level at most; a level not stable by then is reported UNSTABLE
+    #[argh(option, default = "10")]
+    max_trials: usize,
+    /// in-process: requests in flight per connection at most (default 64)
+    #[argh(option, default = "64")]
+    depth: usize,
+    /// in-process: sending threads, each pinned, sharing the connections (default 1)
+    #[argh(option, default = "1")]
+    threads: usize,
+    /// in-process: a request unanswered this long counts as no-reply, in ms
+    #[argh(option, default = "30000")]
+    timeout_ms: u64,
+    /// in-process: busy (spin) or block (poll) while waiting
+    #[argh(option, default = "String::from(\"block\")")]
+    poll_mode: String,
+    /// echo and sink tasks: send this many zero bytes instead of the image
+    #[argh(option)]
+    payload_size: Option<usize>,
+    /// in-process: the measured server's pid on this host, for its CPU-seconds per 1000
+    /// requests beside the load generator's
+    #[argh(option)]
+    server_pid: Option<u32>,
+    /// in-process: do not pin the sending threads
+    #[argh(switch)]
+    no_pin: bool,
+    /// in-process: the core the first sending thread is pinned to (the next ones follow);
+    /// on the server's host, keep them off the server's pinned cores (its receive loop
+    /// takes core 0)
+    #[argh(option, default = "0")]
+    first_core: usize,
+    /// in-process with -s: per-request rows kept (all levels; default 200000)
+    #[argh(option, default = "200000")]
+    log_capacity: usize,
+    /// in-process with -s: resources.csv sample period in ms (default 20)
+    #[argh(option, default = "20")]
+    sample_ms: u64,
 }
 
 /// `-t`, checked here so that a bad task fails once, not in every client.
@@ -76,6 +136,40 @@ fn levels(mode: &str, n: usize) -> Result<Vec<usize>> {
             Ok(v)
         }
         other => bail!("-m must be single or range, not {other:?}"),
+    }
+}
+
+impl Args {
+    fn load_args(&self) -> LoadArgs {
+        LoadArgs {
+            host: self.host.clone(),
+            port: self.port,
+            connections: self.clients,
+            application: self.application_name.clone(),
+            task: self.task.clone(),
+            save_logs: self.save_logs,
+            folder: self.folder.clone(),
+            model_name: self.model_name.clone(),
+            image: self.image.clone(),
+            warmup: self.warmup as u64,
+            concurrency_range: self.concurrency_range.clone(),
+            request_rate_range: self.request_rate_range.clone(),
+            request_distribution: self.request_distribution.clone(),
+            measurement_interval_ms: self.measurement_interval,
+            measurement_request_count: self.measurement_request_count,
+            stability_percentage: self.stability_percentage,
+            max_trials: self.max_trials,
+            depth: self.depth,
+            threads: self.threads,
+            timeout_ms: self.timeout_ms,
+            poll_mode: self.poll_mode.clone(),
+            payload_size: self.payload_size,
+            server_pid: self.server_pid,
+            pin: !self.no_pin,
+            first_core: self.first_core,
+            log_capacity: self.log_capacity,
+            sample_ms: self.sample_ms,
+        }
     }
 }
 
@@ -100,6 +194,12 @@ fn main() -> Result<()> {
     logging::init(args.debug_mode);
     if args.clients == 0 {
         bail!("-c must be at least 1");
+    }
+    if args.concurrency_range.is_some() || args.request_rate_range.is_some() {
+        if args.mode != "single" {
+            bail!("-m {} is the process-per-client mode; the in-process ranges (--concurrency-range, --request-rate-range) replace it", args.mode);
+        }
+        return hacserve::cli::load::run(&args.load_args());
     }
     let app = resolve_application(&args.application_name);
     let mut summary = Vec::new();

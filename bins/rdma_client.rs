@@ -19,6 +19,10 @@ hacserve::cli_args! {
         /// RDMA server port
         #[argh(option, short = 'p', default = "DEFAULT_PORT")]
         port: u16,
+        /// total clients of the run, told to the server, which writes its -s logs into
+        /// `<folder>_<total clients>` as the original does
+        #[argh(option, short = 'c', default = "1")]
+        total_clients: u32,
         /// how long to wait for the connection and for each reply, in ms
         #[argh(option, default = "30000")]
         timeout_ms: u64,
@@ -75,6 +79,7 @@ fn main() -> Result<()> {
         depth: args.ring_depth,
         timeout: Duration::from_millis(args.timeout_ms),
         mode,
+        total_clients: args.total_clients,
     };
     let receives = args.post_receives.unwrap_or(args.ring_depth);
     let mut transport =

@@ -16,7 +16,7 @@ use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServer, 
 
 hacserve::cli_args! {
     /// RDMA Proxy: forwards RDMA requests to a backend rdma_server over RDMA.
-    struct Args [proxy, ring_limits] {
+    struct Args [proxy, ring_limits, metrics] {
         /// backend RDMA server port
         #[argh(option, default = "DEFAULT_PORT")]
         target_port: u16,
@@ -65,6 +65,7 @@ fn main() -> Result<()> {
     let monitor = ("rdma_proxy", Duration::ZERO);
     let stopped = forward(
         &proxy,
+        &args.metrics(),
         mode,
         &backend,
         max_payload,

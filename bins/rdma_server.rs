@@ -15,7 +15,7 @@ use hacserve_runtime::transport::rdma::{
 
 hacserve::cli_args! {
     /// RDMA Server: answers classification requests (protocol v1) over RDMA WRITE_WITH_IMM rings.
-    struct Args [server, ring_limits] {
+    struct Args [server, ring_limits, metrics] {
         /// RDMA listen port
         #[argh(option, short = 'p', default = "DEFAULT_PORT")]
         port: u16,
@@ -77,6 +77,7 @@ fn main() -> Result<()> {
     serve(
         "rdma_server",
         &server,
+        &args.metrics(),
         &serving,
         max_payload,
         &mut rdma,

@@ -6,64 +6,72 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use argh::FromArgs;
+use hacserve::cli::results::run_info;
 use hacserve_runtime::balancer::{format_counts, format_shares, Balancer, BalancerConfig};
 use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::metrics::render_balancer;
 use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::transport::zmq::DEFAULT_REPLY_HWM;
 use hacserve_runtime::{logging, signal};
 
-#[derive(FromArgs)]
-/// ZMQ Balancer: forwards TCP requests to one or more zmq_server backends.
-struct Args {
-    /// target server address(es): host or host:port, comma-separated
-    #[argh(option, default = "String::from(\"7.7.7.2\")")]
-    server_address: String,
-    /// target server port (for addresses given without one)
-    #[argh(option, default = "5555")]
-    server_port: u16,
-    /// ZMQ listen port (0 = any free port, printed at start)
-    #[argh(option, default = "5555")]
-    local_port: u16,
-    /// use debug
-    #[argh(switch, short = 'd')]
-    debug: bool,
-    /// connections to each backend
-    #[argh(option, short = 'c', default = "1")]
-    connections: usize,
-    /// model name (informational)
-    #[argh(option, default = "String::from(\"resnet50\")")]
-    model_name: String,
-    /// print each backend's share every this many seconds (0 = only at exit)
-    #[argh(option, short = 'i', default = "20")]
-    monitor_interval: u64,
-    /// busy (spin), block or auto
-    #[argh(option, default = "String::from(\"auto\")")]
-    poll_mode: String,
-    /// address to bind
-    #[argh(option, default = "String::from(\"0.0.0.0\")")]
-    bind_address: String,
-    /// replies queued per client before further ones are dropped (a client that does not
-    /// read its replies; counted per client)
-    #[argh(option, default = "DEFAULT_REPLY_HWM")]
-    reply_hwm: usize,
-    /// largest request payload the backends accept (default 16 MiB): a client frame over
-    /// four times that gets its connection dropped instead of being buffered
-    #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
-    max_payload: usize,
-    /// deadline of each request in ms: a backend that has not answered by then gets its
-    /// client a Timeout error (a late answer is dropped)
-    #[argh(option, default = "10000")]
-    timeout_ms: u64,
-    /// requests in flight at once (sent to a backend or waiting for one); more are answered
-    /// Overloaded
-    #[argh(option, default = "8192")]
-    max_in_flight: usize,
-    /// requests in flight per backend connection (more wait in the balancer): keep it at or
-    /// below the backends' --reply-hwm, or a backend may drop replies to the balancer
-    #[argh(option, default = "DEFAULT_REPLY_HWM")]
-    backend_window: usize,
+hacserve::cli_args! {
+    /// ZMQ Balancer: forwards TCP requests to one or more zmq_server backends.
+    struct Args [metrics] {
+        /// target server address(es): host or host:port, comma-separated
+        #[argh(option, default = "String::from(\"7.7.7.2\")")]
+        server_address: String,
+        /// target server port (for addresses given without one)
+        #[argh(option, default = "5555")]
+        server_port: u16,
+        /// ZMQ listen port (0 = any free port, printed at start)
+        #[argh(option, default = "5555")]
+        local_port: u16,
+        /// use debug
+        #[argh(switch, short = 'd')]
+        debug: bool,
+        /// connections to each backend
+        #[argh(option, short = 'c', default = "1")]
+        connections: usize,
+        /// model name (informational)
+        #[argh(option, default = "String::from(\"resnet50\")")]
+        model_name: String,
+        /// print each backend's share every this many seconds (0 = only at exit)
+        #[argh(option, short = 'i', default = "20")]
+        monitor_interval: u64,
+        /// busy (spin), block or auto
+        #[argh(option, default = "String::from(\"auto\")")]
+        poll_mode: String,
+        /// address to bind
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        bind_address: String,
+        /// replies queued per client before further ones are dropped (a client that does not
+        /// read its replies; counted per client)
+        #[argh(option, default = "DEFAULT_REPLY_HWM")]
+        reply_hwm: usize,
+        /// largest request payload the backends accept (default 16 MiB): a client frame over
+        /// four times that gets its connection dropped instead of being buffered
+        #[argh(option, default = "DEFAULT_MAX_PAYLOAD")]
+        max_payload: usize,
+        /// deadline of each request in ms: a backend that has not answered by then gets its
+        /// client a Timeout error (a late answer is dropped)
+        #[argh(option, default = "10000")]
+        timeout_ms: u64,
+        /// requests in flight at once (sent to a backend or waiting for one); more are answered
+        /// Overloaded
+        #[argh(option, default = "8192")]
+        max_in_flight: usize,
+        /// requests in flight per backend connection (more wait in the balancer): keep it at or
+        /// below the backends' --reply-hwm, or a backend may drop replies to the balancer
+        #[argh(option, default = "DEFAULT_REPLY_HWM")]
+        backend_window: usize,
+        /// save resources.csv and run.json into the logs folder
+        #[argh(switch, short = 's')]
+        save_logs: bool,
+        /// logs folder
+        #[argh(option, short = 'f', default = "std::path::PathBuf::from(\"results\")")]
+        folder: std::path::PathBuf,
+    }
 }
 
 fn main() -> Result<()> {
@@ -115,6 +123,13 @@ fn main() -> Result<()> {
     };
     let mut balancer = Balancer::new(&ctx, &cfg)
         .with_context(|| format!("binding {local} and connecting to {backends:?}"))?;
+    let folder = args.save_logs.then_some(args.folder.as_path());
+    let metrics = args.metrics();
+    let recording = metrics.recording(folder)?;
+    let live = balancer.live();
+    recording.serve_metrics("zmq_balancer", &metrics, move |out| {
+        render_balancer(out, &live)
+    })?;
     println!(
         "zmq_balancer listening on {} | model {} | backends {} x{} connections | timeout {} ms | poll {:?}",
         balancer.endpoint(),
@@ -127,6 +142,14 @@ fn main() -> Result<()> {
     let report = balancer
         .run(mode, Duration::from_secs(args.monitor_interval))
         .context("forwarding")?;
+    let mut info = run_info("zmq_balancer", "zmq");
+    info.model = Some(args.model_name.clone());
+    info.hosts = std::iter::once(balancer.endpoint().to_string())
+        .chain(backends.iter().cloned())
+        .collect();
+    let c = &report.counts;
+    let finished = c.answered + c.timed_out + c.unavailable + c.overloaded;
+    recording.finish("zmq_balancer", Some(finished), folder, info)?;
     println!(
         "zmq_balancer stopped: {} | {}",
         format_counts(&report.counts),

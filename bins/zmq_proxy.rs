@@ -16,7 +16,7 @@ use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 
 hacserve::cli_args! {
     /// ZMQ Proxy: forwards ZeroMQ (TCP) requests to an rdma_server over RDMA.
-    struct Args [proxy] {
+    struct Args [proxy, metrics] {
         /// RDMA server port
         #[argh(option, default = "DEFAULT_PORT")]
         rdma_port: u16,
@@ -75,6 +75,7 @@ fn main() -> Result<()> {
     let monitor = ("zmq_proxy", Duration::from_secs(args.monitor_interval));
     let stopped = forward(
         &proxy,
+        &args.metrics(),
         mode,
         &backend,
         max_payload,

@@ -10,7 +10,7 @@ use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 
 hacserve::cli_args! {
     /// ZMQ Server: answers classification requests (protocol v1) on a ROUTER socket.
-    struct Args [server] {
+    struct Args [server, metrics] {
         /// ZMQ listen port (0 = any free port, printed at start)
         #[argh(option, default = "5555")]
         port: u16,
@@ -49,6 +49,7 @@ fn main() -> Result<()> {
     serve(
         "zmq_server",
         &server,
+        &args.metrics(),
         &serving,
         args.max_payload,
         &mut zmq,

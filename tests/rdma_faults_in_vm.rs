@@ -134,7 +134,7 @@ exit $fail
     assert_eq!(exit_status(after), 0, "{after}");
     assert!(
         after.contains(
-            "rdma_client 8 -> 192.0.2.1:20079 task infer (61306 B payload) model resnet50: 2 requests, 0 errors"
+            "rdma_client 8 -> 192.0.2.1:20079 task jpeg (83774 B payload) model resnet50: 2 requests, 0 errors"
         ),
         "{after}"
     );

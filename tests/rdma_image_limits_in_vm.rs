@@ -47,7 +47,7 @@ exit $fail
     assert_eq!(run.status, Some(0), "script failed");
     for want in [
         "images up to 24000000 px",
-        "rdma_client 2 -> 192.0.2.1:20079 task infer",
+        "rdma_client 2 -> 192.0.2.1:20079 task jpeg",
         "model resnet50: 6 requests, 0 errors",
         "server error 6: image is 7000x4000 = 28000000 pixels, above this server's limit of 24000000",
         "PayloadTooLarge: image is 7000x4000",

@@ -59,12 +59,12 @@ S={server}
 C={client}
 export RUST_BACKTRACE=0
 fail=0
-$S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin -d >/tmp/server.log 2>&1 &
+$S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin -d -s -f /tmp/rlogs >/tmp/server.log 2>&1 &
 SP=$!
 for i in $(seq 1 150); do grep -q "listening on" /tmp/server.log && break; sleep 0.2; done
 cat /tmp/server.log
 $C --host 192.0.2.1 -t echo -r 200 --timeout-ms 20000 --client-id 0 || fail=1; echo "STEP echo done"
-$C --host 192.0.2.1 -t jpeg -r 3 --timeout-ms 120000 --client-id 1 || fail=1; echo "STEP infer done"
+$C --host 192.0.2.1 -t jpeg -r 3 -c 7 --timeout-ms 120000 --client-id 1 || fail=1; echo "STEP infer done"
 $C --host 192.0.2.1 -t echo -r 2 --client-id 2 --bad-imm length --timeout-ms 20000 || fail=1; echo "STEP bad-length done"
 $C --host 192.0.2.1 -t echo -r 2 --client-id 3 --bad-imm slot --timeout-ms 20000 || fail=1; echo "STEP bad-slot done"
 $C --host 192.0.2.1 -t echo -r 5 --client-id 4 --timeout-ms 20000 || fail=1; echo "STEP after done"
@@ -77,6 +77,8 @@ kill -TERM $SP
 wait $SP || fail=1
 echo "SERVER LOG:"
 cat /tmp/server.log
+# -c 7 from client 1 names the server's log folder, as the original does.
+[ -s /tmp/rlogs_7/server_requests.csv ] && echo "LOG FOLDER rlogs_7 rows $(($(wc -l < /tmp/rlogs_7/server_requests.csv) - 1))" || {{ fail=1; echo "NO LOG FOLDER /tmp/rlogs_7"; ls -d /tmp/rlogs*; }}
 exit $fail
 "#,
         server = SERVER,
@@ -88,16 +90,17 @@ exit $fail
     assert_eq!(run.status, Some(0), "script failed");
     for want in [
         "rdma_server listening on 192.0.2.1:20079",
-        "rdma_client 0 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 200 requests, 0 errors",
-        "task infer (61306 B payload) model resnet50: 3 requests, 0 errors",
+        "rdma_client 0 -> 192.0.2.1:20079 task echo (83774 B payload) model resnet50: 200 requests, 0 errors",
+        "task jpeg (83774 B payload) model resnet50: 3 requests, 0 errors",
         " top-1: ",
         "bad length: server answered error 6: immediate length",
         "bad slot: server disconnected this client",
-        "rdma_client 4 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 5 requests, 0 errors",
+        "rdma_client 4 -> 192.0.2.1:20079 task echo (83774 B payload) model resnet50: 5 requests, 0 errors",
         "client 3: immediate names slot 4 of a 4-slot ring; disconnecting it",
-        "rdma_client 5 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 50 requests, 0 errors",
-        "rdma_client 6 -> 192.0.2.1:20079 task echo (61306 B payload) model resnet50: 50 requests, 0 errors",
+        "rdma_client 5 -> 192.0.2.1:20079 task echo (83774 B payload) model resnet50: 50 requests, 0 errors",
+        "rdma_client 6 -> 192.0.2.1:20079 task echo (83774 B payload) model resnet50: 50 requests, 0 errors",
         "rdma_server stopped: received 313 answered 312 rejected 1",
+        "LOG FOLDER rlogs_7 rows ",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in the VM output");
     }

@@ -10,7 +10,9 @@
 //! spelling, which a `$ty:ty` fragment would hide.
 
 pub mod client;
+pub mod load;
 pub mod proxy;
+pub mod results;
 pub mod server;
 pub mod version;
 
@@ -26,7 +28,8 @@ use hacserve_runtime::{logging, signal};
 ///
 /// Groups: `server` ([`ServerArgs`]: serving and backend options), `ring_limits`
 /// ([`RingLimits`]: the largest ring a listening RDMA side grants), `client`
-/// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]).
+/// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]), `metrics` ([`MetricsArgs`]: the resources
+/// sampler and `--metrics-port`).
 #[macro_export]
 macro_rules! cli_args {
     // Entry: a role's struct.
@@ -230,6 +233,17 @@ macro_rules! cli_args {
         #[argh(option, default = "10000")]
         reconnect_ms: [u64],
     }); };
+    (@group metrics [$($k:tt)*]) => { $crate::cli_args!($($k)* metrics MetricsArgs {
+        /// resources sample period in ms (resources.csv with -s; the metrics endpoint)
+        #[argh(option, default = "20")]
+        sample_ms: [u64],
+        /// serve Prometheus text on this port (GET /metrics; 0 = any free port, printed)
+        #[argh(option)]
+        metrics_port: [Option<u16>],
+        /// address the metrics endpoint binds
+        #[argh(option, default = "String::from(\"0.0.0.0\")")]
+        metrics_address: [String],
+    }); };
     (@group proxy [$($k:tt)*]) => { $crate::cli_args!($($k)* proxy ProxyArgs {
         /// backend RDMA server address
         #[argh(option, default = "String::from(\"7.7.7.2\")")]
@@ -277,6 +291,7 @@ cli_args!(@group server [@define]);
 cli_args!(@group ring_limits [@define]);
 cli_args!(@group client [@define]);
 cli_args!(@group proxy [@define]);
+cli_args!(@group metrics [@define]);
 
 impl RingLimits {
     /// The wire format's limits ([`check_geometry`]) and the entry limits' ranges.

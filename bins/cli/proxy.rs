@@ -1,6 +1,7 @@
 //! The proxies' main body: zmq_proxy and rdma_proxy differ in the inbound transport and in
 //! the backend's geometry options; both forward everything over an RDMA pool.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -8,7 +9,8 @@ use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
 
-use super::ProxyArgs;
+use super::results::run_info;
+use super::{MetricsArgs, ProxyArgs};
 
 /// The backend pool's shape: what differs between the two proxies' options.
 pub struct Backend {
@@ -59,6 +61,7 @@ impl ProxyArgs {
 #[allow(clippy::too_many_arguments)] // each is one fact of the role; a struct would only rename them
 pub fn forward<T: ServerTransport>(
     args: &ProxyArgs,
+    metrics: &MetricsArgs,
     mode: PollMode,
     backend: &Backend,
     max_payload: usize,
@@ -71,8 +74,14 @@ pub fn forward<T: ServerTransport>(
     // The backend first: without it the proxy is useless.
     let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
+    let role = monitor.0;
+    let recording = metrics.recording(None)?;
+    recording.serve_counters(role, metrics, proxy.shared_queue())?;
     println!("{}", banner(transport));
     let (served, report) = proxy.serve(transport, &opts);
+    let c = proxy.counters();
+    let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
+    recording.finish(role, Some(finished), None, run_info(role, "rdma"))?;
     let stopped = Stopped {
         shares: format!(
             "{} | {} | answered by the proxy: {}",

@@ -1,6 +1,7 @@
 //! The servers' main body: zmq_server and rdma_server differ only in the transport they
 //! build and a few words of their banner.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -12,7 +13,17 @@ use hacserve_runtime::pipeline::{Pipeline, MAX_IMAGE_PIXELS};
 use hacserve_runtime::protocol::HEADER_LEN;
 use hacserve_runtime::server::{LoopPolicy, ServerOptions, ServerThreads};
 
-use super::ServerArgs;
+use super::results::run_info;
+use super::{MetricsArgs, ServerArgs};
+
+/// The inbound transport a role's name says (zmq_server: zmq, rdma_server: rdma).
+pub fn transport_name(role: &str) -> &'static str {
+    if role.starts_with("rdma") {
+        "rdma"
+    } else {
+        "zmq"
+    }
+}
 
 /// The choices made from the options before any transport exists.
 pub struct Serving {
@@ -90,9 +101,11 @@ impl ServerArgs {
 /// `<role> listening on <at> | model .. | backend .. | N workers | poll .. | <tail>`, serves
 /// until a stop and prints the stop report. `after_stop` runs once the report is written,
 /// before a serving error is returned (a transport's own stop lines).
+#[allow(clippy::too_many_arguments)] // each is one fact of the role; a struct would only rename them
 pub fn serve<T: ServerTransport>(
     role: &str,
     args: &ServerArgs,
+    metrics: &MetricsArgs,
     s: &Serving,
     max_payload: usize,
     transport: &mut T,
@@ -109,6 +122,8 @@ pub fn serve<T: ServerTransport>(
     Labels::log_availability(&args.classes_file);
     let mut threads = ServerThreads::start(&opts, transport, pipelines)
         .context("starting worker and monitor threads")?;
+    let recording = metrics.recording(opts.log_folder.as_deref())?;
+    recording.serve_counters(role, metrics, threads.queue.clone())?;
     println!(
         "{role} listening on {at} | model {} | backend {} | {} workers | poll {} | {tail} | images up to {} px | queued requests up to {} MiB",
         args.engine_file.display(),
@@ -119,15 +134,60 @@ pub fn serve<T: ServerTransport>(
         args.max_queued_mib,
     );
     let served = threads.serve(transport, &opts);
+    // As the original: `<folder>_<total clients>` when the clients declared their number.
+    let log_folder = opts
+        .log_folder
+        .as_deref()
+        .map(|f| folder_for_run(f, transport.declared_total_clients()));
+    let c = &threads.queue.counters;
+    let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
+    let mut info = run_info(role, transport_name(role));
+    info.model = Some(args.engine_file.display().to_string());
+    info.backend = Some(s.backend.describe());
+    info.precision = (args.backend != "cpu").then(|| args.precision.clone());
+    info.hosts = vec![at.clone()];
+    info.files = vec![("server_requests.csv".into(), 1)];
+    recording.finish(role, Some(finished), log_folder.as_deref(), info)?;
     threads
         .report_stop(
             role,
             s.backend.gpus(),
-            opts.log_folder.as_deref(),
+            log_folder.as_deref(),
             served.records,
         )
         .with_context(|| format!("writing the request log into {}", args.folder.display()))?;
     after_stop(transport);
     served.result.context("serving")?;
     Ok(())
+}
+
+/// The server's log folder for a run of `total_clients` declared clients: `<folder>_<N>`
+/// (the original's naming), or `folder` itself when none was declared.
+fn folder_for_run(folder: &std::path::Path, total_clients: Option<u32>) -> std::path::PathBuf {
+    match total_clients {
+        Some(n) => {
+            let mut name = folder.as_os_str().to_os_string();
+            name.push(format!("_{n}"));
+            name.into()
+        }
+        None => folder.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folder_for_run;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn log_folder_carries_the_declared_client_count() {
+        assert_eq!(
+            folder_for_run(Path::new("results/run"), Some(8)),
+            PathBuf::from("results/run_8")
+        );
+        assert_eq!(
+            folder_for_run(Path::new("results"), None),
+            PathBuf::from("results")
+        );
+    }
 }

@@ -113,6 +113,7 @@ fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
         resp_slot_size: response_slot_size(slot),
         resp_addr: 0x7f00_1234_5000,
         resp_rkey: 0x1234,
+        total_clients: 1,
     };
     let smallest = ConnectRequest {
         slot_size: MIN_SLOT_SIZE,

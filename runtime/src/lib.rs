@@ -13,6 +13,8 @@
 //!   contracts.
 //! - [`client`], [`balancer`], [`proxy`], [`stats`]: the closed-loop client, routing over
 //!   several backends, forwarding to an RDMA backend, latency tables.
+//! - [`load`], [`resources`]: the in-process load generator (sweeps by concurrency and by
+//!   rate) and what a process costs (CPU, memory, GPU).
 
 #![forbid(unsafe_code)]
 
@@ -22,12 +24,16 @@ pub mod clock;
 pub mod contract;
 pub mod engine;
 pub mod labels;
+pub mod load;
 pub mod logging;
+pub mod metrics;
 pub mod model_gen;
 pub mod pipeline;
 pub mod preprocess;
 pub mod protocol;
 pub mod proxy;
+pub mod resources;
+pub mod results;
 pub mod server;
 pub mod stats;
 pub mod transport;

@@ -59,27 +59,34 @@ pub fn write_csv(path: &Path, records: &[RequestRecord]) -> io::Result<()> {
     let mut w = io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(w, "{CSV_HEADER}")?;
     for r in records {
-        let s = &r.server;
-        writeln!(
-            w,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-            r.client_id,
-            r.request_id,
-            r.task,
-            r.status,
-            r.client_sent,
-            s.received,
-            s.started,
-            s.decoded,
-            s.preprocessed,
-            s.inferred,
-            s.replied,
-            r.client_received,
-            r.e2e_ns,
-            r.top1
-        )?;
+        write_fields(&mut w, r)?;
+        writeln!(w)?;
     }
     w.flush()
+}
+
+/// One record's [`CSV_HEADER`] fields, comma-separated, no line end (CSVs that add columns
+/// after them write their own).
+pub fn write_fields(w: &mut impl Write, r: &RequestRecord) -> io::Result<()> {
+    let s = &r.server;
+    write!(
+        w,
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        r.client_id,
+        r.request_id,
+        r.task,
+        r.status,
+        r.client_sent,
+        s.received,
+        s.started,
+        s.decoded,
+        s.preprocessed,
+        s.inferred,
+        s.replied,
+        r.client_received,
+        r.e2e_ns,
+        r.top1
+    )
 }
 
 /// Reads a CSV written by [`write_csv`] back into records.

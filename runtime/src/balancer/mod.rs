@@ -19,6 +19,7 @@ pub mod backend;
 pub mod routing;
 pub mod table;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::signal;
@@ -155,6 +156,39 @@ pub struct Balancer {
     links: Links,
     state: State,
     endpoint: String,
+    live: std::sync::Arc<LiveCounts>,
+}
+
+/// The counts as the run loop last published them (after every round that did something;
+/// a few relaxed stores, no lock), for readers
+/// on other threads (the metrics endpoint); the loop's own counts stay plain integers.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    pub received: AtomicU64,
+    pub answered: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub resent: AtomicU64,
+    pub late: AtomicU64,
+    /// Requests admitted and not answered yet, and of those the ones waiting for a connection.
+    pub in_flight: AtomicU64,
+    pub waiting: AtomicU64,
+}
+
+impl LiveCounts {
+    fn publish(&self, c: &BalancerCounts, in_flight: usize, waiting: usize) {
+        let r = Ordering::Relaxed;
+        self.received.store(c.received, r);
+        self.answered.store(c.answered, r);
+        self.timed_out.store(c.timed_out, r);
+        self.unavailable.store(c.unavailable, r);
+        self.overloaded.store(c.overloaded, r);
+        self.resent.store(c.resent, r);
+        self.late.store(c.late, r);
+        self.in_flight.store(in_flight as u64, r);
+        self.waiting.store(waiting as u64, r);
+    }
 }
 
 impl Balancer {
@@ -214,6 +248,7 @@ impl Balancer {
             },
             state,
             endpoint,
+            live: Default::default(),
         })
     }
 
@@ -226,6 +261,11 @@ impl Balancer {
         &self.endpoint
     }
 
+    /// The counts the run loop publishes for other threads.
+    pub fn live(&self) -> std::sync::Arc<LiveCounts> {
+        self.live.clone()
+    }
+
     /// Forwards until a stop is requested, then answers what it holds (the backends' replies
     /// for up to [`STOP_GRACE`], `Unavailable` after). Prints the backends' shares every
     /// `monitor` (when not zero).
@@ -234,7 +274,9 @@ impl Balancer {
         mode: PollMode,
         monitor: Duration,
     ) -> Result<BalancerReport, TransportError> {
-        let Balancer { links, state, .. } = self;
+        let Balancer {
+            links, state, live, ..
+        } = self;
         let links: &Links = links;
         let targets: Vec<PollTarget> = std::iter::once(PollTarget::Socket(&links.frontend))
             .chain(links.dealers.iter().map(PollTarget::Socket))
@@ -301,6 +343,9 @@ impl Balancer {
             if !monitor.is_zero() && last_report.elapsed() >= monitor {
                 last_report = Instant::now();
                 println!("[balancer] {}", format_shares(&state.shares));
+            }
+            if progress {
+                live.publish(&state.counts, state.table.in_use(), state.table.waiting());
             }
         }
         state.counts.dropped = state.slow_peers.total();

@@ -80,6 +80,12 @@ pub trait ServerTransport {
         false
     }
 
+    /// The run's client count its clients declared (the original's `-c/--total-clients`,
+    /// sent by RDMA clients at connect), if any: the server's log folder is named after it.
+    fn declared_total_clients(&self) -> Option<u32> {
+        None
+    }
+
     /// After the loop, once every worker has finished the queue: delivers the replies they
     /// produced, then closes the connections. Returns how many replies it delivered.
     fn shut_down(&mut self, counters: &Counters) -> Result<usize, TransportError>;

@@ -92,6 +92,11 @@ impl<J: ServerJob> Proxy<J> {
         &self.threads.queue.counters
     }
 
+    /// The serving core's queue (and its counters), for readers on other threads.
+    pub fn shared_queue(&self) -> Arc<WorkQueue<Queued<J>>> {
+        self.threads.queue.clone()
+    }
+
     /// The serving core's counters line ("received N answered N rejected N overloaded N
     /// undeliverable N dropped N"): every received request is answered (by the backend or
     /// the proxy itself) or overloaded.

@@ -465,6 +465,8 @@ fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportEr
             depth: cfg.depth,
             timeout: cfg.timeout,
             mode: cfg.mode,
+            // The proxy's backend connections are the server's clients.
+            total_clients: cfg.connections as u32,
         },
     )
 }

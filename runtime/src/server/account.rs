@@ -10,7 +10,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::clock::realtime_ns;
 use crate::contract::{Counters, TransportError};
 use crate::pipeline::Outcome;
-use crate::protocol::{ids_of, ErrorCode};
+use crate::protocol::{ids_of, ErrorCode, MessageKind, HEADER_LEN};
 
 /// One line of the server's per-request log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -120,12 +120,16 @@ impl<'a> Ledger<'a> {
         match outcome {
             Outcome::Answered { .. } => {
                 self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                self.counters.answered_by_task[usize::from(task) & 7]
+                    .fetch_add(1, Ordering::Relaxed);
                 if self.debug {
                     log::debug!("{who}: client {client_id} request {request_id} {outcome:?}");
                 }
             }
             Outcome::Rejected(code) => {
                 self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.counters.rejected_by_code[(code as usize).min(31)]
+                    .fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "{who}: rejected client {client_id} request {request_id}: {code:?}: {error_text}"
                 );
@@ -138,12 +142,16 @@ impl<'a> Ledger<'a> {
         probe.handled.fetch_add(1, Ordering::Relaxed);
         let sampled = probe.sampled.load(Ordering::Relaxed);
         let logged = self.log.len() < self.log.capacity();
-        if !sampled && !logged {
+        let timed = self.counters.timed.load(Ordering::Relaxed);
+        if !sampled && !logged && !timed {
             // Nobody reads the finish time: skip the clock (a syscall where the clocksource
             // is not the TSC, e.g. ~2 us in the emulated testbed).
             return;
         }
         let finished = realtime_ns();
+        if timed {
+            self.time_stages(reply, finished.saturating_sub(received));
+        }
         if sampled
             && probe
                 .latencies
@@ -165,6 +173,35 @@ impl<'a> Ledger<'a> {
                 received,
                 finished,
             });
+        }
+    }
+}
+
+impl Ledger<'_> {
+    /// The metrics histograms: receive to reply, and each server stage when `reply` is a
+    /// whole response (a worker's; the receive loop passes header bytes only).
+    fn time_stages(&self, reply: &[u8], total_ns: u64) {
+        use crate::contract::counters::latency_bucket;
+        let c = self.counters;
+        c.latency_buckets[latency_bucket(total_ns)].fetch_add(1, Ordering::Relaxed);
+        c.latency_sum_ns.fetch_add(total_ns, Ordering::Relaxed);
+        let body = reply.get(HEADER_LEN..HEADER_LEN + 40);
+        let (Some(body), Some(&kind)) = (body, reply.get(6)) else {
+            return;
+        };
+        if kind != MessageKind::Response as u8 {
+            return;
+        }
+        let at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        // received, started, decoded, preprocessed, inferred: four stages between them.
+        for k in 0..4 {
+            let ns = at(k + 1).saturating_sub(at(k));
+            c.stage_buckets[k][latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
+            c.stage_sum_ns[k].fetch_add(ns, Ordering::Relaxed);
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct RdmaClientConfig {
     pub depth: u32,
     pub timeout: Duration,
     pub mode: PollMode,
+    /// The run's client count (`-c/--total-clients`), told to the server, which names its
+    /// log folder after it as the original does.
+    pub total_clients: u32,
 }
 
 /// Pause before the first attempt to connect again after a loss (rdma_client, the proxies'
@@ -165,6 +168,7 @@ impl RdmaClient {
             resp_slot_size: resp_slot_size as u32,
             resp_addr: ep.buf(RESP_BUF).addr(),
             resp_rkey: ep.buf(RESP_BUF).rkey(),
+            total_clients: cfg.total_clients,
         };
         ep.connect(&req.encode())?;
         let ev = wait_event(

@@ -44,6 +44,8 @@ pub struct ServerConn {
     /// request's completion arrived. Its token is the request's credit on the server side.
     pub(super) copy: SlotRing<HostBuf>,
     pub(super) client_id: u32,
+    /// The run's client count the client declared (`rdma_client -c`).
+    pub(super) total_clients: u32,
     pub(super) slot_size: usize,
     pub(super) depth: u32,
     pub(super) resp_slot_size: usize,
@@ -69,6 +71,7 @@ impl ServerConn {
             link,
             copy,
             client_id: req.client_id,
+            total_clients: req.total_clients,
             slot_size: req.slot_size as usize,
             depth: req.depth,
             resp_slot_size: req.resp_slot_size as usize,

@@ -186,6 +186,8 @@ pub struct RdmaServer {
     conns: Vec<LoopConn>,
     /// Whether any client has connected (for keep-alive off).
     served_any: bool,
+    /// The largest run size (`rdma_client -c`) a client declared: 0 = none connected.
+    total_clients: u32,
     /// Request completions taken from the CQs, waiting for `next_request`.
     ready: VecDeque<RdmaJob>,
     /// The receives of the jobs in `ready` (same order), reposted one by one once the loop
@@ -256,6 +258,7 @@ impl RdmaServer {
             resp_slot_size: ring.resp_slot_size() as u32,
             resp_addr: 0,
             resp_rkey: 0,
+            total_clients: 1,
         };
         let reservation = admission
             .admit(client_id, registered_bytes(depth, req.slot_size))
@@ -287,6 +290,7 @@ impl RdmaServer {
             admission,
             conns: Vec::with_capacity(cap),
             served_any: false,
+            total_clients: 0,
             ready: VecDeque::with_capacity(256),
             repost: VecDeque::with_capacity(256),
             handed_out: 0,
@@ -314,6 +318,7 @@ impl RdmaServer {
     /// Takes the connections the manager has established.
     fn take_new_conns(&mut self) {
         while let Some(conn) = self.incoming.pop() {
+            self.total_clients = self.total_clients.max(conn.total_clients);
             self.conns.push(LoopConn {
                 conn,
                 last_done: 0,
@@ -555,6 +560,10 @@ impl ServerTransport for RdmaServer {
                 received,
             }),
         }
+    }
+
+    fn declared_total_clients(&self) -> Option<u32> {
+        (self.total_clients > 0).then_some(self.total_clients)
     }
 
     fn finished(&self) -> bool {

@@ -23,7 +23,7 @@ pub const CONNECT_MAGIC: [u8; 4] = *b"HCRQ";
 pub const ACCEPT_MAGIC: [u8; 4] = *b"HCRA";
 pub const REJECT_MAGIC: [u8; 4] = *b"HCRJ";
 /// Bytes of the connect request (IB CM carries at most 56 with rdma_cm's header).
-pub const CONNECT_LEN: usize = 36;
+pub const CONNECT_LEN: usize = 40;
 /// Bytes of the accept reply (at most 196).
 pub const ACCEPT_LEN: usize = 32;
 /// Reject private data: at most 148 bytes over IB CM.
@@ -133,7 +133,7 @@ fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), Handshak
     Ok(())
 }
 
-/// Client -> server, in `rdma_connect`'s private data (36 bytes, little-endian):
+/// Client -> server, in `rdma_connect`'s private data (40 bytes, little-endian):
 ///
 /// | off | size | field |
 /// |----:|----:|---|
@@ -146,6 +146,7 @@ fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), Handshak
 /// | 20 | 4 | resp_slot_size |
 /// | 24 | 8 | resp_addr (client's response ring) |
 /// | 32 | 4 | resp_rkey |
+/// | 36 | 4 | total_clients (the run's client count, `-c`: names the server's log folder) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectRequest {
     pub client_id: u32,
@@ -154,6 +155,7 @@ pub struct ConnectRequest {
     pub resp_slot_size: u32,
     pub resp_addr: u64,
     pub resp_rkey: u32,
+    pub total_clients: u32,
 }
 
 impl ConnectRequest {
@@ -167,6 +169,7 @@ impl ConnectRequest {
         b[20..24].copy_from_slice(&self.resp_slot_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.resp_addr.to_le_bytes());
         b[32..36].copy_from_slice(&self.resp_rkey.to_le_bytes());
+        b[36..40].copy_from_slice(&self.total_clients.to_le_bytes());
         b
     }
 
@@ -180,6 +183,7 @@ impl ConnectRequest {
             resp_slot_size: u32_at(b, 20),
             resp_addr: u64_at(b, 24),
             resp_rkey: u32_at(b, 32),
+            total_clients: u32_at(b, 36),
         };
         check_ring(r.depth, r.slot_size, r.resp_slot_size)?;
         Ok(r)
@@ -358,6 +362,7 @@ mod tests {
             resp_slot_size: response_slot_size(65536),
             resp_addr: 0x1122_3344_5566_7788,
             resp_rkey: 0xaabb_ccdd,
+            total_clients: 3,
         }
     }
 
@@ -373,6 +378,7 @@ mod tests {
         assert_eq!(&b[16..20], &16u32.to_le_bytes());
         assert_eq!(&b[24..32], &0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(&b[32..36], &0xaabb_ccddu32.to_le_bytes());
+        assert_eq!(&b[36..40], &3u32.to_le_bytes());
         assert_eq!(ConnectRequest::decode(&b), Ok(req()));
         // IB CM pads private data with zeros: trailing bytes are ignored.
         let mut padded = b.to_vec();

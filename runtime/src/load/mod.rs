@@ -1,0 +1,34 @@
+//! The in-process load generator behind `multi_client --concurrency-range` /
+//! `--request-rate-range` (perf_analyzer's model): many pipelined connections driven by a few
+//! pinned threads, closed loop (a number of requests outstanding) or open loop (a rate,
+//! constant or Poisson, latency counted from each request's intended send time so a stalled
+//! server cannot hide behind delayed sends), measured in windows until stable.
+//!
+//! [`plan`]: levels and schedules; [`driver`]: the sending threads and their connections;
+//! [`window`]: a window's figures and the stability rule; [`sweep`]: the controller;
+//! [`output`]: tables and CSVs.
+
+pub mod driver;
+pub mod output;
+pub mod plan;
+pub mod sweep;
+pub mod window;
+
+use thiserror::Error;
+
+pub use driver::Connections;
+pub use plan::{concurrency_levels, rate_levels, Distribution, Level};
+pub use sweep::{sweep, LevelResult, SweepOptions, SweepResult, WindowRule};
+
+/// A send this much after its intended time counts as late (reported per level).
+pub const LATE_AFTER_NS: u64 = 1_000_000;
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Zmq(#[from] hacserve_ffi::zmq::ZmqError),
+    #[error(transparent)]
+    Io(std::io::Error),
+}
