@@ -7,6 +7,8 @@
 #   4. bench_gpu:                       our figures vs 3., goals, FP32/FP16 agreement with PyTorch
 #   5. zmq_server --backend gpu (fp16, CUDA graph, nvJPEG decode) over loopback, multi_client at
 #      1, 8 and 32 clients, task 4 (jpeg: infer of the JPEG from 1.), dynamic batching off and on
+#   6. bench_gpudirect:                 rdma_server's -a 0 (host ring + upload) vs -a 1 (GPU-resident)
+#      server time per request, through the loopback ring source (no NIC needed), when built
 # Everything lands in OUT_DIR; the combined table is printed at the end (and OUT_DIR/summary.txt).
 #
 # Usage: scripts/bench_gpu.sh OUT_DIR
@@ -103,6 +105,14 @@ for mb in $MAX_BATCHES; do
 done
 trap - EXIT
 
+echo "=== 6. GPUDirect: -a 0 vs -a 1 server time per request (loopback ring source)"
+if [ -x "$bin/bench_gpudirect" ]; then
+  "$bin/bench_gpudirect" --engine-file "$out/torch/resnet50.onnx" --iters "$ITERS" 2>&1 | tee "$out/bench_gpudirect.txt" \
+    || notes+=("bench_gpudirect failed (see $out/bench_gpudirect.txt)")
+else
+  notes+=("$bin/bench_gpudirect missing: no -a 0 vs -a 1 figures")
+fi
+
 {
   echo
   echo "================ GPU benchmark summary ($(date -u +%FT%TZ), $(( $(date +%s) - started )) s) ================"
@@ -115,6 +125,10 @@ trap - EXIT
   echo "task 4 (jpeg infer of $(basename "$jpeg")), $REQUESTS requests per client after 20 warm-up"
   echo " max batch  clients  requests  errors       req/s    p50[ms]    p90[ms]    p99[ms]"
   for r in ${rows[@]+"${rows[@]}"}; do echo "$r"; done
+  if [ -f "$out/bench_gpudirect.txt" ]; then
+    echo
+    sed -n '/^bench_gpudirect:/,$p' "$out/bench_gpudirect.txt"
+  fi
   for n in ${notes[@]+"${notes[@]}"}; do echo "!!!!!!!! $n"; done
   echo "files: $out"
 } | tee "$out/summary.txt"

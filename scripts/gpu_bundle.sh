@@ -6,6 +6,8 @@
 #   scripts/gpu_bundle.sh unpack     # binaries into target/release, tests into target/gpu-tests
 #   scripts/gpu_bundle.sh test       # every GPU test binary, --nocapture
 #   scripts/bench_gpu.sh OUT         # the GPU benchmark
+# BINS / TESTS (env) build a subset, e.g. BINS="bench_gpudirect" TESTS="-p hacserve --test
+# gpudirect_loopback" for the GPUDirect loopback test and benchmark alone.
 # Test binaries carry this checkout's absolute path (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_*):
 # `unpack` links that path to the copy when it does not exist there.
 set -euo pipefail
@@ -14,13 +16,11 @@ carry=target/gpu-carry
 built=${CARGO_TARGET_DIR:-target}/release
 case "${1:-build}" in
 build)
-  bins=(zmq_server zmq_client multi_client bench_gpu gen_models)
+  read -r -a bins <<< "${BINS:-zmq_server zmq_client multi_client bench_gpu bench_gpudirect gen_models}"
+  read -r -a tests <<< "${TESTS:--p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu -p hacserve --test gpu_server --test gpudirect_loopback}"
   cargo build --release $(printf -- '--bin %s ' "${bins[@]}")
   rm -rf "$carry" && mkdir -p "$carry/stage/bin" "$carry/stage/tests"
-  cargo test --release --no-run --message-format=json \
-    -p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference \
-    -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu \
-    -p hacserve --test gpu_server > "$carry/tests.json"
+  cargo test --release --no-run --message-format=json "${tests[@]}" > "$carry/tests.json"
   for b in "${bins[@]}"; do cp "$built/$b" "$carry/stage/bin/"; done
   python3 - "$carry/tests.json" "$carry/stage/tests" <<'EOF'
 import json, shutil, sys

@@ -77,8 +77,14 @@ pub fn wire(state: &mut Wire, msg: &[u8]) {
     }
     let salvaged = Header::salvage_ids(msg);
     for max_payload in [DEFAULT_MAX_PAYLOAD, 4064] {
-        let triage =
-            answer_without_engine(msg, 1, max_payload, &mut state.out, &mut state.error_text);
+        let triage = answer_without_engine(
+            msg,
+            0,
+            1,
+            max_payload,
+            &mut state.out,
+            &mut state.error_text,
+        );
         match triage {
             Triage::NeedsWorker(header) => {
                 let (want, _) = Header::decode(msg, max_payload).expect("queued but invalid");

@@ -311,43 +311,50 @@ impl<'a> RawImage<'a> {
     /// Parses and checks a raw payload: pixels exactly `width * height * 3`, at most
     /// `max_pixels` pixels (checked before the product is used, so it cannot overflow).
     pub fn parse(payload: &'a [u8], max_pixels: usize) -> Result<Self, RawImageError> {
-        if payload.len() < RAW_HEADER_LEN {
-            return Err(RawImageError::NoDimensions(payload.len()));
+        let (width, height) = Self::check_dims(payload, payload.len(), max_pixels)?;
+        let bgr = &payload[RAW_HEADER_LEN..];
+        Ok(RawImage { width, height, bgr })
+    }
+
+    /// The checks of [`Self::parse`] from the payload's first bytes (`head`, at least the
+    /// 16 of width and height when the payload has them) and its length alone, for a payload
+    /// whose pixels stay elsewhere (GPU memory): (width, height).
+    pub fn check_dims(
+        head: &[u8],
+        payload_len: usize,
+        max_pixels: usize,
+    ) -> Result<(usize, usize), RawImageError> {
+        if payload_len < RAW_HEADER_LEN || head.len() < RAW_HEADER_LEN {
+            return Err(RawImageError::NoDimensions(payload_len));
         }
-        let (width, height) = (u64_at(payload, 0), u64_at(payload, 8));
+        let (width, height) = (u64_at(head, 0), u64_at(head, 8));
         if width == 0 || height == 0 {
             return Err(RawImageError::Empty { width, height });
         }
-        let pixels = width
-            .checked_mul(height)
-            .filter(|p| *p <= max_pixels as u64);
-        let Some(pixels) = pixels else {
-            return Err(RawImageError::TooLarge {
-                width,
-                height,
-                max: max_pixels,
-            });
-        };
         let too_large = RawImageError::TooLarge {
             width,
             height,
             max: max_pixels,
         };
+        let pixels = width
+            .checked_mul(height)
+            .filter(|p| *p <= max_pixels as u64)
+            .ok_or_else(|| too_large.clone())?;
         let want = usize::try_from(pixels)
             .ok()
             .and_then(|p| p.checked_mul(3))
             .ok_or(too_large)?;
         let (width, height) = (width as usize, height as usize);
-        let bgr = &payload[RAW_HEADER_LEN..];
-        if bgr.len() != want {
+        let got = payload_len - RAW_HEADER_LEN;
+        if got != want {
             return Err(RawImageError::Length {
                 width,
                 height,
                 want,
-                got: bgr.len(),
+                got,
             });
         }
-        Ok(RawImage { width, height, bgr })
+        Ok((width, height))
     }
 
     /// The payload for `width x height` BGR pixels.
@@ -409,6 +416,17 @@ impl Header {
 
     /// Parses and validates a whole message (header + payload); returns the header and payload.
     pub fn decode(msg: &[u8], max_payload: usize) -> Result<(Header, &[u8]), ProtocolError> {
+        Self::decode_with_resident(msg, 0, max_payload)
+    }
+
+    /// As [`Self::decode`] for a message whose last `resident` payload bytes are held
+    /// elsewhere (GPU memory): `msg` has the header and the payload's first part (usually
+    /// nothing), and the header must announce exactly both parts.
+    pub fn decode_with_resident(
+        msg: &[u8],
+        resident: usize,
+        max_payload: usize,
+    ) -> Result<(Header, &[u8]), ProtocolError> {
         if msg.len() < HEADER_LEN {
             return Err(ProtocolError::Truncated {
                 got: msg.len(),
@@ -438,16 +456,15 @@ impl Header {
             });
         }
         let body = &msg[HEADER_LEN..];
-        if body.len() < len {
+        let have = body.len() + resident;
+        if have < len {
             return Err(ProtocolError::Truncated {
-                got: msg.len(),
+                got: HEADER_LEN + have,
                 want: HEADER_LEN + len,
             });
         }
-        if body.len() > len {
-            return Err(ProtocolError::TrailingBytes {
-                extra: body.len() - len,
-            });
+        if have > len {
+            return Err(ProtocolError::TrailingBytes { extra: have - len });
         }
         let header = Header {
             kind,
@@ -662,6 +679,26 @@ mod tests {
         let mut v = h.to_vec();
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn a_resident_payload_counts_towards_the_announced_length() {
+        let msg = request(b"abc");
+        let head = &msg[..HEADER_LEN];
+        let (h, p) = Header::decode_with_resident(head, 3, 16).unwrap();
+        assert_eq!((h.payload_len, p.len()), (3, 0));
+        assert!(matches!(
+            Header::decode_with_resident(head, 2, 16),
+            Err(ProtocolError::Truncated { got: 34, want: 35 })
+        ));
+        assert_eq!(
+            Header::decode_with_resident(head, 4, 16),
+            Err(ProtocolError::TrailingBytes { extra: 1 })
+        );
+        assert!(matches!(
+            Header::decode_with_resident(head, 3, 2),
+            Err(ProtocolError::PayloadTooLarge { .. })
+        ));
     }
 
     #[test]

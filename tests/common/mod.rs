@@ -29,7 +29,10 @@ pub fn model(name: &str) -> PathBuf {
             "resnet_tiny" => model_gen::tiny_resnet(50),
             other => panic!("no generator for {other}"),
         };
-        let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+        // Per thread, not only per process: two tests of one binary may both generate it
+        // (the second's rename found the first's file gone).
+        let thread = format!("{:?}", std::thread::current().id()).replace(['(', ')'], "");
+        let tmp = dir.join(format!("{name}.{}.{thread}.tmp", std::process::id()));
         model_gen::write_model(&proto, &tmp).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
     }
@@ -513,9 +516,22 @@ pub fn request_message(
     request_id: u64,
     payload: &[u8],
 ) -> Vec<u8> {
+    request_message_with_flags(task, client_id, request_id, 0, payload)
+}
+
+/// A request message with `flags` in its header.
+pub fn request_message_with_flags(
+    task: hacserve_runtime::protocol::Task,
+    client_id: u32,
+    request_id: u64,
+    flags: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     use hacserve_runtime::protocol::{Header, HEADER_LEN};
+    let mut header = Header::request(task, client_id, request_id, payload.len());
+    header.flags = flags;
     let mut head = [0u8; HEADER_LEN];
-    Header::request(task, client_id, request_id, payload.len()).encode(&mut head);
+    header.encode(&mut head);
     let mut m = head.to_vec();
     m.extend_from_slice(payload);
     m

@@ -6,9 +6,14 @@
 //! * [`ops`]: the cuDNN/cuBLAS layer launches of the GPU engine.
 //! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`].
 //! * [`preprocess`]: the NVRTC resize/crop/normalise kernel.
+//! * [`resident`]: device memory requests stay in (GPUDirect rings) and the kernels that
+//!   read requests and write replies there.
+//! * [`transfer`]: the count of bytes moved between host and device.
 
 pub mod cuda;
 pub mod nvjpeg;
 pub mod ops;
 pub mod preprocess;
+pub mod resident;
 pub mod sys;
+pub mod transfer;

@@ -24,6 +24,7 @@ use cudarc::driver::PushKernelArg;
 use thiserror::Error;
 
 use super::cuda::{self, cu, CudaError};
+use super::transfer::{count_d2h, count_h2d, Mover};
 
 pub use cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t as ConvAlgo;
 
@@ -224,6 +225,7 @@ impl GpuDevice {
     pub fn upload<T: cu::DeviceRepr>(&self, host: &[T]) -> Result<cu::CudaSlice<T>, GpuOpsError> {
         let slice = self.upload.clone_htod(host)?;
         self.upload.synchronize()?;
+        count_h2d(Mover::Server, std::mem::size_of_val(host));
         Ok(slice)
     }
 
@@ -313,7 +315,9 @@ impl Handles {
             ));
         }
         let mut view = dst.slice_mut(..len);
-        Ok(self.stream.memcpy_htod(host, &mut view)?)
+        self.stream.memcpy_htod(host, &mut view)?;
+        count_h2d(Mover::Server, len * std::mem::size_of::<f32>());
+        Ok(())
     }
 
     /// Device to host, waiting for the stream; copies `host.len()` values.
@@ -328,6 +332,7 @@ impl Handles {
         let view = src.slice(..host.len());
         self.stream.memcpy_dtoh(&view, host)?;
         self.stream.synchronize()?;
+        count_d2h(Mover::Server, std::mem::size_of_val(host));
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use thiserror::Error;
 use cudarc::driver::PushKernelArg;
 
 use super::cuda::{self, cu, CudaError};
+use super::resident::DeviceSpan;
 
 const KERNEL: &str = r#"
 __device__ __forceinline__ float tri(float x) { x = fabsf(x); return x < 1.0f ? 1.0f - x : 0.0f; }
@@ -35,8 +36,11 @@ __device__ __forceinline__ void window(int out, int in_size, int out_size, int* 
 extern "C" __global__ void resize_crop_normalize(
     const unsigned char* __restrict__ src, int src_w, int src_h, int src_pitch,
     int resized_w, int resized_h, int crop_x, int crop_y, int out_size,
-    float* __restrict__ out, float m0, float m1, float m2, float is0, float is1, float is2)
+    float* __restrict__ out, float m0, float m1, float m2, float is0, float is1, float is2,
+    int bgr)
 {
+    // Packed BGR (the raw task's pixels, OpenCV's order) is read as RGB by swapping 0 and 2.
+    int c0 = bgr ? 2 : 0, c2 = bgr ? 0 : 2;
     int ox = blockIdx.x * blockDim.x + threadIdx.x;
     int oy = blockIdx.y * blockDim.y + threadIdx.y;
     if (ox >= out_size || oy >= out_size) return;
@@ -55,7 +59,7 @@ extern "C" __global__ void resize_crop_normalize(
         for (int i = xlo; i < xhi; ++i) {
             float wx = tri(((float)i - cx + 0.5f) * ssx);
             const unsigned char* p = row + 3 * i;
-            r0 += wx * p[0]; r1 += wx * p[1]; r2 += wx * p[2];
+            r0 += wx * p[c0]; r1 += wx * p[1]; r2 += wx * p[c2];
         }
         acc0 += wy * r0; acc1 += wy * r1; acc2 += wy * r2;
     }
@@ -132,15 +136,39 @@ impl GpuPreprocessor {
         g: &Geometry,
         out: &mut cu::CudaViewMut<'_, f32>,
     ) -> Result<(), GpuPreprocessError> {
+        use cu::DevicePtr;
+        let (ptr, _sync) = src.device_ptr(stream);
+        self.launch_at(stream, ptr, src.len(), g, out, false)
+    }
+
+    /// As [`Self::launch`] for packed BGR8 pixels wherever they lie in device memory (the
+    /// raw task's pixels, in a GPUDirect request slot or an upload buffer).
+    pub fn launch_bgr(
+        &self,
+        stream: &Arc<cu::CudaStream>,
+        src: DeviceSpan<'_>,
+        g: &Geometry,
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuPreprocessError> {
+        self.launch_at(stream, src.addr(), src.len(), g, out, true)
+    }
+
+    /// `src_len` bytes of live device memory at `src` hold the image.
+    fn launch_at(
+        &self,
+        stream: &Arc<cu::CudaStream>,
+        src: u64,
+        src_len: usize,
+        g: &Geometry,
+        out: &mut cu::CudaViewMut<'_, f32>,
+        bgr: bool,
+    ) -> Result<(), GpuPreprocessError> {
         let bad = |m: String| Err(GpuPreprocessError::Geometry(m));
         if g.src_w == 0 || g.src_h == 0 || g.resized_w == 0 || g.resized_h == 0 || g.out_size == 0 {
             return bad(format!("zero size in {g:?}"));
         }
-        if g.src_pitch < 3 * g.src_w || src.len() < g.src_pitch * g.src_h {
-            return bad(format!(
-                "source buffer of {} B too small for {g:?}",
-                src.len()
-            ));
+        if g.src_pitch < 3 * g.src_w || src_len < g.src_pitch * g.src_h {
+            return bad(format!("source buffer of {src_len} B too small for {g:?}"));
         }
         if g.crop_x + g.out_size > g.resized_w || g.crop_y + g.out_size > g.resized_h {
             return bad(format!("crop outside the resized image: {g:?}"));
@@ -173,8 +201,9 @@ impl GpuPreprocessor {
             block_dim: (16, 16, 1),
             shared_mem_bytes: 0,
         };
+        let bgr = bgr as i32;
         let mut b = stream.launch_builder(&self.function);
-        b.arg(src)
+        b.arg(&src)
             .arg(&src_w)
             .arg(&src_h)
             .arg(&src_pitch)
@@ -189,10 +218,12 @@ impl GpuPreprocessor {
             .arg(&g.mean[2])
             .arg(&inv[0])
             .arg(&inv[1])
-            .arg(&inv[2]);
+            .arg(&inv[2])
+            .arg(&bgr);
         // SAFETY: the argument list matches the kernel's signature one to one (pointers,
-        // 9 ints, 6 floats in order); every read stays inside src (rows < src_h at src_pitch,
-        // columns < src_w, checked above against src.len()) and every write inside out
+        // 8 ints, 6 floats, 1 int in order); src is live device memory of src_len bytes (the
+        // callers' slice or span); every read stays inside it (rows < src_h at src_pitch,
+        // columns < src_w, checked above against src_len) and every write inside out
         // (3 * out_size^2 floats, checked above).
         unsafe { b.launch(cfg) }?;
         Ok(())

@@ -154,7 +154,8 @@ impl RcEndpoint {
         };
         attr.cap.max_send_wr = sizes.max_send_wr;
         attr.cap.max_recv_wr = sizes.max_recv_wr;
-        attr.cap.max_send_sge = 1;
+        // Two: a GPU-resident reply gathers its host-side header and its device-side body.
+        attr.cap.max_send_sge = 2;
         attr.cap.max_recv_sge = 1;
         attr.cap.max_inline_data = WANT_INLINE;
         // SAFETY: id, pd and cq are live and on the same device; attr is a valid init attr.
@@ -298,6 +299,69 @@ impl RcEndpoint {
         // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
         // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
         // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// Posts a signaled RDMA WRITE_WITH_IMM that gathers `host_len` bytes of host buffer
+    /// `host_buf` at `host_off` and then `gpu_len` bytes of GPU buffer `gpu_buf` at `gpu_off`
+    /// (GPUDirect: the NIC reads the second part from device memory) into one contiguous
+    /// write to `remote_addr`/`rkey` with immediate `imm`. Both ranges are bounds checked; the
+    /// caller leaves them unchanged until the completion.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_write_imm_gathered(
+        &self,
+        wr_id: u64,
+        (host_buf, host_off, host_len): (usize, usize, usize),
+        (gpu_buf, gpu_off, gpu_len): (usize, usize, usize),
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    ) -> Result<(), RdmaError> {
+        let h = self
+            .rings
+            .get(host_buf)
+            .map(SlotRing::memory)
+            .ok_or_else(|| RdmaError::Other(format!("no registered buffer {host_buf}")))?;
+        let g = self
+            .gpu_bufs
+            .get(gpu_buf)
+            .ok_or_else(|| RdmaError::Other(format!("no registered GPU buffer {gpu_buf}")))?;
+        let gpu_in = gpu_off
+            .checked_add(gpu_len)
+            .is_some_and(|end| end <= g.len());
+        if !h.contains(host_off, host_len) || !gpu_in || host_len + gpu_len > u32::MAX as usize {
+            return Err(RdmaError::Other(format!(
+                "gathered write of {host_len} B at {host_off} (of {}) + {gpu_len} B at {gpu_off} (of {}) is out of bounds",
+                h.len(),
+                g.len()
+            )));
+        }
+        let mut sges = [
+            ibv_sge {
+                addr: h.addr() + host_off as u64,
+                length: host_len as u32,
+                lkey: h.lkey(),
+            },
+            ibv_sge {
+                addr: g.addr() + gpu_off as u64,
+                length: gpu_len as u32,
+                lkey: g.lkey(),
+            },
+        ];
+        let n = if gpu_len == 0 { 1 } else { 2 };
+        let mut wr = ibv_send_wr::rdma_write_with_imm(
+            wr_id,
+            sges.as_mut_ptr(),
+            n,
+            remote_addr,
+            rkey,
+            imm,
+            IBV_SEND_SIGNALED,
+        );
+        // SAFETY: the QP is live (created with two send SGEs); both SGEs name registered
+        // memory inside buffers owned by this endpoint, which outlive the QP (Drop destroys the
+        // QP first); the SGE array lives during the call (the provider copies it).
         unsafe { post_send(self.qp(), &mut wr) }?;
         Ok(())
     }

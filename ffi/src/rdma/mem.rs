@@ -399,8 +399,23 @@ impl GpuRegisteredBuf {
         unsafe { self.mr.as_ref().rkey }
     }
 
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: mr is live until Drop; lkey never changes after registration.
+        unsafe { self.mr.as_ref().lkey }
+    }
+
     pub fn route(&self) -> DeviceRegistration {
         self.route
+    }
+
+    /// `offset..offset+len` of the buffer, for kernels to read or write where it lies.
+    pub fn span(&self, offset: usize, len: usize) -> Option<crate::gpu::resident::DeviceSpan<'_>> {
+        crate::gpu::resident::DeviceSpan::within(self.addr, self.mem.len(), offset, len)
+    }
+
+    /// The stream the buffer was allocated on (copies of its slots run there).
+    pub fn stream(&self) -> &std::sync::Arc<cu::CudaStream> {
+        &self.stream
     }
 
     /// Copies `offset..offset+dst.len()` of the device memory into `dst` and waits; false
@@ -415,7 +430,9 @@ impl GpuRegisteredBuf {
         self.stream
             .memcpy_dtoh(&view, dst)
             .and_then(|_| self.stream.synchronize())
-            .map_err(|e| format!("copy from GPU memory: {e}"))
+            .map_err(|e| format!("copy from GPU memory: {e}"))?;
+        crate::gpu::transfer::count_d2h(crate::gpu::transfer::Mover::Server, dst.len());
+        Ok(())
     }
 }
 

@@ -222,6 +222,28 @@ impl WorkCompletion {
         self.0.imm()
     }
 
+    /// A successful completion made without a NIC, by a ring source that stands in for one
+    /// (the loopback GPU ring): a receive consumed by a WRITE_WITH_IMM carrying `imm`, or,
+    /// with `imm` None, a signaled RDMA WRITE of ours that completed.
+    pub fn stand_in(wr_id: u64, imm: Option<u32>) -> WorkCompletion {
+        let (opcode, wc_flags, imm_data) = match imm {
+            Some(imm) => (
+                sys::IBV_WC_RECV_RDMA_WITH_IMM,
+                sys::IBV_WC_WITH_IMM,
+                imm.to_be(),
+            ),
+            None => (sys::IBV_WC_RDMA_WRITE, 0, 0),
+        };
+        WorkCompletion(sys::ibv_wc {
+            wr_id,
+            status: sys::IBV_WC_SUCCESS,
+            opcode,
+            wc_flags,
+            imm_data,
+            ..Default::default()
+        })
+    }
+
     /// The raw completion (for code inside ffi that hands it back to C).
     pub(crate) fn as_raw_slice_mut(wcs: &mut [WorkCompletion]) -> &mut [sys::ibv_wc] {
         // SAFETY: WorkCompletion is repr(transparent) over ibv_wc, so a slice of one is a

@@ -2,6 +2,11 @@
 //! with its header validated once by the serving core ([`Queued`]), and the way a worker's
 //! reply goes back ([`ReplySink`]).
 
+use std::sync::Arc;
+
+use hacserve_ffi::gpu::cuda::cu::CudaStream;
+use hacserve_ffi::gpu::resident::DeviceSpan;
+
 use crate::protocol::Header;
 
 use super::TransportError;
@@ -29,6 +34,23 @@ pub trait ServerJob: Send + 'static {
     fn oversize(&self) -> Option<String> {
         None
     }
+    /// A request whose payload stayed in GPU memory (a GPUDirect ring slot): `message` then
+    /// holds only its header, and this says where the payload lies and where the device
+    /// part of its reply goes. None (the default): the payload is in `message`.
+    fn resident(&self) -> Option<Resident<'_>> {
+        None
+    }
+}
+
+/// Where a GPU-resident request's bytes are: its payload in device memory, the device reply
+/// slot the reply body's top-5 part (and logits) is written into for the NIC to send, and
+/// the stream of that memory (for the copies the host must see, such as a JPEG's bitstream
+/// for nvJPEG's CPU-side Huffman decode).
+#[derive(Clone, Copy)]
+pub struct Resident<'a> {
+    pub payload: DeviceSpan<'a>,
+    pub reply: DeviceSpan<'a>,
+    pub stream: &'a Arc<CudaStream>,
 }
 
 /// A job the serving core accepted for a worker, with the header it decoded and validated

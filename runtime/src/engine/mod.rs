@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu::CudaStream;
+use hacserve_ffi::gpu::resident::DeviceSpan;
 
 use thiserror::Error;
 
@@ -114,6 +115,43 @@ pub trait InferenceEngine: Send {
     fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
         None
     }
+    /// Engines that read requests straight from device memory (GPUDirect rings) and write
+    /// the reply's top-5 there answer `Some`; the pipeline otherwise copies such a request's
+    /// payload to the host first.
+    fn resident_requests(&mut self) -> Option<&mut dyn ResidentRequests> {
+        None
+    }
+}
+
+/// Requests whose payload stays in device memory (a GPUDirect ring slot) and whose reply
+/// body's top-5 part (and, asked for, the logits after it) the engine writes into a device
+/// reply slot, for the NIC to send from there: no payload byte crosses host memory.
+pub trait ResidentRequests {
+    /// Processed task: `tensor` holds the 1x3x224x224 f32 LE input (any alignment), read by
+    /// the engine's input conversion where it lies; runs the model and writes the reply's
+    /// top-5 part (+ logits when `logits`) into `reply`. A non-finite value is
+    /// [`EngineError::BadInput`] naming its index, as on the host path.
+    fn infer_resident_tensor(
+        &mut self,
+        tensor: DeviceSpan<'_>,
+        reply: DeviceSpan<'_>,
+        logits: bool,
+    ) -> Result<(), EngineError>;
+    /// After [`DeviceImages::preprocess`] (or [`Self::preprocess_resident_bgr`]): runs the
+    /// model on the input left on the device and writes the reply's top-5 part into `reply`.
+    fn run_preprocessed_into(
+        &mut self,
+        reply: DeviceSpan<'_>,
+        logits: bool,
+    ) -> Result<(), EngineError>;
+    /// Raw task: resizes, crops and normalises `width` x `height` packed BGR8 `pixels` lying
+    /// in device memory into the engine's device input (as the JPEG path after its decode).
+    fn preprocess_resident_bgr(
+        &mut self,
+        width: usize,
+        height: usize,
+        pixels: DeviceSpan<'_>,
+    ) -> Result<(), EngineError>;
 }
 
 /// Decode and preprocessing on the engine's device, as three stages so that each can be

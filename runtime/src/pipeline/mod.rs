@@ -3,17 +3,21 @@
 //! once in [`Pipeline::new`] and reused.
 
 use crate::clock::realtime_ns;
-use crate::contract::{Queued, ServerJob};
+use hacserve_ffi::gpu::resident::TOP5_BYTES;
+use hacserve_ffi::gpu::transfer::Mover;
+
+use crate::contract::{Queued, Resident, ServerJob};
 use crate::engine::{DeviceImages, EngineError, InferenceEngine};
 use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{
-    ErrorCode, Header, RawImage, RawImageError, ResponseBody, ServerTimestamps, Task, HEADER_LEN,
+    ErrorCode, Header, RawImage, RawImageError, ResponseBody, ServerTimestamps, Task, FLAG_LOGITS,
+    HEADER_LEN, RAW_HEADER_LEN,
 };
 
 mod triage;
 
 pub use triage::{answer_without_engine, top_k_softmax, Tail, Triage};
-use triage::{logits_if_asked, reject, write_response};
+use triage::{logits_if_asked, reject, write_resident_response, write_response};
 
 /// What happened to a request; the reply is in the caller's buffer either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,10 @@ pub struct Pipeline {
     pending: Vec<Staged>,
     batch_logits: Vec<f32>,
     batch_errors: Vec<String>,
+    /// A GPU-resident request's header + payload, where a stage needs them on the host (a
+    /// JPEG for nvJPEG's CPU-side Huffman decode, or an engine without device input): grows
+    /// to the largest such request once, then is reused.
+    resident_copy: Vec<u8>,
 }
 
 /// A JPEG inference staged into slot `pending[i]` of the batch input.
@@ -71,6 +79,7 @@ impl Pipeline {
             pending: Vec::with_capacity(batch),
             batch_logits: vec![0.0; batch * classes],
             batch_errors: (0..batch).map(|_| String::with_capacity(256)).collect(),
+            resident_copy: Vec::new(),
         }
     }
 
@@ -205,16 +214,211 @@ impl Pipeline {
     /// written into `out`. Its header was validated once, in the receive loop; a job queued
     /// without one (forwarded untouched) is validated here.
     pub fn handle<J: ServerJob>(&mut self, job: &Queued<J>, out: &mut Vec<u8>) -> Outcome {
-        match job.header {
-            Some(header) => self.handle_valid(&header, job.message(), job.received_ns(), out),
-            None => self.handle_message(job.message(), job.received_ns(), out),
+        match (job.header, job.job.resident()) {
+            (Some(header), Some(resident)) => {
+                self.handle_resident(&header, job.message(), resident, job.received_ns(), out)
+            }
+            (Some(header), None) => {
+                self.handle_valid(&header, job.message(), job.received_ns(), out)
+            }
+            // Forwarded untouched (a proxy's jobs are never GPU-resident).
+            (None, _) => self.handle_message(job.message(), job.received_ns(), out),
         }
+    }
+
+    /// A validated request whose payload stayed in GPU memory (`head` holds its header):
+    /// processed and JPEG inference run on the device and write the reply's top-5 part into
+    /// the device reply slot (`out` gets the host part: header and timestamps); anything
+    /// else, or an engine without device input, gets the payload copied to the host and the
+    /// host path.
+    fn handle_resident(
+        &mut self,
+        header: &Header,
+        head: &[u8],
+        resident: Resident<'_>,
+        received_ns: u64,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        self.last_error.clear();
+        let started = realtime_ns();
+        let mut ts = ServerTimestamps {
+            received: received_ns,
+            started,
+            ..Default::default()
+        };
+        // The device part of the reply: the top-5, and the logits when asked (FLAG_LOGITS).
+        let logits = header.flags & FLAG_LOGITS != 0;
+        let device_len = TOP5_BYTES + if logits { 4 * self.logits.len() } else { 0 };
+        let Some(reply) = resident.reply.sub(0, device_len) else {
+            let text = format!(
+                "the {}-byte device reply slot cannot hold a {device_len}-byte reply",
+                resident.reply.len()
+            );
+            return self.reject(header, ErrorCode::Internal, &text, out);
+        };
+        match header.task {
+            Task::Processed if self.engine.resident_requests().is_some() => {
+                if let Err((code, text)) =
+                    check_tensor(self.engine.as_mut(), resident.payload.len())
+                {
+                    return self.reject(header, code, &text, out);
+                }
+                ts.decoded = started;
+                let ran = match self.engine.resident_requests() {
+                    Some(device) => device.infer_resident_tensor(resident.payload, reply, logits),
+                    None => Err(EngineError::Run("no device input".into())),
+                };
+                match ran {
+                    Ok(()) => {}
+                    Err(EngineError::BadInput(text)) => {
+                        return self.reject(header, ErrorCode::BadTensor, &text, out)
+                    }
+                    Err(e) => return self.reject(header, ErrorCode::Internal, &e.to_string(), out),
+                }
+                ts.preprocessed = realtime_ns();
+                ts.inferred = ts.preprocessed;
+                return write_resident_response(header, &mut ts, device_len, out);
+            }
+            Task::Raw if self.engine.resident_requests().is_some() => {
+                return self.resident_raw(header, resident, reply, &mut ts, out);
+            }
+            Task::Jpeg
+                if self.engine.resident_requests().is_some()
+                    && self.engine.device_images().is_some() =>
+            {
+                // nvJPEG's default backend parses and Huffman-decodes on the CPU: the
+                // compressed bytes (not the pixels) come to the host.
+                let mut copy = std::mem::take(&mut self.resident_copy);
+                let outcome = match copy_resident(&mut copy, head, &resident) {
+                    Err(text) => self.reject(header, ErrorCode::Internal, &text, out),
+                    Ok(()) => self.resident_jpeg(header, &copy, reply, &mut ts, out),
+                };
+                self.resident_copy = copy;
+                return outcome;
+            }
+            _ => {}
+        }
+        let mut copy = std::mem::take(&mut self.resident_copy);
+        let outcome = match copy_resident(&mut copy, head, &resident) {
+            Err(text) => self.reject(header, ErrorCode::Internal, &text, out),
+            Ok(()) => self.handle_valid(header, &copy, received_ns, out),
+        };
+        self.resident_copy = copy;
+        outcome
+    }
+
+    /// Raw inference of a GPU-resident request: only the 16-byte width and height come to
+    /// the host; the kernel reads the BGR pixels in the GPU slot, the model runs and the
+    /// top-5 (and logits when asked) go into `reply`.
+    fn resident_raw(
+        &mut self,
+        header: &Header,
+        resident: Resident<'_>,
+        reply: hacserve_ffi::gpu::resident::DeviceSpan<'_>,
+        ts: &mut ServerTimestamps,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let mut dims = [0u8; RAW_HEADER_LEN];
+        let read = match resident.payload.sub(0, RAW_HEADER_LEN) {
+            Some(span) => span
+                .copy_to_host(resident.stream, &mut dims, Mover::Server)
+                .map_err(|e| {
+                    (
+                        ErrorCode::Internal,
+                        format!("reading the raw image's size: {e}"),
+                    )
+                }),
+            None => Err(raw_error(RawImageError::NoDimensions(
+                resident.payload.len(),
+            ))),
+        };
+        // The same checks as the host path's, on the size and the length the header gave.
+        let parsed = read.and_then(|()| {
+            RawImage::check_dims(&dims, resident.payload.len(), self.max_image_pixels)
+                .map_err(raw_error)
+        });
+        let (width, height) = match parsed {
+            Ok(wh) => wh,
+            Err((code, text)) => return self.reject(header, code, &text, out),
+        };
+        let Some(pixels) = resident
+            .payload
+            .sub(RAW_HEADER_LEN, resident.payload.len() - RAW_HEADER_LEN)
+        else {
+            return self.reject(
+                header,
+                ErrorCode::Internal,
+                "raw pixels outside the slot",
+                out,
+            );
+        };
+        ts.decoded = ts.started;
+        let logits = header.flags & FLAG_LOGITS != 0;
+        let ran = match self.engine.resident_requests() {
+            Some(device) => device
+                .preprocess_resident_bgr(width, height, pixels)
+                .map(|()| ts.preprocessed = realtime_ns())
+                .and_then(|()| device.run_preprocessed_into(reply, logits)),
+            None => Err(EngineError::Run("no device input".into())),
+        };
+        self.resident_answer(header, ran, reply.len(), ts, out)
+    }
+
+    /// The reply of a GPU-resident inference that `ran` (its device part, `device_len`
+    /// bytes, written into the device reply slot), or its rejection.
+    fn resident_answer(
+        &mut self,
+        header: &Header,
+        ran: Result<(), EngineError>,
+        device_len: usize,
+        ts: &mut ServerTimestamps,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        if let Err(e) = ran {
+            let (code, text) = engine_error(e);
+            return self.reject(header, code, &text, out);
+        }
+        ts.inferred = realtime_ns();
+        write_resident_response(header, ts, device_len, out)
+    }
+
+    /// JPEG inference of a GPU-resident request whose bytes `msg` were copied to the host:
+    /// decode and preprocess on the device, the model and the top-5 into `reply`. An image
+    /// the device decoder refuses gets the host path's verdict (CPU decode, host reply).
+    fn resident_jpeg(
+        &mut self,
+        header: &Header,
+        msg: &[u8],
+        reply: hacserve_ffi::gpu::resident::DeviceSpan<'_>,
+        ts: &mut ServerTimestamps,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let payload = &msg[HEADER_LEN..];
+        if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
+            return self.reject(header, code, &text, out);
+        }
+        let staged = match self.engine.device_images() {
+            Some(device) => device_stages(device, payload, false, ts, &mut self.logits),
+            None => DeviceStages::Refused("no device decoder".into()),
+        };
+        match staged {
+            DeviceStages::Done(Ok(())) => {}
+            DeviceStages::Done(Err((code, text))) => return self.reject(header, code, &text, out),
+            DeviceStages::Refused(_) => return self.handle_valid(header, msg, ts.received, out),
+        }
+        let logits = header.flags & FLAG_LOGITS != 0;
+        let ran = match self.engine.resident_requests() {
+            Some(device) => device.run_preprocessed_into(reply, logits),
+            None => Err(EngineError::Run("no device input".into())),
+        };
+        self.resident_answer(header, ran, reply.len(), ts, out)
     }
 
     /// Handles one whole, not yet validated request message received at `received_ns`.
     pub fn handle_message(&mut self, msg: &[u8], received_ns: u64, out: &mut Vec<u8>) -> Outcome {
         let header = match answer_without_engine(
             msg,
+            0,
             received_ns,
             self.max_payload,
             out,
@@ -372,8 +576,9 @@ impl Pipeline {
 
 /// The validated header of a JPEG inference request (what a batch takes); anything else
 /// goes through [`Pipeline::handle`].
-fn batchable<J>(job: &Queued<J>) -> Option<Header> {
-    job.header.filter(|h| h.task == Task::Jpeg)
+fn batchable<J: ServerJob>(job: &Queued<J>) -> Option<Header> {
+    job.header
+        .filter(|h| h.task == Task::Jpeg && job.job.resident().is_none())
 }
 
 /// A stage's failure: the error code for the sender and the text for both.
@@ -516,16 +721,43 @@ fn stage_slot(
     Ok(true)
 }
 
-/// Task processed's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
-fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
-    if payload.len() != TENSOR_LEN * 4 {
+/// The processed task's payload length against what it must be and what the model takes.
+fn check_tensor(engine: &mut dyn InferenceEngine, payload_len: usize) -> Result<(), StageError> {
+    if payload_len != TENSOR_LEN * 4 {
         let text = format!(
-            "tensor payload is {} bytes, expected {} (1x3x224x224 f32 LE)",
-            payload.len(),
+            "tensor payload is {payload_len} bytes, expected {} (1x3x224x224 f32 LE)",
             TENSOR_LEN * 4
         );
         return Err((ErrorCode::BadTensor, text));
     }
+    let values: usize = engine.input_shape()[1..].iter().product();
+    if values != TENSOR_LEN {
+        let text =
+            format!("the model takes {values} input values, task processed sends {TENSOR_LEN}");
+        return Err((ErrorCode::Internal, text));
+    }
+    Ok(())
+}
+
+/// A GPU-resident request's header (`head`) and payload into `copy` (device -> host,
+/// counted as the server's).
+fn copy_resident(copy: &mut Vec<u8>, head: &[u8], resident: &Resident<'_>) -> Result<(), String> {
+    let len = HEADER_LEN + resident.payload.len();
+    let head = head
+        .get(..HEADER_LEN)
+        .ok_or("GPU-resident request without its header")?;
+    // Keeps its capacity: steady traffic allocates nothing here.
+    copy.resize(len, 0);
+    copy[..HEADER_LEN].copy_from_slice(head);
+    resident
+        .payload
+        .copy_to_host(resident.stream, &mut copy[HEADER_LEN..], Mover::Server)
+        .map_err(|e| format!("copying the request out of GPU memory: {e}"))
+}
+
+/// Task processed's payload (1x3x224x224 f32 LE) straight into the engine's input buffer.
+fn load_tensor(engine: &mut dyn InferenceEngine, payload: &[u8]) -> Result<(), StageError> {
+    check_tensor(engine, payload.len())?;
     let input = engine.input_mut().map_err(engine_error)?;
     if input.len() != TENSOR_LEN {
         let text = format!(

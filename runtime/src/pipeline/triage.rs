@@ -1,6 +1,8 @@
 //! The answers that need no engine (validation errors, ping, echo, sink), shared by the serving
 //! core's receive loop and the workers, and the reply writers both use.
 
+use hacserve_ffi::gpu::resident::TOP5_BYTES;
+
 use super::Outcome;
 use crate::clock::realtime_ns;
 use crate::protocol::{
@@ -17,16 +19,18 @@ pub enum Triage {
 /// Validation and the engine-free answers, for wherever a message lands first: a transport's
 /// receive loop answers errors and echoes itself (no queue hop, as eRPC's dispatch thread
 /// does for small requests) and queues only what needs a worker. `error_text` receives the
-/// reason of a rejection, for the log.
+/// reason of a rejection, for the log. `resident`: payload bytes that stayed in GPU memory
+/// (not in `msg`; an echo or sink is never resident, see docs/gpudirect.md).
 pub fn answer_without_engine<B: ReplyBuffer + ?Sized>(
     msg: &[u8],
+    resident: usize,
     received_ns: u64,
     max_payload: usize,
     out: &mut B,
     error_text: &mut String,
 ) -> Triage {
     error_text.clear();
-    let (header, payload) = match Header::decode(msg, max_payload) {
+    let (header, payload) = match Header::decode_with_resident(msg, resident, max_payload) {
         Ok(hp) => hp,
         Err(e) => {
             let (client, request) = Header::salvage_ids(msg);
@@ -156,6 +160,37 @@ pub(super) fn write_response<B: ReplyBuffer + ?Sized>(
     }
 }
 
+/// The host part of a reply whose body's top-5 part (and logits) the engine wrote into the
+/// request's device reply slot: the header (announcing the whole body) and the timestamps,
+/// stamping `replied` last. The transport sends the device part after it.
+pub(super) fn write_resident_response<B: ReplyBuffer + ?Sized>(
+    header: &Header,
+    ts: &mut ServerTimestamps,
+    device_len: usize,
+    out: &mut B,
+) -> Outcome {
+    ts.replied = realtime_ns();
+    let body = ResponseBody {
+        timestamps: *ts,
+        ..Default::default()
+    };
+    let mut encoded = [0u8; RESPONSE_BODY_LEN];
+    body.encode(&mut encoded);
+    let host_body = RESPONSE_BODY_LEN - TOP5_BYTES;
+    let out = out.prepare(HEADER_LEN + host_body);
+    let mut h = [0u8; HEADER_LEN];
+    header
+        .reply(MessageKind::Response, host_body + device_len)
+        .encode(&mut h);
+    out[..HEADER_LEN].copy_from_slice(&h);
+    out[HEADER_LEN..].copy_from_slice(&encoded[..host_body]);
+    // The top-1 class is on the device; not read back for the log.
+    Outcome::Answered {
+        task: header.task,
+        top1: None,
+    }
+}
+
 /// Softmax over all logits, top-5 by score, into `body` (no allocation).
 pub fn top_k_softmax(logits: &[f32], body: &mut ResponseBody) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -201,6 +236,42 @@ mod tests {
 }
 
 #[cfg(test)]
+mod resident_tests {
+    use super::*;
+
+    #[test]
+    fn a_resident_reply_holds_header_and_timestamps_and_announces_the_whole_body() {
+        let header = Header::request(Task::Processed, 7, 42, 602_112);
+        let mut ts = ServerTimestamps {
+            received: 1,
+            started: 2,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let outcome = write_resident_response(&header, &mut ts, TOP5_BYTES, &mut out);
+        assert!(matches!(
+            outcome,
+            Outcome::Answered {
+                task: Task::Processed,
+                top1: None
+            }
+        ));
+        assert_eq!(out.len(), HEADER_LEN + RESPONSE_BODY_LEN - TOP5_BYTES);
+        // The device part completes the body: a full reply once appended.
+        let mut top5 = [0u8; TOP5_BYTES];
+        top5[0..4].copy_from_slice(&5u32.to_le_bytes());
+        top5[8..12].copy_from_slice(&281u32.to_le_bytes());
+        out.extend_from_slice(&top5);
+        let (h, body) = Header::decode(&out, usize::MAX).unwrap();
+        assert_eq!((h.kind, h.request_id), (MessageKind::Response, 42));
+        let body = ResponseBody::decode(body).unwrap();
+        assert_eq!((body.top_k, body.classes[0]), (5, 281));
+        assert_eq!((body.timestamps.received, body.timestamps.started), (1, 2));
+        assert!(body.timestamps.replied >= ts.started);
+    }
+}
+
+#[cfg(test)]
 mod sink_tests {
     use super::*;
 
@@ -215,7 +286,7 @@ mod sink_tests {
 
     fn answer(msg: &[u8], max_payload: usize) -> (Triage, Vec<u8>) {
         let (mut out, mut text) = (Vec::new(), String::new());
-        let t = answer_without_engine(msg, 1, max_payload, &mut out, &mut text);
+        let t = answer_without_engine(msg, 0, 1, max_payload, &mut out, &mut text);
         (t, out)
     }
 

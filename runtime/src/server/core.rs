@@ -102,8 +102,16 @@ impl<'a, J: ServerJob> ServingCore<'a, J> {
             LoopPolicy::ForwardAll => (job, None),
             LoopPolicy::AnswerWithoutEngine => {
                 let mut header = None;
+                let resident = job.resident().map_or(0, |r| r.payload.len());
                 let answered = transport.answer(job, |msg, out| {
-                    match answer_without_engine(msg, received, max_payload, out, error_text) {
+                    match answer_without_engine(
+                        msg,
+                        resident,
+                        received,
+                        max_payload,
+                        out,
+                        error_text,
+                    ) {
                         Triage::Answered(outcome) => Some(outcome),
                         Triage::NeedsWorker(h) => {
                             header = Some(h);

@@ -2,10 +2,11 @@
 //! proxies): one receive loop over any [`crate::contract::ServerTransport`] ([`core`]), the
 //! work queue ([`queue`]), the workers ([`worker`]), the accounting and request log
 //! ([`account`]), the monitor line ([`monitor`]) and the threads' start and orderly stop
-//! ([`threads`]).
+//! ([`threads`]); [`gpu_loopback`] serves the GPU-ring path without an RDMA device.
 
 pub mod account;
 pub mod core;
+pub mod gpu_loopback;
 pub mod monitor;
 pub mod options;
 pub mod queue;

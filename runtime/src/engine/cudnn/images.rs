@@ -9,6 +9,8 @@ use std::sync::Arc;
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
 use hacserve_ffi::gpu::preprocess::{Geometry, GpuPreprocessor};
+use hacserve_ffi::gpu::resident::DeviceSpan;
+use hacserve_ffi::gpu::transfer::Mover;
 
 use super::run_err;
 use super::session::CudnnSession;
@@ -208,6 +210,61 @@ impl GpuImages {
     }
 }
 
+impl GpuImages {
+    /// The raw task on the host path: uploads `width` x `height` packed BGR8 `pixels` into
+    /// the decoded-image buffer (grown for an image above the steady size, given back after
+    /// its request as for a decode), then [`Self::preprocess_bgr_into`].
+    pub fn preprocess_bgr_host(
+        &mut self,
+        stream: &Arc<cu::CudaStream>,
+        width: usize,
+        height: usize,
+        pixels: &[u8],
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), EngineError> {
+        self.decoded = None;
+        let want = width.saturating_mul(height).saturating_mul(3);
+        if want != pixels.len() || width.saturating_mul(height) > self.max_pixels {
+            return Err(EngineError::BadInput(format!(
+                "{width}x{height} BGR pixels: {} bytes given (at most {} pixels)",
+                pixels.len(),
+                self.max_pixels
+            )));
+        }
+        if want > self.rgb.len() {
+            self.rgb = stream
+                .alloc_zeros::<u8>(want)
+                .map_err(|e| EngineError::Run(format!("pixel buffer: {e}")))?;
+        }
+        let span = DeviceSpan::of(&self.rgb, stream, want)
+            .ok_or_else(|| EngineError::Run("pixel buffer too small".into()))?;
+        span.copy_from_host(stream, pixels, Mover::Server)
+            .map_err(|e| EngineError::Run(format!("pixel upload: {e}")))?;
+        self.preprocess_bgr_into(stream, width, height, span, out)
+    }
+
+    /// Resize, centre crop and normalise of `width` x `height` packed BGR8 `pixels` lying in
+    /// device memory (the raw task) into `out`, on `stream`, then waits. Nothing is decoded:
+    /// the decoded-image buffer is left alone.
+    pub fn preprocess_bgr_into(
+        &self,
+        stream: &Arc<cu::CudaStream>,
+        width: usize,
+        height: usize,
+        pixels: DeviceSpan<'_>,
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), EngineError> {
+        let geometry = imagenet_geometry(width, height);
+        self.kernels
+            .kernel
+            .launch_bgr(stream, pixels, &geometry, out)
+            .map_err(|e| EngineError::BadInput(format!("raw pixels: {e}")))?;
+        stream
+            .synchronize()
+            .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
+    }
+}
+
 /// Where the CPU path's `Resize(256)` + centre crop 224 + ImageNet normalisation put a
 /// `w`x`h` image (packed RGB), for the preprocessing kernel.
 pub fn imagenet_geometry(w: usize, h: usize) -> Geometry {
@@ -314,6 +371,55 @@ impl DeviceImages for CudnnSession {
         self.images.as_ref().map_or(0, GpuImages::buffer_bytes)
     }
 
+    /// The raw task on the host path: the pixels are uploaded into the decode buffer (one
+    /// H2D copy of the pixels, counted) and preprocessed by the kernel's BGR variant, into the
+    /// input `run_preprocessed` (or, with a slot, `run_slots`) runs.
+    fn preprocess_bgr(
+        &mut self,
+        width: usize,
+        height: usize,
+        bgr: &[u8],
+        slot: Option<usize>,
+    ) -> Result<bool, EngineError> {
+        if self.images.is_none() {
+            return Ok(false);
+        }
+        self.handles.bind().map_err(run_err)?;
+        let CudnnSession {
+            handles,
+            images,
+            staging,
+            buffers,
+            batched,
+            device_slots,
+            ..
+        } = self;
+        let Some(images) = images.as_mut() else {
+            return Ok(false);
+        };
+        match (slot, batched.as_mut()) {
+            (Some(slot), Some(batched)) => {
+                let count = batched.batch;
+                let mut out = input_slot(&mut batched.staging, &mut batched.buffers, slot, count)?;
+                images.preprocess_bgr_host(handles.stream(), width, height, bgr, &mut out)?;
+                *device_slots |= 1 << slot;
+            }
+            (slot, _) => {
+                if slot.unwrap_or(0) != 0 {
+                    return Err(EngineError::Run(format!(
+                        "slot {slot:?} without a batch context"
+                    )));
+                }
+                let mut out = input_slot(staging, buffers, 0, 1)?;
+                images.preprocess_bgr_host(handles.stream(), width, height, bgr, &mut out)?;
+                if slot.is_some() {
+                    *device_slots |= 1;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Into slot `slot` of the batch context's input (the input [`InferenceEngine::run_slots`]
     /// runs) (on this session's stream, which
     /// decoded the image; the wait at the end orders it before the batch run).
@@ -349,7 +455,7 @@ impl DeviceImages for CudnnSession {
 
 /// Image `slot` of `count` of a session's f32 NCHW input: the FP16 staging buffer, or the
 /// FP32 input tensor.
-fn input_slot<'a>(
+pub(super) fn input_slot<'a>(
     staging: &'a mut Option<cu::CudaSlice<f32>>,
     buffers: &'a mut [Option<DevBuf>],
     slot: usize,

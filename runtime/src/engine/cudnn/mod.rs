@@ -15,6 +15,8 @@
 //!   algorithm choice, the cuDNN fall-back) and queued on the stream.
 //! * [`images`]: nvJPEG decode + the preprocessing kernel into the session's input, the
 //!   session's [`DeviceImages`].
+//! * `resident.rs`: requests read from GPU memory and replies' top-5 written there
+//!   (GPUDirect rings), the session's [`ResidentRequests`](super::ResidentRequests).
 //! * this file: the options, the loader, and the registry entry (`--backend gpu`).
 //!
 //! Fusion onto cuDNN, per conv step: y = act(conv(x, w') + b' + alpha2 * z), where w', b' carry
@@ -27,6 +29,7 @@ mod layers;
 pub mod plan;
 #[cfg(test)]
 mod plan_tests;
+mod resident;
 mod session;
 mod weights;
 
@@ -35,6 +38,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::ops::{self as gpu_ops, GpuDevice, GpuOpsError, HalfKernels};
+use hacserve_ffi::gpu::resident::ResidentKernels;
 
 pub use images::imagenet_geometry;
 use images::GpuImageKernels;
@@ -100,6 +104,9 @@ pub struct CudnnLoader {
     weights: Arc<Vec<DevBuf>>,
     half: Option<Arc<HalfKernels>>,
     images: Option<Arc<GpuImageKernels>>,
+    /// The GPU-ring kernels (None where NVRTC is missing: GPU-resident requests are then
+    /// copied to the host first).
+    resident: Option<Arc<ResidentKernels>>,
     /// The same model planned for `options.max_batch` images (dynamic batching).
     batch_plan: Option<Arc<Plan>>,
     options: CudnnOptions,
@@ -153,8 +160,16 @@ impl CudnnLoader {
         } else {
             None
         };
+        let resident = match ResidentKernels::new(gpu.context()) {
+            Ok(k) => Some(Arc::new(k)),
+            Err(e) => {
+                log::warn!("GPU-ring kernels unavailable ({e}): GPUDirect requests will be copied to the host");
+                None
+            }
+        };
         Ok(CudnnLoader {
             device: Arc::new(gpu),
+            resident,
             plan: Arc::new(plan),
             weights: Arc::new(weights),
             half,

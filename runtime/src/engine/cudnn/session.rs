@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::ops::{f16, ConvMath, GpuOpsError, Graph, Handles};
+use hacserve_ffi::gpu::resident::ResidentKernels;
 
 use super::images::GpuImages;
 use super::layers::{self, Layer, Operands};
@@ -17,7 +18,7 @@ use super::weights::{padded_channels, DevBuf};
 #[cfg(doc)]
 use super::CudnnOptions;
 use super::{run_err, CudnnLoader, Precision};
-use crate::engine::{DeviceImages, EngineError, InferenceEngine};
+use crate::engine::{DeviceImages, EngineError, InferenceEngine, ResidentRequests};
 
 /// One worker's GPU context: its own stream, handles, descriptors and buffers.
 pub struct CudnnSession {
@@ -31,6 +32,9 @@ pub struct CudnnSession {
     pub(super) host_input: cu::PinnedHostSlice<f32>,
     /// nvJPEG + preprocessing kernel, with [`CudnnOptions::gpu_decode`].
     pub(super) images: Option<GpuImages>,
+    /// GPU-ring kernels and the flag word of the tensor check (GPU-resident requests).
+    pub(super) resident: Option<Arc<ResidentKernels>>,
+    pub(super) resident_flag: cu::CudaSlice<u32>,
     /// Dynamic batching: the batch-`max_batch` context JPEGs are staged into, and where its
     /// logits land before the first `n` images' are handed out.
     pub(super) batched: Option<Box<CudnnSession>>,
@@ -144,6 +148,7 @@ impl CudnnSession {
             }
             _ => None,
         };
+        let resident_flag = handles.zeros::<u32>(1).map_err(run_err)?;
         let mut session = CudnnSession {
             handles,
             layers,
@@ -151,6 +156,8 @@ impl CudnnSession {
             staging,
             host_input,
             images,
+            resident: loader.resident.clone(),
+            resident_flag,
             batched: None,
             batch_logits: Vec::new(),
             host_slots: 0,
@@ -293,6 +300,11 @@ impl CudnnSession {
         result
     }
 
+    /// Queues all layers (for callers in this backend that fill the input themselves).
+    pub(super) fn run_all_layers(&mut self) -> Result<(), EngineError> {
+        self.run_all()
+    }
+
     /// Bytes of the shared conv workspace.
     pub fn workspace_bytes(&self) -> usize {
         self.workspace.len()
@@ -416,6 +428,14 @@ impl InferenceEngine for CudnnSession {
             None
         }
     }
+
+    fn resident_requests(&mut self) -> Option<&mut dyn ResidentRequests> {
+        if self.resident.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
 }
 
 impl CudnnSession {
@@ -453,14 +473,18 @@ impl CudnnSession {
     /// Queues the layers behind whatever filled the input, then waits for the logits.
     pub(super) fn run_and_download(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
         self.run_all()?;
-        let out = self
-            .buffers
+        let out = self.logits_buffer()?;
+        self.handles.download(out, logits).map_err(run_err)
+    }
+
+    /// The device buffer the model's logits land in.
+    pub(super) fn logits_buffer(&self) -> Result<&cu::CudaSlice<f32>, EngineError> {
+        self.buffers
             .get(self.output)
             .and_then(Option::as_ref)
             .ok_or_else(|| EngineError::Run("output buffer missing".to_string()))?
             .f32s()
-            .map_err(run_err)?;
-        self.handles.download(out, logits).map_err(run_err)
+            .map_err(run_err)
     }
 
     /// Whether this session's stream has the context's highest priority.

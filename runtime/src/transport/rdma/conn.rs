@@ -4,13 +4,30 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use hacserve_ffi::rdma::{HostBuf, RcEndpoint, SlotRing, SlotToken};
+use hacserve_ffi::gpu::resident::DeviceSpan;
+use hacserve_ffi::gpu::transfer::Mover;
+use hacserve_ffi::rdma::{
+    HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus, WorkCompletion,
+};
 
 use super::admission::Reservation;
+use super::gpu_ring::GpuRingSource;
 use super::wire::*;
 use super::{rdma_err, SlotWriter, WR_SEND};
-use crate::contract::TransportError;
-use crate::protocol::{header_bytes, ReplyBuffer, HEADER_LEN};
+use crate::contract::{Resident, TransportError};
+use crate::protocol::{header_bytes, ReplyBuffer, Task, HEADER_LEN};
+
+/// Where a connection's requests land.
+pub(super) enum Link {
+    /// Host memory: the endpoint's landing ring (LANDING_BUF) and staging ring (STAGE_BUF).
+    Host(RcEndpoint),
+    /// GPU memory (`-a 1`): the ring source (the NIC through verbs, or the loopback stand-in)
+    /// and the server-private host slots each reply's host part is written into first.
+    Gpu {
+        source: Box<dyn GpuRingSource>,
+        stage: SlotRing<HostBuf>,
+    },
+}
 
 /// Registered buffers of a connection's endpoint: the reply staging ring, and with host
 /// addressing the landing ring clients write their requests into (with GPU addressing that
@@ -22,7 +39,7 @@ pub(super) const LANDING_BUF: usize = 1;
 /// its own slots), its private copy ring (server-owned, unregistered) and its reply staging
 /// ring (local only).
 pub struct ServerConn {
-    pub(super) ep: RcEndpoint,
+    pub(super) link: Link,
     /// Where each request is read from: slot i holds a copy of landing slot i, taken when the
     /// request's completion arrived. Its token is the request's credit on the server side.
     pub(super) copy: SlotRing<HostBuf>,
@@ -35,8 +52,6 @@ pub struct ServerConn {
     pub(super) resp_addr: u64,
     pub(super) resp_rkey: u32,
     pub(super) alive: AtomicBool,
-    /// The landing ring is GPU buffer 0 of `ep` (GPUDirect).
-    pub(super) gpu_ring: bool,
     /// Reply writes posted (by the loop or a worker) and completed (counted by the loop): a
     /// gap that does not shrink is a client not taking its replies.
     pub(super) replies_posted: AtomicU64,
@@ -47,14 +62,13 @@ pub struct ServerConn {
 
 impl ServerConn {
     pub(super) fn new(
-        ep: RcEndpoint,
+        link: Link,
         copy: SlotRing<HostBuf>,
         req: &ConnectRequest,
-        gpu_ring: bool,
         reservation: Reservation,
     ) -> ServerConn {
         ServerConn {
-            ep,
+            link,
             copy,
             client_id: req.client_id,
             total_clients: req.total_clients,
@@ -64,7 +78,6 @@ impl ServerConn {
             resp_addr: req.resp_addr,
             resp_rkey: req.resp_rkey,
             alive: AtomicBool::new(true),
-            gpu_ring,
             replies_posted: AtomicU64::new(0),
             replies_done: AtomicU64::new(0),
             reservation,
@@ -72,7 +85,36 @@ impl ServerConn {
     }
 
     pub(super) fn handle(&self) -> usize {
-        self.ep.handle()
+        match &self.link {
+            Link::Host(ep) => ep.handle(),
+            Link::Gpu { source, .. } => source.handle(),
+        }
+    }
+    /// The GPU ring source, for GPU-memory connections.
+    pub(super) fn gpu(&self) -> Option<&dyn GpuRingSource> {
+        match &self.link {
+            Link::Host(_) => None,
+            Link::Gpu { source, .. } => Some(source.as_ref()),
+        }
+    }
+    pub(super) fn poll(&self, wcs: &mut [WorkCompletion]) -> Result<usize, RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.poll(wcs),
+            Link::Gpu { source, .. } => source.poll(wcs),
+        }
+    }
+    /// Posts a receive again for the next request.
+    pub(super) fn rearm(&self, wr_id: u64) -> Result<(), RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.post_recv_empty(wr_id),
+            Link::Gpu { source, .. } => source.rearm(wr_id),
+        }
+    }
+    pub(super) fn status_text(&self, status: WcStatus) -> String {
+        match &self.link {
+            Link::Host(ep) => ep.wc_status_str(status),
+            Link::Gpu { source, .. } => source.status_text(status),
+        }
     }
     pub(super) fn client_id(&self) -> u32 {
         self.client_id
@@ -84,7 +126,10 @@ impl ServerConn {
         self.slot_size
     }
     pub(super) fn max_inline(&self) -> usize {
-        self.ep.max_inline()
+        match &self.link {
+            Link::Host(ep) => ep.max_inline(),
+            Link::Gpu { source, .. } => source.max_inline(),
+        }
     }
     pub(super) fn pinned_bytes(&self) -> u64 {
         self.reservation.bytes()
@@ -98,7 +143,10 @@ impl ServerConn {
     pub(super) fn close(&self) -> bool {
         let was = self.alive.swap(false, Ordering::AcqRel);
         if was {
-            let _ = self.ep.disconnect();
+            let _ = match &self.link {
+                Link::Host(ep) => ep.disconnect(),
+                Link::Gpu { source, .. } => source.disconnect(),
+            };
         }
         was
     }
@@ -109,33 +157,54 @@ impl ServerConn {
         posted.saturating_sub(self.replies_done.load(Ordering::Relaxed))
     }
 
-    /// Copies the first `len` bytes of landing slot `slot` (host or GPU memory, which the
-    /// client can write) into the copy slot `req` holds: everything after this reads only
-    /// the copy.
+    /// Copies the first `len` bytes of host landing slot `slot` (which the client can write)
+    /// into the copy slot `req` holds: everything after this reads only the copy. With a GPU
+    /// ring only the header is copied (32 bytes device -> host; an echo, whose reply is its
+    /// payload, whole): the payload stays where the NIC wrote it. Returns the bytes held
+    /// on the host.
     pub(super) fn copy_request(
         &self,
         req: &mut SlotToken<HostBuf>,
         len: usize,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let slot = req.slot();
-        let dst = req
-            .bytes_mut()
-            .get_mut(..len)
-            .ok_or_else(|| format!("slot {slot} + {len} B outside the copy ring"))?;
-        if self.gpu_ring {
-            return self
-                .ep
-                .gpu_buf(0)
-                .copy_to_host(slot as usize * self.slot_size, dst);
+        match &self.link {
+            Link::Host(ep) => {
+                let dst = req
+                    .bytes_mut()
+                    .get_mut(..len)
+                    .ok_or_else(|| format!("slot {slot} + {len} B outside the copy ring"))?;
+                // Only this loop claims landing slots: the claim cannot fail for a slot in range.
+                let landing = ep
+                    .ring(LANDING_BUF)
+                    .claim(slot)
+                    .ok_or_else(|| format!("landing slot {slot} unavailable"))?;
+                landing.copy_out(dst);
+                Ok(len)
+            }
+            Link::Gpu { source, .. } => {
+                let head = len.min(HEADER_LEN);
+                copy_from_gpu(source.as_ref(), req, 0, head)?;
+                // Byte 7 of the header is the task (protocol.rs, Header::encode).
+                let echo = head == HEADER_LEN && req.bytes()[7] == Task::Echo as u8;
+                if echo || len < HEADER_LEN {
+                    copy_from_gpu(source.as_ref(), req, head, len - head)?;
+                    return Ok(len);
+                }
+                Ok(head)
+            }
         }
-        // Only this loop claims landing slots: the claim cannot fail for a slot in range.
-        let landing = self
-            .ep
-            .ring(LANDING_BUF)
-            .claim(slot)
-            .ok_or_else(|| format!("landing slot {slot} unavailable"))?;
-        landing.copy_out(dst);
-        Ok(())
+    }
+
+    /// Where the payload of a GPU-resident request in slot `slot` lies (`len` bytes after
+    /// the header), and its device reply slot.
+    pub(super) fn resident(&self, slot: u32, len: usize) -> Option<Resident<'_>> {
+        let source = self.gpu()?;
+        Some(Resident {
+            payload: source.request(slot, HEADER_LEN, len)?,
+            reply: source.reply(slot)?,
+            stream: source.stream(),
+        })
     }
 
     /// The first `len` bytes of the request `req` holds (the server's copy).
@@ -159,7 +228,31 @@ impl ServerConn {
         // Only the holder of the request slot stages into the staging slot of that index,
         // and its previous reply was delivered before the client could send this request,
         // so the NIC no longer reads it.
-        let mut stage = self.ep.ring(STAGE_BUF).claim(slot);
+        match &self.link {
+            Link::Host(ep) => {
+                self.stage_and_post(ep.ring(STAGE_BUF).claim(slot), req, len, write, |n, _| {
+                    self.post_reply(slot, slot as usize * self.resp_slot_size, n)
+                })
+            }
+            Link::Gpu { source, stage } => {
+                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged| {
+                    self.post_gpu_reply(source.as_ref(), slot, staged)
+                })
+            }
+        }
+    }
+
+    /// [`Self::reply_with`] over the staging slot `stage` (claimed for the request's slot),
+    /// with `post` sending the `n` staged bytes.
+    #[allow(clippy::type_complexity)]
+    fn stage_and_post<R, M: RingMemory>(
+        &self,
+        mut stage: Option<SlotToken<M>>,
+        req: SlotToken<HostBuf>,
+        len: usize,
+        write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
+        post: impl FnOnce(usize, &[u8]) -> Result<(), TransportError>,
+    ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken<HostBuf>> {
         let request = self.request(&req, len);
         let (written, reply_len, head) = match stage.as_mut().map(SlotToken::bytes_mut) {
             Some(buf) => {
@@ -180,11 +273,49 @@ impl ServerConn {
         };
         // The reply is staged: the request slot is free for the client's next request.
         drop(req);
-        let sent = match reply_len {
-            Some(n) => self.post_reply(slot, slot as usize * self.resp_slot_size, n),
-            None => Err(rdma_err("staging slot out of range or busy")),
+        let sent = match (reply_len, stage.as_ref()) {
+            (Some(n), Some(staged)) => post(n, &staged.bytes()[..n]),
+            _ => Err(rdma_err("staging slot out of range or busy")),
         };
         Ok((r, head, sent))
+    }
+
+    /// Posts a reply of a GPU-ring connection: the staged host bytes, then, where their
+    /// header announces more than they hold (a reply whose top-5 part the engine wrote on
+    /// the GPU), the rest from the device reply slot.
+    fn post_gpu_reply(
+        &self,
+        source: &dyn GpuRingSource,
+        slot: u32,
+        staged: &[u8],
+    ) -> Result<(), TransportError> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(rdma_err(format!("client {} disconnected", self.client_id)));
+        }
+        // Bytes 24..28 of our own reply header: the body length it announces.
+        let announced = match staged.get(24..28) {
+            Some(b) => HEADER_LEN + u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            None => staged.len(),
+        };
+        let device_len = announced.saturating_sub(staged.len());
+        let total = staged.len() + device_len;
+        if total > self.resp_slot_size {
+            return Err(rdma_err(format!(
+                "reply of {total} bytes exceeds the {}-byte response slot",
+                self.resp_slot_size
+            )));
+        }
+        self.post_counted(slot, total, |remote, imm| {
+            source.post_reply(
+                WR_SEND | slot as u64,
+                slot,
+                staged,
+                device_len,
+                remote,
+                self.resp_rkey,
+                imm,
+            )
+        })
     }
 
     pub(super) fn post_reply(
@@ -192,6 +323,31 @@ impl ServerConn {
         slot: u32,
         off: usize,
         len: usize,
+    ) -> Result<(), TransportError> {
+        let Link::Host(ep) = &self.link else {
+            return Err(rdma_err("host reply on a GPU-ring connection"));
+        };
+        self.post_counted(slot, len, |remote, imm| {
+            ep.post_write_imm(
+                WR_SEND | slot as u64,
+                STAGE_BUF,
+                off,
+                len,
+                remote,
+                self.resp_rkey,
+                imm,
+            )
+        })
+    }
+
+    /// Posts a `len`-byte reply into the client's response slot `slot` with `post` (given
+    /// the remote address and the immediate), counted in `replies_posted`; a failed post
+    /// marks the connection dead.
+    fn post_counted(
+        &self,
+        slot: u32,
+        len: usize,
+        post: impl FnOnce(u64, u32) -> Result<(), RdmaError>,
     ) -> Result<(), TransportError> {
         if !self.alive.load(Ordering::Acquire) {
             return Err(rdma_err(format!("client {} disconnected", self.client_id)));
@@ -201,20 +357,33 @@ impl ServerConn {
         let remote = self.resp_addr + (slot as usize * self.resp_slot_size) as u64;
         // Counted before the post, so that its completion never runs ahead of the count.
         self.replies_posted.fetch_add(1, Ordering::AcqRel);
-        self.ep
-            .post_write_imm(
-                WR_SEND | slot as u64,
-                STAGE_BUF,
-                off,
-                len,
-                remote,
-                self.resp_rkey,
-                imm,
-            )
-            .map_err(|e| {
-                self.replies_posted.fetch_sub(1, Ordering::AcqRel);
-                self.alive.store(false, Ordering::Release);
-                e.into()
-            })
+        post(remote, imm).map_err(|e| {
+            self.replies_posted.fetch_sub(1, Ordering::AcqRel);
+            self.alive.store(false, Ordering::Release);
+            e.into()
+        })
     }
+}
+
+/// `len` bytes of GPU request slot `req.slot()` from `offset` into the same place of the copy
+/// slot `req` holds (device -> host, counted as the server's).
+fn copy_from_gpu(
+    source: &dyn GpuRingSource,
+    req: &mut SlotToken<HostBuf>,
+    offset: usize,
+    len: usize,
+) -> Result<(), String> {
+    if len == 0 {
+        return Ok(());
+    }
+    let slot = req.slot();
+    let span: DeviceSpan<'_> = source
+        .request(slot, offset, len)
+        .ok_or_else(|| format!("slot {slot} + {offset} + {len} B outside the GPU ring"))?;
+    let dst = req
+        .bytes_mut()
+        .get_mut(offset..offset + len)
+        .ok_or_else(|| format!("slot {slot} + {len} B outside the copy ring"))?;
+    span.copy_to_host(source.stream(), dst, Mover::Server)
+        .map_err(|e| e.to_string())
 }

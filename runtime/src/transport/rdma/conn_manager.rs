@@ -21,7 +21,9 @@ use hacserve_ffi::rdma::{
 };
 
 use super::admission::{registered_bytes, size_text, Admission, Reservation};
-use super::conn::{ServerConn, LANDING_BUF, STAGE_BUF};
+use super::conn::{Link, ServerConn, LANDING_BUF, STAGE_BUF};
+use super::gpu_ring::verbs::{VerbsGpuRing, REPLY_GPU_BUF, REQUEST_GPU_BUF};
+use super::gpu_ring::{GpuRingSource, DEVICE_REPLY_SLOT};
 use super::wire::*;
 use crate::contract::{Refusal, TransportError};
 use crate::protocol::HEADER_LEN;
@@ -242,7 +244,7 @@ impl Manager {
         // A failure here destroys the id, which rejects the request without a reason.
         let mut ep = RcEndpoint::create(self.rdma, id, sizes)?;
         match self.register(&mut ep, req) {
-            Ok((req_addr, req_rkey, copy)) => {
+            Ok((req_addr, req_rkey)) => {
                 let slot_size = req.slot_size as usize;
                 let reply = AcceptReply {
                     slot_size: req.slot_size,
@@ -252,13 +254,14 @@ impl Manager {
                     max_payload: self.rules.max_payload.min(slot_size - HEADER_LEN) as u32,
                 };
                 ep.accept(&reply.encode())?;
-                Ok(Arc::new(ServerConn::new(
-                    ep,
-                    copy,
-                    req,
-                    self.rules.gpu_stream.is_some(),
-                    reservation,
-                )))
+                let conn = if self.rules.gpu_stream.is_some() {
+                    let stage = response_slot_size(req.slot_size) as usize;
+                    let ring = VerbsGpuRing::new(ep, slot_size, depth, stage);
+                    gpu_conn(Box::new(ring), req, reservation)?
+                } else {
+                    ServerConn::new(Link::Host(ep), copy_ring(req)?, req, reservation)
+                };
+                Ok(Arc::new(conn))
             }
             Err(e) => {
                 let refusal = Refusal::SetupFailed(e.to_string());
@@ -269,14 +272,14 @@ impl Manager {
         }
     }
 
-    /// Registers the staging ring and the landing ring (host or GPU memory), allocates the
-    /// private copy ring and posts the receives; returns the landing ring's address and key
-    /// for the client, and the copy ring.
+    /// Registers the staging ring and the landing ring (host or GPU memory; with GPU memory
+    /// also the device reply ring), and posts the receives; returns the landing ring's
+    /// address and key for the client.
     fn register(
         &self,
         ep: &mut RcEndpoint,
         req: &ConnectRequest,
-    ) -> Result<(u64, u32, SlotRing<HostBuf>), TransportError> {
+    ) -> Result<(u64, u32), TransportError> {
         let depth = req.depth;
         let slot_size = req.slot_size as usize;
         let ring_len = depth as usize * slot_size;
@@ -291,9 +294,14 @@ impl Manager {
         let (addr, rkey) = match &self.rules.gpu_stream {
             Some(stream) => {
                 let gpu = ep.register_gpu(stream, ring_len, ring_access)?;
+                debug_assert_eq!(gpu, REQUEST_GPU_BUF);
+                // The NIC only reads it (the gathered reply's device part).
+                let reply_len = depth as usize * DEVICE_REPLY_SLOT;
+                let replies = ep.register_gpu(stream, reply_len, AccessFlags::LOCAL_WRITE)?;
+                debug_assert_eq!(replies, REPLY_GPU_BUF);
                 let ring = ep.gpu_buf(gpu);
                 log::info!(
-                    "client {}: request ring of {ring_len} B in GPU memory, registered via {:?}",
+                    "client {}: request ring of {ring_len} B and reply ring of {reply_len} B in GPU memory, registered via {:?}",
                     req.client_id,
                     ring.route()
                 );
@@ -305,17 +313,10 @@ impl Manager {
                 (ep.buf(landing).addr(), ep.buf(landing).rkey())
             }
         };
-        // Server-owned: each request is copied here before it is read (never registered, so
-        // no peer can write it).
-        let copy_mem = HostBuf::new(ring_len).ok_or_else(|| {
-            super::rdma_err(format!("allocating the {ring_len}-byte request copy ring"))
-        })?;
-        let copy = SlotRing::new(copy_mem, slot_size, depth)
-            .map_err(hacserve_ffi::rdma::RdmaError::from)?;
         for i in 0..=depth {
             ep.post_recv_empty(i as u64)?;
         }
-        Ok((addr, rkey, copy))
+        Ok((addr, rkey))
     }
 
     /// Drops the connections that are dead and no longer held by the loop or a job: their
@@ -324,6 +325,44 @@ impl Manager {
         self.live
             .retain(|c| c.is_alive() || Arc::strong_count(c) > 1);
     }
+}
+
+/// The connection's private copy ring: each request (with a GPU ring, its header) is copied
+/// here before it is read (server-owned, never registered, so no peer can write it).
+fn copy_ring(req: &ConnectRequest) -> Result<SlotRing<HostBuf>, TransportError> {
+    host_ring(req.slot_size as usize, req.depth, "request copy")
+}
+
+fn host_ring(slot: usize, depth: u32, what: &str) -> Result<SlotRing<HostBuf>, TransportError> {
+    let len = slot * depth as usize;
+    let mem = HostBuf::new(len)
+        .ok_or_else(|| super::rdma_err(format!("allocating the {len}-byte {what} ring")))?;
+    Ok(SlotRing::new(mem, slot, depth).map_err(hacserve_ffi::rdma::RdmaError::from)?)
+}
+
+/// A GPU-ring connection over `source` (verbs or loopback), with its copy ring and the
+/// private host slots its replies' host parts are written into; receives are the source's.
+pub(super) fn gpu_conn(
+    source: Box<dyn GpuRingSource>,
+    req: &ConnectRequest,
+    reservation: Reservation,
+) -> Result<ServerConn, TransportError> {
+    let stage = host_ring(
+        response_slot_size(req.slot_size) as usize,
+        req.depth,
+        "reply staging",
+    )?;
+    log::info!(
+        "client {}: GPU-resident ring ({}): only headers are read on the host, replies' top-5 are sent from GPU memory",
+        req.client_id,
+        source.route()
+    );
+    Ok(ServerConn::new(
+        Link::Gpu { source, stage },
+        copy_ring(req)?,
+        req,
+        reservation,
+    ))
 }
 
 /// Rejects a connect request with `refusal` in the private data, and logs it.

@@ -2,12 +2,14 @@
 //! memory, requests and replies moved with RDMA WRITE_WITH_IMM, flow control by credits.
 //! [`wire`]: the byte layouts both ends share (immediates, handshake private data);
 //! [`server`]: the listening side the serving core drives; [`client`]: one connection's
-//! client end. The full description with a diagram is docs/rdma.md.
+//! client end; [`gpu_ring`]: request rings in GPU memory (`-a 1`), filled by the NIC or by
+//! a loopback stand-in. The full description with a diagram is docs/rdma.md.
 
 pub mod admission;
 pub mod client;
 mod conn;
 mod conn_manager;
+pub mod gpu_ring;
 pub mod server;
 pub mod wire;
 

@@ -4,7 +4,8 @@
 //! completion names its slot and length in the immediate; [`RdmaServer`] checks both (a
 //! client breaking the ring rules is disconnected), claims the slot, copies the request out
 //! of the remote-writable landing ring into the connection's private copy slot of that
-//! index and hands the core an [`RdmaJob`] that reads only the copy. Replies are staged in
+//! index (with a GPU ring only its header: the payload stays in GPU memory, see
+//! [`super::gpu_ring`]) and hands the core an [`RdmaJob`] that reads only the copy. Replies are staged in
 //! the connection's staging slot of the same index and written into the client's response
 //! slot of that index, from the loop (echoes, rejections) or straight from a worker's
 //! [`RdmaReplySink`] (posting is thread-safe). The loop also watches every connection's
@@ -22,12 +23,17 @@ use hacserve_ffi::rdma::{
     CmId, EventChannel, HostBuf, Rdma, SlotToken, WcOpcode, WcStatus, WorkCompletion,
 };
 
-use super::admission::Admission;
+use crossbeam_queue::ArrayQueue;
+
+use super::admission::{registered_bytes, Admission};
 use super::conn::ServerConn;
-use super::conn_manager::{ConnManager, SetupRules};
+use super::conn_manager::{gpu_conn, ConnManager, SetupRules};
+use super::gpu_ring::loopback::LoopbackGpuRing;
 use super::wire::*;
 use crate::clock::realtime_ns;
-use crate::contract::{Counters, InLoop, ReplySink, ServerJob, ServerTransport, TransportError};
+use crate::contract::{
+    Counters, InLoop, ReplySink, Resident, ServerJob, ServerTransport, TransportError,
+};
 use crate::protocol::{ReplyBuffer, HEADER_LEN};
 
 /// Idle receive loop in block mode: empty rounds before it sleeps, and the sleep (no
@@ -55,6 +61,9 @@ pub struct RdmaJob {
     len: u32,
     /// The length the immediate announced when it exceeded the slot.
     announced: Option<u32>,
+    /// Payload bytes left in the GPU ring slot (GPU-resident request; `len` is then the
+    /// header alone).
+    resident: u32,
     received: u64,
 }
 
@@ -67,6 +76,12 @@ impl ServerJob for RdmaJob {
     }
     fn payload_limit(&self) -> Option<usize> {
         Some(self.conn.slot_size - HEADER_LEN)
+    }
+    fn resident(&self) -> Option<Resident<'_>> {
+        if self.resident == 0 {
+            return None;
+        }
+        self.conn.resident(self.req.slot(), self.resident as usize)
     }
     fn oversize(&self) -> Option<String> {
         self.announced.map(|len| {
@@ -129,8 +144,9 @@ pub enum Addressing {
     #[default]
     Host,
     /// On this GPU: clients' RDMA writes land in device memory (registered through dma-buf,
-    /// else nvidia-peermem). The receive loop copies each request's bytes into the host copy
-    /// slot (as with host rings) for validation and the CPU-side stages.
+    /// else nvidia-peermem). The receive loop copies only each request's header into the
+    /// host copy slot; the payload stays in GPU memory for the engine ([`Resident`]) and the
+    /// reply's body goes out from a device reply ring.
     Gpu(GpuRing),
 }
 
@@ -162,7 +178,10 @@ struct LoopConn {
 pub struct RdmaServer {
     addr: SocketAddr,
     cfg: RdmaServerConfig,
-    manager: ConnManager,
+    /// None for a loopback server (its one connection is made at start).
+    manager: Option<ConnManager>,
+    /// Established connections from the manager.
+    incoming: Arc<ArrayQueue<Arc<ServerConn>>>,
     admission: Arc<Admission>,
     conns: Vec<LoopConn>,
     /// Whether any client has connected (for keep-alive off).
@@ -217,11 +236,57 @@ impl RdmaServer {
             admission.clone(),
             cfg.max_connections,
         )?;
+        let incoming = manager.incoming.clone();
+        Ok(Self::around(addr, cfg, Some(manager), incoming, admission))
+    }
+
+    /// A server whose one connection is a loopback GPU ring (no NIC, no rdma_cm): `ring`
+    /// carries requests written into GPU memory by device copies, and the server serves them
+    /// through exactly the GPU-ring path `-a 1` uses over verbs. For the GPU test and
+    /// benchmark on machines without an RDMA device.
+    pub fn loopback(
+        cfg: RdmaServerConfig,
+        ring: LoopbackGpuRing,
+        client_id: u32,
+    ) -> Result<Self, TransportError> {
+        let admission = Admission::new(cfg.max_connections, cfg.max_pinned_bytes);
+        let (depth, slot_size) = (ring.depth(), ring.slot_size());
+        let req = ConnectRequest {
+            client_id,
+            slot_size: slot_size as u32,
+            depth,
+            resp_slot_size: ring.resp_slot_size() as u32,
+            resp_addr: 0,
+            resp_rkey: 0,
+            total_clients: 1,
+        };
+        let reservation = admission
+            .admit(client_id, registered_bytes(depth, req.slot_size))
+            .map_err(TransportError::Refused)?;
+        let conn = gpu_conn(Box::new(ring), &req, reservation)?;
+        // depth + 1 receives, as the connection manager posts them for verbs.
+        for i in 0..=depth {
+            conn.rearm(i as u64)?;
+        }
+        let incoming = Arc::new(ArrayQueue::new(1));
+        let _ = incoming.push(Arc::new(conn));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ok(Self::around(addr, cfg, None, incoming, admission))
+    }
+
+    fn around(
+        addr: SocketAddr,
+        cfg: RdmaServerConfig,
+        manager: Option<ConnManager>,
+        incoming: Arc<ArrayQueue<Arc<ServerConn>>>,
+        admission: Arc<Admission>,
+    ) -> Self {
         let cap = cfg.max_connections.clamp(1, 1024) as usize;
-        Ok(RdmaServer {
+        RdmaServer {
             addr,
             cfg,
             manager,
+            incoming,
             admission,
             conns: Vec::with_capacity(cap),
             served_any: false,
@@ -232,7 +297,7 @@ impl RdmaServer {
             wcs: [WorkCompletion::default(); 32],
             rounds: 0,
             dead: Vec::with_capacity(16),
-        })
+        }
     }
 
     /// The bound address.
@@ -252,7 +317,7 @@ impl RdmaServer {
 
     /// Takes the connections the manager has established.
     fn take_new_conns(&mut self) {
-        while let Some(conn) = self.manager.incoming.pop() {
+        while let Some(conn) = self.incoming.pop() {
             self.total_clients = self.total_clients.max(conn.total_clients);
             self.conns.push(LoopConn {
                 conn,
@@ -320,7 +385,7 @@ impl RdmaServer {
             if !conn.alive.load(Ordering::Acquire) {
                 continue;
             }
-            if let Err(e) = conn.ep.post_recv_empty(wr_id) {
+            if let Err(e) = conn.rearm(wr_id) {
                 log::error!("client {}: reposting a receive: {e}", conn.client_id);
                 conn.alive.store(false, Ordering::Release);
             }
@@ -345,17 +410,21 @@ impl RdmaServer {
         };
         // Beyond the slot the length cannot be right: only the header is read.
         let oversize = len as usize > conn.slot_size;
-        let held = if oversize { HEADER_LEN as u32 } else { len };
-        if let Err(e) = conn.copy_request(&mut req, held as usize) {
-            return Err(format!(
-                "copying the request out of slot {slot} failed ({e})"
-            ));
-        }
+        let wanted = if oversize { HEADER_LEN as u32 } else { len };
+        let held = match conn.copy_request(&mut req, wanted as usize) {
+            Ok(held) => held as u32,
+            Err(e) => {
+                return Err(format!(
+                    "copying the request out of slot {slot} failed ({e})"
+                ))
+            }
+        };
         Ok(RdmaJob {
             conn: conn.clone(),
             req,
             len: held,
             announced: oversize.then_some(len),
+            resident: wanted - held,
             received: realtime_ns(),
         })
     }
@@ -400,7 +469,7 @@ impl ServerTransport for RdmaServer {
                 self.dead.push(ci);
                 continue;
             }
-            let n = match conn.ep.poll(&mut self.wcs) {
+            let n = match conn.poll(&mut self.wcs) {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("client {}: polling failed: {e}", conn.client_id);
@@ -415,7 +484,7 @@ impl ServerTransport for RdmaServer {
                         log::warn!(
                             "client {}: work completion failed: {}; disconnecting it",
                             conn.client_id,
-                            conn.ep.wc_status_str(wc.status())
+                            conn.status_text(wc.status())
                         );
                     }
                     counters.transport_errors.fetch_add(1, Ordering::Relaxed);
@@ -473,6 +542,7 @@ impl ServerTransport for RdmaServer {
             req,
             len,
             announced,
+            resident,
             received,
         } = job;
         match conn.reply_with(req, len as usize, |msg, w| write(msg, w)) {
@@ -486,6 +556,7 @@ impl ServerTransport for RdmaServer {
                 req,
                 len,
                 announced,
+                resident,
                 received,
             }),
         }
@@ -512,7 +583,7 @@ impl ServerTransport for RdmaServer {
         while start.elapsed() < SHUTDOWN_MAX && quiet_since.elapsed() < SHUTDOWN_QUIET {
             let mut n = 0;
             for lc in &self.conns {
-                n += lc.conn.ep.poll(&mut self.wcs).unwrap_or(0);
+                n += lc.conn.poll(&mut self.wcs).unwrap_or(0);
             }
             if n > 0 {
                 completed += n;
@@ -528,7 +599,9 @@ impl ServerTransport for RdmaServer {
         self.ready.clear();
         self.repost.clear();
         // The manager frees what it still holds as it stops.
-        self.manager.stop();
+        if let Some(manager) = self.manager.as_mut() {
+            manager.stop();
+        }
         Ok(0)
     }
 }

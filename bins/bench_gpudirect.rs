@@ -1,0 +1,228 @@
+//! Server time per request of `rdma_server -a 0` (host ring: the receive loop's copy, then
+//! the engine uploads the payload) against `-a 1` (GPU-resident: the payload stays in the
+//! GPU ring, the engine reads it there and writes the top-5 into the device reply ring), in
+//! the same run, on one GPU. The `-a 1` path is driven through the loopback ring source
+//! (device copies in place of the NIC's DMA), so it runs on a GPU machine without an RDMA
+//! NIC. Server time = from the request being whole in the server's memory (host landing
+//! slot / GPU slot) to its reply written (the reply's `replied` stamp); the host path is
+//! timed on the pipeline directly (no queue hop: its figure is a lower bound). Also the
+//! upload the GPU path avoids (pinned H2D of the payload), and the bytes each path's own
+//! code moved between host and device per request. The goal: GPU-resident faster by at least
+//! that upload.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use argh::FromArgs;
+use hacserve_runtime::clock::realtime_ns;
+use hacserve_runtime::engine::cudnn::{CudnnLoader, CudnnOptions, Precision};
+use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::model_gen;
+use hacserve_runtime::pipeline::{Pipeline, DEFAULT_MAX_IMAGE_PIXELS};
+use hacserve_runtime::protocol::*;
+use hacserve_runtime::server::gpu_loopback::{moved, ring_stream, GpuLoopback, UploadProbe};
+use hacserve_runtime::stats::Summary;
+
+/// Measure -a 0 (host ring + upload) against -a 1 (GPU-resident) server time per request.
+#[derive(FromArgs)]
+struct Args {
+    /// ONNX model (default: the generated ResNet-50, seed 50, written to the temp dir)
+    #[argh(option)]
+    engine_file: Option<PathBuf>,
+    /// image the requests are made from (default: models/grace_hopper_500x546.jpg, the
+    /// original's image size: raw 819 KB, processed 602 KB)
+    #[argh(option, default = "PathBuf::from(\"models/grace_hopper_500x546.jpg\")")]
+    image: PathBuf,
+    /// timed requests per path and workload (default: 500)
+    #[argh(option, default = "500")]
+    iters: usize,
+    /// untimed requests first (default: 50)
+    #[argh(option, default = "50")]
+    warmup: usize,
+    /// GPU ordinal (default: 0)
+    #[argh(option, default = "0")]
+    device: usize,
+}
+
+const SLOT: usize = 2 << 20;
+const DEPTH: u32 = 4;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn request(task: Task, id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; HEADER_LEN];
+    Header::request(task, 1, id, payload.len()).encode(&mut h);
+    let mut m = h.to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+/// The reply's `replied` stamp, after checking it is an answer.
+fn replied(reply: &[u8], what: &str) -> Result<u64> {
+    let (h, body) = Header::decode(reply, usize::MAX).map_err(|e| anyhow!("{what}: {e}"))?;
+    if h.kind != MessageKind::Response {
+        let (code, text) = decode_error(body).unwrap_or((0, "?".into()));
+        return Err(anyhow!("{what}: error {code}: {text}"));
+    }
+    Ok(ResponseBody::decode(body)
+        .map_err(|e| anyhow!("{what}: {e}"))?
+        .timestamps
+        .replied)
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1e3
+}
+
+struct Row {
+    workload: &'static str,
+    payload: usize,
+    host: Summary,
+    gpu: Summary,
+    upload: Summary,
+    host_bytes: f64,
+    gpu_bytes: f64,
+}
+
+fn main() -> Result<()> {
+    let args: Args = argh::from_env();
+    hacserve_runtime::logging::init(false);
+    let model = match &args.engine_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = std::env::temp_dir().join("hacserve-bench-gpudirect-resnet50.onnx");
+            if !p.exists() {
+                model_gen::write_model(&model_gen::resnet50(50), &p)
+                    .context("writing the generated ResNet-50")?;
+            }
+            p
+        }
+    };
+    let options = CudnnOptions {
+        precision: Precision::Fp16,
+        cuda_graph: true,
+        gpu_decode: true,
+        ..Default::default()
+    };
+    let loader = CudnnLoader::load_with(&model, args.device, options)
+        .with_context(|| format!("loading {} on GPU {}", model.display(), args.device))?;
+    let session = || loader.session().map_err(|e| anyhow!("engine session: {e}"));
+    let mut host = Pipeline::new(session()?, SLOT, DEFAULT_MAX_IMAGE_PIXELS);
+    let stream = ring_stream(args.device).map_err(|e| anyhow!(e))?;
+    let server = GpuLoopback::start(
+        vec![Pipeline::new(session()?, SLOT, DEFAULT_MAX_IMAGE_PIXELS)],
+        &stream,
+        args.device,
+        DEPTH,
+        SLOT,
+    )
+    .map_err(|e| anyhow!(e))?;
+
+    let image = std::fs::read(&args.image).with_context(|| format!("{}", args.image.display()))?;
+    let tensor = hacserve_runtime::client::prepare_payload(Task::Processed, &image, None)?;
+    let raw = hacserve_runtime::client::prepare_payload(Task::Raw, &image, None)?;
+    let workloads: Vec<(&'static str, Vec<u8>)> = vec![
+        ("processed", request(Task::Processed, 0, &tensor)),
+        ("raw", request(Task::Raw, 0, &raw)),
+    ];
+
+    let mut rows = Vec::new();
+    for (workload, req) in &workloads {
+        let payload = req.len() - HEADER_LEN;
+        // The upload the GPU-resident path avoids: the payload from page-locked memory into
+        // a device buffer, as the host path's engine does it.
+        let mut upload = UploadProbe::new(args.device, payload).map_err(|e| anyhow!(e))?;
+        let (mut host_ns, mut gpu_ns, mut upload_ns) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut host_bytes, mut gpu_bytes) = (0u64, 0u64);
+        let landing = req.clone();
+        let mut copy = vec![0u8; req.len()];
+        let mut out = Vec::with_capacity(SLOT);
+        for i in 0..args.warmup + args.iters {
+            let timed = i >= args.warmup;
+            // -a 0: the request is whole in the host landing slot; the loop copies it out and
+            // the pipeline runs (the engine uploads it, runs, downloads the logits).
+            let before = moved();
+            let t0 = realtime_ns();
+            copy.copy_from_slice(&landing);
+            host.handle_message(&copy, t0, &mut out);
+            let done = replied(&out, "host path")?;
+            if timed {
+                host_bytes += moved().since(&before).server();
+                host_ns.push(done.saturating_sub(t0));
+            }
+            // -a 1: the stand-in NIC puts the request into the GPU slot; from then on it is
+            // the server's.
+            let slot = (i % DEPTH as usize) as u32;
+            server.client.send(slot, req)?;
+            let before = moved();
+            let t0 = realtime_ns();
+            server.client.recv(&mut out, TIMEOUT)?;
+            let done = replied(&out, "GPU-resident path")?;
+            if timed {
+                gpu_bytes += moved().since(&before).server();
+                gpu_ns.push(done.saturating_sub(t0));
+            }
+            let took = upload.time().map_err(|e| anyhow!(e))?;
+            if timed {
+                upload_ns.push(took.as_nanos() as u64);
+            }
+        }
+        let n = args.iters.max(1) as f64;
+        rows.push(Row {
+            workload,
+            payload,
+            host: Summary::of(&mut host_ns),
+            gpu: Summary::of(&mut gpu_ns),
+            upload: Summary::of(&mut upload_ns),
+            host_bytes: host_bytes as f64 / n,
+            gpu_bytes: gpu_bytes as f64 / n,
+        });
+    }
+    let counters = server.stop();
+    println!();
+    println!(
+        "bench_gpudirect: server time per request, {} on GPU {} (FP16, CUDA graph), {} timed after {} warm-up, same run",
+        model.display(),
+        args.device,
+        args.iters,
+        args.warmup
+    );
+    println!(
+        "{:10} {:>9} | {:>22} | {:>22} | {:>10} | {:>12} | {:>17}",
+        "workload",
+        "payload",
+        "-a 0 host+upload p50/p99",
+        "-a 1 GPU-resident p50/p99",
+        "saved p50",
+        "upload p50",
+        "host<->dev B/req"
+    );
+    let mut ok = true;
+    for r in &rows {
+        let saved = r.host.p50 as f64 - r.gpu.p50 as f64;
+        ok &= saved >= r.upload.p50 as f64;
+        println!(
+            "{:10} {:>7} B | {:>9.1} / {:>8.1} us | {:>9.1} / {:>8.1} us | {:>7.1} us | {:>9.1} us | {:>7.0} / {:>7.0}",
+            r.workload,
+            r.payload,
+            us(r.host.p50),
+            us(r.host.p99),
+            us(r.gpu.p50),
+            us(r.gpu.p99),
+            saved / 1e3,
+            us(r.upload.p50),
+            r.host_bytes,
+            r.gpu_bytes
+        );
+    }
+    println!("(host<->dev B/req: bytes the server's own code moved, -a 0 / -a 1; the stand-in NIC's copies not counted)");
+    println!("server: {counters}");
+    println!(
+        "goal (GPU-resident faster by at least the upload it avoids): {}",
+        if ok { "met" } else { "NOT met" }
+    );
+    ensure!(!rows.is_empty(), "no workload ran");
+    Ok(())
+}
