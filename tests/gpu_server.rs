@@ -48,6 +48,7 @@ fn gpu_backend_answers_like_the_cpu_backend() {
     let want = cpu_top5(&model);
     let jpeg = std::fs::read(image()).unwrap();
     let tensor = hacserve_runtime::client::prepare_payload(Task::Processed, &jpeg, None).unwrap();
+    let raw = hacserve_runtime::client::prepare_payload(Task::Raw, &jpeg, None).unwrap();
     for (label, extra, exact_top5) in [
         ("fp16, nvJPEG", vec!["--backend", "gpu"], false),
         (
@@ -72,18 +73,22 @@ fn gpu_backend_answers_like_the_cpu_backend() {
         let mut c = zmq_connect(server.port);
         let by_jpeg = answer(&mut c, &request(Task::Jpeg, 1, 0, &jpeg));
         let by_tensor = answer(&mut c, &request(Task::Processed, 2, 0, &tensor));
+        let by_raw = answer(&mut c, &request(Task::Raw, 8, 0, &raw));
         let priority = answer(&mut c, &request(Task::Jpeg, 3, FLAG_PRIORITY, &jpeg));
+        let ping = answer(&mut c, &request(Task::Ping, 9, 0, &[]));
+        assert_eq!(ping.top_k, 0, "{label}: ping");
         println!(
-            "{label}: top-5 by JPEG {:?} by tensor {:?} priority {:?} (CPU backend {want:?}); \
+            "{label}: top-5 by JPEG {:?} by tensor {:?} by raw {:?} priority {:?} (CPU backend {want:?}); \
              stages decode {} us preprocess {} us infer {} us",
             by_jpeg.classes,
             by_tensor.classes,
+            by_raw.classes,
             priority.classes,
             (by_jpeg.timestamps.decoded - by_jpeg.timestamps.started) / 1000,
             (by_jpeg.timestamps.preprocessed - by_jpeg.timestamps.decoded) / 1000,
             (by_jpeg.timestamps.inferred - by_jpeg.timestamps.preprocessed) / 1000,
         );
-        for got in [&by_jpeg, &by_tensor, &priority] {
+        for got in [&by_jpeg, &by_tensor, &by_raw, &priority] {
             assert_eq!(got.top_k, 5, "{label}");
             assert_eq!(
                 got.classes[0], want[0],
@@ -450,4 +455,41 @@ fn gpu_server_refuses_an_image_over_the_limit_and_releases_an_allowed_outsized_o
         "{out}"
     );
     assert!(out.contains("GPU decode buffer back to"), "{out}");
+}
+
+/// The original's tasks through the clients, on the GPU backend: `zmq_client -t 0|1|2|3`
+/// (ping, raw, processed, mixture) against `zmq_server --backend gpu`, every request answered.
+#[test]
+fn the_originals_tasks_run_on_the_gpu_backend() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let server = zmq_server(&model, &["--backend", "gpu"]);
+    let port = server.port.to_string();
+    for (task, name) in [
+        ("0", "ping"),
+        ("1", "raw"),
+        ("2", "processed"),
+        ("3", "mixture"),
+    ] {
+        let (ok, out) = run(
+            env!("CARGO_BIN_EXE_zmq_client"),
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "-t",
+                task,
+                "-r",
+                "9",
+            ],
+        );
+        println!("{out}");
+        assert!(ok, "-t {task}: {out}");
+        assert!(out.contains(&format!("task {name} (")), "-t {task}: {out}");
+        assert!(out.contains("9 requests, 0 errors"), "-t {task}: {out}");
+    }
+    server.stop();
 }

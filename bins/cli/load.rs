@@ -80,7 +80,7 @@ impl LoadArgs {
             (None, image) => {
                 let path = image
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from("models/grace_hopper.jpg"));
+                    .unwrap_or_else(|| PathBuf::from("models/grace_hopper_500x546.jpg"));
                 std::fs::read(&path).with_context(|| format!("reading image {}", path.display()))?
             }
         };
