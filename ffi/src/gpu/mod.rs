@@ -6,9 +6,11 @@
 //! * [`ops`]: the cuDNN/cuBLAS layer launches of the GPU engine.
 //! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`].
 //! * [`preprocess`]: the NVRTC resize/crop/normalise kernel.
+//! * [`probe`]: what a role's `--check` reports (driver, GPUs, library versions).
 
 pub mod cuda;
 pub mod nvjpeg;
 pub mod ops;
 pub mod preprocess;
+pub mod probe;
 pub mod sys;
