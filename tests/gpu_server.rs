@@ -22,27 +22,17 @@ fn gpu_or_skip() -> bool {
 /// the GPU backend can run; elsewhere exit 1 naming the missing driver, never a panic.
 #[test]
 fn gpu_check_reports_what_was_found() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zmq_server"))
-        .args(["--backend", "gpu", "--check"])
-        .env("RUST_BACKTRACE", "0")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    eprintln!("zmq_server --backend gpu --check:\n{stdout}{stderr}");
+    let (code, stdout, stderr) = run_check(env!("CARGO_BIN_EXE_zmq_server"), &["--backend", "gpu"]);
     assert!(!stderr.contains("panicked"), "{stderr}");
     for part in ["CUDA driver", "cuDNN", "cuBLAS", "NVRTC", "nvJPEG"] {
         assert!(stdout.contains(part), "{part} not reported: {stdout}");
     }
     if cudnn::available().is_ok() {
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert_eq!(code, Some(0), "{stderr}");
         assert!(stdout.contains("ok      GPU 0"), "{stdout}");
         assert!(stdout.contains("zmq_server can run here"), "{stdout}");
     } else {
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains("zmq_server cannot run here: "), "{stderr}");
         assert!(stdout.contains("MISSING"), "{stdout}");
     }

@@ -53,18 +53,8 @@ fn without_rdma_both_binaries_fail_cleanly() {
         env!("CARGO_BIN_EXE_rdma_proxy"),
         env!("CARGO_BIN_EXE_zmq_proxy"),
     ] {
-        let out = Command::new(bin)
-            .arg("--check")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        eprintln!("{bin} --check:\n{stdout}{stderr}");
-        assert_eq!(out.status.code(), Some(1), "{bin} --check");
+        let (code, stdout, stderr) = common::run_check(bin, &[]);
+        assert_eq!(code, Some(1), "{bin} --check");
         assert!(stdout.contains("libibverbs"), "{bin}: {stdout}");
         assert!(stdout.contains("MISSING"), "{bin}: {stdout}");
         assert!(stderr.contains("cannot run here: "), "{bin}: {stderr}");
