@@ -47,8 +47,12 @@ done
 # The dynamic section and symbol versions of bin/$2: fills $needed and $highest.
 read_elf() {
   local role=$1 bin=$2
-  readelf -S "$bin" | grep -q '\.gnu_debuglink' || fail "$role: no .gnu_debuglink section"
-  readelf -S "$bin" | grep -q '\.debug_info' && fail "$role: not stripped (.debug_info present)"
+  # Into a variable first: `readelf | grep -q` fails under pipefail when grep stops reading
+  # early and readelf gets SIGPIPE (seen on multi_client).
+  local sections
+  sections=$(readelf -S "$bin")
+  grep -q '\.gnu_debuglink' <<<"$sections" || fail "$role: no .gnu_debuglink section"
+  if grep -q '\.debug_info' <<<"$sections"; then fail "$role: not stripped (.debug_info present)"; fi
   needed=$(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
   for lib in $needed; do
     case " $allowed_needed " in
