@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+use hacserve_runtime::check;
 use hacserve_runtime::contract::{ClientTransport, TransportError};
 use hacserve_runtime::protocol::{decode_error, Header, MessageKind, Task, HEADER_LEN};
 use hacserve_runtime::transport::rdma::{
@@ -15,7 +16,7 @@ use hacserve_runtime::transport::rdma::{
 
 hacserve::cli_args! {
     /// RDMA Client: closed-loop requests to an rdma_server, latency table per stage.
-    struct Args [client] {
+    struct Args [client, check] {
         /// RDMA server port
         #[argh(option, short = 'p', default = "DEFAULT_PORT")]
         port: u16,
@@ -50,6 +51,9 @@ hacserve::cli_args! {
 
 fn main() -> Result<()> {
     let args: Args = hacserve::cli::version::from_env();
+    if args.check {
+        return hacserve::cli::check::report("rdma_client", &[check::rdma()]);
+    }
     let client = args.client();
     let mode = client.prepare(&args.poll_mode)?;
     if let Some(b) = &args.bad_imm {

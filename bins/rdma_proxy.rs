@@ -12,11 +12,12 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use hacserve::cli::bind_ip;
 use hacserve::cli::proxy::{forward, Backend};
+use hacserve_runtime::check;
 use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServer, DEFAULT_PORT};
 
 hacserve::cli_args! {
     /// RDMA Proxy: forwards RDMA requests to a backend rdma_server over RDMA.
-    struct Args [proxy, ring_limits, metrics] {
+    struct Args [proxy, ring_limits, metrics, check] {
         /// backend RDMA server port
         #[argh(option, default = "DEFAULT_PORT")]
         target_port: u16,
@@ -41,6 +42,9 @@ hacserve::cli_args! {
 
 fn main() -> Result<()> {
     let args: Args = hacserve::cli::version::from_env();
+    if args.check {
+        return hacserve::cli::check::report("rdma_proxy", &[check::rdma()]);
+    }
     let (proxy, ring) = (args.proxy(), args.ring_limits());
     let mode = proxy.prepare()?;
     if args.connections == 0 {

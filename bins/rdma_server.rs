@@ -15,7 +15,7 @@ use hacserve_runtime::transport::rdma::{
 
 hacserve::cli_args! {
     /// RDMA Server: answers classification requests (protocol v1) over RDMA WRITE_WITH_IMM rings.
-    struct Args [server, ring_limits, metrics] {
+    struct Args [server, ring_limits, metrics, check] {
         /// RDMA listen port
         #[argh(option, short = 'p', default = "DEFAULT_PORT")]
         port: u16,
@@ -41,6 +41,9 @@ fn main() -> Result<()> {
     let Some(serving) = server.prepare()? else {
         return Ok(());
     };
+    if args.check {
+        return hacserve::cli::check::server("rdma_server", &server, &serving, true);
+    }
     let ring_gpu = match (args.addressing, serving.backend.gpus().first()) {
         (0, _) => None,
         (1, Some(&gpu)) => Some(gpu),

@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hacserve::cli::proxy::{forward, Backend};
+use hacserve_runtime::check;
 use hacserve_runtime::libzmq::Context;
 use hacserve_runtime::transport::rdma::{check_geometry, DEFAULT_PORT};
 use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 
 hacserve::cli_args! {
     /// ZMQ Proxy: forwards ZeroMQ (TCP) requests to an rdma_server over RDMA.
-    struct Args [proxy, metrics] {
+    struct Args [proxy, metrics, check] {
         /// RDMA server port
         #[argh(option, default = "DEFAULT_PORT")]
         rdma_port: u16,
@@ -48,6 +49,9 @@ hacserve::cli_args! {
 
 fn main() -> Result<()> {
     let args: Args = hacserve::cli::version::from_env();
+    if args.check {
+        return hacserve::cli::check::report("zmq_proxy", &[check::rdma()]);
+    }
     let proxy = args.proxy();
     let mode = proxy.prepare()?;
     if args.clients == 0 {

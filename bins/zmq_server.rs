@@ -10,7 +10,7 @@ use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 
 hacserve::cli_args! {
     /// ZMQ Server: answers classification requests (protocol v1) on a ROUTER socket.
-    struct Args [server, metrics] {
+    struct Args [server, metrics, check] {
         /// ZMQ listen port (0 = any free port, printed at start)
         #[argh(option, default = "5555")]
         port: u16,
@@ -33,6 +33,9 @@ fn main() -> Result<()> {
     let Some(serving) = server.prepare()? else {
         return Ok(());
     };
+    if args.check {
+        return hacserve::cli::check::server("zmq_server", &server, &serving, false);
+    }
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     let mut zmq = ZmqServer::bind(
         &ctx,

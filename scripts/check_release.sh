@@ -3,18 +3,25 @@
 #  - SHA256SUMS matches, every role binary has its .debug file and a gnu-debuglink;
 #  - each binary's dynamic needs (readelf -d) are glibc's own libraries only, its symbol
 #    versions (readelf -V, objdump -T) reach at most GLIBC_2.28, with no GLIBCXX/CXXABI;
-#  - each binary answers --help and --version (exit 0);
+#  - each binary answers --help and --version (exit 0); the roles that load libraries at run
+#    time answer --check (0: can run here, 1: names what is missing; never a panic);
 #  - the unpacked gen_models writes the tiny model, the unpacked zmq_server serves it on
 #    loopback and the unpacked zmq_client gets replies to a few requests.
 # Prints a table per binary (size, NEEDED, highest GLIBC version) and exits non-zero on any
-# failure. Usage: scripts/check_release.sh dist/hacserve-<version>-x86_64-linux.tar.gz
+# failure. Usage: scripts/check_release.sh [--run-only] dist/hacserve-<version>-x86_64-linux.tar.gz
+# --run-only skips the readelf/objdump checks and runs the binaries only: how
+# scripts/check_old_glibc.sh uses it inside an old distribution's root, which has no binutils.
 set -uo pipefail
-tarball=${1:?usage: check_release.sh <tarball>}
+run_only=0
+if [ "${1:-}" = --run-only ]; then run_only=1; shift; fi
+tarball=${1:?usage: check_release.sh [--run-only] <tarball>}
 tarball=$(realpath "$tarball")
 roles=(zmq_server zmq_client zmq_balancer zmq_proxy rdma_server rdma_client rdma_proxy multi_client gen_models)
 allowed_needed="libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1 ld-linux-x86-64.so.2"
 max_glibc=2.28
-for tool in readelf objdump sha256sum tar; do
+tools=(sha256sum tar)
+[ "$run_only" = 1 ] || tools+=(readelf objdump)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "check_release.sh: $tool is missing" >&2; exit 2; }
 done
 
@@ -37,17 +44,15 @@ for f in README.md docs/design.md models/imagenet_classes.txt VERSION; do
   [ -f "$pkg/$f" ] || fail "$f is missing from the package"
 done
 
-rows=()
-for role in "${roles[@]}"; do
-  bin="$pkg/bin/$role"
-  if [ ! -x "$bin" ]; then
-    fail "$role: bin/$role is missing"
-    rows+=("$(printf '%-14s %10s  %-8s  %s' "$role" "-" "-" "missing")")
-    continue
-  fi
-  [ -f "$bin.debug" ] || fail "$role: bin/$role.debug is missing"
-  readelf -S "$bin" | grep -q '\.gnu_debuglink' || fail "$role: no .gnu_debuglink section"
-  readelf -S "$bin" | grep -q '\.debug_info' && fail "$role: not stripped (.debug_info present)"
+# The dynamic section and symbol versions of bin/$2: fills $needed and $highest.
+read_elf() {
+  local role=$1 bin=$2
+  # Into a variable first: `readelf | grep -q` fails under pipefail when grep stops reading
+  # early and readelf gets SIGPIPE (seen on multi_client).
+  local sections
+  sections=$(readelf -S "$bin")
+  grep -q '\.gnu_debuglink' <<<"$sections" || fail "$role: no .gnu_debuglink section"
+  if grep -q '\.debug_info' <<<"$sections"; then fail "$role: not stripped (.debug_info present)"; fi
   needed=$(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')
   for lib in $needed; do
     case " $allowed_needed " in
@@ -63,6 +68,19 @@ for role in "${roles[@]}"; do
   if [ -n "$highest" ] && [ "$(printf '%s\n%s\n' "$highest" "$max_glibc" | sort -V | tail -n1)" != "$max_glibc" ]; then
     fail "$role: needs GLIBC_$highest (at most $max_glibc allowed): $(grep -Eo 'GLIBC_[0-9.]+' <<<"$versions" | sed 's/GLIBC_//' | sort -uV | awk -v m="$max_glibc" '{ split($0,a,"."); split(m,b,"."); if (a[1]>b[1] || (a[1]==b[1] && a[2]>b[2])) printf "%s ", $0 }')"
   fi
+}
+
+rows=()
+for role in "${roles[@]}"; do
+  bin="$pkg/bin/$role"
+  if [ ! -x "$bin" ]; then
+    fail "$role: bin/$role is missing"
+    rows+=("$(printf '%-14s %10s  %-8s  %s' "$role" "-" "-" "missing")")
+    continue
+  fi
+  [ -f "$bin.debug" ] || fail "$role: bin/$role.debug is missing"
+  needed=- highest=-
+  [ "$run_only" = 1 ] || read_elf "$role" "$bin"
   # Run from the work folder with a bare environment: nothing from the build tree can help.
   help_out=$(cd "$work" && env -i PATH=/usr/bin:/bin "$bin" --help 2>&1) || fail "$role --help exited non-zero: $help_out"
   grep -q "Usage:" <<<"$help_out" || fail "$role --help printed no usage"
@@ -71,6 +89,22 @@ for role in "${roles[@]}"; do
   size=$(stat -c %s "$bin")
   rows+=("$(printf '%-14s %10s  %-8s  %s' "$role" "$size" "${highest:-none}" "${needed% }")")
 done
+
+# --check: 0 or 1 with a report naming what it looked for; 101 would be a panic.
+check_role() {
+  local role=$1 expect=$2 out rc
+  shift 2
+  out=$(cd "$work" && env -i PATH=/usr/bin:/bin "$pkg/bin/$role" "$@" --check 2>&1)
+  rc=$?
+  echo "$role $* --check (exit $rc):"
+  sed 's/^/  /' <<<"$out"
+  [ "$rc" -le 1 ] || fail "$role $* --check exited $rc (0 or 1 expected)"
+  grep -q "$expect" <<<"$out" || fail "$role $* --check did not report $expect"
+  if grep -q "panicked" <<<"$out"; then fail "$role $* --check panicked"; fi
+}
+for role in rdma_server rdma_client rdma_proxy zmq_proxy; do check_role "$role" libibverbs; done
+check_role zmq_server "CUDA driver" --backend gpu
+check_role zmq_server "can run here"
 
 # Loopback smoke test with the unpacked binaries only.
 smoke() {
@@ -93,7 +127,7 @@ smoke() {
   fi
   local port=${endpoint##*:}
   if ! env -i PATH=/usr/bin:/bin "$pkg/bin/zmq_client" --host 127.0.0.1 --port "$port" \
-      -i "$pkg/models/grace_hopper.jpg" --classes-file "$pkg/models/imagenet_classes.txt" \
+      -t jpeg -i "$pkg/models/grace_hopper_500x546.jpg" --classes-file "$pkg/models/imagenet_classes.txt" \
       -r 5 -f "$work/results" > "$work/client.log" 2>&1; then
     fail "zmq_client failed: $(tail -n5 "$work/client.log")"
     return 1

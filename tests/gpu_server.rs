@@ -18,6 +18,26 @@ fn gpu_or_skip() -> bool {
     true
 }
 
+/// `zmq_server --backend gpu --check`: exit 0 listing GPU 0 and the library versions where
+/// the GPU backend can run; elsewhere exit 1 naming the missing driver, never a panic.
+#[test]
+fn gpu_check_reports_what_was_found() {
+    let (code, stdout, stderr) = run_check(env!("CARGO_BIN_EXE_zmq_server"), &["--backend", "gpu"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for part in ["CUDA driver", "cuDNN", "cuBLAS", "NVRTC", "nvJPEG"] {
+        assert!(stdout.contains(part), "{part} not reported: {stdout}");
+    }
+    if cudnn::available().is_ok() {
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stdout.contains("ok      GPU 0"), "{stdout}");
+        assert!(stdout.contains("zmq_server can run here"), "{stdout}");
+    } else {
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("zmq_server cannot run here: "), "{stderr}");
+        assert!(stdout.contains("MISSING"), "{stdout}");
+    }
+}
+
 fn request(task: Task, id: u64, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut header = Header::request(task, 7, id, payload.len());
     header.flags = flags;

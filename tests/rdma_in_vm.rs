@@ -2,6 +2,7 @@
 //! (tests/testbed/), in ONE VM boot: echo (-t echo, 200 requests), full inference with the tiny
 //! model (-t jpeg, 3 requests), a bad length in the immediate (error reply), a bad slot (that
 //! client alone disconnected), then a client that still gets served and two concurrent ones.
+//! First of all, `rdma_server --check` and `rdma_client --check` must find the rxe device.
 //!
 //! Without qemu or the testbed kernel it prints `SKIPPED rdma in VM: <reason>` to stderr and
 //! passes (HACSERVE_TESTBED_REQUIRED=1 turns the skip into a failure).
@@ -44,6 +45,25 @@ fn without_rdma_both_binaries_fail_cleanly() {
         assert!(stderr.contains("RDMA unavailable"), "{bin}: {stderr}");
         assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
     }
+    // --check says what is missing (no device here; with rdma-core absent, the library) and
+    // exits 1, for every role that loads RDMA.
+    for bin in [
+        SERVER,
+        CLIENT,
+        env!("CARGO_BIN_EXE_rdma_proxy"),
+        env!("CARGO_BIN_EXE_zmq_proxy"),
+    ] {
+        let (code, stdout, stderr) = common::run_check(bin, &[]);
+        assert_eq!(code, Some(1), "{bin} --check");
+        assert!(stdout.contains("libibverbs"), "{bin}: {stdout}");
+        assert!(stdout.contains("MISSING"), "{bin}: {stdout}");
+        assert!(stderr.contains("cannot run here: "), "{bin}: {stderr}");
+        assert!(
+            stderr.contains("libibverbs.so.1 not found") || stderr.contains("RDMA devices"),
+            "{bin}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
+    }
     // GPU addressing (-a 1) errors: tests/gpudirect.rs.
 }
 
@@ -59,6 +79,8 @@ S={server}
 C={client}
 export RUST_BACKTRACE=0
 fail=0
+$S --check >/tmp/check.log 2>&1; echo "CHECK rdma_server exit $?"; cat /tmp/check.log
+$C --check >/tmp/check.log 2>&1; echo "CHECK rdma_client exit $?"; cat /tmp/check.log
 $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin -d -s -f /tmp/rlogs >/tmp/server.log 2>&1 &
 SP=$!
 for i in $(seq 1 150); do grep -q "listening on" /tmp/server.log && break; sleep 0.2; done
@@ -89,6 +111,14 @@ exit $fail
     let stdout = &run.stdout;
     assert_eq!(run.status, Some(0), "script failed");
     for want in [
+        "CHECK rdma_server exit 0",
+        "CHECK rdma_client exit 0",
+        "libibverbs.so.1 from /",
+        "librdmacm.so.1 from /",
+        "device rxe0",
+        "port 1: Active, Ethernet (RoCE), MTU ",
+        "rdma_server can run here",
+        "rdma_client can run here",
         "rdma_server listening on 192.0.2.1:20079",
         "rdma_client 0 -> 192.0.2.1:20079 task echo (83774 B payload) model resnet50: 200 requests, 0 errors",
         "task jpeg (83774 B payload) model resnet50: 3 requests, 0 errors",

@@ -9,6 +9,7 @@
 //! (`debug: [bool]`) so that they reach argh as plain tokens: argh tells a switch by its type's
 //! spelling, which a `$ty:ty` fragment would hide.
 
+pub mod check;
 pub mod client;
 pub mod load;
 pub mod proxy;
@@ -29,7 +30,7 @@ use hacserve_runtime::{logging, signal};
 /// Groups: `server` ([`ServerArgs`]: serving and backend options), `ring_limits`
 /// ([`RingLimits`]: the largest ring a listening RDMA side grants), `client`
 /// ([`ClientArgs`]), `proxy` ([`ProxyArgs`]), `metrics` ([`MetricsArgs`]: the resources
-/// sampler and `--metrics-port`).
+/// sampler and `--metrics-port`), `check` ([`CheckArgs`]: `--check`, see [`check`]).
 #[macro_export]
 macro_rules! cli_args {
     // Entry: a role's struct.
@@ -162,6 +163,13 @@ macro_rules! cli_args {
         #[argh(switch)]
         no_pin: [bool],
     }); };
+    (@group check [$($k:tt)*]) => { $crate::cli_args!($($k)* check_group CheckArgs {
+        /// print what this role loads at run time and where from (RDMA libraries, devices and
+        /// ports; with --backend gpu the CUDA driver, GPUs, cuDNN, cuBLAS, NVRTC, nvJPEG),
+        /// then exit: 0 when the role can run here, 1 naming what is missing
+        #[argh(switch)]
+        check: [bool],
+    }); };
     (@group ring_limits [$($k:tt)*]) => { $crate::cli_args!($($k)* ring_limits RingLimits {
         /// largest request slot a client may ask for, in bytes (bounds header + payload)
         #[argh(option, default = "2 << 20")]
@@ -289,6 +297,7 @@ macro_rules! cli_args {
 
 cli_args!(@group server [@define]);
 cli_args!(@group ring_limits [@define]);
+cli_args!(@group check [@define]);
 cli_args!(@group client [@define]);
 cli_args!(@group proxy [@define]);
 cli_args!(@group metrics [@define]);

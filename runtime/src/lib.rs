@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balancer;
+pub mod check;
 pub mod client;
 pub mod clock;
 pub mod contract;

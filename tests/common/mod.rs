@@ -231,6 +231,22 @@ pub fn run(bin: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Runs `bin args... --check` (no backtrace, no stdin); returns (exit code, stdout, stderr)
+/// after printing both.
+pub fn run_check(bin: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .arg("--check")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("{bin} {args:?} --check:\n{stdout}{stderr}");
+    (out.status.code(), stdout, stderr)
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let d =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));

@@ -9,11 +9,13 @@
 //! * [`resident`]: device memory requests stay in (GPUDirect rings) and the kernels that
 //!   read requests and write replies there.
 //! * [`transfer`]: the count of bytes moved between host and device.
+//! * [`probe`]: what a role's `--check` reports (driver, GPUs, library versions).
 
 pub mod cuda;
 pub mod nvjpeg;
 pub mod ops;
 pub mod preprocess;
 pub mod resident;
+pub mod probe;
 pub mod sys;
 pub mod transfer;

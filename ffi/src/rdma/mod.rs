@@ -8,12 +8,14 @@
 //! * [`conn`]: [`Rdma`] (both libraries loaded), [`RdmaError`], [`RcEndpoint`] (one RC
 //!   connection's PD, CQ, QP and registered memory).
 //! * [`mem`]: registered host and GPU buffers.
+//! * [`probe`]: what a role's `--check` reports (libraries, devices, ports).
 //! * [`ring`]: [`SlotRing`], fixed-size slots of a registered buffer lent out one token at
 //!   a time, so the transport reads and writes ring memory without `unsafe`.
 
 pub mod cm;
 pub mod conn;
 pub mod mem;
+pub mod probe;
 pub mod ring;
 pub mod sys;
 pub mod verbs;

@@ -56,6 +56,8 @@ pub struct nvjpegImage_t {
 
 pub type CreateSimple = unsafe extern "C" fn(*mut nvjpegHandle_t) -> nvjpegStatus_t;
 pub type Destroy = unsafe extern "C" fn(nvjpegHandle_t) -> nvjpegStatus_t;
+/// `nvjpegGetProperty(libraryPropertyType type, int *value)`: 0 = major, 1 = minor, 2 = patch.
+pub type GetProperty = unsafe extern "C" fn(c_int, *mut c_int) -> nvjpegStatus_t;
 pub type StateCreate =
     unsafe extern "C" fn(nvjpegHandle_t, *mut nvjpegJpegState_t) -> nvjpegStatus_t;
 pub type StateDestroy = unsafe extern "C" fn(nvjpegJpegState_t) -> nvjpegStatus_t;
@@ -155,6 +157,8 @@ pub struct NvJpeg {
     pub(crate) decode: Decode,
     /// None where this libnvjpeg lacks the decoupled API (then one backend serves all sizes).
     pub(crate) decoupled: Option<Decoupled>,
+    /// Only for `--check`'s version line; None where a library lacks it.
+    pub(crate) get_property: Option<GetProperty>,
     pub(crate) lib: Library,
 }
 
@@ -183,6 +187,7 @@ impl NvJpeg {
                 get_image_info: lib.sym("nvjpegGetImageInfo", None)?,
                 decode: lib.sym("nvjpegDecode", None)?,
                 decoupled: Self::decoupled(&lib),
+                get_property: lib.sym_opt("nvjpegGetProperty", None),
                 lib,
             })
         }
@@ -218,5 +223,20 @@ impl NvJpeg {
 
     pub fn soname(&self) -> &'static str {
         self.lib.soname()
+    }
+
+    /// The library's version (major, minor, patch) from nvjpegGetProperty, where it has it.
+    pub fn version(&self) -> Option<(i32, i32, i32)> {
+        let get = self.get_property?;
+        let mut parts = [0 as c_int; 3];
+        for (kind, part) in parts.iter_mut().enumerate() {
+            // SAFETY: get is nvjpegGetProperty with its nvjpeg.h prototype; kind is one of the
+            // three libraryPropertyType values and part a live int it writes.
+            let status = unsafe { get(kind as c_int, part) };
+            if status != NVJPEG_STATUS_SUCCESS {
+                return None;
+            }
+        }
+        Some((parts[0], parts[1], parts[2]))
     }
 }

@@ -860,6 +860,28 @@ pub struct Verbs {
     pub ibv_fork_init: IbvForkInitFn,
 }
 
+/// Ports tried per device by [`Verbs::device_ports`] (HCAs have one or two).
+const MAX_PORTS_PROBED: u8 = 8;
+
+/// One port's attributes as `--check` prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortAttributes {
+    pub port_num: u8,
+    /// `IBV_PORT_*`.
+    pub state: ibv_port_state,
+    /// `IBV_MTU_*`.
+    pub active_mtu: ibv_mtu,
+    /// `IBV_LINK_LAYER_*`.
+    pub link_layer: u8,
+}
+
+/// An RDMA device and its ports (or why they could not be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePorts {
+    pub name: String,
+    pub ports: Result<Vec<PortAttributes>, VerbsError>,
+}
+
 const IBVERBS_1_0: Option<&str> = Some("IBVERBS_1.0");
 const IBVERBS_1_1: Option<&str> = Some("IBVERBS_1.1");
 
@@ -918,6 +940,56 @@ impl Verbs {
 
     /// Names of the RDMA devices present (empty when there are none).
     pub fn device_names(&self) -> Result<Vec<String>, VerbsError> {
+        self.each_device(|name, _| name)
+    }
+
+    /// Each RDMA device with its ports, as `--check` reports them: the device is opened and
+    /// ports 1, 2, ... are queried until one is refused (verbs has no port count without
+    /// `ibv_query_device`; a port past the last answers EINVAL).
+    pub fn device_ports(&self) -> Result<Vec<DevicePorts>, VerbsError> {
+        self.each_device(|name, dev| {
+            // SAFETY: dev is a live entry of the device list each_device holds open.
+            let context = unsafe { (self.ibv_open_device)(dev) };
+            if context.is_null() {
+                let err = VerbsError::last("ibv_open_device");
+                return DevicePorts {
+                    name,
+                    ports: Err(err),
+                };
+            }
+            let mut ports = Vec::new();
+            let mut first_error = None;
+            for port_num in 1..=MAX_PORTS_PROBED {
+                // SAFETY: context was opened above and is closed only after this loop.
+                match unsafe { self.query_port(context, port_num) } {
+                    Ok(attr) => ports.push(PortAttributes {
+                        port_num,
+                        state: attr.state,
+                        active_mtu: attr.active_mtu,
+                        link_layer: attr.link_layer,
+                    }),
+                    Err(e) => {
+                        first_error = Some(e);
+                        break;
+                    }
+                }
+            }
+            // SAFETY: context came from ibv_open_device and is closed exactly once; nothing
+            // made from it outlives this call.
+            unsafe { (self.ibv_close_device)(context) };
+            let ports = match (ports.is_empty(), first_error) {
+                (true, Some(e)) => Err(e),
+                _ => Ok(ports),
+            };
+            DevicePorts { name, ports }
+        })
+    }
+
+    /// Calls `f(name, device)` for every device of one `ibv_get_device_list` (freed after).
+    fn each_device<T>(
+        &self,
+        mut f: impl FnMut(String, *mut ibv_device) -> T,
+    ) -> Result<Vec<T>, VerbsError> {
         let mut n: c_int = 0;
         // SAFETY: n is a live int; the result is null or a NULL-terminated array of n devices
         // that stays valid until ibv_free_device_list.
@@ -934,25 +1006,29 @@ impl Verbs {
                 _ => err,
             });
         }
-        let mut names = Vec::with_capacity(n.max(0) as usize);
+        let mut out = Vec::with_capacity(n.max(0) as usize);
         for i in 0..n.max(0) as usize {
             // SAFETY: i < n, so list[i] is a valid device; ibv_get_device_name returns a
             // NUL-terminated string inside it (or null), copied before the list is freed.
-            unsafe {
+            let (dev, name) = unsafe {
                 let dev = *list.add(i);
                 if dev.is_null() {
                     break;
                 }
                 let name = (self.ibv_get_device_name)(dev);
-                if !name.is_null() {
-                    names.push(CStr::from_ptr(name).to_string_lossy().into_owned());
-                }
-            }
+                let name = if name.is_null() {
+                    format!("device {i}")
+                } else {
+                    CStr::from_ptr(name).to_string_lossy().into_owned()
+                };
+                (dev, name)
+            };
+            out.push(f(name, dev));
         }
-        // SAFETY: list came from ibv_get_device_list and is freed exactly once; no device
-        // pointer from it is kept.
+        // SAFETY: list came from ibv_get_device_list and is freed exactly once; f kept no
+        // device pointer (it gets them only for the length of its call).
         unsafe { (self.ibv_free_device_list)(list) };
-        Ok(names)
+        Ok(out)
     }
 
     /// `ibv_wc_status_str`: a text for any status value ("unknown" for ones it doesn't know).
