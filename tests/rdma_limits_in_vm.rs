@@ -60,7 +60,7 @@ fn connection_limits_liveness_and_slow_connects_in_the_vm() {
 S={server}
 C={client}
 H="--host 192.0.2.1"
-E="-t 3 --payload-size 64"
+E="-t echo --payload-size 64"
 export RUST_BACKTRACE=0
 fail=0
 # wait_for FILE PATTERN: up to 60 s for PATTERN to show up in FILE.
