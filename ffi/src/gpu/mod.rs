@@ -15,7 +15,7 @@ pub mod cuda;
 pub mod nvjpeg;
 pub mod ops;
 pub mod preprocess;
-pub mod resident;
 pub mod probe;
+pub mod resident;
 pub mod sys;
 pub mod transfer;
