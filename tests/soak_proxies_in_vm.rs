@@ -60,9 +60,9 @@ loop_of() {{ name=$1; shift; while [ ! -f /tmp/stop ]; do "$@" >/tmp/$name.run 2
 $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin >/tmp/server.log 2>&1 &
 SP=$!
 wait_for /tmp/server.log || fail=1
-$ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block -i 0 >/tmp/zproxy.log 2>&1 &
+$ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block -i 0 --request-timeout-ms 60000 >/tmp/zproxy.log 2>&1 &
 ZPP=$!
-$RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block >/tmp/rproxy.log 2>&1 &
+$RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block --request-timeout-ms 60000 >/tmp/rproxy.log 2>&1 &
 RPP=$!
 wait_for /tmp/zproxy.log || fail=1
 wait_for /tmp/rproxy.log || fail=1
