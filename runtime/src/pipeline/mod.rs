@@ -522,29 +522,27 @@ impl Pipeline {
     fn raw_stages(&mut self, payload: &[u8], ts: &mut ServerTimestamps) -> Result<(), StageError> {
         let raw = RawImage::parse(payload, self.max_image_pixels).map_err(raw_error)?;
         ts.decoded = ts.started;
-        let on_device = match self.engine.device_images() {
-            Some(device) => device
+        // The device takes the pixels where it can (Ok(false): not this device), and then
+        // runs on the input it left there; else the CPU preprocesses into the engine's input.
+        if let Some(device) = self.engine.device_images() {
+            if device
                 .preprocess_bgr(raw.width, raw.height, raw.bgr, None)
-                .map_err(engine_error)?,
-            None => false,
-        };
-        if on_device {
-            ts.preprocessed = realtime_ns();
-            let device = self
-                .engine
-                .device_images()
-                .ok_or_else(|| (ErrorCode::Internal, "device images went away".to_string()))?;
-            device
-                .run_preprocessed(&mut self.logits)
-                .map_err(engine_error)?;
-        } else {
-            let input = self.engine.input_mut().map_err(engine_error)?;
-            self.pre
-                .preprocess_bgr(raw.bgr, raw.width, raw.height, input)
-                .map_err(preprocess_error)?;
-            ts.preprocessed = realtime_ns();
-            self.engine.run(&mut self.logits).map_err(engine_error)?;
+                .map_err(engine_error)?
+            {
+                ts.preprocessed = realtime_ns();
+                device
+                    .run_preprocessed(&mut self.logits)
+                    .map_err(engine_error)?;
+                ts.inferred = realtime_ns();
+                return Ok(());
+            }
         }
+        let input = self.engine.input_mut().map_err(engine_error)?;
+        self.pre
+            .preprocess_bgr(raw.bgr, raw.width, raw.height, input)
+            .map_err(preprocess_error)?;
+        ts.preprocessed = realtime_ns();
+        self.engine.run(&mut self.logits).map_err(engine_error)?;
         ts.inferred = realtime_ns();
         Ok(())
     }
