@@ -7,18 +7,21 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hacserve_runtime::client::{prepare_payloads, RequestPayload};
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::libzmq::Context;
+use hacserve_runtime::load::driver::check_geometry as check_load_geometry;
 use hacserve_runtime::load::output::{
     level_table, summary_table, write_requests_csv, write_summary_csv, REQUESTS_SCHEMA,
     SUMMARY_SCHEMA,
 };
 use hacserve_runtime::load::{
-    concurrency_levels, rate_levels, sweep, Connections, Distribution, Level, SweepOptions,
-    WindowRule,
+    concurrency_levels, rate_levels, sweep, Connections, Distribution, Level, LoadLink, RdmaLink,
+    SweepOptions, WindowRule, ZmqLink,
 };
 use hacserve_runtime::protocol::{Task, Workload, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::resources::self_process;
 use hacserve_runtime::signal;
+use hacserve_runtime::transport::rdma::{check_geometry, RdmaClientConfig, MIN_SLOT_SIZE};
 
 use super::results::{run_info, Recording};
 
@@ -97,36 +100,79 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .rsplit('/')
         .next()
         .unwrap_or(&args.application);
-    if app != "zmq_client" {
-        bail!(
-            "-a {app}: the in-process load generator speaks ZeroMQ only so far; use -a zmq_client, or -m single|range for process-per-client {app} runs"
-        );
-    }
     let workload = Workload::parse(&args.task).map_err(anyhow::Error::msg)?;
-    let levels = args.levels()?;
-    let distribution = Distribution::parse(&args.request_distribution)?;
-    if args.max_trials == 0 {
-        bail!("--max-trials must be at least 1");
-    }
     let busy_poll = match args.poll_mode.as_str() {
         "busy" => true,
         "block" => false,
         other => bail!("--poll-mode must be busy or block, not {other:?}"),
     };
     let payloads = args.payloads(workload)?;
+    check_load_geometry(args.depth, &payloads)?;
     let largest = payloads.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
-    // Echoes carry the payload back; FLAG_LOGITS replies are not asked for.
-    let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + largest + 4096;
-    let ctx = Context::new().context("creating the ZeroMQ context")?;
-    let mut conns = Connections::zmq(
-        &ctx,
-        &args.host,
-        args.port,
-        args.connections,
-        args.depth,
-        &payloads,
-    )
-    .with_context(|| format!("connecting to tcp://{}:{}", args.host, args.port))?;
+    // One arm per transport the load generator speaks (runtime/src/load/link/).
+    match app {
+        "zmq_client" => {
+            // Echoes carry the payload back; FLAG_LOGITS replies are not asked for.
+            let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + largest + 4096;
+            let ctx = Context::new().context("creating the ZeroMQ context")?;
+            let links = (0..args.connections)
+                .map(|_| ZmqLink::connect(&ctx, &args.host, args.port, args.depth, max_reply))
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("connecting to tcp://{}:{}", args.host, args.port))?;
+            let conns = Connections::new(links, args.depth, &payloads)?;
+            run_over(args, workload, &payloads, conns, busy_poll, max_reply)
+        }
+        "rdma_client" => {
+            let want = HEADER_LEN + largest;
+            let slot_size = (want.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32;
+            let depth = u32::try_from(args.depth).context("--depth")?;
+            check_geometry(depth, slot_size)
+                .with_context(|| format!("a request of {want} bytes needs a {slot_size}-byte slot"))?;
+            let mode = if busy_poll {
+                PollMode::Busy
+            } else {
+                PollMode::Block
+            };
+            let links = (0..args.connections)
+                .map(|i| {
+                    let cfg = RdmaClientConfig {
+                        client_id: i as u32,
+                        slot_size,
+                        depth,
+                        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+                        mode,
+                        total_clients: args.connections as u32,
+                    };
+                    RdmaLink::connect(&args.host, args.port, cfg)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("connecting to rdma://{}:{}", args.host, args.port))?;
+            let conns = Connections::new(links, args.depth, &payloads)?;
+            // The client's response ring bounds what a reply may be.
+            let max_reply = HEADER_LEN + RESPONSE_BODY_LEN + largest + 4096;
+            run_over(args, workload, &payloads, conns, busy_poll, max_reply)
+        }
+        other => bail!(
+            "-a {other}: the in-process load generator speaks zmq_client and rdma_client; use -m single|range for process-per-client {other} runs"
+        ),
+    }
+}
+
+/// The sweep over connections of one transport, its tables and its files.
+fn run_over<L: LoadLink>(
+    args: &LoadArgs,
+    workload: Workload,
+    payloads: &[RequestPayload],
+    mut conns: Connections<L>,
+    busy_poll: bool,
+    max_reply: usize,
+) -> Result<()> {
+    let levels = args.levels()?;
+    let distribution = Distribution::parse(&args.request_distribution)?;
+    if args.max_trials == 0 {
+        bail!("--max-trials must be at least 1");
+    }
+    let largest = payloads.iter().map(|p| p.bytes.len()).max().unwrap_or(0);
     let threads = args.threads.clamp(1, args.connections);
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let window = match args.measurement_request_count {
@@ -160,7 +206,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         progress: true,
     };
     println!(
-        "multi_client in-process -> tcp://{}:{} task {} ({} B payload at most) model {}: {} connections x depth {}, {} threads, {} levels, windows {}, stability {}% over 3, at most {} trials",
+        "multi_client in-process -> {}://{}:{} task {} ({} B payload at most) model {}: {} connections x depth {}, {} threads, {} levels, windows {}, stability {}% over 3, at most {} trials",
+        L::transport(),
         args.host,
         args.port,
         workload.name(),
@@ -194,7 +241,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         cpu_after.system_s - cpu_before.system_s,
         finished,
     );
-    let mut info = run_info("multi_client", "zmq");
+    let mut info = run_info("multi_client", L::transport());
     info.task = Some(workload.name().into());
     info.payload_bytes = Some(largest);
     info.model = Some(args.model_name.clone());

@@ -614,6 +614,48 @@ pub fn poll_readable<const N: usize>(sockets: [&Socket; N], timeout_ms: i64) -> 
     Ok(items.map(|i| i.revents & POLLIN != 0))
 }
 
+/// Poll items kept between calls for a loop whose sockets are borrowed elsewhere between
+/// polls (so it cannot hold a [`PollSet`]): each call refills the items from the sockets it
+/// is lent for that call, without allocating once the capacity is reached.
+#[derive(Default)]
+pub struct PollScratch {
+    items: Vec<sys::zmq_pollitem_t>,
+}
+
+impl PollScratch {
+    pub fn with_capacity(n: usize) -> Self {
+        PollScratch {
+            items: Vec::with_capacity(n),
+        }
+    }
+
+    /// Waits until one of `sockets` is readable or `timeout_ms` passes (-1 = forever);
+    /// returns how many are ready.
+    pub fn poll_readable<'s>(
+        &mut self,
+        sockets: impl Iterator<Item = &'s Socket>,
+        timeout_ms: i64,
+    ) -> Result<usize> {
+        self.items.clear();
+        self.items.extend(sockets.map(|s| sys::zmq_pollitem_t {
+            socket: s.raw,
+            fd: 0,
+            events: POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: the items were built in this call from sockets borrowed for its duration,
+        // so every socket pointer is live while zmq_poll reads it.
+        let n = check("zmq_poll", unsafe {
+            sys::zmq_poll(
+                self.items.as_mut_ptr(),
+                self.items.len() as c_int,
+                timeout_ms as _,
+            )
+        })?;
+        Ok(n as usize)
+    }
+}
+
 /// libzmq's version, e.g. (4, 3, 4).
 pub fn version() -> (i32, i32, i32) {
     let (mut a, mut b, mut c) = (0, 0, 0);

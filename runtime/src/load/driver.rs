@@ -1,15 +1,15 @@
-//! The load generator's sending threads over ZeroMQ: each owns some DEALER connections, keeps
-//! up to `depth` requests in flight on each, and records every reply into its own window
-//! figures, which the controller collects once per window (an epoch counter, one lock per
-//! window, none per request). Requests are encoded into one buffer per connection, prepared
-//! once: a send rewrites its 32-byte header and hands the bytes to libzmq, which copies them.
+//! The load generator's sending threads: each owns some connections ([`LoadLink`]s of one
+//! transport), keeps up to `depth` requests in flight on each, and records every reply into
+//! its own window figures, which the controller collects once per window (an epoch counter,
+//! one lock per window, none per request). Requests are encoded into one buffer per
+//! connection and task, prepared once: a send rewrites the 32-byte header and hands the
+//! bytes to the link.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use hacserve_ffi::zmq::{Context, PollSet, PollTarget, Socket, SocketType, DONTWAIT};
-
+use super::link::{LoadLink, Received};
 use super::plan::{Distribution, Schedule};
 use super::window::{WindowStats, ERROR_SLOTS, NO_REPLY, OTHER_ERROR};
 use super::{LoadError, LATE_AFTER_NS};
@@ -36,8 +36,8 @@ struct Slot {
     sent_real: u64,
 }
 
-/// One connection's request state (its socket lives apart, so a poll set can borrow the
-/// sockets while the state changes).
+/// One connection's request state (its link lives apart, so a thread can lend all its links
+/// to one wait while the states stay its own).
 pub struct ConnState {
     client_id: u32,
     /// The requests, encoded once (one per task; a mixture's in rotation order).
@@ -56,62 +56,58 @@ impl ConnState {
 }
 
 /// The connections of the whole run, made once and lent to the threads of each level.
-pub struct Connections {
-    pub sockets: Vec<Socket>,
+pub struct Connections<L> {
+    pub links: Vec<L>,
     pub states: Vec<ConnState>,
 }
 
-impl Connections {
-    /// `n` DEALER sockets connected to `tcp://host:port`, each with room for `depth`
-    /// requests of `payload` for `task`.
-    pub fn zmq(
-        ctx: &Context,
-        host: &str,
-        port: u16,
-        n: usize,
+/// Checks the geometry every transport shares, before any connection is made.
+pub fn check_geometry(depth: usize, payloads: &[RequestPayload]) -> Result<(), LoadError> {
+    if depth == 0 || depth > 1 << SLOT_BITS {
+        return Err(LoadError::Config(format!(
+            "--depth must be 1..={}",
+            1 << SLOT_BITS
+        )));
+    }
+    if payloads.is_empty() {
+        return Err(LoadError::Config("no request payload".into()));
+    }
+    Ok(())
+}
+
+impl<L: LoadLink> Connections<L> {
+    /// The connections over `links` (connection i is client i), each with room for `depth`
+    /// requests of `payloads` (a mixture's rotate).
+    pub fn new(
+        links: Vec<L>,
         depth: usize,
         payloads: &[RequestPayload],
-    ) -> Result<Connections, LoadError> {
-        if depth == 0 || depth > 1 << SLOT_BITS {
-            return Err(LoadError::Config(format!(
-                "--depth must be 1..={}",
-                1 << SLOT_BITS
-            )));
-        }
-        if payloads.is_empty() {
-            return Err(LoadError::Config("no request payload".into()));
-        }
-        let mut sockets = Vec::with_capacity(n);
-        let mut states = Vec::with_capacity(n);
-        for i in 0..n {
-            let s = ctx.socket(SocketType::Dealer)?;
-            // Depth bounds what is queued; the HWM must never be what refuses a send.
-            s.set_hwm((depth as i32).saturating_mul(2).max(1000))?;
-            s.set_linger(0)?;
-            s.connect(&format!("tcp://{host}:{port}"))?;
-            sockets.push(s);
-            // One encoded request per task (a mixture rotates through them).
-            let messages = payloads
-                .iter()
-                .map(|p| {
-                    let mut message = vec![0u8; HEADER_LEN + p.bytes.len()];
-                    message[HEADER_LEN..].copy_from_slice(&p.bytes);
-                    let mut h = [0u8; HEADER_LEN];
-                    Header::request(p.task, i as u32, 0, p.bytes.len()).encode(&mut h);
-                    message[..HEADER_LEN].copy_from_slice(&h);
-                    message
-                })
-                .collect();
-            states.push(ConnState {
-                client_id: i as u32,
-                messages,
-                slots: vec![Slot::default(); depth],
-                free: (0..depth as u32).rev().collect(),
-                seq: 0,
-                target: 0,
-            });
-        }
-        Ok(Connections { sockets, states })
+    ) -> Result<Connections<L>, LoadError> {
+        check_geometry(depth, payloads)?;
+        let states = (0..links.len())
+            .map(|i| {
+                let messages = payloads
+                    .iter()
+                    .map(|p| {
+                        let mut message = vec![0u8; HEADER_LEN + p.bytes.len()];
+                        message[HEADER_LEN..].copy_from_slice(&p.bytes);
+                        let mut h = [0u8; HEADER_LEN];
+                        Header::request(p.task, i as u32, 0, p.bytes.len()).encode(&mut h);
+                        message[..HEADER_LEN].copy_from_slice(&h);
+                        message
+                    })
+                    .collect();
+                ConnState {
+                    client_id: i as u32,
+                    messages,
+                    slots: vec![Slot::default(); depth],
+                    free: (0..depth as u32).rev().collect(),
+                    seq: 0,
+                    target: 0,
+                }
+            })
+            .collect();
+        Ok(Connections { links, states })
     }
 }
 
@@ -183,19 +179,16 @@ fn now_ns(origin: Instant) -> u64 {
 }
 
 /// Runs one thread's share of a level until `shared.stop`, then drains.
-pub fn drive(
-    sockets: &mut [Socket],
+pub fn drive<L: LoadLink>(
+    links: &mut [L],
     states: &mut [ConnState],
     load: ThreadLoad,
     shared: &LevelShared,
     post: &ThreadPost,
     mut log: Option<&mut RequestLog>,
 ) -> Result<(), LoadError> {
-    // Sockets are not Sync: the thread takes them by &mut, and uses them shared from here.
-    let sockets: &[Socket] = sockets;
     let mut local = WindowStats::new();
-    let mut reply = vec![0u8; shared.max_reply];
-    let mut poll = PollSet::new(&sockets.iter().map(PollTarget::Socket).collect::<Vec<_>>());
+    let mut waiter = L::waiter(links);
     let mut schedule = match load {
         ThreadLoad::Open {
             rate,
@@ -229,18 +222,12 @@ pub fn drive(
         }
         let mut work = 0usize;
         // Replies first: they free slots for the sends below.
-        for (socket, state) in sockets.iter().zip(states.iter_mut()) {
-            loop {
-                let n = match socket.recv_into(&mut reply, DONTWAIT) {
-                    Ok((n, _more)) => n,
-                    Err(e) if e.would_block() || e.interrupted() => break,
-                    Err(e) => return Err(e.into()),
-                };
+        for (link, state) in links.iter_mut().zip(states.iter_mut()) {
+            while let Some(got) = link.try_recv()? {
                 work += 1;
-                let got = if n > reply.len() {
-                    Err(())
-                } else {
-                    Ok(&reply[..n])
+                let got = match got {
+                    Received::Message(bytes) => Ok(bytes),
+                    Received::TooLarge => Err(()),
                 };
                 if let Some(done) = take_reply(state, got, shared, &mut local) {
                     finished += 1;
@@ -264,10 +251,10 @@ pub fn drive(
         } else {
             match schedule.as_mut() {
                 None => {
-                    for (socket, state) in sockets.iter().zip(states.iter_mut()) {
+                    for (link, state) in links.iter_mut().zip(states.iter_mut()) {
                         while state.outstanding() < state.target {
                             let t = now_ns(shared.origin);
-                            if !send(socket, state, t, t, &mut local)? {
+                            if !send(link, state, t, t, &mut local)? {
                                 break;
                             }
                             work += 1;
@@ -287,7 +274,7 @@ pub fn drive(
                         };
                         rr = i + 1;
                         let t = now_ns(shared.origin);
-                        if !send(&sockets[i], &mut states[i], sched.next(), t, &mut local)? {
+                        if !send(&mut links[i], &mut states[i], sched.next(), t, &mut local)? {
                             break;
                         }
                         sched.advance();
@@ -322,19 +309,15 @@ pub fn drive(
                 }
                 _ => 1,
             };
-            match poll.poll(wait_ms) {
-                Ok(_) => {}
-                Err(e) if e.interrupted() => {}
-                Err(e) => return Err(e.into()),
-            }
+            L::wait(&mut waiter, links, wait_ms)?;
         }
     }
 }
 
 /// Sends the next request on `state`'s connection; false when its send queue is full (the
 /// slot is given back).
-fn send(
-    socket: &Socket,
+fn send<L: LoadLink>(
+    link: &mut L,
     state: &mut ConnState,
     intended: u64,
     now: u64,
@@ -346,16 +329,14 @@ fn send(
     state.seq += 1;
     let id = (state.seq << SLOT_BITS) | u64::from(slot);
     let n = state.messages.len();
-    let message = &mut state.messages[(state.seq as usize) % n];
+    let index = (state.seq as usize) % n;
+    let message = &mut state.messages[index];
     message[16..24].copy_from_slice(&id.to_le_bytes());
     let sent_real = realtime_ns();
-    match socket.send(message, DONTWAIT) {
-        Ok(()) => {}
-        Err(e) if e.would_block() || e.interrupted() => {
-            state.free.push(slot);
-            return Ok(false);
-        }
-        Err(e) => return Err(e.into()),
+    if !link.try_send(index, message)? {
+        state.seq -= 1;
+        state.free.push(slot);
+        return Ok(false);
     }
     state.slots[slot as usize] = Slot {
         busy: true,

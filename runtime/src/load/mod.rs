@@ -4,11 +4,13 @@
 //! constant or Poisson, latency counted from each request's intended send time so a stalled
 //! server cannot hide behind delayed sends), measured in windows until stable.
 //!
-//! [`plan`]: levels and schedules; [`driver`]: the sending threads and their connections;
+//! [`plan`]: levels and schedules; [`link`]: the transports a connection may use (ZeroMQ,
+//! RDMA); [`driver`]: the sending threads and their connections;
 //! [`window`]: a window's figures and the stability rule; [`sweep`]: the controller;
 //! [`output`]: tables and CSVs.
 
 pub mod driver;
+pub mod link;
 pub mod output;
 pub mod plan;
 pub mod sweep;
@@ -17,6 +19,7 @@ pub mod window;
 use thiserror::Error;
 
 pub use driver::Connections;
+pub use link::{rdma::RdmaLink, zmq::ZmqLink, LoadLink};
 pub use plan::{concurrency_levels, rate_levels, Distribution, Level};
 pub use sweep::{sweep, LevelResult, SweepOptions, SweepResult, WindowRule};
 
@@ -29,6 +32,8 @@ pub enum LoadError {
     Config(String),
     #[error(transparent)]
     Zmq(#[from] hacserve_ffi::zmq::ZmqError),
+    #[error(transparent)]
+    Transport(#[from] crate::contract::transport::TransportError),
     #[error(transparent)]
     Io(std::io::Error),
 }

@@ -11,6 +11,7 @@ use hacserve_ffi::signal;
 use super::driver::{
     drive, set_targets, Connections, LevelShared, RequestLog, ThreadLoad, ThreadPost,
 };
+use super::link::LoadLink;
 use super::plan::{spread, Distribution, Level};
 use super::window::{stable, WindowStats};
 use super::LoadError;
@@ -70,12 +71,15 @@ pub struct SweepResult {
 }
 
 /// Runs every level over `conns`, one after another.
-pub fn sweep(conns: &mut Connections, opts: &SweepOptions) -> Result<SweepResult, LoadError> {
-    let threads = opts.threads.clamp(1, conns.sockets.len().max(1));
+pub fn sweep<L: LoadLink>(
+    conns: &mut Connections<L>,
+    opts: &SweepOptions,
+) -> Result<SweepResult, LoadError> {
+    let threads = opts.threads.clamp(1, conns.links.len().max(1));
     // Every level is checked before the first runs: a sweep does not die half-way.
     for level in &opts.levels {
         if let Level::Concurrency(c) = *level {
-            spread(c, conns.sockets.len(), opts.depth)?;
+            spread(c, conns.links.len(), opts.depth)?;
         }
     }
     let mut logs: Vec<RequestLog> = (0..threads)
@@ -102,14 +106,14 @@ pub fn sweep(conns: &mut Connections, opts: &SweepOptions) -> Result<SweepResult
     })
 }
 
-fn run_level(
-    conns: &mut Connections,
+fn run_level<L: LoadLink>(
+    conns: &mut Connections<L>,
     level: Level,
     threads: usize,
     opts: &SweepOptions,
     logs: &mut [RequestLog],
 ) -> Result<LevelResult, LoadError> {
-    let n = conns.sockets.len();
+    let n = conns.links.len();
     match level {
         Level::Concurrency(c) => {
             let targets = spread(c, n, opts.depth)?;
@@ -132,12 +136,12 @@ fn run_level(
     let outcome = thread::scope(|scope| {
         let mut handles = Vec::new();
         let chunks = conns
-            .sockets
+            .links
             .chunks_mut(per)
             .zip(conns.states.chunks_mut(per))
             .zip(posts.iter())
             .zip(logs.iter_mut());
-        for (t, (((sockets, states), post), log)) in chunks.enumerate() {
+        for (t, (((links, states), post), log)) in chunks.enumerate() {
             let load = match level {
                 Level::Concurrency(_) => ThreadLoad::Closed,
                 Level::Rate(rate) => {
@@ -159,7 +163,7 @@ fn run_level(
                     if opts.pin {
                         pin_current_thread(opts.first_core + t, &format!("load thread {t}"));
                     }
-                    drive(sockets, states, load, shared, post, log)
+                    drive(links, states, load, shared, post, log)
                 })
                 .map_err(LoadError::Io)?;
             handles.push(handle);
