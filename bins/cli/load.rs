@@ -203,7 +203,6 @@ fn run_over<L: LoadLink>(
         } else {
             0
         },
-        progress: true,
     };
     println!(
         "multi_client in-process -> {}://{}:{} task {} ({} B payload at most) model {}: {} connections x depth {}, {} threads, {} levels, windows {}, stability {}% over 3, at most {} trials",
@@ -227,7 +226,8 @@ fn run_over<L: LoadLink>(
     let folder = args.save_logs.then_some(args.folder.as_path());
     let recording = Recording::start(folder, Duration::from_millis(args.sample_ms), false)?;
     let cpu_before = self_process();
-    let result = sweep(&mut conns, &opts)?;
+    let progress = super::progress::for_stderr();
+    let result = sweep(&mut conns, &opts, progress.as_ref())?;
     let cpu_after = self_process();
     for r in &result.levels {
         println!("{}", level_table(r));

@@ -12,6 +12,7 @@
 pub mod check;
 pub mod client;
 pub mod load;
+pub mod progress;
 pub mod proxy;
 pub mod results;
 pub mod server;

@@ -7,12 +7,13 @@
 //! [`plan`]: levels and schedules; [`link`]: the transports a connection may use (ZeroMQ,
 //! RDMA); [`driver`]: the sending threads and their connections;
 //! [`window`]: a window's figures and the stability rule; [`sweep`]: the controller;
-//! [`output`]: tables and CSVs.
+//! [`progress`]: what the user sees while it runs; [`output`]: tables and CSVs.
 
 pub mod driver;
 pub mod link;
 pub mod output;
 pub mod plan;
+pub mod progress;
 pub mod sweep;
 pub mod window;
 

@@ -13,10 +13,14 @@ use super::driver::{
 };
 use super::link::LoadLink;
 use super::plan::{spread, Distribution, Level};
+use super::progress::Progress;
 use super::window::{stable, WindowStats};
 use super::LoadError;
 use crate::resources::{other_process, self_process};
 use crate::server::worker::pin_current_thread;
+
+/// How often a [`Progress`] gets a live look during a window.
+const TICK: Duration = Duration::from_millis(250);
 
 /// How a window ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,8 +52,6 @@ pub struct SweepOptions {
     pub server_pid: Option<u32>,
     /// Rows of the per-request log kept per thread (0: none).
     pub log_rows_per_thread: usize,
-    /// A line per window on stderr.
-    pub progress: bool,
 }
 
 /// One level's result: its last three windows merged.
@@ -74,6 +76,7 @@ pub struct SweepResult {
 pub fn sweep<L: LoadLink>(
     conns: &mut Connections<L>,
     opts: &SweepOptions,
+    progress: &dyn Progress,
 ) -> Result<SweepResult, LoadError> {
     let threads = opts.threads.clamp(1, conns.links.len().max(1));
     // Every level is checked before the first runs: a sweep does not die half-way.
@@ -95,7 +98,9 @@ pub fn sweep<L: LoadLink>(
         for log in &mut logs {
             log.level_index = index as u32;
         }
-        let r = run_level(conns, level, threads, opts, &mut logs)?;
+        progress.level_started(level, index, opts.levels.len(), opts.max_trials.max(1));
+        let r = run_level(conns, level, threads, opts, &mut logs, progress)?;
+        progress.level_done(&r);
         interrupted |= signal::stop_requested();
         results.push(r);
     }
@@ -112,6 +117,7 @@ fn run_level<L: LoadLink>(
     threads: usize,
     opts: &SweepOptions,
     logs: &mut [RequestLog],
+    progress: &dyn Progress,
 ) -> Result<LevelResult, LoadError> {
     let n = conns.links.len();
     match level {
@@ -168,7 +174,7 @@ fn run_level<L: LoadLink>(
                 .map_err(LoadError::Io)?;
             handles.push(handle);
         }
-        let measured = measure(level, &shared, &posts, opts);
+        let measured = measure(level, &shared, &posts, opts, progress);
         shared.stop.store(true, Ordering::Release);
         let mut first_error = None;
         for h in handles {
@@ -195,6 +201,7 @@ fn measure(
     shared: &LevelShared,
     posts: &[ThreadPost],
     opts: &SweepOptions,
+    progress: &dyn Progress,
 ) -> LevelResult {
     let finished = || {
         posts
@@ -208,8 +215,14 @@ fn measure(
     };
     let wait_until = |done: &dyn Fn() -> bool, limit: Duration| {
         let t = Instant::now();
+        let base = finished();
+        let mut next_tick = TICK;
         while !done() && t.elapsed() < limit && !signal::stop_requested() {
             thread::sleep(Duration::from_millis(1));
+            if t.elapsed() >= next_tick {
+                next_tick += TICK;
+                progress.tick(level, finished() - base, t.elapsed().as_secs_f64());
+            }
         }
     };
     // Warm-up: its replies land in epoch 0's figures, which the first flush discards.
@@ -263,18 +276,7 @@ fn measure(
         };
         (window_start, cpu_start, server_start) = (now, cpu, server);
         trials = trial;
-        if opts.progress {
-            eprintln!(
-                "[load] {level}: window {trial}/{}: {} ok in {:.3} s, {:.1} req/s  p99 {:.1} us  errors {}  late sends {}",
-                opts.max_trials,
-                w.ok,
-                w.secs,
-                w.throughput(),
-                w.latency_at(0.99) as f64 / 1e3,
-                w.errors_total(),
-                w.late_sends
-            );
-        }
+        progress.window(level, trial, opts.max_trials, &w);
         windows.push(w);
         if windows.len() > 3 {
             windows.remove(0);
