@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_rdma_server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_rdma_client");
+const MULTI: &str = env!("CARGO_BIN_EXE_multi_client");
 
 /// Whether this host has usable RDMA (then the "unavailable" test has nothing to check).
 fn host_has_rdma() -> bool {
@@ -101,10 +102,25 @@ echo "SERVER LOG:"
 cat /tmp/server.log
 # -c 7 from client 1 names the server's log folder, as the original does.
 [ -s /tmp/rlogs_7/server_requests.csv ] && echo "LOG FOLDER rlogs_7 rows $(($(wc -l < /tmp/rlogs_7/server_requests.csv) - 1))" || {{ fail=1; echo "NO LOG FOLDER /tmp/rlogs_7"; ls -d /tmp/rlogs*; }}
+# The in-process load generator over RDMA (issue 12): 4 connections x depth 4, a closed-loop
+# level, then a Poisson rate, against a fresh server of its own.
+$S --bind-address 192.0.2.1 -p 20080 -i 0 --engine-file {model} --poll-mode block --no-pin >/tmp/server2.log 2>&1 &
+SP2=$!
+for i in $(seq 1 150); do grep -q "listening on" /tmp/server2.log && break; sleep 0.2; done
+{multi} --host 192.0.2.1 -p 20080 -a rdma_client -t echo --payload-size 64 -c 4 --depth 4 --threads 1 --poll-mode block --concurrency-range 1:8:7 --request-rate-range 100:100:1 --request-distribution poisson --measurement-request-count 60 --max-trials 3 --stability-percentage 1000000 --timeout-ms 20000 -s -f /tmp/mload >/tmp/mload.log 2>&1 || {{ fail=1; echo "LOAD FAILED"; }}
+cat /tmp/mload.log
+echo "=== load_summary ==="
+cat /tmp/mload/load_summary.csv
+echo "=== run_json ==="
+cat /tmp/mload/run.json
+echo "=== end ==="
+kill -TERM $SP2
+wait $SP2 || fail=1
 exit $fail
 "#,
         server = SERVER,
         client = CLIENT,
+        multi = MULTI,
         model = model.display(),
     );
     let run = common::run_script_in_vm("rdma_in_vm", &script, 500);
@@ -135,4 +151,45 @@ exit $fail
         assert!(stdout.contains(want), "missing {want:?} in the VM output");
     }
     assert!(!stdout.contains("panicked"), "a process panicked");
+    // The load generator's levels: each answered, none failed, and labelled RDMA.
+    assert!(
+        stdout.contains("multi_client in-process -> rdma://192.0.2.1:20080 task echo"),
+        "the load generator's banner is missing"
+    );
+    let summary = common::section(stdout, "load_summary");
+    let mut lines = summary.lines().map(str::trim).filter(|l| !l.is_empty());
+    let head: Vec<&str> = lines
+        .next()
+        .expect("load_summary.csv header")
+        .split(',')
+        .collect();
+    let col = |name: &str| {
+        head.iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+    };
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let levels: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r[col("level_kind")].to_string(),
+                r[col("level")].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(levels.len(), 3, "three levels expected, got {levels:?}");
+    for (row, (kind, level)) in rows.iter().zip(&levels) {
+        let requests: u64 = row[col("requests")].parse().unwrap();
+        let errors: u64 = row[col("errors")].parse().unwrap();
+        assert!(requests >= 60, "{kind} {level}: {requests} requests");
+        assert_eq!(errors, 0, "{kind} {level}: errors");
+    }
+    assert_eq!(levels[0].0, "concurrency");
+    assert_eq!(levels[2].0, "request_rate");
+    let run_json = common::section(stdout, "run_json");
+    assert!(
+        run_json.contains("\"transport\": \"rdma\""),
+        "run.json does not say rdma: {run_json}"
+    );
 }
