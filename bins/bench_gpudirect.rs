@@ -17,14 +17,18 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use argh::FromArgs;
+use hacserve::cli::results::run_info;
 use hacserve_runtime::clock::realtime_ns;
 use hacserve_runtime::engine::cudnn::{CudnnLoader, CudnnOptions, Precision};
 use hacserve_runtime::engine::EngineLoader;
+use hacserve_runtime::load::driver::RequestLog;
+use hacserve_runtime::load::output::{write_requests_csv, REQUESTS_SCHEMA};
 use hacserve_runtime::model_gen;
 use hacserve_runtime::pipeline::{Pipeline, DEFAULT_MAX_IMAGE_PIXELS};
 use hacserve_runtime::protocol::*;
+use hacserve_runtime::results::unix_now;
 use hacserve_runtime::server::gpu_loopback::{moved, ring_stream, GpuLoopback, UploadProbe};
-use hacserve_runtime::stats::Summary;
+use hacserve_runtime::stats::{RequestRecord, Summary};
 
 /// Measure -a 0 (host ring + upload) against -a 1 (GPU-resident) server time per request.
 #[derive(FromArgs)]
@@ -45,6 +49,10 @@ struct Args {
     /// GPU ordinal (default: 0)
     #[argh(option, default = "0")]
     device: usize,
+    /// also write each path's timed requests as a results folder (run.json + requests.csv,
+    /// docs/results.md) named <save-folder>-<workload>-a0 / -a1, for `report`
+    #[argh(option)]
+    save_folder: Option<PathBuf>,
 }
 
 const SLOT: usize = 2 << 20;
@@ -59,17 +67,73 @@ fn request(task: Task, id: u64, payload: &[u8]) -> Vec<u8> {
     m
 }
 
-/// The reply's `replied` stamp, after checking it is an answer.
-fn replied(reply: &[u8], what: &str) -> Result<u64> {
+/// The reply's body, after checking it is an answer.
+fn answer(reply: &[u8], what: &str) -> Result<ResponseBody> {
     let (h, body) = Header::decode(reply, usize::MAX).map_err(|e| anyhow!("{what}: {e}"))?;
     if h.kind != MessageKind::Response {
         let (code, text) = decode_error(body).unwrap_or((0, "?".into()));
         return Err(anyhow!("{what}: error {code}: {text}"));
     }
-    Ok(ResponseBody::decode(body)
-        .map_err(|e| anyhow!("{what}: {e}"))?
-        .timestamps
-        .replied)
+    ResponseBody::decode(body).map_err(|e| anyhow!("{what}: {e}"))
+}
+
+/// One timed request as the results CSV holds it: `t0` is when the request was whole in the
+/// server's memory (the stand-in for the NIC's last byte), `got` when the reply was back.
+fn record(task: Task, i: usize, t0: u64, got: u64, body: &ResponseBody) -> RequestRecord {
+    RequestRecord {
+        client_id: 1,
+        request_id: i as u64,
+        task: task as u8,
+        status: 0,
+        client_sent: t0,
+        server: body.timestamps,
+        client_received: got,
+        e2e_ns: got.saturating_sub(t0),
+        top1: if body.top_k > 0 {
+            body.classes[0] as i64
+        } else {
+            -1
+        },
+    }
+}
+
+/// Writes `<base>-<workload>-a<addressing>/`: run.json and requests.csv.
+fn save(
+    base: &std::path::Path,
+    workload: &str,
+    addressing: u8,
+    payload: usize,
+    model: &std::path::Path,
+    rows: Vec<RequestRecord>,
+) -> Result<PathBuf> {
+    let folder = PathBuf::from(format!("{}-{workload}-a{addressing}", base.display()));
+    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    let mut log = RequestLog::with_capacity(rows.len());
+    log.rows = rows.into_iter().map(|r| (0, r, 0)).collect();
+    write_requests_csv(&folder.join("requests.csv"), &[log], &[1.0])
+        .with_context(|| format!("writing {}/requests.csv", folder.display()))?;
+    let mut info = run_info(
+        "bench_gpudirect",
+        if addressing == 1 {
+            "gpudirect-loopback"
+        } else {
+            "rdma-host-loopback"
+        },
+    );
+    info.task = Some(workload.into());
+    info.payload_bytes = Some(payload);
+    info.model = Some(model.display().to_string());
+    info.backend = Some("gpu".into());
+    info.precision = Some("fp16".into());
+    info.addressing = Some(addressing.to_string());
+    info.files = vec![("requests.csv".into(), REQUESTS_SCHEMA)];
+    info.extra = vec![(
+        "note".into(),
+        "no NIC: the request is placed by a copy (host landing slot / device copy into the GPU slot); e2e = server time".into(),
+    )];
+    info.write(&folder, unix_now())
+        .with_context(|| format!("writing {}/run.json", folder.display()))?;
+    Ok(folder)
 }
 
 fn us(ns: u64) -> f64 {
@@ -136,6 +200,12 @@ fn main() -> Result<()> {
         let mut upload = UploadProbe::new(args.device, payload).map_err(|e| anyhow!(e))?;
         let (mut host_ns, mut gpu_ns, mut upload_ns) = (Vec::new(), Vec::new(), Vec::new());
         let (mut host_bytes, mut gpu_bytes) = (0u64, 0u64);
+        let (mut host_rows, mut gpu_rows) = (Vec::new(), Vec::new());
+        let task = if *workload == "raw" {
+            Task::Raw
+        } else {
+            Task::Processed
+        };
         let landing = req.clone();
         let mut copy = vec![0u8; req.len()];
         let mut out = Vec::with_capacity(SLOT);
@@ -147,10 +217,15 @@ fn main() -> Result<()> {
             let t0 = realtime_ns();
             copy.copy_from_slice(&landing);
             host.handle_message(&copy, t0, &mut out);
-            let done = replied(&out, "host path")?;
+            let got = realtime_ns();
+            let body = answer(&out, "host path")?;
+            let done = body.timestamps.replied;
             if timed {
                 host_bytes += moved().since(&before).server();
                 host_ns.push(done.saturating_sub(t0));
+                if args.save_folder.is_some() {
+                    host_rows.push(record(task, i, t0, got, &body));
+                }
             }
             // -a 1: the stand-in NIC puts the request into the GPU slot; from then on it is
             // the server's.
@@ -159,14 +234,25 @@ fn main() -> Result<()> {
             let before = moved();
             let t0 = realtime_ns();
             server.client.recv(&mut out, TIMEOUT)?;
-            let done = replied(&out, "GPU-resident path")?;
+            let got = realtime_ns();
+            let body = answer(&out, "GPU-resident path")?;
+            let done = body.timestamps.replied;
             if timed {
                 gpu_bytes += moved().since(&before).server();
                 gpu_ns.push(done.saturating_sub(t0));
+                if args.save_folder.is_some() {
+                    gpu_rows.push(record(task, i, t0, got, &body));
+                }
             }
             let took = upload.time().map_err(|e| anyhow!(e))?;
             if timed {
                 upload_ns.push(took.as_nanos() as u64);
+            }
+        }
+        if let Some(base) = &args.save_folder {
+            for (addressing, rows) in [(0u8, host_rows), (1u8, gpu_rows)] {
+                let folder = save(base, workload, addressing, payload, &model, rows)?;
+                println!("saved {}", folder.display());
             }
         }
         let n = args.iters.max(1) as f64;
