@@ -21,8 +21,9 @@
 # which the VM's emulated CPU could not do at any useful rate).
 #
 # BIN (default target/release, built if missing; the vm part runs whatever BIN holds),
-# CONCURRENCY / RATES / INTERVAL_MS / TRIALS for the loopback and gpu levels, VM_CONCURRENCY /
-# VM_RATES / VM_COUNT for the VM's (request-count windows: TCG time is not wall time).
+# CONCURRENCY / PING_RATES / ECHO_RATES / INTERVAL_MS / TRIALS for the loopback levels,
+# VM_CONCURRENCY / VM_PING_RATES / VM_ECHO_RATES / VM_COUNT for the VM's (request-count
+# windows: TCG time is not wall time), GPU_CONCURRENCY / GPU_RATES for the gpu part's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/compare.sh OUT [loopback] [vm] [gpu] [draw]}
@@ -35,11 +36,13 @@ if [ ${#parts[@]} -eq 0 ]; then
 fi
 BIN=${BIN:-target/release}
 CONCURRENCY=${CONCURRENCY:-1:16:5}
-RATES=${RATES:-500:2000:1500}
+PING_RATES=${PING_RATES:-500:2000:1500}
+ECHO_RATES=${ECHO_RATES:-100:400:300}
 INTERVAL_MS=${INTERVAL_MS:-1000}
 TRIALS=${TRIALS:-5}
 VM_CONCURRENCY=${VM_CONCURRENCY:-1:4:3}
-VM_RATES=${VM_RATES:-50:150:100}
+VM_PING_RATES=${VM_PING_RATES:-50:150:100}
+VM_ECHO_RATES=${VM_ECHO_RATES:-10:30:20}
 VM_COUNT=${VM_COUNT:-150}
 ECHO_BYTES=602112
 MODEL=${MODEL:-models/resnet_tiny.onnx}
@@ -111,9 +114,9 @@ rdma_pair() {
   return $status
 }
 
-workloads() { # PAIR PREFIX HOST PORT
-  "$1" "$2-ping" "$3" "$4" -t ping
-  "$1" "$2-echo602k" "$3" "$(($4 + 1))" -t echo --payload-size $ECHO_BYTES
+workloads() { # PAIR PREFIX HOST PORT PING_RATES ECHO_RATES
+  LEVELS_R=$5 "$1" "$2-ping" "$3" "$4" -t ping
+  LEVELS_R=$6 "$1" "$2-echo602k" "$3" "$(($4 + 1))" -t echo --payload-size $ECHO_BYTES
 }
 
 for part in "${parts[@]}"; do
@@ -121,9 +124,9 @@ for part in "${parts[@]}"; do
   loopback)
     need zmq_server multi_client gen_models
     [ -f "$MODEL" ] || "$BIN/gen_models" --out-dir "$(dirname "$MODEL")" --only tiny
-    LEVELS_C=$CONCURRENCY LEVELS_R=$RATES SERVER_EXTRA=() \
+    LEVELS_C=$CONCURRENCY SERVER_EXTRA=() \
       LOADGEN_EXTRA=(-c 16 --measurement-interval "$INTERVAL_MS" --max-trials "$TRIALS" --first-core 1)
-    workloads zmq_pair loopback-zmq 127.0.0.1 5610
+    workloads zmq_pair loopback-zmq 127.0.0.1 5610 "$PING_RATES" "$ECHO_RATES"
     ;;
   vm)
     need zmq_server rdma_server multi_client gen_models
@@ -131,18 +134,18 @@ for part in "${parts[@]}"; do
     mkdir -p "$OUT/vm"
     # One boot runs this script's vm-inside part; its folders come back through
     # HACSERVE_TESTBED_OUT (tests/testbed/README.md).
-    HACSERVE_TESTBED_OUT="$OUT/vm" HACSERVE_TESTBED_ENV="BIN MODEL VM_CONCURRENCY VM_RATES VM_COUNT" \
+    HACSERVE_TESTBED_OUT="$OUT/vm" HACSERVE_TESTBED_ENV="BIN MODEL VM_CONCURRENCY VM_PING_RATES VM_ECHO_RATES VM_COUNT" \
       HACSERVE_TESTBED_TIMEOUT=${HACSERVE_TESTBED_TIMEOUT:-1500} \
       tests/testbed/run-in-vm.sh bash scripts/compare.sh /var/tmp/compare vm-inside </dev/null
     ;;
   vm-inside)
     # In the guest: both transports over the one rxe address, results then copied out.
-    LEVELS_C=$VM_CONCURRENCY LEVELS_R=$VM_RATES SERVER_EXTRA=(--no-pin) \
+    LEVELS_C=$VM_CONCURRENCY SERVER_EXTRA=(--no-pin) \
       LOADGEN_EXTRA=(-c 4 --threads 1 --poll-mode block --measurement-request-count "$VM_COUNT"
         --max-trials 3 --timeout-ms 60000 --log-capacity 20000)
     status=0
-    workloads zmq_pair vm-zmq 192.0.2.1 5620 || status=1
-    workloads rdma_pair vm-rdma 192.0.2.1 20090 || status=1
+    workloads zmq_pair vm-zmq 192.0.2.1 5620 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
+    workloads rdma_pair vm-rdma 192.0.2.1 20090 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
     if [ -n "${HACSERVE_TESTBED_OUT:-}" ]; then
       cp -r "$OUT"/. "$HACSERVE_TESTBED_OUT"/
     fi
