@@ -1,4 +1,4 @@
-//! Benchmark: echo round trip through zmq_server (protocol v1, queue, worker, inproc reply
+//! Benchmark: echo round trip through zmq_server (protocol v2, queue, worker, inproc reply
 //! hop) against a plain libzmq REQ/REP ping-pong of the same message size, both over TCP
 //! loopback, both servers in their own process, in the same run. Prints figures and ratios.
 

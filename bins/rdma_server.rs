@@ -14,7 +14,7 @@ use hacserve_runtime::transport::rdma::{
 };
 
 hacserve::cli_args! {
-    /// RDMA Server: answers classification requests (protocol v1) over RDMA WRITE_WITH_IMM rings.
+    /// RDMA Server: answers classification requests (protocol v2) over RDMA WRITE_WITH_IMM rings.
     struct Args [server, ring_limits, metrics, check] {
         /// RDMA listen port
         #[argh(option, short = 'p', default = "DEFAULT_PORT")]

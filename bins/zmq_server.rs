@@ -9,7 +9,7 @@ use hacserve_runtime::protocol::DEFAULT_MAX_PAYLOAD;
 use hacserve_runtime::transport::zmq::{ZmqServer, DEFAULT_REPLY_HWM};
 
 hacserve::cli_args! {
-    /// ZMQ Server: answers classification requests (protocol v1) on a ROUTER socket.
+    /// ZMQ Server: answers classification requests (protocol v2) on a ROUTER socket.
     struct Args [server, metrics, check] {
         /// ZMQ listen port (0 = any free port, printed at start)
         #[argh(option, default = "5555")]
