@@ -165,7 +165,7 @@ for part in "${parts[@]}"; do
     ;;
   draw)
     need report
-    mapfile -t folders < <(find "$OUT" -name run.json -printf '%h\n' | grep -v -- '-server$' | sort)
+    mapfile -t folders < <(find "$OUT" -name run.json -printf '%h\n' | grep -Ev -- '-server(_[0-9]+)?$' | sort)
     [ ${#folders[@]} -gt 0 ] || { echo "compare.sh: no results folders under $OUT" >&2; exit 1; }
     "$BIN/report" --out "$OUT/figures" "${folders[@]}"
     ;;
