@@ -84,39 +84,30 @@ sweep() {
   sed -n '/^ level  /,$p' "$OUT/$name-rate.txt" | head -20
 }
 
-# zmq_pair NAME HOST PORT TASK_ARGS...: zmq_server on HOST:PORT, both sweeps, server stopped.
-zmq_pair() {
-  local name=$1 host=$2 port=$3
-  shift 3
-  "$BIN/zmq_server" --bind-address "$host" --port "$port" --engine-file "$MODEL" \
-    --poll-mode block -i 0 -s -f "$OUT/$name-server" --total-requests 0 "${SERVER_EXTRA[@]}" \
+# pair zmq|rdma NAME HOST PORT TASK_ARGS...: a server of that transport on HOST:PORT, both
+# sweeps over the matching client transport, the server stopped.
+pair() {
+  local kind=$1 name=$2 host=$3 port=$4
+  shift 4
+  local server=("$BIN/zmq_server" --port "$port") stop=INT
+  if [ "$kind" = rdma ]; then
+    server=("$BIN/rdma_server" -p "$port")
+    stop=TERM
+  fi
+  "${server[@]}" --bind-address "$host" --engine-file "$MODEL" --poll-mode block -i 0 \
+    -s -f "$OUT/$name-server" --total-requests 0 "${SERVER_EXTRA[@]}" \
     >"$OUT/$name-server.log" 2>&1 &
   local pid=$!
   wait_listening "$OUT/$name-server.log" || { kill $pid 2>/dev/null; return 1; }
   local status=0
-  sweep "$name" $pid --host "$host" -p "$port" -a zmq_client "${LOADGEN_EXTRA[@]}" "$@" || status=1
-  kill -INT $pid; wait $pid || true
+  sweep "$name" $pid --host "$host" -p "$port" -a "${kind}_client" "${LOADGEN_EXTRA[@]}" "$@" || status=1
+  kill -$stop $pid; wait $pid || true
   return $status
 }
 
-# rdma_pair NAME HOST PORT TASK_ARGS...: the same over rdma_server and -a rdma_client.
-rdma_pair() {
-  local name=$1 host=$2 port=$3
-  shift 3
-  "$BIN/rdma_server" --bind-address "$host" -p "$port" --engine-file "$MODEL" \
-    --poll-mode block --no-pin -i 0 -s -f "$OUT/$name-server" --total-requests 0 \
-    >"$OUT/$name-server.log" 2>&1 &
-  local pid=$!
-  wait_listening "$OUT/$name-server.log" || { kill $pid 2>/dev/null; return 1; }
-  local status=0
-  sweep "$name" $pid --host "$host" -p "$port" -a rdma_client "${LOADGEN_EXTRA[@]}" "$@" || status=1
-  kill -TERM $pid; wait $pid || true
-  return $status
-}
-
-workloads() { # PAIR PREFIX HOST PORT PING_RATES ECHO_RATES
-  LEVELS_R=$5 "$1" "$2-ping" "$3" "$4" -t ping
-  LEVELS_R=$6 "$1" "$2-echo602k" "$3" "$(($4 + 1))" -t echo --payload-size $ECHO_BYTES
+workloads() { # zmq|rdma PREFIX HOST PORT PING_RATES ECHO_RATES
+  LEVELS_R=$5 pair "$1" "$2-ping" "$3" "$4" -t ping
+  LEVELS_R=$6 pair "$1" "$2-echo602k" "$3" "$(($4 + 1))" -t echo --payload-size $ECHO_BYTES
 }
 
 for part in "${parts[@]}"; do
@@ -126,7 +117,7 @@ for part in "${parts[@]}"; do
     [ -f "$MODEL" ] || "$BIN/gen_models" --out-dir "$(dirname "$MODEL")" --only tiny
     LEVELS_C=$CONCURRENCY SERVER_EXTRA=() \
       LOADGEN_EXTRA=(-c 16 --measurement-interval "$INTERVAL_MS" --max-trials "$TRIALS" --first-core 1)
-    workloads zmq_pair loopback-zmq 127.0.0.1 5610 "$PING_RATES" "$ECHO_RATES"
+    workloads zmq loopback-zmq 127.0.0.1 5610 "$PING_RATES" "$ECHO_RATES"
     ;;
   vm)
     need zmq_server rdma_server multi_client gen_models
@@ -144,8 +135,8 @@ for part in "${parts[@]}"; do
       LOADGEN_EXTRA=(-c 4 --threads 1 --poll-mode block --measurement-request-count "$VM_COUNT"
         --max-trials 3 --timeout-ms 60000 --log-capacity 20000)
     status=0
-    workloads zmq_pair vm-zmq 192.0.2.1 5620 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
-    workloads rdma_pair vm-rdma 192.0.2.1 20090 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
+    workloads zmq vm-zmq 192.0.2.1 5620 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
+    workloads rdma vm-rdma 192.0.2.1 20090 "$VM_PING_RATES" "$VM_ECHO_RATES" || status=1
     if [ -n "${HACSERVE_TESTBED_OUT:-}" ]; then
       cp -r "$OUT"/. "$HACSERVE_TESTBED_OUT"/
     fi
@@ -158,8 +149,8 @@ for part in "${parts[@]}"; do
     MODEL=$GPU_MODEL LEVELS_C=${GPU_CONCURRENCY:-1:64:21} LEVELS_R=${GPU_RATES:-1000:4000:1500} \
       SERVER_EXTRA=(--backend gpu --workers 16) \
       LOADGEN_EXTRA=(-c 64 --threads 2 --measurement-interval "$INTERVAL_MS" --max-trials "$TRIALS")
-    zmq_pair gpu-zmq-processed 127.0.0.1 5630 -t processed
-    zmq_pair gpu-zmq-jpeg 127.0.0.1 5631 -t jpeg
+    pair zmq gpu-zmq-processed 127.0.0.1 5630 -t processed
+    pair zmq gpu-zmq-jpeg 127.0.0.1 5631 -t jpeg
     "$BIN/bench_gpudirect" --engine-file "$GPU_MODEL" --save-folder "$OUT/gpu-gpudirect" \
       >"$OUT/gpu-gpudirect.txt" 2>&1 || { echo "compare.sh: bench_gpudirect failed:" >&2; tail -20 "$OUT/gpu-gpudirect.txt" >&2; }
     ;;

@@ -548,6 +548,17 @@ pub enum PollTarget<'a> {
     Fd(RawFd),
 }
 
+/// zmq_poll over `items`, whose sockets the caller keeps alive for the call; returns how
+/// many are ready.
+fn poll_items(items: &mut [sys::zmq_pollitem_t], timeout_ms: i64) -> Result<usize> {
+    // SAFETY: `items` are initialised poll items (socket pointers the callers borrow for the
+    // call, or plain fds), and zmq_poll writes only their revents, within the slice.
+    let n = check("zmq_poll", unsafe {
+        sys::zmq_poll(items.as_mut_ptr(), items.len() as c_int, timeout_ms as _)
+    })?;
+    Ok(n as usize)
+}
+
 /// A set of poll items built once and polled many times (no allocation per poll).
 pub struct PollSet<'a> {
     items: Vec<sys::zmq_pollitem_t>,
@@ -580,15 +591,8 @@ impl<'a> PollSet<'a> {
     /// Waits until an item is readable or `timeout_ms` passes (-1 = forever, 0 = just check);
     /// returns how many are ready.
     pub fn poll(&mut self, timeout_ms: i64) -> Result<usize> {
-        // SAFETY: items are initialised and their sockets outlive 'a, which outlives self.
-        let n = check("zmq_poll", unsafe {
-            sys::zmq_poll(
-                self.items.as_mut_ptr(),
-                self.items.len() as c_int,
-                timeout_ms as _,
-            )
-        })?;
-        Ok(n as usize)
+        // The items' sockets outlive 'a, which outlives self.
+        poll_items(&mut self.items, timeout_ms)
     }
 
     /// Whether item `i` was readable at the last poll.
@@ -643,16 +647,8 @@ impl PollScratch {
             events: POLLIN,
             revents: 0,
         }));
-        // SAFETY: the items were built in this call from sockets borrowed for its duration,
-        // so every socket pointer is live while zmq_poll reads it.
-        let n = check("zmq_poll", unsafe {
-            sys::zmq_poll(
-                self.items.as_mut_ptr(),
-                self.items.len() as c_int,
-                timeout_ms as _,
-            )
-        })?;
-        Ok(n as usize)
+        // Built in this call from sockets borrowed for its duration: every one is live.
+        poll_items(&mut self.items, timeout_ms)
     }
 }
 
