@@ -33,6 +33,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod protocol;
 pub mod proxy;
+pub mod report;
 pub mod resources;
 pub mod results;
 pub mod server;
