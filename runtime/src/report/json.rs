@@ -113,8 +113,10 @@ impl Parser<'_> {
                 }
                 loop {
                     self.space();
-                    if self.b.get(self.at) != Some(&b'"') {
-                        return Err(self.err("expected a key string"));
+                    match self.b.get(self.at) {
+                        Some(b'"') => {}
+                        None => return Err(self.err("unexpected end")),
+                        Some(_) => return Err(self.err("expected a key string")),
                     }
                     let k = self.string()?;
                     if !self.eat(b':') {
