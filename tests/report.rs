@@ -257,6 +257,21 @@ fn report_draws_every_figure_of_a_real_run() {
     has(&texts, &format!("{label} c=3"), &cdf);
     let tput = out.join("throughput_p99.svg");
     has(&svg(&tput).1, &label, &tput);
+    // Bar charts: the levels as ticks, the run's label under them, the server's run by its
+    // own label.
+    for stem in ["stage_breakdown", "cpu_per_request"] {
+        let file = out.join(format!("{stem}.svg"));
+        let (_, texts) = svg(&file);
+        for t in ["c=1", "c=3", label.as_str()] {
+            has(&texts, t, &file);
+        }
+    }
+    let cpu = out.join("cpu_per_request.svg");
+    let (_, texts) = svg(&cpu);
+    assert!(
+        texts.iter().any(|t| t.starts_with("zmq zmq_server ")),
+        "{texts:?}"
+    );
 
     // report.csv: a row per level of the load run, one for the server's whole run, with the
     // load summary's own figures.

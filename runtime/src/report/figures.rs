@@ -143,12 +143,18 @@ pub enum Outcome {
     },
 }
 
-/// One bar (stacked or side by side): its x position, label and values.
+/// One bar (stacked or side by side): its x position, tick label and values.
 struct Bar {
     x: f64,
-    label: String,
+    tick: String,
     values: Vec<Option<f64>>,
 }
+
+/// A run of several bars: its first and last bar's x and its label (drawn under the ticks).
+type RunSpan = (f64, f64, String);
+
+/// A line through (x, y, point tag) points, and its legend label.
+type TaggedLine = (String, Vec<(f64, f64, String)>);
 
 /// A figure's data, ready to draw on any backend.
 enum Plot {
@@ -161,10 +167,11 @@ enum Plot {
         y_desc: &'static str,
         keys: Vec<&'static str>,
         bars: Vec<Bar>,
+        runs: Vec<RunSpan>,
         stacked: bool,
     },
     Lines {
-        lines: Vec<(String, Vec<(f64, f64, String)>)>,
+        lines: Vec<TaggedLine>,
     },
 }
 
@@ -187,26 +194,36 @@ fn cdf_points(sorted: &[f64]) -> Vec<(f64, f64)> {
 }
 
 /// Bar positions: runs side by side, a run's levels next to each other, a gap between runs.
-fn bar_slots<'a, T>(
+/// A run of one bar has its label as the tick; a run of several has its levels' tags as
+/// ticks and its label under them.
+fn bar_slots<'a>(
     runs: &'a [Run],
-    pick: impl Fn(&'a super::Group) -> Option<T>,
-) -> Vec<(f64, String, T)> {
-    let mut out = Vec::new();
+    pick: impl Fn(&'a super::Group) -> Option<Vec<Option<f64>>>,
+) -> (Vec<Bar>, Vec<RunSpan>) {
+    let (mut bars, mut spans) = (Vec::new(), Vec::new());
     let mut x = 0.0;
     for run in runs {
-        let mut any = false;
-        for g in &run.groups {
-            if let Some(v) = pick(g) {
-                out.push((x, run.group_label(g), v));
-                x += 1.0;
-                any = true;
-            }
+        let picked: Vec<_> = run
+            .groups
+            .iter()
+            .filter_map(|g| Some((g, pick(g)?)))
+            .collect();
+        if picked.is_empty() {
+            continue;
         }
-        if any {
-            x += 0.5;
+        let first = x;
+        let single = picked.len() == 1;
+        for (g, values) in picked {
+            let tick = if single { run.group_label(g) } else { g.tag() };
+            bars.push(Bar { x, tick, values });
+            x += 1.0;
         }
+        if !single {
+            spans.push((first, x - 1.0, run.label.clone()));
+        }
+        x += 0.5;
     }
-    out
+    (bars, spans)
 }
 
 fn plan(figure: Figure, runs: &[Run]) -> Option<Plot> {
@@ -230,19 +247,16 @@ fn plan(figure: Figure, runs: &[Run]) -> Option<Plot> {
             Some(Plot::Cdf { lines, x: (lo, hi) })
         }
         Figure::StageBreakdown => {
-            let bars: Vec<Bar> = bar_slots(runs, |g| g.stages_us)
-                .into_iter()
-                .map(|(x, label, st)| Bar {
-                    x,
-                    label,
-                    values: st.iter().map(|&v| Some(v.max(0.0))).collect(),
-                })
-                .collect();
+            let (bars, runs) = bar_slots(runs, |g| {
+                g.stages_us
+                    .map(|st| st.iter().map(|&v| Some(v.max(0.0))).collect())
+            });
             (!bars.is_empty()).then(|| Plot::Bars {
                 title: figure.title(),
                 y_desc: "mean time per request (us)",
                 keys: STAGES.to_vec(),
                 bars,
+                runs,
                 stacked: true,
             })
         }
@@ -261,22 +275,16 @@ fn plan(figure: Figure, runs: &[Run]) -> Option<Plot> {
             (!lines.is_empty()).then_some(Plot::Lines { lines })
         }
         Figure::CpuPerRequest => {
-            let bars: Vec<Bar> = bar_slots(runs, |g| {
+            let (bars, runs) = bar_slots(runs, |g| {
                 (g.client_cpu_s_per_1000.is_some() || g.server_cpu_s_per_1000.is_some())
-                    .then_some([g.client_cpu_s_per_1000, g.server_cpu_s_per_1000])
-            })
-            .into_iter()
-            .map(|(x, label, v)| Bar {
-                x,
-                label,
-                values: v.to_vec(),
-            })
-            .collect();
+                    .then(|| vec![g.client_cpu_s_per_1000, g.server_cpu_s_per_1000])
+            });
             (!bars.is_empty()).then(|| Plot::Bars {
                 title: "CPU-seconds per request (per 1000 requests)",
                 y_desc: "CPU-seconds per 1000 requests",
                 keys: vec!["client (load generator)", "server"],
                 bars,
+                runs,
                 stacked: false,
             })
         }
@@ -383,6 +391,7 @@ impl Plot {
                 y_desc,
                 keys,
                 bars,
+                runs,
                 stacked,
             } => {
                 let top = bars
@@ -396,20 +405,21 @@ impl Plot {
                         }
                     })
                     .fold(0.0, f64::max);
-                let top = if top > 0.0 { top * 1.25 } else { 1.0 };
+                // Head room for the legend (upper right) over the tallest bar.
+                let top = if top > 0.0 { top * 1.45 } else { 1.0 };
                 let last = bars.last().map_or(0.0, |b| b.x);
                 let ticks: Vec<f64> = bars.iter().map(|b| b.x).collect();
-                let labels: Vec<(f64, String)> = {
-                    // Room per bar for its label at 14 px (about 8 px a character).
-                    let room = ((1000.0 / (last + 1.0)) / 8.0) as usize;
-                    bars.iter()
-                        .map(|b| (b.x, fit(&b.label, room.max(6))))
-                        .collect()
-                };
+                // Characters that fit in `units` of x at 14 px (about 7.5 px a character
+                // over the ~1060 px plot).
+                let room = |units: f64| ((units * 1060.0 / (last + 1.2)) / 7.5) as usize;
+                let labels: Vec<(f64, String)> = bars
+                    .iter()
+                    .map(|b| (b.x, fit(&b.tick, room(1.0).max(6))))
+                    .collect();
                 let mut chart = ChartBuilder::on(root)
                     .caption(*title, (FAMILY, 30))
                     .margin(24)
-                    .x_label_area_size(60)
+                    .x_label_area_size(if runs.is_empty() { 50 } else { 80 })
                     .y_label_area_size(90)
                     .build_cartesian_2d(
                         Slots {
@@ -423,10 +433,10 @@ impl Plot {
                     .configure_mesh()
                     .disable_x_mesh()
                     .y_desc(*y_desc)
-                    .x_desc("run and load level")
                     .label_style((FAMILY, 16))
                     .x_label_style((FAMILY, 14))
                     .axis_desc_style((FAMILY, 20))
+                    .y_label_formatter(&|v| num(*v))
                     .x_label_formatter(&|v| {
                         labels
                             .iter()
@@ -451,6 +461,17 @@ impl Plot {
                     chart.draw_series(rects)?.label(*key).legend(move |(x, y)| {
                         Rectangle::new([(x, y - 7), (x + 16, y + 7)], c.filled())
                     });
+                }
+                // A run of several bars: its label centred under their ticks.
+                let under = TextStyle::from((FAMILY, 16).into_font())
+                    .pos(Pos::new(HPos::Center, VPos::Top));
+                for (first, end, label) in runs {
+                    let (x0, y) = chart.backend_coord(&((first + end) / 2.0, 0.0));
+                    root.draw(&Text::new(
+                        fit(label, room(end - first + 1.0).max(6)),
+                        (x0, y + 30),
+                        under.clone(),
+                    ))?;
                 }
                 // The value above each bar: the stack's total, or each bar's own.
                 let style = TextStyle::from((FAMILY, 14).into_font())

@@ -178,7 +178,7 @@ pub fn read_run_json(path: &Path) -> Result<Meta, ReportError> {
         return Err(field("(top level)", "an object"));
     }
     match j.get("schema").and_then(Json::as_f64) {
-        Some(s) if s == 1.0 => {}
+        Some(1.0) => {}
         Some(s) => {
             return Err(ReportError::Schema {
                 path: path.to_path_buf(),
