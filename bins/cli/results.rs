@@ -106,7 +106,8 @@ impl Recording {
     }
 
     /// Stops the sampler, prints its summary line (`<role> resources: ...`, per 1000 of
-    /// `requests`) and with `folder` writes run.json (listing resources.csv and `files`).
+    /// `requests`) and with `folder` writes run.json (listing resources.csv and `files`, and
+    /// `requests` as `finished_requests`).
     pub fn finish(
         self,
         role: &str,
@@ -125,6 +126,10 @@ impl Recording {
         };
         if let Some(f) = folder {
             info.files.push(("resources.csv".into(), RESOURCES_SCHEMA));
+            // The denominator of the role's CPU-seconds per request (`report`).
+            if let Some(n) = requests {
+                info.extra.push(("finished_requests".into(), n.to_string()));
+            }
             info.write(f, self.start_unix)
                 .with_context(|| format!("writing {}/run.json", f.display()))?;
         }

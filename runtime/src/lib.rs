@@ -15,6 +15,7 @@
 //!   several backends, forwarding to an RDMA backend, latency tables.
 //! - [`load`], [`resources`]: the in-process load generator (sweeps by concurrency and by
 //!   rate) and what a process costs (CPU, memory, GPU).
+//! - [`report`]: results folders read back and drawn as figures (the `report` binary).
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod protocol;
 pub mod proxy;
+pub mod report;
 pub mod resources;
 pub mod results;
 pub mod server;
