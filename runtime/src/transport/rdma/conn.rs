@@ -2,12 +2,13 @@
 //! answers from it), the workers (which reply through it) and the connection manager (which
 //! sets it up and frees it).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use hacserve_ffi::gpu::resident::DeviceSpan;
 use hacserve_ffi::gpu::transfer::Mover;
 use hacserve_ffi::rdma::{
-    HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus, WorkCompletion,
+    EventWait, HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus,
+    WorkCompletion,
 };
 
 use super::admission::Reservation;
@@ -34,6 +35,9 @@ pub(super) enum Link {
 /// ring is the endpoint's GPU buffer 0).
 pub(super) const STAGE_BUF: usize = 0;
 pub(super) const LANDING_BUF: usize = 1;
+/// With the fast path (host addressing only): one 4-byte slot per ring slot, where a reply's
+/// completion word is written before the NIC sends it.
+pub(super) const WORD_BUF: usize = 2;
 
 /// One client's connection on the server: its QP, its landing ring (remote-writable, only
 /// its own slots), its private copy ring (server-owned, unregistered) and its reply staging
@@ -47,6 +51,14 @@ pub struct ServerConn {
     /// The run's client count the client declared (`rdma_client -c`).
     pub(super) total_clients: u32,
     pub(super) slot_size: usize,
+    /// The memory-polled fast path was granted (docs/rdma.md, "Fast path").
+    pub(super) fast: bool,
+    /// Largest request: the slot, less the completion word on a fast-path connection.
+    pub(super) usable: usize,
+    /// Per slot, the generation of the latest request taken from it (both paths count);
+    /// written by the receive loop when it takes the request, read by whoever replies from
+    /// that slot (the job hand-off orders the two). Its reply's word carries it.
+    pub(super) gens: Box<[AtomicU8]>,
     pub(super) depth: u32,
     pub(super) resp_slot_size: usize,
     pub(super) resp_addr: u64,
@@ -66,13 +78,18 @@ impl ServerConn {
         copy: SlotRing<HostBuf>,
         req: &ConnectRequest,
         reservation: Reservation,
+        fast: bool,
     ) -> ServerConn {
+        let fast = fast && matches!(link, Link::Host(_));
         ServerConn {
             link,
             copy,
             client_id: req.client_id,
             total_clients: req.total_clients,
             slot_size: req.slot_size as usize,
+            fast,
+            usable: req.slot_size as usize - if fast { FAST_WORD_LEN } else { 0 },
+            gens: (0..req.depth).map(|_| AtomicU8::new(0)).collect(),
             depth: req.depth,
             resp_slot_size: req.resp_slot_size as usize,
             resp_addr: req.resp_addr,
@@ -103,6 +120,26 @@ impl ServerConn {
             Link::Gpu { source, .. } => source.poll(wcs),
         }
     }
+    /// Event mode: arms the CQ's completion channel (host links; a GPU ring is polled).
+    pub(super) fn arm(&self) -> Result<(), RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.arm(),
+            Link::Gpu { .. } => Ok(()),
+        }
+    }
+    /// Event mode: adds the CQ's completion channel to `w`.
+    pub(super) fn add_to(&self, w: &mut EventWait) {
+        if let Link::Host(ep) = &self.link {
+            w.add(ep);
+        }
+    }
+    /// Event mode: takes and acknowledges the completion events waiting.
+    pub(super) fn take_events(&self) -> Result<u32, RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.take_events(),
+            Link::Gpu { .. } => Ok(0),
+        }
+    }
     /// Posts a receive again for the next request.
     pub(super) fn rearm(&self, wr_id: u64) -> Result<(), RdmaError> {
         match &self.link {
@@ -131,6 +168,39 @@ impl ServerConn {
             Link::Gpu { source, .. } => source.max_inline(),
         }
     }
+    /// Fast path: the length of the request whose completion word has arrived in landing
+    /// slot `slot` (the slot's next generation), if it has.
+    pub(super) fn poll_fast(&self, slot: u32) -> Option<u32> {
+        let Link::Host(ep) = &self.link else {
+            return None;
+        };
+        let expect = next_generation(self.gens.get(slot as usize)?.load(Ordering::Relaxed));
+        // Only the receive loop claims landing slots: the claim fails only out of range.
+        let word = ep
+            .ring(LANDING_BUF)
+            .claim(slot)?
+            .load_u32(self.usable)?;
+        fast_word_len(word, expect)
+    }
+
+    /// Counts a request taken from `slot` (either path): the slot's generation moves on.
+    pub(super) fn count_request(&self, slot: u32) {
+        if let Some(g) = self.gens.get(slot as usize) {
+            g.store(next_generation(g.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+    }
+
+    /// Zeroes landing slot `slot`'s completion word: after a request that announced more
+    /// than the slot holds (the client may have written over the word), so that its bytes
+    /// are never taken for a later request's word.
+    pub(super) fn clear_word(&self, slot: u32) {
+        if let (true, Link::Host(ep)) = (self.fast, &self.link) {
+            if let Some(mut t) = ep.ring(LANDING_BUF).claim(slot) {
+                t.store_u32(self.usable, 0);
+            }
+        }
+    }
+
     pub(super) fn pinned_bytes(&self) -> u64 {
         self.reservation.bytes()
     }
@@ -327,6 +397,37 @@ impl ServerConn {
         let Link::Host(ep) = &self.link else {
             return Err(rdma_err("host reply on a GPU-ring connection"));
         };
+        let word_at = self.resp_slot_size - FAST_WORD_LEN;
+        if self.fast && len <= FAST_MAX_LEN && len <= word_at {
+            let generation = self
+                .gens
+                .get(slot as usize)
+                .map_or(0, |g| g.load(Ordering::Relaxed));
+            let word = fast_word(generation, len as u32)
+                .ok_or_else(|| rdma_err(format!("no request counted in slot {slot}")))?;
+            // The word's slot is this reply's alone: its request's token excludes every other
+            // replier of the slot, and the previous reply's word was sent before the client
+            // could send this request.
+            let mut w = ep
+                .ring(WORD_BUF)
+                .claim(slot)
+                .ok_or_else(|| rdma_err("completion word slot out of range or busy"))?;
+            let flag_off = w.offset();
+            w.store_u32(0, word);
+            drop(w);
+            return self.post_counted(slot, len, |remote, _| {
+                ep.post_write_flagged(
+                    WR_SEND | slot as u64,
+                    STAGE_BUF,
+                    off,
+                    len,
+                    remote,
+                    self.resp_rkey,
+                    (WORD_BUF, flag_off),
+                    remote + word_at as u64,
+                )
+            });
+        }
         self.post_counted(slot, len, |remote, imm| {
             ep.post_write_imm(
                 WR_SEND | slot as u64,
