@@ -160,13 +160,7 @@ impl RcEndpoint {
         let ch_ptr = channel.map_or(ptr::null_mut(), NonNull::as_ptr);
         // SAFETY: ctx is live; ch_ptr is null or a live channel on the same context.
         let cq = unsafe {
-            (rdma.verbs.ibv_create_cq)(
-                ctx,
-                sizes.cq_entries as c_int,
-                ptr::null_mut(),
-                ch_ptr,
-                0,
-            )
+            (rdma.verbs.ibv_create_cq)(ctx, sizes.cq_entries as c_int, ptr::null_mut(), ch_ptr, 0)
         };
         let Some(cq) = NonNull::new(cq) else {
             let e = VerbsError::last("ibv_create_cq");
@@ -346,15 +340,13 @@ impl RcEndpoint {
         Ok(())
     }
 
-    /// The memory-polled fast path's send (docs/rdma.md, "Fast path"): an unsignaled plain
-    /// RDMA WRITE of `len` bytes of buffer `buf` at `offset` to `remote_addr`, then, chained
-    /// in the same post, a signaled 4-byte RDMA WRITE of the word at offset `flag.1` of
-    /// registered buffer `flag.0` to `remote_flag`. The responder consumes no receive and writes no completion;
-    /// on an RC QP it places the second write after the first, so a receiver that sees the
-    /// word sees the message. Both go inline where they fit; one completion (the flag's)
-    /// comes back. Both source ranges are bounds checked and must stay unchanged until then.
-    #[allow(clippy::too_many_arguments)]
-    pub fn post_write_flagged(
+    /// Posts a signaled plain RDMA WRITE (no immediate: the responder consumes no receive and
+    /// writes no completion) of `len` bytes from buffer `buf` at `offset` to
+    /// `remote_addr`/`rkey`, inline where it fits: the memory-polled fast path's one work
+    /// request (docs/rdma.md, "Fast path"), whose last 4 bytes are the completion word the
+    /// receiver polls. The source range is bounds checked and must stay unchanged until the
+    /// completion.
+    pub fn post_write(
         &self,
         wr_id: u64,
         buf: usize,
@@ -362,51 +354,33 @@ impl RcEndpoint {
         len: usize,
         remote_addr: u64,
         rkey: u32,
-        (flag_buf, flag_offset): (usize, usize),
-        remote_flag: u64,
     ) -> Result<(), RdmaError> {
-        let get = |i: usize| {
-            self.rings
-                .get(i)
-                .map(SlotRing::memory)
-                .ok_or_else(|| RdmaError::Other(format!("no registered buffer {i}")))
-        };
-        let (b, f) = (get(buf)?, get(flag_buf)?);
-        if !b.contains(offset, len) || !f.contains(flag_offset, 4) || len > u32::MAX as usize {
+        let b = self
+            .rings
+            .get(buf)
+            .map(SlotRing::memory)
+            .ok_or_else(|| RdmaError::Other(format!("no registered buffer {buf}")))?;
+        if !b.contains(offset, len) || len > u32::MAX as usize {
             return Err(RdmaError::Other(format!(
-                "flagged write of {len} bytes at {offset} of {} (word at {flag_offset} of {}) is out of bounds",
-                b.len(),
-                f.len()
+                "write of {len} bytes at {offset} is outside the {}-byte buffer",
+                b.len()
             )));
         }
-        let mut sges = [
-            ibv_sge {
-                addr: b.addr() + offset as u64,
-                length: len as u32,
-                lkey: b.lkey(),
-            },
-            ibv_sge {
-                addr: f.addr() + flag_offset as u64,
-                length: 4,
-                lkey: f.lkey(),
-            },
-        ];
-        let inline = |n: usize| if n <= self.max_inline { IBV_SEND_INLINE } else { 0 };
-        let [data_sge, flag_sge] = &mut sges;
-        let mut flag = ibv_send_wr::rdma_write(
-            wr_id,
-            flag_sge,
-            1,
-            remote_flag,
-            rkey,
-            IBV_SEND_SIGNALED | inline(4),
-        );
-        let mut data = ibv_send_wr::rdma_write(wr_id, data_sge, 1, remote_addr, rkey, inline(len));
-        data.next = &mut flag;
-        // SAFETY: the QP is live; both SGEs name registered memory inside a buffer owned by
-        // this endpoint, which outlives the QP (Drop destroys the QP first); the chain and
-        // its SGEs live during the call (the provider copies them, and inline data).
-        unsafe { post_send(self.qp(), if len == 0 { &mut flag } else { &mut data }) }?;
+        let mut sge = ibv_sge {
+            addr: b.addr() + offset as u64,
+            length: len as u32,
+            lkey: b.lkey(),
+        };
+        let flags = if len <= self.max_inline {
+            IBV_SEND_SIGNALED | IBV_SEND_INLINE
+        } else {
+            IBV_SEND_SIGNALED
+        };
+        let mut wr = ibv_send_wr::rdma_write(wr_id, &mut sge, 1, remote_addr, rkey, flags);
+        // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
+        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
+        // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
         Ok(())
     }
 

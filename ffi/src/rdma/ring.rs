@@ -253,7 +253,10 @@ impl<M: RingMemory> SlotToken<M> {
     /// a volatile store (clearing a fast-path word the NIC might otherwise be read as having
     /// written). False when the word is not inside the slot or not aligned.
     pub fn store_u32(&mut self, offset: usize, value: u32) -> bool {
-        if offset.checked_add(4).is_none_or(|end| end > self.ring.slot_size) {
+        if offset
+            .checked_add(4)
+            .is_none_or(|end| end > self.ring.slot_size)
+        {
             return false;
         }
         // SAFETY: offset + 4 <= slot_size: inside the slot.
@@ -265,6 +268,19 @@ impl<M: RingMemory> SlotToken<M> {
         // slot excludes every other Rust access to it.
         unsafe { std::ptr::write_volatile(p, value.to_le()) };
         true
+    }
+
+    /// [`Self::copy_out`] from `offset` of the slot: copies at most what lies between
+    /// `offset` and the slot's end; returns how many (0 when `offset` is past the end).
+    pub fn copy_out_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.ring.slot_size.saturating_sub(offset));
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: offset + n <= slot_size, so the source lies inside the slot; otherwise as
+        // for `copy_out`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr().add(offset), dst.as_mut_ptr(), n) };
+        n
     }
 
     /// The slot's bytes, for writing.
@@ -324,6 +340,11 @@ mod tests {
         assert_eq!(t.copy_out(&mut big), 8);
         assert_eq!(&big[..8], b"abcdefgh");
         assert_eq!(&big[8..], &[0; 4]);
+        let mut tail = [0u8; 4];
+        assert_eq!(t.copy_out_at(6, &mut tail), 2);
+        assert_eq!(&tail[..2], b"gh");
+        assert_eq!(t.copy_out_at(8, &mut tail), 0);
+        assert_eq!(t.copy_out_at(usize::MAX, &mut tail), 0);
     }
 
     #[test]
@@ -338,7 +359,11 @@ mod tests {
         assert_eq!(t.load_u32(usize::MAX), None);
         assert!(!t.store_u32(14, 1));
         assert!(!t.store_u32(16, 1));
-        assert_eq!(r.claim(0).unwrap().load_u32(12), Some(0), "the other slot is untouched");
+        assert_eq!(
+            r.claim(0).unwrap().load_u32(12),
+            Some(0),
+            "the other slot is untouched"
+        );
     }
 
     #[test]

@@ -356,23 +356,19 @@ impl RdmaClient {
                 imm,
             )?,
             None => {
-                // The word goes out from the send slot's own last 4 bytes (never part of a
-                // request on a fast-path connection), written after the NIC last read them.
-                let at = self.usable;
+                // The word right after the request in the send slot (room is kept: the slot
+                // takes at most `usable` bytes), and one WRITE of both that ends on the
+                // server slot's last 4 bytes: the word is the last thing placed.
                 let word = fast_word(generation, len as u32)
                     .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
-                if !credit.store_u32(at, word) {
-                    return Err(rdma_err("the send slot's completion word is not aligned"));
-                }
-                self.ep.post_write_flagged(
+                credit.bytes_mut()[len..len + FAST_WORD_LEN].copy_from_slice(&word.to_le_bytes());
+                self.ep.post_write(
                     WR_SEND | slot as u64,
                     SEND_BUF,
                     off,
-                    len,
-                    remote,
+                    len + FAST_WORD_LEN,
+                    remote + (self.usable - len) as u64,
                     self.accept.req_rkey,
-                    (SEND_BUF, off + at),
-                    remote + at as u64,
                 )?
             }
         }
@@ -422,10 +418,10 @@ impl RdmaClient {
     /// queue; the reply's slot and bytes if one arrived. Call [`Self::poll_disconnect`] now
     /// and then to notice a server that went away while nothing is in flight.
     pub fn try_recv(&mut self) -> Result<Option<(u32, &[u8])>, TransportError> {
-        let Some((slot, len)) = self.poll_reply()? else {
+        let Some((slot, at, len)) = self.poll_reply()? else {
             return Ok(None);
         };
-        let bytes = self.response(slot, len)?;
+        let bytes = self.response(slot, at, len)?;
         Ok(Some((slot, bytes)))
     }
 
@@ -438,7 +434,8 @@ impl RdmaClient {
     /// send completions are reaped on every poll, so they never pile up whichever path the
     /// replies take), then, on a fast-path connection, the completion word of every slot
     /// with a request in flight.
-    fn poll_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
+    /// Replies are (slot, offset in the response slot, length).
+    fn poll_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
         if let Some(r) = self.poll_cq_reply()? {
             return Ok(Some(r));
         }
@@ -449,14 +446,16 @@ impl RdmaClient {
     }
 
     /// A reply whose completion word has arrived (fast path), if any.
-    fn poll_fast_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
+    fn poll_fast_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
         let at = self.resp_slot_size - FAST_WORD_LEN;
         for slot in 0..self.cfg.depth as usize {
             if self.in_flight[slot].is_none() {
                 continue;
             }
             let Some(word) = self.responses[slot].load_u32(at) else {
-                return Err(rdma_err("the response slot's completion word is not aligned"));
+                return Err(rdma_err(
+                    "the response slot's completion word is not aligned",
+                ));
             };
             let Some(len) = fast_word_len(word, self.send_gen[slot]) else {
                 continue;
@@ -466,14 +465,15 @@ impl RdmaClient {
                 return Err(TransportError::ReplyTooLarge { got: len, max: at });
             }
             self.in_flight[slot] = None;
-            return Ok(Some((slot as u32, len)));
+            // The reply ends where its word begins.
+            return Ok(Some((slot as u32, at - len, len)));
         }
         Ok(None)
     }
 
     /// A reply that came as WRITE_WITH_IMM (its receive completion), if any; send
     /// completions are reaped on the way.
-    fn poll_cq_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
+    fn poll_cq_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
         loop {
             let n = self.ep.poll(&mut self.wc)?;
             if n == 0 {
@@ -508,21 +508,21 @@ impl RdmaClient {
             }
             // The credit returns: the send slot may be written again.
             self.in_flight[slot as usize] = None;
-            return Ok(Some((slot, len)));
+            return Ok(Some((slot, 0, len)));
         }
     }
 
-    /// The first `len` bytes of response slot `slot`, whose reply has arrived: no request
+    /// The `len` bytes at `at` of response slot `slot`, whose reply has arrived: no request
     /// for it is in flight, and none can be sent while the returned slice borrows self.
-    fn response(&self, slot: u32, len: usize) -> Result<&[u8], TransportError> {
+    fn response(&self, slot: u32, at: usize, len: usize) -> Result<&[u8], TransportError> {
         self.responses
             .get(slot as usize)
-            .and_then(|t| t.bytes().get(..len))
+            .and_then(|t| t.bytes().get(at..at + len))
             .ok_or_else(|| rdma_err("response slot out of range"))
     }
 
-    /// Waits for the next completion that carries a reply; returns (slot, len).
-    fn wait_reply(&mut self) -> Result<(u32, usize), TransportError> {
+    /// Waits for the next reply; returns (slot, offset in the response slot, len).
+    fn wait_reply(&mut self) -> Result<(u32, usize, usize), TransportError> {
         let start = Instant::now();
         let mut idle = 0u32;
         loop {
@@ -556,7 +556,10 @@ impl RdmaClient {
     /// the arm raises no event: without this re-poll it would be waited for in vain), then
     /// sleep on the completion channel until an event (or a tick, to look at the stop flag,
     /// the deadline and the connection) and acknowledge the events taken.
-    fn wait_event(&mut self, start: Instant) -> Result<Option<(u32, usize)>, TransportError> {
+    fn wait_event(
+        &mut self,
+        start: Instant,
+    ) -> Result<Option<(u32, usize, usize)>, TransportError> {
         self.ep.arm()?;
         if let Some(r) = self.poll_reply()? {
             return Ok(Some(r));
@@ -579,8 +582,8 @@ impl ClientTransport for RdmaClient {
     }
 
     fn recv(&mut self) -> Result<&[u8], TransportError> {
-        let (slot, len) = self.wait_reply()?;
-        self.response(slot, len)
+        let (slot, at, len) = self.wait_reply()?;
+        self.response(slot, at, len)
     }
 
     /// Connects again with the same geometry (new rings, new queue pair), retrying with

@@ -35,9 +35,6 @@ pub(super) enum Link {
 /// ring is the endpoint's GPU buffer 0).
 pub(super) const STAGE_BUF: usize = 0;
 pub(super) const LANDING_BUF: usize = 1;
-/// With the fast path (host addressing only): one 4-byte slot per ring slot, where a reply's
-/// completion word is written before the NIC sends it.
-pub(super) const WORD_BUF: usize = 2;
 
 /// One client's connection on the server: its QP, its landing ring (remote-writable, only
 /// its own slots), its private copy ring (server-owned, unregistered) and its reply staging
@@ -176,17 +173,17 @@ impl ServerConn {
         };
         let expect = next_generation(self.gens.get(slot as usize)?.load(Ordering::Relaxed));
         // Only the receive loop claims landing slots: the claim fails only out of range.
-        let word = ep
-            .ring(LANDING_BUF)
-            .claim(slot)?
-            .load_u32(self.usable)?;
+        let word = ep.ring(LANDING_BUF).claim(slot)?.load_u32(self.usable)?;
         fast_word_len(word, expect)
     }
 
     /// Counts a request taken from `slot` (either path): the slot's generation moves on.
     pub(super) fn count_request(&self, slot: u32) {
         if let Some(g) = self.gens.get(slot as usize) {
-            g.store(next_generation(g.load(Ordering::Relaxed)), Ordering::Relaxed);
+            g.store(
+                next_generation(g.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -236,6 +233,7 @@ impl ServerConn {
         &self,
         req: &mut SlotToken<HostBuf>,
         len: usize,
+        from: usize,
     ) -> Result<usize, String> {
         let slot = req.slot();
         match &self.link {
@@ -249,7 +247,9 @@ impl ServerConn {
                     .ring(LANDING_BUF)
                     .claim(slot)
                     .ok_or_else(|| format!("landing slot {slot} unavailable"))?;
-                landing.copy_out(dst);
+                if landing.copy_out_at(from, dst) != len {
+                    return Err(format!("slot {slot}: {len} B at {from} outside the slot"));
+                }
                 Ok(len)
             }
             Link::Gpu { source, .. } => {
@@ -300,12 +300,16 @@ impl ServerConn {
         // so the NIC no longer reads it.
         match &self.link {
             Link::Host(ep) => {
-                self.stage_and_post(ep.ring(STAGE_BUF).claim(slot), req, len, write, |n, _| {
-                    self.post_reply(slot, slot as usize * self.resp_slot_size, n)
+                // The staging slot's own offset: its ring's slots are the server's response
+                // slot size, which the client's (`resp_slot_size`) may exceed.
+                let stage = ep.ring(STAGE_BUF);
+                let off = stage.offset(slot).unwrap_or(0);
+                self.stage_and_post(stage.claim(slot), req, len, write, |n, _, fast| {
+                    self.post_reply(slot, off, n, fast)
                 })
             }
             Link::Gpu { source, stage } => {
-                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged| {
+                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged, _| {
                     self.post_gpu_reply(source.as_ref(), slot, staged)
                 })
             }
@@ -321,8 +325,9 @@ impl ServerConn {
         req: SlotToken<HostBuf>,
         len: usize,
         write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
-        post: impl FnOnce(usize, &[u8]) -> Result<(), TransportError>,
+        post: impl FnOnce(usize, &[u8], Option<u32>) -> Result<(), TransportError>,
     ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken<HostBuf>> {
+        let slot = req.slot();
         let request = self.request(&req, len);
         let (written, reply_len, head) = match stage.as_mut().map(SlotToken::bytes_mut) {
             Some(buf) => {
@@ -343,11 +348,32 @@ impl ServerConn {
         };
         // The reply is staged: the request slot is free for the client's next request.
         drop(req);
-        let sent = match (reply_len, stage.as_ref()) {
-            (Some(n), Some(staged)) => post(n, &staged.bytes()[..n]),
+        let sent = match (reply_len, stage.as_mut()) {
+            (Some(n), Some(staged)) => {
+                // Fast path: the completion word right after the reply, sent with it.
+                let word = self.fast_reply_word(slot, n, staged.len());
+                if let Some(w) = word {
+                    staged.bytes_mut()[n..n + FAST_WORD_LEN].copy_from_slice(&w.to_le_bytes());
+                }
+                post(n, &staged.bytes()[..n], word)
+            }
             _ => Err(rdma_err("staging slot out of range or busy")),
         };
         Ok((r, head, sent))
+    }
+
+    /// The completion word of an `n`-byte reply from slot `slot` if it goes on the fast path:
+    /// negotiated, small, and room for the word after it in the `stage_len`-byte staging slot
+    /// and before the client's response slot ends.
+    fn fast_reply_word(&self, slot: u32, n: usize, stage_len: usize) -> Option<u32> {
+        let fits = n <= FAST_MAX_LEN
+            && n + FAST_WORD_LEN <= stage_len
+            && n + FAST_WORD_LEN <= self.resp_slot_size;
+        if !(self.fast && fits) {
+            return None;
+        }
+        let generation = self.gens.get(slot as usize)?.load(Ordering::Relaxed);
+        fast_word(generation, n as u32)
     }
 
     /// Posts a reply of a GPU-ring connection: the staged host bytes, then, where their
@@ -388,43 +414,31 @@ impl ServerConn {
         })
     }
 
+    /// Posts the `len`-byte reply staged at `off` of the staging ring into the client's
+    /// response slot `slot`: as WRITE_WITH_IMM, or with `fast` (the completion word, already
+    /// written right after the reply in the staging slot) as the fast path's plain WRITE.
     pub(super) fn post_reply(
         &self,
         slot: u32,
         off: usize,
         len: usize,
+        fast: Option<u32>,
     ) -> Result<(), TransportError> {
         let Link::Host(ep) = &self.link else {
             return Err(rdma_err("host reply on a GPU-ring connection"));
         };
-        let word_at = self.resp_slot_size - FAST_WORD_LEN;
-        if self.fast && len <= FAST_MAX_LEN && len <= word_at {
-            let generation = self
-                .gens
-                .get(slot as usize)
-                .map_or(0, |g| g.load(Ordering::Relaxed));
-            let word = fast_word(generation, len as u32)
-                .ok_or_else(|| rdma_err(format!("no request counted in slot {slot}")))?;
-            // The word's slot is this reply's alone: its request's token excludes every other
-            // replier of the slot, and the previous reply's word was sent before the client
-            // could send this request.
-            let mut w = ep
-                .ring(WORD_BUF)
-                .claim(slot)
-                .ok_or_else(|| rdma_err("completion word slot out of range or busy"))?;
-            let flag_off = w.offset();
-            w.store_u32(0, word);
-            drop(w);
+        if fast.is_some() {
+            // One plain WRITE of the reply and its word, placed so that the word lands on
+            // the response slot's last 4 bytes and the reply right before it.
+            let word_at = self.resp_slot_size - FAST_WORD_LEN;
             return self.post_counted(slot, len, |remote, _| {
-                ep.post_write_flagged(
+                ep.post_write(
                     WR_SEND | slot as u64,
                     STAGE_BUF,
                     off,
-                    len,
-                    remote,
+                    len + FAST_WORD_LEN,
+                    remote + (word_at - len) as u64,
                     self.resp_rkey,
-                    (WORD_BUF, flag_off),
-                    remote + word_at as u64,
                 )
             });
         }

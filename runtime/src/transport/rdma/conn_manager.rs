@@ -21,7 +21,7 @@ use hacserve_ffi::rdma::{
 };
 
 use super::admission::{registered_bytes, size_text, Admission, Reservation};
-use super::conn::{Link, ServerConn, LANDING_BUF, STAGE_BUF, WORD_BUF};
+use super::conn::{Link, ServerConn, LANDING_BUF, STAGE_BUF};
 use super::gpu_ring::verbs::{VerbsGpuRing, REPLY_GPU_BUF, REQUEST_GPU_BUF};
 use super::gpu_ring::{GpuRingSource, DEVICE_REPLY_SLOT};
 use super::wire::*;
@@ -221,9 +221,7 @@ impl Manager {
             return refuse(&id, who, &refusal);
         }
         let fast = self.grants_fast_path(&req);
-        // The fast path also registers a 4-byte completion word per slot.
-        let words = if fast { (req.depth as usize * FAST_WORD_LEN) as u64 } else { 0 };
-        let bytes = registered_bytes(req.depth, req.slot_size) + words;
+        let bytes = registered_bytes(req.depth, req.slot_size);
         let reservation = match self.admission.admit(req.client_id, bytes) {
             Ok(r) => r,
             Err(refusal) => return refuse(&id, who, &refusal),
@@ -267,7 +265,7 @@ impl Manager {
         };
         // A failure here destroys the id, which rejects the request without a reason.
         let mut ep = RcEndpoint::create_with(self.rdma, id, sizes, self.rules.events)?;
-        match self.register(&mut ep, req, fast) {
+        match self.register(&mut ep, req) {
             Ok((req_addr, req_rkey)) => {
                 let slot_size = req.slot_size as usize;
                 let usable = slot_size - if fast { FAST_WORD_LEN } else { 0 };
@@ -305,7 +303,6 @@ impl Manager {
         &self,
         ep: &mut RcEndpoint,
         req: &ConnectRequest,
-        fast: bool,
     ) -> Result<(u64, u32), TransportError> {
         let depth = req.depth;
         let slot_size = req.slot_size as usize;
@@ -337,10 +334,6 @@ impl Manager {
             None => {
                 let landing = ep.register_ring(slot_size, depth, ring_access)?;
                 debug_assert_eq!(landing, LANDING_BUF);
-                if fast {
-                    let words = ep.register_ring(FAST_WORD_LEN, depth, AccessFlags::LOCAL_WRITE)?;
-                    debug_assert_eq!(words, WORD_BUF);
-                }
                 (ep.buf(landing).addr(), ep.buf(landing).rkey())
             }
         };

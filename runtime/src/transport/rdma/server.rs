@@ -426,7 +426,7 @@ impl RdmaServer {
                 conn.depth
             ));
         }
-        let job = Self::take_slot(conn, slot, len)?;
+        let job = Self::take_slot(conn, slot, len, false)?;
         if job.announced.is_some() {
             // It may have written over the slot's completion word.
             conn.clear_word(slot);
@@ -434,8 +434,15 @@ impl RdmaServer {
         Ok(job)
     }
 
-    /// The request of `len` bytes in landing slot `slot` (either path), copied out.
-    fn take_slot(conn: &Arc<ServerConn>, slot: u32, len: u32) -> Result<RdmaJob, String> {
+    /// The request of `len` bytes in landing slot `slot`, copied out: from the slot's start
+    /// (WRITE_WITH_IMM), or (`fast`) from right before the completion word, where the fast
+    /// path places a message.
+    fn take_slot(
+        conn: &Arc<ServerConn>,
+        slot: u32,
+        len: u32,
+        fast: bool,
+    ) -> Result<RdmaJob, String> {
         let Some(mut req) = conn.copy.claim(slot) else {
             return Err(format!(
                 "request into slot {slot} while it is still being served (no credit)"
@@ -445,7 +452,12 @@ impl RdmaServer {
         // Beyond the slot the length cannot be right: only the header is read.
         let oversize = len as usize > conn.usable;
         let wanted = if oversize { HEADER_LEN as u32 } else { len };
-        let held = match conn.copy_request(&mut req, wanted as usize) {
+        let from = if fast && !oversize {
+            conn.usable - len as usize
+        } else {
+            0
+        };
+        let held = match conn.copy_request(&mut req, wanted as usize, from) {
             Ok(held) => held as u32,
             Err(e) => {
                 return Err(format!(
@@ -482,7 +494,7 @@ impl RdmaServer {
                     let Some(len) = conn.poll_fast(lc.cursor) else {
                         break;
                     };
-                    match Self::take_slot(conn, lc.cursor, len) {
+                    match Self::take_slot(conn, lc.cursor, len, true) {
                         Ok(job) => {
                             events += 1;
                             self.ready.push_back(job);

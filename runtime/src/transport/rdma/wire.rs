@@ -409,7 +409,11 @@ mod tests {
         assert_eq!(fast_word(3, IMM_LEN_MASK + 1), None);
         assert_eq!(fast_word_len(0x0100_0040, 1), Some(64));
         assert_eq!(fast_word_len(0x0100_0040, 2), None, "a stale generation");
-        assert_eq!(fast_word_len(0, 0), None, "zeroed memory is never a message");
+        assert_eq!(
+            fast_word_len(0, 0),
+            None,
+            "zeroed memory is never a message"
+        );
         assert_eq!(fast_word_len(0x0000_0040, 0), None);
         // Generations cycle through 1..=255; a slot's previous word always differs.
         let mut g = 1u8;
@@ -425,9 +429,15 @@ mod tests {
             let resp = fast_response_slot_size(slot);
             assert!(fast_path_fits(slot, resp), "{slot}");
             assert!(resp % 4 == 0 && resp <= IMM_LEN_MASK, "{slot}");
-            assert!(!fast_path_fits(slot, response_slot_size(slot)), "no room for the word");
+            assert!(
+                !fast_path_fits(slot, response_slot_size(slot)),
+                "no room for the word"
+            );
         }
-        assert!(!fast_path_fits(4098, fast_response_slot_size(4098)), "unaligned slot");
+        assert!(
+            !fast_path_fits(4098, fast_response_slot_size(4098)),
+            "unaligned slot"
+        );
         // The flags travel in both directions; unknown bits are kept, not refused.
         let r = ConnectRequest {
             flags: FLAG_FAST_PATH | 0x8000,
