@@ -307,6 +307,7 @@ fn stream(args: &Args, port: u16, task: Task) -> Result<(f64, f64)> {
             timeout: Duration::from_secs(20),
             mode: PollMode::Busy,
             total_clients: 1,
+            fast_path: false,
         },
     )
     .context("connecting the stream client")?;
@@ -375,6 +376,7 @@ fn ping(args: &Args, port: u16) -> Result<(Vec<f64>, f64)> {
             timeout: Duration::from_secs(20),
             mode: PollMode::Busy,
             total_clients: 1,
+            fast_path: false,
         },
     )
     .context("connecting the ping client")?;

@@ -178,7 +178,7 @@ fn measure_peer(
         let t0 = Instant::now();
         req.send(&msg, 0)?;
         match mode {
-            PollMode::Block => {
+            PollMode::Block | PollMode::Event => {
                 req.recv_msg(&mut reply, 0)?;
             }
             PollMode::Busy => loop {

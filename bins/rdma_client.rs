@@ -10,8 +10,9 @@ use hacserve_runtime::check;
 use hacserve_runtime::contract::{ClientTransport, TransportError};
 use hacserve_runtime::protocol::{decode_error, Header, MessageKind, Task, HEADER_LEN};
 use hacserve_runtime::transport::rdma::{
-    check_geometry, encode_imm, response_slot_size, GeometryError, RdmaClient, RdmaClientConfig,
-    DEFAULT_PORT, IMM_LEN_MASK, MAX_DEPTH, MIN_SLOT_SIZE,
+    check_geometry, encode_imm, fast_response_slot_size, response_slot_size, GeometryError,
+    RdmaClient, RdmaClientConfig, DEFAULT_PORT, FAST_WORD_LEN, IMM_LEN_MASK, MAX_DEPTH,
+    MIN_SLOT_SIZE,
 };
 
 hacserve::cli_args! {
@@ -27,9 +28,15 @@ hacserve::cli_args! {
         /// how long to wait for the connection and for each reply, in ms
         #[argh(option, default = "30000")]
         timeout_ms: u64,
-        /// busy (spin) or block (yield/sleep) while waiting for a reply
+        /// busy (spin), block (yield/sleep) or event (sleep on the CQ's completion channel)
+        /// while waiting for a reply
         #[argh(option, default = "String::from(\"block\")")]
         poll_mode: String,
+        /// ask for the memory-polled fast path (requests and replies up to 8192 B as a plain
+        /// RDMA WRITE and a completion word the receiver polls): on or off (default on; not
+        /// asked in event mode; a server that does not grant it is used with WRITE_WITH_IMM)
+        #[argh(option, default = "String::from(\"on\")")]
+        fast_path: String,
         /// request slot size in bytes (default: the request rounded up to 4 KiB)
         #[argh(option)]
         slot_size: Option<u32>,
@@ -61,11 +68,14 @@ fn main() -> Result<()> {
             bail!("--bad-imm must be \"length\" or \"slot\", not {b:?}");
         }
     }
+    let fast_path = hacserve::cli::on_off(&args.fast_path, "--fast-path")?;
     let payloads = client.payloads()?;
     let want = hacserve::cli::ClientArgs::longest_request(&payloads);
+    // A fast-path slot keeps its last 4 bytes for the completion word.
+    let room = want + if fast_path { FAST_WORD_LEN } else { 0 };
     let slot_size = match args.slot_size {
         Some(s) => s,
-        None => (want.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32,
+        None => (room.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32,
     };
     match check_geometry(args.ring_depth, slot_size) {
         // The slot was derived from the request: say so, the user never named a size.
@@ -84,6 +94,8 @@ fn main() -> Result<()> {
         timeout: Duration::from_millis(args.timeout_ms),
         mode,
         total_clients: args.total_clients,
+        // A request filling the slot leaves no room for the word: WRITE_WITH_IMM then.
+        fast_path: fast_path && room <= slot_size as usize,
     };
     let receives = args.post_receives.unwrap_or(args.ring_depth);
     let mut transport =
@@ -103,10 +115,23 @@ fn main() -> Result<()> {
             }
         };
     println!(
-        "rdma_client {} connected to {}:{} ({} slots x {} B)",
-        client.client_id, client.host, args.port, args.ring_depth, slot_size
+        "rdma_client {} connected to {}:{} ({} slots x {} B, {})",
+        client.client_id,
+        client.host,
+        args.port,
+        args.ring_depth,
+        slot_size,
+        if transport.fast_path() {
+            "fast path"
+        } else {
+            "WRITE_WITH_IMM"
+        }
     );
-    let max_reply = response_slot_size(slot_size) as usize;
+    let max_reply = if transport.fast_path() {
+        fast_response_slot_size(slot_size) as usize - FAST_WORD_LEN
+    } else {
+        response_slot_size(slot_size) as usize
+    };
     client.run(
         "rdma_client",
         args.port,

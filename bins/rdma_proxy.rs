@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use hacserve::cli::bind_ip;
 use hacserve::cli::proxy::{forward, Backend};
 use hacserve_runtime::check;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServer, DEFAULT_PORT};
 
 hacserve::cli_args! {
@@ -60,8 +61,10 @@ fn main() -> Result<()> {
         client_id_base: args.connection_id,
         slot_size: ring.slot_size,
         depth: args.target_ring_depth,
+        fast_path: ring.fast_path == "on",
     };
-    let cfg = ring.server_config(args.keep_alive != 0, Addressing::Host);
+    let events = mode == PollMode::Event;
+    let cfg = ring.server_config(args.keep_alive != 0, Addressing::Host, events);
     // Payload limits are the backend's business; the slot bounds what arrives.
     let max_payload = ring.slot_size as usize;
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)

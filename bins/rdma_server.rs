@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use anyhow::{anyhow, bail, Context as _, Result};
 use hacserve::cli::bind_ip;
 use hacserve::cli::server::serve;
+use hacserve_runtime::contract::PollMode;
 use hacserve_runtime::protocol::{DEFAULT_MAX_PAYLOAD, HEADER_LEN};
 use hacserve_runtime::transport::rdma::{
     check_available, Addressing, GpuRing, RdmaServer, DEFAULT_PORT,
@@ -69,7 +70,11 @@ fn main() -> Result<()> {
                 .with_context(listening)?,
         }),
     };
-    let cfg = ring.server_config(args.keep_alive != 0, addressing);
+    let events = serving.mode.receive == PollMode::Event;
+    if events && ring_gpu.is_some() {
+        bail!("--poll-mode event needs host memory rings (-a 0): a GPU ring is polled");
+    }
+    let cfg = ring.server_config(args.keep_alive != 0, addressing, events);
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
     let memory = match ring_gpu {

@@ -44,6 +44,10 @@ hacserve::cli_args! {
         /// read its replies; counted per client)
         #[argh(option, default = "DEFAULT_REPLY_HWM")]
         reply_hwm: usize,
+        /// ask the RDMA server for the memory-polled fast path on the backend connections:
+        /// on or off (default on; a server that does not grant it is used as before)
+        #[argh(option, default = "String::from(\"on\")")]
+        fast_path: String,
     }
 }
 
@@ -64,6 +68,7 @@ fn main() -> Result<()> {
         client_id_base: args.connection_id,
         slot_size: args.slot_size,
         depth: args.ring_depth,
+        fast_path: hacserve::cli::on_off(&args.fast_path, "--fast-path")?,
     };
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     // Larger requests could not be forwarded anyway (the pool answers PayloadTooLarge).

@@ -136,7 +136,9 @@ macro_rules! cli_args {
         #[argh(option, default = "::hacserve_runtime::preprocess::DEFAULT_MAX_IMAGE_PIXELS")]
         max_image_pixels: [usize],
         /// busy (spin), block (sleep when idle), hybrid (receive loop spins, workers sleep until a
-        /// request is queued) or auto (busy with a core per thread, else hybrid with two cores)
+        /// request is queued), event (rdma_server: the receive loop sleeps on completion
+        /// channels, workers park; zmq_server: as block) or auto (busy with a core per thread,
+        /// else hybrid with two cores)
         #[argh(option, default = "String::from(\"auto\")")]
         poll_mode: [String],
         /// inference backend, by its registry name (default cpu = tract); `--backend help` lists
@@ -189,6 +191,11 @@ macro_rules! cli_args {
         /// (0 = never; default 1000)
         #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_PEER_TIMEOUT_MS")]
         peer_timeout_ms: [u64],
+        /// grant the memory-polled fast path (small messages as a plain RDMA WRITE and a
+        /// completion word the receiver polls) to clients that ask: on or off (default on;
+        /// never granted with --poll-mode event)
+        #[argh(option, default = "String::from(\"on\")")]
+        fast_path: [String],
     }); };
     (@group client [$($k:tt)*]) => { $crate::cli_args!($($k)* client ClientArgs {
         /// server host
@@ -280,7 +287,8 @@ macro_rules! cli_args {
         /// are answered Overloaded
         #[argh(option, default = "1024")]
         queue_depth: [usize],
-        /// busy (spin), block or auto
+        /// busy (spin), block, event (rdma_proxy: its receive loop sleeps on completion
+        /// channels; the forwarder waits as in block) or auto
         #[argh(option, default = "String::from(\"auto\")")]
         poll_mode: [String],
         /// address to bind
@@ -303,6 +311,15 @@ cli_args!(@group client [@define]);
 cli_args!(@group proxy [@define]);
 cli_args!(@group metrics [@define]);
 
+/// Parses an on/off option (`--fast-path`).
+pub fn on_off(value: &str, option: &str) -> anyhow::Result<bool> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => anyhow::bail!("{option} must be on or off, not {other:?}"),
+    }
+}
+
 impl RingLimits {
     /// The wire format's limits ([`check_geometry`]) and the entry limits' ranges.
     pub fn check(&self) -> Result<()> {
@@ -313,12 +330,21 @@ impl RingLimits {
         if self.max_pinned_mib == 0 {
             anyhow::bail!("--max-pinned-mib must be at least 1");
         }
+        on_off(&self.fast_path, "--fast-path")?;
         Ok(())
     }
 
-    /// The listening side's configuration with these limits.
-    pub fn server_config(&self, keep_alive: bool, addressing: Addressing) -> RdmaServerConfig {
+    /// The listening side's configuration with these limits; `events`: the receive loop
+    /// sleeps on completion channels (`--poll-mode event`).
+    pub fn server_config(
+        &self,
+        keep_alive: bool,
+        addressing: Addressing,
+        events: bool,
+    ) -> RdmaServerConfig {
         RdmaServerConfig {
+            fast_path: self.fast_path == "on",
+            events,
             max_slot_size: self.slot_size,
             max_depth: self.ring_depth,
             max_connections: self.max_connections,

@@ -19,6 +19,8 @@ pub struct Backend {
     pub client_id_base: u32,
     pub slot_size: u32,
     pub depth: u32,
+    /// Ask the backend for the memory-polled fast path.
+    pub fast_path: bool,
 }
 
 /// How a proxy's run ended.
@@ -51,6 +53,7 @@ impl ProxyArgs {
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
             mode,
             queue_limit: self.queue_depth,
+            fast_path: b.fast_path,
         }
     }
 }

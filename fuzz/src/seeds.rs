@@ -107,6 +107,7 @@ fn wire() -> Vec<(&'static str, Vec<u8>)> {
 fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
     let slot = 2 << 20;
     let connect = ConnectRequest {
+        flags: 0,
         client_id: 7,
         slot_size: slot,
         depth: 64,
@@ -116,12 +117,14 @@ fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
         total_clients: 1,
     };
     let smallest = ConnectRequest {
+        flags: 0,
         slot_size: MIN_SLOT_SIZE,
         depth: 1,
         resp_slot_size: response_slot_size(MIN_SLOT_SIZE),
         ..connect
     };
     let too_deep = ConnectRequest {
+        flags: 0,
         depth: 256,
         ..connect
     };
@@ -129,6 +132,7 @@ fn rdma_handshake() -> Vec<(&'static str, Vec<u8>)> {
     let mut padded = connect.encode().to_vec();
     padded.resize(56, 0);
     let accept = AcceptReply {
+        flags: 0,
         slot_size: slot,
         depth: 64,
         req_addr: 0x7f00_5678_9000,

@@ -17,8 +17,8 @@ use super::mem::{DeviceRegisterError, GpuRegisteredBuf, ProtectionDomain, Regist
 use super::ring::{RingError, SlotRing};
 use super::sys::cm::{rdma_conn_param, CmError, RdmaCm};
 use super::sys::verbs::{
-    ibv_cq, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, post_recv, post_send, Verbs,
-    VerbsError, IBV_QPT_RC, IBV_SEND_INLINE, IBV_SEND_SIGNALED,
+    ibv_comp_channel, ibv_cq, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, post_recv,
+    post_send, req_notify_cq, Verbs, VerbsError, IBV_QPT_RC, IBV_SEND_INLINE, IBV_SEND_SIGNALED,
 };
 use super::verbs::{AccessFlags, WcStatus, WorkCompletion};
 use crate::dl::DlError;
@@ -88,6 +88,9 @@ pub struct RcEndpoint {
     id: Arc<CmId>,
     pd: Arc<ProtectionDomain>,
     cq: NonNull<ibv_cq>,
+    /// The CQ's completion channel (event mode: [`Self::arm`], [`Self::take_events`]), its
+    /// fd non-blocking; None for a polled-only CQ.
+    channel: Option<NonNull<ibv_comp_channel>>,
     has_qp: bool,
     rings: Vec<SlotRing<RegisteredBuf>>,
     gpu_bufs: Vec<GpuRegisteredBuf>,
@@ -111,6 +114,18 @@ impl RcEndpoint {
     /// Allocates a PD and a CQ on the id's device and creates an RC QP on the id (state INIT;
     /// rdma_accept/rdma_connect take it to RTS).
     pub fn create(rdma: Rdma, id: CmId, sizes: QpSizes) -> Result<RcEndpoint, RdmaError> {
+        Self::create_with(rdma, id, sizes, false)
+    }
+
+    /// [`Self::create`], with `events`: the CQ gets a completion channel of its own (its fd
+    /// non-blocking), so that a waiter can sleep until a completion arrives instead of
+    /// polling ([`Self::arm`], [`EventWait`], [`Self::take_events`]).
+    pub fn create_with(
+        rdma: Rdma,
+        id: CmId,
+        sizes: QpSizes,
+        events: bool,
+    ) -> Result<RcEndpoint, RdmaError> {
         // SAFETY: the id is live.
         let ctx = unsafe { id.id.as_ref() }.verbs;
         if ctx.is_null() {
@@ -121,25 +136,47 @@ impl RcEndpoint {
         let id = Arc::new(id);
         // SAFETY: ctx is the id's live device context.
         let pd = unsafe { ProtectionDomain::alloc(rdma.verbs, ctx, id.clone()) }?;
-        // SAFETY: ctx is live; no completion channel.
+        let channel = if events {
+            // SAFETY: ctx is the id's live device context.
+            let ch = unsafe { (rdma.verbs.ibv_create_comp_channel)(ctx) };
+            let Some(ch) = NonNull::new(ch) else {
+                return Err(VerbsError::last("ibv_create_comp_channel").into());
+            };
+            // SAFETY: ch is live; its fd is an open descriptor owned by libibverbs.
+            let fd = unsafe { ch.as_ref() }.fd;
+            // SAFETY: fcntl on an open fd with integer arguments.
+            let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            // SAFETY: as above.
+            if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+                let e = VerbsError::last("fcntl(O_NONBLOCK) on the completion channel");
+                // SAFETY: ch is live and has no CQ yet; destroyed once.
+                unsafe { (rdma.verbs.ibv_destroy_comp_channel)(ch.as_ptr()) };
+                return Err(e.into());
+            }
+            Some(ch)
+        } else {
+            None
+        };
+        let ch_ptr = channel.map_or(ptr::null_mut(), NonNull::as_ptr);
+        // SAFETY: ctx is live; ch_ptr is null or a live channel on the same context.
         let cq = unsafe {
-            (rdma.verbs.ibv_create_cq)(
-                ctx,
-                sizes.cq_entries as c_int,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                0,
-            )
+            (rdma.verbs.ibv_create_cq)(ctx, sizes.cq_entries as c_int, ptr::null_mut(), ch_ptr, 0)
         };
         let Some(cq) = NonNull::new(cq) else {
+            let e = VerbsError::last("ibv_create_cq");
+            if let Some(ch) = channel {
+                // SAFETY: the channel has no CQ; destroyed once.
+                unsafe { (rdma.verbs.ibv_destroy_comp_channel)(ch.as_ptr()) };
+            }
             // The PD (no objects on it) is deallocated as its only Arc drops.
-            return Err(VerbsError::last("ibv_create_cq").into());
+            return Err(e.into());
         };
         let mut ep = RcEndpoint {
             rdma,
             id,
             pd,
             cq,
+            channel,
             has_qp: false,
             rings: Vec::new(),
             gpu_bufs: Vec::new(),
@@ -303,6 +340,101 @@ impl RcEndpoint {
         Ok(())
     }
 
+    /// Posts a signaled plain RDMA WRITE (no immediate: the responder consumes no receive and
+    /// writes no completion) of `len` bytes from buffer `buf` at `offset` to
+    /// `remote_addr`/`rkey`, inline where it fits: the memory-polled fast path's one work
+    /// request (docs/rdma.md, "Fast path"), whose last 4 bytes are the completion word the
+    /// receiver polls. The source range is bounds checked and must stay unchanged until the
+    /// completion.
+    pub fn post_write(
+        &self,
+        wr_id: u64,
+        buf: usize,
+        offset: usize,
+        len: usize,
+        remote_addr: u64,
+        rkey: u32,
+    ) -> Result<(), RdmaError> {
+        let b = self
+            .rings
+            .get(buf)
+            .map(SlotRing::memory)
+            .ok_or_else(|| RdmaError::Other(format!("no registered buffer {buf}")))?;
+        if !b.contains(offset, len) || len > u32::MAX as usize {
+            return Err(RdmaError::Other(format!(
+                "write of {len} bytes at {offset} is outside the {}-byte buffer",
+                b.len()
+            )));
+        }
+        let mut sge = ibv_sge {
+            addr: b.addr() + offset as u64,
+            length: len as u32,
+            lkey: b.lkey(),
+        };
+        let flags = if len <= self.max_inline {
+            IBV_SEND_SIGNALED | IBV_SEND_INLINE
+        } else {
+            IBV_SEND_SIGNALED
+        };
+        let mut wr = ibv_send_wr::rdma_write(wr_id, &mut sge, 1, remote_addr, rkey, flags);
+        // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
+        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
+        // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// Arms the CQ's completion channel for the next completion (`ibv_req_notify_cq`). A
+    /// waiter arms, polls once more (a completion that arrived before the arm raises no
+    /// event), and only then waits ([`EventWait`]). Fails on an endpoint without a channel.
+    pub fn arm(&self) -> Result<(), RdmaError> {
+        if self.channel.is_none() {
+            return Err(RdmaError::Other(
+                "arming a CQ that has no completion channel".into(),
+            ));
+        }
+        // SAFETY: the CQ is live and was created with a completion channel.
+        unsafe { req_notify_cq(self.cq.as_ptr(), false) }?;
+        Ok(())
+    }
+
+    /// The completion channel's fd, for [`EventWait`]; None without a channel.
+    pub fn event_fd(&self) -> Option<c_int> {
+        // SAFETY: the channel is live until Drop; its fd never changes.
+        self.channel.map(|ch| unsafe { ch.as_ref() }.fd)
+    }
+
+    /// Takes every completion event waiting on the channel (`ibv_get_cq_event`, without
+    /// blocking: the fd is non-blocking) and acknowledges them (`ibv_ack_cq_events`); returns
+    /// how many. The CQ stays unarmed until the next [`Self::arm`].
+    pub fn take_events(&self) -> Result<u32, RdmaError> {
+        let Some(ch) = self.channel else {
+            return Ok(0);
+        };
+        let mut n = 0u32;
+        loop {
+            let mut cq: *mut ibv_cq = ptr::null_mut();
+            let mut ctx: *mut c_void = ptr::null_mut();
+            // SAFETY: the channel is live; cq and ctx are writable out-pointers; the fd is
+            // non-blocking, so this returns -1 (EAGAIN) when no event waits.
+            let rc = unsafe { (self.rdma.verbs.ibv_get_cq_event)(ch.as_ptr(), &mut cq, &mut ctx) };
+            if rc != 0 {
+                // Read errno before anything else can change it (no allocation on EAGAIN).
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if errno == libc::EAGAIN || errno == libc::EWOULDBLOCK || errno == libc::EINTR {
+                    break;
+                }
+                return Err(VerbsError::from_errno("ibv_get_cq_event", errno).into());
+            }
+            n += 1;
+            // Only this endpoint's CQ uses the channel, so `cq` is ours.
+            // SAFETY: cq is the CQ the event was returned for (this endpoint's, live); one
+            // event is acknowledged per event taken, before the CQ is destroyed.
+            unsafe { (self.rdma.verbs.ibv_ack_cq_events)(cq, 1) };
+        }
+        Ok(n)
+    }
+
     /// Posts a signaled RDMA WRITE_WITH_IMM that gathers `host_len` bytes of host buffer
     /// `host_buf` at `host_off` and then `gpu_len` bytes of GPU buffer `gpu_buf` at `gpu_off`
     /// (GPUDirect: the NIC reads the second part from device memory) into one contiguous
@@ -437,9 +569,78 @@ impl Drop for RcEndpoint {
         // buffer, and with it the PD and the id, until it drops).
         self.rings.clear();
         self.gpu_bufs.clear();
+        // Events taken were acknowledged as they were taken (`take_events`), as
+        // ibv_destroy_cq requires; take the rest.
+        let _ = self.take_events();
         // SAFETY: the CQ has no QP attached any more; destroyed once.
         unsafe { (self.rdma.verbs.ibv_destroy_cq)(self.cq.as_ptr()) };
+        if let Some(ch) = self.channel {
+            // SAFETY: its only CQ is destroyed; destroyed once.
+            unsafe { (self.rdma.verbs.ibv_destroy_comp_channel)(ch.as_ptr()) };
+        }
         // The PD is deallocated as the last Arc to it drops (the `pd` field, after this, unless
         // a buffer is still out), and the id after the PD (the PD holds it).
+    }
+}
+
+/// Waits on the completion channels of several endpoints at once (`poll(2)` on their fds):
+/// the event-mode receive loop of rdma_server, which serves many connections. The fd list is
+/// preallocated and reused between waits.
+#[derive(Debug, Default)]
+pub struct EventWait {
+    fds: Vec<libc::pollfd>,
+}
+
+impl EventWait {
+    /// Room for `n` endpoints without reallocating.
+    pub fn with_capacity(n: usize) -> Self {
+        EventWait {
+            fds: Vec::with_capacity(n),
+        }
+    }
+
+    /// Forgets the endpoints of the last wait.
+    pub fn clear(&mut self) {
+        self.fds.clear();
+    }
+
+    /// Adds `ep`'s completion channel (nothing for an endpoint without one).
+    pub fn add(&mut self, ep: &RcEndpoint) {
+        if let Some(fd) = ep.event_fd() {
+            self.fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+    }
+
+    /// Sleeps until a completion event is readable on one of the channels added, or
+    /// `timeout_ms` passes (0 = just look); returns how many channels have events (0 on
+    /// timeout or a signal).
+    pub fn wait(&mut self, timeout_ms: i32) -> Result<usize, RdmaError> {
+        if self.fds.is_empty() {
+            if timeout_ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(timeout_ms as u64));
+            }
+            return Ok(0);
+        }
+        // SAFETY: fds is a live array of fds.len() pollfds; the fds are owned by live
+        // channels (the caller's endpoints outlive the call).
+        let rc = unsafe {
+            libc::poll(
+                self.fds.as_mut_ptr(),
+                self.fds.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
+        if rc < 0 {
+            let e = VerbsError::last("poll on completion channels");
+            if e.errno() == Some(libc::EINTR) {
+                return Ok(0);
+            }
+            return Err(e.into());
+        }
+        Ok(rc as usize)
     }
 }

@@ -21,7 +21,7 @@ pub mod sys;
 pub mod verbs;
 
 pub use cm::{CmEvent, CmEventKind, CmId, EventChannel};
-pub use conn::{QpSizes, RcEndpoint, Rdma, RdmaError};
+pub use conn::{EventWait, QpSizes, RcEndpoint, Rdma, RdmaError};
 pub use mem::{HostBuf, RegisteredBuf};
 pub use ring::{RingError, RingMemory, SlotRing, SlotToken};
 pub use verbs::{AccessFlags, WcOpcode, WcStatus, WorkCompletion};

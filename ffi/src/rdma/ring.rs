@@ -226,6 +226,63 @@ impl<M: RingMemory> SlotToken<M> {
         n
     }
 
+    /// Reads the naturally aligned little-endian u32 at `offset` of the slot with a volatile
+    /// load followed by an acquire fence: the word a peer RDMA-writes last to say that a
+    /// message is complete (the memory-polled fast path, docs/rdma.md). `None` when the word
+    /// is not inside the slot or not 4-byte aligned in memory. Bytes read after this call
+    /// (e.g. [`Self::copy_out`]) are not reordered before the load.
+    pub fn load_u32(&self, offset: usize) -> Option<u32> {
+        if offset.checked_add(4)? > self.ring.slot_size {
+            return None;
+        }
+        // SAFETY: offset + 4 <= slot_size, so the word lies inside the slot (as for `bytes`).
+        let p = unsafe { self.ptr().add(offset) } as *const u32;
+        if !p.is_aligned() {
+            return None;
+        }
+        // SAFETY: p is in bounds, aligned and valid for reads (RingMemory's contract); a
+        // volatile load forms no reference, so a NIC write landing meanwhile (outside the
+        // abstract machine) only decides which value is read; an aligned 4-byte load is one
+        // access on every target hacserve builds for.
+        let v = unsafe { std::ptr::read_volatile(p) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        Some(u32::from_le(v))
+    }
+
+    /// Writes `value` as the naturally aligned little-endian u32 at `offset` of the slot with
+    /// a volatile store (clearing a fast-path word the NIC might otherwise be read as having
+    /// written). False when the word is not inside the slot or not aligned.
+    pub fn store_u32(&mut self, offset: usize, value: u32) -> bool {
+        if offset
+            .checked_add(4)
+            .is_none_or(|end| end > self.ring.slot_size)
+        {
+            return false;
+        }
+        // SAFETY: offset + 4 <= slot_size: inside the slot.
+        let p = unsafe { self.ptr().add(offset) } as *mut u32;
+        if !p.is_aligned() {
+            return false;
+        }
+        // SAFETY: in bounds, aligned, valid for writes; `&mut self` of the token holding the
+        // slot excludes every other Rust access to it.
+        unsafe { std::ptr::write_volatile(p, value.to_le()) };
+        true
+    }
+
+    /// [`Self::copy_out`] from `offset` of the slot: copies at most what lies between
+    /// `offset` and the slot's end; returns how many (0 when `offset` is past the end).
+    pub fn copy_out_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.ring.slot_size.saturating_sub(offset));
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: offset + n <= slot_size, so the source lies inside the slot; otherwise as
+        // for `copy_out`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr().add(offset), dst.as_mut_ptr(), n) };
+        n
+    }
+
     /// The slot's bytes, for writing.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as for bytes; `&mut self` of the one token holding the flag makes the
@@ -283,6 +340,30 @@ mod tests {
         assert_eq!(t.copy_out(&mut big), 8);
         assert_eq!(&big[..8], b"abcdefgh");
         assert_eq!(&big[8..], &[0; 4]);
+        let mut tail = [0u8; 4];
+        assert_eq!(t.copy_out_at(6, &mut tail), 2);
+        assert_eq!(&tail[..2], b"gh");
+        assert_eq!(t.copy_out_at(8, &mut tail), 0);
+        assert_eq!(t.copy_out_at(usize::MAX, &mut tail), 0);
+    }
+
+    #[test]
+    fn words_load_and_store_inside_the_slot_only() {
+        let r = ring(16, 2);
+        let mut t = r.claim(1).unwrap();
+        assert!(t.store_u32(12, 0x0102_0304));
+        assert_eq!(&t.bytes()[12..16], &[4, 3, 2, 1], "little-endian");
+        assert_eq!(t.load_u32(12), Some(0x0102_0304));
+        assert_eq!(t.load_u32(13), None, "unaligned");
+        assert_eq!(t.load_u32(16), None, "outside the slot");
+        assert_eq!(t.load_u32(usize::MAX), None);
+        assert!(!t.store_u32(14, 1));
+        assert!(!t.store_u32(16, 1));
+        assert_eq!(
+            r.claim(0).unwrap().load_u32(12),
+            Some(0),
+            "the other slot is untouched"
+        );
     }
 
     #[test]

@@ -11,22 +11,33 @@ pub enum PollMode {
     Busy,
     /// Sleep in poll/park: for shared machines.
     Block,
+    /// Sleep until the transport says work arrived: over RDMA the thread blocks on a
+    /// completion channel (`ibv_req_notify_cq`, `ibv_get_cq_event`) instead of polling, as
+    /// the original server does; everywhere else (ZeroMQ sockets, work queues) it waits as
+    /// [`PollMode::Block`] does, which already sleeps on the socket or a park.
+    Event,
 }
 
 impl PollMode {
-    /// Parses "busy", "block" or "auto"; auto spins only when every spinning thread gets a
+    /// Whether idle threads may wait (block or event), rather than spin.
+    pub fn waits(self) -> bool {
+        self != PollMode::Busy
+    }
+
+    /// Parses "busy", "block", "event" or "auto"; auto spins only when every spinning thread gets a
     /// core of its own (plus one left for the rest of the machine).
     pub fn parse(s: &str, spinning_threads: usize) -> Result<PollMode, String> {
         match s {
             "busy" => Ok(PollMode::Busy),
             "block" => Ok(PollMode::Block),
+            "event" => Ok(PollMode::Event),
             "auto" => Ok(if cores() > spinning_threads {
                 PollMode::Busy
             } else {
                 PollMode::Block
             }),
             other => Err(format!(
-                "poll mode must be busy, block or auto, not {other:?}"
+                "poll mode must be busy, block, event or auto, not {other:?}"
             )),
         }
     }
@@ -65,22 +76,29 @@ impl ServerPollMode {
             "busy" => Ok(both(PollMode::Busy)),
             "block" => Ok(both(PollMode::Block)),
             "hybrid" => Ok(hybrid),
+            // The receive loop sleeps on completion events, the workers park.
+            "event" => Ok(ServerPollMode {
+                receive: PollMode::Event,
+                workers: PollMode::Block,
+            }),
             "auto" if cores > workers + 1 => Ok(both(PollMode::Busy)),
             "auto" if cores > 1 => Ok(hybrid),
             "auto" => Ok(both(PollMode::Block)),
             other => Err(format!(
-                "poll mode must be busy, block, hybrid or auto, not {other:?}"
+                "poll mode must be busy, block, hybrid, event or auto, not {other:?}"
             )),
         }
     }
 
-    /// The name `parse` takes for this pair ("busy", "block" or "hybrid").
+    /// The name `parse` takes for this pair ("busy", "block", "hybrid" or "event").
     pub fn name(&self) -> &'static str {
         match (self.receive, self.workers) {
             (PollMode::Busy, PollMode::Busy) => "busy",
-            (PollMode::Busy, PollMode::Block) => "hybrid",
-            (PollMode::Block, PollMode::Block) => "block",
+            (PollMode::Busy, _) => "hybrid",
             (PollMode::Block, PollMode::Busy) => "block receive loop, busy workers",
+            (PollMode::Block, _) => "block",
+            (PollMode::Event, PollMode::Busy) => "event receive loop, busy workers",
+            (PollMode::Event, _) => "event",
         }
     }
 }
@@ -126,7 +144,7 @@ impl Backoff {
             return Duration::ZERO;
         }
         self.idle = self.idle.saturating_add(1);
-        if self.mode == PollMode::Block && self.idle > self.spins {
+        if self.mode.waits() && self.idle > self.spins {
             self.wait
         } else {
             Duration::ZERO
@@ -185,7 +203,14 @@ mod tests {
         assert!(ServerPollMode::parse_for("spin", 1, 2)
             .unwrap_err()
             .contains("hybrid"));
-        for m in [busy, block, hybrid] {
+        let event = ServerPollMode {
+            receive: PollMode::Event,
+            workers: PollMode::Block,
+        };
+        assert_eq!(ServerPollMode::parse_for("event", 1, 64), Ok(event));
+        assert_eq!(PollMode::parse("event", 1), Ok(PollMode::Event));
+        assert!(PollMode::Event.waits() && PollMode::Block.waits() && !PollMode::Busy.waits());
+        for m in [busy, block, hybrid, event] {
             assert_eq!(ServerPollMode::parse_for(m.name(), 1, 2), Ok(m));
         }
     }

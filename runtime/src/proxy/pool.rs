@@ -69,6 +69,8 @@ pub struct PoolConfig {
     pub mode: PollMode,
     /// Requests that may wait for a free slot before new ones are answered `Overloaded`.
     pub queue_limit: usize,
+    /// Ask the backend for the memory-polled fast path (docs/rdma.md).
+    pub fast_path: bool,
 }
 
 /// Polls between two deadline checks (a clock read each).
@@ -464,9 +466,15 @@ fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportEr
             slot_size: cfg.slot_size,
             depth: cfg.depth,
             timeout: cfg.timeout,
-            mode: cfg.mode,
+            // The forwarder polls its connections without blocking on any one of them
+            // (try_recv), whatever its own idle rule: no completion channel for them.
+            mode: match cfg.mode {
+                PollMode::Event => PollMode::Block,
+                m => m,
+            },
             // The proxy's backend connections are the server's clients.
             total_clients: cfg.connections as u32,
+            fast_path: cfg.fast_path,
         },
     )
 }

@@ -69,6 +69,8 @@ impl GpuLoopback {
                 ordinal,
                 stream: stream.clone(),
             }),
+            fast_path: false,
+            events: false,
         };
         let (ready, started) = mpsc::channel();
         let serving = std::thread::Builder::new()

@@ -89,7 +89,7 @@ impl<J> WorkQueue<J> {
             return Err((job, Refusal::Full));
         }
         self.counters.in_queue.fetch_add(1, Ordering::Relaxed);
-        if self.mode == PollMode::Block {
+        if self.mode.waits() {
             if let Some(ws) = self.waiters.get() {
                 for w in ws {
                     w.unpark();

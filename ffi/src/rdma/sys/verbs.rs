@@ -640,6 +640,29 @@ impl ibv_wc {
 }
 
 impl ibv_send_wr {
+    /// A plain RDMA WRITE of `sg_list[..num_sge]` to `remote_addr`/`rkey` (no immediate: the
+    /// responder consumes no receive and writes no completion). `next` is null.
+    pub fn rdma_write(
+        wr_id: u64,
+        sg_list: *mut ibv_sge,
+        num_sge: c_int,
+        remote_addr: u64,
+        rkey: u32,
+        send_flags: c_uint,
+    ) -> Self {
+        ibv_send_wr {
+            wr_id,
+            sg_list,
+            num_sge,
+            opcode: IBV_WR_RDMA_WRITE,
+            send_flags,
+            wr: ibv_send_wr_wr {
+                rdma: ibv_send_wr_rdma { remote_addr, rkey },
+            },
+            ..Default::default()
+        }
+    }
+
     /// An RDMA WRITE_WITH_IMM of `sg_list[..num_sge]` to `remote_addr`/`rkey`; `imm` is in host
     /// byte order (stored big-endian, as verbs.h requires). `next` is null.
     pub fn rdma_write_with_imm(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::rdma::{
-    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, QpSizes, RcEndpoint, Rdma, SlotToken,
-    WcOpcode, WcStatus, WorkCompletion,
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, EventWait, QpSizes, RcEndpoint, Rdma,
+    SlotToken, WcOpcode, WcStatus, WorkCompletion,
 };
 use hacserve_ffi::signal;
 
@@ -32,7 +32,24 @@ pub struct RdmaClientConfig {
     /// The run's client count (`-c/--total-clients`), told to the server, which names its
     /// log folder after it as the original does.
     pub total_clients: u32,
+    /// Ask for the memory-polled fast path (docs/rdma.md, "Fast path"): granted only by a
+    /// server that knows it, for rings it fits, and never in [`PollMode::Event`] (a waiter
+    /// sleeping on completions cannot see a message that raises none).
+    pub fast_path: bool,
 }
+
+/// How a request goes out.
+#[derive(Debug, Clone, Copy)]
+enum Post {
+    /// The fast path where negotiated and the message is small, else WRITE_WITH_IMM.
+    Auto,
+    /// WRITE_WITH_IMM with exactly this immediate (tests of the server's validation).
+    Imm(u32),
+}
+
+/// While waiting for a reply in [`PollMode::Event`]: the longest sleep on the completion
+/// channel before the stop flag, the deadline and the connection are looked at again.
+const EVENT_TICK_MS: i32 = 100;
 
 /// Pause before the first attempt to connect again after a loss (rdma_client, the proxies'
 /// pool), doubling after each failed attempt up to [`RECONNECT_MAX`].
@@ -55,6 +72,16 @@ pub struct RdmaClient {
     cfg: RdmaClientConfig,
     accept: AcceptReply,
     resp_slot_size: usize,
+    /// The fast path was granted: small requests and replies go as a plain RDMA WRITE and a
+    /// completion word in the slot's last 4 bytes, which messages never reach.
+    fast: bool,
+    /// Largest request: the slot, less the completion word on a fast-path connection.
+    usable: usize,
+    /// Per slot, the generation of its latest request (every request counts, whatever path
+    /// it took; the server counts the same and stamps its reply's word with it).
+    send_gen: Vec<u8>,
+    /// Event mode's wait on the CQ's completion channel (one fd, preallocated).
+    waiter: Option<EventWait>,
     next_slot: u32,
     /// A send slot's token is its credit: held from the send until the reply arrives.
     in_flight: Vec<Option<SlotToken>>,
@@ -143,11 +170,20 @@ impl RdmaClient {
         let depth = cfg.depth;
         let sizes = QpSizes {
             cq_entries: 2 * depth + 8,
-            max_send_wr: depth + 2,
+            // A fast-path request is two work requests (the message, then its word).
+            max_send_wr: 2 * depth + 2,
             max_recv_wr: depth,
         };
-        let mut ep = RcEndpoint::create(rdma, id, sizes)?;
-        let resp_slot_size = response_slot_size(cfg.slot_size) as usize;
+        let events = cfg.mode == PollMode::Event;
+        let mut ep = RcEndpoint::create_with(rdma, id, sizes, events)?;
+        let ask_fast = cfg.fast_path
+            && !events
+            && fast_path_fits(cfg.slot_size, fast_response_slot_size(cfg.slot_size));
+        let resp_slot_size = if ask_fast {
+            fast_response_slot_size(cfg.slot_size)
+        } else {
+            response_slot_size(cfg.slot_size)
+        } as usize;
         ep.register_ring(cfg.slot_size as usize, depth, AccessFlags::LOCAL_WRITE)?;
         ep.register_ring(
             resp_slot_size,
@@ -162,6 +198,7 @@ impl RdmaClient {
             ep.post_recv_empty(i as u64)?;
         }
         let req = ConnectRequest {
+            flags: if ask_fast { FLAG_FAST_PATH } else { 0 },
             client_id: cfg.client_id,
             slot_size: cfg.slot_size,
             depth,
@@ -185,6 +222,13 @@ impl RdmaClient {
                 accept.depth, accept.slot_size, depth, cfg.slot_size
             )));
         }
+        let fast = ask_fast && accept.flags & FLAG_FAST_PATH != 0;
+        let usable = cfg.slot_size as usize - if fast { FAST_WORD_LEN } else { 0 };
+        let waiter = events.then(|| {
+            let mut w = EventWait::with_capacity(1);
+            w.add(&ep);
+            w
+        });
         Ok(RdmaClient {
             host: host.to_string(),
             port,
@@ -197,6 +241,10 @@ impl RdmaClient {
             cfg,
             accept,
             resp_slot_size,
+            fast,
+            usable,
+            send_gen: vec![0; depth as usize],
+            waiter,
             next_slot: 0,
             wc: [WorkCompletion::default()],
         })
@@ -207,6 +255,11 @@ impl RdmaClient {
         self.next_slot
     }
 
+    /// Whether the memory-polled fast path was negotiated (asked for and granted).
+    pub fn fast_path(&self) -> bool {
+        self.fast
+    }
+
     /// The server's payload limit for this connection.
     pub fn max_payload(&self) -> usize {
         self.accept.max_payload as usize
@@ -215,7 +268,13 @@ impl RdmaClient {
     /// Sends `msg` into the next slot with an arbitrary immediate (tests of the server's
     /// validation: a slot outside the ring, a length beyond the slot).
     pub fn send_with_imm(&mut self, msg: &[u8], imm: u32) -> Result<u32, TransportError> {
-        let size = self.cfg.slot_size as usize;
+        self.copy_in(msg)?;
+        self.post_next(msg.len(), Post::Imm(imm))
+    }
+
+    /// Copies `msg` into the next send slot (credit and size checked).
+    fn copy_in(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        let size = self.usable;
         if msg.len() > size {
             return Err(rdma_err(format!(
                 "request of {} bytes does not fit the {size}-byte slot (--slot-size)",
@@ -223,7 +282,7 @@ impl RdmaClient {
             )));
         }
         self.next_send_slot()?[..msg.len()].copy_from_slice(msg);
-        self.post_next(msg.len(), imm)
+        Ok(())
     }
 
     /// The next slot's registered send buffer (the whole slot), to build a request in place
@@ -251,25 +310,33 @@ impl RdmaClient {
     /// Sends the first `len` bytes of the next slot, written there through
     /// [`Self::next_send_slot`]; returns the slot.
     pub fn send_prepared(&mut self, len: usize) -> Result<u32, TransportError> {
-        if len > self.cfg.slot_size as usize {
+        if len > self.usable {
             return Err(rdma_err(format!(
                 "request of {len} bytes does not fit the {}-byte slot (--slot-size)",
-                self.cfg.slot_size
+                self.usable
             )));
         }
-        let imm = encode_imm(self.next_slot, len as u32)
-            .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
-        self.post_next(len, imm)
+        self.post_next(len, Post::Auto)
     }
 
-    /// Writes the first `len` bytes of the next slot (credit checked here) to the server.
-    fn post_next(&mut self, len: usize, imm: u32) -> Result<u32, TransportError> {
+    /// Writes the first `len` bytes of the next slot (credit checked here) to the server:
+    /// on the fast path (a plain WRITE, then the slot's completion word) when negotiated
+    /// and the request is small, else as WRITE_WITH_IMM.
+    fn post_next(&mut self, len: usize, how: Post) -> Result<u32, TransportError> {
         let slot = self.next_slot;
+        let imm = match how {
+            Post::Imm(imm) => Some(imm),
+            Post::Auto if self.fast && len <= FAST_MAX_LEN => None,
+            Post::Auto => Some(
+                encode_imm(slot, len as u32)
+                    .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?,
+            ),
+        };
         let credit = match self.preparing.take() {
             Some(t) if t.slot() == slot => Some(t),
             _ => self.ep.ring(SEND_BUF).claim(slot),
         };
-        let Some(credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
+        let Some(mut credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
             return Err(rdma_err(format!(
                 "no credit: all {} slots have a request in flight",
                 self.cfg.depth
@@ -277,15 +344,36 @@ impl RdmaClient {
         };
         let off = credit.offset();
         let remote = self.accept.req_addr + off as u64;
-        self.ep.post_write_imm(
-            WR_SEND | slot as u64,
-            SEND_BUF,
-            off,
-            len,
-            remote,
-            self.accept.req_rkey,
-            imm,
-        )?;
+        let generation = next_generation(self.send_gen[slot as usize]);
+        match imm {
+            Some(imm) => self.ep.post_write_imm(
+                WR_SEND | slot as u64,
+                SEND_BUF,
+                off,
+                len,
+                remote,
+                self.accept.req_rkey,
+                imm,
+            )?,
+            None => {
+                // The word right after the request in the send slot (room is kept: the slot
+                // takes at most `usable` bytes), and one WRITE of both that ends on the
+                // server slot's last 4 bytes: the word is the last thing placed.
+                let word = fast_word(generation, len as u32)
+                    .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
+                credit.bytes_mut()[len..len + FAST_WORD_LEN].copy_from_slice(&word.to_le_bytes());
+                self.ep.post_write(
+                    WR_SEND | slot as u64,
+                    SEND_BUF,
+                    off,
+                    len + FAST_WORD_LEN,
+                    remote + (self.usable - len) as u64,
+                    self.accept.req_rkey,
+                )?
+            }
+        }
+        // Every request counts, whatever its path: the server counts the same.
+        self.send_gen[slot as usize] = generation;
         self.in_flight[slot as usize] = Some(credit);
         self.next_slot = (slot + 1) % self.cfg.depth;
         Ok(slot)
@@ -320,19 +408,20 @@ impl RdmaClient {
         self.cfg.depth
     }
 
-    /// The request slot size (largest message `send` takes).
+    /// The largest message `send` takes: the request slot, less the completion word on a
+    /// fast-path connection.
     pub fn slot_size(&self) -> usize {
-        self.cfg.slot_size as usize
+        self.usable
     }
 
     /// Non-blocking receive for pipelining callers (proxies): one poll of the completion
     /// queue; the reply's slot and bytes if one arrived. Call [`Self::poll_disconnect`] now
     /// and then to notice a server that went away while nothing is in flight.
     pub fn try_recv(&mut self) -> Result<Option<(u32, &[u8])>, TransportError> {
-        let Some((slot, len)) = self.poll_reply()? else {
+        let Some((slot, at, len)) = self.poll_reply()? else {
             return Ok(None);
         };
-        let bytes = self.response(slot, len)?;
+        let bytes = self.response(slot, at, len)?;
         Ok(Some((slot, bytes)))
     }
 
@@ -341,8 +430,50 @@ impl RdmaClient {
         self.check_disconnect()
     }
 
-    /// One poll: (slot, len) of a reply, or None when no reply completion was waiting.
-    fn poll_reply(&mut self) -> Result<Option<(u32, usize)>, TransportError> {
+    /// One poll: (slot, len) of a reply, or None when none was waiting. The CQ first (its
+    /// send completions are reaped on every poll, so they never pile up whichever path the
+    /// replies take), then, on a fast-path connection, the completion word of every slot
+    /// with a request in flight.
+    /// Replies are (slot, offset in the response slot, length).
+    fn poll_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
+        if let Some(r) = self.poll_cq_reply()? {
+            return Ok(Some(r));
+        }
+        if self.fast {
+            return self.poll_fast_reply();
+        }
+        Ok(None)
+    }
+
+    /// A reply whose completion word has arrived (fast path), if any.
+    fn poll_fast_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
+        let at = self.resp_slot_size - FAST_WORD_LEN;
+        for slot in 0..self.cfg.depth as usize {
+            if self.in_flight[slot].is_none() {
+                continue;
+            }
+            let Some(word) = self.responses[slot].load_u32(at) else {
+                return Err(rdma_err(
+                    "the response slot's completion word is not aligned",
+                ));
+            };
+            let Some(len) = fast_word_len(word, self.send_gen[slot]) else {
+                continue;
+            };
+            let len = len as usize;
+            if len > at {
+                return Err(TransportError::ReplyTooLarge { got: len, max: at });
+            }
+            self.in_flight[slot] = None;
+            // The reply ends where its word begins.
+            return Ok(Some((slot as u32, at - len, len)));
+        }
+        Ok(None)
+    }
+
+    /// A reply that came as WRITE_WITH_IMM (its receive completion), if any; send
+    /// completions are reaped on the way.
+    fn poll_cq_reply(&mut self) -> Result<Option<(u32, usize, usize)>, TransportError> {
         loop {
             let n = self.ep.poll(&mut self.wc)?;
             if n == 0 {
@@ -377,21 +508,21 @@ impl RdmaClient {
             }
             // The credit returns: the send slot may be written again.
             self.in_flight[slot as usize] = None;
-            return Ok(Some((slot, len)));
+            return Ok(Some((slot, 0, len)));
         }
     }
 
-    /// The first `len` bytes of response slot `slot`, whose reply has arrived: no request
+    /// The `len` bytes at `at` of response slot `slot`, whose reply has arrived: no request
     /// for it is in flight, and none can be sent while the returned slice borrows self.
-    fn response(&self, slot: u32, len: usize) -> Result<&[u8], TransportError> {
+    fn response(&self, slot: u32, at: usize, len: usize) -> Result<&[u8], TransportError> {
         self.responses
             .get(slot as usize)
-            .and_then(|t| t.bytes().get(..len))
+            .and_then(|t| t.bytes().get(at..at + len))
             .ok_or_else(|| rdma_err("response slot out of range"))
     }
 
-    /// Waits for the next completion that carries a reply; returns (slot, len).
-    fn wait_reply(&mut self) -> Result<(u32, usize), TransportError> {
+    /// Waits for the next reply; returns (slot, offset in the response slot, len).
+    fn wait_reply(&mut self) -> Result<(u32, usize, usize), TransportError> {
         let start = Instant::now();
         let mut idle = 0u32;
         loop {
@@ -412,21 +543,47 @@ impl RdmaClient {
                 PollMode::Busy => std::hint::spin_loop(),
                 PollMode::Block if idle > 64 => std::thread::sleep(Duration::from_micros(20)),
                 PollMode::Block => std::thread::yield_now(),
+                PollMode::Event => {
+                    if let Some(r) = self.wait_event(start)? {
+                        return Ok(r);
+                    }
+                }
             }
         }
+    }
+
+    /// Event mode's idle step: arm the CQ, poll once more (a completion that arrived before
+    /// the arm raises no event: without this re-poll it would be waited for in vain), then
+    /// sleep on the completion channel until an event (or a tick, to look at the stop flag,
+    /// the deadline and the connection) and acknowledge the events taken.
+    fn wait_event(
+        &mut self,
+        start: Instant,
+    ) -> Result<Option<(u32, usize, usize)>, TransportError> {
+        self.ep.arm()?;
+        if let Some(r) = self.poll_reply()? {
+            return Ok(Some(r));
+        }
+        let left = self.cfg.timeout.saturating_sub(start.elapsed());
+        let tick = (left.as_millis() as i32).clamp(1, EVENT_TICK_MS);
+        if let Some(w) = self.waiter.as_mut() {
+            w.wait(tick)?;
+        }
+        self.ep.take_events()?;
+        self.check_disconnect()?;
+        Ok(None)
     }
 }
 
 impl ClientTransport for RdmaClient {
     fn send(&mut self, msg: &[u8]) -> Result<(), TransportError> {
-        let imm = encode_imm(self.next_slot, msg.len() as u32)
-            .ok_or_else(|| rdma_err(format!("request of {} bytes is too long", msg.len())))?;
-        self.send_with_imm(msg, imm).map(|_| ())
+        self.copy_in(msg)?;
+        self.post_next(msg.len(), Post::Auto).map(|_| ())
     }
 
     fn recv(&mut self) -> Result<&[u8], TransportError> {
-        let (slot, len) = self.wait_reply()?;
-        self.response(slot, len)
+        let (slot, at, len) = self.wait_reply()?;
+        self.response(slot, at, len)
     }
 
     /// Connects again with the same geometry (new rings, new queue pair), retrying with

@@ -2,12 +2,13 @@
 //! answers from it), the workers (which reply through it) and the connection manager (which
 //! sets it up and frees it).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use hacserve_ffi::gpu::resident::DeviceSpan;
 use hacserve_ffi::gpu::transfer::Mover;
 use hacserve_ffi::rdma::{
-    HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus, WorkCompletion,
+    EventWait, HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus,
+    WorkCompletion,
 };
 
 use super::admission::Reservation;
@@ -47,6 +48,14 @@ pub struct ServerConn {
     /// The run's client count the client declared (`rdma_client -c`).
     pub(super) total_clients: u32,
     pub(super) slot_size: usize,
+    /// The memory-polled fast path was granted (docs/rdma.md, "Fast path").
+    pub(super) fast: bool,
+    /// Largest request: the slot, less the completion word on a fast-path connection.
+    pub(super) usable: usize,
+    /// Per slot, the generation of the latest request taken from it (both paths count);
+    /// written by the receive loop when it takes the request, read by whoever replies from
+    /// that slot (the job hand-off orders the two). Its reply's word carries it.
+    pub(super) gens: Box<[AtomicU8]>,
     pub(super) depth: u32,
     pub(super) resp_slot_size: usize,
     pub(super) resp_addr: u64,
@@ -66,13 +75,18 @@ impl ServerConn {
         copy: SlotRing<HostBuf>,
         req: &ConnectRequest,
         reservation: Reservation,
+        fast: bool,
     ) -> ServerConn {
+        let fast = fast && matches!(link, Link::Host(_));
         ServerConn {
             link,
             copy,
             client_id: req.client_id,
             total_clients: req.total_clients,
             slot_size: req.slot_size as usize,
+            fast,
+            usable: req.slot_size as usize - if fast { FAST_WORD_LEN } else { 0 },
+            gens: (0..req.depth).map(|_| AtomicU8::new(0)).collect(),
             depth: req.depth,
             resp_slot_size: req.resp_slot_size as usize,
             resp_addr: req.resp_addr,
@@ -103,6 +117,26 @@ impl ServerConn {
             Link::Gpu { source, .. } => source.poll(wcs),
         }
     }
+    /// Event mode: arms the CQ's completion channel (host links; a GPU ring is polled).
+    pub(super) fn arm(&self) -> Result<(), RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.arm(),
+            Link::Gpu { .. } => Ok(()),
+        }
+    }
+    /// Event mode: adds the CQ's completion channel to `w`.
+    pub(super) fn add_to(&self, w: &mut EventWait) {
+        if let Link::Host(ep) = &self.link {
+            w.add(ep);
+        }
+    }
+    /// Event mode: takes and acknowledges the completion events waiting.
+    pub(super) fn take_events(&self) -> Result<u32, RdmaError> {
+        match &self.link {
+            Link::Host(ep) => ep.take_events(),
+            Link::Gpu { .. } => Ok(0),
+        }
+    }
     /// Posts a receive again for the next request.
     pub(super) fn rearm(&self, wr_id: u64) -> Result<(), RdmaError> {
         match &self.link {
@@ -131,6 +165,39 @@ impl ServerConn {
             Link::Gpu { source, .. } => source.max_inline(),
         }
     }
+    /// Fast path: the length of the request whose completion word has arrived in landing
+    /// slot `slot` (the slot's next generation), if it has.
+    pub(super) fn poll_fast(&self, slot: u32) -> Option<u32> {
+        let Link::Host(ep) = &self.link else {
+            return None;
+        };
+        let expect = next_generation(self.gens.get(slot as usize)?.load(Ordering::Relaxed));
+        // Only the receive loop claims landing slots: the claim fails only out of range.
+        let word = ep.ring(LANDING_BUF).claim(slot)?.load_u32(self.usable)?;
+        fast_word_len(word, expect)
+    }
+
+    /// Counts a request taken from `slot` (either path): the slot's generation moves on.
+    pub(super) fn count_request(&self, slot: u32) {
+        if let Some(g) = self.gens.get(slot as usize) {
+            g.store(
+                next_generation(g.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Zeroes landing slot `slot`'s completion word: after a request that announced more
+    /// than the slot holds (the client may have written over the word), so that its bytes
+    /// are never taken for a later request's word.
+    pub(super) fn clear_word(&self, slot: u32) {
+        if let (true, Link::Host(ep)) = (self.fast, &self.link) {
+            if let Some(mut t) = ep.ring(LANDING_BUF).claim(slot) {
+                t.store_u32(self.usable, 0);
+            }
+        }
+    }
+
     pub(super) fn pinned_bytes(&self) -> u64 {
         self.reservation.bytes()
     }
@@ -166,6 +233,7 @@ impl ServerConn {
         &self,
         req: &mut SlotToken<HostBuf>,
         len: usize,
+        from: usize,
     ) -> Result<usize, String> {
         let slot = req.slot();
         match &self.link {
@@ -179,7 +247,9 @@ impl ServerConn {
                     .ring(LANDING_BUF)
                     .claim(slot)
                     .ok_or_else(|| format!("landing slot {slot} unavailable"))?;
-                landing.copy_out(dst);
+                if landing.copy_out_at(from, dst) != len {
+                    return Err(format!("slot {slot}: {len} B at {from} outside the slot"));
+                }
                 Ok(len)
             }
             Link::Gpu { source, .. } => {
@@ -230,12 +300,16 @@ impl ServerConn {
         // so the NIC no longer reads it.
         match &self.link {
             Link::Host(ep) => {
-                self.stage_and_post(ep.ring(STAGE_BUF).claim(slot), req, len, write, |n, _| {
-                    self.post_reply(slot, slot as usize * self.resp_slot_size, n)
+                // The staging slot's own offset: its ring's slots are the server's response
+                // slot size, which the client's (`resp_slot_size`) may exceed.
+                let stage = ep.ring(STAGE_BUF);
+                let off = stage.offset(slot).unwrap_or(0);
+                self.stage_and_post(stage.claim(slot), req, len, write, |n, _, fast| {
+                    self.post_reply(slot, off, n, fast)
                 })
             }
             Link::Gpu { source, stage } => {
-                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged| {
+                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged, _| {
                     self.post_gpu_reply(source.as_ref(), slot, staged)
                 })
             }
@@ -251,8 +325,9 @@ impl ServerConn {
         req: SlotToken<HostBuf>,
         len: usize,
         write: impl FnOnce(&[u8], &mut dyn ReplyBuffer) -> Option<R>,
-        post: impl FnOnce(usize, &[u8]) -> Result<(), TransportError>,
+        post: impl FnOnce(usize, &[u8], Option<u32>) -> Result<(), TransportError>,
     ) -> Result<(R, [u8; HEADER_LEN], Result<(), TransportError>), SlotToken<HostBuf>> {
+        let slot = req.slot();
         let request = self.request(&req, len);
         let (written, reply_len, head) = match stage.as_mut().map(SlotToken::bytes_mut) {
             Some(buf) => {
@@ -273,11 +348,32 @@ impl ServerConn {
         };
         // The reply is staged: the request slot is free for the client's next request.
         drop(req);
-        let sent = match (reply_len, stage.as_ref()) {
-            (Some(n), Some(staged)) => post(n, &staged.bytes()[..n]),
+        let sent = match (reply_len, stage.as_mut()) {
+            (Some(n), Some(staged)) => {
+                // Fast path: the completion word right after the reply, sent with it.
+                let word = self.fast_reply_word(slot, n, staged.len());
+                if let Some(w) = word {
+                    staged.bytes_mut()[n..n + FAST_WORD_LEN].copy_from_slice(&w.to_le_bytes());
+                }
+                post(n, &staged.bytes()[..n], word)
+            }
             _ => Err(rdma_err("staging slot out of range or busy")),
         };
         Ok((r, head, sent))
+    }
+
+    /// The completion word of an `n`-byte reply from slot `slot` if it goes on the fast path:
+    /// negotiated, small, and room for the word after it in the `stage_len`-byte staging slot
+    /// and before the client's response slot ends.
+    fn fast_reply_word(&self, slot: u32, n: usize, stage_len: usize) -> Option<u32> {
+        let fits = n <= FAST_MAX_LEN
+            && n + FAST_WORD_LEN <= stage_len
+            && n + FAST_WORD_LEN <= self.resp_slot_size;
+        if !(self.fast && fits) {
+            return None;
+        }
+        let generation = self.gens.get(slot as usize)?.load(Ordering::Relaxed);
+        fast_word(generation, n as u32)
     }
 
     /// Posts a reply of a GPU-ring connection: the staged host bytes, then, where their
@@ -318,15 +414,34 @@ impl ServerConn {
         })
     }
 
+    /// Posts the `len`-byte reply staged at `off` of the staging ring into the client's
+    /// response slot `slot`: as WRITE_WITH_IMM, or with `fast` (the completion word, already
+    /// written right after the reply in the staging slot) as the fast path's plain WRITE.
     pub(super) fn post_reply(
         &self,
         slot: u32,
         off: usize,
         len: usize,
+        fast: Option<u32>,
     ) -> Result<(), TransportError> {
         let Link::Host(ep) = &self.link else {
             return Err(rdma_err("host reply on a GPU-ring connection"));
         };
+        if fast.is_some() {
+            // One plain WRITE of the reply and its word, placed so that the word lands on
+            // the response slot's last 4 bytes and the reply right before it.
+            let word_at = self.resp_slot_size - FAST_WORD_LEN;
+            return self.post_counted(slot, len, |remote, _| {
+                ep.post_write(
+                    WR_SEND | slot as u64,
+                    STAGE_BUF,
+                    off,
+                    len + FAST_WORD_LEN,
+                    remote + (word_at - len) as u64,
+                    self.resp_rkey,
+                )
+            });
+        }
         self.post_counted(slot, len, |remote, imm| {
             ep.post_write_imm(
                 WR_SEND | slot as u64,

@@ -40,6 +40,11 @@ pub(super) struct SetupRules {
     pub gpu_stream: Option<Arc<cu::CudaStream>>,
     /// The payload limit announced to clients (or their slot, if smaller).
     pub max_payload: usize,
+    /// Grant the memory-polled fast path to clients that ask (host addressing, polled
+    /// receive loop: docs/rdma.md).
+    pub fast_path: bool,
+    /// Give every connection's CQ a completion channel (`--poll-mode event`).
+    pub events: bool,
 }
 
 /// The running manager thread, as the receive loop sees it.
@@ -139,11 +144,16 @@ impl Manager {
                 };
                 let (conn, setup) = self.pending.swap_remove(i);
                 log::info!(
-                    "client {} connected: {} slots x {} B, replies up to {} B sent inline, {} pinned, set up in {:.1} ms (now {})",
+                    "client {} connected: {} slots x {} B, replies up to {} B sent inline, {}, {} pinned, set up in {:.1} ms (now {})",
                     conn.client_id(),
                     conn.depth(),
                     conn.slot_size(),
                     conn.max_inline(),
+                    if conn.fast {
+                        "fast path (memory-polled, up to 8192 B)"
+                    } else {
+                        "WRITE_WITH_IMM only"
+                    },
                     size_text(conn.pinned_bytes()),
                     setup.as_secs_f64() * 1e3,
                     self.admission.usage()
@@ -210,13 +220,14 @@ impl Manager {
             };
             return refuse(&id, who, &refusal);
         }
+        let fast = self.grants_fast_path(&req);
         let bytes = registered_bytes(req.depth, req.slot_size);
         let reservation = match self.admission.admit(req.client_id, bytes) {
             Ok(r) => r,
             Err(refusal) => return refuse(&id, who, &refusal),
         };
         let started = Instant::now();
-        match self.set_up(id, &req, reservation) {
+        match self.set_up(id, &req, reservation, fast) {
             Ok(conn) => self.pending.push((conn, started.elapsed())),
             Err(e) => log::error!(
                 "client {}: setting the connection up failed: {e}",
@@ -225,12 +236,23 @@ impl Manager {
         }
     }
 
+    /// Whether `req` gets the fast path: asked for, allowed here (`--fast-path on`, a polled
+    /// receive loop, host memory) and its rings fit it.
+    fn grants_fast_path(&self, req: &ConnectRequest) -> bool {
+        req.flags & FLAG_FAST_PATH != 0
+            && self.rules.fast_path
+            && !self.rules.events
+            && self.rules.gpu_stream.is_none()
+            && fast_path_fits(req.slot_size, req.resp_slot_size)
+    }
+
     /// QP, CQ, rings, receives, accept: everything but the hand-off.
     fn set_up(
         &self,
         id: CmId,
         req: &ConnectRequest,
         reservation: Reservation,
+        fast: bool,
     ) -> Result<Arc<ServerConn>, TransportError> {
         let depth = req.depth;
         // depth + 1 receives: a request consumes one until the loop has answered (or queued)
@@ -242,16 +264,18 @@ impl Manager {
             max_recv_wr: depth + 1,
         };
         // A failure here destroys the id, which rejects the request without a reason.
-        let mut ep = RcEndpoint::create(self.rdma, id, sizes)?;
+        let mut ep = RcEndpoint::create_with(self.rdma, id, sizes, self.rules.events)?;
         match self.register(&mut ep, req) {
             Ok((req_addr, req_rkey)) => {
                 let slot_size = req.slot_size as usize;
+                let usable = slot_size - if fast { FAST_WORD_LEN } else { 0 };
                 let reply = AcceptReply {
+                    flags: if fast { FLAG_FAST_PATH } else { 0 },
                     slot_size: req.slot_size,
                     depth,
                     req_addr,
                     req_rkey,
-                    max_payload: self.rules.max_payload.min(slot_size - HEADER_LEN) as u32,
+                    max_payload: self.rules.max_payload.min(usable - HEADER_LEN) as u32,
                 };
                 ep.accept(&reply.encode())?;
                 let conn = if self.rules.gpu_stream.is_some() {
@@ -259,7 +283,7 @@ impl Manager {
                     let ring = VerbsGpuRing::new(ep, slot_size, depth, stage);
                     gpu_conn(Box::new(ring), req, reservation)?
                 } else {
-                    ServerConn::new(Link::Host(ep), copy_ring(req)?, req, reservation)
+                    ServerConn::new(Link::Host(ep), copy_ring(req)?, req, reservation, fast)
                 };
                 Ok(Arc::new(conn))
             }
@@ -362,6 +386,7 @@ pub(super) fn gpu_conn(
         copy_ring(req)?,
         req,
         reservation,
+        false,
     ))
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::rdma::{
-    CmId, EventChannel, HostBuf, Rdma, SlotToken, WcOpcode, WcStatus, WorkCompletion,
+    CmId, EventChannel, EventWait, HostBuf, Rdma, SlotToken, WcOpcode, WcStatus, WorkCompletion,
 };
 
 use crossbeam_queue::ArrayQueue;
@@ -41,6 +41,9 @@ use crate::protocol::{ReplyBuffer, HEADER_LEN};
 const IDLE_SPINS: u32 = 64;
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
 const IDLE_SLEEP_NO_CLIENT: Duration = Duration::from_millis(2);
+/// Event mode: the longest sleep on the completion channels before the loop looks at new
+/// connections, liveness and the stop flag again (a completion wakes it at once).
+const EVENT_TICK: Duration = Duration::from_millis(20);
 /// Rounds between two looks at the manager's hand-off queue while busy (a look is two
 /// atomic loads; every round while idle or without clients).
 const HANDOFF_EVERY: u64 = 64;
@@ -75,7 +78,7 @@ impl ServerJob for RdmaJob {
         self.received
     }
     fn payload_limit(&self) -> Option<usize> {
-        Some(self.conn.slot_size - HEADER_LEN)
+        Some(self.conn.usable - HEADER_LEN)
     }
     fn resident(&self) -> Option<Resident<'_>> {
         if self.resident == 0 {
@@ -87,7 +90,7 @@ impl ServerJob for RdmaJob {
         self.announced.map(|len| {
             format!(
                 "immediate length {len} exceeds the {}-byte slot",
-                self.conn.slot_size
+                self.conn.usable
             )
         })
     }
@@ -131,6 +134,12 @@ pub struct RdmaServerConfig {
     pub keep_alive: bool,
     /// Where request rings live: host memory, or (GPUDirect RDMA, `-a 1`) GPU memory.
     pub addressing: Addressing,
+    /// Grant the memory-polled fast path to clients that ask (`--fast-path on`; never with
+    /// `events` or GPU addressing).
+    pub fast_path: bool,
+    /// `--poll-mode event`: the idle receive loop sleeps on the connections' completion
+    /// channels instead of in timed steps.
+    pub events: bool,
 }
 
 /// rdma_server's defaults for the entry limits (docs/rdma.md says why).
@@ -171,6 +180,9 @@ struct LoopConn {
     last_done: u64,
     /// Since when replies have been outstanding without one completing.
     stalled_since: Option<Instant>,
+    /// Fast path: the slot the client's next request goes into (clients fill slots
+    /// round-robin), whose completion word the loop watches.
+    cursor: u32,
 }
 
 /// The serving side: the established connections, polled by the receive loop, and the
@@ -194,7 +206,9 @@ pub struct RdmaServer {
     /// has answered or queued the job: off the reply's critical path, yet before the client's
     /// next request needs one (depth + 1 are posted, the spare takes a request in between; a
     /// client finding none would stall on RNR retries).
-    repost: VecDeque<(Arc<ServerConn>, u64)>,
+    repost: VecDeque<(Arc<ServerConn>, Option<u64>)>,
+    /// Event mode's wait on every connection's completion channel (preallocated).
+    waiter: EventWait,
     /// Jobs handed to the loop whose receives are not reposted yet.
     handed_out: usize,
     wcs: [WorkCompletion; 32],
@@ -227,6 +241,8 @@ impl RdmaServer {
             max_depth: cfg.max_depth,
             gpu_stream,
             max_payload,
+            fast_path: cfg.fast_path,
+            events: cfg.events,
         };
         let manager = ConnManager::start(
             rdma,
@@ -252,6 +268,7 @@ impl RdmaServer {
         let admission = Admission::new(cfg.max_connections, cfg.max_pinned_bytes);
         let (depth, slot_size) = (ring.depth(), ring.slot_size());
         let req = ConnectRequest {
+            flags: 0,
             client_id,
             slot_size: slot_size as u32,
             depth,
@@ -293,6 +310,7 @@ impl RdmaServer {
             total_clients: 0,
             ready: VecDeque::with_capacity(256),
             repost: VecDeque::with_capacity(256),
+            waiter: EventWait::with_capacity(cap),
             handed_out: 0,
             wcs: [WorkCompletion::default(); 32],
             rounds: 0,
@@ -323,6 +341,7 @@ impl RdmaServer {
                 conn,
                 last_done: 0,
                 stalled_since: None,
+                cursor: 0,
             });
             self.served_any = true;
         }
@@ -382,6 +401,10 @@ impl RdmaServer {
             let Some((conn, wr_id)) = self.repost.pop_front() else {
                 break;
             };
+            // A fast-path request consumed no receive.
+            let Some(wr_id) = wr_id else {
+                continue;
+            };
             if !conn.alive.load(Ordering::Acquire) {
                 continue;
             }
@@ -403,15 +426,38 @@ impl RdmaServer {
                 conn.depth
             ));
         }
+        let job = Self::take_slot(conn, slot, len, false)?;
+        if job.announced.is_some() {
+            // It may have written over the slot's completion word.
+            conn.clear_word(slot);
+        }
+        Ok(job)
+    }
+
+    /// The request of `len` bytes in landing slot `slot`, copied out: from the slot's start
+    /// (WRITE_WITH_IMM), or (`fast`) from right before the completion word, where the fast
+    /// path places a message.
+    fn take_slot(
+        conn: &Arc<ServerConn>,
+        slot: u32,
+        len: u32,
+        fast: bool,
+    ) -> Result<RdmaJob, String> {
         let Some(mut req) = conn.copy.claim(slot) else {
             return Err(format!(
                 "request into slot {slot} while it is still being served (no credit)"
             ));
         };
+        conn.count_request(slot);
         // Beyond the slot the length cannot be right: only the header is read.
-        let oversize = len as usize > conn.slot_size;
+        let oversize = len as usize > conn.usable;
         let wanted = if oversize { HEADER_LEN as u32 } else { len };
-        let held = match conn.copy_request(&mut req, wanted as usize) {
+        let from = if fast && !oversize {
+            conn.usable - len as usize
+        } else {
+            0
+        };
+        let held = match conn.copy_request(&mut req, wanted as usize, from) {
             Ok(held) => held as u32,
             Err(e) => {
                 return Err(format!(
@@ -430,44 +476,38 @@ impl RdmaServer {
     }
 }
 
-impl ServerTransport for RdmaServer {
-    type Job = RdmaJob;
-    type Sink = RdmaReplySink;
-
-    fn reply_sink(&mut self) -> Result<RdmaReplySink, TransportError> {
-        Ok(RdmaReplySink)
-    }
-
-    fn idle_wait(&self) -> (u32, Duration) {
-        let sleep = if self.conns.is_empty() {
-            IDLE_SLEEP_NO_CLIENT
-        } else {
-            IDLE_SLEEP
-        };
-        (IDLE_SPINS, sleep)
-    }
-
-    fn poll(&mut self, wait: Duration, counters: &Counters) -> Result<usize, TransportError> {
-        self.repost_handed_out();
-        self.rounds += 1;
-        if self.rounds % HANDOFF_EVERY == 0 || self.conns.is_empty() || !wait.is_zero() {
-            self.take_new_conns();
-        }
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
+impl RdmaServer {
+    /// One look at every connection: fast-path completion words first (the slot each
+    /// client writes next), then its CQ (WRITE_WITH_IMM requests, reply completions).
+    /// Requests go to `ready`, connections to drop to `dead`; returns the events seen.
+    fn poll_conns(&mut self, counters: &Counters) -> usize {
         let mut events = 0;
-        self.dead.clear();
-        // Every LIVENESS_EVERY busy rounds, and after every idle sleep (where one clock
-        // read is nothing next to the sleep).
-        if self.rounds % LIVENESS_EVERY == 0 || !wait.is_zero() {
-            self.check_liveness();
-        }
-        for (ci, lc) in self.conns.iter().enumerate() {
+        for (ci, lc) in self.conns.iter_mut().enumerate() {
             let conn = &lc.conn;
             if !conn.alive.load(Ordering::Acquire) {
                 self.dead.push(ci);
                 continue;
+            }
+            if conn.fast {
+                // At most a ring's worth per round, so one client cannot hold the loop.
+                for _ in 0..conn.depth {
+                    let Some(len) = conn.poll_fast(lc.cursor) else {
+                        break;
+                    };
+                    match Self::take_slot(conn, lc.cursor, len, true) {
+                        Ok(job) => {
+                            events += 1;
+                            self.ready.push_back(job);
+                            self.repost.push_back((conn.clone(), None));
+                            lc.cursor = (lc.cursor + 1) % conn.depth;
+                        }
+                        Err(why) => {
+                            log::warn!("client {}: {why}; disconnecting it", conn.client_id);
+                            self.dead.push(ci);
+                            break;
+                        }
+                    }
+                }
             }
             let n = match conn.poll(&mut self.wcs) {
                 Ok(n) => n,
@@ -499,8 +539,10 @@ impl ServerTransport for RdmaServer {
                 }
                 match Self::take_request(conn, wc) {
                     Ok(job) => {
+                        // The client's next request goes into the slot after this one.
+                        lc.cursor = (job.req.slot() + 1) % conn.depth;
                         self.ready.push_back(job);
-                        self.repost.push_back((conn.clone(), wc.wr_id()));
+                        self.repost.push_back((conn.clone(), Some(wc.wr_id())));
                     }
                     Err(why) => {
                         log::warn!("client {}: {why}; disconnecting it", conn.client_id);
@@ -509,6 +551,72 @@ impl ServerTransport for RdmaServer {
                     }
                 }
             }
+        }
+        events
+    }
+}
+
+impl ServerTransport for RdmaServer {
+    type Job = RdmaJob;
+    type Sink = RdmaReplySink;
+
+    fn reply_sink(&mut self) -> Result<RdmaReplySink, TransportError> {
+        Ok(RdmaReplySink)
+    }
+
+    fn idle_wait(&self) -> (u32, Duration) {
+        let sleep = if self.conns.is_empty() {
+            IDLE_SLEEP_NO_CLIENT
+        } else if self.cfg.events {
+            EVENT_TICK
+        } else {
+            IDLE_SLEEP
+        };
+        (IDLE_SPINS, sleep)
+    }
+
+    fn poll(&mut self, wait: Duration, counters: &Counters) -> Result<usize, TransportError> {
+        self.repost_handed_out();
+        self.rounds += 1;
+        if self.rounds % HANDOFF_EVERY == 0 || self.conns.is_empty() || !wait.is_zero() {
+            self.take_new_conns();
+        }
+        // Event mode: arm every CQ, poll them once more below (a completion that came before
+        // its arm raises no event), and only when that finds nothing sleep on the channels.
+        let on_events = !wait.is_zero() && self.cfg.events && !self.conns.is_empty();
+        if on_events {
+            for lc in &self.conns {
+                if let Err(e) = lc.conn.arm() {
+                    log::error!("client {}: arming its CQ: {e}", lc.conn.client_id);
+                    lc.conn.alive.store(false, Ordering::Release);
+                }
+            }
+        } else if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        self.dead.clear();
+        // Every LIVENESS_EVERY busy rounds, and after every idle sleep (where one clock
+        // read is nothing next to the sleep).
+        if self.rounds % LIVENESS_EVERY == 0 || !wait.is_zero() {
+            self.check_liveness();
+        }
+        let mut events = self.poll_conns(counters);
+        if on_events && events == 0 && self.dead.is_empty() {
+            self.waiter.clear();
+            for lc in &self.conns {
+                lc.conn.add_to(&mut self.waiter);
+            }
+            let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+            if let Err(e) = self.waiter.wait(ms) {
+                log::error!("waiting for completion events: {e}");
+                std::thread::sleep(wait);
+            }
+            for lc in &self.conns {
+                if let Err(e) = lc.conn.take_events() {
+                    log::error!("client {}: completion events: {e}", lc.conn.client_id);
+                }
+            }
+            events = self.poll_conns(counters);
         }
         if !self.dead.is_empty() {
             let mut dead = std::mem::take(&mut self.dead);

@@ -34,6 +34,60 @@ pub const REJECT_TRAILER_LEN: usize = 18;
 /// trailer.
 pub const MAX_REJECT_TEXT: usize = MAX_REJECT_LEN - 8 - REJECT_TRAILER_LEN;
 
+/// Handshake flag (ConnectRequest and AcceptReply `flags`, bit 0): the memory-polled fast
+/// path. The client sets it to ask, the server sets it in its accept to grant; a peer that
+/// does not know it leaves it 0 (a server of the first v2 builds never reads the client's
+/// flags and always answers 0), so both ends then keep to WRITE_WITH_IMM.
+pub const FLAG_FAST_PATH: u16 = 1;
+/// The fast path's completion word: the last 4 bytes of every request and response slot,
+/// reserved on a fast-path connection (messages never reach them).
+pub const FAST_WORD_LEN: usize = 4;
+/// Longest message sent on the fast path (larger ones take WRITE_WITH_IMM on the same
+/// connection): the "small" requests and replies whose latency a receive and a completion
+/// on each side dominate (a 4 KiB echo's request and reply fit).
+pub const FAST_MAX_LEN: usize = 8192;
+
+/// The fast path's completion word of a message: the slot's generation (1..=255, the how
+/// many-th use of that slot, modulo 255) in the top 8 bits, the message length in the low 24,
+/// as the immediate carries the slot. Little-endian in memory.
+pub fn fast_word(generation: u8, len: u32) -> Option<u32> {
+    (generation != 0 && len <= IMM_LEN_MASK).then_some(((generation as u32) << IMM_LEN_BITS) | len)
+}
+
+/// The generation after `g`: 1, 2, ..., 255, 1, ... (0 is never used: zeroed memory and a
+/// cleared word never match).
+pub fn next_generation(g: u8) -> u8 {
+    if g == u8::MAX {
+        1
+    } else {
+        g + 1
+    }
+}
+
+/// The length in a completion word if it carries generation `generation`.
+pub fn fast_word_len(word: u32, generation: u8) -> Option<u32> {
+    (word >> IMM_LEN_BITS == generation as u32 && generation != 0).then_some(word & IMM_LEN_MASK)
+}
+
+/// The response slot a fast-path client offers: room for every reply plus the completion
+/// word, a multiple of 4 (the word is aligned). Saturates like [`response_slot_size`].
+pub fn fast_response_slot_size(slot_size: u32) -> u32 {
+    response_slot_size(slot_size)
+        .saturating_add(FAST_WORD_LEN as u32)
+        .saturating_add(3)
+        & !3
+}
+
+/// Whether rings of this geometry can carry the fast path: both slot sizes multiples of 4
+/// (so every slot's last word is aligned) and the response slot room for every reply and the
+/// word.
+pub fn fast_path_fits(slot_size: u32, resp_slot_size: u32) -> bool {
+    slot_size % 4 == 0
+        && resp_slot_size % 4 == 0
+        && slot_size as usize > FAST_WORD_LEN + HEADER_LEN
+        && resp_slot_size >= response_slot_size(slot_size).saturating_add(FAST_WORD_LEN as u32)
+}
+
 /// The response slot size a client must offer for request slots of `slot_size`: room
 /// for the largest reply, an echo of a full slot or an inference with its logits. Saturates: a slot size read off the wire
 /// may be anything (a saturated result fails every check against the immediate's bits).
@@ -139,7 +193,7 @@ fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), Handshak
 /// |----:|----:|---|
 /// | 0 | 4 | magic `HCRQ` |
 /// | 4 | 2 | version (2) |
-/// | 6 | 2 | flags (0) |
+/// | 6 | 2 | flags (bit 0: [`FLAG_FAST_PATH`] asked) |
 /// | 8 | 4 | client_id |
 /// | 12 | 4 | slot_size (request slot bytes) |
 /// | 16 | 4 | depth (slots = requests in flight) |
@@ -149,6 +203,8 @@ fn check_ring(depth: u32, slot_size: u32, resp_slot: u32) -> Result<(), Handshak
 /// | 36 | 4 | total_clients (the run's client count, `-c`: names the server's log folder) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectRequest {
+    /// [`FLAG_FAST_PATH`]; unknown bits are ignored.
+    pub flags: u16,
     pub client_id: u32,
     pub slot_size: u32,
     pub depth: u32,
@@ -163,6 +219,7 @@ impl ConnectRequest {
         let mut b = [0u8; CONNECT_LEN];
         b[0..4].copy_from_slice(&CONNECT_MAGIC);
         b[4..6].copy_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
         b[8..12].copy_from_slice(&self.client_id.to_le_bytes());
         b[12..16].copy_from_slice(&self.slot_size.to_le_bytes());
         b[16..20].copy_from_slice(&self.depth.to_le_bytes());
@@ -177,6 +234,7 @@ impl ConnectRequest {
     pub fn decode(b: &[u8]) -> Result<Self, HandshakeError> {
         check_head(b, CONNECT_MAGIC, CONNECT_LEN)?;
         let r = ConnectRequest {
+            flags: u16_at(b, 6),
             client_id: u32_at(b, 8),
             slot_size: u32_at(b, 12),
             depth: u32_at(b, 16),
@@ -196,7 +254,7 @@ impl ConnectRequest {
 /// |----:|----:|---|
 /// | 0 | 4 | magic `HCRA` |
 /// | 4 | 2 | version (2) |
-/// | 6 | 2 | flags (0) |
+/// | 6 | 2 | flags (bit 0: [`FLAG_FAST_PATH`] granted) |
 /// | 8 | 4 | slot_size (granted; = requested) |
 /// | 12 | 4 | depth (granted; = requested) |
 /// | 16 | 8 | req_addr (this client's request ring) |
@@ -204,6 +262,8 @@ impl ConnectRequest {
 /// | 28 | 4 | max_payload (server's payload limit for this ring) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptReply {
+    /// [`FLAG_FAST_PATH`] when granted; unknown bits are ignored.
+    pub flags: u16,
     pub slot_size: u32,
     pub depth: u32,
     pub req_addr: u64,
@@ -216,6 +276,7 @@ impl AcceptReply {
         let mut b = [0u8; ACCEPT_LEN];
         b[0..4].copy_from_slice(&ACCEPT_MAGIC);
         b[4..6].copy_from_slice(&RDMA_PROTOCOL_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
         b[8..12].copy_from_slice(&self.slot_size.to_le_bytes());
         b[12..16].copy_from_slice(&self.depth.to_le_bytes());
         b[16..24].copy_from_slice(&self.req_addr.to_le_bytes());
@@ -227,6 +288,7 @@ impl AcceptReply {
     pub fn decode(b: &[u8]) -> Result<Self, HandshakeError> {
         check_head(b, ACCEPT_MAGIC, ACCEPT_LEN)?;
         let r = AcceptReply {
+            flags: u16_at(b, 6),
             slot_size: u32_at(b, 8),
             depth: u32_at(b, 12),
             req_addr: u64_at(b, 16),
@@ -340,6 +402,66 @@ mod tests {
     }
 
     #[test]
+    fn fast_path_words_flags_and_geometry() {
+        // The word: generation high, length low; generation 0 never matches.
+        assert_eq!(fast_word(1, 64), Some(0x0100_0040));
+        assert_eq!(fast_word(0, 64), None);
+        assert_eq!(fast_word(3, IMM_LEN_MASK + 1), None);
+        assert_eq!(fast_word_len(0x0100_0040, 1), Some(64));
+        assert_eq!(fast_word_len(0x0100_0040, 2), None, "a stale generation");
+        assert_eq!(
+            fast_word_len(0, 0),
+            None,
+            "zeroed memory is never a message"
+        );
+        assert_eq!(fast_word_len(0x0000_0040, 0), None);
+        // Generations cycle through 1..=255; a slot's previous word always differs.
+        let mut g = 1u8;
+        for _ in 0..600 {
+            let n = next_generation(g);
+            assert_ne!(n, g);
+            assert_ne!(n, 0);
+            g = n;
+        }
+        assert_eq!(next_generation(255), 1);
+        // Geometry: aligned slots, the response slot with room for the word.
+        for slot in [256u32, 4096, 61_440, 65_536, MAX_SLOT_SIZE] {
+            let resp = fast_response_slot_size(slot);
+            assert!(fast_path_fits(slot, resp), "{slot}");
+            assert!(resp % 4 == 0 && resp <= IMM_LEN_MASK, "{slot}");
+            assert!(
+                !fast_path_fits(slot, response_slot_size(slot)),
+                "no room for the word"
+            );
+        }
+        assert!(
+            !fast_path_fits(4098, fast_response_slot_size(4098)),
+            "unaligned slot"
+        );
+        // The flags travel in both directions; unknown bits are kept, not refused.
+        let r = ConnectRequest {
+            flags: FLAG_FAST_PATH | 0x8000,
+            ..req()
+        };
+        let b = r.encode();
+        assert_eq!(&b[6..8], &[1, 0x80]);
+        assert_eq!(ConnectRequest::decode(&b), Ok(r));
+        // A peer that never sets it: bytes 6..8 zero, as before the fast path.
+        assert_eq!(ConnectRequest::decode(&req().encode()).unwrap().flags, 0);
+        let a = AcceptReply {
+            flags: FLAG_FAST_PATH,
+            slot_size: 4096,
+            depth: 2,
+            req_addr: 1,
+            req_rkey: 2,
+            max_payload: 4060,
+        };
+        let ab = a.encode();
+        assert_eq!(&ab[6..8], &[1, 0]);
+        assert_eq!(AcceptReply::decode(&ab), Ok(a));
+    }
+
+    #[test]
     fn geometry_limits_and_messages() {
         assert_eq!(check_geometry(1, MIN_SLOT_SIZE), Ok(()));
         assert_eq!(check_geometry(MAX_DEPTH, MAX_SLOT_SIZE), Ok(()));
@@ -356,6 +478,7 @@ mod tests {
 
     fn req() -> ConnectRequest {
         ConnectRequest {
+            flags: 0,
             client_id: 7,
             slot_size: 65536,
             depth: 16,
@@ -426,6 +549,7 @@ mod tests {
     #[test]
     fn accept_and_reject_layouts() {
         let a = AcceptReply {
+            flags: 0,
             slot_size: 4096,
             depth: 8,
             req_addr: 0xdead_beef_0000,

@@ -136,7 +136,7 @@ impl ClientTransport for ZmqClient {
                         return Err(TransportError::Stopped);
                     }
                     match self.mode {
-                        PollMode::Block => {
+                        PollMode::Block | PollMode::Event => {
                             let left = self.timeout.saturating_sub(start.elapsed());
                             let wait = (left.as_millis() as i64).clamp(1, EVENT_TICK_MS);
                             match poll_readable([&self.socket, &self.monitor], wait) {
