@@ -212,6 +212,7 @@ fn fp16_graph(batch: usize, gpu_decode: bool) -> CudnnOptions {
         cuda_graph: true,
         gpu_decode,
         max_batch: 1,
+        hardware_decode: false,
     }
 }
 
@@ -439,6 +440,7 @@ fn main() -> Result<()> {
                 cuda_graph: false,
                 gpu_decode: false,
                 max_batch: 1,
+                hardware_decode: false,
             },
         )?;
         let mut s = loader

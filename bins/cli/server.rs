@@ -93,6 +93,7 @@ impl ServerArgs {
             pin_threads: !self.no_pin,
             debug: self.debug,
             policy: LoopPolicy::AnswerWithoutEngine,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
         })
     }
 }

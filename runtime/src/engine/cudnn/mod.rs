@@ -83,6 +83,9 @@ pub struct CudnnOptions {
     /// CUDA graph) so that JPEG requests that are ready together run as one batch
     /// ([`InferenceEngine::run_slots`]). 1 = no dynamic batching.
     pub max_batch: usize,
+    /// With `gpu_decode`: nvJPEG's hardware backend (NVJPG engines, batched API) for the
+    /// images it takes, where the GPU has it; the hybrid backend for the rest.
+    pub hardware_decode: bool,
 }
 
 impl Default for CudnnOptions {
@@ -93,6 +96,7 @@ impl Default for CudnnOptions {
             cuda_graph: false,
             gpu_decode: false,
             max_batch: 1,
+            hardware_decode: false,
         }
     }
 }
@@ -216,7 +220,8 @@ fn run_err(e: GpuOpsError) -> EngineError {
 pub const BACKEND: BackendEntry = BackendEntry {
     name: "gpu",
     about: "cuDNN/cuBLAS with CUDA graphs on NVIDIA GPUs; --gpus, --precision fp16|tf32|fp32, \
-            --decode gpu|cpu (nvJPEG), --streams per GPU, --max-batch (GPU decode)",
+            --decode gpu|hybrid|cpu (nvJPEG hardware+hybrid, hybrid only, CPU), --streams per \
+            GPU, --max-batch (GPU decode)",
     configure,
 };
 
@@ -237,10 +242,11 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
         "fp32" => Precision::Fp32,
         other => return bad(format!("--precision {other:?}: use fp16, tf32 or fp32")),
     };
-    let gpu_decode = match a.decode {
-        "gpu" => true,
-        "cpu" => false,
-        other => return bad(format!("--decode {other:?}: use gpu or cpu")),
+    let (gpu_decode, hardware_decode) = match a.decode {
+        "gpu" => (true, true),
+        "hybrid" => (true, false),
+        "cpu" => (false, false),
+        other => return bad(format!("--decode {other:?}: use gpu, hybrid or cpu")),
     };
     if !(1..=64).contains(&a.max_batch) {
         return bad(format!("--max-batch {} must be 1..=64", a.max_batch));
@@ -261,6 +267,7 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
             // Dynamic batching stays with GPU decode: with CPU decode the sessions keep
             // batch 1, as before the batch became part of the engine contract.
             max_batch: if gpu_decode { a.max_batch } else { 1 },
+            hardware_decode,
         },
         workers,
     }))
@@ -273,7 +280,11 @@ impl Backend for GpuBackend {
             "cudnn-gpu {:?} + CUDA graph on GPUs {:?}, {} decode, dynamic batch up to {}",
             o.precision,
             self.gpus,
-            if o.gpu_decode { "nvJPEG" } else { "CPU" },
+            match (o.gpu_decode, o.hardware_decode) {
+                (true, true) => "nvJPEG (hardware where the GPU has it, else hybrid)",
+                (true, false) => "nvJPEG hybrid",
+                _ => "CPU",
+            },
             o.max_batch
         )
     }

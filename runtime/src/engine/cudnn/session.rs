@@ -144,7 +144,12 @@ impl CudnnSession {
             .map_err(run_err)?;
         let images = match &loader.images {
             Some(kernels) if with_images => {
-                Some(GpuImages::new(kernels.clone(), handles.stream())?)
+                Some(GpuImages::new(
+                    kernels.clone(),
+                    handles.stream(),
+                    loader.options.max_batch,
+                    loader.options.hardware_decode,
+                )?)
             }
             _ => None,
         };
