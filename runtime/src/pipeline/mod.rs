@@ -181,8 +181,13 @@ impl Pipeline {
                 Some(header) if jpegs.len() < slots => {
                     let payload = &job.message()[HEADER_LEN..];
                     if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
-                        outcomes[i] =
-                            reject(&header, code, &text, &mut outs[i], &mut self.batch_errors[i]);
+                        outcomes[i] = reject(
+                            &header,
+                            code,
+                            &text,
+                            &mut outs[i],
+                            &mut self.batch_errors[i],
+                        );
                         continue;
                     }
                     jpegs.push(payload);
@@ -296,6 +301,11 @@ impl Pipeline {
         if let Some(device) = self.engine.device_images() {
             device.release_growth();
         }
+    }
+
+    /// How the engine's device decoder has decoded so far (None: no device decoder).
+    pub fn decode_counts(&mut self) -> Option<crate::engine::DecodeCounts> {
+        self.engine.device_images()?.decode_counts()
     }
 
     /// Bytes the decode buffers hold now: (host, device).

@@ -431,7 +431,12 @@ impl GpuImages {
 
     /// The plan's hardware images in one `nvjpegDecodeBatched`; where the batch fails as a
     /// whole, its images go to the hybrid path instead.
-    fn decode_hardware_picks(&mut self, jpegs: &[&[u8]], start: usize, stream: &Arc<cu::CudaStream>) {
+    fn decode_hardware_picks(
+        &mut self,
+        jpegs: &[&[u8]],
+        start: usize,
+        stream: &Arc<cu::CudaStream>,
+    ) {
         let n = self.hardware_picks.len();
         let Some(hw) = self.hardware.as_mut() else {
             return;
@@ -574,9 +579,8 @@ impl GpuImages {
 /// used is logged once per process, its engines likewise.
 fn hardware_decoder(nvjpeg: &'static NvJpeg, batch: usize) -> Option<HardwareJpegDecoder> {
     static SAID: std::sync::Once = std::sync::Once::new();
-    let made = HardwareJpegDecoder::new(nvjpeg, batch).and_then(|mut hw| {
-        hw.supported(WARMUP_JPEG).map(|yes| (hw, yes))
-    });
+    let made = HardwareJpegDecoder::new(nvjpeg, batch)
+        .and_then(|mut hw| hw.supported(WARMUP_JPEG).map(|yes| (hw, yes)));
     match made {
         Ok((hw, true)) => {
             SAID.call_once(|| match hw.engines() {
@@ -594,7 +598,9 @@ fn hardware_decoder(nvjpeg: &'static NvJpeg, batch: usize) -> Option<HardwareJpe
             None
         }
         Err(e) => {
-            SAID.call_once(|| log::warn!("nvJPEG hardware backend unavailable ({e}): hybrid decode"));
+            SAID.call_once(|| {
+                log::warn!("nvJPEG hardware backend unavailable ({e}): hybrid decode")
+            });
             None
         }
     }
@@ -716,7 +722,11 @@ impl DeviceImages for CudnnSession {
     fn stage_batch(&mut self, jpegs: &[&[u8]], stages: &mut Vec<SlotStage>) {
         stages.clear();
         if let Err(e) = self.handles.bind().map_err(run_err) {
-            stages.extend(jpegs.iter().map(|_| SlotStage::Failed(EngineError::Run(e.to_string()))));
+            stages.extend(
+                jpegs
+                    .iter()
+                    .map(|_| SlotStage::Failed(EngineError::Run(e.to_string()))),
+            );
             return;
         }
         let CudnnSession {
@@ -730,7 +740,11 @@ impl DeviceImages for CudnnSession {
         } = self;
         let Some(images) = images.as_mut() else {
             let why = "session made without GPU decoding";
-            stages.extend(jpegs.iter().map(|_| SlotStage::Failed(EngineError::Run(why.into()))));
+            stages.extend(
+                jpegs
+                    .iter()
+                    .map(|_| SlotStage::Failed(EngineError::Run(why.into()))),
+            );
             return;
         };
         let stream = handles.stream();
@@ -756,14 +770,13 @@ impl DeviceImages for CudnnSession {
             };
             let decoded_ns = crate::clock::realtime_ns();
             let first_slot = slot;
-            for i in start..end {
-                let k = i - start;
+            for (k, stage) in stages[start..end].iter_mut().enumerate() {
                 if images.plan[k].how != Route::Ready {
                     continue;
                 }
                 let launched = input_slot(staging, buffers, slot, count)
                     .and_then(|mut out| images.launch_planned(k, stream, &mut out));
-                stages[i] = match launched {
+                *stage = match launched {
                     Ok(()) => {
                         *device_slots |= 1 << slot;
                         slot += 1;

@@ -143,14 +143,12 @@ impl CudnnSession {
             .pinned_zeros(plan.input_shape().iter().product())
             .map_err(run_err)?;
         let images = match &loader.images {
-            Some(kernels) if with_images => {
-                Some(GpuImages::new(
-                    kernels.clone(),
-                    handles.stream(),
-                    loader.options.max_batch,
-                    loader.options.hardware_decode,
-                )?)
-            }
+            Some(kernels) if with_images => Some(GpuImages::new(
+                kernels.clone(),
+                handles.stream(),
+                loader.options.max_batch,
+                loader.options.hardware_decode,
+            )?),
             _ => None,
         };
         let resident_flag = handles.zeros::<u32>(1).map_err(run_err)?;
