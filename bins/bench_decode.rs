@@ -91,6 +91,7 @@ fn loader(args: &Args, path: Path, batch: usize) -> Result<CudnnLoader> {
         gpu_decode: true,
         max_batch: batch.max(2),
         hardware_decode: path == Path::Hardware,
+        preferred_batches: 0,
     };
     CudnnLoader::load_with(&args.engine_file, args.device, options).with_context(|| {
         format!(

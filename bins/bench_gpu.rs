@@ -213,6 +213,7 @@ fn fp16_graph(batch: usize, gpu_decode: bool) -> CudnnOptions {
         gpu_decode,
         max_batch: 1,
         hardware_decode: false,
+        preferred_batches: 0,
     }
 }
 
@@ -441,6 +442,7 @@ fn main() -> Result<()> {
                 gpu_decode: false,
                 max_batch: 1,
                 hardware_decode: false,
+                preferred_batches: 0,
             },
         )?;
         let mut s = loader

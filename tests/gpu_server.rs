@@ -379,6 +379,7 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
         workers: 1,
         streams: 0,
         max_batch: 1,
+        preferred_batch_sizes: "auto",
     };
     let backend = BackendChoice::parse(&args).unwrap();
     let session = backend.sessions(&model, false).unwrap().pop().unwrap();
@@ -538,6 +539,7 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
             workers: 1,
             streams: 0,
             max_batch,
+            preferred_batch_sizes: "auto",
         };
         let backend = BackendChoice::parse(&args).unwrap();
         let session = backend.sessions(&model, false).unwrap().pop().unwrap();

@@ -163,6 +163,11 @@ macro_rules! cli_args {
         /// for more to fill its batch, as Triton's dynamic batcher (0 = never wait)
         #[argh(option, default = "0")]
         max_queue_delay_us: [u64],
+        /// with --max-batch above 1: smaller batch sizes with their own batch context and CUDA
+        /// graph, a batch running on the smallest that holds it: auto (powers of two below
+        /// --max-batch), none, or a comma-separated list
+        #[argh(option, default = "String::from(\"auto\")")]
+        preferred_batch_sizes: [String],
         /// intra-op threads per worker for the CPU backend
         #[argh(option, default = "1")]
         threads: [usize],

@@ -42,6 +42,7 @@ impl ServerArgs {
             workers: self.workers,
             streams: self.streams,
             max_batch: self.max_batch,
+            preferred_batch_sizes: &self.preferred_batch_sizes,
         }
     }
 

@@ -160,6 +160,7 @@ fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
             gpu_decode: false,
             max_batch: 1,
             hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -209,6 +210,7 @@ fn throughput(path: &Path, label: &str, precision: Precision, batch: usize, cuda
             gpu_decode: false,
             max_batch: 1,
             hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -318,6 +320,7 @@ fn fp16_batch32_matches_batch1() {
                 gpu_decode: false,
                 max_batch: 1,
                 hardware_decode: false,
+                preferred_batches: 0,
             },
         )
         .unwrap();
@@ -437,6 +440,7 @@ fn sessions_are_independent_and_batch_works() {
             gpu_decode: false,
             max_batch: 1,
             hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -498,6 +502,7 @@ fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
             gpu_decode: true,
             max_batch: 1,
             hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();

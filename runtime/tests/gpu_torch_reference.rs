@@ -127,6 +127,7 @@ fn engine_reproduces_pytorch_resnet50_logits() {
                 gpu_decode: false,
                 max_batch: 1,
                 hardware_decode: false,
+                preferred_batches: 0,
             },
         )
         .unwrap_or_else(|e| panic!("loading the PyTorch export with {precision:?}: {e}"));

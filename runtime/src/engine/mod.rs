@@ -364,4 +364,7 @@ pub struct BackendArgs<'a> {
     pub streams: u32,
     /// Dynamic batch of the GPU backend (`--max-batch`).
     pub max_batch: usize,
+    /// `--preferred-batch-sizes`: "auto" (powers of two below `max_batch`), "none", or a
+    /// comma-separated list; each gets its own batch context and CUDA graph.
+    pub preferred_batch_sizes: &'a str,
 }

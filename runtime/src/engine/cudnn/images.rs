@@ -735,6 +735,8 @@ impl DeviceImages for CudnnSession {
             staging,
             buffers,
             batched,
+            preferred,
+            staged_in,
             device_slots,
             ..
         } = self;
@@ -748,7 +750,13 @@ impl DeviceImages for CudnnSession {
             return;
         };
         let stream = handles.stream();
-        let (count, staging, buffers) = match batched.as_mut() {
+        // The smallest context that takes them all: a preferred size, else the largest.
+        *staged_in = preferred.iter().position(|c| c.batch >= jpegs.len());
+        let context = match *staged_in {
+            Some(i) => preferred.get_mut(i),
+            None => batched.as_deref_mut(),
+        };
+        let (count, staging, buffers) = match context {
             Some(b) => (b.batch, &mut b.staging, &mut b.buffers),
             None => (1, staging, buffers),
         };

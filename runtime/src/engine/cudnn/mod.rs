@@ -86,6 +86,29 @@ pub struct CudnnOptions {
     /// With `gpu_decode`: nvJPEG's hardware backend (NVJPG engines, batched API) for the
     /// images it takes, where the GPU has it; the hybrid backend for the rest.
     pub hardware_decode: bool,
+    /// With `max_batch` > 1: smaller batch contexts (bit b-1 = a context of b images, each
+    /// with its own CUDA graph); a batch of n device-decoded JPEGs runs on the smallest
+    /// context of at least n images instead of always the `max_batch` one (Triton's
+    /// preferred batch sizes). 0 = only `max_batch`.
+    pub preferred_batches: u64,
+}
+
+/// Powers of two from 2 below `max_batch`, as a [`CudnnOptions::preferred_batches`] mask.
+pub fn powers_of_two_below(max_batch: usize) -> u64 {
+    let mut mask = 0u64;
+    let mut b = 2usize;
+    while b < max_batch.min(65) {
+        mask |= 1 << (b - 1);
+        b *= 2;
+    }
+    mask
+}
+
+/// The sizes of a [`CudnnOptions::preferred_batches`] mask below `max_batch`, ascending.
+fn preferred_sizes(mask: u64, max_batch: usize) -> Vec<usize> {
+    (1..max_batch.min(65))
+        .filter(|b| mask & (1 << (b - 1)) != 0)
+        .collect()
 }
 
 impl Default for CudnnOptions {
@@ -97,6 +120,7 @@ impl Default for CudnnOptions {
             gpu_decode: false,
             max_batch: 1,
             hardware_decode: false,
+            preferred_batches: 0,
         }
     }
 }
@@ -113,6 +137,8 @@ pub struct CudnnLoader {
     resident: Option<Arc<ResidentKernels>>,
     /// The same model planned for `options.max_batch` images (dynamic batching).
     batch_plan: Option<Arc<Plan>>,
+    /// And for each preferred batch size below it, ascending.
+    preferred_plans: Vec<Arc<Plan>>,
     options: CudnnOptions,
 }
 
@@ -151,6 +177,16 @@ impl CudnnLoader {
         } else {
             None
         };
+        let mut preferred_plans = Vec::new();
+        if batch_plan.is_some() {
+            for b in preferred_sizes(options.preferred_batches, options.max_batch) {
+                let p = Plan::load(path, b)?;
+                if !weights::same_params(&plan, &p) {
+                    return Err(bad_model(path, "batch plan differs from the batch-1 plan"));
+                }
+                preferred_plans.push(Arc::new(p));
+            }
+        }
         let gpu = GpuDevice::open(device).map_err(run_err)?;
         let fp16 = options.precision == Precision::Fp16;
         let weights = weights::upload(&gpu, &plan, fp16).map_err(run_err)?;
@@ -179,6 +215,7 @@ impl CudnnLoader {
             half,
             images,
             batch_plan,
+            preferred_plans,
             options,
         })
     }
@@ -251,6 +288,25 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
     if !(1..=64).contains(&a.max_batch) {
         return bad(format!("--max-batch {} must be 1..=64", a.max_batch));
     }
+    let preferred_batches = match a.preferred_batch_sizes {
+        "auto" => powers_of_two_below(a.max_batch),
+        "none" | "" => 0,
+        list => {
+            let mut mask = 0u64;
+            for b in list.split(',') {
+                match b.trim().parse::<usize>() {
+                    Ok(b) if (1..a.max_batch).contains(&b) => mask |= 1 << (b - 1),
+                    _ => {
+                        return bad(format!(
+                            "--preferred-batch-sizes {list:?}: each size must be 1..{} (below --max-batch)",
+                            a.max_batch
+                        ))
+                    }
+                }
+            }
+            mask
+        }
+    };
     // --streams N: N engine contexts (each a worker with its own stream) per GPU.
     let workers = if a.streams > 0 {
         a.streams as usize * gpus.len()
@@ -268,6 +324,7 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
             // batch 1, as before the batch became part of the engine contract.
             max_batch: if gpu_decode { a.max_batch } else { 1 },
             hardware_decode,
+            preferred_batches: if gpu_decode { preferred_batches } else { 0 },
         },
         workers,
     }))
@@ -281,7 +338,9 @@ impl Backend for GpuBackend {
             o.precision,
             self.gpus,
             match (o.gpu_decode, o.hardware_decode) {
-                (true, true) => "nvJPEG (hardware where the GPU has it, else hybrid)",
+                // Unchanged from before the hardware backend (which says at start whether
+                // this GPU has it); `--decode hybrid` names itself.
+                (true, true) => "nvJPEG",
                 (true, false) => "nvJPEG hybrid",
                 _ => "CPU",
             },
@@ -346,6 +405,39 @@ pub fn parse_gpus(list: &str) -> Result<Vec<usize>, BackendError> {
 mod tests {
     use super::*;
     use crate::model_gen;
+
+    #[test]
+    fn preferred_batch_sizes_parse_and_stay_below_the_max() {
+        assert_eq!(preferred_sizes(powers_of_two_below(16), 16), vec![2, 4, 8]);
+        assert_eq!(
+            preferred_sizes(powers_of_two_below(2), 2),
+            Vec::<usize>::new()
+        );
+        assert_eq!(
+            preferred_sizes(powers_of_two_below(64), 64),
+            vec![2, 4, 8, 16, 32]
+        );
+        let args = |sizes| BackendArgs {
+            backend: "gpu",
+            precision: "fp16",
+            gpus: "0",
+            decode: "gpu",
+            threads: 1,
+            workers: 1,
+            streams: 0,
+            max_batch: 16,
+            preferred_batch_sizes: sizes,
+        };
+        let described = |sizes| configure(&args(sizes)).map(|b| format!("{b:?}"));
+        assert!(described("4,12")
+            .unwrap()
+            .contains("preferred_batches: 2056"));
+        assert!(described("none").unwrap().contains("preferred_batches: 0"));
+        for bad in ["16", "0", "3,x"] {
+            let err = described(bad).unwrap_err().to_string();
+            assert!(err.contains("--preferred-batch-sizes"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn no_gpu_is_an_error_not_a_panic() {
