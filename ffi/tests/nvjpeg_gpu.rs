@@ -90,6 +90,7 @@ int main(void) {
         ])
         .arg(&exe)
         .arg(&src)
+        .args(["-L/usr/local/cuda/lib64", "-lnvjpeg"])
         .output()
         .unwrap();
     assert!(

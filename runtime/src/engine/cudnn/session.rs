@@ -435,7 +435,8 @@ impl InferenceEngine for CudnnSession {
         if host != 0 {
             batched.upload_input()?;
         }
-        batched.run_and_download(&mut self.batch_logits)?;
+        let ran = batched.batch * classes;
+        batched.run_and_download(&mut self.batch_logits[..ran])?;
         logits.copy_from_slice(&self.batch_logits[..n * classes]);
         Ok(())
     }
