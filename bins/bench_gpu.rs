@@ -212,6 +212,8 @@ fn fp16_graph(batch: usize, gpu_decode: bool) -> CudnnOptions {
         cuda_graph: true,
         gpu_decode,
         max_batch: 1,
+        hardware_decode: false,
+        preferred_batches: 0,
     }
 }
 
@@ -439,6 +441,8 @@ fn main() -> Result<()> {
                 cuda_graph: false,
                 gpu_decode: false,
                 max_batch: 1,
+                hardware_decode: false,
+                preferred_batches: 0,
             },
         )?;
         let mut s = loader

@@ -19,8 +19,13 @@ Subcommands:
       of the batch time), torchvision.io.decode_jpeg(device="cuda") p50/p99 for FILE. The
       weights are those of `export` (same seed; checked against DIR/torch_logits.f32). Writes a
       flat JSON object (bench_gpu reads it without a JSON library).
-  make-jpeg --src models/grace_hopper.jpg --out FILE
-      FILE: the source resized to 500x375 (cv2.INTER_AREA), JPEG quality 95.
+  make-jpeg --src models/grace_hopper.jpg --out FILE [--size WxH] [--progressive]
+      FILE: the source resized to 500x375 (or WxH; cv2.INTER_AREA down, INTER_CUBIC up), JPEG
+      quality 95, baseline (or progressive).
+  decode-batch --jpegs A,B,C --batches 1,8,32 --json OUT.jsonl [--seconds S]
+      torchvision.io.decode_jpeg(device="cuda") of a list of `batch` copies of each JPEG per
+      call (torchvision's batched nvJPEG decode), images/s over S seconds per figure; one JSON
+      object per line (image, batch, images_s).
 
 Exit status: 0 on success, 1 on failure (with a one-line reason on stderr).
 """
@@ -497,15 +502,58 @@ def cmd_make_jpeg(args):
     src = cv2.imread(args.src, cv2.IMREAD_COLOR)
     if src is None:
         fail(f"cannot read image {args.src}")
-    small = cv2.resize(src, (500, 375), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        fail(f"--size {args.size!r}: want WxH")
+    up = w * h > src.shape[0] * src.shape[1]
+    small = cv2.resize(src, (w, h), interpolation=cv2.INTER_CUBIC if up else cv2.INTER_AREA)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, int(args.progressive)]
+    ok, buf = cv2.imencode(".jpg", small, params)
     if not ok:
         fail("JPEG encoding failed")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "wb") as f:
         f.write(buf.tobytes())
-    print(f"wrote {args.out}: 500x375, quality 95, {len(buf)} B", flush=True)
+    kind = "progressive" if args.progressive else "baseline"
+    print(f"wrote {args.out}: {w}x{h}, quality 95, {kind}, {len(buf)} B", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# decode-batch
+
+
+def cmd_decode_batch(args):
+    try:
+        import torch
+        import torchvision
+        from torchvision.io import decode_jpeg
+    except ImportError as e:
+        fail(f"decode-batch needs torch and torchvision: {e}")
+    if not torch.cuda.is_available():
+        fail("no CUDA device visible to PyTorch")
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for path in args.jpegs.split(","):
+        data = torchvision.io.read_file(path)
+        for b in batches:
+            batch = [data] * b
+            for _ in range(5):
+                decode_jpeg(batch, device="cuda")
+            torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < args.seconds:
+                decode_jpeg(batch, device="cuda")
+                torch.cuda.synchronize()
+                n += b
+            rate = n / (time.perf_counter() - t0)
+            rows.append({"image": os.path.basename(path), "batch": b, "images_s": rate})
+            print(f"torchvision decode_jpeg cuda {os.path.basename(path)} batch {b}: {rate:.0f} img/s", flush=True)
+    with open(args.json, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
     return 0
 
 
@@ -524,10 +572,23 @@ def main():
     j = sub.add_parser("make-jpeg", help="500x375 quality-95 JPEG for the decode comparison")
     j.add_argument("--src", required=True)
     j.add_argument("--out", required=True)
+    j.add_argument("--size", default="500x375", help="WxH (default 500x375)")
+    j.add_argument("--progressive", action="store_true", help="progressive instead of baseline")
+    d = sub.add_parser("decode-batch", help="torchvision batched GPU decode, images/s")
+    d.add_argument("--jpegs", required=True, help="comma-separated JPEG files")
+    d.add_argument("--batches", default="1,8,32")
+    d.add_argument("--seconds", type=float, default=1.5)
+    d.add_argument("--json", required=True)
     args = p.parse_args()
     if args.cmd == "bench" and min(args.iters, args.batch_iters, args.decode_iters) < 1:
         p.error("iteration counts must be at least 1")
-    return {"export": cmd_export, "bench": cmd_bench, "make-jpeg": cmd_make_jpeg}[args.cmd](args)
+    cmds = {
+        "export": cmd_export,
+        "bench": cmd_bench,
+        "make-jpeg": cmd_make_jpeg,
+        "decode-batch": cmd_decode_batch,
+    }
+    return cmds[args.cmd](args)
 
 
 if __name__ == "__main__":

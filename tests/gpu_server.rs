@@ -379,6 +379,7 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
         workers: 1,
         streams: 0,
         max_batch: 1,
+        preferred_batch_sizes: "auto",
     };
     let backend = BackendChoice::parse(&args).unwrap();
     let session = backend.sessions(&model, false).unwrap().pop().unwrap();
@@ -512,4 +513,135 @@ fn the_originals_tasks_run_on_the_gpu_backend() {
         assert!(out.contains("9 requests, 0 errors"), "-t {task}: {out}");
     }
     server.stop();
+}
+
+/// One worker's batch of JPEG requests on nvJPEG's hardware backend (batched API) with one
+/// image it refuses inside (progressive: the NVJPG engines take baseline only, so the hybrid
+/// backend decodes it), one no decoder takes (truncated: BadImage from the CPU decoder's
+/// verdict) and one request that is not a JPEG inference: every request gets the answer it
+/// gets alone on the same server, and the baseline ones went through the hardware in one call.
+#[test]
+fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
+    use hacserve_runtime::engine::registry::BackendChoice;
+    use hacserve_runtime::engine::BackendArgs;
+    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let pipeline_of = |max_batch: usize| {
+        let args = BackendArgs {
+            backend: "gpu",
+            precision: "fp16",
+            gpus: "0",
+            decode: "gpu",
+            threads: 1,
+            workers: 1,
+            streams: 0,
+            max_batch,
+            preferred_batch_sizes: "auto",
+        };
+        let backend = BackendChoice::parse(&args).unwrap();
+        let session = backend.sessions(&model, false).unwrap().pop().unwrap();
+        Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS)
+    };
+    let photo = std::fs::read(image()).unwrap();
+    let progressive = generated_jpeg(640, 480, true);
+    let baseline = generated_jpeg(1920, 1080, false);
+    let truncated = photo[..photo.len() / 2].to_vec();
+    let jobs = vec![
+        queued(Task::Jpeg, 0, &photo),
+        queued(Task::Jpeg, 1, &progressive),
+        queued(Task::Jpeg, 2, &baseline),
+        queued(Task::Jpeg, 3, &truncated),
+        queued(Task::Ping, 4, &[]),
+        queued(Task::Jpeg, 5, &photo),
+    ];
+    // What each request gets alone (batch of 1: the single-image path).
+    let mut alone = pipeline_of(1);
+    let want: Vec<Vec<u8>> = jobs
+        .iter()
+        .map(|job| {
+            let mut out = Vec::new();
+            alone.handle(job, &mut out);
+            out
+        })
+        .collect();
+    let mut batched = pipeline_of(8);
+    let before = batched.decode_counts().unwrap();
+    let mut outs = vec![Vec::new(); jobs.len()];
+    let mut outcomes = vec![Outcome::Rejected(ErrorCode::Internal); jobs.len()];
+    batched.handle_batch(&jobs, &mut outs, &mut outcomes);
+    let after = batched.decode_counts().unwrap();
+    println!("decode counts: before the batch {before:?}, after {after:?}");
+    for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
+        let (gh, gb) = Header::decode(got, usize::MAX).unwrap();
+        let (wh, wb) = Header::decode(want, usize::MAX).unwrap();
+        assert_eq!(
+            (gh.kind, gh.request_id),
+            (wh.kind, wh.request_id),
+            "request {k}"
+        );
+        match gh.kind {
+            MessageKind::Response if jobs[k].header.map(|h| h.task) == Some(Task::Jpeg) => {
+                let (g, w) = (
+                    ResponseBody::decode(gb).unwrap(),
+                    ResponseBody::decode(wb).unwrap(),
+                );
+                assert_eq!(
+                    g.classes, w.classes,
+                    "request {k}: top-5 in the batch vs alone"
+                );
+                for (a, b) in g.scores.iter().zip(&w.scores) {
+                    assert!(
+                        (a - b).abs() < 2e-3,
+                        "request {k}: scores {:?} vs {:?}",
+                        g.scores,
+                        w.scores
+                    );
+                }
+            }
+            MessageKind::Error => {
+                assert_eq!(
+                    decode_error(gb).unwrap().0,
+                    decode_error(wb).unwrap().0,
+                    "request {k}"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        matches!(outcomes[3], Outcome::Rejected(ErrorCode::BadImage)),
+        "{:?}",
+        outcomes[3]
+    );
+    let gpu = hacserve_ffi::gpu::cuda::driver(0)
+        .ok()
+        .and_then(|c| c.name().ok())
+        .unwrap_or_default();
+    let has_nvjpg = ["A100", "H100", "H200", "A30"]
+        .iter()
+        .any(|g| gpu.contains(g));
+    if after.hardware == before.hardware {
+        assert!(
+            !has_nvjpg,
+            "{gpu} has NVJPG engines but no image of the batch went to them"
+        );
+        eprintln!(
+            "SKIPPED hardware part: {gpu} decoded the batch without nvJPEG's hardware backend"
+        );
+        return;
+    }
+    // The three baseline images in one hardware call; the progressive one on the hybrid path.
+    assert_eq!(after.hardware - before.hardware, 3, "{after:?}");
+    assert_eq!(
+        after.hardware_batches - before.hardware_batches,
+        1,
+        "{after:?}"
+    );
+    assert!(
+        after.hybrid > before.hybrid,
+        "the progressive JPEG went to the hybrid path: {after:?}"
+    );
 }

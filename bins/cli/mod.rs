@@ -152,13 +152,25 @@ macro_rules! cli_args {
         /// each with its own engine context and stream)
         #[argh(option, default = "String::from(\"0\")")]
         gpus: [String],
-        /// where the GPU backend decodes JPEGs: gpu (nvJPEG + preprocessing kernel) or cpu
+        /// where the GPU backend decodes JPEGs: gpu (nvJPEG: its hardware backend for what it
+        /// takes where the GPU has NVJPG engines, the hybrid backend for the rest), hybrid
+        /// (nvJPEG's hybrid backend only) or cpu; all with the preprocessing kernel but cpu
         #[argh(option, default = "String::from(\"gpu\")")]
         decode: [String],
         /// GPU backend with GPU decode: JPEG requests ready together run as one batch of up to
-        /// this many (1 = off; a lone request never waits for company)
+        /// this many (1 = off; a lone request never waits for company unless
+        /// --max-queue-delay-us says so)
         #[argh(option, default = "8")]
         max_batch: [usize],
+        /// with --max-batch above 1: how long (microseconds) a worker holding a request waits
+        /// for more to fill its batch, as Triton's dynamic batcher (0 = never wait)
+        #[argh(option, default = "0")]
+        max_queue_delay_us: [u64],
+        /// with --max-batch above 1: smaller batch sizes with their own batch context and CUDA
+        /// graph, a batch running on the smallest that holds it: auto (powers of two below
+        /// --max-batch), none, or a comma-separated list
+        #[argh(option, default = "String::from(\"auto\")")]
+        preferred_batch_sizes: [String],
         /// intra-op threads per worker for the CPU backend
         #[argh(option, default = "1")]
         threads: [usize],

@@ -42,6 +42,7 @@ impl ServerArgs {
             workers: self.workers,
             streams: self.streams,
             max_batch: self.max_batch,
+            preferred_batch_sizes: &self.preferred_batch_sizes,
         }
     }
 
@@ -93,6 +94,7 @@ impl ServerArgs {
             pin_threads: !self.no_pin,
             debug: self.debug,
             policy: LoopPolicy::AnswerWithoutEngine,
+            max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
         })
     }
 }

@@ -51,21 +51,46 @@ fn nvjpeg_layout_matches_the_header() {
         r#"#include <stdio.h>
 #include <stddef.h>
 #include <nvjpeg.h>
+/* The prototypes ffi/src/gpu/sys/nvjpeg.rs declares, as C function pointer types: built with
+   -Werror=incompatible-pointer-types, any difference from the header fails the build. */
+typedef nvjpegStatus_t (*create_ex_t)(nvjpegBackend_t, nvjpegDevAllocator_t *, nvjpegPinnedAllocator_t *,
+                                      unsigned int, nvjpegHandle_t *);
+typedef nvjpegStatus_t (*parse_header_t)(nvjpegHandle_t, const unsigned char *, size_t, nvjpegJpegStream_t);
+typedef nvjpegStatus_t (*supported_t)(nvjpegHandle_t, nvjpegJpegStream_t, int *);
+typedef nvjpegStatus_t (*initialize_t)(nvjpegHandle_t, nvjpegJpegState_t, int, int, nvjpegOutputFormat_t);
+typedef nvjpegStatus_t (*batched_t)(nvjpegHandle_t, nvjpegJpegState_t, const unsigned char *const *,
+                                    const size_t *, nvjpegImage_t *, cudaStream_t);
+typedef nvjpegStatus_t (*hw_info_t)(nvjpegHandle_t, unsigned int *, unsigned int *);
+typedef nvjpegStatus_t (*decode_t)(nvjpegHandle_t, nvjpegJpegState_t, const unsigned char *, size_t,
+                                   nvjpegOutputFormat_t, nvjpegImage_t *, cudaStream_t);
+typedef nvjpegStatus_t (*stream_create_t)(nvjpegHandle_t, nvjpegJpegStream_t *);
+typedef nvjpegStatus_t (*state_create_t)(nvjpegHandle_t, nvjpegJpegState_t *);
 int main(void) {
-  printf("%zu %zu %zu %d %d %d %d %d %d %d %d %d\n", sizeof(nvjpegImage_t), offsetof(nvjpegImage_t, pitch),
+  create_ex_t a = nvjpegCreateEx; parse_header_t b = nvjpegJpegStreamParseHeader;
+  supported_t c = nvjpegDecodeBatchedSupported; initialize_t d = nvjpegDecodeBatchedInitialize;
+  batched_t e = nvjpegDecodeBatched; hw_info_t f = nvjpegGetHardwareDecoderInfo; decode_t g = nvjpegDecode;
+  stream_create_t h = nvjpegJpegStreamCreate; state_create_t i = nvjpegJpegStateCreate;
+  if (!a || !b || !c || !d || !e || !f || !g || !h || !i) return 1;
+  printf("%zu %zu %zu %d %d %d %d %d %d %d %d %d %d\n", sizeof(nvjpegImage_t), offsetof(nvjpegImage_t, pitch),
          sizeof(cudaStream_t), NVJPEG_MAX_COMPONENT, (int)NVJPEG_OUTPUT_RGBI,
          (int)NVJPEG_STATUS_SUCCESS, (int)NVJPEG_STATUS_BAD_JPEG, (int)NVJPEG_STATUS_INCOMPLETE_BITSTREAM,
          (int)NVJPEG_STATUS_JPEG_NOT_SUPPORTED, (int)NVJPEG_STATUS_IMPLEMENTATION_NOT_SUPPORTED,
-         (int)NVJPEG_BACKEND_HYBRID, (int)NVJPEG_BACKEND_GPU_HYBRID);
+         (int)NVJPEG_BACKEND_HYBRID, (int)NVJPEG_BACKEND_GPU_HYBRID, (int)NVJPEG_BACKEND_HARDWARE);
   return 0;
 }"#,
     )
     .unwrap();
     let exe = dir.join("l");
     let cc = Command::new("cc")
-        .args(["-I/usr/local/cuda/include", "-o"])
+        .args([
+            "-I/usr/local/cuda/include",
+            "-Werror=incompatible-pointer-types",
+            "-Werror=implicit-function-declaration",
+            "-o",
+        ])
         .arg(&exe)
         .arg(&src)
+        .args(["-L/usr/local/cuda/lib64", "-lnvjpeg"])
         .output()
         .unwrap();
     assert!(
@@ -88,6 +113,7 @@ int main(void) {
         9,
         hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_BACKEND_HYBRID as i64,
         hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_BACKEND_GPU_HYBRID as i64,
+        hacserve_ffi::gpu::sys::nvjpeg::NVJPEG_BACKEND_HARDWARE as i64,
     ];
     assert_eq!(c, rust, "C (left) vs Rust (right)");
     assert_eq!(nvjpeg::status_name(3), "BAD_JPEG");
@@ -167,10 +193,20 @@ fn nvjpeg_decodes_like_pillow_and_rejects_bad_input() {
 
 /// A large JPEG made from the test photo by OpenCV, where python3 has it (the GPU machine).
 fn large_jpeg(width: usize, height: usize) -> Result<Vec<u8>, String> {
-    let out = std::env::temp_dir().join(format!("nvjpeg-large-{}.jpg", std::process::id()));
+    opencv_jpeg(width, height, false)
+}
+
+/// The test photo resized by OpenCV to `width`x`height`, quality 90, baseline or progressive.
+fn opencv_jpeg(width: usize, height: usize, progressive: bool) -> Result<Vec<u8>, String> {
+    let out = std::env::temp_dir().join(format!(
+        "nvjpeg-{width}x{height}-{progressive}-{}.jpg",
+        std::process::id()
+    ));
     let script = format!(
         "import cv2; im = cv2.imread({src:?}); im = cv2.resize(im, ({width}, {height}), \
-         interpolation=cv2.INTER_CUBIC); cv2.imwrite({out:?}, im, [cv2.IMWRITE_JPEG_QUALITY, 90])",
+         interpolation=cv2.INTER_CUBIC); cv2.imwrite({out:?}, im, [cv2.IMWRITE_JPEG_QUALITY, 90, \
+         cv2.IMWRITE_JPEG_PROGRESSIVE, {}])",
+        progressive as i32,
         src = repo().join("models/grace_hopper.jpg").display().to_string(),
         out = out.display().to_string(),
     );
@@ -276,4 +312,166 @@ fn sized_decoder_picks_the_backend_by_size_and_backends_agree() {
     }
     dec.decode_into(&images[0].1, &stream, &mut buf, None)
         .unwrap();
+}
+
+/// nvJPEG's hardware backend through the batched API: a baseline batch decodes in one call to
+/// the same pixels as the hybrid path (up to IDCT rounding), a progressive JPEG is refused by
+/// `nvjpegDecodeBatchedSupported` (the engines take baseline only), a batch above the
+/// capacity and a destination too small are typed errors, and timings of both paths print.
+/// GPUs with NVJPG engines (A100, H100, H200) must have the backend; others skip loudly.
+#[test]
+fn hardware_batch_decodes_like_the_hybrid_path_and_refuses_progressive() {
+    use hacserve_ffi::gpu::nvjpeg_batched::{HardwareItem, HardwareJpegDecoder};
+    use hacserve_ffi::gpu::resident::DeviceSpan;
+    let Some(api) = gpu_or_skip() else { return };
+    let ctx = cuda::driver(0).expect("CUDA context on GPU 0");
+    let name = ctx.name().unwrap_or_default();
+    let stream = ctx.default_stream();
+    let mut hw = match HardwareJpegDecoder::new(api, 8) {
+        Ok(hw) => hw,
+        Err(e)
+            if ["A100", "H100", "H200", "A30"]
+                .iter()
+                .any(|g| name.contains(g)) =>
+        {
+            panic!("{name} has NVJPG engines but nvJPEG's hardware backend failed: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED nvJPEG hardware test: {name}: {e}");
+            return;
+        }
+    };
+    println!(
+        "nvJPEG hardware backend on {name}: engines x cores {:?}",
+        hw.engines()
+    );
+    let photo = std::fs::read(repo().join("models/grace_hopper.jpg")).unwrap();
+    assert!(
+        hw.supported(&photo).unwrap(),
+        "baseline 4:2:0 photo refused"
+    );
+    match opencv_jpeg(640, 480, true) {
+        Ok(progressive) => {
+            let yes = hw.supported(&progressive).unwrap();
+            println!("progressive 640x480: hardware takes it: {yes}");
+            assert!(!yes, "the NVJPG engines take baseline JPEGs only");
+        }
+        Err(why) => eprintln!("SKIPPED progressive part: cannot make one ({why})"),
+    }
+    let mut images = vec![photo.clone()];
+    if let Ok(j) = opencv_jpeg(1920, 1080, false) {
+        images.push(j);
+    }
+    if let Ok(j) = opencv_jpeg(500, 375, false) {
+        images.push(j);
+    }
+    let mut simple = JpegDecoder::new(api).unwrap();
+    let sizes: Vec<(usize, usize)> = images
+        .iter()
+        .map(|j| {
+            let (_, w, h) = simple.image_info(j).unwrap();
+            (w as usize, h as usize)
+        })
+        .collect();
+    let place = |k: usize| {
+        sizes[..k]
+            .iter()
+            .map(|(w, h)| (3 * w * h).next_multiple_of(256))
+            .sum::<usize>()
+    };
+    let total = place(images.len());
+    let hw_buf = stream.alloc_zeros::<u8>(total).unwrap();
+    let ref_buf = stream.alloc_zeros::<u8>(total).unwrap();
+    let all = DeviceSpan::of(&hw_buf, &stream, total).unwrap();
+    let mut got = Vec::new();
+    let item = |k: usize| HardwareItem {
+        jpeg: &images[k],
+        dst: all.sub(place(k), 3 * sizes[k].0 * sizes[k].1).unwrap(),
+    };
+    hw.decode_batch(images.len(), item, &stream, &mut got)
+        .unwrap();
+    assert_eq!(got, sizes);
+    {
+        let refs = DeviceSpan::of(&ref_buf, &stream, total).unwrap();
+        for (k, j) in images.iter().enumerate() {
+            let dst = refs.sub(place(k), 3 * sizes[k].0 * sizes[k].1).unwrap();
+            simple.decode_into_span(j, &stream, dst).unwrap();
+        }
+    }
+    let a = stream.clone_dtoh(&hw_buf).unwrap();
+    let b = stream.clone_dtoh(&ref_buf).unwrap();
+    for (k, &(w, h)) in sizes.iter().enumerate() {
+        let (lo, hi) = (place(k), place(k) + 3 * w * h);
+        let diffs: Vec<u8> = a[lo..hi]
+            .iter()
+            .zip(&b[lo..hi])
+            .map(|(x, y)| x.abs_diff(*y))
+            .collect();
+        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+        let max = diffs.iter().copied().max().unwrap_or(0);
+        println!("image {k} {w}x{h}: |hardware - hybrid| mean {mean:.4} max {max} levels");
+        // Another IDCT and upsampler: fractions of a level on average; a wrong channel
+        // order, a missing image or a shifted place is tens of levels off.
+        assert!(
+            mean < 2.0,
+            "image {k}: hardware and hybrid decodes differ by {mean} on average"
+        );
+    }
+    // Typed errors: above the capacity, and a place too small for its image.
+    let nine = hw.decode_batch(9, item_of(&images[0], all), &stream, &mut got);
+    assert!(nine.is_err(), "a batch of 9 on a decoder of 8");
+    let small = hw.decode_batch(
+        1,
+        |_| HardwareItem {
+            jpeg: &images[0],
+            dst: all.sub(0, 100).unwrap(),
+        },
+        &stream,
+        &mut got,
+    );
+    assert!(
+        matches!(small, Err(nvjpeg::NvJpegError::TooLarge { .. })),
+        "{small:?}"
+    );
+    // Timings: the batch of 8 copies of the photo vs 8 hybrid decodes.
+    let n = 8;
+    let per = (3 * 512 * 600usize).next_multiple_of(256);
+    let big = stream.alloc_zeros::<u8>(n * per).unwrap();
+    let span = DeviceSpan::of(&big, &stream, n * per).unwrap();
+    let iters = 50;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        hw.decode_batch(
+            n,
+            |k| HardwareItem {
+                jpeg: &photo,
+                dst: span.sub(k * per, per).unwrap(),
+            },
+            &stream,
+            &mut got,
+        )
+        .unwrap();
+    }
+    let hw_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        for k in 0..n {
+            simple
+                .decode_into_span(&photo, &stream, span.sub(k * per, per).unwrap())
+                .unwrap();
+        }
+    }
+    let hybrid_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    println!(
+        "8 x 512x600 on {name}: hardware batch {hw_ms:.3} ms ({:.0} img/s), hybrid one by one {hybrid_ms:.3} ms ({:.0} img/s), one thread",
+        n as f64 * 1e3 / hw_ms,
+        n as f64 * 1e3 / hybrid_ms
+    );
+}
+
+fn item_of<'a>(
+    jpeg: &'a [u8],
+    all: hacserve_ffi::gpu::resident::DeviceSpan<'a>,
+) -> impl FnMut(usize) -> hacserve_ffi::gpu::nvjpeg_batched::HardwareItem<'a> {
+    move |_| hacserve_ffi::gpu::nvjpeg_batched::HardwareItem { jpeg, dst: all }
 }

@@ -159,6 +159,8 @@ fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
             cuda_graph,
             gpu_decode: false,
             max_batch: 1,
+            hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -207,6 +209,8 @@ fn throughput(path: &Path, label: &str, precision: Precision, batch: usize, cuda
             cuda_graph,
             gpu_decode: false,
             max_batch: 1,
+            hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -315,6 +319,8 @@ fn fp16_batch32_matches_batch1() {
                 cuda_graph,
                 gpu_decode: false,
                 max_batch: 1,
+                hardware_decode: false,
+                preferred_batches: 0,
             },
         )
         .unwrap();
@@ -433,6 +439,8 @@ fn sessions_are_independent_and_batch_works() {
             cuda_graph: true,
             gpu_decode: false,
             max_batch: 1,
+            hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();
@@ -493,6 +501,8 @@ fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
             cuda_graph: true,
             gpu_decode: true,
             max_batch: 1,
+            hardware_decode: false,
+            preferred_batches: 0,
         },
     )
     .unwrap();

@@ -126,6 +126,8 @@ fn engine_reproduces_pytorch_resnet50_logits() {
                 cuda_graph,
                 gpu_decode: false,
                 max_batch: 1,
+                hardware_decode: false,
+                preferred_batches: 0,
             },
         )
         .unwrap_or_else(|e| panic!("loading the PyTorch export with {precision:?}: {e}"));

@@ -4,7 +4,8 @@
 //!
 //! * [`cuda`]: the driver through cudarc (checked loading, dma-buf export).
 //! * [`ops`]: the cuDNN/cuBLAS layer launches of the GPU engine.
-//! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`].
+//! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`]; [`nvjpeg_batched`]: the batched API on
+//!   the hardware backend (NVJPG engines).
 //! * [`preprocess`]: the NVRTC resize/crop/normalise kernel.
 //! * [`resident`]: device memory requests stay in (GPUDirect rings) and the kernels that
 //!   read requests and write replies there.
@@ -13,6 +14,7 @@
 
 pub mod cuda;
 pub mod nvjpeg;
+pub mod nvjpeg_batched;
 pub mod ops;
 pub mod preprocess;
 pub mod probe;

@@ -51,7 +51,7 @@ pub fn status_name(status: c_int) -> &'static str {
     }
 }
 
-fn check(call: &'static str, status: nvjpegStatus_t) -> Result<(), NvJpegError> {
+pub(crate) fn check(call: &'static str, status: nvjpegStatus_t) -> Result<(), NvJpegError> {
     if status == NVJPEG_STATUS_SUCCESS {
         Ok(())
     } else {
@@ -178,6 +178,34 @@ impl JpegDecoder {
                 stream.cu_stream() as cudaStream_t,
             )?;
         }
+        Ok((width, height))
+    }
+}
+
+impl JpegDecoder {
+    /// As [`Self::decode_into`], into a span of device memory (one image's place in a
+    /// buffer shared by a batch), and waits for the stream. Returns (width, height).
+    pub fn decode_into_span(
+        &mut self,
+        jpeg: &[u8],
+        stream: &std::sync::Arc<super::cuda::cu::CudaStream>,
+        dst: super::resident::DeviceSpan<'_>,
+    ) -> Result<(usize, usize), NvJpegError> {
+        let (width, height) = fitting_size(self.image_info(jpeg)?, dst.len())?;
+        // SAFETY: dst is live device memory (the span borrows its owner) of at least
+        // 3*width*height bytes (checked above), and stays so until the wait below has seen
+        // the decode finish; the stream belongs to the span's context.
+        unsafe {
+            self.decode_rgbi(
+                jpeg,
+                dst.addr() as *mut u8,
+                width * 3,
+                stream.cu_stream() as cudaStream_t,
+            )?;
+        }
+        stream
+            .synchronize()
+            .map_err(|e| NvJpegError::Sync(e.to_string()))?;
         Ok((width, height))
     }
 }
@@ -424,7 +452,7 @@ impl Drop for SizedJpegDecoder {
 
 /// (width, height) of an image nvJPEG reported as (components, width, height), once it is
 /// known to be RGB or grey and to fit `capacity` bytes of packed RGB.
-fn fitting_size(
+pub(crate) fn fitting_size(
     (components, w, h): (i32, i32, i32),
     capacity: usize,
 ) -> Result<(usize, usize), NvJpegError> {
@@ -447,7 +475,7 @@ fn fitting_size(
 }
 
 /// `nvjpegGetImageInfo` on `handle`.
-fn image_info(
+pub(crate) fn image_info(
     api: &NvJpeg,
     handle: nvjpegHandle_t,
     jpeg: &[u8],

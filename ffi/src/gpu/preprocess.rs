@@ -153,6 +153,18 @@ impl GpuPreprocessor {
         self.launch_at(stream, src.addr(), src.len(), g, out, true)
     }
 
+    /// As [`Self::launch`] for packed RGB8 pixels in a span of device memory (one image of
+    /// a batch decoded into a shared buffer).
+    pub fn launch_rgb(
+        &self,
+        stream: &Arc<cu::CudaStream>,
+        src: DeviceSpan<'_>,
+        g: &Geometry,
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuPreprocessError> {
+        self.launch_at(stream, src.addr(), src.len(), g, out, false)
+    }
+
     /// `src_len` bytes of live device memory at `src` hold the image.
     fn launch_at(
         &self,

@@ -193,6 +193,73 @@ pub trait DeviceImages {
     fn decode_buffer_bytes(&self) -> usize {
         0
     }
+    /// Decodes and preprocesses `jpegs` (requests that were ready together, at most the
+    /// engine's [`max_batch`](InferenceEngine::max_batch)) into consecutive slots of the
+    /// batch input, as few decoder calls as the device allows (nvJPEG's hardware backend
+    /// takes them as one batch), and pushes one [`SlotStage`] per image, in order, into
+    /// `stages` (cleared first; its capacity is kept, so steady traffic allocates nothing).
+    /// The default stages them one by one ([`decode`](Self::decode) +
+    /// [`preprocess_slot`](Self::preprocess_slot)).
+    fn stage_batch(&mut self, jpegs: &[&[u8]], stages: &mut Vec<SlotStage>) {
+        stages.clear();
+        let mut slot = 0;
+        for jpeg in jpegs {
+            let stage = match self.decode(jpeg) {
+                Err(EngineError::BadInput(why)) => SlotStage::Refused(why),
+                Err(e) => SlotStage::Failed(e),
+                Ok(_) => {
+                    let decoded_ns = crate::clock::realtime_ns();
+                    match self.preprocess_slot(slot) {
+                        Ok(()) => {
+                            slot += 1;
+                            SlotStage::Staged {
+                                slot: slot - 1,
+                                decoded_ns,
+                                preprocessed_ns: crate::clock::realtime_ns(),
+                            }
+                        }
+                        Err(e) => SlotStage::Failed(e),
+                    }
+                }
+            };
+            stages.push(stage);
+        }
+    }
+    /// How the device decoder has decoded so far (None: it keeps no counts).
+    fn decode_counts(&self) -> Option<DecodeCounts> {
+        None
+    }
+}
+
+/// What [`DeviceImages::stage_batch`] did with one image.
+#[derive(Debug)]
+pub enum SlotStage {
+    /// Decoded and preprocessed into batch slot `slot`, at these times (ns, realtime).
+    Staged {
+        slot: usize,
+        decoded_ns: u64,
+        preprocessed_ns: u64,
+    },
+    /// The device decoder refused the image (why): it is to be handled on its own, where
+    /// the CPU decoder has the last word.
+    Refused(String),
+    /// The device failed (not the image's fault).
+    Failed(EngineError),
+}
+
+/// Images a device decoder decoded, by path (for logs, tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeCounts {
+    /// Decoded by nvJPEG's hardware backend (NVJPG engines), in `hardware_batches` calls.
+    pub hardware: u64,
+    pub hardware_batches: u64,
+    /// Decoded by the hybrid backend (CPU Huffman, GPU IDCT): what the hardware backend
+    /// refused (`nvjpegDecodeBatchedSupported`), or every image where it is absent.
+    pub hybrid: u64,
+    /// Hardware batches that failed as a whole, whose images were decoded again (hybrid).
+    pub hardware_failures: u64,
+    /// Refused by every device decoder: left to the CPU decoder.
+    pub refused: u64,
 }
 
 /// A loaded, optimised model from which per-worker sessions are made.
@@ -297,4 +364,7 @@ pub struct BackendArgs<'a> {
     pub streams: u32,
     /// Dynamic batch of the GPU backend (`--max-batch`).
     pub max_batch: usize,
+    /// `--preferred-batch-sizes`: "auto" (powers of two below `max_batch`), "none", or a
+    /// comma-separated list; each gets its own batch context and CUDA graph.
+    pub preferred_batch_sizes: &'a str,
 }

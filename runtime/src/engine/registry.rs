@@ -158,6 +158,7 @@ mod tests {
             workers: 3,
             streams,
             max_batch: 8,
+            preferred_batch_sizes: "auto",
         }
     }
 

@@ -7,7 +7,7 @@ use hacserve_ffi::gpu::resident::TOP5_BYTES;
 use hacserve_ffi::gpu::transfer::Mover;
 
 use crate::contract::{Queued, Resident, ServerJob};
-use crate::engine::{DeviceImages, EngineError, InferenceEngine};
+use crate::engine::{DeviceImages, EngineError, InferenceEngine, SlotStage};
 use crate::preprocess::{jpeg_dimensions, PreprocessError, Preprocessor, TENSOR_LEN};
 use crate::protocol::{
     ErrorCode, Header, RawImage, RawImageError, ResponseBody, ServerTimestamps, Task, FLAG_LOGITS,
@@ -44,6 +44,10 @@ pub struct Pipeline {
     /// JPEG for nvJPEG's CPU-side Huffman decode, or an engine without device input): grows
     /// to the largest such request once, then is reused.
     resident_copy: Vec<u8>,
+    /// A device-decoded batch: the JPEGs handed to [`DeviceImages::stage_batch`] (empty
+    /// between batches; only its allocation is kept) and what it did with each.
+    jpegs: Vec<&'static [u8]>,
+    stages: Vec<SlotStage>,
 }
 
 /// A JPEG inference staged into slot `pending[i]` of the batch input.
@@ -80,6 +84,8 @@ impl Pipeline {
             batch_logits: vec![0.0; batch * classes],
             batch_errors: (0..batch).map(|_| String::with_capacity(256)).collect(),
             resident_copy: Vec::new(),
+            jpegs: Vec::with_capacity(batch),
+            stages: Vec::with_capacity(batch),
         }
     }
 
@@ -106,8 +112,10 @@ impl Pipeline {
         outs: &mut [Vec<u8>],
         outcomes: &mut [Outcome],
     ) {
+        if self.engine.device_images().is_some() {
+            return self.handle_device_batch(jobs, outs, outcomes);
+        }
         self.pending.clear();
-        let classes = self.logits.len();
         let slots = self.engine.max_batch();
         for (i, job) in jobs.iter().enumerate().take(self.batch_errors.len()) {
             let (msg, received) = (job.message(), job.received_ns());
@@ -150,6 +158,105 @@ impl Pipeline {
                 }
             }
         }
+        self.run_pending(outs, outcomes);
+    }
+
+    /// [`Self::handle_batch`] on an engine that decodes on its device: the JPEG inferences
+    /// go to [`DeviceImages::stage_batch`] together (nvJPEG's hardware backend decodes them
+    /// in one call), each lands in the next slot, the batch runs once. What the device
+    /// decoders refuse is handled on its own (the CPU decoder has the last word).
+    fn handle_device_batch<J: ServerJob>(
+        &mut self,
+        jobs: &[Queued<J>],
+        outs: &mut [Vec<u8>],
+        outcomes: &mut [Outcome],
+    ) {
+        self.pending.clear();
+        let slots = self.engine.max_batch();
+        let mut jpegs = recycle(std::mem::take(&mut self.jpegs));
+        let started = realtime_ns();
+        for (i, job) in jobs.iter().enumerate().take(self.batch_errors.len()) {
+            self.batch_errors[i].clear();
+            match batchable(job) {
+                Some(header) if jpegs.len() < slots => {
+                    let payload = &job.message()[HEADER_LEN..];
+                    if let Err((code, text)) = check_image_size(payload, self.max_image_pixels) {
+                        outcomes[i] = reject(
+                            &header,
+                            code,
+                            &text,
+                            &mut outs[i],
+                            &mut self.batch_errors[i],
+                        );
+                        continue;
+                    }
+                    jpegs.push(payload);
+                    self.pending.push(Staged {
+                        index: i,
+                        header,
+                        ts: ServerTimestamps {
+                            received: job.received_ns(),
+                            started,
+                            ..Default::default()
+                        },
+                    });
+                }
+                _ => {
+                    outcomes[i] = self.handle(job, &mut outs[i]);
+                    self.batch_errors[i].push_str(&self.last_error);
+                }
+            }
+        }
+        let mut stages = std::mem::take(&mut self.stages);
+        match self.engine.device_images() {
+            Some(device) if !jpegs.is_empty() => device.stage_batch(&jpegs, &mut stages),
+            _ => stages.clear(),
+        }
+        self.jpegs = recycle(jpegs);
+        // Keep the staged ones in slot order (stage_batch fills slots 0, 1, ... in the
+        // order of the images); answer the others now.
+        let mut kept = 0;
+        for k in 0..self.pending.len() {
+            let i = self.pending[k].index;
+            match stages.get(k) {
+                Some(SlotStage::Staged {
+                    decoded_ns,
+                    preprocessed_ns,
+                    ..
+                }) => {
+                    self.pending[k].ts.decoded = *decoded_ns;
+                    self.pending[k].ts.preprocessed = *preprocessed_ns;
+                    self.pending.swap(kept, k);
+                    kept += 1;
+                }
+                Some(SlotStage::Refused(_)) => {
+                    outcomes[i] = self.handle(&jobs[i], &mut outs[i]);
+                    self.batch_errors[i].push_str(&self.last_error);
+                }
+                failed => {
+                    let text = match failed {
+                        Some(SlotStage::Failed(e)) => e.to_string(),
+                        _ => "the device staged no answer for this image".to_string(),
+                    };
+                    let header = self.pending[k].header;
+                    outcomes[i] = reject(
+                        &header,
+                        ErrorCode::Internal,
+                        &text,
+                        &mut outs[i],
+                        &mut self.batch_errors[i],
+                    );
+                }
+            }
+        }
+        self.stages = stages;
+        self.pending.truncate(kept);
+        self.run_pending(outs, outcomes);
+    }
+
+    /// Runs the batch of `pending` (slot k = `pending[k]`) and writes each reply.
+    fn run_pending(&mut self, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
+        let classes = self.logits.len();
         let n = self.pending.len();
         if n == 0 {
             return;
@@ -194,6 +301,11 @@ impl Pipeline {
         if let Some(device) = self.engine.device_images() {
             device.release_growth();
         }
+    }
+
+    /// How the engine's device decoder has decoded so far (None: no device decoder).
+    pub fn decode_counts(&mut self) -> Option<crate::engine::DecodeCounts> {
+        self.engine.device_images()?.decode_counts()
     }
 
     /// Bytes the decode buffers hold now: (host, device).
@@ -570,6 +682,14 @@ impl Pipeline {
     ) -> Outcome {
         reject(header, code, text, out, &mut self.last_error)
     }
+}
+
+/// An empty vector of borrowed byte slices with `v`'s allocation, for borrows of another
+/// lifetime: the in-place collect of an empty iterator over elements of the same layout
+/// keeps the buffer, so the batch's JPEG list allocates once per worker.
+fn recycle<'a>(mut v: Vec<&[u8]>) -> Vec<&'a [u8]> {
+    v.clear();
+    v.into_iter().map(|_| -> &'a [u8] { &[] }).collect()
 }
 
 /// The validated header of a JPEG inference request (what a batch takes); anything else

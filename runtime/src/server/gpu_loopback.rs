@@ -57,6 +57,7 @@ impl GpuLoopback {
             pin_threads: false,
             debug: false,
             policy: LoopPolicy::AnswerWithoutEngine,
+            max_queue_delay: Duration::ZERO,
         };
         let cfg = RdmaServerConfig {
             max_slot_size: slot_size as u32,

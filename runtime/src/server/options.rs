@@ -54,6 +54,9 @@ pub struct ServerOptions {
     pub pin_threads: bool,
     pub debug: bool,
     pub policy: LoopPolicy,
+    /// `--max-queue-delay-us`: how long a worker holding a request waits for more to fill
+    /// its batch (engines with a batch above 1); zero = take what is ready and go.
+    pub max_queue_delay: Duration,
 }
 
 impl ServerOptions {
@@ -75,6 +78,7 @@ impl ServerOptions {
             pin_threads: false,
             debug,
             policy: LoopPolicy::ForwardAll,
+            max_queue_delay: Duration::ZERO,
         }
     }
 }

@@ -98,13 +98,19 @@ fn worker_loop<J: ServerJob, S: ReplySink<J>>(
             continue;
         };
         idle.round(true);
-        // Dynamic batching: whatever else is ready right now joins this job (no waiting, so
-        // a lone request is never delayed for company).
+        // Dynamic batching: whatever else is ready right now joins this job; with
+        // --max-queue-delay-us the worker spins up to that long for more (Triton's dynamic
+        // batcher), else a lone request is never delayed for company.
         if batch_cap > 1 {
+            let deadline = (!opts.max_queue_delay.is_zero())
+                .then(|| std::time::Instant::now() + opts.max_queue_delay);
             while batch.len() + 1 < batch_cap {
                 match queue.pop_lanes(priority_first) {
                     Some(more) => batch.push(more),
-                    None => break,
+                    None => match deadline {
+                        Some(d) if std::time::Instant::now() < d => std::hint::spin_loop(),
+                        _ => break,
+                    },
                 }
             }
         }

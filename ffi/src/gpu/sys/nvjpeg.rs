@@ -8,7 +8,7 @@
 
 #![allow(non_camel_case_types)]
 
-use std::ffi::{c_int, c_uchar, c_void};
+use std::ffi::{c_int, c_uchar, c_uint, c_void};
 use std::sync::OnceLock;
 
 pub use crate::dl::DlError;
@@ -44,6 +44,9 @@ pub type nvjpegBackend_t = c_int;
 pub const NVJPEG_BACKEND_HYBRID: nvjpegBackend_t = 1;
 /// GPU-assisted Huffman decoding (decoupled API; pays off on large images).
 pub const NVJPEG_BACKEND_GPU_HYBRID: nvjpegBackend_t = 2;
+/// The NVJPG hardware engines (A100, H100, H200), through the batched API only; baseline
+/// JPEGs only, each checked with `nvjpegDecodeBatchedSupported` first.
+pub const NVJPEG_BACKEND_HARDWARE: nvjpegBackend_t = 3;
 /// `cudaStream_t`, the same object as the driver API's `CUstream`.
 pub type cudaStream_t = *mut c_void;
 
@@ -127,6 +130,60 @@ pub type DecodeJpeg = unsafe extern "C" fn(
     cudaStream_t,
 ) -> nvjpegStatus_t;
 
+/// `nvjpegCreateEx(backend, dev_allocator, pinned_allocator, flags, handle)`; null
+/// allocators mean the library's own.
+pub type CreateEx = unsafe extern "C" fn(
+    nvjpegBackend_t,
+    *mut c_void,
+    *mut c_void,
+    c_uint,
+    *mut nvjpegHandle_t,
+) -> nvjpegStatus_t;
+/// `nvjpegJpegStreamParseHeader(handle, data, length, jpeg_stream)`: headers only.
+pub type StreamParseHeader = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    *const c_uchar,
+    usize,
+    nvjpegJpegStream_t,
+) -> nvjpegStatus_t;
+/// `nvjpegDecodeBatchedSupported(handle, jpeg_stream, is_supported)`: 0 in `is_supported`
+/// means the handle's backend (the hardware one) can decode the parsed stream.
+pub type DecodeBatchedSupported =
+    unsafe extern "C" fn(nvjpegHandle_t, nvjpegJpegStream_t, *mut c_int) -> nvjpegStatus_t;
+/// `nvjpegDecodeBatchedInitialize(handle, state, batch_size, max_cpu_threads, format)`.
+pub type DecodeBatchedInitialize = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    nvjpegJpegState_t,
+    c_int,
+    c_int,
+    nvjpegOutputFormat_t,
+) -> nvjpegStatus_t;
+/// `nvjpegDecodeBatched(handle, state, data[], lengths[], destinations[], stream)`.
+pub type DecodeBatched = unsafe extern "C" fn(
+    nvjpegHandle_t,
+    nvjpegJpegState_t,
+    *const *const c_uchar,
+    *const usize,
+    *mut nvjpegImage_t,
+    cudaStream_t,
+) -> nvjpegStatus_t;
+/// `nvjpegGetHardwareDecoderInfo(handle, num_engines, num_cores_per_engine)`.
+pub type GetHardwareDecoderInfo =
+    unsafe extern "C" fn(nvjpegHandle_t, *mut c_uint, *mut c_uint) -> nvjpegStatus_t;
+
+/// The batched API with the hardware backend, resolved where the library has it.
+pub struct Batched {
+    pub(crate) create_ex: CreateEx,
+    pub(crate) parse_header: StreamParseHeader,
+    pub(crate) supported: DecodeBatchedSupported,
+    pub(crate) initialize: DecodeBatchedInitialize,
+    pub(crate) decode: DecodeBatched,
+    pub(crate) stream_create: StreamCreate,
+    pub(crate) stream_destroy: StreamDestroy,
+    /// Only for the log line naming the engines; None where a library lacks it.
+    pub(crate) hardware_info: Option<GetHardwareDecoderInfo>,
+}
+
 /// The decoupled decode API (a decoder per backend), resolved where the library has it.
 pub struct Decoupled {
     pub(crate) decoder_create: DecoderCreate,
@@ -157,6 +214,8 @@ pub struct NvJpeg {
     pub(crate) decode: Decode,
     /// None where this libnvjpeg lacks the decoupled API (then one backend serves all sizes).
     pub(crate) decoupled: Option<Decoupled>,
+    /// None where this libnvjpeg lacks the batched API or nvjpegCreateEx.
+    pub(crate) batched: Option<Batched>,
     /// Only for `--check`'s version line; None where a library lacks it.
     pub(crate) get_property: Option<GetProperty>,
     pub(crate) lib: Library,
@@ -187,6 +246,7 @@ impl NvJpeg {
                 get_image_info: lib.sym("nvjpegGetImageInfo", None)?,
                 decode: lib.sym("nvjpegDecode", None)?,
                 decoupled: Self::decoupled(&lib),
+                batched: Self::batched(&lib),
                 get_property: lib.sym_opt("nvjpegGetProperty", None),
                 lib,
             })
@@ -217,6 +277,26 @@ impl NvJpeg {
                 attach_pinned: lib.sym_opt("nvjpegStateAttachPinnedBuffer", None)?,
                 attach_device: lib.sym_opt("nvjpegStateAttachDeviceBuffer", None)?,
                 decode_jpeg: lib.sym_opt("nvjpegDecodeJpeg", None)?,
+            })
+        }
+    }
+
+    /// The batched API's entry points, all or nothing (but the hardware-info query).
+    ///
+    /// # Safety
+    /// As for `load_from`: each alias is the prototype of the same-named nvjpeg.h function.
+    unsafe fn batched(lib: &Library) -> Option<Batched> {
+        // SAFETY: the caller's contract (prototypes match nvjpeg.h).
+        unsafe {
+            Some(Batched {
+                create_ex: lib.sym_opt("nvjpegCreateEx", None)?,
+                parse_header: lib.sym_opt("nvjpegJpegStreamParseHeader", None)?,
+                supported: lib.sym_opt("nvjpegDecodeBatchedSupported", None)?,
+                initialize: lib.sym_opt("nvjpegDecodeBatchedInitialize", None)?,
+                decode: lib.sym_opt("nvjpegDecodeBatched", None)?,
+                stream_create: lib.sym_opt("nvjpegJpegStreamCreate", None)?,
+                stream_destroy: lib.sym_opt("nvjpegJpegStreamDestroy", None)?,
+                hardware_info: lib.sym_opt("nvjpegGetHardwareDecoderInfo", None),
             })
         }
     }

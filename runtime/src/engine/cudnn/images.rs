@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::gpu::nvjpeg::{JpegDecoder, NvJpeg, NvJpegError};
+use hacserve_ffi::gpu::nvjpeg_batched::{HardwareItem, HardwareJpegDecoder};
 use hacserve_ffi::gpu::preprocess::{Geometry, GpuPreprocessor};
 use hacserve_ffi::gpu::resident::DeviceSpan;
 use hacserve_ffi::gpu::transfer::Mover;
@@ -17,7 +18,7 @@ use super::session::CudnnSession;
 use super::weights::DevBuf;
 #[cfg(doc)]
 use crate::engine::InferenceEngine;
-use crate::engine::{DeviceImages, EngineError};
+use crate::engine::{DecodeCounts, DeviceImages, EngineError, SlotStage};
 use crate::preprocess::{
     center_crop_offset, resized_size, INPUT_SIZE, MAX_IMAGE_PIXELS, MEAN, RESIZE_SHORTER, STD,
     STEADY_IMAGE_PIXELS,
@@ -66,21 +67,66 @@ pub struct GpuImages {
     /// The largest image this session decodes (w*h): `--max-image-pixels`, at most
     /// [`MAX_IMAGE_PIXELS`].
     max_pixels: usize,
+    /// nvJPEG's hardware backend (batched API), where the GPU has NVJPG engines and
+    /// `--decode gpu` asked for it: the images of a batch it takes are decoded in one call
+    /// into consecutive places of `rgb`; the rest go to `decoder` one by one.
+    hardware: Option<HardwareJpegDecoder>,
+    /// One batch's plan, one entry per image (allocated once, `batch` entries).
+    plan: Vec<Planned>,
+    /// Indices into `plan` of the images the hardware takes, and their decoded sizes.
+    hardware_picks: Vec<usize>,
+    hardware_sizes: Vec<(usize, usize)>,
+    counts: DecodeCounts,
 }
+
+/// Where one image of a batch is decoded, and how.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    offset: usize,
+    width: usize,
+    height: usize,
+    how: Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Hardware,
+    Hybrid,
+    /// Refused by the header checks or the decoders (its text is in the stage).
+    Refused,
+    /// Decoded and ready in `rgb` at `offset`.
+    Ready,
+}
+
+/// Each image's place in the decode buffer starts on this boundary.
+const PLACE_ALIGN: usize = 256;
 
 impl GpuImages {
     /// Needs the stream's context current on the calling thread (nvJPEG's handle binds it).
+    /// `batch`: the most images [`Self::stage_batch`] takes at once. `hardware`: use nvJPEG's
+    /// hardware backend where this GPU and library have it (and it takes the warm-up JPEG,
+    /// a baseline 4:2:0 photo); without it, or where it is absent, every image takes the
+    /// hybrid path (said once in the log).
     pub fn new(
         kernels: Arc<GpuImageKernels>,
         stream: &Arc<cu::CudaStream>,
+        batch: usize,
+        hardware: bool,
     ) -> Result<Self, EngineError> {
-        // The single-phase API (default backend) for every size: on the H100 it beat the
-        // decoupled API's GPU Huffman backend at 0.3 MP (0.23 vs 1.25 ms) and at 12 MP
-        // (6.3-6.4 vs 10.6-15.9 ms in three runs), see ffi/tests/nvjpeg_gpu.rs.
+        // The single-phase API (default backend) for what the hardware does not take: on
+        // the H100 it beat the decoupled API's GPU Huffman backend at 0.3 MP (0.23 vs
+        // 1.25 ms) and at 12 MP (6.3-6.4 vs 10.6-15.9 ms in three runs), see
+        // ffi/tests/nvjpeg_gpu.rs.
         let decoder = JpegDecoder::new(kernels.nvjpeg).map_err(nvjpeg_err)?;
         let rgb = stream
             .alloc_zeros::<u8>(STEADY_RGB_BYTES)
             .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+        let batch = batch.max(1);
+        let hardware = if hardware {
+            hardware_decoder(kernels.nvjpeg, batch)
+        } else {
+            None
+        };
         let mut images = GpuImages {
             kernels,
             decoder,
@@ -88,16 +134,55 @@ impl GpuImages {
             decoded: None,
             outsized: false,
             max_pixels: MAX_IMAGE_PIXELS,
+            hardware,
+            plan: Vec::with_capacity(batch),
+            hardware_picks: Vec::with_capacity(batch),
+            hardware_sizes: Vec::with_capacity(batch),
+            counts: DecodeCounts::default(),
         };
         images.warm_up(stream)?;
         Ok(images)
     }
 
+    /// nvJPEG allocates on first use: one decode on each path (the hardware one at the
+    /// batch size, as many copies of the sample as the buffer holds) at start.
     fn warm_up(&mut self, stream: &Arc<cu::CudaStream>) -> Result<(), EngineError> {
-        self.decode(WARMUP_JPEG, stream)
-            .map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
+        let hardware = self.hardware.take();
+        let hybrid = self.decode(WARMUP_JPEG, stream);
+        self.hardware = hardware;
+        hybrid.map_err(|e| EngineError::Run(format!("nvJPEG warm-up decode: {e}")))?;
+        if let Some(hw) = self.hardware.as_mut() {
+            let place = (3 * 512 * 600usize).next_multiple_of(PLACE_ALIGN);
+            let n = hw.capacity().min(self.rgb.len() / place).max(1);
+            let ran = match DeviceSpan::of(&self.rgb, stream, n * place) {
+                Some(all) => hw.decode_batch(
+                    n,
+                    |k| HardwareItem {
+                        jpeg: WARMUP_JPEG,
+                        dst: all.sub(k * place, place).unwrap_or(all),
+                    },
+                    stream,
+                    &mut self.hardware_sizes,
+                ),
+                None => Ok(()),
+            };
+            if let Err(e) = ran {
+                log::warn!("nvJPEG hardware backend failed its warm-up batch ({e}): hybrid decode for this worker");
+                self.hardware = None;
+            }
+        }
         self.decoded = None;
+        self.counts = DecodeCounts::default();
         Ok(())
+    }
+
+    /// Whether nvJPEG's hardware backend decodes here.
+    pub fn has_hardware(&self) -> bool {
+        self.hardware.is_some()
+    }
+
+    pub fn counts(&self) -> DecodeCounts {
+        self.counts
     }
 
     /// Images above `max_pixels` (w*h, at most [`MAX_IMAGE_PIXELS`]) are refused.
@@ -169,14 +254,31 @@ impl GpuImages {
         if pixels > STEADY_IMAGE_PIXELS {
             self.outsized = true;
         }
-        if 3 * pixels > self.rgb.len() {
-            let grown = 3 * pixels;
-            log::info!(
-                "GPU decode buffer grows to {grown} B for a {width}x{height} image (until its reply)"
-            );
-            self.rgb = stream
-                .alloc_zeros::<u8>(grown)
-                .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+        self.grow_for(3 * pixels, width, height, stream)?;
+        if let Some(hw) = self.hardware.as_mut() {
+            if hw.supported(jpeg).unwrap_or(false) {
+                let ran = match DeviceSpan::of(&self.rgb, stream, 3 * pixels) {
+                    Some(dst) => hw.decode_batch(
+                        1,
+                        |_| HardwareItem { jpeg, dst },
+                        stream,
+                        &mut self.hardware_sizes,
+                    ),
+                    None => Ok(()),
+                };
+                match (ran, self.hardware_sizes.first()) {
+                    (Ok(()), Some(&size)) => {
+                        self.counts.hardware += 1;
+                        self.counts.hardware_batches += 1;
+                        self.decoded = Some(size);
+                        return Ok(size);
+                    }
+                    (ran, _) => {
+                        log::debug!("nvJPEG hardware decode of one image failed ({ran:?}): hybrid");
+                        self.counts.hardware_failures += 1;
+                    }
+                }
+            }
         }
         let size = self
             .decoder
@@ -185,8 +287,215 @@ impl GpuImages {
         stream
             .synchronize()
             .map_err(|e| EngineError::Run(format!("nvJPEG decode: {e}")))?;
+        self.counts.hybrid += 1;
         self.decoded = Some(size);
         Ok(size)
+    }
+
+    /// The decode buffer holds at least `need` bytes (grown for an outsized image, given
+    /// back by [`Self::release_growth`]).
+    fn grow_for(
+        &mut self,
+        need: usize,
+        width: usize,
+        height: usize,
+        stream: &Arc<cu::CudaStream>,
+    ) -> Result<(), EngineError> {
+        if need > self.rgb.len() {
+            log::info!(
+                "GPU decode buffer grows to {need} B for a {width}x{height} image (until its reply)"
+            );
+            self.decoded = None;
+            self.rgb = stream
+                .alloc_zeros::<u8>(need)
+                .map_err(|e| EngineError::Run(format!("decode buffer: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The header checks of [`Self::decode`] (readable, ends with EOI, within the pixel
+    /// limit): (width, height), or why the image is refused.
+    fn check_header(&mut self, jpeg: &[u8]) -> Result<(usize, usize), String> {
+        let (_, w, h) = self
+            .decoder
+            .image_info(jpeg)
+            .map_err(|e| format!("not a JPEG nvJPEG can read: {e}"))?;
+        if !ends_with_eoi(jpeg) {
+            return Err("JPEG is truncated: no end-of-image marker (FF D9) at its end".into());
+        }
+        let (width, height) = (w.max(0) as usize, h.max(0) as usize);
+        let pixels = width.saturating_mul(height);
+        if pixels > self.max_pixels {
+            return Err(format!(
+                "image of {width}x{height} exceeds the server's limit of {} pixels",
+                self.max_pixels
+            ));
+        }
+        Ok((width, height))
+    }
+
+    /// Decodes the images of `jpegs` from `start` on that fit the decode buffer together
+    /// (at least one: an outsized one grows the buffer), each at its own place: those the
+    /// hardware backend takes in one batch, the others one by one on the hybrid path.
+    /// Refusals go into `stages[i]` (which holds a placeholder for every image of the
+    /// chunk on return); returns the end of the chunk. Waits for the decodes.
+    fn decode_chunk(
+        &mut self,
+        jpegs: &[&[u8]],
+        start: usize,
+        stream: &Arc<cu::CudaStream>,
+        stages: &mut Vec<SlotStage>,
+    ) -> Result<usize, EngineError> {
+        self.plan.clear();
+        self.hardware_picks.clear();
+        let mut offset = 0;
+        let mut end = start;
+        for (i, jpeg) in jpegs.iter().enumerate().skip(start) {
+            let checked = self.check_header(jpeg);
+            let (width, height) = match checked {
+                Ok(wh) => wh,
+                Err(why) => {
+                    self.plan.push(Planned {
+                        offset: 0,
+                        width: 0,
+                        height: 0,
+                        how: Route::Refused,
+                    });
+                    stages.push(SlotStage::Refused(why));
+                    self.counts.refused += 1;
+                    end = i + 1;
+                    continue;
+                }
+            };
+            let need = 3 * width * height;
+            if offset + need > self.rgb.len() {
+                if offset > 0 {
+                    break;
+                }
+                if width * height > STEADY_IMAGE_PIXELS {
+                    self.outsized = true;
+                }
+                self.grow_for(need, width, height, stream)?;
+            }
+            let hardware = match self.hardware.as_mut() {
+                Some(hw) => hw.supported(jpeg).unwrap_or(false),
+                None => false,
+            };
+            if hardware {
+                self.hardware_picks.push(self.plan.len());
+            }
+            self.plan.push(Planned {
+                offset,
+                width,
+                height,
+                how: if hardware {
+                    Route::Hardware
+                } else {
+                    Route::Hybrid
+                },
+            });
+            stages.push(SlotStage::Refused(String::new()));
+            offset = (offset + need).next_multiple_of(PLACE_ALIGN);
+            end = i + 1;
+        }
+        self.decode_hardware_picks(jpegs, start, stream);
+        // The hybrid path, one image at a time (nvJPEG's single-phase API on one state).
+        for k in 0..self.plan.len() {
+            let p = self.plan[k];
+            if p.how != Route::Hybrid {
+                continue;
+            }
+            let jpeg = jpegs[start + k];
+            let Some(dst) = DeviceSpan::of(&self.rgb, stream, p.offset + 3 * p.width * p.height)
+                .and_then(|all| all.sub(p.offset, 3 * p.width * p.height))
+            else {
+                return Err(EngineError::Run("decode place outside the buffer".into()));
+            };
+            match self.decoder.decode_into_span(jpeg, stream, dst) {
+                Ok(_) => {
+                    self.counts.hybrid += 1;
+                    self.plan[k].how = Route::Ready;
+                }
+                Err(e) => match decode_error(e) {
+                    EngineError::BadInput(why) => {
+                        self.plan[k].how = Route::Refused;
+                        self.counts.refused += 1;
+                        stages[start + k] = SlotStage::Refused(why);
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(end)
+    }
+
+    /// The plan's hardware images in one `nvjpegDecodeBatched`; where the batch fails as a
+    /// whole, its images go to the hybrid path instead.
+    fn decode_hardware_picks(
+        &mut self,
+        jpegs: &[&[u8]],
+        start: usize,
+        stream: &Arc<cu::CudaStream>,
+    ) {
+        let n = self.hardware_picks.len();
+        let Some(hw) = self.hardware.as_mut() else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let (plan, picks) = (&self.plan, &self.hardware_picks);
+        let ran = match DeviceSpan::of(&self.rgb, stream, self.rgb.len()) {
+            Some(all) => hw.decode_batch(
+                n,
+                |k| {
+                    let p = plan[picks[k]];
+                    HardwareItem {
+                        jpeg: jpegs[start + picks[k]],
+                        dst: all.sub(p.offset, 3 * p.width * p.height).unwrap_or(all),
+                    }
+                },
+                stream,
+                &mut self.hardware_sizes,
+            ),
+            None => Err(NvJpegError::Sync("decode buffer unavailable".into())),
+        };
+        let sizes_match = self
+            .hardware_sizes
+            .iter()
+            .zip(picks.iter())
+            .all(|(&(w, h), &k)| (w, h) == (plan[k].width, plan[k].height));
+        let route = if ran.is_ok() && sizes_match && self.hardware_sizes.len() == n {
+            self.counts.hardware += n as u64;
+            self.counts.hardware_batches += 1;
+            Route::Ready
+        } else {
+            log::debug!("nvJPEG hardware batch of {n} failed ({ran:?}): decoding it again on the hybrid path");
+            self.counts.hardware_failures += 1;
+            Route::Hybrid
+        };
+        for &k in &self.hardware_picks {
+            self.plan[k].how = route;
+        }
+    }
+
+    /// Preprocesses image `k` of the last chunk (decoded, [`Route::Ready`]) into `out` on
+    /// `stream`, without waiting.
+    fn launch_planned(
+        &self,
+        k: usize,
+        stream: &Arc<cu::CudaStream>,
+        out: &mut cu::CudaViewMut<'_, f32>,
+    ) -> Result<(), EngineError> {
+        let p = self.plan[k];
+        let len = 3 * p.width * p.height;
+        let src = DeviceSpan::of(&self.rgb, stream, p.offset + len)
+            .and_then(|all| all.sub(p.offset, len))
+            .ok_or_else(|| EngineError::Run("decoded image outside the buffer".into()))?;
+        self.kernels
+            .kernel
+            .launch_rgb(stream, src, &imagenet_geometry(p.width, p.height), out)
+            .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
     }
 
     /// Resize, centre crop and normalise of the decoded image into `out` (f32 NCHW,
@@ -262,6 +571,38 @@ impl GpuImages {
         stream
             .synchronize()
             .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")))
+    }
+}
+
+/// nvJPEG's hardware backend for batches of `batch`, if this GPU and library have it and it
+/// takes the warm-up JPEG (a baseline 4:2:0 photo, what clients send); the reason it is not
+/// used is logged once per process, its engines likewise.
+fn hardware_decoder(nvjpeg: &'static NvJpeg, batch: usize) -> Option<HardwareJpegDecoder> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let made = HardwareJpegDecoder::new(nvjpeg, batch)
+        .and_then(|mut hw| hw.supported(WARMUP_JPEG).map(|yes| (hw, yes)));
+    match made {
+        Ok((hw, true)) => {
+            SAID.call_once(|| match hw.engines() {
+                Some((engines, cores)) => log::info!(
+                    "nvJPEG hardware backend: {engines} engines x {cores} cores, batches of up to {batch}"
+                ),
+                None => log::info!("nvJPEG hardware backend, batches of up to {batch}"),
+            });
+            Some(hw)
+        }
+        Ok((_, false)) => {
+            SAID.call_once(|| {
+                log::warn!("nvJPEG hardware backend does not take a baseline 4:2:0 JPEG here: hybrid decode")
+            });
+            None
+        }
+        Err(e) => {
+            SAID.call_once(|| {
+                log::warn!("nvJPEG hardware backend unavailable ({e}): hybrid decode")
+            });
+            None
+        }
     }
 }
 
@@ -369,6 +710,115 @@ impl DeviceImages for CudnnSession {
 
     fn decode_buffer_bytes(&self) -> usize {
         self.images.as_ref().map_or(0, GpuImages::buffer_bytes)
+    }
+
+    fn decode_counts(&self) -> Option<DecodeCounts> {
+        self.images.as_ref().map(GpuImages::counts)
+    }
+
+    /// Chunks of images that fit the decode buffer together: each decoded (the hardware's
+    /// share in one batched call), then preprocessed into consecutive slots of the batch
+    /// input with one wait per chunk. A refused image takes no slot.
+    fn stage_batch(&mut self, jpegs: &[&[u8]], stages: &mut Vec<SlotStage>) {
+        stages.clear();
+        if let Err(e) = self.handles.bind().map_err(run_err) {
+            stages.extend(
+                jpegs
+                    .iter()
+                    .map(|_| SlotStage::Failed(EngineError::Run(e.to_string()))),
+            );
+            return;
+        }
+        let CudnnSession {
+            handles,
+            images,
+            staging,
+            buffers,
+            batched,
+            preferred,
+            staged_in,
+            device_slots,
+            ..
+        } = self;
+        let Some(images) = images.as_mut() else {
+            let why = "session made without GPU decoding";
+            stages.extend(
+                jpegs
+                    .iter()
+                    .map(|_| SlotStage::Failed(EngineError::Run(why.into()))),
+            );
+            return;
+        };
+        let stream = handles.stream();
+        // The smallest context that takes them all: a preferred size, else the largest.
+        *staged_in = preferred.iter().position(|c| c.batch >= jpegs.len());
+        let context = match *staged_in {
+            Some(i) => preferred.get_mut(i),
+            None => batched.as_deref_mut(),
+        };
+        let (count, staging, buffers) = match context {
+            Some(b) => (b.batch, &mut b.staging, &mut b.buffers),
+            None => (1, staging, buffers),
+        };
+        let mut slot = 0;
+        let mut start = 0;
+        while start < jpegs.len() {
+            let end = match images.decode_chunk(jpegs, start, stream, stages) {
+                Ok(end) => end,
+                Err(e) => {
+                    let text = e.to_string();
+                    stages.truncate(start);
+                    stages.extend(
+                        jpegs[start..]
+                            .iter()
+                            .map(|_| SlotStage::Failed(EngineError::Run(text.clone()))),
+                    );
+                    return;
+                }
+            };
+            let decoded_ns = crate::clock::realtime_ns();
+            let first_slot = slot;
+            for (k, stage) in stages[start..end].iter_mut().enumerate() {
+                if images.plan[k].how != Route::Ready {
+                    continue;
+                }
+                let launched = input_slot(staging, buffers, slot, count)
+                    .and_then(|mut out| images.launch_planned(k, stream, &mut out));
+                *stage = match launched {
+                    Ok(()) => {
+                        *device_slots |= 1 << slot;
+                        slot += 1;
+                        SlotStage::Staged {
+                            slot: slot - 1,
+                            decoded_ns,
+                            preprocessed_ns: 0,
+                        }
+                    }
+                    Err(e) => SlotStage::Failed(e),
+                };
+            }
+            let waited = stream
+                .synchronize()
+                .map_err(|e| EngineError::Run(format!("preprocessing kernel: {e}")));
+            let preprocessed = crate::clock::realtime_ns();
+            for stage in &mut stages[start..end] {
+                if let SlotStage::Staged {
+                    slot: s,
+                    preprocessed_ns,
+                    ..
+                } = stage
+                {
+                    match &waited {
+                        Ok(()) => *preprocessed_ns = preprocessed,
+                        Err(e) if *s >= first_slot => {
+                            *stage = SlotStage::Failed(EngineError::Run(e.to_string()))
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            start = end;
+        }
     }
 
     /// The raw task on the host path: the pixels are uploaded into the decode buffer (one

@@ -83,6 +83,32 @@ pub struct CudnnOptions {
     /// CUDA graph) so that JPEG requests that are ready together run as one batch
     /// ([`InferenceEngine::run_slots`]). 1 = no dynamic batching.
     pub max_batch: usize,
+    /// With `gpu_decode`: nvJPEG's hardware backend (NVJPG engines, batched API) for the
+    /// images it takes, where the GPU has it; the hybrid backend for the rest.
+    pub hardware_decode: bool,
+    /// With `max_batch` > 1: smaller batch contexts (bit b-1 = a context of b images, each
+    /// with its own CUDA graph); a batch of n device-decoded JPEGs runs on the smallest
+    /// context of at least n images instead of always the `max_batch` one (Triton's
+    /// preferred batch sizes). 0 = only `max_batch`.
+    pub preferred_batches: u64,
+}
+
+/// Powers of two from 2 below `max_batch`, as a [`CudnnOptions::preferred_batches`] mask.
+pub fn powers_of_two_below(max_batch: usize) -> u64 {
+    let mut mask = 0u64;
+    let mut b = 2usize;
+    while b < max_batch.min(65) {
+        mask |= 1 << (b - 1);
+        b *= 2;
+    }
+    mask
+}
+
+/// The sizes of a [`CudnnOptions::preferred_batches`] mask below `max_batch`, ascending.
+fn preferred_sizes(mask: u64, max_batch: usize) -> Vec<usize> {
+    (1..max_batch.min(65))
+        .filter(|b| mask & (1 << (b - 1)) != 0)
+        .collect()
 }
 
 impl Default for CudnnOptions {
@@ -93,6 +119,8 @@ impl Default for CudnnOptions {
             cuda_graph: false,
             gpu_decode: false,
             max_batch: 1,
+            hardware_decode: false,
+            preferred_batches: 0,
         }
     }
 }
@@ -109,6 +137,8 @@ pub struct CudnnLoader {
     resident: Option<Arc<ResidentKernels>>,
     /// The same model planned for `options.max_batch` images (dynamic batching).
     batch_plan: Option<Arc<Plan>>,
+    /// And for each preferred batch size below it, ascending.
+    preferred_plans: Vec<Arc<Plan>>,
     options: CudnnOptions,
 }
 
@@ -147,6 +177,16 @@ impl CudnnLoader {
         } else {
             None
         };
+        let mut preferred_plans = Vec::new();
+        if batch_plan.is_some() {
+            for b in preferred_sizes(options.preferred_batches, options.max_batch) {
+                let p = Plan::load(path, b)?;
+                if !weights::same_params(&plan, &p) {
+                    return Err(bad_model(path, "batch plan differs from the batch-1 plan"));
+                }
+                preferred_plans.push(Arc::new(p));
+            }
+        }
         let gpu = GpuDevice::open(device).map_err(run_err)?;
         let fp16 = options.precision == Precision::Fp16;
         let weights = weights::upload(&gpu, &plan, fp16).map_err(run_err)?;
@@ -175,6 +215,7 @@ impl CudnnLoader {
             half,
             images,
             batch_plan,
+            preferred_plans,
             options,
         })
     }
@@ -216,7 +257,8 @@ fn run_err(e: GpuOpsError) -> EngineError {
 pub const BACKEND: BackendEntry = BackendEntry {
     name: "gpu",
     about: "cuDNN/cuBLAS with CUDA graphs on NVIDIA GPUs; --gpus, --precision fp16|tf32|fp32, \
-            --decode gpu|cpu (nvJPEG), --streams per GPU, --max-batch (GPU decode)",
+            --decode gpu|hybrid|cpu (nvJPEG hardware+hybrid, hybrid only, CPU), --streams per \
+            GPU, --max-batch (GPU decode)",
     configure,
 };
 
@@ -237,14 +279,34 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
         "fp32" => Precision::Fp32,
         other => return bad(format!("--precision {other:?}: use fp16, tf32 or fp32")),
     };
-    let gpu_decode = match a.decode {
-        "gpu" => true,
-        "cpu" => false,
-        other => return bad(format!("--decode {other:?}: use gpu or cpu")),
+    let (gpu_decode, hardware_decode) = match a.decode {
+        "gpu" => (true, true),
+        "hybrid" => (true, false),
+        "cpu" => (false, false),
+        other => return bad(format!("--decode {other:?}: use gpu, hybrid or cpu")),
     };
     if !(1..=64).contains(&a.max_batch) {
         return bad(format!("--max-batch {} must be 1..=64", a.max_batch));
     }
+    let preferred_batches = match a.preferred_batch_sizes {
+        "auto" => powers_of_two_below(a.max_batch),
+        "none" | "" => 0,
+        list => {
+            let mut mask = 0u64;
+            for b in list.split(',') {
+                match b.trim().parse::<usize>() {
+                    Ok(b) if (1..a.max_batch).contains(&b) => mask |= 1 << (b - 1),
+                    _ => {
+                        return bad(format!(
+                            "--preferred-batch-sizes {list:?}: each size must be 1..{} (below --max-batch)",
+                            a.max_batch
+                        ))
+                    }
+                }
+            }
+            mask
+        }
+    };
     // --streams N: N engine contexts (each a worker with its own stream) per GPU.
     let workers = if a.streams > 0 {
         a.streams as usize * gpus.len()
@@ -261,6 +323,8 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
             // Dynamic batching stays with GPU decode: with CPU decode the sessions keep
             // batch 1, as before the batch became part of the engine contract.
             max_batch: if gpu_decode { a.max_batch } else { 1 },
+            hardware_decode,
+            preferred_batches: if gpu_decode { preferred_batches } else { 0 },
         },
         workers,
     }))
@@ -273,7 +337,13 @@ impl Backend for GpuBackend {
             "cudnn-gpu {:?} + CUDA graph on GPUs {:?}, {} decode, dynamic batch up to {}",
             o.precision,
             self.gpus,
-            if o.gpu_decode { "nvJPEG" } else { "CPU" },
+            match (o.gpu_decode, o.hardware_decode) {
+                // Unchanged from before the hardware backend (which says at start whether
+                // this GPU has it); `--decode hybrid` names itself.
+                (true, true) => "nvJPEG",
+                (true, false) => "nvJPEG hybrid",
+                _ => "CPU",
+            },
             o.max_batch
         )
     }
@@ -335,6 +405,39 @@ pub fn parse_gpus(list: &str) -> Result<Vec<usize>, BackendError> {
 mod tests {
     use super::*;
     use crate::model_gen;
+
+    #[test]
+    fn preferred_batch_sizes_parse_and_stay_below_the_max() {
+        assert_eq!(preferred_sizes(powers_of_two_below(16), 16), vec![2, 4, 8]);
+        assert_eq!(
+            preferred_sizes(powers_of_two_below(2), 2),
+            Vec::<usize>::new()
+        );
+        assert_eq!(
+            preferred_sizes(powers_of_two_below(64), 64),
+            vec![2, 4, 8, 16, 32]
+        );
+        let args = |sizes| BackendArgs {
+            backend: "gpu",
+            precision: "fp16",
+            gpus: "0",
+            decode: "gpu",
+            threads: 1,
+            workers: 1,
+            streams: 0,
+            max_batch: 16,
+            preferred_batch_sizes: sizes,
+        };
+        let described = |sizes| configure(&args(sizes)).map(|b| format!("{b:?}"));
+        assert!(described("4,12")
+            .unwrap()
+            .contains("preferred_batches: 2056"));
+        assert!(described("none").unwrap().contains("preferred_batches: 0"));
+        for bad in ["16", "0", "3,x"] {
+            let err = described(bad).unwrap_err().to_string();
+            assert!(err.contains("--preferred-batch-sizes"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn no_gpu_is_an_error_not_a_panic() {

@@ -38,6 +38,10 @@ pub struct CudnnSession {
     /// Dynamic batching: the batch-`max_batch` context JPEGs are staged into, and where its
     /// logits land before the first `n` images' are handed out.
     pub(super) batched: Option<Box<CudnnSession>>,
+    /// Smaller batch contexts (preferred batch sizes, ascending), and which context the
+    /// device slots were last staged into (None: `batched`).
+    pub(super) preferred: Vec<CudnnSession>,
+    pub(super) staged_in: Option<usize>,
     pub(super) batch_logits: Vec<f32>,
     /// Slots of the batch input (the batch context's, or this context's) filled on the host
     /// ([`InferenceEngine::slot_input_mut`]) and on the device
@@ -64,6 +68,10 @@ impl CudnnSession {
             let batched = Self::build(loader, plan, high_priority, false)?;
             session.batch_logits = vec![0.0; batched.batch * batched.num_classes];
             session.batched = Some(Box::new(batched));
+            for plan in &loader.preferred_plans {
+                let ctx = Self::build(loader, plan, high_priority, false)?;
+                session.preferred.push(ctx);
+            }
         }
         Ok(session)
     }
@@ -143,9 +151,12 @@ impl CudnnSession {
             .pinned_zeros(plan.input_shape().iter().product())
             .map_err(run_err)?;
         let images = match &loader.images {
-            Some(kernels) if with_images => {
-                Some(GpuImages::new(kernels.clone(), handles.stream())?)
-            }
+            Some(kernels) if with_images => Some(GpuImages::new(
+                kernels.clone(),
+                handles.stream(),
+                loader.options.max_batch,
+                loader.options.hardware_decode,
+            )?),
             _ => None,
         };
         let resident_flag = handles.zeros::<u32>(1).map_err(run_err)?;
@@ -159,6 +170,8 @@ impl CudnnSession {
             resident: loader.resident.clone(),
             resident_flag,
             batched: None,
+            preferred: Vec::new(),
+            staged_in: None,
             batch_logits: Vec::new(),
             host_slots: 0,
             device_slots: 0,
@@ -390,12 +403,18 @@ impl InferenceEngine for CudnnSession {
     fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
         let (host, device) = (self.host_slots, self.device_slots);
         (self.host_slots, self.device_slots) = (0, 0);
+        let staged_in = self.staged_in.take();
         if host != 0 && device != 0 {
             return Err(EngineError::Run(
                 "a batch mixes host-filled and device-filled slots".into(),
             ));
         }
-        let Some(batched) = self.batched.as_mut() else {
+        // Device slots staged into a preferred (smaller) context run there.
+        let context = match staged_in {
+            Some(i) if device != 0 => self.preferred.get_mut(i),
+            _ => self.batched.as_deref_mut(),
+        };
+        let Some(batched) = context else {
             return match n {
                 1 if host != 0 => self.run(logits),
                 1 => self.run_preprocessed(logits),
@@ -416,7 +435,8 @@ impl InferenceEngine for CudnnSession {
         if host != 0 {
             batched.upload_input()?;
         }
-        batched.run_and_download(&mut self.batch_logits)?;
+        let ran = batched.batch * classes;
+        batched.run_and_download(&mut self.batch_logits[..ran])?;
         logits.copy_from_slice(&self.batch_logits[..n * classes]);
         Ok(())
     }
