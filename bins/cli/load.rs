@@ -21,7 +21,9 @@ use hacserve_runtime::load::{
 use hacserve_runtime::protocol::{Task, Workload, HEADER_LEN, RESPONSE_BODY_LEN};
 use hacserve_runtime::resources::self_process;
 use hacserve_runtime::signal;
-use hacserve_runtime::transport::rdma::{check_geometry, RdmaClientConfig, MIN_SLOT_SIZE};
+use hacserve_runtime::transport::rdma::{
+    check_geometry, RdmaClientConfig, FAST_WORD_LEN, MIN_SLOT_SIZE,
+};
 
 use super::results::{run_info, Recording};
 
@@ -123,7 +125,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             run_over(args, workload, &payloads, conns, busy_poll, max_reply)
         }
         "rdma_client" => {
-            let want = HEADER_LEN + largest;
+            // The fast path (small messages polled in memory) keeps a slot's last 4 bytes.
+            let want = HEADER_LEN + largest + FAST_WORD_LEN;
             let slot_size = (want.div_ceil(4096) * 4096).max(MIN_SLOT_SIZE as usize) as u32;
             let depth = u32::try_from(args.depth).context("--depth")?;
             check_geometry(depth, slot_size)
@@ -142,6 +145,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
                         timeout: Duration::from_millis(args.timeout_ms.max(1)),
                         mode,
                         total_clients: args.connections as u32,
+                        fast_path: true,
                     };
                     RdmaLink::connect(&args.host, args.port, cfg)
                 })
