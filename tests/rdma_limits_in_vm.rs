@@ -89,8 +89,8 @@ wait_for /tmp/server1.log "client 2: resources freed" || fail=1
 # 2. Rings beyond the budget and beyond the ring limit.
 expect 3 over_budget $C $H $E -r 1 --client-id 4 --slot-size 2097152 --ring-depth 4
 expect 3 ring_too_large $C $H $E -r 1 --client-id 5 --ring-depth 65
-# 3. A client whose replies find no receive, then one SIGKILLed mid-stream.
-expect 1 no_receives $C $H $E -r 1 --client-id 6 --post-receives 0 --timeout-ms 60000
+# 3. A client whose replies find no receive (WRITE_WITH_IMM: the fast path needs none), then one SIGKILLed mid-stream.
+expect 1 no_receives $C $H $E -r 1 --client-id 6 --post-receives 0 --fast-path off --timeout-ms 60000
 wait_for /tmp/server1.log "client 6: resources freed" || fail=1
 $C $H $E -r 1000000 --client-id 7 -d >/tmp/killed.log 2>&1 &
 K=$!
