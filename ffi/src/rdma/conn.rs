@@ -5,7 +5,7 @@
 //!
 //! Teardown: [`RcEndpoint`] destroys, in this order: QP, memory regions, CQ, PD, then the id.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_uint, c_void};
 use std::ptr::{self, NonNull};
 
 use thiserror::Error;
@@ -309,6 +309,24 @@ impl RcEndpoint {
         rkey: u32,
         imm: u32,
     ) -> Result<(), RdmaError> {
+        let (mut sge, flags) = self.write_source(buf, offset, len)?;
+        let mut wr =
+            ibv_send_wr::rdma_write_with_imm(wr_id, &mut sge, 1, remote_addr, rkey, imm, flags);
+        // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
+        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
+        // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// The scatter entry and send flags of a signaled WRITE of `len` bytes from buffer `buf`
+    /// at `offset` (bounds checked; inline where it fits): what both WRITE kinds share.
+    fn write_source(
+        &self,
+        buf: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<(ibv_sge, c_uint), RdmaError> {
         let b = self
             .rings
             .get(buf)
@@ -321,7 +339,7 @@ impl RcEndpoint {
                 b.len()
             )));
         }
-        let mut sge = ibv_sge {
+        let sge = ibv_sge {
             addr: b.addr() + offset as u64,
             length: len as u32,
             lkey: b.lkey(),
@@ -331,13 +349,7 @@ impl RcEndpoint {
         } else {
             IBV_SEND_SIGNALED
         };
-        let mut wr =
-            ibv_send_wr::rdma_write_with_imm(wr_id, &mut sge, 1, remote_addr, rkey, imm, flags);
-        // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
-        // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
-        // the bytes during the call.
-        unsafe { post_send(self.qp(), &mut wr) }?;
-        Ok(())
+        Ok((sge, flags))
     }
 
     /// Posts a signaled plain RDMA WRITE (no immediate: the responder consumes no receive and
@@ -355,27 +367,7 @@ impl RcEndpoint {
         remote_addr: u64,
         rkey: u32,
     ) -> Result<(), RdmaError> {
-        let b = self
-            .rings
-            .get(buf)
-            .map(SlotRing::memory)
-            .ok_or_else(|| RdmaError::Other(format!("no registered buffer {buf}")))?;
-        if !b.contains(offset, len) || len > u32::MAX as usize {
-            return Err(RdmaError::Other(format!(
-                "write of {len} bytes at {offset} is outside the {}-byte buffer",
-                b.len()
-            )));
-        }
-        let mut sge = ibv_sge {
-            addr: b.addr() + offset as u64,
-            length: len as u32,
-            lkey: b.lkey(),
-        };
-        let flags = if len <= self.max_inline {
-            IBV_SEND_SIGNALED | IBV_SEND_INLINE
-        } else {
-            IBV_SEND_SIGNALED
-        };
+        let (mut sge, flags) = self.write_source(buf, offset, len)?;
         let mut wr = ibv_send_wr::rdma_write(wr_id, &mut sge, 1, remote_addr, rkey, flags);
         // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
         // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
