@@ -683,6 +683,13 @@ fn measure(args: &Args, plan: &Plan) -> Result<Measured> {
             m.one_way.push(bw(stream(args, port, mode, Task::Sink)?));
             m.echo.push(bw(stream(args, port, mode, Task::Echo)?));
             if plan.proxy.map(|(p, _)| p) == Some(i) {
+                // Direct first, before the proxy runs: on a host with few cores its polling
+                // threads would slow the direct rows too.
+                let mut direct = Vec::new();
+                for &size in &plan.proxy_sizes {
+                    let n = Plan::iterations(args, size);
+                    direct.push(Lat::of(size, n, ping(args, port, mode, size, n)?)?);
+                }
                 let mut proxy = match args.peer {
                     true => None,
                     false => Some(start_proxy(args, plan, port, mode)?),
@@ -690,9 +697,8 @@ fn measure(args: &Args, plan: &Plan) -> Result<Measured> {
                 let via_port = args.port + PROXY_PORT_OFFSET;
                 let rows = (|| -> Result<Vec<(Lat, Lat)>> {
                     let mut rows = Vec::new();
-                    for &size in &plan.proxy_sizes {
+                    for (&size, direct) in plan.proxy_sizes.iter().zip(direct) {
                         let n = Plan::iterations(args, size);
-                        let direct = Lat::of(size, n, ping(args, port, mode, size, n)?)?;
                         let via = Lat::of(size, n, ping(args, via_port, mode, size, n)?)?;
                         rows.push((direct, via));
                     }
