@@ -193,6 +193,19 @@ impl<M: RingMemory> SlotToken<M> {
         self.ring.slot_size
     }
 
+    /// The ring's memory (for a work request naming the slot: address, key, PD).
+    pub fn memory(&self) -> &M {
+        &self.ring.mem
+    }
+
+    /// A handle on the ring this slot belongs to: it keeps the ring's memory (and a
+    /// registered buffer's registration) alive after the token is given back.
+    pub fn ring(&self) -> SlotRing<M> {
+        SlotRing {
+            ring: self.ring.clone(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ring.slot_size == 0
     }
