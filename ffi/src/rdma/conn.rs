@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::cm::CmId;
 use super::mem::{DeviceRegisterError, GpuRegisteredBuf, PdShare, ProtectionDomain, RegisteredBuf};
-use super::ring::{RingError, SlotRing, SlotToken};
+use super::ring::{RingError, SgeRange, SlotRing, SlotToken};
 use super::sys::cm::{rdma_conn_param, CmError, RdmaCm};
 use super::sys::verbs::{
     ibv_comp_channel, ibv_cq, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, post_recv,
@@ -399,19 +399,24 @@ impl RcEndpoint {
         token.memory().is_on(&self.pd)
     }
 
+    /// [`Self::can_post_from`] for a range already taken.
+    pub fn can_post_range(&self, range: &SgeRange) -> bool {
+        range.pd == Arc::as_ptr(&self.pd) as usize
+    }
+
     /// Posts a signaled RDMA WRITE (`imm` None) or WRITE_WITH_IMM whose scatter list is one
-    /// or two ranges `(slot, offset in the slot, len)` of ring slots registered in this
-    /// endpoint's PD, possibly another endpoint's rings (zero-copy forwarding: the bytes go
-    /// from where they were received, never copied by the CPU, and never inline). The NIC
-    /// gathers them in order into one contiguous write to `remote_addr`/`rkey`. Each range
-    /// is bounds checked against its slot and its ring's PD checked; the caller keeps the
-    /// slots unchanged and their rings alive until the completion (a ring deregistered
-    /// before that makes the work request fail with a protection error; the NIC never
-    /// touches memory that is no longer registered).
+    /// or two ranges of registered memory ([`SgeRange`], taken from ring slots with
+    /// [`SlotToken::range`]) in this endpoint's PD, possibly another endpoint's rings
+    /// (zero-copy forwarding: the bytes go from where they were received, never copied by
+    /// the CPU, and never inline). The NIC gathers them in order into one contiguous write
+    /// to `remote_addr`/`rkey`. Each range's PD is checked; the caller keeps the slots
+    /// unchanged and registered (holds their tokens) until the completion. A range whose
+    /// memory was deregistered meanwhile makes the work request fail with a protection
+    /// error: the NIC never touches memory that is no longer registered.
     pub fn post_write_from(
         &self,
         wr_id: u64,
-        parts: &[(&SlotToken<RegisteredBuf>, usize, usize)],
+        parts: &[SgeRange],
         remote_addr: u64,
         rkey: u32,
         imm: Option<u32>,
@@ -423,30 +428,22 @@ impl RcEndpoint {
             )));
         }
         let mut sges = [ibv_sge::default(); 2];
-        let mut total = 0usize;
-        for (sge, &(token, off, len)) in sges.iter_mut().zip(parts) {
-            if !self.can_post_from(token) {
+        let mut total = 0u64;
+        for (sge, part) in sges.iter_mut().zip(parts) {
+            if part.pd != Arc::as_ptr(&self.pd) as usize {
                 return Err(RdmaError::Other(
                     "a gathered write names memory outside this endpoint's protection domain"
                         .into(),
                 ));
             }
-            let inside = off.checked_add(len).is_some_and(|end| end <= token.len());
-            if !inside {
-                return Err(RdmaError::Other(format!(
-                    "write of {len} bytes at {off} is outside the {}-byte slot",
-                    token.len()
-                )));
-            }
-            let b = token.memory();
             *sge = ibv_sge {
-                addr: b.addr() + (token.offset() + off) as u64,
-                length: len as u32,
-                lkey: b.lkey(),
+                addr: part.addr,
+                length: part.len,
+                lkey: part.lkey,
             };
-            total += len;
+            total += part.len as u64;
         }
-        if total > u32::MAX as usize {
+        if total > u32::MAX as u64 {
             return Err(RdmaError::Other(format!(
                 "write of {total} bytes is too long"
             )));
@@ -471,9 +468,10 @@ impl RcEndpoint {
                 IBV_SEND_SIGNALED,
             ),
         };
-        // SAFETY: the QP is live (created with two send SGEs); every SGE names registered
-        // memory of this endpoint's PD inside a slot whose ring the caller keeps alive until
-        // the completion; the SGE array lives during the call (the provider copies it).
+        // SAFETY: the QP is live (created with two send SGEs); every SGE names memory
+        // registered in this endpoint's PD (checked above), bounds checked against its slot
+        // when the range was taken; the SGE array lives during the call (the provider copies
+        // it). Memory deregistered before the NIC reads it fails the request, no more.
         unsafe { post_send(self.qp(), &mut wr) }?;
         Ok(())
     }

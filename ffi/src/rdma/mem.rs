@@ -222,6 +222,11 @@ impl RegisteredBuf {
         self.check(offset, len).is_some()
     }
 
+    /// The address of the PD it is registered in (for comparisons only).
+    pub(crate) fn pd_addr(&self) -> usize {
+        Arc::as_ptr(&self.pd) as usize
+    }
+
     /// Whether the buffer was registered on `pd`.
     pub fn is_on(&self, pd: &Arc<ProtectionDomain>) -> bool {
         Arc::ptr_eq(&self.pd, pd)

@@ -23,5 +23,5 @@ pub mod verbs;
 pub use cm::{CmEvent, CmEventKind, CmId, EventChannel};
 pub use conn::{EventWait, QpSizes, RcEndpoint, Rdma, RdmaError};
 pub use mem::{HostBuf, PdShare, RegisteredBuf};
-pub use ring::{RingError, RingMemory, SlotRing, SlotToken};
+pub use ring::{RingError, RingMemory, SgeRange, SlotRing, SlotToken};
 pub use verbs::{AccessFlags, WcOpcode, WcStatus, WorkCompletion};
