@@ -21,6 +21,7 @@ use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;
 
 pub use client::{RdmaClient, RdmaClientConfig};
+pub use hacserve_ffi::rdma::PdShare;
 pub use server::{
     Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, ZeroCopy,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PINNED_MIB, DEFAULT_PEER_TIMEOUT_MS,
