@@ -97,7 +97,11 @@ fn assert_all_answered(stdout: &str, name: &str, requests: usize) {
 /// A killed client: SIGKILLed (137) after at least `BEFORE_KILL` answers.
 fn assert_killed(stdout: &str, name: &str) {
     let text = section(stdout, name);
-    assert_eq!(exit_status(text), 137, "{name} not killed by SIGKILL:\n{text}");
+    assert_eq!(
+        exit_status(text),
+        137,
+        "{name} not killed by SIGKILL:\n{text}"
+    );
     assert!(
         answered(text) >= BEFORE_KILL,
         "{name} killed too early:\n{text}"
@@ -187,7 +191,10 @@ exit $fail
         started.elapsed().as_secs_f64(),
         section(stdout, "timing").trim()
     );
-    assert!(!stdout.contains("panicked"), "a process panicked:\n{stdout}");
+    assert!(
+        !stdout.contains("panicked"),
+        "a process panicked:\n{stdout}"
+    );
     assert_eq!(run.status, Some(0), "script failed:\n{stdout}");
 
     // 1. Fast path: both clients on it, the killed one gone, the next one whole.
@@ -203,7 +210,10 @@ exit $fail
         );
     }
     for want in ["client 1 disconnected", "client 2 connected: "] {
-        assert!(fast.contains(want), "fast server: missing {want:?}:\n{fast}");
+        assert!(
+            fast.contains(want),
+            "fast server: missing {want:?}:\n{fast}"
+        );
     }
 
     // 2. Event mode: no fast path there (a polled word raises no completion to wake on).
@@ -220,7 +230,10 @@ exit $fail
     assert!(event.contains("client 3 disconnected"), "{event}");
     let (ev_received, _) = assert_balanced(stop_line(event, "rdma_server"));
     let at_least = (BEFORE_KILL + REQUESTS + 50) as u64;
-    assert!(ev_received >= at_least, "event server: {ev_received} < {at_least}");
+    assert!(
+        ev_received >= at_least,
+        "event server: {ev_received} < {at_least}"
+    );
 
     // 3. Zero-copy forwarding.
     assert_killed(stdout, "zc_killed");
@@ -267,7 +280,10 @@ exit $fail
     println!(
         "payload copies per forwarded request: zero-copy on {zc_per:.2} ({zc_copies} in all), off {cp_per:.2} ({cp_copies} in all)"
     );
-    assert_eq!(zc_copies, 0, "the zero-copy proxy copied payloads: {zc_line}");
+    assert_eq!(
+        zc_copies, 0,
+        "the zero-copy proxy copied payloads: {zc_line}"
+    );
     assert_eq!(
         cp_copies,
         3 * share_sum(cp_line, "forwarded"),

@@ -461,8 +461,11 @@ impl ServerConn {
                 (r, Some(w.len), header_bytes(w.bytes()))
             }
             None => {
-                // Cannot happen (the request's token excludes every other stager): the reply
-                // is written aside so the outcome is known, and reported undeliverable.
+                // Cannot happen: only the holder of request slot i stages into staging slot
+                // i, and it gives the staging slot back before the request slot (below), so
+                // a second request into slot i (a client breaking the credit rule) is refused
+                // at its arrival while this one is being answered. Written aside so that the
+                // outcome is known, and reported undeliverable.
                 let mut aside = Vec::new();
                 let r = write(request, &mut aside);
                 (r, None, [0; HEADER_LEN])
@@ -471,8 +474,6 @@ impl ServerConn {
         let Some(r) = written else {
             return Err(req);
         };
-        // The reply is staged: the request slot is free for the client's next request.
-        drop(req);
         let sent = match (reply_len, stage.as_mut()) {
             (Some(n), Some(staged)) => {
                 // Fast path: the completion word right after the reply, sent with it.
@@ -484,6 +485,12 @@ impl ServerConn {
             }
             _ => Err(rdma_err("staging slot out of range or busy")),
         };
+        // The reply is posted: the staging slot first, then the request slot, free for the
+        // client's next request (which it sends only once this reply has arrived). Held
+        // until here, the request slot keeps a request that arrives early (no credit) from
+        // being taken, and so from finding its staging slot busy.
+        drop(stage);
+        drop(req);
         Ok((r, head, sent))
     }
 
