@@ -312,7 +312,9 @@ impl RdmaClient {
             )));
         }
         self.next_send_slot()?[..msg.len()].copy_from_slice(msg);
-        count_payload_copy();
+        if msg.len() > crate::protocol::HEADER_LEN {
+            count_payload_copy();
+        }
         Ok(())
     }
 

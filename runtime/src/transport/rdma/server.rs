@@ -524,7 +524,7 @@ impl RdmaServer {
         } else {
             0
         };
-        if conn.zero_copy && !oversize && wanted as usize > HEADER_LEN {
+        if conn.zero_copy && !oversize && wanted as usize >= HEADER_LEN {
             // The request stays where it landed; only its header is copied, for the core
             // to read bytes the client can no longer change.
             let Some(landing) = conn.claim_landing(slot) else {
