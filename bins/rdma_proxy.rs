@@ -14,7 +14,9 @@ use hacserve::cli::bind_ip;
 use hacserve::cli::proxy::{forward, Backend};
 use hacserve_runtime::check;
 use hacserve_runtime::contract::PollMode;
-use hacserve_runtime::transport::rdma::{check_geometry, Addressing, RdmaServer, DEFAULT_PORT};
+use hacserve_runtime::transport::rdma::{
+    check_geometry, Addressing, PdShare, RdmaServer, ZeroCopy, DEFAULT_PORT,
+};
 
 hacserve::cli_args! {
     /// RDMA Proxy: forwards RDMA requests to a backend rdma_server over RDMA.
@@ -38,6 +40,11 @@ hacserve::cli_args! {
         /// client id the first backend connection announces (then +1 each)
         #[argh(option, default = "2000")]
         connection_id: u32,
+        /// forward without copying: on (requests go to the backend from the inbound ring
+        /// slot they landed in, replies to the client from the backend response slot, one
+        /// shared protection domain) or off (each copied, three payload copies a request)
+        #[argh(option, default = "String::from(\"on\")")]
+        zero_copy: String,
     }
 }
 
@@ -54,6 +61,8 @@ fn main() -> Result<()> {
     ring.check()?;
     check_geometry(args.target_ring_depth, ring.slot_size)
         .context("--target-ring-depth: the backend connections' ring")?;
+    let zero_copy = hacserve::cli::on_off(&args.zero_copy, "--zero-copy")?;
+    let pd_share = zero_copy.then(PdShare::new);
     let ip = bind_ip(&proxy.bind_address)?;
     let backend = Backend {
         port: args.target_port,
@@ -62,12 +71,14 @@ fn main() -> Result<()> {
         slot_size: ring.slot_size,
         depth: args.target_ring_depth,
         fast_path: ring.fast_path == "on",
+        pd_share: pd_share.clone(),
     };
     let events = mode == PollMode::Event;
     let cfg = ring.server_config(args.keep_alive != 0, Addressing::Host, events);
     // Payload limits are the backend's business; the slot bounds what arrives.
     let max_payload = ring.slot_size as usize;
-    let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
+    let zc = pd_share.map(|pd| ZeroCopy { pd });
+    let mut rdma = RdmaServer::listen_with(SocketAddr::new(ip, args.port), cfg, max_payload, zc)
         .with_context(|| format!("listening on {}:{}", proxy.bind_address, args.port))?;
     let monitor = ("rdma_proxy", Duration::ZERO);
     let stopped = forward(
@@ -81,14 +92,15 @@ fn main() -> Result<()> {
         "backend rdma_server",
         |rdma| {
             format!(
-            "rdma_proxy listening on {} | model {} | backend {}:{} x{} connections, {} slots x {} B | poll {mode:?}",
+            "rdma_proxy listening on {} | model {} | backend {}:{} x{} connections, {} slots x {} B | poll {mode:?} | zero-copy {}",
             rdma.addr(),
             proxy.model_name,
             proxy.server_address,
             args.target_port,
             args.connections,
             args.target_ring_depth,
-            ring.slot_size
+            ring.slot_size,
+            if zero_copy { "on" } else { "off" }
         )
         },
     )?;

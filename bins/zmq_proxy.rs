@@ -69,6 +69,9 @@ fn main() -> Result<()> {
         slot_size: args.slot_size,
         depth: args.ring_depth,
         fast_path: hacserve::cli::on_off(&args.fast_path, "--fast-path")?,
+        // The inbound side is ZeroMQ: each request is copied into a backend send slot and
+        // each reply out of its response slot (docs/rdma.md, "Zero-copy rdma_proxy").
+        pd_share: None,
     };
     let ctx = Context::new().context("creating the ZeroMQ context")?;
     // Larger requests could not be forwarded anyway (the pool answers PayloadTooLarge).

@@ -2,12 +2,15 @@
 //! the backend's geometry options; both forward everything over an RDMA pool.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
+use hacserve_runtime::transport::copies::payload_copies;
+use hacserve_runtime::transport::rdma::PdShare;
 
 use super::results::run_info;
 use super::{MetricsArgs, ProxyArgs};
@@ -21,6 +24,9 @@ pub struct Backend {
     pub depth: u32,
     /// Ask the backend for the memory-polled fast path.
     pub fast_path: bool,
+    /// Zero-copy forwarding (rdma_proxy `--zero-copy on`): the protection domain the
+    /// inbound connections share with the backend connections.
+    pub pd_share: Option<Arc<PdShare>>,
 }
 
 /// How a proxy's run ended.
@@ -54,6 +60,7 @@ impl ProxyArgs {
             mode,
             queue_limit: self.queue_depth,
             fast_path: b.fast_path,
+            pd_share: b.pd_share.clone(),
         }
     }
 }
@@ -85,12 +92,15 @@ pub fn forward<T: ServerTransport>(
     let c = proxy.counters();
     let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);
     recording.finish(role, Some(finished), None, run_info(role, "rdma"))?;
+    let forwarded: u64 = report.shares.iter().map(|s| s.forwarded).sum();
+    let copies = payload_copies();
     let stopped = Stopped {
         shares: format!(
-            "{} | {} | answered by the proxy: {}",
+            "{} | {} | answered by the proxy: {} | payload copies: {copies} ({:.2} per forwarded request)",
             proxy.counters_summary(),
             format_shares(&report.shares),
-            report.local_errors
+            report.local_errors,
+            copies as f64 / forwarded.max(1) as f64
         ),
         report,
         result: served.result,

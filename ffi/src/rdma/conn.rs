@@ -13,8 +13,8 @@ use thiserror::Error;
 use std::sync::Arc;
 
 use super::cm::CmId;
-use super::mem::{DeviceRegisterError, GpuRegisteredBuf, ProtectionDomain, RegisteredBuf};
-use super::ring::{RingError, SlotRing};
+use super::mem::{DeviceRegisterError, GpuRegisteredBuf, PdShare, ProtectionDomain, RegisteredBuf};
+use super::ring::{RingError, SgeRange, SlotRing, SlotToken};
 use super::sys::cm::{rdma_conn_param, CmError, RdmaCm};
 use super::sys::verbs::{
     ibv_comp_channel, ibv_cq, ibv_qp_init_attr, ibv_recv_wr, ibv_send_wr, ibv_sge, post_recv,
@@ -126,6 +126,19 @@ impl RcEndpoint {
         sizes: QpSizes,
         events: bool,
     ) -> Result<RcEndpoint, RdmaError> {
+        Self::create_in(rdma, id, sizes, events, None)
+    }
+
+    /// [`Self::create_with`], with the PD taken from `share` (the one shared PD of the id's
+    /// device) instead of a PD of its own: every endpoint so created on one device may post
+    /// work requests naming the others' registered memory ([`Self::post_write_from`]).
+    pub fn create_in(
+        rdma: Rdma,
+        id: CmId,
+        sizes: QpSizes,
+        events: bool,
+        share: Option<&PdShare>,
+    ) -> Result<RcEndpoint, RdmaError> {
         // SAFETY: the id is live.
         let ctx = unsafe { id.id.as_ref() }.verbs;
         if ctx.is_null() {
@@ -134,8 +147,12 @@ impl RcEndpoint {
             ));
         }
         let id = Arc::new(id);
-        // SAFETY: ctx is the id's live device context.
-        let pd = unsafe { ProtectionDomain::alloc(rdma.verbs, ctx, id.clone()) }?;
+        let pd = match share {
+            // SAFETY: ctx is the id's live device context.
+            Some(share) => unsafe { share.get_or_alloc(rdma.verbs, ctx, &id) }?,
+            // SAFETY: as above.
+            None => unsafe { ProtectionDomain::alloc(rdma.verbs, ctx, id.clone()) }?,
+        };
         let channel = if events {
             // SAFETY: ctx is the id's live device context.
             let ch = unsafe { (rdma.verbs.ibv_create_comp_channel)(ctx) };
@@ -372,6 +389,89 @@ impl RcEndpoint {
         // SAFETY: the QP is live; sge names registered memory inside a buffer owned by this
         // endpoint, which outlives the QP (Drop destroys the QP first); an inline send copies
         // the bytes during the call.
+        unsafe { post_send(self.qp(), &mut wr) }?;
+        Ok(())
+    }
+
+    /// Whether a work request on this endpoint may name `token`'s slot: its ring is
+    /// registered in this endpoint's protection domain (a shared one, [`PdShare`]).
+    pub fn can_post_from(&self, token: &SlotToken<RegisteredBuf>) -> bool {
+        token.memory().is_on(&self.pd)
+    }
+
+    /// [`Self::can_post_from`] for a range already taken.
+    pub fn can_post_range(&self, range: &SgeRange) -> bool {
+        range.pd == Arc::as_ptr(&self.pd) as usize
+    }
+
+    /// Posts a signaled RDMA WRITE (`imm` None) or WRITE_WITH_IMM whose scatter list is one
+    /// or two ranges of registered memory ([`SgeRange`], taken from ring slots with
+    /// [`SlotToken::range`]) in this endpoint's PD, possibly another endpoint's rings
+    /// (zero-copy forwarding: the bytes go from where they were received, never copied by
+    /// the CPU, and never inline). The NIC gathers them in order into one contiguous write
+    /// to `remote_addr`/`rkey`. Each range's PD is checked; the caller keeps the slots
+    /// unchanged and registered (holds their tokens) until the completion. A range whose
+    /// memory was deregistered meanwhile makes the work request fail with a protection
+    /// error: the NIC never touches memory that is no longer registered.
+    pub fn post_write_from(
+        &self,
+        wr_id: u64,
+        parts: &[SgeRange],
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> Result<(), RdmaError> {
+        if parts.is_empty() || parts.len() > 2 {
+            return Err(RdmaError::Other(format!(
+                "a gathered write takes 1 or 2 ranges, not {}",
+                parts.len()
+            )));
+        }
+        let mut sges = [ibv_sge::default(); 2];
+        let mut total = 0u64;
+        for (sge, part) in sges.iter_mut().zip(parts) {
+            if part.pd != Arc::as_ptr(&self.pd) as usize {
+                return Err(RdmaError::Other(
+                    "a gathered write names memory outside this endpoint's protection domain"
+                        .into(),
+                ));
+            }
+            *sge = ibv_sge {
+                addr: part.addr,
+                length: part.len,
+                lkey: part.lkey,
+            };
+            total += part.len as u64;
+        }
+        if total > u32::MAX as u64 {
+            return Err(RdmaError::Other(format!(
+                "write of {total} bytes is too long"
+            )));
+        }
+        let n = parts.len() as c_int;
+        let mut wr = match imm {
+            Some(imm) => ibv_send_wr::rdma_write_with_imm(
+                wr_id,
+                sges.as_mut_ptr(),
+                n,
+                remote_addr,
+                rkey,
+                imm,
+                IBV_SEND_SIGNALED,
+            ),
+            None => ibv_send_wr::rdma_write(
+                wr_id,
+                sges.as_mut_ptr(),
+                n,
+                remote_addr,
+                rkey,
+                IBV_SEND_SIGNALED,
+            ),
+        };
+        // SAFETY: the QP is live (created with two send SGEs); every SGE names memory
+        // registered in this endpoint's PD (checked above), bounds checked against its slot
+        // when the range was taken; the SGE array lives during the call (the provider copies
+        // it). Memory deregistered before the NIC reads it fails the request, no more.
         unsafe { post_send(self.qp(), &mut wr) }?;
         Ok(())
     }

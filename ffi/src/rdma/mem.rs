@@ -14,7 +14,7 @@
 use std::alloc::{self, Layout};
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::cm::CmId;
 use super::sys::verbs::{ibv_context, ibv_mr, ibv_pd, Verbs, VerbsError};
@@ -31,6 +31,8 @@ pub const BUF_ALIGN: usize = 4096;
 pub struct ProtectionDomain {
     verbs: &'static Verbs,
     pd: NonNull<ibv_pd>,
+    /// The device context it was allocated on (rdma_cm keeps one per device).
+    ctx: NonNull<ibv_context>,
     _id: Arc<CmId>,
 }
 
@@ -53,11 +55,56 @@ impl ProtectionDomain {
         // SAFETY: ctx is the id's live device context (caller); the id is kept alive by the PD.
         let pd = NonNull::new(unsafe { (verbs.ibv_alloc_pd)(ctx) })
             .ok_or_else(|| VerbsError::last("ibv_alloc_pd"))?;
-        Ok(Arc::new(ProtectionDomain { verbs, pd, _id: id }))
+        let ctx = NonNull::new(ctx)
+            .ok_or_else(|| VerbsError::from_errno("ibv_alloc_pd", libc::EINVAL))?;
+        Ok(Arc::new(ProtectionDomain {
+            verbs,
+            pd,
+            ctx,
+            _id: id,
+        }))
     }
 
     pub(crate) fn as_ptr(&self) -> *mut ibv_pd {
         self.pd.as_ptr()
+    }
+}
+
+/// One protection domain per device, shared by every endpoint created with it
+/// ([`super::conn::RcEndpoint::create_in`]): a proxy's inbound connections and its backend
+/// connections then register their rings in the same PD, so a work request on one QP may
+/// name memory registered for another (zero-copy forwarding, docs/rdma.md). Endpoints on
+/// another device get that device's own shared PD. Used only at connection set-up.
+#[derive(Debug, Default)]
+pub struct PdShare {
+    pds: Mutex<Vec<Arc<ProtectionDomain>>>,
+}
+
+impl PdShare {
+    pub fn new() -> Arc<PdShare> {
+        Arc::new(PdShare::default())
+    }
+
+    /// The shared PD of device context `ctx`, allocated on first use (it then keeps `id`,
+    /// and so the context, alive for as long as the share or an endpoint holds it).
+    ///
+    /// # Safety
+    /// `ctx` must be `id`'s live device context (`rdma_cm_id::verbs`).
+    pub(crate) unsafe fn get_or_alloc(
+        &self,
+        verbs: &'static Verbs,
+        ctx: *mut ibv_context,
+        id: &Arc<CmId>,
+    ) -> Result<Arc<ProtectionDomain>, VerbsError> {
+        // A poisoned lock only means another set-up panicked; the list is still whole.
+        let mut pds = self.pds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pd) = pds.iter().find(|pd| pd.ctx.as_ptr() == ctx) {
+            return Ok(pd.clone());
+        }
+        // SAFETY: ctx is id's live device context (caller).
+        let pd = unsafe { ProtectionDomain::alloc(verbs, ctx, id.clone()) }?;
+        pds.push(pd.clone());
+        Ok(pd)
     }
 }
 
@@ -175,8 +222,13 @@ impl RegisteredBuf {
         self.check(offset, len).is_some()
     }
 
+    /// The address of the PD it is registered in (for comparisons only).
+    pub(crate) fn pd_addr(&self) -> usize {
+        Arc::as_ptr(&self.pd) as usize
+    }
+
     /// Whether the buffer was registered on `pd`.
-    pub(crate) fn is_on(&self, pd: &Arc<ProtectionDomain>) -> bool {
+    pub fn is_on(&self, pd: &Arc<ProtectionDomain>) -> bool {
         Arc::ptr_eq(&self.pd, pd)
     }
 }

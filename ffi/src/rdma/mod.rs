@@ -22,6 +22,6 @@ pub mod verbs;
 
 pub use cm::{CmEvent, CmEventKind, CmId, EventChannel};
 pub use conn::{EventWait, QpSizes, RcEndpoint, Rdma, RdmaError};
-pub use mem::{HostBuf, RegisteredBuf};
-pub use ring::{RingError, RingMemory, SlotRing, SlotToken};
+pub use mem::{HostBuf, PdShare, RegisteredBuf};
+pub use ring::{RingError, RingMemory, SgeRange, SlotRing, SlotToken};
 pub use verbs::{AccessFlags, WcOpcode, WcStatus, WorkCompletion};

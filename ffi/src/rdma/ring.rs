@@ -193,6 +193,19 @@ impl<M: RingMemory> SlotToken<M> {
         self.ring.slot_size
     }
 
+    /// The ring's memory (for a work request naming the slot: address, key, PD).
+    pub fn memory(&self) -> &M {
+        &self.ring.mem
+    }
+
+    /// A handle on the ring this slot belongs to: it keeps the ring's memory (and a
+    /// registered buffer's registration) alive after the token is given back.
+    pub fn ring(&self) -> SlotRing<M> {
+        SlotRing {
+            ring: self.ring.clone(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ring.slot_size == 0
     }
@@ -288,6 +301,37 @@ impl<M: RingMemory> SlotToken<M> {
         // SAFETY: as for bytes; `&mut self` of the one token holding the flag makes the
         // borrow exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.ring.slot_size) }
+    }
+}
+
+/// A bounds-checked range of a registered ring slot, as a work request's scatter entry
+/// names it (address, length, key) with the protection domain it is registered in; taken
+/// with [`SlotToken::range`] and posted with
+/// [`super::conn::RcEndpoint::post_write_from`]. Plain numbers: holding one keeps nothing
+/// alive, the slot's token does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SgeRange {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) lkey: u32,
+    /// The PD's address, compared only.
+    pub(crate) pd: usize,
+}
+
+impl SlotToken<RegisteredBuf> {
+    /// `len` bytes at `offset` of the slot as a scatter entry; None outside the slot.
+    pub fn range(&self, offset: usize, len: usize) -> Option<SgeRange> {
+        let end = offset.checked_add(len)?;
+        if end > self.ring.slot_size || len > u32::MAX as usize {
+            return None;
+        }
+        let mem = &self.ring.mem;
+        Some(SgeRange {
+            addr: mem.addr() + (self.offset() + offset) as u64,
+            len: len as u32,
+            lkey: mem.lkey(),
+            pd: mem.pd_addr(),
+        })
     }
 }
 

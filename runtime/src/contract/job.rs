@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu::CudaStream;
 use hacserve_ffi::gpu::resident::DeviceSpan;
+use hacserve_ffi::rdma::{RegisteredBuf, SlotToken};
 
 use crate::protocol::Header;
 
@@ -40,6 +41,41 @@ pub trait ServerJob: Send + 'static {
     fn resident(&self) -> Option<Resident<'_>> {
         None
     }
+    /// A request whose bytes stayed in the registered ring slot they were received in (an
+    /// RDMA proxy's zero-copy inbound side): `message` then holds only its header (for the
+    /// serving core), and this names the whole message, for a forwarder to post from
+    /// directly. None (the default): the message is in `message`.
+    fn lent(&self) -> Option<Lent<'_>> {
+        None
+    }
+}
+
+/// A message in a registered ring slot, lent for posting from it: `len` bytes at `at` of
+/// the slot `token` holds.
+#[derive(Clone, Copy)]
+pub struct Lent<'a> {
+    pub token: &'a SlotToken<RegisteredBuf>,
+    pub at: usize,
+    pub len: usize,
+}
+
+/// A reply in a registered ring slot (an RDMA proxy's backend response slot), handed over
+/// with the slot itself: whoever holds it may post from it, and the slot is not written
+/// again (the backend gets no request for it) until this token is dropped.
+pub struct LentReply {
+    pub token: SlotToken<RegisteredBuf>,
+    pub at: usize,
+    pub len: usize,
+}
+
+impl LentReply {
+    /// The reply's bytes (for a sink that copies them).
+    pub fn bytes(&self) -> &[u8] {
+        self.token
+            .bytes()
+            .get(self.at..self.at + self.len)
+            .unwrap_or(&[])
+    }
 }
 
 /// Where a GPU-resident request's bytes are: its payload in device memory, the device reply
@@ -72,4 +108,11 @@ impl<J: ServerJob> Queued<J> {
 /// Sends a worker's reply for a job; one per worker thread, so no locking.
 pub trait ReplySink<J> {
     fn reply(&mut self, job: J, reply: &[u8]) -> Result<(), TransportError>;
+    /// Sends a reply that lies in a registered ring slot: by default copied like any reply
+    /// (counted as a payload copy); an RDMA sink whose connection shares the slot's
+    /// protection domain posts from the slot without copying.
+    fn reply_lent(&mut self, job: J, reply: LentReply) -> Result<(), TransportError> {
+        crate::transport::copies::count_payload_copy();
+        self.reply(job, reply.bytes())
+    }
 }

@@ -13,7 +13,7 @@ pub mod refusal;
 pub mod transport;
 
 pub use counters::Counters;
-pub use job::{Queued, ReplySink, Resident, ServerJob};
+pub use job::{Lent, LentReply, Queued, ReplySink, Resident, ServerJob};
 pub use poll::{Backoff, PollMode, ServerPollMode};
 pub use refusal::Refusal;
 pub use transport::{ClientTransport, InLoop, ServerTransport, TransportError};

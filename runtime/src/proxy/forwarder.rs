@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use hacserve_ffi::signal;
 
-use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool};
+use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool, Reply};
 use crate::contract::{Backoff, Queued, ReplySink, ServerJob, ServerTransport, TransportError};
 use crate::server::{ServeResult, ServerOptions, ServerThreads, WorkQueue};
+use crate::transport::copies::count_payload_copy;
 
 /// Idle forwarder in block mode: empty rounds before it sleeps, and the sleep (RDMA
 /// completions must be polled, so it never blocks long).
@@ -134,9 +135,18 @@ fn forward<J: ServerJob, S: ReplySink<J>>(
     // Every reply sent inbound, the backend's or the pool's own, answers its request (the
     // serving core counted it received); a failed delivery is counted as on a server.
     let counters = &queue.counters;
-    let mut reply = |q: Queued<J>, bytes: &[u8]| {
+    let mut reply = |q: Queued<J>, bytes: Reply<'_>| {
         counters.answered.fetch_add(1, Relaxed);
-        match sink.reply(q.job, bytes) {
+        let sent = match bytes {
+            Reply::Lent(lent) => sink.reply_lent(q.job, lent),
+            Reply::Backend(bytes) => {
+                // The sink copies the backend's reply out of its response slot.
+                count_payload_copy();
+                sink.reply(q.job, bytes)
+            }
+            Reply::Own(bytes) => sink.reply(q.job, bytes),
+        };
+        match sent {
             Ok(()) => {}
             Err(TransportError::PeerNotReading) => {
                 counters.dropped_replies.fetch_add(1, Relaxed);

@@ -9,4 +9,4 @@ pub mod forwarder;
 pub mod pool;
 
 pub use forwarder::{ForwarderReport, Proxy};
-pub use pool::{format_shares, ConnShare, PoolConfig, ProxyError, ProxyRequest, RdmaPool};
+pub use pool::{format_shares, ConnShare, PoolConfig, ProxyError, ProxyRequest, RdmaPool, Reply};

@@ -16,13 +16,18 @@
 //! requests are answered `Unavailable` at once: the proxy never stops for a lost backend.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::balancer::routing::pick_least_outstanding;
-use crate::contract::{ClientTransport, PollMode, Queued, ServerJob, TransportError};
+use hacserve_ffi::rdma::{PdShare, RegisteredBuf, SlotRing};
+
+use crate::contract::{
+    ClientTransport, Lent, LentReply, PollMode, Queued, ServerJob, TransportError,
+};
 use crate::protocol::{encode_error, ErrorCode, Header, Task};
 use crate::transport::rdma::client::{next_reconnect_pause, RECONNECT_FIRST};
 use crate::transport::rdma::{RdmaClient, RdmaClientConfig};
@@ -41,13 +46,33 @@ pub enum ProxyError {
 
 /// What the pool forwards: something that lends the request bytes until it is answered.
 pub trait ProxyRequest {
+    /// The bytes held in memory (the whole message, or only its header when it is lent).
     fn message(&self) -> &[u8];
+    /// The whole message where it stayed in a registered ring slot (zero-copy inbound).
+    fn lent(&self) -> Option<Lent<'_>> {
+        None
+    }
 }
 
 impl<J: ServerJob> ProxyRequest for Queued<J> {
     fn message(&self) -> &[u8] {
         self.job.message()
     }
+    fn lent(&self) -> Option<Lent<'_>> {
+        self.job.lent()
+    }
+}
+
+/// What the pool hands back with a request's token.
+pub enum Reply<'a> {
+    /// The backend's reply, in the backend connection's response slot (lent for the call):
+    /// the sink copies it.
+    Backend(&'a [u8]),
+    /// The backend's reply with its response slot (zero-copy): the sink may post from it;
+    /// the slot takes no other reply until the token is dropped.
+    Lent(LentReply),
+    /// The pool's own answer (an error it encoded).
+    Own(&'a [u8]),
 }
 
 /// Backend settings.
@@ -71,6 +96,10 @@ pub struct PoolConfig {
     pub queue_limit: usize,
     /// Ask the backend for the memory-polled fast path (docs/rdma.md).
     pub fast_path: bool,
+    /// Zero-copy forwarding: the backend connections are set up in this shared protection
+    /// domain (the inbound side's), requests are posted from where they landed and replies
+    /// handed on in their response slots (docs/rdma.md, "Zero-copy rdma_proxy").
+    pub pd_share: Option<Arc<PdShare>>,
 }
 
 /// Polls between two deadline checks (a clock read each).
@@ -102,8 +131,17 @@ struct Pending<T> {
 enum Slot<T> {
     Idle,
     InFlight(Pending<T>),
-    /// Its request timed out and was answered; the backend may still write the reply here.
-    Abandoned,
+    /// Its request timed out and was answered; the backend may still write the reply here
+    /// (the connection keeps the slot's credit until the late reply: no request goes into it
+    /// before). With zero-copy the request's write may still be reading the inbound ring
+    /// slot it was posted from: that ring is kept registered (its memory alive) until the
+    /// late reply or the connection's QP is destroyed, so the write never fails on freed
+    /// memory. The inbound slot itself is free (its client was answered `Timeout` and may
+    /// write it again): at worst the late write carries those newer bytes to the backend,
+    /// whose reply is dropped.
+    Abandoned {
+        _registered: Option<SlotRing<RegisteredBuf>>,
+    },
 }
 
 /// A lost connection's way back.
@@ -131,6 +169,7 @@ pub struct RdmaPool<T> {
     error_reply: Vec<u8>,
     /// Replies answered by the pool itself (overload, no backend, too large, backend lost).
     pub local_errors: u64,
+    zero_copy: bool,
 }
 
 impl<T: ProxyRequest> RdmaPool<T> {
@@ -163,6 +202,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
             load: vec![0; n],
             error_reply: Vec::with_capacity(512),
             local_errors: 0,
+            zero_copy: cfg.pd_share.is_some(),
         })
     }
 
@@ -186,7 +226,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
 
     /// Forwards `req` or queues it; `reply` is called at once (with an error reply) when it
     /// can be neither sent nor queued.
-    pub fn submit(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) {
+    pub fn submit(&mut self, req: T, reply: &mut impl FnMut(T, Reply<'_>)) {
         if !self.waiting.is_empty() {
             // FIFO: earlier requests go first.
             self.enqueue(req, reply);
@@ -201,7 +241,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
     /// Polls every connection once, hands replies to `reply` and sends waiting requests into
     /// freed slots; now and then answers requests past their deadline and tends lost
     /// connections. Returns how many replies arrived (0: idle).
-    pub fn poll(&mut self, reply: &mut impl FnMut(T, &[u8])) -> usize {
+    pub fn poll(&mut self, reply: &mut impl FnMut(T, Reply<'_>)) -> usize {
         self.polls += 1;
         let check_cm = self.polls % 1024 == 0;
         let mut got = 0;
@@ -209,27 +249,38 @@ impl<T: ProxyRequest> RdmaPool<T> {
             let mut failed: Option<String> = None;
             if let Some(conn) = self.conns[i].as_mut() {
                 loop {
-                    match conn.try_recv() {
-                        Ok(Some((slot, bytes))) => {
-                            got += 1;
-                            let state = self.pending[i]
-                                .get_mut(slot as usize)
-                                .map(|s| std::mem::replace(s, Slot::Idle));
-                            match state {
-                                Some(Slot::InFlight(p)) => {
-                                    self.shares[i].answered += 1;
-                                    reply(p.token, bytes);
-                                }
-                                Some(Slot::Abandoned) => self.shares[i].late += 1,
-                                // Cannot happen: try_recv checks the slot is in flight.
-                                _ => log::error!("connection {i}: reply for idle slot {slot}"),
+                    let (slot, bytes) = if self.zero_copy {
+                        match conn.try_recv_lent() {
+                            Ok(Some((slot, lent))) => (slot, Reply::Lent(lent)),
+                            Ok(None) => break,
+                            Err(e) => {
+                                failed = Some(e.to_string());
+                                break;
                             }
                         }
-                        Ok(None) => break,
-                        Err(e) => {
-                            failed = Some(e.to_string());
-                            break;
+                    } else {
+                        match conn.try_recv() {
+                            Ok(Some((slot, bytes))) => (slot, Reply::Backend(bytes)),
+                            Ok(None) => break,
+                            Err(e) => {
+                                failed = Some(e.to_string());
+                                break;
+                            }
                         }
+                    };
+                    got += 1;
+                    let state = self.pending[i]
+                        .get_mut(slot as usize)
+                        .map(|s| std::mem::replace(s, Slot::Idle));
+                    match state {
+                        Some(Slot::InFlight(p)) => {
+                            self.shares[i].answered += 1;
+                            reply(p.token, bytes);
+                        }
+                        // Dropped (a lent slot goes back to its connection).
+                        Some(Slot::Abandoned { .. }) => self.shares[i].late += 1,
+                        // Cannot happen: try_recv checks the slot is in flight.
+                        _ => log::error!("connection {i}: reply for idle slot {slot}"),
                     }
                 }
                 if failed.is_none() && check_cm {
@@ -250,18 +301,26 @@ impl<T: ProxyRequest> RdmaPool<T> {
         got
     }
 
-    /// Answers `Timeout` to requests past their deadline; a connection left with only
-    /// abandoned slots has stopped answering and is closed (to be set up again).
-    fn expire(&mut self, now: Instant, reply: &mut impl FnMut(T, &[u8])) {
+    /// Answers `Timeout` to requests past their deadline; a connection with abandoned slots
+    /// and none in flight has stopped answering (its slots are used in turn, so the first
+    /// abandoned one blocks it for good) and is closed (to be set up again).
+    fn expire(&mut self, now: Instant, reply: &mut impl FnMut(T, Reply<'_>)) {
         for i in 0..self.conns.len() {
-            let mut live = false;
+            let mut in_flight = false;
+            let mut abandoned = false;
             for s in 0..self.pending[i].len() {
                 let expired = matches!(&self.pending[i][s], Slot::InFlight(p) if p.deadline <= now);
                 if expired {
-                    let Slot::InFlight(p) =
-                        std::mem::replace(&mut self.pending[i][s], Slot::Abandoned)
-                    else {
+                    let Slot::InFlight(p) = std::mem::replace(
+                        &mut self.pending[i][s],
+                        Slot::Abandoned { _registered: None },
+                    ) else {
                         continue;
+                    };
+                    abandoned = true;
+                    // The request's write may still read the ring it was posted from.
+                    self.pending[i][s] = Slot::Abandoned {
+                        _registered: p.token.lent().map(|l| l.token.ring()),
                     };
                     self.shares[i].timed_out += 1;
                     let text = format!(
@@ -269,11 +328,15 @@ impl<T: ProxyRequest> RdmaPool<T> {
                         self.cfg.request_timeout.as_millis()
                     );
                     self.answer(p, ErrorCode::Timeout, &text, reply);
-                } else if !matches!(self.pending[i][s], Slot::Abandoned) {
-                    live = true;
+                } else {
+                    match self.pending[i][s] {
+                        Slot::InFlight(_) => in_flight = true,
+                        Slot::Abandoned { .. } => abandoned = true,
+                        Slot::Idle => {}
+                    }
                 }
             }
-            if !live && self.conns[i].is_some() && !self.pending[i].is_empty() {
+            if abandoned && !in_flight && self.conns[i].is_some() {
                 self.fail_connection(
                     i,
                     "every slot timed out: the backend stopped answering",
@@ -326,7 +389,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
 
     /// Closes connection `i`, answers its requests in flight with `Unavailable` errors and
     /// schedules its reconnection.
-    fn fail_connection(&mut self, i: usize, why: &str, reply: &mut impl FnMut(T, &[u8])) {
+    fn fail_connection(&mut self, i: usize, why: &str, reply: &mut impl FnMut(T, Reply<'_>)) {
         log::error!("backend connection {i} lost: {why}");
         self.conns[i] = None;
         let text = format!("the proxy lost its backend connection: {why}");
@@ -351,7 +414,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
         p: Pending<T>,
         code: ErrorCode,
         text: &str,
-        reply: &mut impl FnMut(T, &[u8]),
+        reply: &mut impl FnMut(T, Reply<'_>),
     ) {
         self.local_errors += 1;
         log::warn!("client {} request {}: {text}", p.client, p.request);
@@ -363,10 +426,16 @@ impl<T: ProxyRequest> RdmaPool<T> {
             code,
             text,
         );
-        reply(p.token, &self.error_reply);
+        reply(p.token, Reply::Own(&self.error_reply));
     }
 
-    fn refuse(&mut self, req: T, code: ErrorCode, text: &str, reply: &mut impl FnMut(T, &[u8])) {
+    fn refuse(
+        &mut self,
+        req: T,
+        code: ErrorCode,
+        text: &str,
+        reply: &mut impl FnMut(T, Reply<'_>),
+    ) {
         let (client, request) = Header::salvage_ids(req.message());
         self.local_errors += 1;
         encode_error(
@@ -377,10 +446,10 @@ impl<T: ProxyRequest> RdmaPool<T> {
             code,
             text,
         );
-        reply(req, &self.error_reply);
+        reply(req, Reply::Own(&self.error_reply));
     }
 
-    fn enqueue(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) {
+    fn enqueue(&mut self, req: T, reply: &mut impl FnMut(T, Reply<'_>)) {
         if self.waiting.len() >= self.queue_limit {
             self.refuse(
                 req,
@@ -393,7 +462,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
         }
     }
 
-    fn drain(&mut self, reply: &mut impl FnMut(T, &[u8])) {
+    fn drain(&mut self, reply: &mut impl FnMut(T, Reply<'_>)) {
         while let Some(req) = self.waiting.pop_front() {
             if let Some(req) = self.try_send(req, reply) {
                 self.waiting.push_front(req);
@@ -404,7 +473,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
 
     /// Sends into the least-loaded connection with a free slot; gives the request back when
     /// every connection is full. Answers it itself when it cannot be forwarded at all.
-    fn try_send(&mut self, req: T, reply: &mut impl FnMut(T, &[u8])) -> Option<T> {
+    fn try_send(&mut self, req: T, reply: &mut impl FnMut(T, Reply<'_>)) -> Option<T> {
         if self.live_connections() == 0 {
             self.refuse(
                 req,
@@ -414,7 +483,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
             );
             return None;
         }
-        let len = req.message().len();
+        let len = req.lent().map_or(req.message().len(), |l| l.len);
         let fits = self.conns.iter().flatten().any(|c| len <= c.slot_size());
         if !fits {
             let text =
@@ -436,7 +505,11 @@ impl<T: ProxyRequest> RdmaPool<T> {
         let conn = self.conns[i].as_mut()?;
         let slot = conn.next_slot() as usize;
         let (client, request) = Header::salvage_ids(req.message());
-        match conn.send(req.message()) {
+        let sent = match req.lent() {
+            Some(lent) => conn.send_lent(lent).map(|_| ()),
+            None => conn.send(req.message()),
+        };
+        match sent {
             Ok(()) => {
                 self.shares[i].forwarded += 1;
                 self.pending[i][slot] = Slot::InFlight(Pending {
@@ -458,7 +531,7 @@ impl<T: ProxyRequest> RdmaPool<T> {
 }
 
 fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportError> {
-    RdmaClient::connect(
+    RdmaClient::connect_in(
         &cfg.host,
         cfg.port,
         RdmaClientConfig {
@@ -476,6 +549,7 @@ fn connect_one(cfg: &PoolConfig, index: usize) -> Result<RdmaClient, TransportEr
             total_clients: cfg.connections as u32,
             fast_path: cfg.fast_path,
         },
+        cfg.pd_share.clone(),
     )
 }
 

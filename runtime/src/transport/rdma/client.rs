@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hacserve_ffi::rdma::{
-    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, EventWait, QpSizes, RcEndpoint, Rdma,
-    SlotToken, WcOpcode, WcStatus, WorkCompletion,
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, EventWait, PdShare, QpSizes, RcEndpoint,
+    Rdma, SlotToken, WcOpcode, WcStatus, WorkCompletion,
 };
 use hacserve_ffi::signal;
 
 use super::wire::*;
 use super::{rdma_err, resolve, WR_SEND};
-use crate::contract::{ClientTransport, PollMode, TransportError};
+use crate::contract::{ClientTransport, Lent, LentReply, PollMode, TransportError};
+use crate::transport::copies::count_payload_copy;
 
 const SEND_BUF: usize = 0;
 const RESP_BUF: usize = 1;
@@ -67,6 +68,9 @@ pub struct RdmaClient {
     host: String,
     port: u16,
     receives: u32,
+    /// The shared protection domain it was set up in (zero-copy forwarding), kept to
+    /// connect again in it.
+    pd_share: Option<Arc<PdShare>>,
     channel: Arc<EventChannel>,
     ep: RcEndpoint,
     cfg: RdmaClientConfig,
@@ -87,9 +91,11 @@ pub struct RdmaClient {
     in_flight: Vec<Option<SlotToken>>,
     /// The next send slot, claimed by [`RdmaClient::next_send_slot`] and not yet sent.
     preparing: Option<SlotToken>,
-    /// Every response slot, held for the connection's life: only the server writes them, each
-    /// in answer to the request in the send slot of the same index.
-    responses: Vec<SlotToken>,
+    /// Every response slot, held while the connection may receive into it: only the server
+    /// writes them, each in answer to the request in the send slot of the same index. A
+    /// reply handed out with its slot ([`Self::try_recv_lent`]) leaves None until the
+    /// holder gives the slot back; no request goes into that slot before.
+    responses: Vec<Option<SlotToken>>,
     wc: [WorkCompletion; 1],
 }
 
@@ -137,6 +143,19 @@ impl RdmaClient {
         Self::connect_with_receives(host, port, cfg, depth)
     }
 
+    /// [`Self::connect`] with the connection's PD taken from `share` (one per device): its
+    /// rings then share a protection domain with every other endpoint set up in `share`
+    /// (a proxy's inbound connections), so [`Self::send_lent`] can post from their slots.
+    pub fn connect_in(
+        host: &str,
+        port: u16,
+        cfg: RdmaClientConfig,
+        share: Option<Arc<PdShare>>,
+    ) -> Result<Self, TransportError> {
+        let depth = cfg.depth;
+        Self::connect_full(host, port, cfg, depth, share)
+    }
+
     /// [`Self::connect`] posting `receives` receives before connecting instead of one per
     /// slot. Fewer than the depth breaks the protocol: a reply finding no receive is
     /// refused by this NIC (receiver not ready) and the server's write stays unacknowledged,
@@ -146,6 +165,16 @@ impl RdmaClient {
         port: u16,
         cfg: RdmaClientConfig,
         receives: u32,
+    ) -> Result<Self, TransportError> {
+        Self::connect_full(host, port, cfg, receives, None)
+    }
+
+    fn connect_full(
+        host: &str,
+        port: u16,
+        cfg: RdmaClientConfig,
+        receives: u32,
+        pd_share: Option<Arc<PdShare>>,
     ) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
         check_geometry(cfg.depth, cfg.slot_size).map_err(|e| rdma_err(e.to_string()))?;
@@ -175,7 +204,7 @@ impl RdmaClient {
             max_recv_wr: depth,
         };
         let events = cfg.mode == PollMode::Event;
-        let mut ep = RcEndpoint::create_with(rdma, id, sizes, events)?;
+        let mut ep = RcEndpoint::create_in(rdma, id, sizes, events, pd_share.as_deref())?;
         let ask_fast = cfg.fast_path
             && !events
             && fast_path_fits(cfg.slot_size, fast_response_slot_size(cfg.slot_size));
@@ -191,7 +220,7 @@ impl RdmaClient {
             AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE,
         )?;
         let responses = (0..depth)
-            .map(|slot| ep.ring(RESP_BUF).claim(slot))
+            .map(|slot| ep.ring(RESP_BUF).claim(slot).map(Some))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| rdma_err("response ring shorter than its depth"))?;
         for i in 0..receives.min(depth) {
@@ -233,6 +262,7 @@ impl RdmaClient {
             host: host.to_string(),
             port,
             receives,
+            pd_share,
             channel,
             ep,
             in_flight: (0..depth).map(|_| None).collect(),
@@ -282,6 +312,9 @@ impl RdmaClient {
             )));
         }
         self.next_send_slot()?[..msg.len()].copy_from_slice(msg);
+        if msg.len() > crate::protocol::HEADER_LEN {
+            count_payload_copy();
+        }
         Ok(())
     }
 
@@ -342,6 +375,7 @@ impl RdmaClient {
                 self.cfg.depth
             )));
         };
+        self.take_back_response(slot)?;
         let off = credit.offset();
         let remote = self.accept.req_addr + off as u64;
         let generation = next_generation(self.send_gen[slot as usize]);
@@ -379,6 +413,106 @@ impl RdmaClient {
         Ok(slot)
     }
 
+    /// Takes response slot `slot` back from whoever a reply lent it to (it must be given
+    /// back before a request may ask the server to write into it again).
+    fn take_back_response(&mut self, slot: u32) -> Result<(), TransportError> {
+        let i = slot as usize;
+        if self.responses.get(i).is_some_and(Option::is_none) {
+            self.responses[i] = self.ep.ring(RESP_BUF).claim(slot);
+        }
+        match self.responses.get(i) {
+            Some(Some(_)) => Ok(()),
+            _ => Err(rdma_err(format!(
+                "no credit: response slot {slot} still holds a reply being forwarded"
+            ))),
+        }
+    }
+
+    /// Sends the message `src` names (a slot of a ring registered in this connection's
+    /// protection domain, e.g. a proxy's inbound ring) into the next slot without copying
+    /// it: one WRITE whose scatter list points at `src` (on the fast path with this
+    /// connection's completion word gathered after it from the send slot), or, where the
+    /// ring is in another PD, copied into the send slot first (counted). Returns the slot.
+    pub fn send_lent(&mut self, src: Lent<'_>) -> Result<u32, TransportError> {
+        let len = src.len;
+        if len > self.usable {
+            return Err(rdma_err(format!(
+                "request of {len} bytes does not fit the {}-byte slot (--slot-size)",
+                self.usable
+            )));
+        }
+        if !self.ep.can_post_from(src.token) {
+            let dst = self.next_send_slot()?;
+            if src.token.copy_out_at(src.at, &mut dst[..len]) != len {
+                return Err(rdma_err("lent request outside its slot"));
+            }
+            count_payload_copy();
+            return self.post_next(len, Post::Auto);
+        }
+        let slot = self.next_slot;
+        let credit = match self.preparing.take() {
+            Some(t) if t.slot() == slot => Some(t),
+            _ => self.ep.ring(SEND_BUF).claim(slot),
+        };
+        let Some(mut credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
+            return Err(rdma_err(format!(
+                "no credit: all {} slots have a request in flight",
+                self.cfg.depth
+            )));
+        };
+        self.take_back_response(slot)?;
+        let remote = self.accept.req_addr + credit.offset() as u64;
+        let generation = next_generation(self.send_gen[slot as usize]);
+        let wr = WR_SEND | slot as u64;
+        let rkey = self.accept.req_rkey;
+        if self.fast && len <= FAST_MAX_LEN {
+            // The message from where it lies, then this connection's word from the send
+            // slot's first 4 bytes: the NIC places them in order, the word last, on the
+            // server slot's last 4 bytes.
+            let word = fast_word(generation, len as u32)
+                .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
+            credit.bytes_mut()[..FAST_WORD_LEN].copy_from_slice(&word.to_le_bytes());
+            let parts = [
+                src.token
+                    .range(src.at, len)
+                    .ok_or_else(|| rdma_err("lent request outside its slot"))?,
+                credit
+                    .range(0, FAST_WORD_LEN)
+                    .ok_or_else(|| rdma_err("send slot shorter than a word"))?,
+            ];
+            self.ep
+                .post_write_from(wr, &parts, remote + (self.usable - len) as u64, rkey, None)?;
+        } else {
+            let imm = encode_imm(slot, len as u32)
+                .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?;
+            let part = src
+                .token
+                .range(src.at, len)
+                .ok_or_else(|| rdma_err("lent request outside its slot"))?;
+            self.ep
+                .post_write_from(wr, &[part], remote, rkey, Some(imm))?;
+        }
+        self.send_gen[slot as usize] = generation;
+        self.in_flight[slot as usize] = Some(credit);
+        self.next_slot = (slot + 1) % self.cfg.depth;
+        Ok(slot)
+    }
+
+    /// [`Self::try_recv`], handing the reply out with its response slot (for posting from
+    /// it without a copy): the slot is not asked to take another reply until the returned
+    /// token is dropped.
+    pub fn try_recv_lent(&mut self) -> Result<Option<(u32, LentReply)>, TransportError> {
+        let Some((slot, at, len)) = self.poll_reply()? else {
+            return Ok(None);
+        };
+        let token = self
+            .responses
+            .get_mut(slot as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| rdma_err("response slot out of range"))?;
+        Ok(Some((slot, LentReply { token, at, len })))
+    }
+
     /// Fails once the server has closed the connection (a DISCONNECTED event is waiting).
     fn check_disconnect(&mut self) -> Result<(), TransportError> {
         while let Some(ev) = self.channel.next(0)? {
@@ -395,7 +529,9 @@ impl RdmaClient {
     /// Whether the next slot is free, i.e. [`ClientTransport::send`] would not fail for lack
     /// of credit (slots are used round-robin, so one slow reply holds the ring).
     pub fn can_send(&self) -> bool {
-        self.in_flight[self.next_slot as usize].is_none()
+        let slot = self.next_slot;
+        self.in_flight[slot as usize].is_none()
+            && (self.responses[slot as usize].is_some() || !self.ep.ring(RESP_BUF).is_claimed(slot))
     }
 
     /// Requests sent whose reply has not arrived.
@@ -452,7 +588,10 @@ impl RdmaClient {
             if self.in_flight[slot].is_none() {
                 continue;
             }
-            let Some(word) = self.responses[slot].load_u32(at) else {
+            let Some(resp) = self.responses[slot].as_ref() else {
+                continue;
+            };
+            let Some(word) = resp.load_u32(at) else {
                 return Err(rdma_err(
                     "the response slot's completion word is not aligned",
                 ));
@@ -517,6 +656,7 @@ impl RdmaClient {
     fn response(&self, slot: u32, at: usize, len: usize) -> Result<&[u8], TransportError> {
         self.responses
             .get(slot as usize)
+            .and_then(Option::as_ref)
             .and_then(|t| t.bytes().get(at..at + len))
             .ok_or_else(|| rdma_err("response slot out of range"))
     }
@@ -593,11 +733,12 @@ impl ClientTransport for RdmaClient {
         let deadline = Instant::now() + within;
         let mut pause = RECONNECT_FIRST;
         loop {
-            match Self::connect_with_receives(
+            match Self::connect_full(
                 &self.host,
                 self.port,
                 self.cfg.clone(),
                 self.receives,
+                self.pd_share.clone(),
             ) {
                 Ok(fresh) => {
                     *self = fresh;

@@ -4,18 +4,20 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
+use crossbeam_queue::ArrayQueue;
+
 use hacserve_ffi::gpu::resident::DeviceSpan;
 use hacserve_ffi::gpu::transfer::Mover;
 use hacserve_ffi::rdma::{
-    EventWait, HostBuf, RcEndpoint, RdmaError, RingMemory, SlotRing, SlotToken, WcStatus,
-    WorkCompletion,
+    EventWait, HostBuf, RcEndpoint, RdmaError, RegisteredBuf, RingMemory, SlotRing, SlotToken,
+    WcStatus, WorkCompletion,
 };
 
 use super::admission::Reservation;
 use super::gpu_ring::GpuRingSource;
 use super::wire::*;
-use super::{rdma_err, SlotWriter, WR_SEND};
-use crate::contract::{Resident, TransportError};
+use super::{rdma_err, SlotWriter, WR_LENT, WR_SEND};
+use crate::contract::{LentReply, Resident, TransportError};
 use crate::protocol::{header_bytes, ReplyBuffer, Task, HEADER_LEN};
 
 /// Where a connection's requests land.
@@ -30,6 +32,11 @@ pub(super) enum Link {
     },
 }
 
+/// Zero-copy reply writes per slot whose completion may still be unreaped (the client can
+/// take a reply, send again and be answered again before the loop polls the first write's
+/// completion); a fifth falls back to copying.
+const LENT_PER_SLOT: usize = 4;
+
 /// Registered buffers of a connection's endpoint: the reply staging ring, and with host
 /// addressing the landing ring clients write their requests into (with GPU addressing that
 /// ring is the endpoint's GPU buffer 0).
@@ -41,6 +48,14 @@ pub(super) const LANDING_BUF: usize = 1;
 /// ring (local only).
 pub struct ServerConn {
     pub(super) link: Link,
+    /// Zero-copy replies (a proxy's): per slot, the backend response slots whose bytes a
+    /// posted reply write is reading, oldest first, each held until that write's completion
+    /// (send completions come in posting order) or until the connection is freed. Declared
+    /// after `link`: given back only once the QP is destroyed.
+    pub(super) lent: Box<[ArrayQueue<SlotToken<RegisteredBuf>>]>,
+    /// Requests stay in the landing ring (only their header is copied) for a forwarder to
+    /// post from: a proxy's inbound connection in a shared protection domain.
+    pub(super) zero_copy: bool,
     /// Where each request is read from: slot i holds a copy of landing slot i, taken when the
     /// request's completion arrived. Its token is the request's credit on the server side.
     pub(super) copy: SlotRing<HostBuf>,
@@ -76,10 +91,17 @@ impl ServerConn {
         req: &ConnectRequest,
         reservation: Reservation,
         fast: bool,
+        zero_copy: bool,
     ) -> ServerConn {
         let fast = fast && matches!(link, Link::Host(_));
+        let zero_copy = zero_copy && matches!(link, Link::Host(_));
+        let lent_slots = if zero_copy { req.depth } else { 0 };
         ServerConn {
             link,
+            lent: (0..lent_slots)
+                .map(|_| ArrayQueue::new(LENT_PER_SLOT))
+                .collect(),
+            zero_copy,
             copy,
             client_id: req.client_id,
             total_clients: req.total_clients,
@@ -224,6 +246,108 @@ impl ServerConn {
         posted.saturating_sub(self.replies_done.load(Ordering::Relaxed))
     }
 
+    /// The landing slot `slot` itself, for a zero-copy request (held by its job until it is
+    /// answered: the receive loop claims no landing slot that is held).
+    pub(super) fn claim_landing(&self, slot: u32) -> Option<SlotToken<RegisteredBuf>> {
+        match &self.link {
+            Link::Host(ep) => ep.ring(LANDING_BUF).claim(slot),
+            Link::Gpu { .. } => None,
+        }
+    }
+
+    /// A reply write's completion (`wr_id`): gives back the backend response slot a
+    /// zero-copy reply was posted from.
+    pub(super) fn release_lent(&self, wr_id: u64) {
+        if wr_id & WR_LENT == 0 {
+            return;
+        }
+        let slot = (wr_id & 0xffff_ffff) as usize;
+        if let Some(q) = self.lent.get(slot) {
+            drop(q.pop());
+        }
+    }
+
+    /// Posts the reply `reply` holds (a backend response slot registered in this
+    /// connection's PD) straight from there into the client's response slot of the request
+    /// `req` holds, without copying it: on the fast path with the completion word gathered
+    /// after it from the staging slot, else as WRITE_WITH_IMM. The response slot is kept
+    /// until the write completes. Gives both back when the reply cannot be posted so (a GPU
+    /// ring, another PD, too many unreaped writes): the caller copies it instead.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn post_lent_reply(
+        &self,
+        req: SlotToken<HostBuf>,
+        reply: LentReply,
+    ) -> Result<Result<(), TransportError>, (SlotToken<HostBuf>, LentReply)> {
+        let Link::Host(ep) = &self.link else {
+            return Err((req, reply));
+        };
+        let slot = req.slot();
+        let Some(queue) = self.lent.get(slot as usize) else {
+            return Err((req, reply));
+        };
+        if !ep.can_post_from(&reply.token) || queue.is_full() {
+            return Err((req, reply));
+        }
+        let n = reply.len;
+        // On a fast-path connection a reply never reaches the slot's completion word.
+        let max = self.resp_slot_size - if self.fast { FAST_WORD_LEN } else { 0 };
+        if n > max {
+            return Ok(Err(TransportError::ReplyTooLarge { got: n, max }));
+        }
+        let Some(body) = reply.token.range(reply.at, n) else {
+            return Ok(Err(rdma_err("lent reply outside its slot")));
+        };
+        // Only the holder of the request slot uses the staging slot of that index.
+        let Some(mut stage) = ep.ring(STAGE_BUF).claim(slot) else {
+            return Ok(Err(rdma_err("staging slot busy")));
+        };
+        let word = self.fast_reply_word(slot, n, stage.len());
+        let word_range = match word {
+            Some(w) => {
+                stage.bytes_mut()[..FAST_WORD_LEN].copy_from_slice(&w.to_le_bytes());
+                stage.range(0, FAST_WORD_LEN)
+            }
+            None => None,
+        };
+        // Queued before the post: its completion may be reaped at once.
+        if let Err(token) = queue.push(reply.token) {
+            return Err((
+                req,
+                LentReply {
+                    token,
+                    at: reply.at,
+                    len: n,
+                },
+            ));
+        }
+        let wr = WR_SEND | WR_LENT | slot as u64;
+        let sent = match (word, word_range) {
+            (Some(_), Some(w)) => {
+                let word_at = self.resp_slot_size - FAST_WORD_LEN;
+                self.post_counted(slot, n, |remote, _| {
+                    ep.post_write_from(
+                        wr,
+                        &[body, w],
+                        remote + (word_at - n) as u64,
+                        self.resp_rkey,
+                        None,
+                    )
+                })
+            }
+            _ => self.post_counted(slot, n, |remote, imm| {
+                ep.post_write_from(wr, &[body], remote, self.resp_rkey, Some(imm))
+            }),
+        };
+        if sent.is_err() {
+            // Never posted: no completion will give it back.
+            let _ = queue.pop();
+        }
+        drop(stage);
+        drop(req);
+        Ok(sent)
+    }
+
     /// Copies the first `len` bytes of host landing slot `slot` (which the client can write)
     /// into the copy slot `req` holds: everything after this reads only the copy. With a GPU
     /// ring only the header is copied (32 bytes device -> host; an echo, whose reply is its
@@ -336,8 +460,11 @@ impl ServerConn {
                 (r, Some(w.len), header_bytes(w.bytes()))
             }
             None => {
-                // Cannot happen (the request's token excludes every other stager): the reply
-                // is written aside so the outcome is known, and reported undeliverable.
+                // Cannot happen: only the holder of request slot i stages into staging slot
+                // i, and it gives the staging slot back before the request slot (below), so
+                // a second request into slot i (a client breaking the credit rule) is refused
+                // at its arrival while this one is being answered. Written aside so that the
+                // outcome is known, and reported undeliverable.
                 let mut aside = Vec::new();
                 let r = write(request, &mut aside);
                 (r, None, [0; HEADER_LEN])
@@ -346,8 +473,6 @@ impl ServerConn {
         let Some(r) = written else {
             return Err(req);
         };
-        // The reply is staged: the request slot is free for the client's next request.
-        drop(req);
         let sent = match (reply_len, stage.as_mut()) {
             (Some(n), Some(staged)) => {
                 // Fast path: the completion word right after the reply, sent with it.
@@ -359,6 +484,12 @@ impl ServerConn {
             }
             _ => Err(rdma_err("staging slot out of range or busy")),
         };
+        // The reply is posted: the staging slot first, then the request slot, free for the
+        // client's next request (which it sends only once this reply has arrived). Held
+        // until here, the request slot keeps a request that arrives early (no credit) from
+        // being taken, and so from finding its staging slot busy.
+        drop(stage);
+        drop(req);
         Ok((r, head, sent))
     }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::rdma::{
-    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, HostBuf, QpSizes, RcEndpoint, Rdma,
-    SlotRing,
+    AccessFlags, CmEvent, CmEventKind, CmId, EventChannel, HostBuf, PdShare, QpSizes, RcEndpoint,
+    Rdma, SlotRing,
 };
 
 use super::admission::{registered_bytes, size_text, Admission, Reservation};
@@ -45,6 +45,9 @@ pub(super) struct SetupRules {
     pub fast_path: bool,
     /// Give every connection's CQ a completion channel (`--poll-mode event`).
     pub events: bool,
+    /// Zero-copy proxy: every connection in this shared protection domain, its requests
+    /// left in the landing ring.
+    pub pd_share: Option<Arc<PdShare>>,
 }
 
 /// The running manager thread, as the receive loop sees it.
@@ -264,7 +267,8 @@ impl Manager {
             max_recv_wr: depth + 1,
         };
         // A failure here destroys the id, which rejects the request without a reason.
-        let mut ep = RcEndpoint::create_with(self.rdma, id, sizes, self.rules.events)?;
+        let share = self.rules.pd_share.as_deref();
+        let mut ep = RcEndpoint::create_in(self.rdma, id, sizes, self.rules.events, share)?;
         match self.register(&mut ep, req) {
             Ok((req_addr, req_rkey)) => {
                 let slot_size = req.slot_size as usize;
@@ -283,7 +287,9 @@ impl Manager {
                     let ring = VerbsGpuRing::new(ep, slot_size, depth, stage);
                     gpu_conn(Box::new(ring), req, reservation)?
                 } else {
-                    ServerConn::new(Link::Host(ep), copy_ring(req)?, req, reservation, fast)
+                    let zero_copy = share.is_some();
+                    let copy = copy_ring(req)?;
+                    ServerConn::new(Link::Host(ep), copy, req, reservation, fast, zero_copy)
                 };
                 Ok(Arc::new(conn))
             }
@@ -386,6 +392,7 @@ pub(super) fn gpu_conn(
         copy_ring(req)?,
         req,
         reservation,
+        false,
         false,
     ))
 }

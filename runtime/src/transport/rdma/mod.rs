@@ -21,8 +21,9 @@ use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;
 
 pub use client::{RdmaClient, RdmaClientConfig};
+pub use hacserve_ffi::rdma::PdShare;
 pub use server::{
-    Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig,
+    Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, ZeroCopy,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PINNED_MIB, DEFAULT_PEER_TIMEOUT_MS,
 };
 pub use wire::*;
@@ -36,6 +37,9 @@ pub fn check_available() -> Result<(), TransportError> {
 
 /// wr_id tags: receives and sends are told apart by the top bit.
 const WR_SEND: u64 = 1 << 63;
+/// A reply write posted from a lent backend response slot (zero-copy proxy): its completion
+/// gives the slot back.
+const WR_LENT: u64 = 1 << 62;
 
 fn rdma_err(text: impl Into<String>) -> TransportError {
     TransportError::Rdma(RdmaError::Other(text.into()))

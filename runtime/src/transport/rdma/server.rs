@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use hacserve_ffi::gpu::cuda::cu;
 use hacserve_ffi::rdma::{
-    CmId, EventChannel, EventWait, HostBuf, Rdma, SlotToken, WcOpcode, WcStatus, WorkCompletion,
+    CmId, EventChannel, EventWait, HostBuf, PdShare, Rdma, RegisteredBuf, SlotToken, WcOpcode,
+    WcStatus, WorkCompletion,
 };
 
 use crossbeam_queue::ArrayQueue;
@@ -32,9 +33,11 @@ use super::gpu_ring::loopback::LoopbackGpuRing;
 use super::wire::*;
 use crate::clock::realtime_ns;
 use crate::contract::{
-    Counters, InLoop, ReplySink, Resident, ServerJob, ServerTransport, TransportError,
+    Counters, InLoop, Lent, LentReply, ReplySink, Resident, ServerJob, ServerTransport,
+    TransportError,
 };
 use crate::protocol::{ReplyBuffer, HEADER_LEN};
+use crate::transport::copies::count_payload_copy;
 
 /// Idle receive loop in block mode: empty rounds before it sleeps, and the sleep (no
 /// completion channel yet), longer while no client is connected.
@@ -67,6 +70,9 @@ pub struct RdmaJob {
     /// Payload bytes left in the GPU ring slot (GPU-resident request; `len` is then the
     /// header alone).
     resident: u32,
+    /// Zero-copy (a proxy's inbound side): the landing slot the whole request stays in,
+    /// where it starts and its length (`len` is then the header alone).
+    landing: Option<(SlotToken<RegisteredBuf>, u32, u32)>,
     received: u64,
 }
 
@@ -85,6 +91,14 @@ impl ServerJob for RdmaJob {
             return None;
         }
         self.conn.resident(self.req.slot(), self.resident as usize)
+    }
+    fn lent(&self) -> Option<Lent<'_>> {
+        let (token, at, len) = self.landing.as_ref()?;
+        Some(Lent {
+            token,
+            at: *at as usize,
+            len: *len as usize,
+        })
     }
     fn oversize(&self) -> Option<String> {
         self.announced.map(|len| {
@@ -110,6 +124,38 @@ impl ReplySink<RdmaJob> for RdmaReplySink {
             Some(())
         });
         written.map_or(Ok(()), |(_, _, sent)| sent)
+    }
+
+    /// Zero-copy where the connection shares the reply slot's protection domain: posted
+    /// from the backend response slot itself; else copied like any reply (counted).
+    fn reply_lent(&mut self, job: RdmaJob, reply: LentReply) -> Result<(), TransportError> {
+        let RdmaJob {
+            conn,
+            req,
+            len,
+            announced,
+            resident,
+            landing,
+            received,
+        } = job;
+        // The request's landing slot is free once the reply is on its way.
+        drop(landing);
+        match conn.post_lent_reply(req, reply) {
+            Ok(sent) => sent,
+            Err((req, reply)) => {
+                count_payload_copy();
+                let job = RdmaJob {
+                    conn,
+                    req,
+                    len,
+                    announced,
+                    resident,
+                    landing: None,
+                    received,
+                };
+                self.reply(job, reply.bytes())
+            }
+        }
     }
 }
 
@@ -140,6 +186,14 @@ pub struct RdmaServerConfig {
     /// `--poll-mode event`: the idle receive loop sleeps on the connections' completion
     /// channels instead of in timed steps.
     pub events: bool,
+}
+
+/// A proxy's inbound side in zero-copy mode: every connection is set up in `pd` (shared
+/// with the proxy's backend connections), and requests stay in the landing ring for the
+/// forwarder to post from.
+#[derive(Debug, Clone)]
+pub struct ZeroCopy {
+    pub pd: Arc<PdShare>,
 }
 
 /// rdma_server's defaults for the entry limits (docs/rdma.md says why).
@@ -225,6 +279,18 @@ impl RdmaServer {
         cfg: RdmaServerConfig,
         max_payload: usize,
     ) -> Result<Self, TransportError> {
+        Self::listen_with(addr, cfg, max_payload, None)
+    }
+
+    /// [`Self::listen`], with `zero_copy`: a proxy's inbound side whose connections share
+    /// a protection domain with its backend connections (docs/rdma.md, "Zero-copy
+    /// rdma_proxy").
+    pub fn listen_with(
+        addr: SocketAddr,
+        cfg: RdmaServerConfig,
+        max_payload: usize,
+        zero_copy: Option<ZeroCopy>,
+    ) -> Result<Self, TransportError> {
         let rdma = Rdma::load()?;
         let gpu_stream: Option<Arc<cu::CudaStream>> = match &cfg.addressing {
             Addressing::Host => None,
@@ -243,6 +309,7 @@ impl RdmaServer {
             max_payload,
             fast_path: cfg.fast_path,
             events: cfg.events,
+            pd_share: zero_copy.map(|z| z.pd),
         };
         let manager = ConnManager::start(
             rdma,
@@ -457,6 +524,26 @@ impl RdmaServer {
         } else {
             0
         };
+        if conn.zero_copy && !oversize && wanted as usize >= HEADER_LEN {
+            // The request stays where it landed; only its header is copied, for the core
+            // to read bytes the client can no longer change.
+            let Some(landing) = conn.claim_landing(slot) else {
+                return Err(format!("landing slot {slot} is still held (no credit)"));
+            };
+            let dst = &mut req.bytes_mut()[..HEADER_LEN];
+            if landing.copy_out_at(from, dst) != HEADER_LEN {
+                return Err(format!("slot {slot}: header at {from} outside the slot"));
+            }
+            return Ok(RdmaJob {
+                conn: conn.clone(),
+                req,
+                len: HEADER_LEN as u32,
+                announced: None,
+                resident: 0,
+                landing: Some((landing, from as u32, len)),
+                received: realtime_ns(),
+            });
+        }
         let held = match conn.copy_request(&mut req, wanted as usize, from) {
             Ok(held) => held as u32,
             Err(e) => {
@@ -465,12 +552,16 @@ impl RdmaServer {
                 ))
             }
         };
+        if conn.gpu().is_none() && held as usize > HEADER_LEN {
+            count_payload_copy();
+        }
         Ok(RdmaJob {
             conn: conn.clone(),
             req,
             len: held,
             announced: oversize.then_some(len),
             resident: wanted - held,
+            landing: None,
             received: realtime_ns(),
         })
     }
@@ -535,6 +626,7 @@ impl RdmaServer {
                     // A reply's write completed: the client took it. Only this loop counts.
                     let done = conn.replies_done.load(Ordering::Relaxed);
                     conn.replies_done.store(done + 1, Ordering::Relaxed);
+                    conn.release_lent(wc.wr_id());
                     continue;
                 }
                 match Self::take_request(conn, wc) {
@@ -651,6 +743,7 @@ impl ServerTransport for RdmaServer {
             len,
             announced,
             resident,
+            landing,
             received,
         } = job;
         match conn.reply_with(req, len as usize, |msg, w| write(msg, w)) {
@@ -665,6 +758,7 @@ impl ServerTransport for RdmaServer {
                 len,
                 announced,
                 resident,
+                landing,
                 received,
             }),
         }
