@@ -552,3 +552,84 @@ pub fn request_message_with_flags(
     m.extend_from_slice(payload);
     m
 }
+
+/// What one run of the two-VM testbed (tests/testbed/run-in-2vm.sh) gave back.
+pub struct TwoVmRun {
+    /// run-in-2vm.sh's exit status (124/125: a VM failed as a testbed).
+    pub status: Option<i32>,
+    /// Each command's own status, from run-in-2vm.sh's `status a=N b=M` line.
+    pub status_a: Option<i32>,
+    pub status_b: Option<i32>,
+    /// Guest a's (192.0.2.1) and guest b's (192.0.2.2) console, the `a| `/`b| ` prefix cut.
+    pub a: String,
+    pub b: String,
+    /// Seconds the whole run took on the host.
+    pub wall_s: f64,
+}
+
+/// Writes `script_a` and `script_b` (sh) under `<target tmp>/<name>/` and runs them in the
+/// two-VM testbed: a on 192.0.2.1 (server side), b on 192.0.2.2 (client side), `timeout_s`
+/// for each VM. Prints both consoles and the timing.
+pub fn run_in_2vm(name: &str, script_a: &str, script_b: &str, timeout_s: u32) -> TwoVmRun {
+    let _one_at_a_time = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path_a, path_b) = (dir.join("a.sh"), dir.join("b.sh"));
+    std::fs::write(&path_a, script_a).unwrap();
+    std::fs::write(&path_b, script_b).unwrap();
+    let out_dir = temp_dir(&format!("{name}-out"));
+    let started = Instant::now();
+    let out = Command::new(repo().join("tests/testbed/run-in-2vm.sh"))
+        .arg(format!("sh {}", path_a.display()))
+        .arg(format!("sh {}", path_b.display()))
+        .current_dir(repo())
+        .env("HACSERVE_TESTBED_TIMEOUT", timeout_s.to_string())
+        .env("HACSERVE_TESTBED_OUT", &out_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("starting tests/testbed/run-in-2vm.sh");
+    let wall_s = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let side = |p: &str| -> String {
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(p))
+            .map(|l| format!("{}\n", l.trim_end_matches('\r')))
+            .collect()
+    };
+    let status_of = |key: &str| {
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("run-in-2vm: status "))
+            .and_then(|l| l.split([' ', ';']).find_map(|w| w.strip_prefix(key)))
+            .and_then(|v| v.parse().ok())
+    };
+    let run = TwoVmRun {
+        status: out.status.code(),
+        status_a: status_of("a="),
+        status_b: status_of("b="),
+        a: side("a| "),
+        b: side("b| "),
+        wall_s,
+    };
+    eprintln!(
+        "{name}: run-in-2vm.sh: status {:?} (a {:?}, b {:?}) after {wall_s:.1} s\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        run.status, run.status_a, run.status_b
+    );
+    run
+}
+
+/// Shell functions both sides of a two-VM script use: `signal NAME` (touch a file in the
+/// shared sync dir), `await NAME SECONDS` (wait for it, with a deadline; 1 when it never
+/// came), `step NAME SECONDS CMD...` (run CMD under `timeout`, print `=== NAME ===`,
+/// `exit status N` and its output; fail=1 unless it exited 0).
+pub const TWO_VM_SH: &str = r#"set -u
+export RUST_BACKTRACE=0
+fail=0
+SYNC=$HACSERVE_TESTBED_SYNC
+signal() { touch "$SYNC/$1"; }
+await() { end=$(($(date +%s) + $2)); while [ ! -e "$SYNC/$1" ]; do [ "$(date +%s)" -ge $end ] && { echo "AWAIT TIMEOUT: $1 after $2 s"; return 1; }; sleep 0.2; done; }
+step() { name=$1; limit=$2; shift 2; timeout -k 5 "$limit" "$@" >/tmp/$name.log 2>&1; rc=$?; [ $rc = 0 ] || { fail=1; echo "FAILED: $name ($rc)"; }; echo "=== $name ==="; echo "exit status $rc"; cat /tmp/$name.log; }
+wait_log() { for i in $(seq 1 300); do grep -q "$2" "$1" && return 0; sleep 0.2; done; echo "NOT READY: $1 ($2)"; cat "$1"; return 1; }
+"#;

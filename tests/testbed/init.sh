@@ -2,10 +2,13 @@
 # /init of the testbed's initramfs (busybox sh; copied in by tests/testbed/setup.sh).
 #
 # Loads the modules, mounts the host root (9p, read-only) at /newroot and the run dir of
-# run-in-vm.sh (9p tag "results", read-write) at /results, sets up dummy0 + rxe0, then runs
+# run-in-vm.sh (9p tag "results", read-write) at /results, sets up dummy0 + rxe0 (or, in the
+# two-VM testbed, eth0 + rxe0 and the shared sync dir), then runs
 # /results/cmd.sh chrooted into the host root and writes its exit status to /results/exit.
 # Protocol with tests/testbed/run-in-vm.sh (its run dir, seen here as /results):
 #   hostdir   in:  the run dir's path on the host (bind-mounted at the same path in the chroot)
+#   net       in:  (two VMs only) this guest's address on eth0, e.g. 192.0.2.2/24
+#   syncdir   in:  (two VMs only) host path of the dir shared by both guests (9p tag "sync")
 #   cmd.sh    in:  the script to run in the chroot (env, cd, exec CMD)
 #   started   out: written right before cmd.sh starts
 #   exit      out: CMD's exit status, written after it ends (authoritative)
@@ -21,6 +24,7 @@ mount -t sysfs sys /sys
 say() { echo "testbed-init: $*"; }
 off() {
   sync
+  [ -n "${syncdir:-}" ] && umount /newroot/"$syncdir" 2>/dev/null
   umount /newroot/"$hostdir" 2>/dev/null
   umount /results 2>/dev/null
   poweroff -f
@@ -71,14 +75,38 @@ hostdir=$(cat /results/hostdir) || fail "no /results/hostdir"
 mkdir -p "$R$hostdir" 2>/dev/null
 mount -o bind /results "$R$hostdir" || fail "bind mount of the run dir at $hostdir"
 
-# Network: dummy0 (created by the dummy module) with 192.0.2.1/24, rxe0 on top of it.
+# The two-VM testbed (run-in-2vm.sh): a dir both guests share read-write (9p tag "sync"), at
+# the host path named in /results/syncdir, for the two sides to wait for each other.
+if [ -f /results/syncdir ]; then
+  syncdir=$(cat /results/syncdir)
+  mkdir -p "$R$syncdir" 2>/dev/null
+  mount -t 9p -o "$p9,rw" sync "$R$syncdir" || fail "mount of the sync share at $syncdir"
+fi
+
+# Network. One VM: dummy0 (created by the dummy module) with 192.0.2.1/24, rxe0 on top of it.
+# Two VMs (run-in-2vm.sh): /results/net holds this guest's address (e.g. 192.0.2.2/24); it goes
+# on eth0, the virtio-net link to the other guest, and rxe0 on eth0.
 # busybox ip (no 9p round trips) for the links; iproute2's rdma from the host root for rxe0.
 ip link set lo up || fail "ip link set lo up"
-[ -d /sys/class/net/dummy0 ] || ip link add dummy0 type dummy || fail "no dummy0"
-ip addr add 192.0.2.1/24 dev dummy0 || fail "ip addr add on dummy0"
-ip link set dummy0 up || fail "ip link set dummy0 up"
-chroot $R /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin rdma link add rxe0 type rxe netdev dummy0 ||
-  fail "rdma link add rxe0"
+if [ -f /results/net ]; then
+  addr=$(cat /results/net)
+  i=0
+  while [ ! -d /sys/class/net/eth0 ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "no eth0 (virtio-net): $(ls /sys/class/net)"
+    sleep 0.1
+  done
+  netdev=eth0
+  ip addr add "$addr" dev eth0 || fail "ip addr add $addr on eth0"
+  ip link set eth0 up || fail "ip link set eth0 up"
+else
+  netdev=dummy0
+  [ -d /sys/class/net/dummy0 ] || ip link add dummy0 type dummy || fail "no dummy0"
+  ip addr add 192.0.2.1/24 dev dummy0 || fail "ip addr add on dummy0"
+  ip link set dummy0 up || fail "ip link set dummy0 up"
+fi
+chroot $R /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin rdma link add rxe0 type rxe netdev $netdev ||
+  fail "rdma link add rxe0 on $netdev"
 
 # No udev: the nodes come from devtmpfs. Wait for them (they appear asynchronously).
 i=0

@@ -33,6 +33,12 @@
 # <repo>/target/testbed), HACSERVE_TESTBED_TIMEOUT (seconds, default 600),
 # HACSERVE_TESTBED_CPUS (2), HACSERVE_TESTBED_MEM (MiB, 2048), HACSERVE_TESTBED_KEEP=1 (keep the
 # run dir and print its path), HACSERVE_TESTBED_QEMU_ARGS (extra qemu arguments, word-split).
+#
+# The two-VM testbed (tests/testbed/run-in-2vm.sh sets these for each guest):
+# HACSERVE_TESTBED_NETDEV (a qemu -netdev backend, e.g. socket,udp=H:P,localaddr=H:Q; the guest
+# then gets a virtio-net NIC, eth0, instead of -nic none), HACSERVE_TESTBED_MAC (its MAC),
+# HACSERVE_TESTBED_ADDR (its address on eth0, e.g. 192.0.2.2/24: rxe0 then sits on eth0, not
+# dummy0), HACSERVE_TESTBED_SYNC (a host dir shared read-write, at the same path in the guest).
 set -uo pipefail
 
 t0=$(date +%s.%N)
@@ -79,6 +85,27 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 printf '%s\n' "$run" >"$run/hostdir"
+
+# Networking: none (rxe0 on dummy0), or one virtio-net NIC on HACSERVE_TESTBED_NETDEV.
+net=(-nic none)
+if [ -n "${HACSERVE_TESTBED_NETDEV:-}" ]; then
+  [ -n "${HACSERVE_TESTBED_ADDR:-}" ] || {
+    err "HACSERVE_TESTBED_NETDEV needs HACSERVE_TESTBED_ADDR (the guest's address on eth0)"
+    exit 125
+  }
+  net=(-netdev "$HACSERVE_TESTBED_NETDEV,id=n0"
+    -device "virtio-net-pci,netdev=n0,mac=${HACSERVE_TESTBED_MAC:-52:54:00:12:34:56}")
+  printf '%s\n' "$HACSERVE_TESTBED_ADDR" >"$run/net"
+fi
+sync_share=()
+if [ -n "${HACSERVE_TESTBED_SYNC:-}" ]; then
+  [ -d "$HACSERVE_TESTBED_SYNC" ] || {
+    err "HACSERVE_TESTBED_SYNC=$HACSERVE_TESTBED_SYNC is not a directory"
+    exit 125
+  }
+  sync_share=(-virtfs "local,path=$HACSERVE_TESTBED_SYNC,mount_tag=sync,security_model=none")
+  printf '%s\n' "$HACSERVE_TESTBED_SYNC" >"$run/syncdir"
+fi
 {
   echo "# written by tests/testbed/run-in-vm.sh, run by the guest's /init in the chroot"
   vars=(PATH HOME USER LANG LC_ALL TERM RUST_LOG RUST_BACKTRACE)
@@ -102,14 +129,14 @@ printf '%s\n' "$run" >"$run/hostdir"
 bios=()
 [ -f /usr/share/qemu/qboot.rom ] && bios=(-bios /usr/share/qemu/qboot.rom)
 
-echo "run-in-vm: booting ($cpus vCPUs, $mem MiB, TCG, timeout ${timeout_s}s): $*" >&2
+echo "run-in-vm: booting ($cpus vCPUs, $mem MiB, TCG, ${HACSERVE_TESTBED_ADDR:-no NIC}, timeout ${timeout_s}s): $*" >&2
 timeout -k 10 "$timeout_s" "$qemu" \
   -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
-  -nographic -no-reboot -nic none -vga none "${bios[@]}" \
+  -nographic -no-reboot "${net[@]}" -vga none "${bios[@]}" \
   -kernel "$dir/vmlinuz" -initrd "$dir/initramfs.cpio.gz" \
   -append "console=ttyS0 quiet panic=-1 ${HACSERVE_TESTBED_KERNEL_ARGS-clocksource=tsc tsc=reliable}" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-  -virtfs "local,path=$run,mount_tag=results,security_model=none" \
+  -virtfs "local,path=$run,mount_tag=results,security_model=none" "${sync_share[@]}" \
   ${HACSERVE_TESTBED_QEMU_ARGS:-}
 qrc=$?
 

@@ -27,10 +27,13 @@ elapsed() { awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }
 
 # Modules, inserted in this order by /init: the list that shared/softroce.md found enough
 # (crc32_generic must come before rdma_rxe), plus overlay, which makes the guest's /tmp the
-# host's /tmp with a writable tmpfs layer on top. Built-in ones are skipped.
+# host's /tmp with a writable tmpfs layer on top, and for the two-VM testbed (run-in-2vm.sh)
+# failover, net_failover, virtio_net (the guests' link) and sch_netem (tc netem faults on it).
+# Built-in ones are skipped.
 modules=(crc32_generic virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
   9pnet 9pnet_virtio netfs fscache 9p ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe
-  configfs iw_cm ib_cm rdma_cm rdma_ucm dummy veth overlay)
+  configfs iw_cm ib_cm rdma_cm rdma_ucm dummy veth overlay failover net_failover virtio_net
+  sch_netem)
 
 # ---- 1. packages --------------------------------------------------------------------------
 packages=(qemu-system-x86 busybox-static cpio kmod rdma-core ibverbs-providers ibverbs-utils
