@@ -6,7 +6,9 @@
 //! * `rdma_roles_across_the_link`: perftest's ib_write_lat across the link (and, as the peer
 //!   figure of the same boot, over rxe's loopback inside guest a), then rdma_client echo
 //!   (64 B and the 83774 B image) and full inference with the fast path on and off, straight
-//!   to rdma_server and through rdma_proxy, and zmq_client through zmq_proxy.
+//!   to rdma_server and through rdma_proxy, and zmq_client through zmq_proxy; then a client
+//!   SIGKILLed mid-stream on the fast path, in event mode and through the zero-copy
+//!   rdma_proxy, each followed by a fresh client that must be served in full.
 //! * `faults_on_the_link`: tc netem on both guests' NICs (1 ms delay, 1 % loss), then the link
 //!   cut under a running client: 100 % loss for 1 s (shorter than the client's 3 s reply
 //!   timeout), for 8 s (longer), and b's NIC down for 5 s. Every client must end by itself
@@ -193,6 +195,15 @@ step proxy_echo_fast 300 $C --host 192.0.2.1 -p 20080 -t echo --payload-size 64 
 step proxy_echo_imm 300 $C --host 192.0.2.1 -p 20080 -t echo -r 20 --fast-path off --client-id 8 --timeout-ms 20000
 step proxy_infer 300 $C --host 192.0.2.1 -p 20080 -t jpeg -r 1 --client-id 9 --timeout-ms 120000
 step zmq_echo 300 $ZC --host 192.0.2.1 --port 5600 -t echo -r 50 --client-id 10 --timeout-ms 20000
+# killed NAME CLIENT-ARGS...: a -d echo stream SIGKILLed once request 20 is answered (the
+# next ones in flight), then a fresh client of the same kind must be served in full.
+killed() {{ name=$1; shift; $C "$@" -r 1000000 -d >/tmp/$name.log 2>&1 & K=$!; end=$(($(date +%s) + 120)); until grep -q "request 20: status" /tmp/$name.log; do kill -0 $K 2>/dev/null || break; [ "$(date +%s)" -ge $end ] && break; sleep 0.2; done; kill -KILL $K; wait $K; rc=$?; echo "=== $name ==="; echo "exit status $rc"; cat /tmp/$name.log; }}
+killed kill_fast --host 192.0.2.1 -t echo --payload-size 64 --fast-path on --client-id 11 --timeout-ms 20000
+step after_kill_fast 300 $C --host 192.0.2.1 -t echo --payload-size 64 -r 100 --fast-path on --client-id 12 --timeout-ms 20000
+killed kill_event --host 192.0.2.1 -t echo --payload-size 64 --poll-mode event --client-id 13 --timeout-ms 20000
+step after_kill_event 300 $C --host 192.0.2.1 -t echo --payload-size 64 -r 100 --poll-mode event --client-id 14 --timeout-ms 20000
+killed kill_proxy --host 192.0.2.1 -p 20080 -t echo --payload-size 1024 --client-id 15 --timeout-ms 20000
+step after_kill_proxy 300 $C --host 192.0.2.1 -p 20080 -t echo --payload-size 1024 -r 100 --client-id 16 --timeout-ms 20000
 echo "=== link ==="
 echo "eth0 tx_bytes during the clients $(($(cat /sys/class/net/eth0/statistics/tx_bytes) - tx0))"
 echo "=== end ==="
@@ -276,6 +287,24 @@ exit $fail
             50,
             None,
         ),
+        (
+            "after_kill_fast",
+            "rdma_client 12 -> 192.0.2.1:20079 task echo (64 B payload)",
+            100,
+            Some("fast path"),
+        ),
+        (
+            "after_kill_event",
+            "rdma_client 14 -> 192.0.2.1:20079 task echo (64 B payload)",
+            100,
+            Some("WRITE_WITH_IMM"),
+        ),
+        (
+            "after_kill_proxy",
+            "rdma_client 16 -> 192.0.2.1:20080 task echo (1024 B payload)",
+            100,
+            None,
+        ),
     ] {
         let text = section(&run.b, name);
         assert_eq!(exit_status(text), 0, "{name}:\n{text}");
@@ -291,6 +320,21 @@ exit $fail
                 "{name}: not connected with {t}:\n{text}"
             );
         }
+    }
+    // Clients SIGKILLed mid-stream across the link (fast path, event mode, through the
+    // zero-copy rdma_proxy): killed after request 20 was answered; the fresh clients above
+    // were served in full, and the server's counters below still balance.
+    for name in ["kill_fast", "kill_event", "kill_proxy"] {
+        let text = section(&run.b, name);
+        assert_eq!(
+            exit_status(text),
+            137,
+            "{name} not killed by SIGKILL:\n{text}"
+        );
+        assert!(
+            text.contains("request 20: status"),
+            "{name} killed before 20 answers:\n{text}"
+        );
     }
     let want = top1(section(&run.b, "infer_imm"));
     for name in ["infer_fast", "proxy_infer"] {
