@@ -17,7 +17,7 @@ out=$(cd "$out" && pwd)
 for b in $(seq 1 "$boots"); do
   echo "bench_rdma_boots: boot $b of $boots" >&2
   # Rows also as CSV (boot$b.csv), written in the guest and copied out by run-in-vm.sh.
-  HACSERVE_TESTBED_OUT="$out" tests/testbed/run-in-vm.sh sh -c \
+  HACSERVE_TESTBED_TIMEOUT=${HACSERVE_TESTBED_TIMEOUT:-1800} HACSERVE_TESTBED_OUT="$out" tests/testbed/run-in-vm.sh sh -c \
     'exec target/release/bench_rdma --csv "$HACSERVE_TESTBED_OUT/boot$0.csv" --label "boot$0" "$@"' \
     "$b" "$@" </dev/null > "$out/boot$b.log" 2>&1 &
   wait $! || { echo "bench_rdma_boots: boot $b failed (see $out/boot$b.log)" >&2; exit 1; }
