@@ -72,6 +72,7 @@ impl GpuLoopback {
             }),
             fast_path: false,
             events: false,
+            host_ring_cuda: None,
         };
         let (ready, started) = mpsc::channel();
         let serving = std::thread::Builder::new()
