@@ -612,6 +612,8 @@ fn profile_table(p: &cudnn::Profile, b1: Lat) -> Vec<String> {
 
 fn main() -> Result<()> {
     let args: Args = hacserve::cli::version::from_env();
+    // The engine's start-up lines (the measured conv-algorithm choice) on stderr.
+    hacserve_runtime::logging::init(false);
     ensure!(
         args.iters > 0 && args.batch_iters > 0 && args.decode_iters > 0,
         "iteration counts must be at least 1"
