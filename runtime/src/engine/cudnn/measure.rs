@@ -151,7 +151,26 @@ impl CudnnSession {
             });
         }
         self.handles.synchronize().map_err(run_err)?;
+        self.fit_workspace().map_err(run_err)?;
         Ok(report)
+    }
+
+    /// Shrinks the workspace to what the chosen algorithms need (trying others may have
+    /// grown it).
+    fn fit_workspace(&mut self) -> Result<(), GpuOpsError> {
+        let need = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::Conv { op, .. } => Some(op.workspace_bytes()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if need.max(1) < self.workspace.len() {
+            self.workspace = self.handles.zeros::<u8>(need)?;
+        }
+        Ok(())
     }
 
     /// Applies a choice made earlier (by another session of the same loader and batch).

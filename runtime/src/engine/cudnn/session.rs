@@ -213,7 +213,15 @@ impl CudnnSession {
         if let Some(choice) = tuned.get(&self.batch) {
             return self.apply_tuned(choice);
         }
-        let report = self.tune_convs()?;
+        let report = match self.tune_convs() {
+            Ok(report) => report,
+            Err(e) => {
+                // The heuristics' algorithms (or those chosen before the failure) stay: each
+                // is one cuDNN accepted for this layer.
+                log::warn!("cudnn-gpu: batch {}: measured algorithm choice failed ({e}), keeping the heuristics'", self.batch);
+                return Ok(());
+            }
+        };
         let changed: Vec<_> = report.iter().filter(|t| t.chosen != t.heuristic).collect();
         let before: f64 = report.iter().map(|t| t.heuristic_us).sum();
         let after: f64 = report.iter().map(|t| t.chosen_us).sum();
