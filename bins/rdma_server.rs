@@ -74,15 +74,30 @@ fn main() -> Result<()> {
     if events && ring_gpu.is_some() {
         bail!("--poll-mode event needs host memory rings (-a 0): a GPU ring is polled");
     }
-    let cfg = ring.server_config(args.keep_alive != 0, addressing, events);
+    let mut cfg = ring.server_config(args.keep_alive != 0, addressing, events);
+    // -a 0 with a GPU backend: the copy rings the engine uploads from are registered with
+    // CUDA (per connection, at set-up), so processed and raw payloads are DMA'd in place.
+    if ring_gpu.is_none() {
+        if let Some(&gpu) = serving.backend.gpus().first() {
+            match serving.backend.device_stream(gpu) {
+                Ok(stream) => cfg.host_ring_cuda = Some(stream.context().clone()),
+                Err(e) => log::warn!(
+                    "request copy rings stay unregistered with CUDA (GPU {gpu}: {e}): \
+                     uploads from them are staged by the driver"
+                ),
+            }
+        }
+    }
     let mut rdma = RdmaServer::listen(SocketAddr::new(ip, args.port), cfg, max_payload)
         .with_context(|| format!("listening on {}:{}", args.bind_address, args.port))?;
+    let registering = ring_gpu.is_none() && !serving.backend.gpus().is_empty();
     let memory = match ring_gpu {
+        None if registering => "host memory (copy rings registered with CUDA)".to_string(),
         None => "host memory".to_string(),
         Some(g) => format!("GPU memory (GPU {g}, GPUDirect RDMA)"),
     };
     let banner = (format!("{} | {memory}", rdma.addr()), ring.describe());
-    serve(
+    let served = serve(
         "rdma_server",
         &server,
         &args.metrics(),
@@ -91,5 +106,15 @@ fn main() -> Result<()> {
         &mut rdma,
         banner,
         |_| {},
-    )
+    );
+    if registering {
+        let n = hacserve_runtime::transport::rdma::cuda_host_registrations();
+        log::info!(
+            "CUDA host registrations of request copy rings: {} ({} B), {} refused",
+            n.registered,
+            n.bytes,
+            n.failed
+        );
+    }
+    served
 }

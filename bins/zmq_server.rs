@@ -45,6 +45,16 @@ fn main() -> Result<()> {
         args.reply_hwm,
     )
     .with_context(|| format!("binding tcp://{}:{}", args.bind_address, args.port))?;
+    if !serving.backend.gpus().is_empty() {
+        // Registering a buffer with CUDA pins its pages (a system call): worth it for buffers
+        // that live long, as RDMA's copy rings; libzmq allocates each received message itself,
+        // so here it would be one per request. Uploads from them are staged by the driver.
+        log::info!(
+            "ZeroMQ receive buffers are libzmq's per-message allocations: not registered with \
+             CUDA (0 registrations); processed tensors are uploaded as received and converted \
+             on the GPU, staged by the driver"
+        );
+    }
     let banner = (
         zmq.endpoint().to_string(),
         format!("max payload {} B", args.max_payload),

@@ -3,8 +3,11 @@
 # run, then the server end to end.
 #   1. scripts/torch_peer.py make-jpeg: the 500x375 JPEG of the decode comparison
 #   2. scripts/torch_peer.py export:    torchvision ResNet-50 (seed 0) as ONNX + input + fp32 logits
-#   3. scripts/torch_peer.py bench:     PyTorch fp16 CUDA-graph batch 1 / batch 32, decode_jpeg
-#   4. bench_gpu:                       our figures vs 3., goals, FP32/FP16 agreement with PyTorch
+#   3. scripts/torch_peer.py bench:     PyTorch fp16 CUDA-graph batch 1 / 32 / 128, decode_jpeg, and
+#                                       torch.compile reduce-overhead / max-autotune at batch 1 and
+#                                       128 (each mode in its own process, capped: COMPILE_TIMEOUT)
+#   4. bench_gpu:                       our figures vs 3., goals, FP32/FP16 agreement with PyTorch,
+#                                       the batch-1 per-layer profile
 #   5. bench_decode + torch_peer.py decode-batch: nvJPEG hardware (batched) vs hybrid vs CPU decode,
 #      latency and images/s, for the 500x375 JPEG, a 1080p and a 12 MP one (made in 1.), next to
 #      torchvision's batched GPU decode of the same files
@@ -25,7 +28,8 @@
 # "gpu,8,16,0 gpu,8,16,200 hybrid,16,8,0": the new path, with a bounded wait, and the previous
 # path), WINDOW_MS (multi_client window, 2000), TRIALS (windows per level at most, 5), PORT
 # (5700), ITERS (batch-1 runs, 1000), BATCH_ITERS (200), DECODE_ITERS (500), DECODE_SECONDS
-# (per throughput figure, 1.5).
+# (per throughput figure, 1.5), COMPILE_MODES ("reduce-overhead,max-autotune"), COMPILE_TIMEOUT
+# (seconds per torch.compile mode, compile and timing together: 240).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/bench_gpu.sh OUT_DIR}
@@ -36,6 +40,7 @@ E2E_CONFIGS=${E2E_CONFIGS:-"gpu,8,16,0 gpu,8,16,200 hybrid,16,8,0"}
 WINDOW_MS=${WINDOW_MS:-2000} TRIALS=${TRIALS:-5} PORT=${PORT:-5700}
 ITERS=${ITERS:-1000} BATCH_ITERS=${BATCH_ITERS:-200} DECODE_ITERS=${DECODE_ITERS:-500}
 DECODE_SECONDS=${DECODE_SECONDS:-1.5}
+COMPILE_MODES=${COMPILE_MODES-reduce-overhead,max-autotune} COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-240}
 step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for b in bench_gpu bench_decode zmq_server multi_client; do
   [ -x "$bin/$b" ] || { echo "bench_gpu.sh: $bin/$b missing (cargo build --release, or set BIN)" >&2; exit 1; }
@@ -67,7 +72,8 @@ echo "=== 3. PyTorch timings"
 if ! step torch; then
   echo "(skipped: STEPS)"
 elif ! "$py" scripts/torch_peer.py bench --model-dir "$out/torch" --jpeg "$jpeg" --json "$out/torch_bench.json" \
-    --iters "$ITERS" --batch-iters "$BATCH_ITERS" --decode-iters "$DECODE_ITERS" 2>&1 | tee "$out/torch_bench.log"; then
+    --iters "$ITERS" --batch-iters "$BATCH_ITERS" --decode-iters "$DECODE_ITERS" \
+    --compile-modes "$COMPILE_MODES" --compile-timeout "$COMPILE_TIMEOUT" 2>&1 | tee "$out/torch_bench.log"; then
   rm -f "$out/torch_bench.json"
   notes+=("torch_peer.py bench failed (see $out/torch_bench.log): no PyTorch columns")
 fi

@@ -464,7 +464,18 @@ def cmd_bench(args):
         result["b32_p50_ms"] = percentile(b32, 50)
         result["b32_p99_ms"] = percentile(b32, 99)
         result["b32_img_s"] = 32.0 / (result["b32_p50_ms"] / 1e3)
-        del g1, g32
+        del g32
+
+        # Batch 128 (the torch.compile comparison's size), same recipe.
+        static128 = (
+            x.repeat(128, 1, 1, 1).to(dev).half().contiguous(memory_format=torch.channels_last)
+        )
+        g128, _ = graph_of(half, static128, warmup=3)
+        b128 = time_ms(g128.replay, max(20, args.batch_iters // 4), warmup=10)
+        result["b128_p50_ms"] = percentile(b128, 50)
+        result["b128_img_s"] = 128.0 / (result["b128_p50_ms"] / 1e3)
+        del g1, g128, static128
+        torch.cuda.empty_cache()
 
     # nvJPEG through torchvision, one image per call, waited for.
     data = torchvision.io.read_file(args.jpeg)
@@ -477,16 +488,139 @@ def cmd_bench(args):
     result["decode_p50_ms"] = percentile(dec, 50)
     result["decode_p99_ms"] = percentile(dec, 99)
 
+    # torch.compile peers, each mode in its own capped process (max-autotune takes minutes).
+    del half, model
+    torch.cuda.empty_cache()
+    for mode in [m for m in args.compile_modes.split(",") if m]:
+        result.update(run_compile_mode(args, mode))
+
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(
         f"torch {torch.__version__} on {result['device']}: batch 1 p50 {result['b1_p50_ms']:.3f} ms "
         f"p99 {result['b1_p99_ms']:.3f} ms; batch 32 p50 {result['b32_p50_ms']:.3f} ms "
-        f"({result['b32_img_s']:.0f} img/s); decode {result['jpeg_w']}x{result['jpeg_h']} "
+        f"({result['b32_img_s']:.0f} img/s); batch 128 {result['b128_img_s']:.0f} img/s; "
+        f"decode {result['jpeg_w']}x{result['jpeg_h']} "
         f"({result['jpeg_bytes']} B) p50 {result['decode_p50_ms']:.3f} ms "
         f"p99 {result['decode_p99_ms']:.3f} ms -> {args.json}",
         flush=True,
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile peers
+
+COMPILE_KEYS = {"reduce-overhead": "ro", "max-autotune": "ma", "default": "df"}
+
+
+def run_compile_mode(args, mode):
+    """Runs `compile-bench --mode mode` in a new process group, killed after
+    args.compile_timeout seconds; returns its fields prefixed compile_<key>_ plus status."""
+    import subprocess
+    import tempfile
+
+    key = COMPILE_KEYS.get(mode, mode.replace("-", "_"))
+    fd, path = tempfile.mkstemp(suffix=".json", prefix=f"compile_{key}_")
+    os.close(fd)
+    os.unlink(path)
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "compile-bench",
+        "--model-dir",
+        args.model_dir,
+        "--mode",
+        mode,
+        "--json",
+        path,
+        "--iters",
+        str(args.iters),
+        "--batch-iters",
+        str(max(20, args.batch_iters // 4)),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    status = "ok"
+    try:
+        rc = proc.wait(timeout=args.compile_timeout)
+        if rc != 0:
+            status = f"failed (exit status {rc})"
+    except subprocess.TimeoutExpired:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        status = f"did not finish in {args.compile_timeout:.0f} s"
+    seconds = time.perf_counter() - t0
+    got = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                got = json.load(f)
+        except ValueError:
+            got = {}
+        os.unlink(path)
+    out = {f"compile_{key}_{k}": v for k, v in got.items()}
+    out[f"compile_{key}_status"] = status
+    out[f"compile_{key}_seconds"] = seconds
+    figures = ", ".join(
+        f"{k} {v:.3f}" for k, v in got.items() if isinstance(v, float) and not k.endswith("_s")
+    )
+    print(f"torch.compile(mode={mode!r}): {status} after {seconds:.0f} s; {figures}", flush=True)
+    return out
+
+
+def cmd_compile_bench(args):
+    try:
+        import numpy as np
+        import torch
+    except ImportError as e:
+        fail(f"compile-bench needs torch and numpy: {e}")
+    if not torch.cuda.is_available():
+        fail("no CUDA device visible to PyTorch")
+    dev = torch.device("cuda", 0)
+    torch.backends.cudnn.benchmark = True
+    got = {}
+
+    def save():
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(got, f)
+        os.replace(tmp, args.json)
+
+    ref_in = os.path.join(args.model_dir, "input.f32")
+    if os.path.isfile(ref_in):
+        x = torch.from_numpy(np.fromfile(ref_in, dtype="<f4").reshape(SHAPE).copy())
+    else:
+        x = make_input(1)
+    half = build_model().to(dev).half().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x1 = x.to(dev).half().contiguous(memory_format=torch.channels_last)
+        want_top1 = int(half(x1).float().argmax())
+        for batch in (1, 128):
+            xb = x1.repeat(batch, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+            # A fresh compiled callable per batch size (dynamic=False: one static graph each).
+            torch._dynamo.reset()
+            compiled = torch.compile(half, mode=args.mode, dynamic=False)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                out = compiled(xb)
+            torch.cuda.synchronize()
+            got[f"b{batch}_compile_s"] = time.perf_counter() - t0
+            got[f"b{batch}_top1_matches_eager"] = bool(int(out[0].float().argmax()) == want_top1)
+            iters = args.iters if batch == 1 else args.batch_iters
+            samples = time_ms(lambda: compiled(xb), iters, warmup=20 if batch == 1 else 5)
+            p50 = percentile(samples, 50)
+            got[f"b{batch}_p50_ms"] = p50
+            got[f"b{batch}_p99_ms"] = percentile(samples, 99)
+            if batch > 1:
+                got[f"b{batch}_img_s"] = batch / (p50 / 1e3)
+            save()
+            del compiled, out
     return 0
 
 
@@ -569,6 +703,23 @@ def main():
     b.add_argument("--iters", type=int, default=1000, help="batch-1 replays timed (>= 500)")
     b.add_argument("--batch-iters", type=int, default=200, help="batch-32 replays timed")
     b.add_argument("--decode-iters", type=int, default=500, help="JPEG decodes timed")
+    b.add_argument(
+        "--compile-modes",
+        default="reduce-overhead,max-autotune",
+        help="torch.compile modes to time (comma-separated; empty: none)",
+    )
+    b.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=240.0,
+        help="seconds each compile mode may take, compile and timing together",
+    )
+    cb = sub.add_parser("compile-bench", help="one torch.compile mode, batch 1 and 128")
+    cb.add_argument("--model-dir", required=True)
+    cb.add_argument("--mode", required=True)
+    cb.add_argument("--json", required=True)
+    cb.add_argument("--iters", type=int, default=1000)
+    cb.add_argument("--batch-iters", type=int, default=50)
     j = sub.add_parser("make-jpeg", help="500x375 quality-95 JPEG for the decode comparison")
     j.add_argument("--src", required=True)
     j.add_argument("--out", required=True)
@@ -587,6 +738,7 @@ def main():
         "bench": cmd_bench,
         "make-jpeg": cmd_make_jpeg,
         "decode-batch": cmd_decode_batch,
+        "compile-bench": cmd_compile_bench,
     }
     return cmds[args.cmd](args)
 

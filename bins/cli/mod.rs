@@ -365,6 +365,7 @@ impl RingLimits {
                 .then(|| std::time::Duration::from_millis(self.peer_timeout_ms)),
             keep_alive,
             addressing,
+            host_ring_cuda: None,
         }
     }
 

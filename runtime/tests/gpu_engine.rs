@@ -567,3 +567,53 @@ fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
         assert_eq!(again, by_gpu, "decoding after bad input changed the result");
     }
 }
+
+/// The processed task's bytes path (`run_tensor_bytes`: the f32 LE bytes uploaded as they
+/// are and converted on the GPU) gives what the host path (`infer`: converted on the host,
+/// uploaded from pinned memory) gives, bit for bit (same kernels after the same f32 input),
+/// on a CUDA-graph FP16 session whose conv algorithms were chosen by measurement; a
+/// non-finite value is refused naming its index.
+#[test]
+fn tensor_bytes_match_the_host_path() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::tiny_resnet(50), "tiny-bytes");
+    let loader = CudnnLoader::load_with(
+        &path,
+        0,
+        CudnnOptions {
+            batch: 1,
+            precision: Precision::Fp16,
+            cuda_graph: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut s = loader.cudnn_session().unwrap();
+    let n = s.num_classes();
+    for seed in SEEDS {
+        let input = model_gen::synthetic_input(seed);
+        let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (mut want, mut got) = (vec![0f32; n], vec![f32::NAN; n]);
+        s.infer(&input, &mut want).unwrap();
+        assert!(
+            s.run_tensor_bytes(&bytes, &mut got).unwrap(),
+            "the cuDNN session takes tensor bytes"
+        );
+        assert_eq!(got, want, "seed {seed}: bytes path vs host path");
+        // A payload with one bad value: refused, index named, the session still serves.
+        let mut bad = bytes.clone();
+        bad[4 * 1234..4 * 1235].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        match s.run_tensor_bytes(&bad, &mut got) {
+            Err(hacserve_runtime::engine::EngineError::BadInput(text)) => {
+                assert!(text.contains("1234"), "{text}")
+            }
+            other => panic!("non-finite tensor: {other:?}"),
+        }
+    }
+    eprintln!(
+        "tensor bytes path: {} seeds match the host path bit for bit",
+        SEEDS.len()
+    );
+}

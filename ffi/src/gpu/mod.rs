@@ -3,6 +3,7 @@
 //! every size before an `unsafe` launch or call.
 //!
 //! * [`cuda`]: the driver through cudarc (checked loading, dma-buf export).
+//! * [`host_register`]: host memory registered with CUDA (uploads read it in place).
 //! * [`ops`]: the cuDNN/cuBLAS layer launches of the GPU engine.
 //! * [`nvjpeg`]: JPEG decoders over [`sys::nvjpeg`]; [`nvjpeg_batched`]: the batched API on
 //!   the hardware backend (NVJPG engines).
@@ -13,6 +14,7 @@
 //! * [`probe`]: what a role's `--check` reports (driver, GPUs, library versions).
 
 pub mod cuda;
+pub mod host_register;
 pub mod nvjpeg;
 pub mod nvjpeg_batched;
 pub mod ops;

@@ -364,6 +364,27 @@ impl Handles {
         Ok(graph.0.launch()?)
     }
 
+    /// Two timing events on this stream's context (for profiles, not the request path).
+    pub fn timer(&self) -> Result<Timer, GpuOpsError> {
+        let ctx = self.stream.context();
+        let flags = Some(cu::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        Ok(Timer {
+            start: ctx.new_event(flags)?,
+            end: ctx.new_event(flags)?,
+        })
+    }
+
+    /// Marks the start of a timed region on this stream.
+    pub fn timer_start(&self, t: &Timer) -> Result<(), GpuOpsError> {
+        Ok(t.start.record(&self.stream)?)
+    }
+
+    /// Marks its end, waits for it, and returns the device time between the marks in ms.
+    pub fn timer_stop(&self, t: &Timer) -> Result<f64, GpuOpsError> {
+        t.end.record(&self.stream)?;
+        Ok(f64::from(t.start.elapsed_ms(&t.end)?))
+    }
+
     fn check_own(&self, cudnn: &Arc<Cudnn>) -> Result<(), GpuOpsError> {
         if Arc::ptr_eq(&self.cudnn, cudnn) {
             Ok(())
@@ -382,6 +403,39 @@ impl Drop for Handles {
 
 /// A captured sequence of launches on one session stream, replayed with one call.
 pub struct Graph(cu::CudaGraph);
+
+impl Graph {
+    /// (kernel nodes, other nodes: copies, memsets, ...) of the captured graph.
+    pub fn node_counts(&self) -> Result<(usize, usize), GpuOpsError> {
+        let graph = self.0.cu_graph();
+        let mut count = 0usize;
+        // SAFETY: a null node array asks only for the count, written to `count`; `graph` is
+        // the live graph this value owns.
+        unsafe { cu::sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count) }.result()?;
+        let mut nodes = vec![std::ptr::null_mut(); count];
+        let mut got = count;
+        // SAFETY: `nodes` has room for `got` handles, cuGraphGetNodes writes at most that many
+        // and stores how many it wrote in `got`.
+        unsafe { cu::sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut got) }.result()?;
+        let mut kernels = 0;
+        for &node in &nodes[..got.min(count)] {
+            let mut kind = cu::sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            // SAFETY: `node` was just returned by cuGraphGetNodes for this live graph; the type
+            // is written to `kind`.
+            unsafe { cu::sys::cuGraphNodeGetType(node, &mut kind) }.result()?;
+            if kind == cu::sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
+                kernels += 1;
+            }
+        }
+        Ok((kernels, got.min(count) - kernels))
+    }
+}
+
+/// Two events with timing on, for device-side timing of a region of one stream.
+pub struct Timer {
+    start: cu::CudaEvent,
+    end: cu::CudaEvent,
+}
 
 // SAFETY: CUDA graph objects must not be used by two threads at once; Graph is not Sync and
 // replay takes `&mut Graph`, so uses are serialised; launching binds the context first.
@@ -595,9 +649,37 @@ impl<T: Elem> ConvLayer<T> {
     /// Switches to IMPLICIT_PRECOMP_GEMM (supported by the fused call with any activation),
     /// for when a launch reported NOT_SUPPORTED; returns the new workspace size.
     pub fn fall_back(&mut self, h: &Handles) -> Result<usize, GpuOpsError> {
+        self.set_algorithm(
+            h,
+            ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        )
+    }
+
+    /// The algorithms a measured choice may try for this layer: every forward algorithm
+    /// with RELU; with IDENTITY only IMPLICIT_PRECOMP_GEMM (all the fused call supports).
+    pub fn candidate_algorithms(&self) -> Vec<ConvAlgo> {
+        if !self.relu {
+            return vec![ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM];
+        }
+        use ConvAlgo::*;
+        vec![
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        ]
+    }
+
+    /// Uses `algo` from now on; returns the workspace bytes it needs (an error where cuDNN
+    /// has no such algorithm for this geometry; whether the fused call supports it shows at
+    /// the first launch, as NOT_SUPPORTED).
+    pub fn set_algorithm(&mut self, h: &Handles, algo: ConvAlgo) -> Result<usize, GpuOpsError> {
         h.check_own(&self.cudnn)?;
         h.bind()?;
-        let algo = ConvAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
         let fwd = ConvForward {
             conv: &self.conv,
             x: &self.x,

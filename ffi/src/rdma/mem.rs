@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use super::cm::CmId;
 use super::sys::verbs::{ibv_context, ibv_mr, ibv_pd, Verbs, VerbsError};
 use super::verbs::AccessFlags;
-use crate::gpu::cuda::cu;
+use crate::gpu::cuda::{cu, CudaError};
+use crate::gpu::host_register::HostRegistration;
 
 /// Alignment of every registered buffer (a page: NICs and rxe work per page).
 pub const BUF_ALIGN: usize = 4096;
@@ -260,12 +261,17 @@ impl Drop for RegisteredBuf {
     }
 }
 
-/// Plain zeroed host memory, not registered: no NIC can reach it. The server copies each
-/// request out of its remote-writable landing ring into one of these before reading it.
+/// Plain zeroed host memory, not registered with the NIC: no peer can reach it. The server
+/// copies each request out of its remote-writable landing ring into one of these before
+/// reading it. Page-aligned and a whole number of pages, so it can be registered with CUDA
+/// ([`HostBuf::register_with_cuda`]) without sharing a page with other memory.
 #[derive(Debug)]
 pub struct HostBuf {
     ptr: NonNull<u8>,
     layout: Layout,
+    len: usize,
+    /// Registered with CUDA (GPU uploads read it in place) until drop.
+    cuda: Option<HostRegistration>,
 }
 
 // SAFETY: plain memory owned by this value; its bytes are reached only through a ring.
@@ -274,17 +280,47 @@ unsafe impl Send for HostBuf {}
 unsafe impl Sync for HostBuf {}
 
 impl HostBuf {
-    /// `len` zeroed bytes, cache-line aligned; None when the allocation fails.
+    /// `len` zeroed bytes, page-aligned (the allocation rounded up to whole pages); None
+    /// when the allocation fails.
     pub fn new(len: usize) -> Option<HostBuf> {
-        let layout = Layout::from_size_align(len.max(1), 64).ok()?;
+        let size = len.max(1).checked_next_multiple_of(PAGE)?;
+        let layout = Layout::from_size_align(size, PAGE).ok()?;
         // SAFETY: layout has a non-zero size.
         let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
-        Some(HostBuf { ptr, layout })
+        Some(HostBuf {
+            ptr,
+            layout,
+            len: len.max(1),
+            cuda: None,
+        })
+    }
+
+    /// Registers the whole buffer with CUDA (`cuMemHostRegister`, portable), once: GPU
+    /// uploads from it are then DMA straight from these bytes. On error the buffer stays
+    /// plain pageable memory (uploads still work, staged by the driver).
+    pub fn register_with_cuda(&mut self, ctx: &Arc<cu::CudaContext>) -> Result<(), CudaError> {
+        if self.cuda.is_none() {
+            // SAFETY: our own live allocation of layout.size() bytes at a fixed address; the
+            // registration is dropped in Drop before the memory is freed.
+            let reg = unsafe { HostRegistration::new(ctx, self.ptr, self.layout.size()) }?;
+            self.cuda = Some(reg);
+        }
+        Ok(())
+    }
+
+    /// Whether [`Self::register_with_cuda`] succeeded.
+    pub fn cuda_registered(&self) -> bool {
+        self.cuda.is_some()
     }
 }
 
+/// Host pages, the unit of CUDA host registration.
+const PAGE: usize = 4096;
+
 impl Drop for HostBuf {
     fn drop(&mut self) {
+        // Unregistered before the pages go back.
+        self.cuda = None;
         // SAFETY: allocated in new with this layout, freed once.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
@@ -297,7 +333,7 @@ unsafe impl super::ring::RingMemory for HostBuf {
         self.ptr
     }
     fn len(&self) -> usize {
-        self.layout.size()
+        self.len
     }
 }
 

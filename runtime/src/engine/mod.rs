@@ -84,6 +84,16 @@ pub trait InferenceEngine: Send {
         self.run(logits)
     }
     /// Images one [`run_slots`](Self::run_slots) call takes: the dynamic batch. 1 = none.
+    /// The processed task's payload (`bytes`: the whole input as f32 little-endian, as it
+    /// arrived) run without first converting it into [`Self::input_mut`]: engines that upload
+    /// the bytes as they lie and convert on their device say true; false (the default) =
+    /// not this engine, use `input_mut` + `run`. A non-finite value is
+    /// [`EngineError::BadInput`] naming its index, as on the host path.
+    fn run_tensor_bytes(&mut self, bytes: &[u8], logits: &mut [f32]) -> Result<bool, EngineError> {
+        let _ = (bytes, logits);
+        Ok(false)
+    }
+
     fn max_batch(&self) -> usize {
         1
     }

@@ -72,6 +72,7 @@ impl GpuLoopback {
             }),
             fast_path: false,
             events: false,
+            host_ring_cuda: None,
         };
         let (ready, started) = mpsc::channel();
         let serving = std::thread::Builder::new()
@@ -177,5 +178,39 @@ impl UploadProbe {
             .and_then(|()| self.handles.synchronize())
             .map_err(|e| e.to_string())?;
         Ok(start.elapsed())
+    }
+}
+
+/// A request copy slot as `rdma_server -a 0` gives a GPU backend: one slot of a copy ring
+/// registered with CUDA (as each connection's is, see `RdmaServerConfig::host_ring_cuda`),
+/// for timing the host path with uploads that read the request in place.
+pub struct RegisteredCopy {
+    token: hacserve_ffi::rdma::SlotToken<hacserve_ffi::rdma::HostBuf>,
+    registered: bool,
+}
+
+impl RegisteredCopy {
+    /// `len` bytes on GPU `ordinal`'s driver; registration refused = plain memory (see
+    /// [`Self::registered`]).
+    pub fn new(ordinal: usize, len: usize) -> Result<RegisteredCopy, String> {
+        let ctx = hacserve_ffi::gpu::cuda::driver(ordinal).map_err(|e| e.to_string())?;
+        let mut mem = hacserve_ffi::rdma::HostBuf::new(len)
+            .ok_or_else(|| format!("allocating {len} B of host memory"))?;
+        let registered = mem.register_with_cuda(&ctx).is_ok();
+        let ring = hacserve_ffi::rdma::SlotRing::new(mem, len, 1).map_err(|e| e.to_string())?;
+        let token = ring
+            .claim(0)
+            .ok_or_else(|| "the copy slot is taken".to_string())?;
+        Ok(RegisteredCopy { token, registered })
+    }
+
+    /// Whether the slot's memory is registered with CUDA.
+    pub fn registered(&self) -> bool {
+        self.registered
+    }
+
+    /// The slot.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.token.bytes_mut()
     }
 }

@@ -44,6 +44,13 @@ impl ConvOp {
         }
     }
 
+    pub(super) fn candidate_algorithms(&self) -> Vec<ConvAlgo> {
+        match self {
+            ConvOp::F32(op) => op.candidate_algorithms(),
+            ConvOp::F16(op) => op.candidate_algorithms(),
+        }
+    }
+
     pub(super) fn fall_back(&mut self, h: &Handles) -> Result<usize, GpuOpsError> {
         match self {
             ConvOp::F32(op) => op.fall_back(h),

@@ -13,6 +13,10 @@
 //!   allocates nothing: copy in, one graph replay (or one launch per layer), copy logits out.
 //! * `layers.rs`: the launches a session is made of, built from the plan's steps (descriptors,
 //!   algorithm choice, the cuDNN fall-back) and queued on the stream.
+//! * `measure.rs`: per-layer device time, each layer in a CUDA graph of its own: the
+//!   measured conv-algorithm choice at session start (every algorithm the fused call accepts
+//!   is timed, the fastest kept, once per batch size per loader: PyTorch's cudnn.benchmark)
+//!   and the profile `bench_gpu` prints ([`Profile`]).
 //! * [`images`]: nvJPEG decode + the preprocessing kernel into the session's input, the
 //!   session's [`DeviceImages`].
 //! * `resident.rs`: requests read from GPU memory and replies' top-5 written there
@@ -26,6 +30,7 @@
 
 pub mod images;
 mod layers;
+mod measure;
 pub mod plan;
 #[cfg(test)]
 mod plan_tests;
@@ -33,15 +38,17 @@ mod resident;
 mod session;
 mod weights;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hacserve_ffi::gpu::cuda::cu;
-use hacserve_ffi::gpu::ops::{self as gpu_ops, GpuDevice, GpuOpsError, HalfKernels};
+use hacserve_ffi::gpu::ops::{self as gpu_ops, ConvAlgo, GpuDevice, GpuOpsError, HalfKernels};
 use hacserve_ffi::gpu::resident::ResidentKernels;
 
 pub use images::imagenet_geometry;
 use images::GpuImageKernels;
+pub use measure::{LayerTime, Profile};
 pub use plan::{Plan, Step};
 pub use session::CudnnSession;
 use weights::DevBuf;
@@ -140,6 +147,9 @@ pub struct CudnnLoader {
     /// And for each preferred batch size below it, ascending.
     preferred_plans: Vec<Arc<Plan>>,
     options: CudnnOptions,
+    /// Measured conv algorithms per batch size (layer index, algorithm), chosen by the first
+    /// session of that size (with CUDA graphs) and reused by the rest.
+    tuned: Mutex<HashMap<usize, Vec<(usize, ConvAlgo)>>>,
 }
 
 impl CudnnLoader {
@@ -217,6 +227,7 @@ impl CudnnLoader {
             batch_plan,
             preferred_plans,
             options,
+            tuned: Mutex::new(HashMap::new()),
         })
     }
 

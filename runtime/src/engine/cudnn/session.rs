@@ -35,6 +35,9 @@ pub struct CudnnSession {
     /// GPU-ring kernels and the flag word of the tensor check (GPU-resident requests).
     pub(super) resident: Option<Arc<ResidentKernels>>,
     pub(super) resident_flag: cu::CudaSlice<u32>,
+    /// Where the processed task's tensor bytes are uploaded as received (batch-1 contexts
+    /// with the GPU-ring kernels; else one byte), for the f32 conversion on the device.
+    pub(super) tensor_bytes: cu::CudaSlice<u8>,
     /// Dynamic batching: the batch-`max_batch` context JPEGs are staged into, and where its
     /// logits land before the first `n` images' are handed out.
     pub(super) batched: Option<Box<CudnnSession>>,
@@ -160,6 +163,12 @@ impl CudnnSession {
             _ => None,
         };
         let resident_flag = handles.zeros::<u32>(1).map_err(run_err)?;
+        let tensor_len = if loader.resident.is_some() && plan.input_shape()[0] == 1 {
+            4 * plan.input_shape().iter().product::<usize>()
+        } else {
+            1
+        };
+        let tensor_bytes = handles.zeros::<u8>(tensor_len).map_err(run_err)?;
         let mut session = CudnnSession {
             handles,
             layers,
@@ -169,6 +178,7 @@ impl CudnnSession {
             images,
             resident: loader.resident.clone(),
             resident_flag,
+            tensor_bytes,
             batched: None,
             preferred: Vec::new(),
             staged_in: None,
@@ -187,9 +197,56 @@ impl CudnnSession {
         };
         session.warm_up()?;
         if loader.options.cuda_graph {
+            session.tune(loader)?;
             session.graph = session.capture();
         }
         Ok(session)
+    }
+
+    /// The measured algorithm choice ([`Self::tune_convs`]): made by the loader's first
+    /// session of this batch size, reused by the others (same plan, same GPU).
+    fn tune(&mut self, loader: &CudnnLoader) -> Result<(), EngineError> {
+        let mut tuned = loader
+            .tuned
+            .lock()
+            .map_err(|_| EngineError::Run("tuning cache poisoned".into()))?;
+        if let Some(choice) = tuned.get(&self.batch) {
+            return self.apply_tuned(choice);
+        }
+        let report = match self.tune_convs() {
+            Ok(report) => report,
+            Err(e) => {
+                // The heuristics' algorithms (or those chosen before the failure) stay: each
+                // is one cuDNN accepted for this layer.
+                log::warn!("cudnn-gpu: batch {}: measured algorithm choice failed ({e}), keeping the heuristics'", self.batch);
+                return Ok(());
+            }
+        };
+        let changed: Vec<_> = report.iter().filter(|t| t.chosen != t.heuristic).collect();
+        let before: f64 = report.iter().map(|t| t.heuristic_us).sum();
+        let after: f64 = report.iter().map(|t| t.chosen_us).sum();
+        log::info!(
+            "cudnn-gpu: batch {}: measured algorithm choice changed {} of {} convs \
+             (sum of their device times {before:.1} -> {after:.1} us)",
+            self.batch,
+            changed.len(),
+            report.len()
+        );
+        for t in &changed {
+            log::debug!(
+                "cudnn-gpu: layer {} {:?} {:.2} us -> {:?} {:.2} us",
+                t.layer,
+                t.heuristic,
+                t.heuristic_us,
+                t.chosen,
+                t.chosen_us
+            );
+        }
+        tuned.insert(
+            self.batch,
+            report.iter().map(|t| (t.layer, t.chosen)).collect(),
+        );
+        Ok(())
     }
 
     /// Captures every layer into a CUDA graph (after the warm-up, so algorithms and buffers
@@ -289,7 +346,7 @@ impl CudnnSession {
 
     /// Queues layer `i`: its output buffer is taken out of `buffers` for the launch (so the
     /// inputs can be borrowed at the same time) and put back after.
-    fn run_layer(&mut self, i: usize) -> Result<(), GpuOpsError> {
+    pub(super) fn run_layer(&mut self, i: usize) -> Result<(), GpuOpsError> {
         let y = self.layers[i].output();
         let mut out = self.take(y)?;
         let CudnnSession {
@@ -370,6 +427,12 @@ impl InferenceEngine for CudnnSession {
         self.handles.bind().map_err(run_err)?;
         self.upload_input()?;
         self.run_and_download(logits)
+    }
+
+    /// The tensor bytes uploaded as they are (from registered memory, by DMA in place) and
+    /// converted on the device; false where this context cannot (no GPU-ring kernels).
+    fn run_tensor_bytes(&mut self, bytes: &[u8], logits: &mut [f32]) -> Result<bool, EngineError> {
+        self.run_le_tensor(bytes, logits)
     }
 
     fn max_batch(&self) -> usize {
@@ -461,7 +524,7 @@ impl InferenceEngine for CudnnSession {
 impl CudnnSession {
     /// The pinned host input to where the first layer reads it (DMA, on the stream): the
     /// FP16 staging buffer, or the FP32 input tensor.
-    fn upload_input(&mut self) -> Result<(), EngineError> {
+    pub(super) fn upload_input(&mut self) -> Result<(), EngineError> {
         let CudnnSession {
             handles,
             host_input,

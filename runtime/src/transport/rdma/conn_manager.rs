@@ -48,6 +48,8 @@ pub(super) struct SetupRules {
     /// Zero-copy proxy: every connection in this shared protection domain, its requests
     /// left in the landing ring.
     pub pd_share: Option<Arc<PdShare>>,
+    /// Host addressing: register each copy ring with this CUDA context.
+    pub host_cuda: Option<Arc<cu::CudaContext>>,
 }
 
 /// The running manager thread, as the receive loop sees it.
@@ -288,7 +290,7 @@ impl Manager {
                     gpu_conn(Box::new(ring), req, reservation)?
                 } else {
                     let zero_copy = share.is_some();
-                    let copy = copy_ring(req)?;
+                    let copy = registered_copy_ring(req, self.rules.host_cuda.as_ref())?;
                     ServerConn::new(Link::Host(ep), copy, req, reservation, fast, zero_copy)
                 };
                 Ok(Arc::new(conn))
@@ -358,9 +360,44 @@ impl Manager {
 }
 
 /// The connection's private copy ring: each request (with a GPU ring, its header) is copied
-/// here before it is read (server-owned, never registered, so no peer can write it).
+/// here before it is read (server-owned, never registered with the NIC, so no peer can write
+/// it; with host addressing and a GPU backend it is registered with CUDA instead).
 fn copy_ring(req: &ConnectRequest) -> Result<SlotRing<HostBuf>, TransportError> {
     host_ring(req.slot_size as usize, req.depth, "request copy")
+}
+
+/// The copy ring of a host-addressed connection, registered with CUDA when the server
+/// has a GPU backend (`cuda`): the engine's uploads then read the requests in place. A
+/// registration the driver refuses is logged and counted; the connection keeps plain
+/// memory and the uploads are staged by the driver.
+fn registered_copy_ring(
+    req: &ConnectRequest,
+    cuda: Option<&Arc<cu::CudaContext>>,
+) -> Result<SlotRing<HostBuf>, TransportError> {
+    let len = req.slot_size as usize * req.depth as usize;
+    let mut mem = HostBuf::new(len)
+        .ok_or_else(|| super::rdma_err(format!("allocating the {len}-byte request copy ring")))?;
+    if let Some(ctx) = cuda {
+        match mem.register_with_cuda(ctx) {
+            Ok(()) => {
+                let n = hacserve_ffi::gpu::host_register::counts();
+                log::info!(
+                    "client {}: request copy ring of {len} B registered with CUDA (uploads \
+                     read it in place; {} live registration(s), {} B registered so far)",
+                    req.client_id,
+                    n.live,
+                    n.bytes
+                );
+            }
+            Err(e) => log::warn!(
+                "client {}: request copy ring not registered with CUDA ({e}): uploads from it \
+                 are staged by the driver",
+                req.client_id
+            ),
+        }
+    }
+    Ok(SlotRing::new(mem, req.slot_size as usize, req.depth)
+        .map_err(hacserve_ffi::rdma::RdmaError::from)?)
 }
 
 fn host_ring(slot: usize, depth: u32, what: &str) -> Result<SlotRing<HostBuf>, TransportError> {

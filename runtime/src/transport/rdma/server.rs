@@ -186,6 +186,11 @@ pub struct RdmaServerConfig {
     /// `--poll-mode event`: the idle receive loop sleeps on the connections' completion
     /// channels instead of in timed steps.
     pub events: bool,
+    /// Host addressing with a GPU backend: each connection's request copy ring (where the
+    /// engine reads requests from) is registered with this CUDA context, so uploads of
+    /// processed and raw payloads are DMA straight from it; None (or a failed
+    /// registration, logged and counted) keeps plain memory.
+    pub host_ring_cuda: Option<Arc<cu::CudaContext>>,
 }
 
 /// A proxy's inbound side in zero-copy mode: every connection is set up in `pd` (shared
@@ -310,6 +315,10 @@ impl RdmaServer {
             fast_path: cfg.fast_path,
             events: cfg.events,
             pd_share: zero_copy.map(|z| z.pd),
+            host_cuda: match cfg.addressing {
+                Addressing::Host => cfg.host_ring_cuda.clone(),
+                Addressing::Gpu(_) => None,
+            },
         };
         let manager = ConnManager::start(
             rdma,
