@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
+use hacserve_runtime::contract::copies::payload_copies;
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
 use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
-use hacserve_runtime::transport::copies::payload_copies;
 use hacserve_runtime::transport::rdma::PdShare;
 
 use super::results::run_info;

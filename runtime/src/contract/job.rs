@@ -112,7 +112,7 @@ pub trait ReplySink<J> {
     /// (counted as a payload copy); an RDMA sink whose connection shares the slot's
     /// protection domain posts from the slot without copying.
     fn reply_lent(&mut self, job: J, reply: LentReply) -> Result<(), TransportError> {
-        crate::transport::copies::count_payload_copy();
+        crate::contract::copies::count_payload_copy();
         self.reply(job, reply.bytes())
     }
 }

@@ -2,10 +2,11 @@
 //! received request is ([`ServerJob`], and [`Queued`] once the serving core has validated
 //! its header), how a reply goes back ([`ReplySink`]), what a transport offers the serving
 //! core ([`ServerTransport`]) and a client ([`ClientTransport`]), the counters every
-//! thread of a server updates, and the poll modes with their one backoff rule.
+//! thread of a server updates, the process's payload-copy count ([`copies`]), and the poll modes with their one backoff rule.
 //!
 //! Nothing in here imports another runtime module except the wire format (`protocol`).
 
+pub mod copies;
 pub mod counters;
 pub mod job;
 pub mod poll;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use hacserve_ffi::signal;
 
 use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool, Reply};
+use crate::contract::copies::count_payload_copy;
 use crate::contract::{Backoff, Queued, ReplySink, ServerJob, ServerTransport, TransportError};
 use crate::server::{ServeResult, ServerOptions, ServerThreads, WorkQueue};
-use crate::transport::copies::count_payload_copy;
 
 /// Idle forwarder in block mode: empty rounds before it sleeps, and the sleep (RDMA
 /// completions must be polled, so it never blocks long).

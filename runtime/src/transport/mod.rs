@@ -3,7 +3,6 @@
 //! [`ServerTransport`](crate::contract::ServerTransport) the serving core drives, the client
 //! side a [`ClientTransport`](crate::contract::ClientTransport) the closed-loop client drives.
 
-pub mod copies;
 pub mod rdma;
 pub mod slow_peers;
 pub mod zmq;

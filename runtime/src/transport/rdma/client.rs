@@ -14,8 +14,8 @@ use hacserve_ffi::signal;
 
 use super::wire::*;
 use super::{rdma_err, resolve, WR_SEND};
+use crate::contract::copies::count_payload_copy;
 use crate::contract::{ClientTransport, Lent, LentReply, PollMode, TransportError};
-use crate::transport::copies::count_payload_copy;
 
 const SEND_BUF: usize = 0;
 const RESP_BUF: usize = 1;

@@ -21,10 +21,10 @@ use crate::contract::TransportError;
 use crate::protocol::ReplyBuffer;
 
 pub use client::{RdmaClient, RdmaClientConfig};
-pub use hacserve_ffi::rdma::PdShare;
 /// Process-wide counts of host memory registered with CUDA (the copy rings of `-a 0` with a GPU
 /// backend).
 pub use hacserve_ffi::gpu::host_register::{counts as cuda_host_registrations, HostRegisterCounts};
+pub use hacserve_ffi::rdma::PdShare;
 pub use server::{
     Addressing, GpuRing, RdmaJob, RdmaReplySink, RdmaServer, RdmaServerConfig, ZeroCopy,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PINNED_MIB, DEFAULT_PEER_TIMEOUT_MS,

@@ -32,12 +32,12 @@ use super::conn_manager::{gpu_conn, ConnManager, SetupRules};
 use super::gpu_ring::loopback::LoopbackGpuRing;
 use super::wire::*;
 use crate::clock::realtime_ns;
+use crate::contract::copies::count_payload_copy;
 use crate::contract::{
     Counters, InLoop, Lent, LentReply, ReplySink, Resident, ServerJob, ServerTransport,
     TransportError,
 };
 use crate::protocol::{ReplyBuffer, HEADER_LEN};
-use crate::transport::copies::count_payload_copy;
 
 /// Idle receive loop in block mode: empty rounds before it sleeps, and the sleep (no
 /// completion channel yet), longer while no client is connected.
