@@ -298,8 +298,10 @@ impl ServerConn {
         let Some(body) = reply.token.range(reply.at, n) else {
             return Ok(Err(rdma_err("lent reply outside its slot")));
         };
-        // Only the holder of the request slot uses the staging slot of that index.
-        let Some(mut stage) = ep.ring(STAGE_BUF).claim(slot) else {
+        // Only the holder of the request slot uses the staging slot of that index (the
+        // previous reply of the slot may still be between its request slot's release and
+        // its post: `claim_staging` waits for that).
+        let Some(mut stage) = claim_staging(ep.ring(STAGE_BUF), slot) else {
             return Ok(Err(rdma_err("staging slot busy")));
         };
         let word = self.fast_reply_word(slot, n, stage.len());
@@ -321,6 +323,9 @@ impl ServerConn {
                 },
             ));
         }
+        // The request slot is free before the post, as in `stage_and_post`: the client's
+        // next request into it may come as soon as this reply lands.
+        drop(req);
         let wr = WR_SEND | WR_LENT | slot as u64;
         let sent = match (word, word_range) {
             (Some(_), Some(w)) => {
@@ -344,7 +349,6 @@ impl ServerConn {
             let _ = queue.pop();
         }
         drop(stage);
-        drop(req);
         Ok(sent)
     }
 
@@ -428,15 +432,17 @@ impl ServerConn {
                 // slot size, which the client's (`resp_slot_size`) may exceed.
                 let stage = ep.ring(STAGE_BUF);
                 let off = stage.offset(slot).unwrap_or(0);
-                self.stage_and_post(stage.claim(slot), req, len, write, |n, _, fast| {
+                self.stage_and_post(claim_staging(stage, slot), req, len, write, |n, _, fast| {
                     self.post_reply(slot, off, n, fast)
                 })
             }
-            Link::Gpu { source, stage } => {
-                self.stage_and_post(stage.claim(slot), req, len, write, |_, staged, _| {
-                    self.post_gpu_reply(source.as_ref(), slot, staged)
-                })
-            }
+            Link::Gpu { source, stage } => self.stage_and_post(
+                claim_staging(stage, slot),
+                req,
+                len,
+                write,
+                |_, staged, _| self.post_gpu_reply(source.as_ref(), slot, staged),
+            ),
         }
     }
 
@@ -460,11 +466,9 @@ impl ServerConn {
                 (r, Some(w.len), header_bytes(w.bytes()))
             }
             None => {
-                // Cannot happen: only the holder of request slot i stages into staging slot
-                // i, and it gives the staging slot back before the request slot (below), so
-                // a second request into slot i (a client breaking the credit rule) is refused
-                // at its arrival while this one is being answered. Written aside so that the
-                // outcome is known, and reported undeliverable.
+                // The previous reply of this slot still held its staging slot past
+                // [`STAGING_WAIT`] (a thread stalled mid-post), or the slot is out of range:
+                // written aside so that the outcome is known, and reported undeliverable.
                 let mut aside = Vec::new();
                 let r = write(request, &mut aside);
                 (r, None, [0; HEADER_LEN])
@@ -473,6 +477,10 @@ impl ServerConn {
         let Some(r) = written else {
             return Err(req);
         };
+        // The reply is staged: the request slot is free for the client's next request, which
+        // it sends once it has seen this reply. Freed before the post, so that next request,
+        // however soon it comes, is never taken for one sent without credit.
+        drop(req);
         let sent = match (reply_len, stage.as_mut()) {
             (Some(n), Some(staged)) => {
                 // Fast path: the completion word right after the reply, sent with it.
@@ -484,12 +492,9 @@ impl ServerConn {
             }
             _ => Err(rdma_err("staging slot out of range or busy")),
         };
-        // The reply is posted: the staging slot first, then the request slot, free for the
-        // client's next request (which it sends only once this reply has arrived). Held
-        // until here, the request slot keeps a request that arrives early (no credit) from
-        // being taken, and so from finding its staging slot busy.
+        // Posted: the next reply of this slot may stage (it waits in `claim_staging` for the
+        // moment between the request slot's release above and this drop).
         drop(stage);
-        drop(req);
         Ok((r, head, sent))
     }
 
@@ -632,4 +637,30 @@ fn copy_from_gpu(
         .ok_or_else(|| format!("slot {slot} + {len} B outside the copy ring"))?;
     span.copy_to_host(source.stream(), dst, Mover::Server)
         .map_err(|e| e.to_string())
+}
+
+/// How long a reply waits for its staging slot while the previous reply of the same slot is
+/// still being posted (its request slot is freed before its post, so the client's next
+/// request, and its reply, can come that soon).
+const STAGING_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Claims staging slot `slot`, waiting while the previous reply of that slot holds it for
+/// its post (microseconds, unless its thread was descheduled there); `None` when the slot is
+/// out of range or still held after [`STAGING_WAIT`].
+fn claim_staging<M: RingMemory>(ring: &SlotRing<M>, slot: u32) -> Option<SlotToken<M>> {
+    let mut deadline = None;
+    loop {
+        if let Some(token) = ring.claim(slot) {
+            return Some(token);
+        }
+        if !ring.is_claimed(slot) {
+            // Out of range, or given back just now: one more try decides.
+            return ring.claim(slot);
+        }
+        let now = std::time::Instant::now();
+        if now > *deadline.get_or_insert(now + STAGING_WAIT) {
+            return None;
+        }
+        std::thread::yield_now();
+    }
 }
