@@ -365,17 +365,7 @@ impl RdmaClient {
                     .ok_or_else(|| rdma_err(format!("request of {len} bytes is too long")))?,
             ),
         };
-        let credit = match self.preparing.take() {
-            Some(t) if t.slot() == slot => Some(t),
-            _ => self.ep.ring(SEND_BUF).claim(slot),
-        };
-        let Some(mut credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
-            return Err(rdma_err(format!(
-                "no credit: all {} slots have a request in flight",
-                self.cfg.depth
-            )));
-        };
-        self.take_back_response(slot)?;
+        let mut credit = self.take_credit(slot)?;
         let off = credit.offset();
         let remote = self.accept.req_addr + off as u64;
         let generation = next_generation(self.send_gen[slot as usize]);
@@ -411,6 +401,24 @@ impl RdmaClient {
         self.in_flight[slot as usize] = Some(credit);
         self.next_slot = (slot + 1) % self.cfg.depth;
         Ok(slot)
+    }
+
+    /// The send slot `slot` for the next request: the token `next_send_slot` prepared or a
+    /// fresh claim, refused while the slot's previous request is unanswered; its response
+    /// slot taken back from a caller it was lent to.
+    fn take_credit(&mut self, slot: u32) -> Result<SlotToken, TransportError> {
+        let credit = match self.preparing.take() {
+            Some(t) if t.slot() == slot => Some(t),
+            _ => self.ep.ring(SEND_BUF).claim(slot),
+        };
+        let Some(credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
+            return Err(rdma_err(format!(
+                "no credit: all {} slots have a request in flight",
+                self.cfg.depth
+            )));
+        };
+        self.take_back_response(slot)?;
+        Ok(credit)
     }
 
     /// Takes response slot `slot` back from whoever a reply lent it to (it must be given
@@ -450,17 +458,7 @@ impl RdmaClient {
             return self.post_next(len, Post::Auto);
         }
         let slot = self.next_slot;
-        let credit = match self.preparing.take() {
-            Some(t) if t.slot() == slot => Some(t),
-            _ => self.ep.ring(SEND_BUF).claim(slot),
-        };
-        let Some(mut credit) = credit.filter(|_| self.in_flight[slot as usize].is_none()) else {
-            return Err(rdma_err(format!(
-                "no credit: all {} slots have a request in flight",
-                self.cfg.depth
-            )));
-        };
-        self.take_back_response(slot)?;
+        let mut credit = self.take_credit(slot)?;
         let remote = self.accept.req_addr + credit.offset() as u64;
         let generation = next_generation(self.send_gen[slot as usize]);
         let wr = WR_SEND | slot as u64;
