@@ -95,6 +95,10 @@ struct Args {
     /// rdma_proxy's --poll-mode (auto: busy with a core per spinning thread, else block)
     #[argh(option, default = "String::from(\"auto\")")]
     proxy_poll_mode: String,
+    /// rdma_proxy's --forwarder placements measured, comma-separated, each in turn (inline,
+    /// thread, auto); with --serve only the first
+    #[argh(option, default = "String::from(\"inline,thread\")")]
+    proxy_forwarder: String,
     /// model file for rdma_server (echo never runs it; a small one starts fast)
     #[argh(option, default = "PathBuf::from(\"models/resnet_tiny.onnx\")")]
     engine_file: PathBuf,
@@ -159,6 +163,7 @@ struct Plan {
     modes: Vec<Mode>,
     proxy: Option<(usize, Mode)>,
     proxy_sizes: Vec<usize>,
+    proxy_forwarders: Vec<String>,
     bin_dir: PathBuf,
 }
 
@@ -211,6 +216,11 @@ impl Plan {
             modes,
             proxy,
             proxy_sizes: list(&args.proxy_sizes, "--proxy-sizes")?,
+            proxy_forwarders: args
+                .proxy_forwarder
+                .split(',')
+                .map(|f| f.trim().to_string())
+                .collect(),
             bin_dir,
         })
     }
@@ -417,15 +427,16 @@ fn start_server(args: &Args, plan: &Plan, port: u16, m: Mode) -> Result<Child> {
     start_role(cmd, &format!("rdma_server ({})", m.name))
 }
 
-fn start_proxy(args: &Args, plan: &Plan, target: u16, m: Mode) -> Result<Child> {
+fn start_proxy(args: &Args, plan: &Plan, target: u16, m: Mode, forwarder: &str) -> Result<Child> {
     let mut cmd = Command::new(plan.bin_dir.join("rdma_proxy"));
     let port = args.port + PROXY_PORT_OFFSET;
     cmd.args(["--bind-address", &args.host, "-p", &port.to_string()])
         .args(["--server-address", &args.host])
         .args(["--target-port", &target.to_string()])
         .args(["--poll-mode", &args.proxy_poll_mode])
+        .args(["--forwarder", forwarder])
         .args(["--fast-path", if m.fast { "on" } else { "off" }]);
-    start_role(cmd, "rdma_proxy")
+    start_role(cmd, &format!("rdma_proxy (forwarder {forwarder})"))
 }
 
 fn stop(child: &mut Child) {
@@ -574,7 +585,8 @@ fn serve(args: &Args, plan: &Plan) -> Result<()> {
         roles.push(start_server(args, plan, args.port + i as u16, *m)?);
     }
     if let Some((i, m)) = plan.proxy {
-        roles.push(start_proxy(args, plan, args.port + i as u16, m)?);
+        let forwarder = plan.proxy_forwarders.first().map_or("auto", |f| f.as_str());
+        roles.push(start_proxy(args, plan, args.port + i as u16, m, forwarder)?);
     }
     let mut loops = Vec::new();
     if !args.no_perftest {
@@ -627,8 +639,8 @@ struct Measured {
     /// Per configuration: the sink (one-way) and echo streams.
     one_way: Vec<Bw>,
     echo: Vec<Bw>,
-    /// Per proxy size: (direct, through rdma_proxy) round trips.
-    proxy: Vec<(Lat, Lat)>,
+    /// Per forwarder placement, per proxy size: (direct, through rdma_proxy) round trips.
+    proxy: Vec<(String, Vec<(Lat, Lat)>)>,
 }
 
 fn measure(args: &Args, plan: &Plan) -> Result<Measured> {
@@ -690,24 +702,32 @@ fn measure(args: &Args, plan: &Plan) -> Result<Measured> {
                     let n = Plan::iterations(args, size);
                     direct.push(Lat::of(size, n, ping(args, port, mode, size, n)?)?);
                 }
-                let mut proxy = match args.peer {
-                    true => None,
-                    false => Some(start_proxy(args, plan, port, mode)?),
+                // With --peer the other host runs the one proxy (the first placement).
+                let forwarders = match args.peer {
+                    true => &plan.proxy_forwarders[..1],
+                    false => &plan.proxy_forwarders[..],
                 };
-                let via_port = args.port + PROXY_PORT_OFFSET;
-                let rows = (|| -> Result<Vec<(Lat, Lat)>> {
-                    let mut rows = Vec::new();
-                    for (&size, direct) in plan.proxy_sizes.iter().zip(direct) {
-                        let n = Plan::iterations(args, size);
-                        let via = Lat::of(size, n, ping(args, via_port, mode, size, n)?)?;
-                        rows.push((direct, via));
+                for forwarder in forwarders {
+                    let mut proxy = match args.peer {
+                        true => None,
+                        false => Some(start_proxy(args, plan, port, mode, forwarder)?),
+                    };
+                    let via_port = args.port + PROXY_PORT_OFFSET;
+                    let rows = (|| -> Result<Vec<(Lat, Lat)>> {
+                        let mut rows = Vec::new();
+                        for (&size, direct) in plan.proxy_sizes.iter().zip(&direct) {
+                            let n = Plan::iterations(args, size);
+                            let via = Lat::of(size, n, ping(args, via_port, mode, size, n)?)?;
+                            rows.push((*direct, via));
+                        }
+                        Ok(rows)
+                    })();
+                    if let Some(p) = proxy.as_mut() {
+                        stop(p);
                     }
-                    Ok(rows)
-                })();
-                if let Some(p) = proxy.as_mut() {
-                    stop(p);
+                    let rows = rows.with_context(|| format!("through rdma_proxy ({forwarder})"))?;
+                    m.proxy.push((forwarder.clone(), rows));
                 }
-                m.proxy = rows.context("through rdma_proxy")?;
             }
             Ok(())
         })();
@@ -853,26 +873,30 @@ impl Table {
         if let Some((_, mode)) = plan.proxy {
             t.lines.push(rule.clone());
             t.header(&LAT_COLS);
-            for (direct, via) in &m.proxy {
-                let (direct, via) = (direct.scaled(0.5), via.scaled(0.5));
-                t.lat_row(
-                    "proxy",
-                    &format!("{} direct RTT/2", mode.name),
-                    Some(direct),
-                    None,
-                );
-                t.lat_row("proxy", "via rdma_proxy RTT/2", Some(via), Some(direct));
-                let added = Lat {
-                    min: f64::NAN,
-                    max: f64::NAN,
-                    typical: via.typical - direct.typical,
-                    avg: via.avg - direct.avg,
-                    stdev: f64::NAN,
-                    p99: via.p99 - direct.p99,
-                    p999: f64::NAN,
-                    ..via
-                };
-                t.lat_row("proxy", "proxy's added RTT/2", Some(added), Some(direct));
+            for (forwarder, rows) in &m.proxy {
+                for (direct, via) in rows {
+                    let (direct, via) = (direct.scaled(0.5), via.scaled(0.5));
+                    t.lat_row(
+                        "proxy",
+                        &format!("{} direct RTT/2", mode.name),
+                        Some(direct),
+                        None,
+                    );
+                    let name = format!("via rdma_proxy ({forwarder}) RTT/2");
+                    t.lat_row("proxy", &name, Some(via), Some(direct));
+                    let added = Lat {
+                        min: f64::NAN,
+                        max: f64::NAN,
+                        typical: via.typical - direct.typical,
+                        avg: via.avg - direct.avg,
+                        stdev: f64::NAN,
+                        p99: via.p99 - direct.p99,
+                        p999: f64::NAN,
+                        ..via
+                    };
+                    let name = format!("proxy ({forwarder}) added RTT/2");
+                    t.lat_row("proxy", &name, Some(added), Some(direct));
+                }
             }
         }
         t.lines.push(rule.clone());
@@ -969,11 +993,15 @@ impl Table {
                 ));
             }
         }
-        for (direct, via) in &m.proxy {
+        for (direct, via, forwarder) in m
+            .proxy
+            .iter()
+            .flat_map(|(f, rows)| rows.iter().map(move |(d, v)| (d, v, f)))
+        {
             let (d, v) = (direct.scaled(0.5), via.scaled(0.5));
             let added = v.typical - d.typical;
             self.lines.push(format!(
-                " goal proxy adds <= one hop's RTT/2: {} B added {added:.2} us vs direct {:.2} us  {}",
+                " goal proxy adds <= one hop's RTT/2: {forwarder:<6} {} B added {added:.2} us vs direct {:.2} us  {}",
                 d.bytes,
                 d.typical,
                 verdict(added <= d.typical)

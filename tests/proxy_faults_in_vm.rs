@@ -42,7 +42,7 @@ server() {{ $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode b
 loop_of() {{ name=$1; shift; while [ ! -f /tmp/stop ]; do "$@" >/tmp/$name.run 2>&1 || echo "RUN FAILED" >>/tmp/$name.log; grep -h " requests, \|run stopped" /tmp/$name.run >>/tmp/$name.log; done; }}
 server server1
 wait_for /tmp/server1.log || fail=1
-$ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block -i 0 --request-timeout-ms 1500 >/tmp/zproxy.log 2>&1 &
+$ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block --forwarder thread -i 0 --request-timeout-ms 1500 >/tmp/zproxy.log 2>&1 &
 ZPP=$!
 $RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block --request-timeout-ms 1500 >/tmp/rproxy.log 2>&1 &
 RPP=$!
@@ -86,8 +86,8 @@ kill -TERM $RPP; wait $RPP || {{ fail=1; echo "FAILED: rdma_proxy exit"; }}
 kill -TERM $SP; wait $SP || {{ fail=1; echo "FAILED: server exit"; }}
 echo "=== zloop ==="; cat /tmp/zloop.log
 echo "=== rloop ==="; cat /tmp/rloop.log
-echo "=== zproxy ==="; grep -v "^\[" /tmp/zproxy.log | grep -v " WARN " | tail -n 40
-echo "=== rproxy ==="; grep -v "^\[" /tmp/rproxy.log | grep -v " WARN " | tail -n 40
+echo "=== zproxy ==="; grep -m1 "listening on" /tmp/zproxy.log; grep -v "^\[" /tmp/zproxy.log | grep -v " WARN " | tail -n 40
+echo "=== rproxy ==="; grep -m1 "listening on" /tmp/rproxy.log; grep -v "^\[" /tmp/rproxy.log | grep -v " WARN " | tail -n 40
 echo "=== server ==="; grep -v " WARN " /tmp/server3.log | tail -n 20
 echo "=== end ==="
 exit $fail
@@ -104,6 +104,9 @@ exit $fail
     let zproxy = section(stdout, "zproxy");
     let rproxy = section(stdout, "rproxy");
     println!("zmq_proxy:\n{zproxy}\nrdma_proxy:\n{rproxy}");
+    // The faults with each placement of the forwarder (block mode: auto is inline).
+    assert!(zproxy.contains("forwarder on its own thread"), "{zproxy}");
+    assert!(rproxy.contains("forwarder inline"), "{rproxy}");
     assert_eq!(run.status, Some(0), "script failed:\n{stdout}");
     assert!(!stdout.contains("panicked"), "a process panicked");
     let direct = section(stdout, "direct");

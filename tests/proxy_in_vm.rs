@@ -80,7 +80,7 @@ SP=$!
 wait_for /tmp/server.log || fail=1
 $ZP --server-address 192.0.2.1 --zmq-port 5600 -c 2 --poll-mode block -i 0 --request-timeout-ms 120000 >/tmp/zproxy.log 2>&1 &
 ZPP=$!
-$RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block --request-timeout-ms 120000 >/tmp/rproxy.log 2>&1 &
+$RP --server-address 192.0.2.1 --target-port 20079 -p 20080 --bind-address 192.0.2.1 -c 2 --poll-mode block --forwarder thread --request-timeout-ms 120000 >/tmp/rproxy.log 2>&1 &
 RPP=$!
 wait_for /tmp/zproxy.log || fail=1
 wait_for /tmp/rproxy.log || fail=1
@@ -213,7 +213,10 @@ exit $fail
         zproxy.contains("answered by the proxy: 0"),
         "zmq_proxy answered requests itself:\n{zproxy}"
     );
+    // Each placement of the forwarder once (block mode: auto is inline).
+    assert!(zproxy.contains("forwarder inline"), "{zproxy}");
     let rproxy = section(stdout, "rproxy");
+    assert!(rproxy.contains("forwarder on its own thread"), "{rproxy}");
     assert!(rproxy.contains("rdma_proxy stopped"), "{rproxy}");
     assert!(
         rproxy.contains("answered by the proxy: 0"),

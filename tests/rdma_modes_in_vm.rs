@@ -146,7 +146,7 @@ wait_for /tmp/fast_server.log "listening on" || fail=1
 wait_for /tmp/event_server.log "listening on" || fail=1
 $P --server-address $H --target-port 20079 -p 20082 --bind-address $H -c 2 --poll-mode block --request-timeout-ms 120000 --zero-copy on >/tmp/zc_proxy.log 2>&1 &
 ZP=$!
-$P --server-address $H --target-port 20079 -p 20083 --bind-address $H -c 2 --poll-mode block --request-timeout-ms 120000 --zero-copy off >/tmp/copy_proxy.log 2>&1 &
+$P --server-address $H --target-port 20079 -p 20083 --bind-address $H -c 2 --poll-mode block --request-timeout-ms 120000 --zero-copy off --forwarder thread >/tmp/copy_proxy.log 2>&1 &
 CP=$!
 wait_for /tmp/zc_proxy.log "listening on" || fail=1
 wait_for /tmp/copy_proxy.log "listening on" || fail=1
@@ -257,6 +257,10 @@ exit $fail
     assert_eq!(exit_status(cp), 0, "{cp}");
     assert!(zc.contains("zero-copy on"), "{zc}");
     assert!(cp.contains("zero-copy off"), "{cp}");
+    // Both forwarder placements carry the killed client and the 100 KB stream (poll mode
+    // block: auto places the zero-copy proxy's forwarder inline).
+    assert!(zc.contains("forwarder inline"), "{zc}");
+    assert!(cp.contains("forwarder on its own thread"), "{cp}");
     let zc_line = stop_line(zc, "rdma_proxy");
     let cp_line = stop_line(cp, "rdma_proxy");
     println!("zero-copy proxy: {zc_line}");

@@ -303,6 +303,11 @@ macro_rules! cli_args {
         /// channels; the forwarder waits as in block) or auto
         #[argh(option, default = "String::from(\"auto\")")]
         poll_mode: [String],
+        /// where the forwarder runs: thread (its own polling thread beside the receive
+        /// loop), inline (inside the receive loop: one polling thread for both sides) or
+        /// auto (thread when the poll mode is busy, else inline)
+        #[argh(option, default = "String::from(\"auto\")")]
+        forwarder: [String],
         /// address to bind
         #[argh(option, default = "String::from(\"0.0.0.0\")")]
         bind_address: [String],

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use hacserve_runtime::contract::copies::payload_copies;
 use hacserve_runtime::contract::{PollMode, ServerTransport, TransportError};
-use hacserve_runtime::proxy::{format_shares, ForwarderReport, PoolConfig, Proxy};
+use hacserve_runtime::proxy::{format_shares, ForwarderReport, Placement, PoolConfig, Proxy};
 use hacserve_runtime::server::ServerOptions;
 use hacserve_runtime::transport::rdma::PdShare;
 
@@ -81,13 +81,19 @@ pub fn forward<T: ServerTransport>(
     banner: impl FnOnce(&T) -> String,
 ) -> Result<Stopped> {
     let opts = ServerOptions::forwarding(max_payload, mode, args.queue_depth, args.debug);
+    let placement = Placement::parse(&args.forwarder, mode).map_err(anyhow::Error::msg)?;
     // The backend first: without it the proxy is useless.
-    let mut proxy = Proxy::start(&opts, transport, args.pool(backend, mode), monitor)
+    let pool = args.pool(backend, mode);
+    let mut proxy = Proxy::start(&opts, transport, pool, placement, monitor)
         .map_err(|e| anyhow!("connecting to the {backend_name}: {e}"))?;
     let role = monitor.0;
     let recording = metrics.recording(None)?;
     recording.serve_counters(role, metrics, proxy.shared_queue())?;
-    println!("{}", banner(transport));
+    let forwarder = match proxy.placement() {
+        Placement::Thread => "forwarder on its own thread",
+        Placement::Inline => "forwarder inline in the receive loop",
+    };
+    println!("{} | {forwarder}", banner(transport));
     let (served, report) = proxy.serve(transport, &opts);
     let c = proxy.counters();
     let finished = c.answered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed);

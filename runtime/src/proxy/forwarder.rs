@@ -1,4 +1,7 @@
-//! A proxy's forwarder thread and the proxy's run around it.
+//! A proxy's forwarder and the proxy's run around it. The forwarder moves the serving core's
+//! queue to the backend pool and each reply back through the inbound transport's reply sink;
+//! it runs on a thread of its own ([`Placement::Thread`]) or inside the receive loop
+//! ([`Placement::Inline`], one polling thread for both sides of the proxy).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
@@ -10,13 +13,48 @@ use hacserve_ffi::signal;
 
 use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool, Reply};
 use crate::contract::copies::count_payload_copy;
-use crate::contract::{Backoff, Queued, ReplySink, ServerJob, ServerTransport, TransportError};
+use crate::contract::{
+    Backoff, Counters, PollMode, Queued, ReplySink, ServerJob, ServerTransport, TransportError,
+};
+use crate::server::core::SideWork;
 use crate::server::{ServeResult, ServerOptions, ServerThreads, WorkQueue};
 
-/// Idle forwarder in block mode: empty rounds before it sleeps, and the sleep (RDMA
-/// completions must be polled, so it never blocks long).
+/// Idle forwarder thread with nothing at the backend, in block mode: empty rounds before it
+/// parks, and the longest park (a queued request unparks it at once; the bound is for the
+/// pool's timers: reconnects, late replies).
 const FORWARDER_SPINS: u32 = 64;
-const FORWARDER_SLEEP: Duration = Duration::from_micros(20);
+const FORWARDER_PARK: Duration = Duration::from_millis(1);
+
+/// Empty rounds with requests at the backend before a waiting-mode forwarder yields its core
+/// each round instead of spinning (it never sleeps while a reply is due: a sleep is
+/// milliseconds on an emulated or loaded host).
+const OUTSTANDING_SPINS: u32 = 64;
+
+/// Where the forwarder runs (`--forwarder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Its own thread: two polling threads, one per side; for hosts with a core for each.
+    Thread,
+    /// Inside the receive loop, between its transport rounds: one polling thread, for hosts
+    /// with fewer cores than spinning threads.
+    Inline,
+}
+
+impl Placement {
+    /// "thread", "inline" or "auto": a thread of its own when the proxy busy-polls (auto
+    /// chose busy only with a core for each of its two threads), else inline.
+    pub fn parse(s: &str, mode: PollMode) -> Result<Placement, String> {
+        match s {
+            "thread" => Ok(Placement::Thread),
+            "inline" => Ok(Placement::Inline),
+            "auto" if mode == PollMode::Busy => Ok(Placement::Thread),
+            "auto" => Ok(Placement::Inline),
+            other => Err(format!(
+                "--forwarder must be thread, inline or auto, not {other:?}"
+            )),
+        }
+    }
+}
 
 /// What the forwarder did, reported when it ends.
 #[derive(Debug, Clone, Default)]
@@ -27,50 +65,74 @@ pub struct ForwarderReport {
     pub local_errors: u64,
 }
 
-/// A running proxy: the serving core's threads with the forwarder as their one worker.
-pub struct Proxy<J> {
+/// A running proxy: the serving core's threads with the forwarder as their one worker, or
+/// with none and the forwarder in the receive loop.
+pub struct Proxy<J, S> {
     threads: ServerThreads<J>,
-    report: mpsc::Receiver<ForwarderReport>,
+    placed: Placed<J, S>,
 }
 
-impl<J: ServerJob> Proxy<J> {
+enum Placed<J, S> {
+    Thread(mpsc::Receiver<ForwarderReport>),
+    Inline(Box<Forwarder<J, S>>),
+}
+
+impl<J: ServerJob, S: ReplySink<J> + Send + 'static> Proxy<J, S> {
     /// Starts the forwarder, which connects every backend connection first: fails (naming
     /// the backend) when any cannot be set up, since a proxy without its backend is useless.
     /// Every `monitor.1` (when not zero) the forwarder prints `[<monitor.0>] <shares>`.
-    pub fn start<T: ServerTransport<Job = J>>(
+    pub fn start<T: ServerTransport<Job = J, Sink = S>>(
         opts: &ServerOptions,
         transport: &mut T,
         pool: PoolConfig,
+        placement: Placement,
         monitor: (&'static str, Duration),
     ) -> Result<Self, String> {
         let sink = transport
             .reply_sink()
             .map_err(|e| format!("creating the forwarder's reply sink: {e}"))?;
+        if placement == Placement::Inline {
+            let threads = ServerThreads::start_with(opts, |_| Ok(Vec::new()))
+                .map_err(|e| format!("starting the proxy's threads: {e}"))?;
+            let fwd = Forwarder::connect(pool, threads.queue.clone(), sink, monitor)?;
+            return Ok(Proxy {
+                threads,
+                placed: Placed::Inline(Box::new(fwd)),
+            });
+        }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (report_tx, report_rx) = mpsc::channel();
-        let threads = ServerThreads::start_with(opts, move |queue| {
+        let mut threads = ServerThreads::start_with(opts, move |queue| {
             let h = thread::Builder::new()
                 .name("forwarder".into())
                 .spawn(move || {
-                    let report = forward(pool, &queue, sink, ready_tx, monitor);
+                    let report = match Forwarder::connect(pool, queue, sink, monitor) {
+                        Ok(fwd) => {
+                            let _ = ready_tx.send(Ok(()));
+                            forward_on_thread(fwd)
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            ForwarderReport::default()
+                        }
+                    };
                     let _ = report_tx.send(report);
                     Vec::new()
                 })?;
             Ok(vec![h])
         })
         .map_err(|e| format!("starting the forwarder thread: {e}"))?;
-        let mut proxy = Proxy {
-            threads,
-            report: report_rx,
-        };
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(proxy),
+            Ok(Ok(())) => Ok(Proxy {
+                threads,
+                placed: Placed::Thread(report_rx),
+            }),
             Ok(Err(e)) => {
-                proxy.threads.join();
+                threads.join();
                 Err(e)
             }
             Err(_) => {
-                proxy.threads.join();
+                threads.join();
                 Err("the forwarder thread died while connecting".into())
             }
         }
@@ -78,14 +140,29 @@ impl<J: ServerJob> Proxy<J> {
 
     /// Receives on `transport` until a stop, then lets the forwarder finish what it holds
     /// and the transport deliver the last replies.
-    pub fn serve<T: ServerTransport<Job = J>>(
+    pub fn serve<T: ServerTransport<Job = J, Sink = S>>(
         &mut self,
         transport: &mut T,
         opts: &ServerOptions,
     ) -> (ServeResult, ForwarderReport) {
-        let served = self.threads.serve(transport, opts);
-        let report = self.report.try_recv().unwrap_or_default();
-        (served, report)
+        match &mut self.placed {
+            Placed::Thread(report) => {
+                let served = self.threads.serve(transport, opts);
+                (served, report.try_recv().unwrap_or_default())
+            }
+            Placed::Inline(fwd) => {
+                let served = self.threads.serve_with(transport, opts, &mut **fwd);
+                (served, fwd.report())
+            }
+        }
+    }
+
+    /// Where the forwarder runs.
+    pub fn placement(&self) -> Placement {
+        match self.placed {
+            Placed::Thread(_) => Placement::Thread,
+            Placed::Inline(_) => Placement::Inline,
+        }
     }
 
     /// The serving core's counters.
@@ -106,85 +183,184 @@ impl<J: ServerJob> Proxy<J> {
     }
 }
 
-/// The forwarder: owns the backend connections (set up here, reported through `ready`),
-/// moves queued requests to the backend and each reply back through `sink`. After a stop it
-/// finishes the queue and what is in flight (bounded by the connection timeout).
-fn forward<J: ServerJob, S: ReplySink<J>>(
-    cfg: PoolConfig,
-    queue: &Arc<WorkQueue<Queued<J>>>,
-    mut sink: S,
-    ready: mpsc::Sender<Result<(), String>>,
-    (role, monitor): (&'static str, Duration),
-) -> ForwarderReport {
-    let mut pool: RdmaPool<Queued<J>> = match RdmaPool::connect(&cfg) {
-        Ok(p) => {
-            let _ = ready.send(Ok(()));
-            p
-        }
-        Err(e) => {
+/// The forwarder's state: the backend pool (connected at start), the reply sink of the
+/// inbound transport and the serving core's queue.
+struct Forwarder<J, S> {
+    pool: RdmaPool<Queued<J>>,
+    sink: S,
+    queue: Arc<WorkQueue<Queued<J>>>,
+    mode: PollMode,
+    timeout: Duration,
+    monitor: (&'static str, Duration),
+    last_report: Instant,
+    outstanding_idle: u32,
+}
+
+impl<J: ServerJob, S: ReplySink<J>> Forwarder<J, S> {
+    /// Connects every backend connection (the error names what failed, with its causes).
+    fn connect(
+        cfg: PoolConfig,
+        queue: Arc<WorkQueue<Queued<J>>>,
+        sink: S,
+        monitor: (&'static str, Duration),
+    ) -> Result<Self, String> {
+        let pool = RdmaPool::connect(&cfg).map_err(|e| {
             let mut text = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
                 text.push_str(&format!(": {s}"));
                 source = s.source();
             }
-            let _ = ready.send(Err(text));
-            return ForwarderReport::default();
+            text
+        })?;
+        Ok(Forwarder {
+            pool,
+            sink,
+            queue,
+            mode: cfg.mode,
+            timeout: cfg.timeout,
+            monitor,
+            last_report: Instant::now(),
+            outstanding_idle: 0,
+        })
+    }
+
+    /// Moves what is queued to the backend and what the backend answered to the clients;
+    /// returns the progress made (0: none). A lost backend is reconnected by the pool;
+    /// meanwhile it answers Unavailable.
+    fn forward_round(&mut self) -> usize {
+        let (role, every) = self.monitor;
+        if !every.is_zero() && self.last_report.elapsed() >= every {
+            self.last_report = Instant::now();
+            println!("[{role}] {}", format_shares(self.pool.shares()));
         }
-    };
-    // Every reply sent inbound, the backend's or the pool's own, answers its request (the
-    // serving core counted it received); a failed delivery is counted as on a server.
-    let counters = &queue.counters;
-    let mut reply = |q: Queued<J>, bytes: Reply<'_>| {
-        counters.answered.fetch_add(1, Relaxed);
-        let sent = match bytes {
-            Reply::Lent(lent) => sink.reply_lent(q.job, lent),
-            Reply::Backend(bytes) => {
-                // The sink copies the backend's reply out of its response slot.
-                count_payload_copy();
-                sink.reply(q.job, bytes)
-            }
-            Reply::Own(bytes) => sink.reply(q.job, bytes),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(TransportError::PeerNotReading) => {
-                counters.dropped_replies.fetch_add(1, Relaxed);
-            }
-            Err(e) => {
-                counters.transport_errors.fetch_add(1, Relaxed);
-                log::warn!("reply could not be delivered to its client: {e}");
-            }
-        }
-    };
-    let mut idle = Backoff::new(cfg.mode, FORWARDER_SPINS, FORWARDER_SLEEP);
-    let mut stopping: Option<Instant> = None;
-    let mut last_report = Instant::now();
-    loop {
-        if !monitor.is_zero() && last_report.elapsed() >= monitor {
-            last_report = Instant::now();
-            println!("[{role}] {}", format_shares(pool.shares()));
-        }
-        if stopping.is_none() && signal::stop_requested() {
-            stopping = Some(Instant::now());
-        }
-        if let Some(since) = stopping {
-            let drained = queue.depth() == 0 && pool.busy() == 0;
-            if drained || since.elapsed() > cfg.timeout {
-                break;
-            }
-        }
+        let Forwarder {
+            pool, sink, queue, ..
+        } = self;
+        let counters = &queue.counters;
+        let mut reply = |q: Queued<J>, bytes: Reply<'_>| deliver(sink, counters, q, bytes);
         let mut progress = 0;
         while let Some(job) = queue.pop() {
             progress += 1;
             pool.submit(job, &mut reply);
         }
-        // A lost backend is reconnected by the pool; meanwhile it answers Unavailable.
-        progress += pool.poll(&mut reply);
-        idle.pause(progress > 0);
+        progress + pool.poll(&mut reply)
     }
-    ForwarderReport {
-        shares: pool.shares().to_vec(),
-        local_errors: pool.local_errors,
+
+    /// After a round without progress while requests are at the backend: spin, and in a
+    /// waiting mode yield the core after a while (never sleep while a reply is due).
+    fn wait_outstanding(&mut self, progress: bool) {
+        if progress {
+            self.outstanding_idle = 0;
+            return;
+        }
+        self.outstanding_idle = self.outstanding_idle.saturating_add(1);
+        if self.mode.waits() && self.outstanding_idle > OUTSTANDING_SPINS {
+            thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn drained(&self) -> bool {
+        self.queue.depth() == 0 && self.pool.busy() == 0
+    }
+
+    /// After a stop: finishes the queue and what is in flight, bounded by the connection
+    /// timeout.
+    fn drain(&mut self) {
+        let since = Instant::now();
+        while !self.drained() && since.elapsed() <= self.timeout {
+            let progress = self.forward_round() > 0;
+            self.wait_outstanding(progress);
+        }
+    }
+
+    fn report(&self) -> ForwarderReport {
+        ForwarderReport {
+            shares: self.pool.shares().to_vec(),
+            local_errors: self.pool.local_errors,
+        }
+    }
+}
+
+/// Inline: the receive loop runs a forwarder round after each of its own rounds, and keeps
+/// polling (never waits in the transport) while a request is at the backend.
+impl<J: ServerJob, S: ReplySink<J>> SideWork for Forwarder<J, S> {
+    fn round(&mut self) -> usize {
+        self.forward_round()
+    }
+    fn outstanding(&self) -> bool {
+        self.pool.busy() > 0
+    }
+    fn finish(&mut self) {
+        self.drain();
+    }
+}
+
+/// Every reply sent inbound, the backend's or the pool's own, answers its request (the
+/// serving core counted it received); a failed delivery is counted as on a server.
+fn deliver<J: ServerJob, S: ReplySink<J>>(
+    sink: &mut S,
+    counters: &Counters,
+    q: Queued<J>,
+    bytes: Reply<'_>,
+) {
+    counters.answered.fetch_add(1, Relaxed);
+    let sent = match bytes {
+        Reply::Lent(lent) => sink.reply_lent(q.job, lent),
+        Reply::Backend(bytes) => {
+            // The sink copies the backend's reply out of its response slot.
+            count_payload_copy();
+            sink.reply(q.job, bytes)
+        }
+        Reply::Own(bytes) => sink.reply(q.job, bytes),
+    };
+    match sent {
+        Ok(()) => {}
+        Err(TransportError::PeerNotReading) => {
+            counters.dropped_replies.fetch_add(1, Relaxed);
+        }
+        Err(e) => {
+            counters.transport_errors.fetch_add(1, Relaxed);
+            log::warn!("reply could not be delivered to its client: {e}");
+        }
+    }
+}
+
+/// The forwarder on its own thread until a stop, then [`Forwarder::drain`]. It spins while
+/// requests are at the backend; idle, it follows the poll mode (busy spins, block parks: a
+/// queued request unparks it).
+fn forward_on_thread<J: ServerJob, S: ReplySink<J>>(mut fwd: Forwarder<J, S>) -> ForwarderReport {
+    let mut idle = Backoff::new(fwd.mode, FORWARDER_SPINS, FORWARDER_PARK);
+    while !signal::stop_requested() {
+        let progress = fwd.forward_round() > 0;
+        if fwd.pool.busy() > 0 {
+            idle.round(progress);
+            fwd.wait_outstanding(progress);
+        } else {
+            idle.park(progress);
+        }
+    }
+    fwd.drain();
+    fwd.report()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_places_the_forwarder_on_a_thread_only_when_busy_polling() {
+        let auto = |m| Placement::parse("auto", m);
+        assert_eq!(auto(PollMode::Busy), Ok(Placement::Thread));
+        assert_eq!(auto(PollMode::Block), Ok(Placement::Inline));
+        assert_eq!(auto(PollMode::Event), Ok(Placement::Inline));
+        for m in [PollMode::Busy, PollMode::Block, PollMode::Event] {
+            assert_eq!(Placement::parse("thread", m), Ok(Placement::Thread));
+            assert_eq!(Placement::parse("inline", m), Ok(Placement::Inline));
+        }
+        let err = Placement::parse("both", PollMode::Busy).unwrap_err();
+        assert!(err.contains("thread, inline or auto"), "{err}");
     }
 }

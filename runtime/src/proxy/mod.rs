@@ -8,5 +8,5 @@
 pub mod forwarder;
 pub mod pool;
 
-pub use forwarder::{ForwarderReport, Proxy};
+pub use forwarder::{ForwarderReport, Placement, Proxy};
 pub use pool::{format_shares, ConnShare, PoolConfig, ProxyError, ProxyRequest, RdmaPool, Reply};

@@ -5,6 +5,7 @@
 //! full, and accounting every answer it gives itself. The transport only moves bytes.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use hacserve_ffi::signal;
 
@@ -15,31 +16,79 @@ use crate::contract::{Backoff, InLoop, Queued, ServerJob, ServerTransport, Trans
 use crate::pipeline::{answer_without_engine, Outcome, Triage};
 use crate::protocol::{encode_error, ErrorCode, Header, Task, FLAG_PRIORITY, HEADER_LEN};
 
+/// Work a receive loop does between its transport rounds, on its own thread: a proxy's
+/// inline forwarder (one polling thread for both of the proxy's sides instead of two).
+pub trait SideWork {
+    /// One round of it; returns how much progress it made (0: none).
+    fn round(&mut self) -> usize;
+    /// Whether it has work outstanding that needs polling (a request at the backend): then
+    /// the loop never waits in the transport, it spins and, after a while, yields its core.
+    fn outstanding(&self) -> bool;
+    /// After the stop, before the transport shuts down: finishes what it holds (bounded).
+    fn finish(&mut self) {}
+}
+
+/// A receive loop with nothing beside its transport.
+pub struct NoSideWork;
+
+impl SideWork for NoSideWork {
+    fn round(&mut self) -> usize {
+        0
+    }
+    fn outstanding(&self) -> bool {
+        false
+    }
+}
+
+/// Idle rounds with side work outstanding before the loop yields its core each round (on a
+/// host with fewer cores than spinning threads the peer it waits for may need that core).
+const OUTSTANDING_SPINS: u32 = 64;
+
 /// Receives requests over `transport` until a stop is requested (or the transport has
-/// finished), handing what needs a worker to `queue`. Returns the records of the requests it
-/// answered itself (worker id `u32::MAX`). The workers and the transport's shutdown are the
-/// caller's (see `ServerThreads::serve`).
+/// finished), handing what needs a worker to `queue` and running `side` after every
+/// transport round. Returns the records of the requests it answered itself (worker id
+/// `u32::MAX`). The workers and the transport's shutdown are the caller's (see
+/// `ServerThreads::serve`).
 pub fn receive_loop<T: ServerTransport>(
     transport: &mut T,
     queue: &WorkQueue<Queued<T::Job>>,
     opts: &ServerOptions,
     probe: &WorkerProbe,
+    side: &mut impl SideWork,
 ) -> Result<Vec<ServerRecord>, TransportError> {
     let mut core = ServingCore::new(queue, opts, probe);
     let (spins, wait) = transport.idle_wait();
     let mut idle = Backoff::new(opts.poll_mode, spins, wait);
     let mut progress = true;
+    let mut outstanding_idle = 0u32;
     while !signal::stop_requested() && !transport.finished() {
         idle.set_wait(transport.idle_wait().1);
-        let wait = idle.round(progress);
+        let outstanding = side.outstanding();
+        let wait = match outstanding {
+            // A sleep here would delay the backend's reply by the sleep (milliseconds on
+            // an emulated or loaded host), so the loop keeps polling while one is due.
+            true => Duration::ZERO,
+            false => idle.round(progress),
+        };
         let mut events = transport.poll(wait, &queue.counters)?;
         while let Some(job) = transport.next_request(&queue.counters)? {
             events += 1;
             core.on_request(transport, job);
         }
+        events += side.round();
         progress = events > 0;
-        if !progress && wait.is_zero() {
-            std::hint::spin_loop();
+        if outstanding {
+            idle.round(progress);
+        }
+        if progress {
+            outstanding_idle = 0;
+        } else if wait.is_zero() {
+            outstanding_idle = outstanding_idle.saturating_add(1);
+            if outstanding && opts.poll_mode.waits() && outstanding_idle > OUTSTANDING_SPINS {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
     Ok(core.ledger.log)

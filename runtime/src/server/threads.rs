@@ -10,7 +10,7 @@ use std::thread;
 use hacserve_ffi::signal;
 
 use super::account::{write_server_log, ServerRecord, WorkerProbe};
-use super::core::receive_loop;
+use super::core::{receive_loop, NoSideWork, SideWork};
 use super::monitor::spawn_monitor;
 use super::options::ServerOptions;
 use super::queue::WorkQueue;
@@ -118,11 +118,24 @@ impl<J: ServerJob> ServerThreads<J> {
         transport: &mut T,
         opts: &ServerOptions,
     ) -> ServeResult {
-        let looped = receive_loop(transport, &self.queue, opts, &self.probes[0]);
+        self.serve_with(transport, opts, &mut NoSideWork)
+    }
+
+    /// [`Self::serve`] with `side` run on the receive loop's thread between its rounds
+    /// (a proxy's inline forwarder); after the stop `side` finishes before the workers are
+    /// joined and the transport shuts down.
+    pub fn serve_with<T: ServerTransport<Job = J>>(
+        &mut self,
+        transport: &mut T,
+        opts: &ServerOptions,
+        side: &mut impl SideWork,
+    ) -> ServeResult {
+        let looped = receive_loop(transport, &self.queue, opts, &self.probes[0], side);
         let (mut records, result) = match looped {
             Ok(r) => (r, Ok(())),
             Err(e) => (Vec::new(), Err(e)),
         };
+        side.finish();
         records.extend(self.join());
         let delivered_after_stop = match transport.shut_down(&self.queue.counters) {
             Ok(n) => n,
