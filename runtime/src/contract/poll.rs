@@ -139,16 +139,20 @@ impl Backoff {
     /// Records one round (`progress`: it did something) and returns how long the loop may
     /// block before its next round: zero while busy-polling or still spinning.
     pub fn round(&mut self, progress: bool) -> Duration {
+        match self.past_spins(progress) {
+            true => self.wait,
+            false => Duration::ZERO,
+        }
+    }
+
+    /// Counts a round; whether the loop, in a waiting mode, is past its spins.
+    fn past_spins(&mut self, progress: bool) -> bool {
         if progress {
             self.idle = 0;
-            return Duration::ZERO;
+            return false;
         }
         self.idle = self.idle.saturating_add(1);
-        if self.mode.waits() && self.idle > self.spins {
-            self.wait
-        } else {
-            Duration::ZERO
-        }
+        self.mode.waits() && self.idle > self.spins
     }
 
     /// [`round`](Self::round), then waits as it says with nothing to block on: a sleep, or a
@@ -157,6 +161,16 @@ impl Backoff {
         match self.round(progress) {
             Duration::ZERO => std::hint::spin_loop(),
             d => thread::sleep(d),
+        }
+    }
+
+    /// A round while a reply is due: never sleeps (a sleep is milliseconds on
+    /// an emulated or loaded host), but where the round would wait it yields the core, which
+    /// the peer the loop waits for may need.
+    pub fn spin_or_yield(&mut self, progress: bool) {
+        match self.past_spins(progress) {
+            true => thread::yield_now(),
+            false => std::hint::spin_loop(),
         }
     }
 

@@ -25,11 +25,6 @@ use crate::server::{ServeResult, ServerOptions, ServerThreads, WorkQueue};
 const FORWARDER_SPINS: u32 = 64;
 const FORWARDER_PARK: Duration = Duration::from_millis(1);
 
-/// Empty rounds with requests at the backend before a waiting-mode forwarder yields its core
-/// each round instead of spinning (it never sleeps while a reply is due: a sleep is
-/// milliseconds on an emulated or loaded host).
-const OUTSTANDING_SPINS: u32 = 64;
-
 /// Where the forwarder runs (`--forwarder`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -193,7 +188,6 @@ struct Forwarder<J, S> {
     timeout: Duration,
     monitor: (&'static str, Duration),
     last_report: Instant,
-    outstanding_idle: u32,
 }
 
 impl<J: ServerJob, S: ReplySink<J>> Forwarder<J, S> {
@@ -221,7 +215,6 @@ impl<J: ServerJob, S: ReplySink<J>> Forwarder<J, S> {
             timeout: cfg.timeout,
             monitor,
             last_report: Instant::now(),
-            outstanding_idle: 0,
         })
     }
 
@@ -247,32 +240,18 @@ impl<J: ServerJob, S: ReplySink<J>> Forwarder<J, S> {
         progress + pool.poll(&mut reply)
     }
 
-    /// After a round without progress while requests are at the backend: spin, and in a
-    /// waiting mode yield the core after a while (never sleep while a reply is due).
-    fn wait_outstanding(&mut self, progress: bool) {
-        if progress {
-            self.outstanding_idle = 0;
-            return;
-        }
-        self.outstanding_idle = self.outstanding_idle.saturating_add(1);
-        if self.mode.waits() && self.outstanding_idle > OUTSTANDING_SPINS {
-            thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
-    }
-
     fn drained(&self) -> bool {
-        self.queue.depth() == 0 && self.pool.busy() == 0
+        self.queue.depth() == 0 && !self.pool.has_work()
     }
 
     /// After a stop: finishes the queue and what is in flight, bounded by the connection
     /// timeout.
     fn drain(&mut self) {
         let since = Instant::now();
+        let mut idle = Backoff::new(self.mode, FORWARDER_SPINS, FORWARDER_PARK);
         while !self.drained() && since.elapsed() <= self.timeout {
             let progress = self.forward_round() > 0;
-            self.wait_outstanding(progress);
+            idle.spin_or_yield(progress);
         }
     }
 
@@ -291,7 +270,7 @@ impl<J: ServerJob, S: ReplySink<J>> SideWork for Forwarder<J, S> {
         self.forward_round()
     }
     fn outstanding(&self) -> bool {
-        self.pool.busy() > 0
+        self.pool.has_work()
     }
     fn finish(&mut self) {
         self.drain();
@@ -335,9 +314,8 @@ fn forward_on_thread<J: ServerJob, S: ReplySink<J>>(mut fwd: Forwarder<J, S>) ->
     let mut idle = Backoff::new(fwd.mode, FORWARDER_SPINS, FORWARDER_PARK);
     while !signal::stop_requested() {
         let progress = fwd.forward_round() > 0;
-        if fwd.pool.busy() > 0 {
-            idle.round(progress);
-            fwd.wait_outstanding(progress);
+        if fwd.pool.has_work() {
+            idle.spin_or_yield(progress);
         } else {
             idle.park(progress);
         }

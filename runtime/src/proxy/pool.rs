@@ -210,14 +210,15 @@ impl<T: ProxyRequest> RdmaPool<T> {
         &self.shares
     }
 
-    /// Requests in flight or waiting (abandoned slots are answered already).
-    pub fn busy(&self) -> usize {
-        self.waiting.len()
-            + self
+    /// Whether any request is in flight or waiting (abandoned slots are answered already);
+    /// stops at the first, since a proxy's loop asks every round.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty()
+            || self
                 .pending
                 .iter()
-                .map(|p| p.iter().filter(|s| matches!(s, Slot::InFlight(_))).count())
-                .sum::<usize>()
+                .flatten()
+                .any(|s| matches!(s, Slot::InFlight(_)))
     }
 
     pub fn live_connections(&self) -> usize {

@@ -40,9 +40,9 @@ impl SideWork for NoSideWork {
     }
 }
 
-/// Idle rounds with side work outstanding before the loop yields its core each round (on a
+/// Empty rounds with side work outstanding before the loop yields its core each round (on a
 /// host with fewer cores than spinning threads the peer it waits for may need that core).
-const OUTSTANDING_SPINS: u32 = 64;
+const REPLY_DUE_SPINS: u32 = 64;
 
 /// Receives requests over `transport` until a stop is requested (or the transport has
 /// finished), handing what needs a worker to `queue` and running `side` after every
@@ -59,14 +59,15 @@ pub fn receive_loop<T: ServerTransport>(
     let mut core = ServingCore::new(queue, opts, probe);
     let (spins, wait) = transport.idle_wait();
     let mut idle = Backoff::new(opts.poll_mode, spins, wait);
+    // Rounds while side work is outstanding: spin, then (waiting modes) yield each round.
+    let mut reply_due = Backoff::new(opts.poll_mode, REPLY_DUE_SPINS, Duration::ZERO);
     let mut progress = true;
-    let mut outstanding_idle = 0u32;
     while !signal::stop_requested() && !transport.finished() {
         idle.set_wait(transport.idle_wait().1);
+        // While side work is outstanding the loop never waits in the transport: the wait
+        // would delay the backend's reply by a sleep (see `Backoff::spin_or_yield`).
         let outstanding = side.outstanding();
         let wait = match outstanding {
-            // A sleep here would delay the backend's reply by the sleep (milliseconds on
-            // an emulated or loaded host), so the loop keeps polling while one is due.
             true => Duration::ZERO,
             false => idle.round(progress),
         };
@@ -78,17 +79,9 @@ pub fn receive_loop<T: ServerTransport>(
         events += side.round();
         progress = events > 0;
         if outstanding {
-            idle.round(progress);
-        }
-        if progress {
-            outstanding_idle = 0;
-        } else if wait.is_zero() {
-            outstanding_idle = outstanding_idle.saturating_add(1);
-            if outstanding && opts.poll_mode.waits() && outstanding_idle > OUTSTANDING_SPINS {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            reply_due.spin_or_yield(progress);
+        } else if !progress && wait.is_zero() {
+            std::hint::spin_loop();
         }
     }
     Ok(core.ledger.log)
