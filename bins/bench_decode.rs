@@ -92,6 +92,7 @@ fn loader(args: &Args, path: Path, batch: usize) -> Result<CudnnLoader> {
         max_batch: batch.max(2),
         hardware_decode: path == Path::Hardware,
         preferred_batches: 0,
+        overlap_batches: false,
     };
     CudnnLoader::load_with(&args.engine_file, args.device, options).with_context(|| {
         format!(

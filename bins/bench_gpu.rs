@@ -255,6 +255,7 @@ fn fp16_graph(batch: usize, gpu_decode: bool) -> CudnnOptions {
         max_batch: 1,
         hardware_decode: false,
         preferred_batches: 0,
+        overlap_batches: false,
     }
 }
 
@@ -652,6 +653,7 @@ fn main() -> Result<()> {
                 max_batch: 1,
                 hardware_decode: false,
                 preferred_batches: 0,
+                overlap_batches: false,
             },
         )?;
         let mut s = loader

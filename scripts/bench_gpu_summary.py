@@ -46,7 +46,7 @@ def met(ok):
 def e2e_table(rows):
     print()
     print("end to end: zmq_server --backend gpu --precision fp16 over loopback, multi_client in-process")
-    print("closed loop (load generator on the same machine); config = decode_workers_max-batch_max-queue-delay-us")
+    print("closed loop (load generator on the same machine); config = decode_workers_max-batch_max-queue-delay-us_overlap")
     print(
         f" {'config':<24} {'task':<12} {'outst.':>6} {'stable':>6} {'req/s':>9} {'p50[ms]':>8} {'p99[ms]':>8}"
         f" {'errors':>6} {'srv cpu-s/1k':>12} {'queue':>7} {'decode':>7} {'prep':>6} {'infer':>7} [us, mean]"

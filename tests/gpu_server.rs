@@ -171,17 +171,34 @@ fn answer_or_error(c: &mut ZmqClient, msg: &[u8]) -> Option<ErrorCode> {
 /// Dynamic batching: 8 clients at once against one worker (`--max-batch 8`), so requests
 /// queue up and are taken together; every answer equals the lone-request answer, replies of
 /// one batch share their `inferred` stamp (the proof that batches formed), and a bad JPEG
-/// in the mix is rejected alone.
+/// in the mix is rejected alone. Both with `--overlap-batches on` (the next batch staged
+/// while the last one runs) and off.
 #[test]
 fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
     if !gpu_or_skip() {
         return;
     }
     let model = model("resnet50");
+    for overlap in ["on", "off"] {
+        println!("--overlap-batches {overlap}:");
+        concurrent_jpegs_on_one_worker(&model, overlap);
+    }
+}
+
+fn concurrent_jpegs_on_one_worker(model: &std::path::Path, overlap: &str) {
     let jpeg = std::fs::read(image()).unwrap();
     let server = zmq_server(
-        &model,
-        &["--backend", "gpu", "--max-batch", "8", "--workers", "1"],
+        model,
+        &[
+            "--backend",
+            "gpu",
+            "--max-batch",
+            "8",
+            "--workers",
+            "1",
+            "--overlap-batches",
+            overlap,
+        ],
     );
     let port = server.port;
     let lone = {
@@ -241,9 +258,20 @@ fn concurrent_jpegs_run_as_batches_with_the_same_answers() {
     assert!(largest > 1, "no two requests ran in one batch");
     assert!(largest <= 8, "a batch above --max-batch");
     let lines = server.stop();
+    let banner = if overlap == "on" {
+        "dynamic batch up to 8, overlapped"
+    } else {
+        "dynamic batch up to 8"
+    };
+    assert!(lines.iter().any(|l| l.contains(banner)), "{lines:#?}");
+    // Every request received was answered or rejected once: 1 lone + 8 x 40.
+    let counters = lines
+        .iter()
+        .find(|l| l.contains("received") && l.contains("answered"))
+        .unwrap_or_else(|| panic!("no counters line: {lines:#?}"));
     assert!(
-        lines.iter().any(|l| l.contains("dynamic batch up to 8")),
-        "{lines:#?}"
+        counters.contains("received 321 answered 317 rejected 4 "),
+        "{counters}"
     );
 }
 
@@ -380,6 +408,7 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
         streams: 0,
         max_batch: 1,
         preferred_batch_sizes: "auto",
+        overlap_batches: false,
     };
     let backend = BackendChoice::parse(&args).unwrap();
     let session = backend.sessions(&model, false).unwrap().pop().unwrap();
@@ -540,6 +569,7 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
             streams: 0,
             max_batch,
             preferred_batch_sizes: "auto",
+            overlap_batches: false,
         };
         let backend = BackendChoice::parse(&args).unwrap();
         let session = backend.sessions(&model, false).unwrap().pop().unwrap();
@@ -644,4 +674,168 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
         after.hybrid > before.hybrid,
         "the progressive JPEG went to the hybrid path: {after:?}"
     );
+}
+
+/// `--overlap-batches on`: a worker begins (decodes, preprocesses, launches) its next batch
+/// into the second batch set while the run of the last one is still on the GPU, and answers
+/// that one after. Driven as worker_loop drives it (begin 0, begin 1, finish 0, begin 0,
+/// finish 1, begin 1, finish 0, finish 1), a stream of batches with a truncated JPEG, a
+/// progressive one (hybrid path), an image no decoder takes and a ping between the photos gets
+/// exactly the replies the same batches get one after the other without overlap: same ids,
+/// same error codes, same top-5 and scores.
+#[test]
+fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
+    use hacserve_runtime::engine::registry::BackendChoice;
+    use hacserve_runtime::engine::BackendArgs;
+    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
+    if !gpu_or_skip() {
+        return;
+    }
+    let model = model("resnet50");
+    let pipeline_of = |overlap_batches: bool| {
+        let args = BackendArgs {
+            backend: "gpu",
+            precision: "fp16",
+            gpus: "0",
+            decode: "gpu",
+            threads: 1,
+            workers: 1,
+            streams: 0,
+            max_batch: 8,
+            preferred_batch_sizes: "auto",
+            overlap_batches,
+        };
+        let backend = BackendChoice::parse(&args).unwrap();
+        let session = backend.sessions(&model, false).unwrap().pop().unwrap();
+        Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS)
+    };
+    let photo = std::fs::read(image()).unwrap();
+    let progressive = generated_jpeg(640, 480, true);
+    let baseline = generated_jpeg(1920, 1080, false);
+    let truncated = photo[..photo.len() / 2].to_vec();
+    let not_a_jpeg = vec![0x5au8; 4096];
+    let mut id = 0u64;
+    let mut job = |task: Task, payload: &[u8]| {
+        id += 1;
+        queued(task, id, payload)
+    };
+    // Batches of 3, 5, 1, 8 and 2 requests: the preferred contexts 4 and 8, the batch of
+    // one through a batch set too, and the bad ones in the middle of the stream.
+    let batches = vec![
+        vec![
+            job(Task::Jpeg, &photo),
+            job(Task::Jpeg, &baseline),
+            job(Task::Jpeg, &photo),
+        ],
+        vec![
+            job(Task::Jpeg, &photo),
+            job(Task::Jpeg, &truncated),
+            job(Task::Jpeg, &progressive),
+            job(Task::Ping, &[]),
+            job(Task::Jpeg, &photo),
+        ],
+        vec![job(Task::Jpeg, &baseline)],
+        (0..8)
+            .map(|k| match k {
+                4 => job(Task::Jpeg, &not_a_jpeg),
+                k if k % 3 == 0 => job(Task::Jpeg, &baseline),
+                _ => job(Task::Jpeg, &photo),
+            })
+            .collect::<Vec<_>>(),
+        vec![job(Task::Jpeg, &truncated), job(Task::Jpeg, &photo)],
+    ];
+    let fresh = |n: usize| {
+        (
+            vec![Vec::new(); n],
+            vec![Outcome::Rejected(ErrorCode::Internal); n],
+        )
+    };
+    // Without overlap: each batch to its end before the next.
+    let mut plain = pipeline_of(false);
+    assert_eq!(plain.batch_sets(), 1);
+    let want: Vec<_> = batches
+        .iter()
+        .map(|jobs| {
+            let (mut outs, mut outcomes) = fresh(jobs.len());
+            plain.handle_batch(jobs, &mut outs, &mut outcomes);
+            (outs, outcomes)
+        })
+        .collect();
+    drop(plain);
+    // With overlap: batch b+1 is begun before batch b is finished.
+    let mut overlapped = pipeline_of(true);
+    assert_eq!(
+        overlapped.batch_sets(),
+        2,
+        "--overlap-batches on gives two batch sets"
+    );
+    let mut got: Vec<_> = batches.iter().map(|jobs| fresh(jobs.len())).collect();
+    let mut in_flight: Option<usize> = None;
+    for (b, jobs) in batches.iter().enumerate() {
+        let (outs, outcomes) = &mut got[b];
+        overlapped.begin_batch(b % 2, jobs, outs, outcomes).unwrap();
+        if let Some(prev) = in_flight.replace(b) {
+            let (outs, outcomes) = &mut got[prev];
+            overlapped.finish_batch(prev % 2, outs, outcomes);
+        }
+    }
+    if let Some(last) = in_flight {
+        let (outs, outcomes) = &mut got[last];
+        overlapped.finish_batch(last % 2, outs, outcomes);
+    }
+    let mut compared = 0;
+    for (b, ((got_outs, got_outcomes), (want_outs, want_outcomes))) in
+        got.iter().zip(&want).enumerate()
+    {
+        for k in 0..got_outs.len() {
+            let what = format!("batch {b} request {k}");
+            assert!(!got_outs[k].is_empty(), "{what}: no reply");
+            let (gh, gb) = Header::decode(&got_outs[k], usize::MAX).unwrap();
+            let (wh, wb) = Header::decode(&want_outs[k], usize::MAX).unwrap();
+            assert_eq!(
+                (gh.kind, gh.request_id, got_outcomes[k]),
+                (wh.kind, wh.request_id, want_outcomes[k]),
+                "{what}"
+            );
+            assert_eq!(gh.request_id, batches[b][k].header.unwrap().request_id);
+            match gh.kind {
+                MessageKind::Response
+                    if batches[b][k].header.map(|h| h.task) == Some(Task::Jpeg) =>
+                {
+                    let (g, w) = (
+                        ResponseBody::decode(gb).unwrap(),
+                        ResponseBody::decode(wb).unwrap(),
+                    );
+                    assert_eq!(g.classes, w.classes, "{what}: top-5");
+                    for (a, b) in g.scores.iter().zip(&w.scores) {
+                        assert!(
+                            (a - b).abs() < 2e-3,
+                            "{what}: {:?} vs {:?}",
+                            g.scores,
+                            w.scores
+                        );
+                    }
+                    compared += 1;
+                }
+                MessageKind::Error => {
+                    assert_eq!(
+                        decode_error(gb).unwrap().0,
+                        decode_error(wb).unwrap().0,
+                        "{what}"
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    // The bad ones: the truncated photos and the bytes no decoder reads.
+    for (b, k) in [(1, 1), (3, 4), (4, 0)] {
+        assert!(
+            matches!(got[b].1[k], Outcome::Rejected(ErrorCode::BadImage)),
+            "batch {b} request {k}: {:?}",
+            got[b].1[k]
+        );
+    }
+    println!("{compared} JPEG answers of overlapped batches equal the unpipelined ones");
+    assert_eq!(compared, 3 + 3 + 1 + 7 + 1);
 }

@@ -43,6 +43,7 @@ impl ServerArgs {
             streams: self.streams,
             max_batch: self.max_batch,
             preferred_batch_sizes: &self.preferred_batch_sizes,
+            overlap_batches: self.overlap_batches == "on",
         }
     }
 
@@ -54,6 +55,12 @@ impl ServerArgs {
             bail!(
                 "--max-image-pixels {} is outside 1..={MAX_IMAGE_PIXELS} (8192x8192, the decoders' cap)",
                 self.max_image_pixels
+            );
+        }
+        if !matches!(self.overlap_batches.as_str(), "on" | "off") {
+            bail!(
+                "--overlap-batches {:?}: use on or off",
+                self.overlap_batches
             );
         }
         let backend = match BackendChoice::parse(&self.backend_args()) {

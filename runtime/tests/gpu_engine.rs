@@ -161,6 +161,7 @@ fn latency(path: &Path, label: &str, precision: Precision, cuda_graph: bool) {
             max_batch: 1,
             hardware_decode: false,
             preferred_batches: 0,
+            overlap_batches: false,
         },
     )
     .unwrap();
@@ -211,6 +212,7 @@ fn throughput(path: &Path, label: &str, precision: Precision, batch: usize, cuda
             max_batch: 1,
             hardware_decode: false,
             preferred_batches: 0,
+            overlap_batches: false,
         },
     )
     .unwrap();
@@ -321,6 +323,7 @@ fn fp16_batch32_matches_batch1() {
                 max_batch: 1,
                 hardware_decode: false,
                 preferred_batches: 0,
+                overlap_batches: false,
             },
         )
         .unwrap();
@@ -441,6 +444,7 @@ fn sessions_are_independent_and_batch_works() {
             max_batch: 1,
             hardware_decode: false,
             preferred_batches: 0,
+            overlap_batches: false,
         },
     )
     .unwrap();
@@ -503,6 +507,7 @@ fn gpu_decode_feeds_the_engine_like_the_cpu_path() {
             max_batch: 1,
             hardware_decode: false,
             preferred_batches: 0,
+            overlap_batches: false,
         },
     )
     .unwrap();
@@ -616,4 +621,104 @@ fn tensor_bytes_match_the_host_path() {
         "tensor bytes path: {} seeds match the host path bit for bit",
         SEEDS.len()
     );
+}
+
+/// `overlap_batches`: two batch input sets, each with its own contexts. A run launched on set
+/// 0 is still in flight while set 1 is filled and launched; finishing them in either order
+/// hands each set its own logits, equal to the same inputs run one batch at a time (each
+/// finish checked against a poisoned buffer, so every logit was written), and the sets do not
+/// mix: set 1's images differ from set 0's, so a swapped answer fails the comparison.
+#[test]
+fn overlapped_batch_sets_match_batches_run_one_at_a_time() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let path = write(&model_gen::tiny_resnet(50), "tiny-overlap");
+    let loader = |overlap_batches: bool| {
+        CudnnLoader::load_with(
+            &path,
+            0,
+            CudnnOptions {
+                batch: 1,
+                precision: Precision::Fp32,
+                cuda_graph: true,
+                gpu_decode: true,
+                max_batch: 4,
+                hardware_decode: false,
+                preferred_batches: cudnn::powers_of_two_below(4),
+                overlap_batches,
+            },
+        )
+    };
+    let (plain, overlapped) = match (loader(false), loader(true)) {
+        (Ok(p), Ok(o)) => (p, o),
+        (p, o) => {
+            // gpu_decode needs nvJPEG and NVRTC besides cuDNN.
+            eprintln!(
+                "SKIPPED overlapped batch sets: loader failed ({:?} / {:?})",
+                p.err(),
+                o.err()
+            );
+            return;
+        }
+    };
+    let n = model_gen::NUM_CLASSES;
+    // Set 0 gets 3 images (the batch-4 context), set 1 two others (the preferred 2).
+    let batches: [Vec<u64>; 2] = [vec![11, 12, 13], vec![21, 22]];
+    let fill = |s: &mut dyn InferenceEngine, seeds: &[u64]| {
+        for (slot, &seed) in seeds.iter().enumerate() {
+            let input = model_gen::synthetic_input(seed);
+            s.slot_input_mut(slot).unwrap().copy_from_slice(&input);
+        }
+    };
+    // One batch at a time.
+    let mut want = Vec::new();
+    {
+        let mut s = plain.session().unwrap();
+        assert_eq!(s.batch_sets(), 1);
+        for seeds in &batches {
+            fill(s.as_mut(), seeds);
+            let mut out = vec![f32::NAN; seeds.len() * n];
+            s.run_slots(seeds.len(), &mut out).unwrap();
+            want.push(out);
+        }
+    }
+    let mut s = overlapped.session().unwrap();
+    assert_eq!(s.batch_sets(), 2);
+    for order in [[0usize, 1], [1, 0]] {
+        // Launch set 0, then fill and launch set 1 while set 0 is in flight.
+        for (set, seeds) in batches.iter().enumerate() {
+            s.select_batch_set(set).unwrap();
+            fill(s.as_mut(), seeds);
+            s.launch_slots(seeds.len()).unwrap();
+        }
+        for set in order {
+            s.select_batch_set(set).unwrap();
+            let k = batches[set].len();
+            let mut out = vec![f32::NAN; k * n];
+            s.finish_slots(k, &mut out).unwrap();
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "set {set}: logits not all written"
+            );
+            for i in 0..k {
+                let (rel, abs) = rel_diff(&out[i * n..(i + 1) * n], &want[set][i * n..(i + 1) * n]);
+                eprintln!("  finish order {order:?}, set {set} image {i}: max |diff| {abs:.3e}");
+                assert!(
+                    rel < TOL_FP32,
+                    "set {set} image {i}: relative diff {rel:e} from the one-at-a-time run"
+                );
+            }
+        }
+    }
+    // The two sets' inputs differ, so a mixed-up answer could not pass the comparison above.
+    let (rel, _) = rel_diff(&want[1][..n], &want[0][..n]);
+    assert!(
+        rel > 10.0 * TOL_FP32,
+        "the two batches' first images give the same logits ({rel:e})"
+    );
+    // A finish without a launch, and a set that does not exist, are errors, not hangs.
+    let mut out = vec![0f32; n];
+    assert!(s.finish_slots(1, &mut out).is_err());
+    assert!(s.select_batch_set(2).is_err());
 }

@@ -128,6 +128,7 @@ fn engine_reproduces_pytorch_resnet50_logits() {
                 max_batch: 1,
                 hardware_decode: false,
                 preferred_batches: 0,
+                overlap_batches: false,
             },
         )
         .unwrap_or_else(|e| panic!("loading the PyTorch export with {precision:?}: {e}"));

@@ -340,6 +340,28 @@ impl Handles {
         Ok(self.stream.synchronize()?)
     }
 
+    /// Device to page-locked host memory on this stream, without waiting: the first
+    /// `len` values of `src` land in `host` once the stream gets there (`host.as_slice()`
+    /// waits for them: the copy records the slice's event).
+    pub fn download_async(
+        &self,
+        src: &cu::CudaSlice<f32>,
+        len: usize,
+        host: &mut cu::PinnedHostSlice<f32>,
+    ) -> Result<(), GpuOpsError> {
+        if len > src.len() || len > host.len() {
+            return geometry(format!(
+                "download of {len} values from a buffer of {} into {}",
+                src.len(),
+                host.len()
+            ));
+        }
+        let view = src.slice(..len);
+        self.stream.memcpy_dtoh(&view, host)?;
+        count_d2h(Mover::Server, len * std::mem::size_of::<f32>());
+        Ok(())
+    }
+
     /// Starts capturing this stream's launches into a CUDA graph (thread-local mode: other
     /// threads' CUDA calls are unaffected). Always pair with [`Handles::end_capture`].
     pub fn begin_capture(&mut self) -> Result<(), GpuOpsError> {

@@ -120,6 +120,35 @@ pub trait InferenceEngine: Send {
             )))
         }
     }
+    /// Batch input sets this engine keeps (1 by default): with 2 (the GPU backend's
+    /// `--overlap-batches on`), the pipeline stages the next batch into one set while the
+    /// run of the other is still in flight ([`Self::launch_slots`] returns before the run
+    /// ends, [`Self::finish_slots`] waits for it). Only engines whose launch really returns
+    /// early answer more than 1.
+    fn batch_sets(&self) -> usize {
+        1
+    }
+    /// Which batch input set (< [`Self::batch_sets`]) the slot calls, `launch_slots` and
+    /// `finish_slots` use from now on. Set 0 is the one in use at start.
+    fn select_batch_set(&mut self, set: usize) -> Result<(), EngineError> {
+        if set == 0 {
+            Ok(())
+        } else {
+            Err(EngineError::Run(format!("batch set {set} of 1")))
+        }
+    }
+    /// Starts the run of slots `0..n` of the current set (as [`Self::run_slots`]) without
+    /// waiting for it; [`Self::finish_slots`] with the same `n` waits and hands out the
+    /// logits. The default runs nothing here and everything in `finish_slots`.
+    fn launch_slots(&mut self, n: usize) -> Result<(), EngineError> {
+        let _ = n;
+        Ok(())
+    }
+    /// Waits for the run [`Self::launch_slots`] started on the current set and writes its
+    /// `n * num_classes` logits. The default is [`Self::run_slots`].
+    fn finish_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        self.run_slots(n, logits)
+    }
     /// Engines that decode and preprocess images on their own device answer `Some`; the
     /// pipeline then skips the CPU decoder.
     fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
@@ -377,4 +406,7 @@ pub struct BackendArgs<'a> {
     /// `--preferred-batch-sizes`: "auto" (powers of two below `max_batch`), "none", or a
     /// comma-separated list; each gets its own batch context and CUDA graph.
     pub preferred_batch_sizes: &'a str,
+    /// `--overlap-batches`: two batch contexts per worker, so that the next batch is decoded
+    /// and preprocessed while the last one runs (GPU backend with GPU decode and a batch).
+    pub overlap_batches: bool,
 }

@@ -159,6 +159,7 @@ mod tests {
             streams,
             max_batch: 8,
             preferred_batch_sizes: "auto",
+            overlap_batches: false,
         }
     }
 

@@ -48,6 +48,18 @@ pub struct Pipeline {
     /// between batches; only its allocation is kept) and what it did with each.
     jpegs: Vec<&'static [u8]>,
     stages: Vec<SlotStage>,
+    /// Engines with two batch input sets ([`InferenceEngine::batch_sets`]): the other set's
+    /// `pending`, `batch_logits` and `batch_errors` (swapped in with the engine's set by
+    /// [`Self::begin_batch`] and [`Self::finish_batch`]), and which set is in the fields.
+    spare_set: Option<Box<BatchState>>,
+    current_set: usize,
+}
+
+/// One batch set's requests in flight (the [`Pipeline`] fields of the same names).
+struct BatchState {
+    pending: Vec<Staged>,
+    batch_logits: Vec<f32>,
+    batch_errors: Vec<String>,
 }
 
 /// A JPEG inference staged into slot `pending[i]` of the batch input.
@@ -75,7 +87,6 @@ impl Pipeline {
         }
         Pipeline {
             pre: Preprocessor::new(max_image_pixels),
-            engine,
             logits: vec![0.0; classes],
             max_payload,
             max_image_pixels,
@@ -86,6 +97,65 @@ impl Pipeline {
             resident_copy: Vec::new(),
             jpegs: Vec::with_capacity(batch),
             stages: Vec::with_capacity(batch),
+            spare_set: (engine.batch_sets() > 1).then(|| {
+                Box::new(BatchState {
+                    pending: Vec::with_capacity(batch),
+                    batch_logits: vec![0.0; batch * classes],
+                    batch_errors: (0..batch).map(|_| String::with_capacity(256)).collect(),
+                })
+            }),
+            current_set: 0,
+            engine,
+        }
+    }
+
+    /// Batches that can be in flight at once: 2 where the engine keeps two batch input sets
+    /// (`--overlap-batches on`), so [`Self::begin_batch`] of one set may come while the
+    /// other's run is on the device; else 1 ([`Self::handle_batch`] only).
+    pub fn batch_sets(&self) -> usize {
+        1 + usize::from(self.spare_set.is_some())
+    }
+
+    /// Makes `set` the one the batch fields and the engine's batch input work on.
+    fn use_set(&mut self, set: usize) -> Result<(), EngineError> {
+        if set == self.current_set {
+            return Ok(());
+        }
+        let Some(spare) = self.spare_set.as_deref_mut() else {
+            return Err(EngineError::Run(format!("batch set {set} of 1")));
+        };
+        self.engine.select_batch_set(set)?;
+        std::mem::swap(&mut self.pending, &mut spare.pending);
+        std::mem::swap(&mut self.batch_logits, &mut spare.batch_logits);
+        std::mem::swap(&mut self.batch_errors, &mut spare.batch_errors);
+        self.current_set = set;
+        Ok(())
+    }
+
+    /// The first half of [`Self::handle_batch`] on batch set `set`: everything up to the
+    /// launch of the batch run, which is left in flight on the device (requests that are
+    /// not staged, refused or failed are answered in `outs`/`outcomes` now). The staged ones
+    /// are answered by [`Self::finish_batch`] of the same set with the same `outs` and
+    /// `outcomes`; in between the other set may be begun and finished. Err: `set` is not one
+    /// of [`Self::batch_sets`] (nothing was done).
+    pub fn begin_batch<J: ServerJob>(
+        &mut self,
+        set: usize,
+        jobs: &[Queued<J>],
+        outs: &mut [Vec<u8>],
+        outcomes: &mut [Outcome],
+    ) -> Result<(), EngineError> {
+        self.use_set(set)?;
+        self.stage_jobs(jobs, outs, outcomes);
+        Ok(())
+    }
+
+    /// Waits for the run [`Self::begin_batch`] launched on `set` and writes its requests'
+    /// replies; [`Self::batch_error`] then reads this set's rejections.
+    pub fn finish_batch(&mut self, set: usize, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
+        match self.use_set(set) {
+            Ok(()) => self.finish_pending(outs, outcomes),
+            Err(e) => self.reject_pending(&e, outs, outcomes),
         }
     }
 
@@ -107,6 +177,17 @@ impl Pipeline {
     /// [`Self::batch_error`]`(i)`. A request that fails (bad JPEG) is rejected alone; the
     /// others still run.
     pub fn handle_batch<J: ServerJob>(
+        &mut self,
+        jobs: &[Queued<J>],
+        outs: &mut [Vec<u8>],
+        outcomes: &mut [Outcome],
+    ) {
+        self.stage_jobs(jobs, outs, outcomes);
+        self.finish_pending(outs, outcomes);
+    }
+
+    /// [`Self::handle_batch`] up to the launch of the batch run ([`Self::launch_pending`]).
+    fn stage_jobs<J: ServerJob>(
         &mut self,
         jobs: &[Queued<J>],
         outs: &mut [Vec<u8>],
@@ -158,7 +239,7 @@ impl Pipeline {
                 }
             }
         }
-        self.run_pending(outs, outcomes);
+        self.launch_pending(outs, outcomes);
     }
 
     /// [`Self::handle_batch`] on an engine that decodes on its device: the JPEG inferences
@@ -251,42 +332,59 @@ impl Pipeline {
         }
         self.stages = stages;
         self.pending.truncate(kept);
-        self.run_pending(outs, outcomes);
+        self.launch_pending(outs, outcomes);
     }
 
-    /// Runs the batch of `pending` (slot k = `pending[k]`) and writes each reply.
-    fn run_pending(&mut self, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
+    /// Launches the batch of `pending` (slot k = `pending[k]`) without waiting for it; if
+    /// the launch fails, each of its requests is answered with the error now.
+    fn launch_pending(&mut self, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
+        let n = self.pending.len();
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = self.engine.launch_slots(n) {
+            self.reject_pending(&e, outs, outcomes);
+        }
+    }
+
+    /// Every request of `pending` answered `Internal` with `e`; `pending` is emptied.
+    fn reject_pending(&mut self, e: &EngineError, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
+        let text = e.to_string();
+        for staged in self.pending.drain(..) {
+            let i = staged.index;
+            outcomes[i] = reject(
+                &staged.header,
+                ErrorCode::Internal,
+                &text,
+                &mut outs[i],
+                &mut self.batch_errors[i],
+            );
+        }
+    }
+
+    /// Waits for the launched batch of `pending` and writes each reply; `pending` is emptied.
+    fn finish_pending(&mut self, outs: &mut [Vec<u8>], outcomes: &mut [Outcome]) {
         let classes = self.logits.len();
         let n = self.pending.len();
         if n == 0 {
             return;
         }
         let logits = &mut self.batch_logits[..n * classes];
-        let ran = self.engine.run_slots(n, logits);
+        if let Err(e) = self.engine.finish_slots(n, logits) {
+            return self.reject_pending(&e, outs, outcomes);
+        }
         let inferred = realtime_ns();
         for (k, staged) in self.pending.iter_mut().enumerate() {
             let i = staged.index;
-            match &ran {
-                Err(e) => {
-                    outcomes[i] = reject(
-                        &staged.header,
-                        ErrorCode::Internal,
-                        &e.to_string(),
-                        &mut outs[i],
-                        &mut self.batch_errors[i],
-                    );
-                }
-                Ok(()) => {
-                    let mut body = ResponseBody::default();
-                    top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
-                    staged.ts.inferred = inferred;
-                    body.timestamps = staged.ts;
-                    let logits = &logits[k * classes..(k + 1) * classes];
-                    let tail = logits_if_asked(&staged.header, logits);
-                    outcomes[i] = write_response(&staged.header, &mut body, tail, &mut outs[i]);
-                }
-            }
+            let mut body = ResponseBody::default();
+            top_k_softmax(&logits[k * classes..(k + 1) * classes], &mut body);
+            staged.ts.inferred = inferred;
+            body.timestamps = staged.ts;
+            let logits = &logits[k * classes..(k + 1) * classes];
+            let tail = logits_if_asked(&staged.header, logits);
+            outcomes[i] = write_response(&staged.header, &mut body, tail, &mut outs[i]);
         }
+        self.pending.clear();
     }
 
     pub fn max_payload(&self) -> usize {

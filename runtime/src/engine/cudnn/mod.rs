@@ -98,6 +98,11 @@ pub struct CudnnOptions {
     /// context of at least n images instead of always the `max_batch` one (Triton's
     /// preferred batch sizes). 0 = only `max_batch`.
     pub preferred_batches: u64,
+    /// With `max_batch` > 1 (`--overlap-batches`): a second set of batch contexts (their
+    /// own graphs, streams and buffers), so that a worker decodes and preprocesses its next
+    /// batch into one set while the run of its last batch on the other is still on the GPU
+    /// ([`InferenceEngine::batch_sets`] = 2).
+    pub overlap_batches: bool,
 }
 
 /// Powers of two from 2 below `max_batch`, as a [`CudnnOptions::preferred_batches`] mask.
@@ -128,6 +133,7 @@ impl Default for CudnnOptions {
             max_batch: 1,
             hardware_decode: false,
             preferred_batches: 0,
+            overlap_batches: false,
         }
     }
 }
@@ -336,6 +342,7 @@ fn configure(a: &BackendArgs) -> Result<Box<dyn Backend>, BackendError> {
             max_batch: if gpu_decode { a.max_batch } else { 1 },
             hardware_decode,
             preferred_batches: if gpu_decode { preferred_batches } else { 0 },
+            overlap_batches: gpu_decode && a.max_batch > 1 && a.overlap_batches,
         },
         workers,
     }))
@@ -345,7 +352,7 @@ impl Backend for GpuBackend {
     fn describe(&self) -> String {
         let o = &self.options;
         format!(
-            "cudnn-gpu {:?} + CUDA graph on GPUs {:?}, {} decode, dynamic batch up to {}",
+            "cudnn-gpu {:?} + CUDA graph on GPUs {:?}, {} decode, dynamic batch up to {}{}",
             o.precision,
             self.gpus,
             match (o.gpu_decode, o.hardware_decode) {
@@ -355,7 +362,12 @@ impl Backend for GpuBackend {
                 (true, false) => "nvJPEG hybrid",
                 _ => "CPU",
             },
-            o.max_batch
+            o.max_batch,
+            if o.overlap_batches {
+                ", overlapped"
+            } else {
+                ""
+            }
         )
     }
 
@@ -438,12 +450,14 @@ mod tests {
             streams: 0,
             max_batch: 16,
             preferred_batch_sizes: sizes,
+            overlap_batches: true,
         };
         let described = |sizes| configure(&args(sizes)).map(|b| format!("{b:?}"));
         assert!(described("4,12")
             .unwrap()
             .contains("preferred_batches: 2056"));
         assert!(described("none").unwrap().contains("preferred_batches: 0"));
+        assert!(described("none").unwrap().contains("overlap_batches: true"));
         for bad in ["16", "0", "3,x"] {
             let err = described(bad).unwrap_err().to_string();
             assert!(err.contains("--preferred-batch-sizes"), "{bad}: {err}");

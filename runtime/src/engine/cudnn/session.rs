@@ -45,7 +45,17 @@ pub struct CudnnSession {
     /// device slots were last staged into (None: `batched`).
     pub(super) preferred: Vec<CudnnSession>,
     pub(super) staged_in: Option<usize>,
-    pub(super) batch_logits: Vec<f32>,
+    /// Where the batch context's logits are downloaded (page-locked: the download is queued
+    /// behind the run without waiting, [`InferenceEngine::launch_slots`]).
+    pub(super) batch_logits: Option<cu::PinnedHostSlice<f32>>,
+    /// The run [`InferenceEngine::launch_slots`] started on these contexts and
+    /// [`InferenceEngine::finish_slots`] has not collected yet.
+    pub(super) launched: Option<Launched>,
+    /// `--overlap-batches`: the other set of batch contexts (the fields above from
+    /// `batched` on, swapped in by [`InferenceEngine::select_batch_set`]), and which set is
+    /// in the fields now.
+    pub(super) spare_set: Option<Box<BatchSet>>,
+    pub(super) current_set: usize,
     /// Slots of the batch input (the batch context's, or this context's) filled on the host
     /// ([`InferenceEngine::slot_input_mut`]) and on the device
     /// ([`DeviceImages::preprocess_slot`]) since the last [`InferenceEngine::run_slots`],
@@ -64,19 +74,103 @@ pub struct CudnnSession {
     pub(super) graph: Option<Graph>,
 }
 
+/// One set of batch contexts: the batch-`max_batch` context, the preferred smaller ones, and
+/// what was staged into and launched on them (the [`CudnnSession`] fields of the same names).
+pub(super) struct BatchSet {
+    batched: Option<Box<CudnnSession>>,
+    preferred: Vec<CudnnSession>,
+    staged_in: Option<usize>,
+    batch_logits: Option<cu::PinnedHostSlice<f32>>,
+    launched: Option<Launched>,
+    host_slots: u64,
+    device_slots: u64,
+}
+
+/// A run started by [`InferenceEngine::launch_slots`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Launched {
+    n: usize,
+    on: LaunchedOn,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LaunchedOn {
+    /// The batch context (None) or preferred context i: its graph and the logits' download
+    /// are queued on that context's stream.
+    Batch(Option<usize>),
+    /// No batch context: a batch of one on this context, run (and waited for) at finish,
+    /// from the host input (`host`) or the device input.
+    Deferred { host: bool },
+}
+
 impl CudnnSession {
     pub(super) fn new(loader: &CudnnLoader, high_priority: bool) -> Result<Self, EngineError> {
         let mut session = Self::build(loader, &loader.plan, high_priority, true)?;
         if let Some(plan) = &loader.batch_plan {
-            let batched = Self::build(loader, plan, high_priority, false)?;
-            session.batch_logits = vec![0.0; batched.batch * batched.num_classes];
-            session.batched = Some(Box::new(batched));
-            for plan in &loader.preferred_plans {
-                let ctx = Self::build(loader, plan, high_priority, false)?;
-                session.preferred.push(ctx);
+            let sets = if loader.options.overlap_batches { 2 } else { 1 };
+            for set in 0..sets {
+                let batched = Self::build(loader, plan, high_priority, false)?;
+                let logits = batched
+                    .handles
+                    .pinned_zeros(batched.batch * batched.num_classes)
+                    .map_err(run_err)?;
+                let mut preferred = Vec::with_capacity(loader.preferred_plans.len());
+                for plan in &loader.preferred_plans {
+                    preferred.push(Self::build(loader, plan, high_priority, false)?);
+                }
+                let built = BatchSet {
+                    batched: Some(Box::new(batched)),
+                    preferred,
+                    staged_in: None,
+                    batch_logits: Some(logits),
+                    launched: None,
+                    host_slots: 0,
+                    device_slots: 0,
+                };
+                if set == 0 {
+                    session.batched = built.batched;
+                    session.preferred = built.preferred;
+                    session.batch_logits = built.batch_logits;
+                } else {
+                    session.spare_set = Some(Box::new(built));
+                }
             }
         }
         Ok(session)
+    }
+
+    /// Swaps the spare set of batch contexts into the session's fields (and the current
+    /// one out): every slot, launch and finish call then works on the other set.
+    fn swap_sets(&mut self) {
+        if let Some(spare) = self.spare_set.as_deref_mut() {
+            std::mem::swap(&mut self.batched, &mut spare.batched);
+            std::mem::swap(&mut self.preferred, &mut spare.preferred);
+            std::mem::swap(&mut self.staged_in, &mut spare.staged_in);
+            std::mem::swap(&mut self.batch_logits, &mut spare.batch_logits);
+            std::mem::swap(&mut self.launched, &mut spare.launched);
+            std::mem::swap(&mut self.host_slots, &mut spare.host_slots);
+            std::mem::swap(&mut self.device_slots, &mut spare.device_slots);
+            self.current_set = 1 - self.current_set;
+        }
+    }
+
+    /// A run launched on the current set and never finished (its finish panicked or was
+    /// skipped): waited for and dropped, so nothing is staged into inputs a run still reads.
+    fn settle_launched(&mut self) {
+        let Some(launched) = self.launched.take() else {
+            return;
+        };
+        if let LaunchedOn::Batch(on) = launched.on {
+            let context = match on {
+                Some(i) => self.preferred.get(i),
+                None => self.batched.as_deref(),
+            };
+            if let Some(c) = context {
+                if let Err(e) = c.handles.bind().and_then(|()| c.handles.synchronize()) {
+                    log::warn!("cudnn-gpu: an unfinished batch run failed: {e}");
+                }
+            }
+        }
     }
 
     /// One context for `plan` (the loader's, or its batch plan); `with_images` gives it the
@@ -182,7 +276,10 @@ impl CudnnSession {
             batched: None,
             preferred: Vec::new(),
             staged_in: None,
-            batch_logits: Vec::new(),
+            batch_logits: None,
+            launched: None,
+            spare_set: None,
+            current_set: 0,
             host_slots: 0,
             device_slots: 0,
             high_priority,
@@ -460,10 +557,37 @@ impl InferenceEngine for CudnnSession {
     }
 
     /// Runs the whole batch context (slots past `n` hold stale images: their logits are
-    /// computed and dropped) and hands out the first `n` images' logits. Slots filled on the
-    /// host are uploaded first (the whole pinned input, one DMA); a batch is filled either on
-    /// the host or on the device, not both (the upload would overwrite device slots).
+    /// computed and dropped) and hands out the first `n` images' logits: [`Self::launch_slots`]
+    /// then [`Self::finish_slots`].
     fn run_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        self.launch_slots(n)?;
+        self.finish_slots(n, logits)
+    }
+
+    fn batch_sets(&self) -> usize {
+        1 + usize::from(self.spare_set.is_some())
+    }
+
+    fn select_batch_set(&mut self, set: usize) -> Result<(), EngineError> {
+        if set >= self.batch_sets() {
+            return Err(EngineError::Run(format!(
+                "batch set {set} of {}",
+                self.batch_sets()
+            )));
+        }
+        if set != self.current_set {
+            self.swap_sets();
+        }
+        Ok(())
+    }
+
+    /// Queues the batch context's graph and the download of its logits on that context's
+    /// stream and returns. Slots filled on the host are uploaded first (the whole pinned
+    /// input, one DMA); a batch is filled either on the host or on the device, not both (the
+    /// upload would overwrite device slots). Device slots staged into a preferred (smaller)
+    /// context run there.
+    fn launch_slots(&mut self, n: usize) -> Result<(), EngineError> {
+        self.settle_launched();
         let (host, device) = (self.host_slots, self.device_slots);
         (self.host_slots, self.device_slots) = (0, 0);
         let staged_in = self.staged_in.take();
@@ -472,36 +596,86 @@ impl InferenceEngine for CudnnSession {
                 "a batch mixes host-filled and device-filled slots".into(),
             ));
         }
-        // Device slots staged into a preferred (smaller) context run there.
-        let context = match staged_in {
-            Some(i) if device != 0 => self.preferred.get_mut(i),
-            _ => self.batched.as_deref_mut(),
+        let on = match staged_in {
+            Some(i) if device != 0 && i < self.preferred.len() => Some(i),
+            _ => None,
+        };
+        let CudnnSession {
+            batched,
+            preferred,
+            batch_logits,
+            launched,
+            ..
+        } = self;
+        let context = match on {
+            Some(i) => preferred.get_mut(i),
+            None => batched.as_deref_mut(),
         };
         let Some(batched) = context else {
-            return match n {
-                1 if host != 0 => self.run(logits),
-                1 => self.run_preprocessed(logits),
-                _ => Err(EngineError::Run(format!(
+            if n != 1 {
+                return Err(EngineError::Run(format!(
                     "a batch of {n} without a batch context"
-                ))),
-            };
+                )));
+            }
+            *launched = Some(Launched {
+                n,
+                on: LaunchedOn::Deferred { host: host != 0 },
+            });
+            return Ok(());
         };
         let classes = batched.num_classes;
-        if n == 0 || n > batched.batch || logits.len() != n * classes {
+        if n == 0 || n > batched.batch {
             return Err(EngineError::Run(format!(
-                "{n} images / {} logits for a batch of {}",
-                logits.len(),
+                "{n} images for a batch of {}",
                 batched.batch
             )));
         }
+        let pinned = batch_logits
+            .as_mut()
+            .ok_or_else(|| EngineError::Run("no batch logits buffer".into()))?;
         batched.handles.bind().map_err(run_err)?;
         if host != 0 {
             batched.upload_input()?;
         }
-        let ran = batched.batch * classes;
-        batched.run_and_download(&mut self.batch_logits[..ran])?;
-        logits.copy_from_slice(&self.batch_logits[..n * classes]);
+        batched.run_all()?;
+        let out = batched.logits_buffer()?;
+        batched
+            .handles
+            .download_async(out, batched.batch * classes, pinned)
+            .map_err(run_err)?;
+        *launched = Some(Launched {
+            n,
+            on: LaunchedOn::Batch(on),
+        });
         Ok(())
+    }
+
+    /// Waits for the launched run's logits (the page-locked buffer's event, recorded after
+    /// the download) and copies the first `n` images' out.
+    fn finish_slots(&mut self, n: usize, logits: &mut [f32]) -> Result<(), EngineError> {
+        let Some(launched) = self.launched.take() else {
+            return Err(EngineError::Run("no batch run was launched".into()));
+        };
+        if launched.n != n || logits.len() != n * self.num_classes {
+            return Err(EngineError::Run(format!(
+                "finishing {n} images / {} logits of a run of {}",
+                logits.len(),
+                launched.n
+            )));
+        }
+        match launched.on {
+            LaunchedOn::Deferred { host: true } => self.run(logits),
+            LaunchedOn::Deferred { host: false } => self.run_preprocessed(logits),
+            LaunchedOn::Batch(_) => {
+                let pinned = self
+                    .batch_logits
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Run("no batch logits buffer".into()))?;
+                let ran = pinned.as_slice().map_err(|e| run_err(e.into()))?;
+                logits.copy_from_slice(&ran[..logits.len()]);
+                Ok(())
+            }
+        }
     }
 
     fn device_images(&mut self) -> Option<&mut dyn DeviceImages> {
