@@ -721,7 +721,7 @@ fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
     };
     // Batches of 3, 5, 1, 8 and 2 requests: the preferred contexts 4 and 8, the batch of
     // one through a batch set too, and the bad ones in the middle of the stream.
-    let batches = vec![
+    let batches = [
         vec![
             job(Task::Jpeg, &photo),
             job(Task::Jpeg, &baseline),
