@@ -204,7 +204,8 @@ pub struct ZeroCopy {
 /// rdma_server's defaults for the entry limits (docs/rdma.md says why).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 pub const DEFAULT_MAX_PINNED_MIB: u64 = 4096;
-pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 1000;
+/// Above RC's own recovery of a lost packet (docs/rdma.md, "Peers that stop taking replies").
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 5000;
 
 /// Where the server places each client's request ring.
 #[derive(Debug, Clone, Default)]
