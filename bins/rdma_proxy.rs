@@ -54,7 +54,7 @@ fn main() -> Result<()> {
         return hacserve::cli::check::report("rdma_proxy", &[check::rdma()]);
     }
     let (proxy, ring) = (args.proxy(), args.ring_limits());
-    let mode = proxy.prepare()?;
+    let (mode, placement) = proxy.prepare()?;
     if args.connections == 0 {
         bail!("-c/--connections must be at least 1");
     }
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
     let stopped = forward(
         &proxy,
         &args.metrics(),
-        mode,
+        (mode, placement),
         &backend,
         max_payload,
         &mut rdma,

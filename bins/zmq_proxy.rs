@@ -57,7 +57,7 @@ fn main() -> Result<()> {
         return hacserve::cli::check::report("zmq_proxy", &[check::rdma()]);
     }
     let proxy = args.proxy();
-    let mode = proxy.prepare()?;
+    let (mode, placement) = proxy.prepare()?;
     if args.clients == 0 {
         bail!("-c/--clients must be at least 1");
     }
@@ -88,7 +88,7 @@ fn main() -> Result<()> {
     let stopped = forward(
         &proxy,
         &args.metrics(),
-        mode,
+        (mode, placement),
         &backend,
         max_payload,
         &mut zmq,

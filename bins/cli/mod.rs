@@ -310,7 +310,8 @@ macro_rules! cli_args {
         poll_mode: [String],
         /// where the forwarder runs: thread (its own polling thread beside the receive
         /// loop), inline (inside the receive loop: one polling thread for both sides) or
-        /// auto (thread when the poll mode is busy, else inline)
+        /// auto (thread when the poll mode is busy, else inline; with --poll-mode auto too:
+        /// busy and thread from three cores, busy and inline on two, block and inline on one)
         #[argh(option, default = "String::from(\"auto\")")]
         forwarder: [String],
         /// address to bind

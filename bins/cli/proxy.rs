@@ -39,12 +39,12 @@ pub struct Stopped {
 }
 
 impl ProxyArgs {
-    /// Logging, the stop handler and the poll mode (two spinning threads: the receive loop
-    /// and the forwarder).
-    pub fn prepare(&self) -> Result<PollMode> {
+    /// Logging, the stop handler, the poll mode and the forwarder's placement (auto counts
+    /// a spinning thread per side with a forwarder thread, one inline: `Placement::plan`).
+    pub fn prepare(&self) -> Result<(PollMode, Placement)> {
         super::init(self.debug);
         let _informational = (self.requests, self.task, self.save_logs, &self.folder);
-        PollMode::parse(&self.poll_mode, 2).map_err(anyhow::Error::msg)
+        Placement::plan(&self.poll_mode, &self.forwarder).map_err(anyhow::Error::msg)
     }
 
     fn pool(&self, b: &Backend, mode: PollMode) -> PoolConfig {
@@ -72,7 +72,7 @@ impl ProxyArgs {
 pub fn forward<T: ServerTransport>(
     args: &ProxyArgs,
     metrics: &MetricsArgs,
-    mode: PollMode,
+    (mode, placement): (PollMode, Placement),
     backend: &Backend,
     max_payload: usize,
     transport: &mut T,
@@ -81,7 +81,6 @@ pub fn forward<T: ServerTransport>(
     banner: impl FnOnce(&T) -> String,
 ) -> Result<Stopped> {
     let opts = ServerOptions::forwarding(max_payload, mode, args.queue_depth, args.debug);
-    let placement = Placement::parse(&args.forwarder, mode).map_err(anyhow::Error::msg)?;
     // The backend first: without it the proxy is useless.
     let pool = args.pool(backend, mode);
     let mut proxy = Proxy::start(&opts, transport, pool, placement, monitor)

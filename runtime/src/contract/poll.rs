@@ -43,7 +43,8 @@ impl PollMode {
     }
 }
 
-fn cores() -> usize {
+/// The cores this process may run on.
+pub fn cores() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 

@@ -13,6 +13,7 @@ use hacserve_ffi::signal;
 
 use super::pool::{format_shares, ConnShare, PoolConfig, RdmaPool, Reply};
 use crate::contract::copies::count_payload_copy;
+use crate::contract::poll::cores;
 use crate::contract::{
     Backoff, Counters, PollMode, Queued, ReplySink, ServerJob, ServerTransport, TransportError,
 };
@@ -48,6 +49,38 @@ impl Placement {
                 "--forwarder must be thread, inline or auto, not {other:?}"
             )),
         }
+    }
+
+    /// The proxy's poll mode and placement from `--poll-mode` and `--forwarder`. An auto
+    /// poll mode counts the spinning threads the placement implies (a forwarder thread is a
+    /// second one) under [`PollMode::parse`]'s rule, a core each plus one left over: busy
+    /// with its own thread from three cores, busy inline on two, block inline on one.
+    pub fn plan(poll: &str, forwarder: &str) -> Result<(PollMode, Placement), String> {
+        Self::plan_on(poll, forwarder, cores())
+    }
+
+    fn plan_on(poll: &str, forwarder: &str, cores: usize) -> Result<(PollMode, Placement), String> {
+        if poll != "auto" {
+            let mode = PollMode::parse(poll, 0)?;
+            return Ok((mode, Placement::parse(forwarder, mode)?));
+        }
+        let spin = |threads: usize| {
+            if cores > threads {
+                PollMode::Busy
+            } else {
+                PollMode::Block
+            }
+        };
+        let given = match forwarder {
+            "auto" => None,
+            f => Some(Placement::parse(f, PollMode::Block)?),
+        };
+        Ok(match given {
+            Some(Placement::Thread) => (spin(2), Placement::Thread),
+            Some(Placement::Inline) => (spin(1), Placement::Inline),
+            None if spin(2) == PollMode::Busy => (PollMode::Busy, Placement::Thread),
+            None => (spin(1), Placement::Inline),
+        })
     }
 }
 
@@ -340,5 +373,30 @@ mod tests {
         }
         let err = Placement::parse("both", PollMode::Busy).unwrap_err();
         assert!(err.contains("thread, inline or auto"), "{err}");
+    }
+
+    #[test]
+    fn auto_poll_mode_counts_the_threads_of_the_placement() {
+        use Placement::{Inline, Thread};
+        use PollMode::{Block, Busy, Event};
+        let plan = |p, f, cores| Placement::plan_on(p, f, cores).unwrap();
+        // Both auto: a thread each side from three cores, one spinning thread on two.
+        assert_eq!(plan("auto", "auto", 16), (Busy, Thread));
+        assert_eq!(plan("auto", "auto", 3), (Busy, Thread));
+        assert_eq!(plan("auto", "auto", 2), (Busy, Inline));
+        assert_eq!(plan("auto", "auto", 1), (Block, Inline));
+        // A placement given: auto spins only if its threads fit.
+        assert_eq!(plan("auto", "thread", 2), (Block, Thread));
+        assert_eq!(plan("auto", "thread", 3), (Busy, Thread));
+        assert_eq!(plan("auto", "inline", 2), (Busy, Inline));
+        assert_eq!(plan("auto", "inline", 1), (Block, Inline));
+        // A poll mode given: the placement follows it as before.
+        assert_eq!(plan("busy", "auto", 1), (Busy, Thread));
+        assert_eq!(plan("block", "auto", 16), (Block, Inline));
+        assert_eq!(plan("event", "thread", 16), (Event, Thread));
+        let bad = Placement::plan_on("auto", "both", 2).unwrap_err();
+        assert!(bad.contains("thread, inline or auto"), "{bad}");
+        let bad = Placement::plan_on("spin", "auto", 2).unwrap_err();
+        assert!(bad.contains("busy, block, event or auto"), "{bad}");
     }
 }
