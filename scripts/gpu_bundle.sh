@@ -17,7 +17,7 @@ built=${CARGO_TARGET_DIR:-target}/release
 case "${1:-build}" in
 build)
   read -r -a bins <<< "${BINS:-zmq_server zmq_client multi_client bench_gpu bench_decode bench_gpudirect gen_models}"
-  read -r -a tests <<< "${TESTS:--p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu -p hacserve --test gpu_server --test gpudirect_loopback}"
+  read -r -a tests <<< "${TESTS:--p hacserve-runtime --test gpu_engine --test gpu_preprocess --test gpu_torch_reference -p hacserve-ffi --test nvjpeg_gpu --test dmabuf_gpu --test landing_gpu -p hacserve --test gpu_server --test gpudirect_loopback}"
   cargo build --release $(printf -- '--bin %s ' "${bins[@]}")
   rm -rf "$carry" && mkdir -p "$carry/stage/bin" "$carry/stage/tests"
   cargo test --release --no-run --message-format=json "${tests[@]}" > "$carry/tests.json"

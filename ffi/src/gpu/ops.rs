@@ -20,7 +20,7 @@ use cudarc::cudnn::{
     self, sys as dnn, ActivationDescriptor, ConvBiasActivationForward, ConvDescriptor, ConvForward,
     Cudnn, FilterDescriptor, PoolingDescriptor, PoolingForward, TensorDescriptor,
 };
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{DevicePtr, PushKernelArg};
 use thiserror::Error;
 
 use super::cuda::{self, cu, CudaError};
@@ -257,6 +257,41 @@ impl GpuDevice {
     }
 }
 
+/// Page-locked host memory that device values are downloaded into asynchronously
+/// ([`Handles::download_async`]), and the event recorded after the last such download.
+pub struct HostLanding {
+    host: cu::PinnedHostSlice<f32>,
+    landed: cu::CudaEvent,
+}
+
+impl HostLanding {
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    /// Waits for the last download into this memory and returns its first `len` values.
+    pub fn wait(&self, len: usize) -> Result<&[f32], GpuOpsError> {
+        self.landed.synchronize()?;
+        let all = self.host.as_slice()?;
+        match all.get(..len) {
+            Some(values) => Ok(values),
+            None => geometry(format!("{len} values of a landing of {}", all.len())),
+        }
+    }
+}
+
+impl Drop for HostLanding {
+    fn drop(&mut self) {
+        // A download still in flight writes into `host`: let it land before the pinned
+        // memory is freed. A failed wait (a dead context) leaves nothing to wait for.
+        let _ = self.landed.synchronize();
+    }
+}
+
 /// One session's stream, cuDNN handle and cuBLAS handle.
 pub struct Handles {
     stream: Arc<cu::CudaStream>,
@@ -340,24 +375,47 @@ impl Handles {
         Ok(self.stream.synchronize()?)
     }
 
-    /// Device to page-locked host memory on this stream, without waiting: the first
-    /// `len` values of `src` land in `host` once the stream gets there (`host.as_slice()`
-    /// waits for them: the copy records the slice's event).
+    /// Page-locked host memory of `len` zeros that [`Handles::download_async`] lands device
+    /// values in, with its own completion event.
+    pub fn landing(&self, len: usize) -> Result<HostLanding, GpuOpsError> {
+        let host = self.pinned_zeros(len)?;
+        let landed = self.stream.context().new_event(None)?;
+        Ok(HostLanding { host, landed })
+    }
+
+    /// Device to page-locked host memory on this stream, without waiting: exactly the first
+    /// `len` values of `src` land in `to` once the stream gets there, and
+    /// [`HostLanding::wait`] waits for them. (cudarc's own `memcpy_dtoh` into a
+    /// `PinnedHostSlice` would copy the host buffer's whole length, past the end of a smaller
+    /// `src`, and records the slice's event only with event tracking on, which
+    /// [`GpuDevice::open`] turns off: neither is usable here.)
     pub fn download_async(
         &self,
         src: &cu::CudaSlice<f32>,
         len: usize,
-        host: &mut cu::PinnedHostSlice<f32>,
+        to: &mut HostLanding,
     ) -> Result<(), GpuOpsError> {
-        if len > src.len() || len > host.len() {
+        if len > src.len() || len > to.host.len() {
             return geometry(format!(
                 "download of {len} values from a buffer of {} into {}",
                 src.len(),
-                host.len()
+                to.host.len()
             ));
         }
-        let view = src.slice(..len);
-        self.stream.memcpy_dtoh(&view, host)?;
+        self.bind()?;
+        // The last download into `to` (maybe on another stream) has landed before this one
+        // may overwrite it.
+        to.landed.synchronize()?;
+        let src = src.slice(..len);
+        let (src_ptr, _src_record) = src.device_ptr(&self.stream);
+        let dst = &mut to.host.as_mut_slice()?[..len];
+        // SAFETY: src_ptr..+len floats is live device memory of this context (`src` borrows
+        // its buffer, which the caller keeps until the run that reads it is waited for, see
+        // the session's `settle_launched`); dst is exactly `len` floats of page-locked memory
+        // owned by `to`, which is neither read (HostLanding::wait) nor freed (HostLanding's
+        // Drop) before `landed`, recorded right after the copy on the same stream, completes.
+        unsafe { cu::result::memcpy_dtoh_async(dst, src_ptr, self.stream.cu_stream()) }?;
+        to.landed.record(&self.stream)?;
         count_d2h(Mover::Server, len * std::mem::size_of::<f32>());
         Ok(())
     }

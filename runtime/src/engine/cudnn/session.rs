@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use hacserve_ffi::gpu::cuda::cu;
-use hacserve_ffi::gpu::ops::{f16, ConvMath, GpuOpsError, Graph, Handles};
+use hacserve_ffi::gpu::ops::{f16, ConvMath, GpuOpsError, Graph, Handles, HostLanding};
 use hacserve_ffi::gpu::resident::ResidentKernels;
 
 use super::images::GpuImages;
@@ -47,7 +47,7 @@ pub struct CudnnSession {
     pub(super) staged_in: Option<usize>,
     /// Where the batch context's logits are downloaded (page-locked: the download is queued
     /// behind the run without waiting, [`InferenceEngine::launch_slots`]).
-    pub(super) batch_logits: Option<cu::PinnedHostSlice<f32>>,
+    pub(super) batch_logits: Option<HostLanding>,
     /// The run [`InferenceEngine::launch_slots`] started on these contexts and
     /// [`InferenceEngine::finish_slots`] has not collected yet.
     pub(super) launched: Option<Launched>,
@@ -80,7 +80,7 @@ pub(super) struct BatchSet {
     batched: Option<Box<CudnnSession>>,
     preferred: Vec<CudnnSession>,
     staged_in: Option<usize>,
-    batch_logits: Option<cu::PinnedHostSlice<f32>>,
+    batch_logits: Option<HostLanding>,
     launched: Option<Launched>,
     host_slots: u64,
     device_slots: u64,
@@ -112,7 +112,7 @@ impl CudnnSession {
                 let batched = Self::build(loader, plan, high_priority, false)?;
                 let logits = batched
                     .handles
-                    .pinned_zeros(batched.batch * batched.num_classes)
+                    .landing(batched.batch * batched.num_classes)
                     .map_err(run_err)?;
                 let mut preferred = Vec::with_capacity(loader.preferred_plans.len());
                 for plan in &loader.preferred_plans {
@@ -671,8 +671,8 @@ impl InferenceEngine for CudnnSession {
                     .batch_logits
                     .as_ref()
                     .ok_or_else(|| EngineError::Run("no batch logits buffer".into()))?;
-                let ran = pinned.as_slice().map_err(|e| run_err(e.into()))?;
-                logits.copy_from_slice(&ran[..logits.len()]);
+                let ran = pinned.wait(logits.len()).map_err(run_err)?;
+                logits.copy_from_slice(ran);
                 Ok(())
             }
         }
