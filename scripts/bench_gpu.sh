@@ -25,8 +25,9 @@
 # target/release) and python3 ($PYTHON) with torch, torchvision, onnx, numpy, opencv.
 # Knobs (env): STEPS ("torch engine decode e2e gpudirect": which of 3-7 run), E2E_CONFIGS
 # (space-separated decode,workers,max-batch,max-queue-delay-us[,overlap]; overlap = on|off,
-# zmq_server's --overlap-batches, default on; default "gpu,8,16,0 gpu,8,16,0,off
-# hybrid,16,8,0,off": the overlapped path, the same without overlap, and the previous path),
+# zmq_server's --overlap-batches, default off; default "gpu,4,16,0,off gpu,4,16,0,on
+# gpu,8,16,0,off hybrid,16,8,0,off": the best measured configuration, the same overlapped, twice
+# the workers, and the previous path),
 # WINDOW_MS (multi_client window, 2000), TRIALS (windows per level at most, 5), PORT
 # (5700), ITERS (batch-1 runs, 1000), BATCH_ITERS (200), DECODE_ITERS (500), DECODE_SECONDS
 # (per throughput figure, 1.5), COMPILE_MODES ("reduce-overhead,max-autotune"), COMPILE_TIMEOUT
@@ -37,7 +38,7 @@ out=${1:?usage: scripts/bench_gpu.sh OUT_DIR}
 bin=${BIN:-target/release}
 py=${PYTHON:-python3}
 STEPS=${STEPS:-"torch engine decode e2e gpudirect"}
-E2E_CONFIGS=${E2E_CONFIGS:-"gpu,8,16,0 gpu,8,16,0,off hybrid,16,8,0,off"}
+E2E_CONFIGS=${E2E_CONFIGS:-"gpu,4,16,0,off gpu,4,16,0,on gpu,8,16,0,off hybrid,16,8,0,off"}
 WINDOW_MS=${WINDOW_MS:-2000} TRIALS=${TRIALS:-5} PORT=${PORT:-5700}
 ITERS=${ITERS:-1000} BATCH_ITERS=${BATCH_ITERS:-200} DECODE_ITERS=${DECODE_ITERS:-500}
 DECODE_SECONDS=${DECODE_SECONDS:-1.5}
@@ -126,7 +127,7 @@ if step e2e; then
   first=1
   for cfg in $E2E_CONFIGS; do
     IFS=, read -r decode workers mb delay overlap <<< "$cfg"
-    overlap=${overlap:-on}
+    overlap=${overlap:-off}
     name=${decode}_w${workers}_mb${mb}_d${delay}_${overlap}
     log=$e2e/server_$name.log
     "$bin/zmq_server" --backend gpu --precision fp16 --decode "$decode" --gpus 0 --workers "$workers" \
