@@ -265,14 +265,6 @@ pub struct HostLanding {
 }
 
 impl HostLanding {
-    pub fn len(&self) -> usize {
-        self.host.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.host.is_empty()
-    }
-
     /// Waits for the last download into this memory and returns its first `len` values.
     pub fn wait(&self, len: usize) -> Result<&[f32], GpuOpsError> {
         self.landed.synchronize()?;

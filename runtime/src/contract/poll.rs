@@ -31,14 +31,20 @@ impl PollMode {
             "busy" => Ok(PollMode::Busy),
             "block" => Ok(PollMode::Block),
             "event" => Ok(PollMode::Event),
-            "auto" => Ok(if cores() > spinning_threads {
-                PollMode::Busy
-            } else {
-                PollMode::Block
-            }),
+            "auto" => Ok(PollMode::auto_on(spinning_threads, cores())),
             other => Err(format!(
                 "poll mode must be busy, block, event or auto, not {other:?}"
             )),
+        }
+    }
+
+    /// Auto's rule: busy when `spinning_threads` each get one of `cores` with one left over
+    /// for the rest of the machine, else block.
+    pub fn auto_on(spinning_threads: usize, cores: usize) -> PollMode {
+        if cores > spinning_threads {
+            PollMode::Busy
+        } else {
+            PollMode::Block
         }
     }
 }

@@ -64,23 +64,13 @@ impl Placement {
             let mode = PollMode::parse(poll, 0)?;
             return Ok((mode, Placement::parse(forwarder, mode)?));
         }
-        let spin = |threads: usize| {
-            if cores > threads {
-                PollMode::Busy
-            } else {
-                PollMode::Block
-            }
+        let placement = match forwarder {
+            "auto" if PollMode::auto_on(2, cores) == PollMode::Busy => Placement::Thread,
+            "auto" => Placement::Inline,
+            f => Placement::parse(f, PollMode::Block)?,
         };
-        let given = match forwarder {
-            "auto" => None,
-            f => Some(Placement::parse(f, PollMode::Block)?),
-        };
-        Ok(match given {
-            Some(Placement::Thread) => (spin(2), Placement::Thread),
-            Some(Placement::Inline) => (spin(1), Placement::Inline),
-            None if spin(2) == PollMode::Busy => (PollMode::Busy, Placement::Thread),
-            None => (spin(1), Placement::Inline),
-        })
+        let spinning = if placement == Placement::Thread { 2 } else { 1 };
+        Ok((PollMode::auto_on(spinning, cores), placement))
     }
 }
 
