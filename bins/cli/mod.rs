@@ -206,7 +206,7 @@ macro_rules! cli_args {
         #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_MAX_PINNED_MIB")]
         max_pinned_mib: [u64],
         /// disconnect a client whose reply writes stay unacknowledged this long, in ms
-        /// (0 = never; default 5000)
+        /// (0 = never; default 15000)
         #[argh(option, default = "::hacserve_runtime::transport::rdma::DEFAULT_PEER_TIMEOUT_MS")]
         peer_timeout_ms: [u64],
         /// grant the memory-polled fast path (small messages as a plain RDMA WRITE and a

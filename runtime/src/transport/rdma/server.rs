@@ -204,8 +204,10 @@ pub struct ZeroCopy {
 /// rdma_server's defaults for the entry limits (docs/rdma.md says why).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 pub const DEFAULT_MAX_PINNED_MIB: u64 = 4096;
-/// Above RC's own recovery of a lost packet (docs/rdma.md, "Peers that stop taking replies").
-pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 5000;
+/// Above RC's own give-up (retry_count 7 at rdma_cm's ~1 s RoCE ack timeout: ~8 s), so a
+/// lossy but live link is left to RC's retransmissions (docs/rdma.md, "Peers that stop
+/// taking replies").
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 15000;
 
 /// Where the server places each client's request ring.
 #[derive(Debug, Clone, Default)]
