@@ -247,6 +247,8 @@ fn latency(args: &Args, loader: Option<&CudnnLoader>, jpeg: &[u8]) -> Result<Sum
 
 fn main() -> Result<()> {
     let args: Args = argh::from_env();
+    // The decoder's own lines (nvJPEG's engines, decode buffer growth) belong with the figures.
+    hacserve_runtime::logging::init(false);
     let batches = list(&args.batches, "batch")?;
     let threads = list(&args.threads, "thread count")?;
     let max_batch = batches.iter().copied().max().unwrap_or(1);

@@ -385,19 +385,39 @@ fn queued(task: Task, id: u64, payload: &[u8]) -> hacserve_runtime::contract::Qu
     }
 }
 
-#[test]
-fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
-    use hacserve_ffi::gpu::cuda::cu;
+/// Whether the NVJPG engines decoded any image between the two counts; where they did not,
+/// the GPU must be one without them (said loudly: the hardware part of the test is skipped).
+fn hardware_decoded_or_skip(
+    before: &hacserve_runtime::engine::DecodeCounts,
+    after: &hacserve_runtime::engine::DecodeCounts,
+) -> bool {
+    if after.hardware > before.hardware {
+        return true;
+    }
+    let gpu = hacserve_ffi::gpu::cuda::driver(0)
+        .ok()
+        .and_then(|c| c.name().ok())
+        .unwrap_or_default();
+    let has_nvjpg = ["A100", "H100", "H200", "A30"]
+        .iter()
+        .any(|g| gpu.contains(g));
+    assert!(
+        !has_nvjpg,
+        "{gpu} has NVJPG engines but no image of the batch went to them"
+    );
+    eprintln!("SKIPPED hardware part: {gpu} decoded the batch without nvJPEG's hardware backend");
+    false
+}
+
+/// One worker's pipeline over a ResNet-50 GPU session (fp16, GPU decode), as zmq_server's
+/// workers get it.
+fn worker_pipeline(
+    max_batch: usize,
+    overlap_batches: bool,
+) -> hacserve_runtime::pipeline::Pipeline {
     use hacserve_runtime::engine::registry::BackendChoice;
     use hacserve_runtime::engine::BackendArgs;
-    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
-    use hacserve_runtime::preprocess::STEADY_IMAGE_PIXELS;
-    if !gpu_or_skip() {
-        return;
-    }
-    // One worker's pipeline over a GPU session, driven as worker_loop drives it: handle,
-    // (reply), release_growth.
-    let model = model("resnet50");
+    use hacserve_runtime::pipeline::{Pipeline, MAX_IMAGE_PIXELS};
     let args = BackendArgs {
         backend: "gpu",
         precision: "fp16",
@@ -406,13 +426,30 @@ fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
         threads: 1,
         workers: 1,
         streams: 0,
-        max_batch: 1,
+        max_batch,
         preferred_batch_sizes: "auto",
-        overlap_batches: false,
+        overlap_batches,
     };
     let backend = BackendChoice::parse(&args).unwrap();
-    let session = backend.sessions(&model, false).unwrap().pop().unwrap();
-    let mut pipeline = Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS);
+    let session = backend
+        .sessions(&model("resnet50"), false)
+        .unwrap()
+        .pop()
+        .unwrap();
+    Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS)
+}
+
+#[test]
+fn gpu_decode_buffers_shrink_back_after_an_outsized_image() {
+    use hacserve_ffi::gpu::cuda::cu;
+    use hacserve_runtime::pipeline::{Outcome, Pipeline};
+    use hacserve_runtime::preprocess::STEADY_IMAGE_PIXELS;
+    if !gpu_or_skip() {
+        return;
+    }
+    // One worker's pipeline over a GPU session, driven as worker_loop drives it: handle,
+    // (reply), release_growth.
+    let mut pipeline = worker_pipeline(1, false);
     let jpeg = std::fs::read(image()).unwrap();
     let huge = generated_jpeg(8192, 8192, true);
     let infer = |pipeline: &mut Pipeline, id: u64, jpeg: &[u8]| {
@@ -551,30 +588,11 @@ fn the_originals_tasks_run_on_the_gpu_backend() {
 /// gets alone on the same server, and the baseline ones went through the hardware in one call.
 #[test]
 fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
-    use hacserve_runtime::engine::registry::BackendChoice;
-    use hacserve_runtime::engine::BackendArgs;
-    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
+    use hacserve_runtime::pipeline::Outcome;
     if !gpu_or_skip() {
         return;
     }
-    let model = model("resnet50");
-    let pipeline_of = |max_batch: usize| {
-        let args = BackendArgs {
-            backend: "gpu",
-            precision: "fp16",
-            gpus: "0",
-            decode: "gpu",
-            threads: 1,
-            workers: 1,
-            streams: 0,
-            max_batch,
-            preferred_batch_sizes: "auto",
-            overlap_batches: false,
-        };
-        let backend = BackendChoice::parse(&args).unwrap();
-        let session = backend.sessions(&model, false).unwrap().pop().unwrap();
-        Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS)
-    };
+    let pipeline_of = |max_batch: usize| worker_pipeline(max_batch, false);
     let photo = std::fs::read(image()).unwrap();
     let progressive = generated_jpeg(640, 480, true);
     let baseline = generated_jpeg(1920, 1080, false);
@@ -646,21 +664,7 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
         "{:?}",
         outcomes[3]
     );
-    let gpu = hacserve_ffi::gpu::cuda::driver(0)
-        .ok()
-        .and_then(|c| c.name().ok())
-        .unwrap_or_default();
-    let has_nvjpg = ["A100", "H100", "H200", "A30"]
-        .iter()
-        .any(|g| gpu.contains(g));
-    if after.hardware == before.hardware {
-        assert!(
-            !has_nvjpg,
-            "{gpu} has NVJPG engines but no image of the batch went to them"
-        );
-        eprintln!(
-            "SKIPPED hardware part: {gpu} decoded the batch without nvJPEG's hardware backend"
-        );
+    if !hardware_decoded_or_skip(&before, &after) {
         return;
     }
     // The three baseline images in one hardware call; the progressive one on the hybrid path.
@@ -676,6 +680,99 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
     );
 }
 
+/// A batch of 12 MP photos (the steady decode buffer holds one) is decoded in one hardware
+/// call: the buffer grows for the chunk (at most eight of them), every request gets the
+/// answer it gets alone, the grown buffer is kept while the next batch of large photos needs
+/// it and goes back to its steady size after the first batch that does not.
+#[test]
+fn a_batch_of_12_mp_photos_decodes_in_one_hardware_call() {
+    use hacserve_runtime::pipeline::Outcome;
+    use hacserve_runtime::preprocess::STEADY_IMAGE_PIXELS;
+    if !gpu_or_skip() {
+        return;
+    }
+    let pipeline_of = |max_batch: usize| worker_pipeline(max_batch, false);
+    let large = generated_jpeg(4000, 3000, false);
+    let photo = std::fs::read(image()).unwrap();
+    let jobs: Vec<_> = (0..4).map(|id| queued(Task::Jpeg, id, &large)).collect();
+    let mut alone = pipeline_of(1);
+    let mut want = Vec::new();
+    alone.handle(&jobs[0], &mut want);
+    let mut batched = pipeline_of(8);
+    let steady = batched.decode_buffer_bytes().1;
+    assert_eq!(steady, 3 * STEADY_IMAGE_PIXELS);
+    let mut outs = vec![Vec::new(); jobs.len()];
+    let mut outcomes = vec![Outcome::Rejected(ErrorCode::Internal); jobs.len()];
+    let scores = |msg: &[u8]| {
+        let (h, body) = Header::decode(msg, usize::MAX).unwrap();
+        assert_eq!(h.kind, MessageKind::Response, "{:?}", decode_error(body));
+        ResponseBody::decode(body).unwrap()
+    };
+    let want = scores(&want);
+    let mut sizes = Vec::new();
+    for round in 0..2 {
+        let before = batched.decode_counts().unwrap();
+        batched.handle_batch(&jobs, &mut outs, &mut outcomes);
+        let after = batched.decode_counts().unwrap();
+        batched.release_growth();
+        sizes.push(batched.decode_buffer_bytes().1);
+        println!(
+            "round {round}: decode counts {before:?} -> {after:?}, buffer {} B",
+            sizes[round]
+        );
+        for (k, out) in outs.iter().enumerate() {
+            assert!(
+                matches!(outcomes[k], Outcome::Answered { .. }),
+                "{:?}",
+                outcomes[k]
+            );
+            let got = scores(out);
+            assert_eq!(
+                got.classes, want.classes,
+                "request {k}: top-5 in the batch vs alone"
+            );
+            for (a, b) in got.scores.iter().zip(&want.scores) {
+                assert!(
+                    (a - b).abs() < 2e-3,
+                    "request {k}: {:?} vs {:?}",
+                    got.scores,
+                    want.scores
+                );
+            }
+        }
+        if !hardware_decoded_or_skip(&before, &after) {
+            return;
+        }
+        assert_eq!(after.hardware - before.hardware, 4, "{after:?}");
+        assert_eq!(
+            after.hardware_batches - before.hardware_batches,
+            1,
+            "{after:?}"
+        );
+    }
+    // Four 36 MB places (each but the last rounded up to 256 B), kept across the rounds.
+    assert!(
+        sizes[0] >= 4 * steady && sizes[0] < 4 * steady + 1024,
+        "{sizes:?}"
+    );
+    assert_eq!(
+        sizes[1], sizes[0],
+        "the grown buffer was not kept for the second batch"
+    );
+    let mut out = vec![Vec::new()];
+    batched.handle_batch(
+        &[queued(Task::Jpeg, 9, &photo)],
+        &mut out,
+        &mut outcomes[..1],
+    );
+    batched.release_growth();
+    assert_eq!(
+        batched.decode_buffer_bytes().1,
+        steady,
+        "not given back after a small batch"
+    );
+}
+
 /// `--overlap-batches on`: a worker begins (decodes, preprocesses, launches) its next batch
 /// into the second batch set while the run of the last one is still on the GPU, and answers
 /// that one after. Driven as worker_loop drives it (begin 0, begin 1, finish 0, begin 0,
@@ -685,30 +782,11 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
 /// same error codes, same top-5 and scores.
 #[test]
 fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
-    use hacserve_runtime::engine::registry::BackendChoice;
-    use hacserve_runtime::engine::BackendArgs;
-    use hacserve_runtime::pipeline::{Outcome, Pipeline, MAX_IMAGE_PIXELS};
+    use hacserve_runtime::pipeline::Outcome;
     if !gpu_or_skip() {
         return;
     }
-    let model = model("resnet50");
-    let pipeline_of = |overlap_batches: bool| {
-        let args = BackendArgs {
-            backend: "gpu",
-            precision: "fp16",
-            gpus: "0",
-            decode: "gpu",
-            threads: 1,
-            workers: 1,
-            streams: 0,
-            max_batch: 8,
-            preferred_batch_sizes: "auto",
-            overlap_batches,
-        };
-        let backend = BackendChoice::parse(&args).unwrap();
-        let session = backend.sessions(&model, false).unwrap().pop().unwrap();
-        Pipeline::new(session, 64 << 20, MAX_IMAGE_PIXELS)
-    };
+    let pipeline_of = |overlap_batches: bool| worker_pipeline(8, overlap_batches);
     let photo = std::fs::read(image()).unwrap();
     let progressive = generated_jpeg(640, 480, true);
     let baseline = generated_jpeg(1920, 1080, false);

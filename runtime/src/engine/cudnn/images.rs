@@ -31,6 +31,35 @@ use crate::preprocess::{
 /// ([`GpuImages::release_growth`]).
 const STEADY_RGB_BYTES: usize = 3 * STEADY_IMAGE_PIXELS;
 
+/// How many 12 MP images one hardware chunk may hold, per NVJPG engine: a batched call
+/// decodes an image per engine at a time, so a chunk of twice the engine count keeps every
+/// engine busy for two rounds, where a chunk of 8 on the H200's 7 engines ran a second round
+/// of one image. Measured on the H200 (1 thread, 12 MP, batch 32): one image per call (the
+/// steady buffer alone) 156 img/s, chunks of 8 532, chunks of 14 711 (torchvision's single
+/// call of 32, decode only: 915).
+const CHUNK_IMAGES_PER_ENGINE: usize = 2;
+
+/// The chunk budget where nvJPEG does not say how many engines it has.
+const CHUNK_IMAGES_UNKNOWN_ENGINES: usize = 8;
+
+/// The most the decode buffer may grow to for one chunk of a batch whose images each fit
+/// the steady buffer, so a batch of large photos reaches the NVJPG engines together: room
+/// for [`CHUNK_IMAGES_PER_ENGINE`] 12 MP images per engine (at most 16), and no growth
+/// without the hardware backend (the hybrid path decodes one image at a time anyway). Kept
+/// while consecutive batches need it, given back after the first batch that fits the steady
+/// buffer ([`GpuImages::release_growth`]).
+fn chunk_budget(hardware: Option<&HardwareJpegDecoder>) -> usize {
+    let images = match hardware {
+        None => 1,
+        Some(hw) => hw
+            .engines()
+            .map_or(CHUNK_IMAGES_UNKNOWN_ENGINES, |(engines, _)| {
+                (CHUNK_IMAGES_PER_ENGINE * engines as usize).clamp(1, 16)
+            }),
+    };
+    images * STEADY_RGB_BYTES
+}
+
 /// Decoded once per session at start: nvJPEG allocates its host and device buffers on first
 /// use (2-4 ms on an H100), which would otherwise land on a client's first request to each
 /// worker.
@@ -64,6 +93,11 @@ pub struct GpuImages {
     /// An image above the steady size went through the decoder since the last
     /// [`Self::release_growth`]: nvJPEG's own buffers grew with it.
     outsized: bool,
+    /// The most decode-buffer bytes one chunk of images used since the last
+    /// [`Self::release_growth`].
+    chunk_peak: usize,
+    /// The most the buffer grows to for a chunk of steady-size images ([`chunk_budget`]).
+    chunk_budget: usize,
     /// The largest image this session decodes (w*h): `--max-image-pixels`, at most
     /// [`MAX_IMAGE_PIXELS`].
     max_pixels: usize,
@@ -133,6 +167,8 @@ impl GpuImages {
             rgb,
             decoded: None,
             outsized: false,
+            chunk_peak: 0,
+            chunk_budget: STEADY_RGB_BYTES, // set by warm_up
             max_pixels: MAX_IMAGE_PIXELS,
             hardware,
             plan: Vec::with_capacity(batch),
@@ -173,6 +209,7 @@ impl GpuImages {
         }
         self.decoded = None;
         self.counts = DecodeCounts::default();
+        self.chunk_budget = chunk_budget(self.hardware.as_ref());
         Ok(())
     }
 
@@ -204,9 +241,16 @@ impl GpuImages {
     /// After an image above the steady size: the decoded-image buffer goes back to
     /// [`STEADY_RGB_BYTES`], and nvJPEG's decode state, whose internal host and device buffers
     /// grew with that image, is made anew (and warmed up on the sample image, so the next
-    /// request does not pay nvJPEG's first-use allocations). Nothing happens otherwise.
+    /// request does not pay nvJPEG's first-use allocations). A buffer grown for a chunk of
+    /// steady-size images (at most [`chunk_budget`]) is kept while the last batch needed
+    /// it, so a stream of large photos allocates once, and goes back after the first batch
+    /// that did not. Nothing happens otherwise.
     pub fn release_growth(&mut self, stream: &Arc<cu::CudaStream>) -> Result<(), EngineError> {
-        if self.rgb.len() > STEADY_RGB_BYTES {
+        let chunk_in_use = !self.outsized
+            && self.rgb.len() <= self.chunk_budget
+            && self.chunk_peak > STEADY_RGB_BYTES;
+        self.chunk_peak = 0;
+        if self.rgb.len() > STEADY_RGB_BYTES && !chunk_in_use {
             self.decoded = None;
             let steady = stream
                 .alloc_zeros::<u8>(STEADY_RGB_BYTES)
@@ -254,7 +298,7 @@ impl GpuImages {
         if pixels > STEADY_IMAGE_PIXELS {
             self.outsized = true;
         }
-        self.grow_for(3 * pixels, width, height, stream)?;
+        self.grow_for(3 * pixels, 1, (width, height), stream)?;
         if let Some(hw) = self.hardware.as_mut() {
             if hw.supported(jpeg).unwrap_or(false) {
                 let ran = match DeviceSpan::of(&self.rgb, stream, 3 * pixels) {
@@ -292,18 +336,19 @@ impl GpuImages {
         Ok(size)
     }
 
-    /// The decode buffer holds at least `need` bytes (grown for an outsized image, given
-    /// back by [`Self::release_growth`]).
+    /// The decode buffer holds at least `need` bytes, for `images` images, the largest
+    /// `width` x `height` (grown for an outsized image or a chunk of large ones, given back
+    /// by [`Self::release_growth`]).
     fn grow_for(
         &mut self,
         need: usize,
-        width: usize,
-        height: usize,
+        images: usize,
+        (width, height): (usize, usize),
         stream: &Arc<cu::CudaStream>,
     ) -> Result<(), EngineError> {
         if need > self.rgb.len() {
             log::info!(
-                "GPU decode buffer grows to {need} B for a {width}x{height} image (until its reply)"
+                "GPU decode buffer grows to {need} B for {images} image(s) of up to {width}x{height}"
             );
             self.decoded = None;
             self.rgb = stream
@@ -348,7 +393,11 @@ impl GpuImages {
     ) -> Result<usize, EngineError> {
         self.plan.clear();
         self.hardware_picks.clear();
+        // Images are placed up to the chunk budget; the buffer grows to what the places
+        // need once, after the plan (nothing is decoded into it before).
+        let capacity = self.rgb.len().max(self.chunk_budget);
         let mut offset = 0;
+        let mut used = 0;
         let mut end = start;
         for (i, jpeg) in jpegs.iter().enumerate().skip(start) {
             let checked = self.check_header(jpeg);
@@ -368,14 +417,11 @@ impl GpuImages {
                 }
             };
             let need = 3 * width * height;
-            if offset + need > self.rgb.len() {
-                if offset > 0 {
-                    break;
-                }
-                if width * height > STEADY_IMAGE_PIXELS {
-                    self.outsized = true;
-                }
-                self.grow_for(need, width, height, stream)?;
+            if offset > 0 && offset + need > capacity {
+                break;
+            }
+            if width * height > STEADY_IMAGE_PIXELS {
+                self.outsized = true;
             }
             let hardware = match self.hardware.as_mut() {
                 Some(hw) => hw.supported(jpeg).unwrap_or(false),
@@ -395,9 +441,19 @@ impl GpuImages {
                 },
             });
             stages.push(SlotStage::Refused(String::new()));
-            offset = (offset + need).next_multiple_of(PLACE_ALIGN);
+            used = offset + need;
+            offset = used.next_multiple_of(PLACE_ALIGN);
             end = i + 1;
         }
+        let placed = self.plan.iter().filter(|p| p.how != Route::Refused);
+        let largest = placed
+            .clone()
+            .map(|p| (p.width, p.height))
+            .max_by_key(|&(w, h)| w * h);
+        if let Some(largest) = largest {
+            self.grow_for(used, placed.count(), largest, stream)?;
+        }
+        self.chunk_peak = self.chunk_peak.max(used);
         self.decode_hardware_picks(jpegs, start, stream);
         // The hybrid path, one image at a time (nvJPEG's single-phase API on one state).
         for k in 0..self.plan.len() {
