@@ -11,7 +11,11 @@
 //!   with fast-path echoes, 100 KB echoes (WRITE_WITH_IMM) and an inference whose top-1 must
 //!   equal a direct request's; it must print 0 payload copies per forwarded request, and an
 //!   `--zero-copy off` proxy beside it exactly 3 (inbound copy, backend send slot, reply),
-//!   so the count is a check that can fail.
+//!   so the count is a check that can fail;
+//! * a slot's generation coming round: through an rdma_proxy whose one backend connection is
+//!   one slot deep, a 64 B echo (fast path) then 300 of 20 KB (WRITE_WITH_IMM), so the
+//!   slot's completion words from the first are 255 messages old when its generation comes
+//!   round again: every request answered, the proxy's backend connection never lost.
 //!
 //! Without qemu or the testbed kernel it prints `SKIPPED rdma modes in VM: <reason>` to
 //! stderr and passes (HACSERVE_TESTBED_REQUIRED=1 turns the skip into a failure).
@@ -148,8 +152,12 @@ $P --server-address $H --target-port 20079 -p 20082 --bind-address $H -c 2 --pol
 ZP=$!
 $P --server-address $H --target-port 20079 -p 20083 --bind-address $H -c 2 --poll-mode block --request-timeout-ms 120000 --zero-copy off --forwarder thread >/tmp/copy_proxy.log 2>&1 &
 CP=$!
+# One backend connection one slot deep: every forwarded message uses the same slot.
+$P --server-address $H --target-port 20079 -p 20084 --bind-address $H -c 1 --target-ring-depth 1 --poll-mode block --request-timeout-ms 120000 --zero-copy on >/tmp/wrap_proxy.log 2>&1 &
+WP=$!
 wait_for /tmp/zc_proxy.log "listening on" || fail=1
 wait_for /tmp/copy_proxy.log "listening on" || fail=1
+wait_for /tmp/wrap_proxy.log "listening on" || fail=1
 # 1. The fast path, straight to the server.
 killed fast_killed --host $H -p 20079 -t echo --payload-size 1000 --client-id 1 --poll-mode busy --timeout-ms 20000
 step fast_after $C --host $H -p 20079 -t echo --payload-size 1000 -r {requests} --client-id 2 --poll-mode busy --timeout-ms 20000
@@ -167,8 +175,13 @@ step direct_infer $C --host $H -p 20079 -t jpeg -r 1 --client-id 15 --timeout-ms
 # The same through the copying proxy, for the comparison.
 step copy_after $C --host $H -p 20083 -t echo --payload-size 1000 -r {requests} --client-id 20 --timeout-ms 20000
 step copy_large $C --host $H -p 20083 -t echo --payload-size 100000 -r 50 --client-id 21 --timeout-ms 20000
+# 4. A slot's generation comes round (255 uses) after a fast-path message and only
+# WRITE_WITH_IMM ones since: one 64 B echo, then 300 of 20 KB, all on the backend's one slot.
+step wrap_small $C --host $H -p 20084 -t echo --payload-size 64 -r 1 --client-id 30 --timeout-ms 20000
+step wrap_large $C --host $H -p 20084 -t echo --payload-size 20000 -r 300 --client-id 31 --timeout-ms 20000
 stop zc_proxy $ZP
 stop copy_proxy $CP
+stop wrap_proxy $WP
 stop event_server $ES
 stop fast_server $FS
 echo "=== timing ==="; echo "script $(( $(date +%s) - T0 )) s"
@@ -293,6 +306,21 @@ exit $fail
         3 * share_sum(cp_line, "forwarded"),
         "the copying proxy: 3 copies a request expected: {cp_line}"
     );
+    // 4. The completion words are zeroed as taken: without that, the 64 B echo's words
+    // (request and reply) stayed in the one slot while the 20 KB ones took WRITE_WITH_IMM,
+    // and matched again when the slot's generation came round after 255 messages (an old
+    // request served again, an old reply taken for a new request: the soak through
+    // rdma_proxy, 4-deep backend rings, hit it).
+    assert_all_answered(stdout, "wrap_small", 1);
+    assert_all_answered(stdout, "wrap_large", 300);
+    let wrap = section(stdout, "wrap_proxy");
+    assert_eq!(exit_status(wrap), 0, "{wrap}");
+    let wrap_line = stop_line(wrap, "rdma_proxy");
+    println!("one-slot proxy:  {wrap_line}");
+    assert_eq!(share_sum(wrap_line, "answered"), 301, "{wrap_line}");
+    for what in ["failed", "timed", "late", "reconnects"] {
+        assert_eq!(share_sum(wrap_line, what), 0, "{what}: {wrap_line}");
+    }
     let min_zc = (2 * BEFORE_KILL + REQUESTS + 50 + 1) as u64;
     assert!(
         share_sum(zc_line, "forwarded") >= min_zc,

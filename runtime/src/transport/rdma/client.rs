@@ -586,7 +586,7 @@ impl RdmaClient {
             if self.in_flight[slot].is_none() {
                 continue;
             }
-            let Some(resp) = self.responses[slot].as_ref() else {
+            let Some(resp) = self.responses[slot].as_mut() else {
                 continue;
             };
             let Some(word) = resp.load_u32(at) else {
@@ -597,6 +597,12 @@ impl RdmaClient {
             let Some(len) = fast_word_len(word, self.send_gen[slot]) else {
                 continue;
             };
+            // Zeroed as taken: later replies into this slot that come as WRITE_WITH_IMM
+            // leave the word alone, and 255 requests on, when the generation comes round,
+            // the old word would match again and an old reply be taken for a new request
+            // (seen through rdma_proxy, whose backend rings are 4 deep). The server writes
+            // it again only for this slot's next request, which is not sent yet.
+            resp.store_u32(at, 0);
             let len = len as usize;
             if len > at {
                 return Err(TransportError::ReplyTooLarge { got: len, max: at });

@@ -188,15 +188,21 @@ impl ServerConn {
         }
     }
     /// Fast path: the length of the request whose completion word has arrived in landing
-    /// slot `slot` (the slot's next generation), if it has.
+    /// slot `slot` (the slot's next generation), if it has. The word is zeroed as it is
+    /// taken: a slot whose next requests come as WRITE_WITH_IMM (which leave the word alone)
+    /// would otherwise keep it, and 255 requests later, when the generation comes round
+    /// again, it would match a second time and the old request be served again. The client
+    /// writes this word again only for a later request, after this one's reply.
     pub(super) fn poll_fast(&self, slot: u32) -> Option<u32> {
         let Link::Host(ep) = &self.link else {
             return None;
         };
         let expect = next_generation(self.gens.get(slot as usize)?.load(Ordering::Relaxed));
         // Only the receive loop claims landing slots: the claim fails only out of range.
-        let word = ep.ring(LANDING_BUF).claim(slot)?.load_u32(self.usable)?;
-        fast_word_len(word, expect)
+        let mut landing = ep.ring(LANDING_BUF).claim(slot)?;
+        let len = fast_word_len(landing.load_u32(self.usable)?, expect)?;
+        landing.store_u32(self.usable, 0);
+        Some(len)
     }
 
     /// Counts a request taken from `slot` (either path): the slot's generation moves on.
