@@ -93,8 +93,9 @@ pub struct GpuImages {
     /// An image above the steady size went through the decoder since the last
     /// [`Self::release_growth`]: nvJPEG's own buffers grew with it.
     outsized: bool,
-    /// The most decode-buffer bytes one chunk of images used since the last
-    /// [`Self::release_growth`].
+    /// The most decode-buffer bytes one chunk of the last batch staged (or the last single
+    /// image decoded) used: what [`Self::release_growth`] keeps a grown buffer for. Not
+    /// reset by it, so with overlapped batches the second batch's answer keeps it too.
     chunk_peak: usize,
     /// The most the buffer grows to for a chunk of steady-size images ([`chunk_budget`]).
     chunk_budget: usize,
@@ -249,7 +250,6 @@ impl GpuImages {
         let chunk_in_use = !self.outsized
             && self.rgb.len() <= self.chunk_budget
             && self.chunk_peak > STEADY_RGB_BYTES;
-        self.chunk_peak = 0;
         if self.rgb.len() > STEADY_RGB_BYTES && !chunk_in_use {
             self.decoded = None;
             let steady = stream
@@ -298,6 +298,7 @@ impl GpuImages {
         if pixels > STEADY_IMAGE_PIXELS {
             self.outsized = true;
         }
+        self.chunk_peak = 3 * pixels;
         self.grow_for(3 * pixels, 1, (width, height), stream)?;
         if let Some(hw) = self.hardware.as_mut() {
             if hw.supported(jpeg).unwrap_or(false) {
@@ -453,7 +454,12 @@ impl GpuImages {
         if let Some(largest) = largest {
             self.grow_for(used, placed.count(), largest, stream)?;
         }
-        self.chunk_peak = self.chunk_peak.max(used);
+        // The most any chunk of this batch needed (a batch's first chunk starts at 0).
+        self.chunk_peak = if start == 0 {
+            used
+        } else {
+            self.chunk_peak.max(used)
+        };
         self.decode_hardware_picks(jpegs, start, stream);
         // The hybrid path, one image at a time (nvJPEG's single-phase API on one state).
         for k in 0..self.plan.len() {
@@ -596,6 +602,7 @@ impl GpuImages {
                 self.max_pixels
             )));
         }
+        self.chunk_peak = want;
         if want > self.rgb.len() {
             self.rgb = stream
                 .alloc_zeros::<u8>(want)
