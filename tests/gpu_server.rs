@@ -409,6 +409,20 @@ fn hardware_decoded_or_skip(
     false
 }
 
+/// Two answers to one request (`what` names it) agree: the same top-5, scores within the
+/// FP16 tolerance between a batched and a single run.
+fn assert_same_answer(what: &str, got: &ResponseBody, want: &ResponseBody) {
+    assert_eq!(got.classes, want.classes, "{what}: top-5");
+    for (a, b) in got.scores.iter().zip(&want.scores) {
+        assert!(
+            (a - b).abs() < 2e-3,
+            "{what}: scores {:?} vs {:?}",
+            got.scores,
+            want.scores
+        );
+    }
+}
+
 /// One worker's pipeline over a ResNet-50 GPU session (fp16, GPU decode), as zmq_server's
 /// workers get it.
 fn worker_pipeline(
@@ -592,7 +606,6 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
     if !gpu_or_skip() {
         return;
     }
-    let pipeline_of = |max_batch: usize| worker_pipeline(max_batch, false);
     let photo = std::fs::read(image()).unwrap();
     let progressive = generated_jpeg(640, 480, true);
     let baseline = generated_jpeg(1920, 1080, false);
@@ -606,7 +619,7 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
         queued(Task::Jpeg, 5, &photo),
     ];
     // What each request gets alone (batch of 1: the single-image path).
-    let mut alone = pipeline_of(1);
+    let mut alone = worker_pipeline(1, false);
     let want: Vec<Vec<u8>> = jobs
         .iter()
         .map(|job| {
@@ -615,7 +628,7 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
             out
         })
         .collect();
-    let mut batched = pipeline_of(8);
+    let mut batched = worker_pipeline(8, false);
     let before = batched.decode_counts().unwrap();
     let mut outs = vec![Vec::new(); jobs.len()];
     let mut outcomes = vec![Outcome::Rejected(ErrorCode::Internal); jobs.len()];
@@ -632,22 +645,11 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
         );
         match gh.kind {
             MessageKind::Response if jobs[k].header.map(|h| h.task) == Some(Task::Jpeg) => {
-                let (g, w) = (
-                    ResponseBody::decode(gb).unwrap(),
-                    ResponseBody::decode(wb).unwrap(),
+                assert_same_answer(
+                    &format!("request {k}, batch vs alone"),
+                    &ResponseBody::decode(gb).unwrap(),
+                    &ResponseBody::decode(wb).unwrap(),
                 );
-                assert_eq!(
-                    g.classes, w.classes,
-                    "request {k}: top-5 in the batch vs alone"
-                );
-                for (a, b) in g.scores.iter().zip(&w.scores) {
-                    assert!(
-                        (a - b).abs() < 2e-3,
-                        "request {k}: scores {:?} vs {:?}",
-                        g.scores,
-                        w.scores
-                    );
-                }
             }
             MessageKind::Error => {
                 assert_eq!(
@@ -681,7 +683,8 @@ fn a_mixed_batch_on_the_hardware_decoder_answers_each_request_as_alone() {
 }
 
 /// A batch of 12 MP photos (the steady decode buffer holds one) is decoded in one hardware
-/// call: the buffer grows for the chunk (at most eight of them), every request gets the
+/// call: the buffer grows for the chunk (up to two 12 MP images per NVJPG engine), every
+/// request gets the
 /// answer it gets alone, the grown buffer is kept while the next batch of large photos needs
 /// it and goes back to its steady size after the first batch that does not.
 #[test]
@@ -691,14 +694,13 @@ fn a_batch_of_12_mp_photos_decodes_in_one_hardware_call() {
     if !gpu_or_skip() {
         return;
     }
-    let pipeline_of = |max_batch: usize| worker_pipeline(max_batch, false);
     let large = generated_jpeg(4000, 3000, false);
     let photo = std::fs::read(image()).unwrap();
     let jobs: Vec<_> = (0..4).map(|id| queued(Task::Jpeg, id, &large)).collect();
-    let mut alone = pipeline_of(1);
+    let mut alone = worker_pipeline(1, false);
     let mut want = Vec::new();
     alone.handle(&jobs[0], &mut want);
-    let mut batched = pipeline_of(8);
+    let mut batched = worker_pipeline(8, false);
     let steady = batched.decode_buffer_bytes().1;
     assert_eq!(steady, 3 * STEADY_IMAGE_PIXELS);
     let mut outs = vec![Vec::new(); jobs.len()];
@@ -726,19 +728,7 @@ fn a_batch_of_12_mp_photos_decodes_in_one_hardware_call() {
                 "{:?}",
                 outcomes[k]
             );
-            let got = scores(out);
-            assert_eq!(
-                got.classes, want.classes,
-                "request {k}: top-5 in the batch vs alone"
-            );
-            for (a, b) in got.scores.iter().zip(&want.scores) {
-                assert!(
-                    (a - b).abs() < 2e-3,
-                    "request {k}: {:?} vs {:?}",
-                    got.scores,
-                    want.scores
-                );
-            }
+            assert_same_answer(&format!("request {k}, batch vs alone"), &scores(out), &want);
         }
         if !hardware_decoded_or_skip(&before, &after) {
             return;
@@ -786,7 +776,6 @@ fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
     if !gpu_or_skip() {
         return;
     }
-    let pipeline_of = |overlap_batches: bool| worker_pipeline(8, overlap_batches);
     let photo = std::fs::read(image()).unwrap();
     let progressive = generated_jpeg(640, 480, true);
     let baseline = generated_jpeg(1920, 1080, false);
@@ -829,7 +818,7 @@ fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
         )
     };
     // Without overlap: each batch to its end before the next.
-    let mut plain = pipeline_of(false);
+    let mut plain = worker_pipeline(8, false);
     assert_eq!(plain.batch_sets(), 1);
     let want: Vec<_> = batches
         .iter()
@@ -841,7 +830,7 @@ fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
         .collect();
     drop(plain);
     // With overlap: batch b+1 is begun before batch b is finished.
-    let mut overlapped = pipeline_of(true);
+    let mut overlapped = worker_pipeline(8, true);
     assert_eq!(
         overlapped.batch_sets(),
         2,
@@ -880,19 +869,11 @@ fn overlapped_batches_answer_as_unpipelined_ones_with_a_bad_jpeg_between() {
                 MessageKind::Response
                     if batches[b][k].header.map(|h| h.task) == Some(Task::Jpeg) =>
                 {
-                    let (g, w) = (
-                        ResponseBody::decode(gb).unwrap(),
-                        ResponseBody::decode(wb).unwrap(),
+                    assert_same_answer(
+                        &what,
+                        &ResponseBody::decode(gb).unwrap(),
+                        &ResponseBody::decode(wb).unwrap(),
                     );
-                    assert_eq!(g.classes, w.classes, "{what}: top-5");
-                    for (a, b) in g.scores.iter().zip(&w.scores) {
-                        assert!(
-                            (a - b).abs() < 2e-3,
-                            "{what}: {:?} vs {:?}",
-                            g.scores,
-                            w.scores
-                        );
-                    }
                     compared += 1;
                 }
                 MessageKind::Error => {

@@ -380,7 +380,7 @@ S={server}
 tc qdisc add dev eth0 root netem delay 1ms loss 1% || {{ fail=1; echo "FAILED: tc netem on a"; }}
 # The default --peer-timeout-ms on purpose: it must outlast RC's retransmissions of a reply
 # (or its ACK) lost on this link (rdma_cm's RoCE ack timeout, ~1 s per retry; several in a
-# row for an 83 KB reply); 1000 ms did not, nor did 5000 once in CI.
+# row for an 83 KB reply); 1000 ms did not, and 5000 is the likeliest cause of one CI failure.
 $S --bind-address 192.0.2.1 -i 0 --engine-file {model} --poll-mode block --no-pin >/tmp/server.log 2>&1 &
 SP=$!
 wait_log /tmp/server.log "listening on" || fail=1

@@ -97,8 +97,6 @@ pub struct GpuImages {
     /// image decoded) used: what [`Self::release_growth`] keeps a grown buffer for. Not
     /// reset by it, so with overlapped batches the second batch's answer keeps it too.
     chunk_peak: usize,
-    /// The most the buffer grows to for a chunk of steady-size images ([`chunk_budget`]).
-    chunk_budget: usize,
     /// The largest image this session decodes (w*h): `--max-image-pixels`, at most
     /// [`MAX_IMAGE_PIXELS`].
     max_pixels: usize,
@@ -169,7 +167,6 @@ impl GpuImages {
             decoded: None,
             outsized: false,
             chunk_peak: 0,
-            chunk_budget: STEADY_RGB_BYTES, // set by warm_up
             max_pixels: MAX_IMAGE_PIXELS,
             hardware,
             plan: Vec::with_capacity(batch),
@@ -210,7 +207,6 @@ impl GpuImages {
         }
         self.decoded = None;
         self.counts = DecodeCounts::default();
-        self.chunk_budget = chunk_budget(self.hardware.as_ref());
         Ok(())
     }
 
@@ -248,7 +244,7 @@ impl GpuImages {
     /// that did not. Nothing happens otherwise.
     pub fn release_growth(&mut self, stream: &Arc<cu::CudaStream>) -> Result<(), EngineError> {
         let chunk_in_use = !self.outsized
-            && self.rgb.len() <= self.chunk_budget
+            && self.rgb.len() <= chunk_budget(self.hardware.as_ref())
             && self.chunk_peak > STEADY_RGB_BYTES;
         if self.rgb.len() > STEADY_RGB_BYTES && !chunk_in_use {
             self.decoded = None;
@@ -396,7 +392,7 @@ impl GpuImages {
         self.hardware_picks.clear();
         // Images are placed up to the chunk budget; the buffer grows to what the places
         // need once, after the plan (nothing is decoded into it before).
-        let capacity = self.rgb.len().max(self.chunk_budget);
+        let capacity = self.rgb.len().max(chunk_budget(self.hardware.as_ref()));
         let mut offset = 0;
         let mut used = 0;
         let mut end = start;
